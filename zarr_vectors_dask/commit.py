@@ -1,0 +1,202 @@
+"""The one writer of shared metadata.
+
+Data tasks only ever write chunk cells (and arrays' own chunks) under paths
+no reader can see yet: a level, a links family or an array becomes visible
+when its ``zarr.json`` exists.  This module writes those documents, after
+the data they describe, in an order that publishes leaves before parents:
+array documents, then groups, then the level group, then the root (its
+capability list, ``multiscales`` and ``ome`` node list) last.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import format as fmt
+from .store import Store
+
+
+@dataclass
+class LinkFamily:
+    """Cells written for one ``links/<delta>`` family of one level."""
+
+    level: int
+    delta: int
+    origin: tuple[int, ...]
+    grid: tuple[int, ...]
+    cells: dict[str, list[tuple[tuple[int, ...], int]]] = field(default_factory=dict)
+
+    def add(self, written: dict) -> None:
+        for seg, items in written.items():
+            self.cells.setdefault(seg, []).extend(items)
+
+    @property
+    def num_links(self) -> int:
+        return sum(n for items in self.cells.values() for _, n in items)
+
+
+@dataclass
+class LevelCommit:
+    """Everything the commit needs to publish one coarse level."""
+
+    source_level: int
+    target_level: int
+    level_attrs: dict  # the zarr_vectors_level block
+    target_origin: tuple[int, ...]
+    target_grid: tuple[int, ...]
+    vertex_chunks: list[tuple[tuple[int, ...], int]]
+    object_index: dict | None  # object_index group attributes, or None
+    has_attributes: bool
+    bin_shape: tuple[float, ...]
+    capabilities: list[str]
+    families: list[LinkFamily] = field(default_factory=list)
+
+
+def _parse_offset(seg: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in seg.split("."))
+
+
+def family_docs(store: Store, fam: LinkFamily, sid_ndim: int) -> dict[str, bytes]:
+    docs: dict[str, bytes] = {}
+    base = fmt.links_family_path(fam.level, fam.delta)
+    for seg, items in sorted(fam.cells.items()):
+        attrs = fmt.vlen_attributes(fam.origin, [c for c, _ in items],
+                                    fmt.link_array_attrs(_parse_offset(seg), fam.delta))
+        docs[f"{base}/{seg}/zarr.json"] = fmt.vlen_array_doc(fam.grid, attrs)
+    if fam.cells:
+        links_group = f"{fam.level}/{fmt.LINKS}/zarr.json"
+        if store.get(links_group) is None:
+            docs[links_group] = fmt.group_doc({})
+        docs[f"{base}/zarr.json"] = fmt.group_doc(
+            fmt.link_family_attrs(fam.delta, sid_ndim, fam.num_links))
+    return docs
+
+
+def _put_in_order(store: Store, docs: dict[str, bytes]) -> None:
+    """Deepest documents first, so a parent never names a missing child."""
+    for depth in sorted({k.count("/") for k in docs}, reverse=True):
+        store.put_many({k: v for k, v in docs.items() if k.count("/") == depth})
+
+
+def read_root_attrs(store: Store) -> dict:
+    attrs = fmt.node_attrs(store, "")
+    if attrs is None:
+        raise fmt.FormatError(f"{store.url}: no zarr.json at the store root")
+    return attrs
+
+
+def write_root_attrs(store: Store, attrs: dict) -> None:
+    store.put("zarr.json", fmt.group_doc(attrs))
+
+
+def _upsert_multiscale(attrs: dict, level: int, scale, translation) -> None:
+    ms = attrs.get("multiscales") or []
+    if not ms or not isinstance(ms, list):
+        return
+    entry = dict(ms[0])
+    datasets = [d for d in (entry.get("datasets") or []) if d.get("path") != str(level)]
+    transforms: list[dict[str, Any]] = [{"type": "scale", "scale": [float(s) for s in scale]}]
+    if translation is not None and any(t != 0 for t in translation):
+        transforms.append({"type": "translation", "translation": [float(t) for t in translation]})
+    datasets.append({"path": str(level), "coordinateTransformations": transforms})
+    datasets.sort(key=lambda d: int(d.get("path", "0") or 0))
+    entry["datasets"] = datasets
+    attrs["multiscales"] = [entry] + list(ms[1:])
+
+
+def _refresh_ome_nodes(attrs: dict, levels: list[int]) -> None:
+    node = attrs.get("ome")
+    if not isinstance(node, dict):
+        return
+    node = dict(node)
+    node["nodes"] = [{"type": "zv:level", "name": str(lv)} for lv in sorted(levels)]
+    attrs["ome"] = node
+
+
+def published_levels(store: Store) -> list[int]:
+    """Levels a reader can see: integer-named children with a zarr.json."""
+    out = []
+    for name in store.listdir(""):
+        try:
+            lv = int(name)
+        except ValueError:
+            continue
+        if store.get(f"{name}/zarr.json") is not None:
+            out.append(lv)
+    return sorted(out)
+
+
+def commit_level(store: Store, c: LevelCommit, *, sid_ndim: int, root_bin) -> None:
+    """Publish one coarse level (and the +1 family it adds to its source)."""
+    t = c.target_level
+    docs: dict[str, bytes] = {}
+    chunks = [cc for cc, _ in c.vertex_chunks]
+    docs[f"{t}/{fmt.VERTICES}/zarr.json"] = fmt.vlen_array_doc(
+        c.target_grid, fmt.vlen_attributes(c.target_origin, chunks, fmt.vertices_attrs()))
+    docs[f"{t}/{fmt.VERTEX_FRAGMENTS}/zarr.json"] = fmt.vlen_array_doc(
+        c.target_grid, fmt.vlen_attributes(c.target_origin, chunks, fmt.vertex_fragments_attrs()))
+    if c.object_index is not None:
+        docs[f"{t}/{fmt.OBJECT_INDEX}/zarr.json"] = fmt.group_doc(c.object_index)
+    if c.has_attributes:
+        docs[f"{t}/{fmt.OBJECT_ATTRIBUTES}/zarr.json"] = fmt.group_doc({})
+    for fam in c.families:
+        docs.update(family_docs(store, fam, sid_ndim))
+    level_doc = fmt.group_doc({"zarr_vectors_level": c.level_attrs})
+    _put_in_order(store, docs)
+    store.put(f"{t}/zarr.json", level_doc)  # the level is now listed
+
+    attrs = read_root_attrs(store)
+    zv = dict(attrs.get("zarr_vectors") or {})
+    caps = list(zv.get("format_capabilities") or [])
+    for cap in c.capabilities:
+        if cap not in caps:
+            caps.append(cap)
+    zv["format_capabilities"] = caps
+    attrs["zarr_vectors"] = zv
+    scale = [float(b) / float(r) if r else 1.0 for b, r in zip(c.bin_shape, root_bin)]
+    _upsert_multiscale(attrs, t, scale, [b / 2.0 for b in c.bin_shape])
+    _refresh_ome_nodes(attrs, sorted(set(published_levels(store)) | {t}))
+    write_root_attrs(store, attrs)
+
+
+def commit_cross_level(store: Store, families: list[LinkFamily], *, sid_ndim: int,
+                       depth: int, storage: str, links_capability: bool) -> None:
+    """The closing commit: deeper link families and root cross-level settings."""
+    docs: dict[str, bytes] = {}
+    for fam in families:
+        docs.update(family_docs(store, fam, sid_ndim))
+    _put_in_order(store, docs)
+    attrs = read_root_attrs(store)
+    zv = dict(attrs.get("zarr_vectors") or {})
+    zv["cross_level_depth"] = int(depth)
+    zv["cross_level_storage"] = storage
+    if links_capability:
+        caps = list(zv.get("format_capabilities") or [])
+        if fmt.CAP_MULTISCALE_LINKS not in caps:
+            caps.append(fmt.CAP_MULTISCALE_LINKS)
+        zv["format_capabilities"] = caps
+    attrs["zarr_vectors"] = zv
+    write_root_attrs(store, attrs)
+
+
+def read_family(store: Store, level: int, delta: int) -> dict[str, tuple[tuple[int, ...], list]]:
+    """Published arrays of a links family: ``{offset: (origin, chunks)}``."""
+    base = fmt.links_family_path(level, delta)
+    if store.get(f"{base}/zarr.json") is None:
+        return {}
+    out = {}
+    for seg in store.listdir(base):
+        doc = fmt.read_json(store, f"{base}/{seg}/zarr.json")
+        if not doc or doc.get("node_type") != "array":
+            continue
+        attrs = doc.get("attributes") or {}
+        nd = len(doc.get("shape") or [])
+        origin = tuple(int(o) for o in attrs.get(fmt.ORIGIN, [0] * nd))
+        out[seg] = (origin, [fmt.parse_chunk_key(k) for k in attrs.get(fmt.NONEMPTY, [])])
+    return out
+
+
+def dumps(obj) -> str:  # for the build record
+    return json.dumps(obj, sort_keys=True)

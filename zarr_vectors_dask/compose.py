@@ -1,0 +1,115 @@
+"""Cross-level link composition: ``+N``/``-N`` families (N >= 2) from the
+published ``+1`` families, after every level exists.
+
+A task owns a block of fine chunks: it decodes their ``+1`` records, then
+walks the parent chain one level at a time, reading only the ``+1`` cells
+of the coarser chunks its vertices' ancestors live in.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from . import format as fmt
+from . import stages as st
+from .store import Store
+
+
+def level_geometry(store: Store, level: int, root_meta) -> dict:
+    """Chunk grid and chunk scale (multiple of root's) of a published level."""
+    attrs = (fmt.node_attrs(store, str(level)) or {}).get("zarr_vectors_level") or {}
+    chunk = attrs.get("chunk_shape") or list(root_meta.chunk_shape)
+    from .plan import grid_layout
+    grid = grid_layout(root_meta.bounds, chunk)
+    scale = tuple(int(round(float(c) / float(r))) for c, r in zip(chunk, root_meta.chunk_shape))
+    return {"grid": grid, "scale": scale}
+
+
+def _read_parent_maps(store: Store, level: int, chunks, fam: dict, geo: dict) -> dict:
+    """``{chunk: (parent_chunk (n, d), parent_vi (n,))}`` from ``+1`` cells;
+    vertices without a record get parent_vi -1."""
+    wanted = set(map(tuple, chunks))
+    per_chunk: dict[tuple, list] = {}
+    seg_of = {}
+    for seg, (origin, present) in fam.items():
+        hits = [c for c in map(tuple, present) if c in wanted]
+        if hits:
+            info = fmt.VlenArrayInfo(f"{fmt.links_family_path(level, 1)}/{seg}", origin,
+                                     tuple(hits), True)
+            seg_of[seg] = (info, hits)
+    rs = np.asarray(geo[level]["scale"], dtype=np.int64)
+    rt = np.asarray(geo[level + 1]["scale"], dtype=np.int64)
+    for seg, (info, hits) in seg_of.items():
+        off = np.asarray(fmt.parse_chunk_key(seg), dtype=np.int64)
+        cells = fmt.read_cells(store, info, hits)
+        for c, payload in cells.items():
+            if payload is None:
+                continue
+            rows = fmt.decode_link_cell(payload)
+            anchor = (np.asarray(c, dtype=np.int64) * rs) // rt
+            per_chunk.setdefault(c, []).append((rows, anchor + off))
+    out = {}
+    for c, items in per_chunk.items():
+        n = max(int(r[:, 0].max()) + 1 for r, _ in items if r.size) if any(r.size for r, _ in items) else 0
+        pc = np.zeros((n, len(c)), dtype=np.int64)
+        pv = np.full(n, -1, dtype=np.int64)
+        for rows, cc in items:
+            pc[rows[:, 0]] = cc
+            pv[rows[:, 0]] = rows[:, 1]
+        out[c] = (pc, pv)
+    return out
+
+
+def compose_block(store: Store, fine_level: int, fine_chunks: list, run: tuple[int, int],
+                  steps: list[int], geo: dict, plus_fams: dict, storage: str) -> dict:
+    lo, hi = run
+    mine = fine_chunks[lo:hi]
+    base = _read_parent_maps(store, fine_level, mine, plus_fams[fine_level], geo)
+    # Flatten: one row per fine vertex that has a +1 parent.
+    f_id, f_vi, p_chunk, p_vi = [], [], [], []
+    for i, c in enumerate(mine):
+        if c not in base:
+            continue
+        pc, pv = base[c]
+        ok = np.flatnonzero(pv >= 0)
+        f_id.append(np.full(ok.size, lo + i, dtype=np.int64))
+        f_vi.append(ok)
+        p_chunk.append(pc[ok])
+        p_vi.append(pv[ok])
+    nd = len(mine[0]) if mine else 0
+    f_id = np.concatenate(f_id) if f_id else np.empty(0, np.int64)
+    f_vi = np.concatenate(f_vi) if f_vi else np.empty(0, np.int64)
+    cur_c = np.concatenate(p_chunk) if p_chunk else np.empty((0, nd), np.int64)
+    cur_v = np.concatenate(p_vi) if p_vi else np.empty(0, np.int64)
+    fine_cc = np.asarray(fine_chunks, dtype=np.int64).reshape(-1, nd) if nd else np.empty((0, 0))
+    out = {"plus": {}, "minus": {}}
+    level = fine_level + 1
+    for n in steps:
+        inter = fine_level + n - 1
+        if inter + 1 not in geo or not plus_fams.get(inter):
+            break
+        # One more hop: the parent of each current ancestor at ``inter``.
+        uniq = sorted({tuple(c) for c in cur_c.tolist()})
+        maps = _read_parent_maps(store, inter, uniq, plus_fams[inter], geo)
+        nxt_c = np.zeros_like(cur_c)
+        nxt_v = np.full(cur_v.shape, -1, dtype=np.int64)
+        for c, (pc, pv) in maps.items():
+            sel = np.flatnonzero(np.all(cur_c == np.asarray(c), axis=1))
+            inside = sel[cur_v[sel] < pv.size]
+            nxt_c[inside] = pc[cur_v[inside]]
+            nxt_v[inside] = pv[cur_v[inside]]
+        ok = nxt_v >= 0
+        f_id, f_vi, cur_c, cur_v = f_id[ok], f_vi[ok], nxt_c[ok], nxt_v[ok]
+        level = fine_level + n
+        if f_id.size == 0:
+            break
+        buckets = st._partition_links(fine_cc[f_id], f_vi, cur_c, cur_v,
+                                      geo[fine_level]["scale"], geo[level]["scale"])
+        out["plus"][n] = st.write_link_cells(store, fine_level, n, geo[fine_level]["grid"][0], buckets)
+        if storage == "explicit":
+            origin0 = geo[level]["grid"][0][0]
+            slab = max(1, -(-geo[level]["grid"][1][0] // 4))
+            slabs = (cur_c[:, 0] - origin0) // slab
+            out["minus"][n] = st._split_by(slabs, coarse_chunk=cur_c, coarse_vi=cur_v,
+                                           fine_chunk_id=f_id, fine_vi=f_vi)
+    return out

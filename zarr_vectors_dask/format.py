@@ -1,0 +1,327 @@
+"""The zarr-vectors 0.9.2 on-disk format, as far as a pyramid touches it.
+
+Everything that knows a path, a byte layout or a metadata document lives
+here: chunk-cell paths and framing, payload encode/decode (via zarr-vectors'
+own pure codec helpers), and rendering of ``zarr.json`` documents.  Graph
+stages call these; they never build paths or bytes themselves.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+import warnings
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+
+from zarr_vectors.encoding.fragments import (
+    decode_fragments,
+    decode_object_manifests_many,
+    encode_fragments,
+    encode_object_manifest_blocks,
+    encode_object_manifests_many,
+)
+from zarr_vectors.encoding.ragged import decode_ragged_blob, encode_ragged_blob
+
+from .store import Store
+
+VERTICES = "vertices"
+VERTEX_FRAGMENTS = "vertex_fragments"
+OBJECT_INDEX = "object_index"
+OBJECT_ATTRIBUTES = "object_attributes"
+LINKS = "links"
+NONEMPTY = "nonempty_chunks"
+ORIGIN = "chunk_grid_origin"
+
+#: Rows per zarr chunk of ``object_index/manifests`` (zarr-vectors' bucket).
+MANIFEST_BUCKET = 16_384
+#: Rows per zarr chunk of an object attribute column.
+ATTRIBUTE_BUCKET = 65_536
+
+CAP_PRESERVED_OBJECT_IDS = "preserved_object_ids"
+CAP_SHARED_FRAGMENTS = "shared_fragments"
+CAP_MULTISCALE_LINKS = "multiscale_links"
+
+
+class FormatError(ValueError):
+    """The store does not look like what zarr-vectors writes."""
+
+
+class CorruptChunkError(FormatError):
+    """A chunk cell could not be decoded; names the array and chunk."""
+
+
+# ----------------------------------------------------------------- naming
+def chunk_key(coords: Sequence[int]) -> str:
+    return ".".join(str(int(c)) for c in coords)
+
+
+def parse_chunk_key(key: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in key.split("."))
+
+
+def format_delta(delta: int) -> str:
+    return "0" if delta == 0 else f"{delta:+d}"
+
+
+def format_offsets(offset: Sequence[int]) -> str:
+    return ".".join("0" if int(o) == 0 else f"{int(o):+d}" for o in offset)
+
+
+def links_family_path(level: int, delta: int) -> str:
+    return f"{level}/{LINKS}/{format_delta(delta)}"
+
+
+def cell_path(array_path: str, coords: Sequence[int], origin: Sequence[int]) -> str:
+    """Storage key of one cell of a per-chunk vlen array (default
+    ``/``-separated chunk key encoding, indices relative to the origin)."""
+    idx = "/".join(str(int(c) - int(o)) for c, o in zip(coords, origin))
+    return f"{array_path}/c/{idx}"
+
+
+# ------------------------------------------------------------ cell framing
+def frame_cell(payload: bytes) -> bytes:
+    """One element of zarr's ``vlen-bytes`` codec: count, length, bytes."""
+    return struct.pack("<II", 1, len(payload)) + payload
+
+
+def unframe_cell(raw: bytes, *, what: str) -> bytes:
+    if len(raw) < 8:
+        raise CorruptChunkError(f"{what}: truncated cell ({len(raw)} bytes)")
+    n, length = struct.unpack_from("<II", raw, 0)
+    if n != 1 or len(raw) != 8 + length:
+        raise CorruptChunkError(
+            f"{what}: corrupt cell (declares {n} item(s) of {length} bytes, "
+            f"holds {len(raw) - 8})")
+    return raw[8:]
+
+
+# ------------------------------------------------------------ payloads
+def encode_metavertex_cell(centroids: np.ndarray) -> tuple[bytes, bytes]:
+    """``vertices`` and ``vertex_fragments`` payloads of a coarse chunk:
+    one single-vertex fragment per metavertex, in the given order."""
+    verts = np.ascontiguousarray(centroids, dtype=np.float32).tobytes()
+    n = int(centroids.shape[0])
+    frags = encode_fragments([(i, 1) for i in range(n)])
+    return verts, frags
+
+
+def decode_vertex_cell(vert_payload: bytes, frag_payload: bytes, *, dtype: np.dtype,
+                       ndim: int, what: str) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Rows of a chunk and, per fragment, the row indices it names."""
+    itemsize = np.dtype(dtype).itemsize
+    if len(vert_payload) % (itemsize * ndim):
+        raise CorruptChunkError(
+            f"{what}: vertices payload of {len(vert_payload)} bytes is not a "
+            f"whole number of {ndim}-D {np.dtype(dtype)} rows")
+    rows = np.frombuffer(vert_payload, dtype=dtype).reshape(-1, ndim)
+    try:
+        fi = decode_fragments(frag_payload)
+    except Exception as exc:  # noqa: BLE001
+        raise CorruptChunkError(f"{what}: vertex_fragments cannot be decoded: {exc}") from None
+    members = []
+    for f in range(fi.num_fragments):
+        if fi.is_range(f):
+            start, count = fi.range(f)
+            idx = np.arange(start, start + count, dtype=np.int64)
+        else:
+            idx = np.asarray(fi.indices(f), dtype=np.int64)
+        if idx.size and (idx.min() < 0 or idx.max() >= rows.shape[0]):
+            raise CorruptChunkError(
+                f"{what}: fragment {f} names rows beyond the chunk's {rows.shape[0]}")
+        members.append(idx)
+    return rows, members
+
+
+def encode_link_cell(rows: np.ndarray) -> bytes:
+    return encode_ragged_blob([np.ascontiguousarray(rows, dtype=np.int64)], np.dtype(np.int64))
+
+
+def decode_link_cell(payload: bytes) -> np.ndarray:
+    groups = decode_ragged_blob(payload, np.dtype(np.int64), ncols=2)
+    if not groups:
+        return np.empty((0, 2), dtype=np.int64)
+    return np.concatenate([np.asarray(g).reshape(-1, 2) for g in groups]).astype(np.int64)
+
+
+def encode_manifests(manifests: list[list[tuple[tuple[int, ...], int]]], sid_ndim: int) -> list[bytes]:
+    return encode_object_manifests_many(manifests, sid_ndim=sid_ndim)
+
+
+def empty_manifest(sid_ndim: int) -> bytes:
+    return encode_object_manifest_blocks([], sid_ndim=sid_ndim)
+
+
+def decode_manifests(blobs: Sequence[bytes], sid_ndim: int) -> list[list[tuple[tuple[int, ...], int]]]:
+    from zarr_vectors.core.arrays import expand_manifest_blocks
+    decoded, uniform = decode_object_manifests_many(list(blobs), sid_ndim=sid_ndim)
+    if uniform:
+        return decoded
+    return [expand_manifest_blocks(b) for b in decoded]
+
+
+# ------------------------------------------------------------ metadata docs
+def _render(create) -> bytes:
+    """Let zarr itself build a node in memory and hand back its
+    ``zarr.json``, so documents match zarr's own byte for byte."""
+    import zarr
+    from zarr.storage import MemoryStore
+    mem = MemoryStore()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        create(zarr, mem)
+    import asyncio
+
+    from zarr.core.buffer import default_buffer_prototype
+    from zarr.core.sync import sync
+
+    async def _get():
+        return await mem.get("n/zarr.json", prototype=default_buffer_prototype())
+    buf = sync(_get())
+    del asyncio
+    return buf.to_bytes()
+
+
+def vlen_array_doc(grid_shape: Sequence[int], attributes: dict) -> bytes:
+    """``zarr.json`` of a per-chunk vlen-bytes array (one cell per chunk)."""
+    from zarr.codecs import VLenBytesCodec
+
+    def create(zarr, mem):
+        zarr.create_array(mem, name="n", shape=tuple(int(s) for s in grid_shape),
+                          chunks=(1,) * len(grid_shape), dtype="bytes",
+                          serializer=VLenBytesCodec(), compressors=[],
+                          attributes=attributes, zarr_format=3)
+    return _render(create)
+
+
+def manifests_doc(n_rows: int) -> bytes:
+    """``object_index/manifests``: bucketed vlen rows, zarr's default zstd."""
+    from zarr.codecs import VLenBytesCodec
+
+    def create(zarr, mem):
+        zarr.create_array(mem, name="n", shape=(n_rows,), chunks=(min(MANIFEST_BUCKET, n_rows),),
+                          dtype="bytes", serializer=VLenBytesCodec(), zarr_format=3)
+    return _render(create)
+
+
+def dense_array_doc(shape, chunks, dtype, fill_value=None, attributes=None) -> bytes:
+    """A plain typed array with zarr's default codecs (bytes + zstd)."""
+    def create(zarr, mem):
+        kw = {"fill_value": fill_value} if fill_value is not None else {}
+        zarr.create_array(mem, name="n", shape=tuple(shape), chunks=tuple(chunks),
+                          dtype=np.dtype(dtype), attributes=attributes or {}, zarr_format=3, **kw)
+    return _render(create)
+
+
+def group_doc(attributes: dict) -> bytes:
+    def create(zarr, mem):
+        zarr.create_group(mem, path="n", attributes=attributes, zarr_format=3)
+    return _render(create)
+
+
+def read_json(store: Store, key: str) -> dict | None:
+    raw = store.get(key)
+    if raw is None:
+        return None
+    try:
+        return json.loads(raw)
+    except ValueError:
+        raise FormatError(f"{store.describe(key)}: not valid JSON") from None
+
+
+def node_attrs(store: Store, path: str) -> dict | None:
+    doc = read_json(store, f"{path}/zarr.json" if path else "zarr.json")
+    return None if doc is None else dict(doc.get("attributes") or {})
+
+
+def chunk_grid(bounds, chunk_shape) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """``(origin, grid_shape)`` of a level's per-chunk arrays."""
+    from zarr_vectors.spatial.chunking import grid_layout
+    origin, grid = grid_layout((list(bounds[0]), list(bounds[1])), tuple(chunk_shape))
+    return tuple(int(o) for o in origin), tuple(int(g) for g in grid)
+
+
+def vlen_attributes(origin: Sequence[int], chunks: Sequence[Sequence[int]], extra: dict) -> dict:
+    """Attributes block of a per-chunk array in zarr-vectors' key order."""
+    attrs: dict[str, Any] = {NONEMPTY: [chunk_key(c) for c in sorted(map(tuple, chunks))]}
+    if any(int(o) != 0 for o in origin):
+        attrs[ORIGIN] = [int(o) for o in origin]
+    attrs.update(extra)
+    return attrs
+
+
+def vertices_attrs() -> dict:
+    return {"zv_array": "vertices", "dtype": "float32", "encoding": "raw"}
+
+
+def vertex_fragments_attrs() -> dict:
+    return {"zv_array": VERTEX_FRAGMENTS, "encoding": "fragment_index_v1"}
+
+
+def link_array_attrs(offset: Sequence[int], delta: int) -> dict:
+    return {"zv_array": "links", "dtype": "int64", "offsets": [[int(c) for c in offset]],
+            "has_perm": False, "link_width": 2, "level_delta": int(delta)}
+
+
+def link_family_attrs(delta: int, sid_ndim: int, num_links: int) -> dict:
+    return {"zv_array": "links_family", "level_delta": int(delta), "link_width": 2,
+            "directed": True, "store": "canonical", "sid_ndim": int(sid_ndim),
+            "num_links": int(num_links), "num_physical_records": int(num_links)}
+
+
+# ---------------------------------------------------------- source levels
+@dataclass(frozen=True)
+class VlenArrayInfo:
+    """What a reader needs to fetch cells of a per-chunk array."""
+
+    path: str
+    origin: tuple[int, ...]
+    chunks: tuple[tuple[int, ...], ...]  # present chunks, sorted
+    raw_cells: bool  # vlen-bytes only, unsharded: cells can be read as files
+
+
+def vlen_array_info(store: Store, path: str) -> VlenArrayInfo | None:
+    doc = read_json(store, f"{path}/zarr.json")
+    if doc is None or doc.get("node_type") != "array":
+        return None
+    attrs = doc.get("attributes") or {}
+    ndim = len(doc.get("shape") or [])
+    origin = tuple(int(o) for o in attrs.get(ORIGIN, [0] * ndim))
+    chunks = tuple(sorted(parse_chunk_key(k) for k in attrs.get(NONEMPTY, [])))
+    codecs = [c.get("name") for c in doc.get("codecs") or []]
+    enc = (doc.get("chunk_key_encoding") or {})
+    raw = (codecs == ["vlen-bytes"] and enc.get("name") == "default"
+           and (enc.get("configuration") or {}).get("separator", "/") == "/")
+    return VlenArrayInfo(path, origin, chunks, raw)
+
+
+def read_cells(store: Store, info: VlenArrayInfo, coords: Sequence[Sequence[int]]) -> dict[tuple, bytes | None]:
+    """Payloads of several cells of a per-chunk array (None where absent)."""
+    coords = [tuple(int(x) for x in c) for c in coords]
+    if info.raw_cells:
+        keys = {c: cell_path(info.path, c, info.origin) for c in coords}
+        raw = store.get_many(list(keys.values()))
+        out: dict[tuple, bytes | None] = {}
+        for c, k in keys.items():
+            v = raw[k]
+            out[c] = None if v is None else unframe_cell(
+                v, what=f"{store.describe(info.path)} chunk {chunk_key(c)}")
+        return out
+    # Compressed or sharded source: let zarr decode it.
+    import zarr
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        arr = zarr.open_array(store.zarr_store(), path=info.path, mode="r")
+        out = {}
+        for c in coords:
+            idx = tuple(int(x) - int(o) for x, o in zip(c, info.origin))
+            try:
+                v = arr[idx]
+            except Exception as exc:  # noqa: BLE001
+                raise CorruptChunkError(
+                    f"{store.describe(info.path)} chunk {chunk_key(c)}: {exc}") from None
+            v = v.item() if hasattr(v, "item") else v
+            out[c] = bytes(v) if v not in (None, b"", "") else None
+        return out

@@ -1,0 +1,457 @@
+"""Executor: wires the stages of one coarsening step (and the closing link
+composition) into Dask tasks on a ``distributed.Client``.
+
+Task outputs stay on the workers; the driver only gathers per-chunk and
+per-object bookkeeping (which destinations a task has data for, chunk
+counts, link cell lists) to route the next exchange and to commit.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+
+from . import commit as cm
+from . import format as fmt
+from . import stages as st
+from .plan import LevelPlan, grid_layout, split_runs
+from .store import Store
+
+
+@dataclass
+class StepReport:
+    target_level: int
+    vertex_count: int = 0
+    objects_kept: int = 0
+    source_objects: int = 0
+    chunks: int = 0
+    seconds: float = 0.0
+    tasks: int = 0
+    stage_seconds: dict = field(default_factory=dict)
+    summary: dict = field(default_factory=dict)
+
+
+class _Stages:
+    """Times stages and counts tasks; optional progress callback."""
+
+    def __init__(self, client, report: StepReport, progress: Callable | None):
+        self.client, self.report, self.progress = client, report, progress
+
+    def run(self, name: str, futures: list, *, gather: bool = False):
+        t0 = time.perf_counter()
+        self.report.tasks += len(futures)
+        if self.progress is not None and futures:
+            self.progress(name, futures)
+        if gather:
+            out = self.client.gather(futures)
+        else:
+            from distributed import wait
+            wait(futures)
+            bad = [f for f in futures if f.status == "error"]
+            if bad:
+                bad[0].result()  # re-raises the task's own error
+            out = futures
+        self.report.stage_seconds[name] = self.report.stage_seconds.get(name, 0.0) + \
+            time.perf_counter() - t0
+        return out
+
+
+def _keys_of(result: dict, name: str) -> list[int]:
+    return sorted(result[name].keys())
+
+
+def _plus_summary(result: dict) -> dict:
+    return {"plus": result["plus"], "minus": sorted(result["minus"].keys()),
+            "sequences": sorted(result["sequences"].keys())}
+
+
+# ---------------------------------------------------------------- source info
+@dataclass
+class SourceLevel:
+    store: Store
+    level: int
+    ndim: int
+    vertices: fmt.VlenArrayInfo
+    fragments: fmt.VlenArrayInfo
+    dtype: str
+    has_objects: bool
+    object_ids: np.ndarray | None
+    n_rows: int
+    attribute_names: list[str]
+    vertex_count: int
+
+
+def read_source_level(store: Store, level: int, ndim: int) -> SourceLevel:
+    vi = fmt.vlen_array_info(store, f"{level}/{fmt.VERTICES}")
+    fi = fmt.vlen_array_info(store, f"{level}/{fmt.VERTEX_FRAGMENTS}")
+    if vi is None or fi is None:
+        raise fmt.FormatError(f"{store.describe(str(level))}: level has no vertices array")
+    vdoc = fmt.read_json(store, f"{level}/{fmt.VERTICES}/zarr.json") or {}
+    vattrs = vdoc.get("attributes") or {}
+    if vattrs.get("encoding", "raw") != "raw":
+        raise fmt.FormatError(f"{store.describe(str(level))}/vertices: encoding "
+                              f"{vattrs.get('encoding')!r} is not supported (raw only)")
+    level_attrs = (fmt.node_attrs(store, str(level)) or {}).get("zarr_vectors_level") or {}
+    oi = fmt.node_attrs(store, f"{level}/{fmt.OBJECT_INDEX}")
+    has_objects = oi is not None and fmt.read_json(
+        store, f"{level}/{fmt.OBJECT_INDEX}/manifests/zarr.json") is not None
+    ids, n_rows = None, 0
+    if has_objects:
+        import zarr
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            zs = store.zarr_store()
+            man = zarr.open_array(zs, path=f"{level}/{fmt.OBJECT_INDEX}/manifests", mode="r")
+            n_rows = int(man.shape[0])
+            try:
+                ids = np.asarray(zarr.open_array(
+                    zs, path=f"{level}/{fmt.OBJECT_INDEX}/object_ids", mode="r")[:], dtype=np.int64)
+            except Exception:  # noqa: BLE001 - V1 index: rows are ids
+                ids = None
+            if ids is None or ids.size != n_rows:
+                ids = np.arange(n_rows, dtype=np.int64)
+    attr_names = []
+    if fmt.node_attrs(store, f"{level}/{fmt.OBJECT_ATTRIBUTES}") is not None:
+        for name in store.listdir(f"{level}/{fmt.OBJECT_ATTRIBUTES}"):
+            if name == "zarr.json":
+                continue
+            doc = fmt.read_json(store, f"{level}/{fmt.OBJECT_ATTRIBUTES}/{name}/zarr.json")
+            if doc and doc.get("node_type") == "array":
+                attr_names.append(name)
+    return SourceLevel(store, level, ndim, vi, fi, str(vattrs.get("dtype", "float32")), has_objects,
+                       ids, n_rows, attr_names, int(level_attrs.get("vertex_count") or 0))
+
+
+def kept_rows(n_rows: int, sparsity_factor: float, strategy: str, seed, base_bin) -> np.ndarray:
+    """The reference's survivors: seeded selection, same seed same rows."""
+    keep = np.zeros(n_rows, dtype=bool)
+    if sparsity_factor > 1.0 and n_rows > 1:
+        from zarr_vectors.multiresolution.object_selection import apply_sparsity
+        kept = apply_sparsity(n_rows, 1.0 / sparsity_factor, strategy, seed=seed,
+                              representative_points=None, bin_shape=tuple(base_bin))
+        keep[np.asarray(kept, dtype=np.int64)] = True
+    else:
+        keep[:] = True
+    return keep
+
+
+# ---------------------------------------------------------------- one step
+def run_step(client, store: Store, lv: LevelPlan, *, root_meta, sparsity_strategy: str,
+             sparsity_seed, progress: Callable | None = None) -> StepReport:
+    t_start = time.perf_counter()
+    report = StepReport(target_level=lv.target_level)
+    S = _Stages(client, report, progress)
+    ndim = root_meta.sid_ndim
+    src = read_source_level(store, lv.source_level, ndim)
+    chunks = src.vertices.chunks
+    if not chunks:
+        # The reference enumerates fragments; with none there is nothing
+        # to coarsen and no level is written.
+        report.summary = {"vertex_count": 0, "object_count": 0, "objects_kept": 0,
+                          "method": "per_object", "preserves_object_ids": True}
+        return report
+    n_src_objects = src.n_rows if src.has_objects else 1
+    if src.has_objects and n_src_objects == 0:
+        report.summary = {"vertex_count": 0, "object_count": 0, "objects_kept": 0,
+                          "method": "per_object", "preserves_object_ids": True}
+        return report
+    keep = kept_rows(n_src_objects, lv.sparsity_factor, sparsity_strategy, sparsity_seed,
+                     lv.source_bin) if src.has_objects else np.ones(1, bool)
+    report.source_objects, report.objects_kept = int(n_src_objects), int(keep.sum())
+
+    root_chunk = tuple(root_meta.chunk_shape)
+    scale_src = tuple(int(round(c / r)) for c, r in zip(lv.source_chunk_shape, root_chunk))
+    scale_trg = tuple(int(round(c / r)) for c, r in zip(lv.chunk_shape, root_chunk))
+    n_chunks = len(chunks)
+    runs = split_runs(n_chunks, lv.chunks_per_block)
+    block_of_chunk = {}
+    for b, (lo, hi) in enumerate(runs):
+        for i in range(lo, hi):
+            block_of_chunk[i] = b
+    spec = st.StepSpec(
+        store=store, source_level=lv.source_level, target_level=lv.target_level, ndim=ndim,
+        bin_shape=lv.bin_shape, chunk_shape=lv.chunk_shape, source_origin=lv.source_grid[0],
+        target_origin=lv.target_grid[0], target_slab=lv.target_slab,
+        n_partitions=lv.n_target_blocks, scale_source=scale_src, scale_target=scale_trg,
+        source_chunks=chunks, vertices=src.vertices, fragments=src.fragments,
+        source_dtype=src.dtype, has_objects=src.has_objects,
+        manifests_path=f"{lv.source_level}/{fmt.OBJECT_INDEX}/manifests" if src.has_objects else None,
+        links=lv.cross_level_storage)
+    [spec_f] = client.scatter([spec], broadcast=True, hash=False)
+
+    # -- object refs (per manifest bucket)
+    buckets: list[tuple[int, int]] = []
+    refs_f: list = []
+    refs_routes: list[list[int]] = []
+    if src.has_objects:
+        perm = np.argsort(src.object_ids, kind="stable")
+        bucket_rows = min(fmt.MANIFEST_BUCKET, n_src_objects)
+        buckets = split_runs(n_src_objects, bucket_rows)
+        refs_f = [client.submit(st.object_refs, spec_f, a, perm[a:b], keep[perm[a:b]],
+                                block_of_chunk, pure=False) for a, b in buckets]
+        S.run("object refs", refs_f)
+        refs_routes = S.run("object refs", [client.submit(lambda r: sorted(r["by_block"]), f)
+                                            for f in refs_f], gather=True)
+
+    # -- bin partials (per source block)
+    block_refs: dict[int, list] = {b: [] for b in range(len(runs))}
+    for k, route in enumerate(refs_routes):
+        for b in route:
+            block_refs[b].append((k, client.submit(st.refs_for_block, refs_f[k], b)))
+    partial_f = [client.submit(st.bin_partials, spec_f, np.arange(lo, hi),
+                               *[f for _, f in block_refs[b]], pure=False)
+                 for b, (lo, hi) in enumerate(runs)]
+    S.run("bin partials", partial_f)
+    routes = S.run("bin partials", [client.submit(_keys_of, f, "exchange") for f in partial_f],
+                   gather=True)
+
+    # -- shuffle partials by bin key into metavertices (per partition)
+    senders: dict[int, list[int]] = {}
+    for b, route in enumerate(routes):
+        for p in route:
+            senders.setdefault(p, []).append(b)
+    reduce_f = {p: client.submit(st.reduce_metavertices, spec_f, p, blocks,
+                                 *[client.submit(st.pick, partial_f[b], "exchange", p) for b in blocks])
+                for p, blocks in sorted(senders.items())}
+    S.run("shuffle", list(reduce_f.values()))
+    troutes = dict(zip(reduce_f, S.run("shuffle", [client.submit(_keys_of, f, "to_target")
+                                                   for f in reduce_f.values()], gather=True)))
+
+    # -- write metavertices (per target block)
+    receivers: dict[int, list[int]] = {}
+    for p, route in troutes.items():
+        for tb in route:
+            receivers.setdefault(tb, []).append(p)
+    write_f = {tb: client.submit(st.write_metavertices, spec_f, tb, parts,
+                                 *[client.submit(st.pick, reduce_f[p], "to_target", tb) for p in parts],
+                                 pure=False)
+               for tb, parts in sorted(receivers.items())}
+    S.run("write vertices", list(write_f.values()))
+    written = S.run("write vertices", [client.submit(st.pick, f, "chunks") for f in write_f.values()],
+                    gather=True)
+    vertex_chunks = sorted(c for w in written for c in (w or []))
+    n_meta = sum(n for _, n in vertex_chunks)
+    report.vertex_count, report.chunks = n_meta, len(vertex_chunks)
+
+    t_origin, t_grid = lv.target_grid
+    if n_meta == 0:
+        _write_empty_level(store, lv, src, n_src_objects, root_meta)
+        report.summary = {"vertex_count": 0, "object_count": 0, "objects_kept": int(keep.sum()),
+                          "method": "per_object", "preserves_object_ids": True,
+                          "shared_fragments": True}
+        report.seconds = time.perf_counter() - t_start
+        return report
+
+    # -- resolve parents (per partition), then links + sequences (per block)
+    resolve_f = {}
+    for p, rf in reduce_f.items():
+        located = [client.submit(st.pick, write_f[tb], "located", p) for tb in troutes[p]]
+        resolve_f[p] = client.submit(st.resolve_parents, spec_f, p, rf, *located)
+    S.run("resolve parents", list(resolve_f.values()))
+    link_f = []
+    for b in range(len(runs)):
+        answers = [client.submit(st.answer_for, resolve_f[p], b, p) for p in routes[b]]
+        link_f.append(client.submit(st.links_and_sequences, spec_f, b, partial_f[b],
+                                    block_refs[b], *answers, pure=False))
+    S.run("links", link_f)
+    link_sum = S.run("links", [client.submit(_plus_summary, f) for f in link_f], gather=True)
+
+    families: list[cm.LinkFamily] = []
+    if lv.cross_level_storage != "none":
+        plus = cm.LinkFamily(lv.source_level, 1, *lv.source_grid)
+        for s_ in link_sum:
+            plus.add(s_["plus"])
+        families.append(plus)
+    if lv.cross_level_storage == "explicit":
+        fine_chunks = np.asarray(chunks, dtype=np.int64).reshape(-1, ndim)
+        by_tb: dict[int, list] = {}
+        for b, s_ in enumerate(link_sum):
+            for tb in s_["minus"]:
+                by_tb.setdefault(tb, []).append(client.submit(st.pick, link_f[b], "minus", tb))
+        minus_f = [client.submit(st.write_minus_links, store, lv.target_level, 1, t_origin,
+                                 scale_trg, scale_src, fine_chunks, *parts, pure=False)
+                   for tb, parts in sorted(by_tb.items())]
+        minus = cm.LinkFamily(lv.target_level, -1, t_origin, t_grid)
+        for w in S.run("-1 links", minus_f, gather=True):
+            minus.add(w)
+        families.append(minus)
+
+    # -- object index and attributes of the coarse level
+    object_index = None
+    if src.has_objects:
+        _prepare_object_arrays(store, lv, src, n_src_objects)
+        seq_by_bucket: dict[int, list] = {}
+        for b, s_ in enumerate(link_sum):
+            for k in s_["sequences"]:
+                seq_by_bucket.setdefault(k, []).append(client.submit(st.pick, link_f[b], "sequences", k))
+        man_f = [client.submit(st.write_manifests, spec_f, k, refs_f[k], buckets[k],
+                               *seq_by_bucket.get(k, []), pure=False) for k in range(len(buckets))]
+        attr_f = []
+        for name in src.attribute_names:
+            for a, b in split_runs(n_src_objects, fmt.ATTRIBUTE_BUCKET):
+                attr_f.append(client.submit(
+                    st.write_attributes, store, f"{lv.source_level}/{fmt.OBJECT_ATTRIBUTES}/{name}",
+                    f"{lv.target_level}/{fmt.OBJECT_ATTRIBUTES}/{name}", (a, b), keep[a:b], pure=False))
+        present = S.run("manifests", man_f, gather=True)
+        if attr_f:
+            S.run("attributes", attr_f)
+        object_index = {"zv_array": "object_index", "num_objects": int(n_src_objects),
+                        "num_present": int(sum(present)), "sid_ndim": ndim,
+                        "layout": "vlen_manifests_v2", "object_ids_sorted": True}
+
+    # -- commit
+    t0 = time.perf_counter()
+    level_attrs = _level_attrs(lv, n_meta, src.has_objects, n_src_objects, root_meta)
+    caps = ([fmt.CAP_PRESERVED_OBJECT_IDS] if src.has_objects else []) + [fmt.CAP_SHARED_FRAGMENTS]
+    cm.commit_level(store, cm.LevelCommit(
+        source_level=lv.source_level, target_level=lv.target_level, level_attrs=level_attrs,
+        target_origin=t_origin, target_grid=t_grid, vertex_chunks=vertex_chunks,
+        object_index=object_index, has_attributes=bool(src.attribute_names),
+        bin_shape=lv.bin_shape, capabilities=caps, families=families),
+        sid_ndim=ndim, root_bin=root_meta.effective_bin_shape)
+    report.stage_seconds["commit"] = time.perf_counter() - t0
+    report.summary = {"vertex_count": int(n_meta), "object_count": int(keep.sum()),
+                      "objects_kept": int(keep.sum()), "source_objects": int(n_src_objects),
+                      "method": "per_object", "preserves_object_ids": True,
+                      "shared_fragments": True}
+    report.seconds = time.perf_counter() - t_start
+    for f in (refs_f + partial_f + list(reduce_f.values()) + list(write_f.values())
+              + list(resolve_f.values()) + link_f):
+        f.release()
+    return report
+
+
+def _level_attrs(lv: LevelPlan, n_meta: int, has_objects: bool, n_src_objects: int,
+                 root_meta, *, empty: bool = False) -> dict:
+    from zarr_vectors.core.metadata import LevelMetadata
+    meta = LevelMetadata(
+        level=lv.target_level, vertex_count=int(n_meta),
+        arrays_present=["vertices", "object_index"] if (has_objects or empty) else ["vertices"],
+        bin_shape=lv.bin_shape, bin_ratio=lv.bin_ratio,
+        chunk_shape=None if empty else lv.chunk_shape_override,
+        object_sparsity=1.0 / lv.sparsity_factor, coarsening_method="per_object",
+        parent_level=lv.source_level, preserves_object_ids=bool(has_objects or empty),
+        inherited_num_objects=int(n_src_objects) if (has_objects or empty) else 0,
+        shared_fragments=True)
+    meta.validate()
+    payload = meta.to_dict()["zarr_vectors_level"]
+    payload.pop("bin_shape", None)
+    payload.pop("bin_ratio", None)
+    return payload
+
+
+def _prepare_object_arrays(store: Store, lv: LevelPlan, src: SourceLevel, n: int) -> None:
+    """Array documents and the id table of the coarse object index, plus
+    empty attribute columns, under the still-unpublished level."""
+    import zarr
+    t = lv.target_level
+    ids = np.sort(src.object_ids)
+    docs = {f"{t}/{fmt.OBJECT_INDEX}/manifests/zarr.json": fmt.manifests_doc(n),
+            f"{t}/{fmt.OBJECT_INDEX}/object_ids/zarr.json": fmt.dense_array_doc((n,), (n,), np.int64)}
+    from zarr_vectors.core.arrays import _default_fill_value_for_dtype
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        zs = store.zarr_store()
+        for name in src.attribute_names:
+            sarr = zarr.open_array(zs, path=f"{src.level}/{fmt.OBJECT_ATTRIBUTES}/{name}", mode="r")
+            dtype = np.dtype(sarr.dtype)
+            fill = _default_fill_value_for_dtype(dtype)
+            shape = tuple(sarr.shape)
+            docs[f"{t}/{fmt.OBJECT_ATTRIBUTES}/{name}/zarr.json"] = fmt.dense_array_doc(
+                shape, (fmt.ATTRIBUTE_BUCKET, *shape[1:]), dtype, fill_value=fill,
+                attributes={"zv_array": "object_attribute", "name": name, "dtype": str(dtype),
+                            "shape": list(shape), "fill_sentinel_meaning": "absent"})
+        store.put_many(docs)
+        zarr.open_array(zs, path=f"{t}/{fmt.OBJECT_INDEX}/object_ids", mode="r+")[:] = ids
+
+
+def _write_empty_level(store: Store, lv: LevelPlan, src: SourceLevel, n: int, root_meta) -> None:
+    """The reference's empty ID-preserving level: no vertices, every
+    manifest empty, ids 0..n-1."""
+    import zarr
+    t = lv.target_level
+    origin, grid = grid_layout(root_meta.bounds, root_meta.chunk_shape)
+    docs = {f"{t}/{fmt.OBJECT_INDEX}/manifests/zarr.json": fmt.manifests_doc(n),
+            f"{t}/{fmt.OBJECT_INDEX}/object_ids/zarr.json": fmt.dense_array_doc((n,), (n,), np.int64)}
+    store.put_many(docs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        zs = store.zarr_store()
+        man = zarr.open_array(zs, path=f"{t}/{fmt.OBJECT_INDEX}/manifests", mode="r+")
+        obj = np.empty(n, dtype=object)
+        obj[:] = [fmt.empty_manifest(root_meta.sid_ndim)] * n
+        man[:] = obj
+        zarr.open_array(zs, path=f"{t}/{fmt.OBJECT_INDEX}/object_ids", mode="r+")[:] = \
+            np.arange(n, dtype=np.int64)
+    cm.commit_level(store, cm.LevelCommit(
+        source_level=lv.source_level, target_level=t,
+        level_attrs=_level_attrs(lv, 0, True, n, root_meta, empty=True),
+        target_origin=origin, target_grid=grid, vertex_chunks=[],
+        object_index={"zv_array": "object_index", "num_objects": int(n), "num_present": 0,
+                      "sid_ndim": root_meta.sid_ndim, "layout": "vlen_manifests_v2",
+                      "object_ids_sorted": True},
+        has_attributes=False, bin_shape=lv.bin_shape,
+        capabilities=[fmt.CAP_PRESERVED_OBJECT_IDS]),
+        sid_ndim=root_meta.sid_ndim, root_bin=root_meta.effective_bin_shape)
+
+
+# ---------------------------------------------------------------- composition
+def compose_links(client, store: Store, *, root_meta, depth: int, storage: str,
+                  n_workers: int, progress: Callable | None = None) -> tuple[list, dict]:
+    """The closing stage: ``±N`` families (N >= 2) composed from the
+    published ``+1`` families, one task per block of fine chunks."""
+    from .compose import compose_block, level_geometry
+    report = StepReport(target_level=-1)
+    S = _Stages(client, report, progress)
+    levels = cm.published_levels(store)
+    if storage == "none" or depth == 0 or len(levels) < 2:
+        return [], report.stage_seconds
+    max_delta = (max(levels) - min(levels)) if depth == -1 else int(depth)
+    if max_delta < 2:
+        return [], report.stage_seconds
+    geo = {lv: level_geometry(store, lv, root_meta) for lv in levels}
+    plus_fams = {lv: cm.read_family(store, lv, 1) for lv in levels}
+    families: dict[tuple[int, int], cm.LinkFamily] = {}
+    tasks = []
+    for f in levels[:-1]:
+        fine_chunks = sorted({tuple(c) for _, (_, cs) in plus_fams[f].items() for c in cs})
+        if not fine_chunks:
+            continue
+        steps = [n for n in range(2, max_delta + 1) if f + n in geo]
+        if not steps:
+            continue
+        per = max(1, -(-len(fine_chunks) // max(1, 2 * n_workers)))
+        for a, b in split_runs(len(fine_chunks), per):
+            tasks.append((f, client.submit(compose_block, store, f, fine_chunks, (a, b), steps, geo,
+                                           plus_fams, storage, pure=False)))
+    results = S.run("compose", [t for _, t in tasks], gather=False)
+    summaries = client.gather([client.submit(lambda r: {"plus": r["plus"], "minus": {
+        k: sorted(v) for k, v in r["minus"].items()}}, t) for t in results])
+    minus_parts: dict[tuple[int, int, int], list] = {}
+    for (f, fut), s_ in zip(tasks, summaries):
+        for n, written in s_["plus"].items():
+            fam = families.setdefault((f, n), cm.LinkFamily(f, n, *geo[f]["grid"]))
+            fam.add(written)
+        for n, slabs in s_["minus"].items():
+            for slab in slabs:
+                minus_parts.setdefault((f, n, slab), []).append(
+                    client.submit(st.pick, fut, "minus", n, slab))
+    if storage == "explicit":
+        writes = []
+        keys = []
+        for (f, n, slab), parts in sorted(minus_parts.items()):
+            fine_chunks = np.asarray(sorted({tuple(c) for _, (_, cs) in plus_fams[f].items()
+                                             for c in cs}), dtype=np.int64)
+            c = f + n
+            writes.append(client.submit(st.write_minus_links, store, c, n, geo[c]["grid"][0],
+                                        geo[c]["scale"], geo[f]["scale"], fine_chunks, *parts,
+                                        pure=False))
+            keys.append((f, n))
+        for (f, n), w in zip(keys, S.run("compose -N", writes, gather=True)):
+            fam = families.setdefault((f + n, -n), cm.LinkFamily(f + n, -n, *geo[f + n]["grid"]))
+            fam.add(w)
+    return list(families.values()), report.stage_seconds

@@ -1,0 +1,300 @@
+"""Planning: pure functions over shapes and factors.
+
+Nothing here touches a store.  ``validate_*`` reject bad requests before
+anything is written; ``plan_level``/``plan_pyramid_from_meta`` turn the
+root's shapes plus the requested factors into per-level bins, chunk grids,
+block layouts and task counts that both ``--dry-run`` and the executor use.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+VALID_CROSS_LEVEL_STORAGE = ("none", "implicit", "explicit")
+
+
+class PlanError(ValueError):
+    """A request that cannot be built; the message names the culprit."""
+
+
+# ------------------------------------------------------------ validation
+def validate_factors(factors: Any) -> list[tuple[float, float]]:
+    if not isinstance(factors, (list, tuple)) or len(factors) == 0:
+        raise PlanError(f"factors must be a non-empty list of (coarsen, sparsity) pairs; got {factors!r}")
+    out = []
+    for i, fac in enumerate(factors):
+        if not isinstance(fac, (list, tuple)) or len(fac) != 2:
+            raise PlanError(f"factors[{i}] must be a (coarsen_factor, sparsity_factor) pair; got {fac!r}")
+        pair = []
+        for name, v in zip(("coarsen_factor", "sparsity_factor"), fac):
+            try:
+                fv = float(v)
+            except (TypeError, ValueError):
+                raise PlanError(f"factors[{i}] {name} must be a number; got {v!r}") from None
+            if math.isnan(fv) or math.isinf(fv):
+                raise PlanError(f"factors[{i}] {name} must be finite; got {v!r}")
+            if fv < 1.0:
+                raise PlanError(f"factors[{i}] {name} must be >= 1; got {v!r}")
+            pair.append(fv)
+        out.append((pair[0], pair[1]))
+    return out
+
+
+def normalize_chunk_scale(scale: Any, ndim: int, *, where: str) -> tuple[int, ...]:
+    """A scalar or per-axis chunk-scale factor as positive ints per axis."""
+    items = list(scale) if isinstance(scale, (list, tuple)) else [scale] * ndim
+    if len(items) != ndim:
+        raise PlanError(f"{where} has {len(items)} entries but the store is {ndim}-D")
+    out = []
+    for v in items:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or (
+                isinstance(v, float) and not v.is_integer()):
+            raise PlanError(f"{where} entries must be positive integers; got {scale!r}")
+        if int(v) < 1:
+            raise PlanError(f"{where} entries must be positive integers; got {scale!r}")
+        out.append(int(v))
+    return tuple(out)
+
+
+def validate_options(*, cross_level_storage: str, cross_level_depth: Any,
+                     sparsity_strategy: str) -> None:
+    if cross_level_storage not in VALID_CROSS_LEVEL_STORAGE:
+        raise PlanError(f"cross_level_storage={cross_level_storage!r} is not one of "
+                        f"{list(VALID_CROSS_LEVEL_STORAGE)}")
+    if isinstance(cross_level_depth, bool) or not isinstance(cross_level_depth, int) \
+            or cross_level_depth < -1:
+        raise PlanError(f"cross_level_depth must be an integer >= -1; got {cross_level_depth!r}")
+    if sparsity_strategy != "random":
+        from zarr_vectors.multiresolution import registry
+        try:
+            registry.require_selection_strategy(sparsity_strategy)
+        except Exception:  # noqa: BLE001
+            raise PlanError(f"unknown sparsity_strategy {sparsity_strategy!r}; the core strategy "
+                            f"is 'random' (others need zarr-vectors-tools)") from None
+
+
+# ------------------------------------------------------------ geometry
+def target_bin(source_bin: Sequence[float], coarsen_factor: float) -> tuple[float, ...]:
+    """Bins compound: the target bin is the *source level's* bin times the factor."""
+    return tuple(float(b) * float(coarsen_factor) for b in source_bin)
+
+
+def bin_ratio(bin_shape: Sequence[float], root_bin: Sequence[float]) -> tuple[int, ...]:
+    return tuple(max(1, int(round(float(t) / float(r)))) for t, r in zip(bin_shape, root_bin))
+
+
+def grid_layout(bounds, chunk_shape) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """``(origin, grid_shape)``: origin = floor(min/chunk), extent to floor(max/chunk)."""
+    origin = tuple(int(math.floor(float(lo) / float(c))) for lo, c in zip(bounds[0], chunk_shape))
+    upper = tuple(int(math.floor(float(hi) / float(c))) for hi, c in zip(bounds[1], chunk_shape))
+    return origin, tuple(u - o + 1 for u, o in zip(upper, origin))
+
+
+def split_runs(n_items: int, per_run: int) -> list[tuple[int, int]]:
+    """Contiguous ``[start, stop)`` runs of at most ``per_run`` items."""
+    per_run = max(1, int(per_run))
+    return [(a, min(a + per_run, n_items)) for a in range(0, n_items, per_run)]
+
+
+def chunks_per_block(n_chunks: int, n_vertices: int, n_workers: int,
+                     max_block_vertices: int) -> int:
+    """How many consecutive source chunks one task reads.
+
+    Enough blocks to keep every worker busy, few enough that scheduler
+    overhead stays small, and never more than ``max_block_vertices`` per
+    task so memory per task is bounded whatever the level's size.
+    """
+    if n_chunks <= 0:
+        return 1
+    per_chunk = max(1.0, n_vertices / n_chunks)
+    by_memory = max(1, int(max_block_vertices // per_chunk))
+    by_parallelism = max(1, math.ceil(n_chunks / max(1, 2 * n_workers)))
+    return max(1, min(by_memory, by_parallelism))
+
+
+# ------------------------------------------------------------ plan objects
+@dataclass
+class LevelPlan:
+    source_level: int
+    target_level: int
+    coarsen_factor: float
+    sparsity_factor: float
+    chunk_scale: tuple[int, ...]
+    source_bin: tuple[float, ...]
+    bin_shape: tuple[float, ...]
+    bin_ratio: tuple[int, ...]
+    source_chunk_shape: tuple[float, ...]
+    chunk_shape: tuple[float, ...]
+    chunk_shape_override: tuple[float, ...] | None
+    source_grid: tuple[tuple[int, ...], tuple[int, ...]]
+    target_grid: tuple[tuple[int, ...], tuple[int, ...]]
+    source_chunks: int  # exact for level 0, an upper bound after
+    source_vertices: int  # exact for level 0, an estimate after
+    n_objects: int
+    chunks_per_block: int
+    n_blocks: int
+    target_slab: int  # target blocks are slabs this many chunks thick on axis 0
+    n_target_blocks: int
+    n_buckets: int
+    cross_level_storage: str
+
+    @property
+    def tasks(self) -> dict[str, int]:
+        """Upper bounds on tasks per stage (exchanges are routed to
+        non-empty pairs only, so real counts are usually lower)."""
+        b, tb, k = self.n_blocks, self.n_target_blocks, self.n_buckets
+        links = self.cross_level_storage != "none"
+        return {
+            "object refs": k,
+            "bin partials": b,
+            "metavertices": tb,
+            "write vertices": tb,
+            "resolve parents": tb,
+            "links + sequences": b,
+            "-1 links": tb if self.cross_level_storage == "explicit" else 0,
+            "manifests": k,
+            "exchange": b * tb * (3 if links else 2) + k * b * 2,
+        }
+
+    @property
+    def estimated_vertices(self) -> int:
+        # Streamlines lose about one factor per level, volumes more; this
+        # is the conservative (larger) of the two.
+        return max(1, int(self.source_vertices / max(1.0, self.coarsen_factor)))
+
+    @property
+    def estimated_bytes(self) -> int:
+        v = self.estimated_vertices
+        nd = len(self.bin_shape)
+        per_vertex = 4 * nd + 12  # position + fragment index share
+        links = {"none": 0, "implicit": 16, "explicit": 32}[self.cross_level_storage]
+        return v * per_vertex + self.source_vertices * links
+
+
+def _fmt_tuple(t) -> str:
+    return "x".join(f"{x:g}" if isinstance(x, float) else str(x) for x in t)
+
+
+def _fmt_bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)  # pragma: no cover
+
+
+@dataclass
+class PyramidPlan:
+    store: str
+    ndim: int
+    root_chunk_shape: tuple[float, ...]
+    root_bin: tuple[float, ...]
+    levels: list[LevelPlan]
+    cross_level_depth: int
+    cross_level_storage: str
+    n_workers: int
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def total_tasks(self) -> int:
+        return sum(sum(lv.tasks.values()) for lv in self.levels)
+
+    def __repr__(self) -> str:
+        lines = [
+            f"PyramidPlan for {self.store}",
+            f"  {self.ndim}-D, root chunk {_fmt_tuple(self.root_chunk_shape)}, "
+            f"root bin {_fmt_tuple(self.root_bin)}, {self.n_workers} worker(s)",
+            f"  cross-level links: {self.cross_level_storage}, depth {self.cross_level_depth}",
+            "  level  bin            chunk          ratio    src chunks  tgt grid      blocks  tgt blocks  buckets  tasks  est. size",
+        ]
+        for lv in self.levels:
+            t = sum(lv.tasks.values())
+            grid = _fmt_tuple(lv.target_grid[1])
+            lines.append(
+                f"  {lv.source_level}->{lv.target_level}   {_fmt_tuple(lv.bin_shape):<14} "
+                f"{_fmt_tuple(lv.chunk_shape):<14} {_fmt_tuple(lv.bin_ratio):<8} "
+                f"{lv.source_chunks:<11} {grid:<13} {lv.n_blocks:<7} {lv.n_target_blocks:<11} "
+                f"{lv.n_buckets:<8} {t:<6} {_fmt_bytes(lv.estimated_bytes)}")
+        for lv in self.levels:
+            stages = ", ".join(f"{k} {v}" for k, v in lv.tasks.items() if v)
+            lines.append(f"  tasks {lv.source_level}->{lv.target_level}: {stages}")
+        lines.append(f"  total tasks (upper bound): {self.total_tasks}")
+        return "\n".join(lines)
+
+    __str__ = __repr__
+
+
+def plan_level(*, source_level: int, coarsen_factor: float, sparsity_factor: float,
+               chunk_scale: tuple[int, ...], source_bin: Sequence[float],
+               source_chunk_shape: Sequence[float], root_chunk_shape: Sequence[float],
+               root_bin: Sequence[float], bounds, source_chunks: int, source_vertices: int,
+               n_objects: int, n_workers: int, max_block_vertices: int,
+               cross_level_storage: str, manifest_bucket: int = 16_384) -> LevelPlan:
+    tbin = target_bin(source_bin, coarsen_factor)
+    tchunk = tuple(float(s) * int(r) for s, r in zip(source_chunk_shape, chunk_scale))
+    override = None if all(abs(t - r) < 1e-9 for t, r in zip(tchunk, root_chunk_shape)) else tchunk
+    if override is not None:
+        for axis, (c, b) in enumerate(zip(tchunk, tbin)):
+            q = c / b
+            if abs(q - round(q)) > 1e-9:
+                raise PlanError(
+                    f"level {source_level + 1}: chunk_shape {_fmt_tuple(tchunk)} (chunk_scale_factor "
+                    f"{_fmt_tuple(chunk_scale)}) is not divisible by the target bin_shape "
+                    f"{_fmt_tuple(tbin)} on axis {axis}; bins must tile an overridden chunk_shape")
+    sgrid = grid_layout(bounds, source_chunk_shape)
+    tgrid = grid_layout(bounds, tchunk)
+    cpb = chunks_per_block(source_chunks, source_vertices, n_workers, max_block_vertices)
+    n_blocks = max(1, math.ceil(source_chunks / cpb)) if source_chunks else 1
+    n_slabs_wanted = max(1, min(tgrid[1][0], 2 * n_workers, n_blocks))
+    slab = max(1, math.ceil(tgrid[1][0] / n_slabs_wanted))
+    n_tb = math.ceil(tgrid[1][0] / slab)
+    n_buckets = max(1, math.ceil(n_objects / max(1, min(manifest_bucket, n_objects)))) if n_objects else 0
+    return LevelPlan(
+        source_level=source_level, target_level=source_level + 1,
+        coarsen_factor=float(coarsen_factor), sparsity_factor=float(sparsity_factor),
+        chunk_scale=tuple(chunk_scale), source_bin=tuple(float(b) for b in source_bin),
+        bin_shape=tbin, bin_ratio=bin_ratio(tbin, root_bin),
+        source_chunk_shape=tuple(float(c) for c in source_chunk_shape), chunk_shape=tchunk,
+        chunk_shape_override=override, source_grid=sgrid, target_grid=tgrid,
+        source_chunks=int(source_chunks), source_vertices=int(source_vertices),
+        n_objects=int(n_objects), chunks_per_block=cpb, n_blocks=n_blocks, target_slab=slab,
+        n_target_blocks=n_tb, n_buckets=n_buckets, cross_level_storage=cross_level_storage)
+
+
+def plan_pyramid_from_meta(*, store: str, ndim: int, root_chunk_shape, root_bin, bounds,
+                           level0_bin=None, level0_chunk_shape=None, level0_chunks: int,
+                           level0_vertices: int, n_objects: int, start_level: int = 0,
+                           factors, chunk_scale_factors=None, cross_level_depth: int = 1,
+                           cross_level_storage: str = "explicit", sparsity_strategy: str = "random",
+                           n_workers: int = 2, max_block_vertices: int = 2_000_000) -> PyramidPlan:
+    """The whole pyramid from the source level's shapes: pure, no I/O."""
+    facs = validate_factors(factors)
+    validate_options(cross_level_storage=cross_level_storage, cross_level_depth=cross_level_depth,
+                     sparsity_strategy=sparsity_strategy)
+    if chunk_scale_factors is not None:
+        if not isinstance(chunk_scale_factors, (list, tuple)) or len(chunk_scale_factors) != len(facs):
+            n = len(chunk_scale_factors) if isinstance(chunk_scale_factors, (list, tuple)) else "?"
+            raise PlanError(f"chunk_scale_factors has {n} entries but factors has {len(facs)}")
+    levels = []
+    sbin = tuple(level0_bin or root_bin)
+    schunk = tuple(level0_chunk_shape or root_chunk_shape)
+    chunks, verts = level0_chunks, level0_vertices
+    for i, (cf, sf) in enumerate(facs):
+        scale = normalize_chunk_scale(1 if chunk_scale_factors is None else chunk_scale_factors[i],
+                                      ndim, where=f"chunk_scale_factors[{i}]")
+        lv = plan_level(source_level=start_level + i, coarsen_factor=cf, sparsity_factor=sf,
+                        chunk_scale=scale, source_bin=sbin, source_chunk_shape=schunk,
+                        root_chunk_shape=root_chunk_shape, root_bin=root_bin, bounds=bounds,
+                        source_chunks=chunks, source_vertices=verts, n_objects=n_objects,
+                        n_workers=n_workers, max_block_vertices=max_block_vertices,
+                        cross_level_storage=cross_level_storage)
+        levels.append(lv)
+        sbin, schunk = lv.bin_shape, lv.chunk_shape
+        chunks = min(chunks, math.prod(lv.target_grid[1]))
+        verts = lv.estimated_vertices
+    return PyramidPlan(store=store, ndim=ndim, root_chunk_shape=tuple(root_chunk_shape),
+                       root_bin=tuple(root_bin), levels=levels,
+                       cross_level_depth=cross_level_depth,
+                       cross_level_storage=cross_level_storage, n_workers=n_workers)

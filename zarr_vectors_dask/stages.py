@@ -1,0 +1,521 @@
+"""Graph stages of one coarsening step, one function per stage.
+
+Each runs inside a Dask task: it gets a small picklable ``StepSpec``, its
+own slice of the work and the outputs of the tasks it depends on; it reads
+or writes the store itself and returns only what later stages need.
+
+    object_refs        per manifest bucket: which fragments kept objects name
+    bin_partials       per source block: bin keys, partial centroid sums
+    reduce_metavertices per partition: sum partials into metavertices
+    write_metavertices per target block: order, encode, write vertex cells
+    resolve_parents    per partition: bin key -> (chunk, fragment) answers
+    links_and_sequences per source block: +1 link cells, -1 records,
+                       per-fragment metavertex sequences for manifests
+    write_minus_links  per target block: -1 link cells (explicit storage)
+    write_manifests    per bucket: object_index rows of the coarse level
+    write_attributes   per attribute bucket: masked object attributes
+
+Exchanges between stages are dicts keyed by destination; the executor
+routes only non-empty (source, destination) pairs.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from . import format as fmt
+from .store import Store
+
+
+@dataclass(frozen=True)
+class StepSpec:
+    """Everything a task of one coarsening step needs besides its inputs."""
+
+    store: Store
+    source_level: int
+    target_level: int
+    ndim: int
+    bin_shape: tuple[float, ...]
+    chunk_shape: tuple[float, ...]
+    source_origin: tuple[int, ...]
+    target_origin: tuple[int, ...]
+    target_slab: int
+    n_partitions: int
+    scale_source: tuple[int, ...]  # chunk shape as a multiple of root's
+    scale_target: tuple[int, ...]
+    source_chunks: tuple[tuple[int, ...], ...]  # sorted, present chunks
+    vertices: fmt.VlenArrayInfo
+    fragments: fmt.VlenArrayInfo
+    source_dtype: str
+    has_objects: bool
+    manifests_path: str | None
+    links: str  # none | implicit | explicit
+
+    def __repr__(self) -> str:
+        return f"StepSpec({self.store!r}, {self.source_level}->{self.target_level})"
+
+
+# ------------------------------------------------------------- helpers
+def _void(keys: np.ndarray) -> np.ndarray:
+    """Rows of int64 bin coordinates as raw-byte scalars: ``np.unique`` on
+    these sorts byte-lexicographically, which is the reference's order."""
+    keys = np.ascontiguousarray(keys, dtype=np.int64)
+    return keys.view(np.dtype((np.void, 8 * keys.shape[1]))).ravel()
+
+
+def _target_block(spec: StepSpec, chunks: np.ndarray) -> np.ndarray:
+    return (chunks[:, 0] - spec.target_origin[0]) // spec.target_slab
+
+
+def _partition_of(spec: StepSpec, keys: np.ndarray) -> np.ndarray:
+    """Reduce partition of a bin key: the target slab of its lower corner."""
+    lower = np.floor(keys[:, 0].astype(np.float64) * spec.bin_shape[0] / spec.chunk_shape[0])
+    return np.clip(((lower.astype(np.int64) - spec.target_origin[0]) // spec.target_slab),
+                   0, spec.n_partitions - 1)
+
+
+def _split_by(dest: np.ndarray, **columns: np.ndarray) -> dict[int, dict[str, np.ndarray]]:
+    out: dict[int, dict[str, np.ndarray]] = {}
+    if dest.size == 0:
+        return out
+    order = np.argsort(dest, kind="stable")
+    d = dest[order]
+    cuts = np.flatnonzero(np.diff(d)) + 1
+    for lo, hi in zip(np.r_[0, cuts], np.r_[cuts, d.size]):
+        sel = order[lo:hi]
+        out[int(d[lo])] = {k: v[sel] for k, v in columns.items()}
+    return out
+
+
+def _group_rows(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Unique rows of a 2-D int array (numeric order), first index, inverse."""
+    uniq, first, inv = np.unique(keys, axis=0, return_index=True, return_inverse=True)
+    return uniq, first, inv.reshape(-1)
+
+
+def _read_source_chunks(spec: StepSpec, chunk_ids: np.ndarray):
+    coords = [spec.source_chunks[i] for i in chunk_ids]
+    verts = fmt.read_cells(spec.store, spec.vertices, coords)
+    frags = fmt.read_cells(spec.store, spec.fragments, coords)
+    dtype = np.dtype(spec.source_dtype)
+    for cid, cc in zip(chunk_ids, coords):
+        what = f"{spec.store.describe(spec.vertices.path)} chunk {fmt.chunk_key(cc)}"
+        v, f = verts[cc], frags[cc]
+        if v is None or f is None:
+            raise fmt.CorruptChunkError(f"{what}: listed as present but its cell is missing")
+        rows, members = fmt.decode_vertex_cell(v, f, dtype=dtype, ndim=spec.ndim, what=what)
+        yield int(cid), cc, rows, members
+
+
+# ------------------------------------------------------------- stage 0
+def object_refs(spec: StepSpec, row_start: int, src_rows: np.ndarray, kept: np.ndarray,
+                block_of_chunk: dict) -> dict:
+    """Decode one bucket of source manifests.
+
+    ``src_rows`` are the source rows behind this bucket's target rows
+    (identity unless the source's ids were unsorted), ``kept`` flags the
+    rows sparsity kept.  Returns the kept rows' fragment references (for
+    manifest assembly) and, per source block, how many times each
+    fragment is named (its weight in the centroids).
+    """
+    import zarr
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        arr = zarr.open_array(spec.store.zarr_store(), path=spec.manifests_path, mode="r")
+        lo, hi = int(src_rows.min()), int(src_rows.max()) + 1
+        blobs = arr[lo:hi]
+    blobs = [bytes(blobs[r - lo]) for r in src_rows[kept]]
+    manifests = fmt.decode_manifests(blobs, spec.ndim)
+    counts = np.fromiter((len(m) for m in manifests), dtype=np.int64, count=len(manifests))
+    flat = [ref for m in manifests for ref in m]
+    chunk_index = {cc: i for i, cc in enumerate(spec.source_chunks)}
+    ref_chunk = np.fromiter((chunk_index.get(tuple(cc), -1) for cc, _ in flat), dtype=np.int64,
+                            count=len(flat))
+    ref_frag = np.fromiter((f for _, f in flat), dtype=np.int64, count=len(flat))
+    # A reference to a chunk the level does not have is skipped, as the
+    # reference skips missing fragments.
+    ok = ref_chunk >= 0
+    by_block: dict[int, dict[str, np.ndarray]] = {}
+    if ok.any():
+        pairs = np.stack([ref_chunk[ok], ref_frag[ok]], axis=1)
+        uniq, _, inv = _group_rows(pairs)
+        mult = np.bincount(inv, minlength=len(uniq)).astype(np.int64)
+        blocks = np.array([block_of_chunk[int(c)] for c in uniq[:, 0]], dtype=np.int64)
+        by_block = _split_by(blocks, chunk=uniq[:, 0], frag=uniq[:, 1], mult=mult)
+    return {"row_start": row_start, "kept": kept, "counts": counts,
+            "ref_chunk": ref_chunk, "ref_frag": ref_frag, "by_block": by_block}
+
+
+def refs_for_block(refs: dict, block: int) -> dict | None:
+    return refs["by_block"].get(block)
+
+
+# ------------------------------------------------------------- stage 1
+def bin_partials(spec: StepSpec, chunk_ids: np.ndarray, *ref_parts: dict | None) -> dict:
+    """Bin every vertex of a block of source chunks.
+
+    Each fragment instance's vertices get its bin key; a fragment's weight
+    is the number of kept objects naming it (1 for an implicit object).
+    Sends, per partition, the block's distinct keys with float64 partial
+    sums and counts — weight-0 keys too, so their vertices can still find
+    a parent — and keeps the per-vertex key index for later stages.
+    """
+    bin_arr = np.asarray(spec.bin_shape, dtype=np.float64)
+    mult_lookup: dict[tuple[int, int], int] = {}
+    if spec.has_objects:
+        for part in ref_parts:
+            if part is None:
+                continue
+            for c, f, m in zip(part["chunk"].tolist(), part["frag"].tolist(), part["mult"].tolist()):
+                mult_lookup[(c, f)] = mult_lookup.get((c, f), 0) + m
+    chunk_rows = []  # per chunk: (chunk id, n instances, frag id per instance)
+    all_pos, all_w, frag_lengths = [], [], []
+    for cid, _cc, rows, members in _read_source_chunks(spec, chunk_ids):
+        inst_frag, n = [], 0
+        for f, idx in enumerate(members):
+            if idx.size == 0:
+                continue
+            w = 1 if not spec.has_objects else mult_lookup.get((cid, f), 0)
+            all_pos.append(rows[idx])
+            all_w.append(np.full(idx.size, w, dtype=np.int64))
+            inst_frag.append(np.full(idx.size, f, dtype=np.int64))
+            n += idx.size
+        frag_lengths.append(np.array([m.size for m in members], dtype=np.int64))
+        chunk_rows.append((cid, n, np.concatenate(inst_frag) if inst_frag else
+                           np.empty(0, dtype=np.int64)))
+    if all_pos:
+        pos = np.concatenate(all_pos).astype(np.float32, copy=False)
+        w = np.concatenate(all_w)
+    else:
+        pos = np.empty((0, spec.ndim), dtype=np.float32)
+        w = np.empty(0, dtype=np.int64)
+    keys = np.floor(pos / bin_arr).astype(np.int64)
+    if keys.shape[0]:
+        uniq_void, inverse = np.unique(_void(keys), return_inverse=True)
+        inverse = inverse.reshape(-1)
+        ukeys = uniq_void.view(np.int64).reshape(-1, spec.ndim)
+    else:
+        ukeys = np.empty((0, spec.ndim), dtype=np.int64)
+        inverse = np.empty(0, dtype=np.int64)
+    n_u = ukeys.shape[0]
+    sums = np.empty((n_u, spec.ndim), dtype=np.float64)
+    wf = w.astype(np.float64)
+    for a in range(spec.ndim):
+        sums[:, a] = np.bincount(inverse, weights=pos[:, a].astype(np.float64) * wf, minlength=n_u)
+    counts = np.bincount(inverse, weights=w, minlength=n_u).astype(np.int64)
+    part = _partition_of(spec, ukeys)
+    # Position of each unique key inside the part sent to its partition.
+    order = np.argsort(part, kind="stable")
+    slot = np.empty(n_u, dtype=np.int64)
+    if n_u:
+        sp = part[order]
+        starts = np.r_[0, np.flatnonzero(np.diff(sp)) + 1]
+        first = np.repeat(starts, np.diff(np.r_[starts, n_u]))
+        slot[order] = np.arange(n_u) - first
+    exchange = _split_by(part, keys=ukeys, sums=sums, counts=counts)
+    state = {"chunks": chunk_rows, "inverse": inverse, "partition": part, "slot": slot,
+             "frag_lengths": frag_lengths, "weighted": w > 0}
+    return {"exchange": exchange, "state": state}
+
+
+def pick(result: dict, *path):
+    for p in path:
+        result = result.get(p) if isinstance(result, dict) else None
+        if result is None:
+            return None
+    return result
+
+
+def exchange_keys(result: dict, name: str) -> list[int]:
+    return sorted(result[name].keys())
+
+
+# ------------------------------------------------------------- stage 2
+def reduce_metavertices(spec: StepSpec, partition: int, sources: list[int], *parts: dict) -> dict:
+    """Sum the partials of one partition into metavertices (centroid, count)
+    and route each to the target block of the chunk its centroid falls in."""
+    keys = np.concatenate([p["keys"] for p in parts]) if parts else np.empty((0, spec.ndim), np.int64)
+    sums = np.concatenate([p["sums"] for p in parts]) if parts else np.empty((0, spec.ndim))
+    counts = np.concatenate([p["counts"] for p in parts]) if parts else np.empty(0, np.int64)
+    if keys.shape[0]:
+        uniq_void, inv = np.unique(_void(keys), return_inverse=True)
+        inv = inv.reshape(-1)
+        ukeys = uniq_void.view(np.int64).reshape(-1, spec.ndim)
+    else:
+        ukeys, inv = keys, np.empty(0, np.int64)
+    n_u = ukeys.shape[0]
+    total = np.bincount(inv, weights=counts, minlength=n_u).astype(np.int64)
+    centroid = np.empty((n_u, spec.ndim), dtype=np.float32)
+    for a in range(spec.ndim):
+        centroid[:, a] = np.bincount(inv, weights=sums[:, a], minlength=n_u) / np.maximum(total, 1)
+    exists = np.flatnonzero(total > 0)
+    chunks = np.floor(centroid[exists] / np.asarray(spec.chunk_shape, dtype=np.float64)).astype(np.int64)
+    tb = _target_block(spec, chunks)
+    out = _split_by(tb, mv=exists, chunk=chunks, key=ukeys[exists], centroid=centroid[exists])
+    offsets = np.cumsum([0] + [p["keys"].shape[0] for p in parts])
+    return {"to_target": out, "inverse": inv, "n_unique": n_u,
+            "source_slices": {s: (int(offsets[i]), int(offsets[i + 1])) for i, s in enumerate(sources)}}
+
+
+# ------------------------------------------------------------- stage 3
+def write_metavertices(spec: StepSpec, target_block: int, partitions: list[int], *parts: dict) -> dict:
+    """Order one target block's metavertices as the reference does (within
+    a chunk, by the raw bytes of their bin keys), write their ``vertices``
+    and ``vertex_fragments`` cells, and report where each one landed."""
+    if not parts:
+        return {"chunks": [], "located": {}}
+    chunk = np.concatenate([p["chunk"] for p in parts])
+    key = np.concatenate([p["key"] for p in parts])
+    centroid = np.concatenate([p["centroid"] for p in parts])
+    src = np.concatenate([np.full(p["chunk"].shape[0], i) for i, p in enumerate(parts)])
+    # Sort by chunk (numeric), then by key bytes inside each chunk.
+    _, key_rank = np.unique(_void(key), return_inverse=True)
+    order = np.lexsort(np.vstack([key_rank.reshape(-1), chunk.T[::-1]]))
+    chunk, centroid, src_sorted = chunk[order], centroid[order], src[order]
+    cuts = np.flatnonzero(np.any(np.diff(chunk, axis=0) != 0, axis=1)) + 1 if chunk.shape[0] > 1 \
+        else np.empty(0, dtype=np.int64)
+    starts, stops = np.r_[0, cuts], np.r_[cuts, chunk.shape[0]]
+    frag = np.empty(chunk.shape[0], dtype=np.int64)
+    cells: dict[str, bytes] = {}
+    written = []
+    for lo, hi in zip(starts.tolist(), stops.tolist()):
+        cc = tuple(int(c) for c in chunk[lo])
+        frag[lo:hi] = np.arange(hi - lo)
+        v, f = fmt.encode_metavertex_cell(centroid[lo:hi])
+        cells[fmt.cell_path(f"{spec.target_level}/{fmt.VERTICES}", cc, spec.target_origin)] = fmt.frame_cell(v)
+        cells[fmt.cell_path(f"{spec.target_level}/{fmt.VERTEX_FRAGMENTS}", cc, spec.target_origin)] = \
+            fmt.frame_cell(f)
+        written.append((cc, hi - lo))
+    spec.store.put_many(cells)
+    # Back to each partition, aligned with the part it sent.
+    unsorted_frag = np.empty_like(frag)
+    unsorted_frag[order] = frag
+    unsorted_chunk = np.empty_like(chunk)
+    unsorted_chunk[order] = chunk
+    located = {}
+    for i, (p, part) in enumerate(zip(partitions, parts)):
+        sel = src == i
+        located[p] = {"mv": part["mv"], "chunk": unsorted_chunk[sel], "frag": unsorted_frag[sel]}
+    del src_sorted
+    return {"chunks": written, "located": located}
+
+
+# ------------------------------------------------------------- stage 4
+def resolve_parents(spec: StepSpec, partition: int, reduced: dict, *located: dict | None) -> dict:
+    """Answer every source block that asked this partition: for each of
+    its keys, the (chunk, fragment) of the metavertex with that key, or
+    fragment -1 when no kept vertex made one."""
+    n_u = reduced["n_unique"]
+    loc_chunk = np.zeros((n_u, spec.ndim), dtype=np.int64)
+    loc_frag = np.full(n_u, -1, dtype=np.int64)
+    for part in located:
+        if part is None:
+            continue
+        loc_chunk[part["mv"]] = part["chunk"]
+        loc_frag[part["mv"]] = part["frag"]
+    inv = reduced["inverse"]
+    out = {}
+    for s, (lo, hi) in reduced["source_slices"].items():
+        sel = inv[lo:hi]
+        out[s] = {"chunk": loc_chunk[sel], "frag": loc_frag[sel]}
+    return out
+
+
+# ------------------------------------------------------------- stage 5
+def _partition_links(src_chunks, src_vi, trg_chunks, trg_vi, scale_src, scale_trg):
+    """Group records by (source chunk, anchored offset), keeping input order
+    inside a group (the reference's cell layout)."""
+    from zarr_vectors.spatial.boundary import partition_arrays_by_offset
+    return partition_arrays_by_offset(src_chunks, src_vi, trg_chunks, trg_vi,
+                                      scale_src=scale_src, scale_trg=scale_trg,
+                                      sid_ndim=src_chunks.shape[1])
+
+
+def write_link_cells(store: Store, level: int, delta: int, origin, buckets) -> dict:
+    """Write link cells; returns ``{offset string: [(chunk, n_records)]}``."""
+    cells, written = {}, {}
+    fam = fmt.links_family_path(level, delta)
+    for (seg, src_chunk), (rows, _idx) in buckets.items():
+        cells[fmt.cell_path(f"{fam}/{seg}", src_chunk, origin)] = fmt.frame_cell(fmt.encode_link_cell(rows))
+        written.setdefault(seg, []).append((tuple(src_chunk), int(rows.shape[0])))
+    store.put_many(cells)
+    return written
+
+
+def links_and_sequences(spec: StepSpec, block: int, partials: dict, ref_parts: list,
+                        *answers: dict | None) -> dict:
+    """Per source block, once every key has its metavertex:
+
+    * ``+1`` link records (fine vertex -> parent metavertex) written as cells;
+    * ``-1`` records routed to the target block of the parent (explicit);
+    * per named fragment, its metavertex sequence (consecutive repeats
+      dropped) routed to the manifest buckets that name it.
+    """
+    state = partials["state"]
+    n_u = state["partition"].shape[0]
+    loc_chunk = np.zeros((n_u, spec.ndim), dtype=np.int64)
+    loc_frag = np.full(n_u, -1, dtype=np.int64)
+    by_part: dict[int, np.ndarray] = {}
+    for p in np.unique(state["partition"]).tolist():
+        by_part[p] = np.flatnonzero(state["partition"] == p)
+    for ans in answers:
+        if ans is None:
+            continue
+        p = ans["partition"]
+        idx = by_part[p]
+        slots = state["slot"][idx]
+        loc_chunk[idx] = ans["chunk"][slots]
+        loc_frag[idx] = ans["frag"][slots]
+    inverse = state["inverse"]
+    par_chunk, par_frag = loc_chunk[inverse], loc_frag[inverse]
+    result: dict[str, Any] = {"plus": {}, "minus": {}, "sequences": {}, "n_fine": 0}
+    # Instance order within a chunk is the reference's "flat" vertex order.
+    inst_chunk = np.concatenate([np.full(n, cid, dtype=np.int64) for cid, n, _ in state["chunks"]]) \
+        if state["chunks"] else np.empty(0, np.int64)
+    inst_local = np.concatenate([np.arange(n, dtype=np.int64) for _, n, _ in state["chunks"]]) \
+        if state["chunks"] else np.empty(0, np.int64)
+    result["n_fine"] = int(inst_chunk.size)
+    src_cc = np.asarray(spec.source_chunks, dtype=np.int64).reshape(-1, spec.ndim)
+    if spec.links != "none":
+        ok = par_frag >= 0
+        fine_cc = src_cc[inst_chunk[ok]]
+        buckets = _partition_links(fine_cc, inst_local[ok], par_chunk[ok], par_frag[ok],
+                                   spec.scale_source, spec.scale_target)
+        result["plus"] = write_link_cells(spec.store, spec.source_level, +1, spec.source_origin, buckets)
+        if spec.links == "explicit":
+            tb = _target_block(spec, par_chunk[ok])
+            result["minus"] = _split_by(tb, coarse_chunk=par_chunk[ok], coarse_vi=par_frag[ok],
+                                        fine_chunk_id=inst_chunk[ok], fine_vi=inst_local[ok])
+    if spec.has_objects and ref_parts:
+        # Fragment -> its instances' slice in this block's flat order.
+        frag_start: dict[tuple[int, int], tuple[int, int]] = {}
+        cursor = 0
+        for cid, n, inst_frag in state["chunks"]:
+            if n:
+                cuts = np.r_[0, np.flatnonzero(np.diff(inst_frag)) + 1, n]
+                for lo, hi in zip(cuts[:-1].tolist(), cuts[1:].tolist()):
+                    frag_start[(cid, int(inst_frag[lo]))] = (cursor + lo, cursor + hi)
+            cursor += n
+        for bucket, part in ref_parts:
+            if part is None:
+                continue
+            seq_ptr = [0]
+            seq_c, seq_f, have = [], [], []
+            for c, f in zip(part["chunk"].tolist(), part["frag"].tolist()):
+                span = frag_start.get((c, f))
+                if span is None:  # missing or empty fragment: skipped
+                    have.append(False)
+                    seq_ptr.append(seq_ptr[-1])
+                    continue
+                lo, hi = span
+                fc, ff = par_chunk[lo:hi], par_frag[lo:hi]
+                keep = np.r_[True, (ff[1:] != ff[:-1]) | np.any(fc[1:] != fc[:-1], axis=1)]
+                seq_c.append(fc[keep])
+                seq_f.append(ff[keep])
+                have.append(True)
+                seq_ptr.append(seq_ptr[-1] + int(keep.sum()))
+            result["sequences"][bucket] = {
+                "chunk": part["chunk"], "frag": part["frag"], "ptr": np.asarray(seq_ptr, np.int64),
+                "seq_chunk": np.concatenate(seq_c) if seq_c else np.empty((0, spec.ndim), np.int64),
+                "seq_frag": np.concatenate(seq_f) if seq_f else np.empty(0, np.int64)}
+    return result
+
+
+# ------------------------------------------------------------- stage 6
+def write_minus_links(store: Store, level: int, delta: int, origin, scale_src, scale_trg,
+                      fine_chunks: np.ndarray, *parts: dict | None) -> dict:
+    """Write the coarse-side mirror records (``-delta``) of one target block,
+    in the reference's order: by fine vertex, chunk-major."""
+    parts = [p for p in parts if p is not None]
+    if not parts:
+        return {}
+    cc = np.concatenate([p["coarse_chunk"] for p in parts])
+    cvi = np.concatenate([p["coarse_vi"] for p in parts])
+    fid = np.concatenate([p["fine_chunk_id"] for p in parts])
+    fvi = np.concatenate([p["fine_vi"] for p in parts])
+    order = np.lexsort((fvi, fid))
+    buckets = _partition_links(cc[order], cvi[order], fine_chunks[fid[order]], fvi[order],
+                               scale_src, scale_trg)
+    return write_link_cells(store, level, -delta, origin, buckets)
+
+
+def answer_for(resolved: dict, block: int, partition: int) -> dict | None:
+    ans = resolved.get(block)
+    return None if ans is None else {"partition": partition, **ans}
+
+
+# ------------------------------------------------------------- stage 7
+def write_manifests(spec: StepSpec, bucket: int, refs: dict, target_rows: tuple[int, int],
+                    *seq_parts: dict | None) -> int:
+    """Assemble and write one bucket of the coarse level's object_index
+    manifests; returns how many rows are non-empty."""
+    lookup: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
+    for part in seq_parts:
+        if part is None:
+            continue
+        ptr = part["ptr"]
+        for i, (c, f) in enumerate(zip(part["chunk"].tolist(), part["frag"].tolist())):
+            lo, hi = int(ptr[i]), int(ptr[i + 1])
+            if hi > lo:
+                lookup[(c, f)] = (part["seq_chunk"][lo:hi], part["seq_frag"][lo:hi])
+    kept = refs["kept"]
+    counts = refs["counts"]
+    ref_chunk, ref_frag = refs["ref_chunk"], refs["ref_frag"]
+    manifests: list[list] = []
+    cursor = 0
+    k = 0
+    for is_kept in kept.tolist():
+        if not is_kept:
+            manifests.append([])
+            continue
+        n = int(counts[k])
+        k += 1
+        seq_c, seq_f = [], []
+        for c, f in zip(ref_chunk[cursor:cursor + n].tolist(), ref_frag[cursor:cursor + n].tolist()):
+            hit = lookup.get((c, f))
+            if hit is not None:
+                seq_c.append(hit[0])
+                seq_f.append(hit[1])
+        cursor += n
+        if not seq_c:
+            manifests.append([])
+            continue
+        sc, sf = np.concatenate(seq_c), np.concatenate(seq_f)
+        keep = np.r_[True, (sf[1:] != sf[:-1]) | np.any(sc[1:] != sc[:-1], axis=1)]
+        manifests.append(list(zip(map(tuple, sc[keep].tolist()), sf[keep].tolist())))
+    blobs = fmt.encode_manifests(manifests, spec.ndim)
+    import zarr
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        arr = zarr.open_array(spec.store.zarr_store(),
+                              path=f"{spec.target_level}/{fmt.OBJECT_INDEX}/manifests", mode="r+")
+        obj = np.empty(len(blobs), dtype=object)
+        obj[:] = blobs
+        arr[target_rows[0]:target_rows[1]] = obj
+    empty = fmt.empty_manifest(spec.ndim)
+    return sum(1 for b in blobs if b != empty)
+
+
+# ------------------------------------------------------------- stage 8
+def write_attributes(store: Store, source_path: str, target_path: str, rows: tuple[int, int],
+                     kept: np.ndarray) -> None:
+    """Copy kept rows of one object-attribute bucket; the rest become the
+    column's fill value (absent)."""
+    import zarr
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        zs = store.zarr_store()
+        src = zarr.open_array(zs, path=source_path, mode="r")
+        dst = zarr.open_array(zs, path=target_path, mode="r+")
+        lo, hi = rows
+        hi_src = min(hi, src.shape[0])
+        data = np.asarray(src[lo:hi_src]) if hi_src > lo else np.empty((0, *src.shape[1:]), src.dtype)
+        out = np.zeros_like(data)
+        k = kept[: data.shape[0]]
+        out[k] = data[k]
+        out[~k] = dst.fill_value
+        dst[lo:hi_src] = out

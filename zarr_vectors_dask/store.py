@@ -1,0 +1,252 @@
+"""Where bytes live: a picklable handle on a store root (local path or any
+fsspec URL), with retries for the failures object stores throw at random.
+
+Workers rebuild the filesystem from ``(url, storage_options)``; nothing of
+the driver's process (open files, clients) travels in the graph.
+"""
+
+from __future__ import annotations
+
+import errno
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, TypeVar
+
+import fsspec
+
+T = TypeVar("T")
+
+#: Keys in ``storage_options`` whose values must never be printed.
+_SECRET_KEYS = ("secret", "key", "token", "password", "session_token",
+                "aws_secret_access_key", "aws_access_key_id", "aws_session_token")
+
+
+class StoreAccessError(RuntimeError):
+    """A store operation failed for good (bad credentials, missing bucket,
+    no permission) — retrying will not help."""
+
+
+def redact(options: Any) -> Any:
+    """``storage_options`` with every credential replaced by ``***``."""
+    if isinstance(options, dict):
+        return {
+            k: ("***" if k.lower() in _SECRET_KEYS else redact(v))
+            for k, v in options.items()
+        }
+    return options
+
+
+def _is_transient(exc: BaseException) -> bool:
+    """Connection resets, timeouts, 5xx and throttling: worth another try."""
+    if isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError,
+                        NotADirectoryError, FileExistsError)):
+        return False
+    if isinstance(exc, (ConnectionError, TimeoutError)):
+        return True
+    if isinstance(exc, OSError) and exc.errno in (
+        errno.ECONNRESET, errno.ECONNREFUSED, errno.ETIMEDOUT, errno.EPIPE,
+        errno.EAGAIN,
+    ):
+        return True
+    text = f"{type(exc).__name__} {exc}".lower()
+    permanent = ("accessdenied", "invalidaccesskeyid", "signaturedoesnotmatch",
+                 "nosuchbucket", "forbidden", "403")
+    if any(p in text for p in permanent):
+        return False
+    transient = ("connect", "timeout", "timed out", "reset", "throttl",
+                 "slowdown", "slow down", "503", "500", "502", "504",
+                 "internalerror", "serviceunavailable", "temporarily",
+                 "broken pipe", "server disconnected", "eof")
+    return any(t in text for t in transient)
+
+
+def with_retries(fn: Callable[[], T], *, what: str, attempts: int = 8,
+                 base_delay: float = 0.25, max_delay: float = 8.0) -> T:
+    """Call ``fn`` and retry transient failures with jittered exponential
+    backoff (about a minute in all), so a store that blips for a few
+    seconds does not fail a long build."""
+    for attempt in range(attempts):
+        try:
+            return fn()
+        except Exception as exc:  # noqa: BLE001 - classified below
+            if not _is_transient(exc) or attempt == attempts - 1:
+                raise
+            delay = min(max_delay, base_delay * 2 ** attempt)
+            time.sleep(delay * (0.5 + random.random()))
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+@dataclass(frozen=True)
+class Store:
+    """A store root: ``url`` plus fsspec ``storage_options``.
+
+    Small and picklable, so it rides in task arguments; each process makes
+    (and caches) its own filesystem object from it.
+    """
+
+    url: str
+    storage_options: dict = field(default_factory=dict, compare=False)
+
+    def __repr__(self) -> str:  # credentials never reach logs or task reprs
+        return f"Store({self.url!r})"
+
+    __str__ = __repr__
+
+    @classmethod
+    def from_url(cls, url: Any, storage_options: dict | None = None) -> "Store":
+        url = str(url)
+        if "://" not in url:
+            import os
+            url = os.path.abspath(url)
+        return cls(url.rstrip("/"), dict(storage_options or {}))
+
+    # ------------------------------------------------------------------ fs
+    @property
+    def fs(self):
+        cached = _FS_CACHE.get(self._cache_key())
+        if cached is None:
+            fs, root = fsspec.core.url_to_fs(self.url, **self.storage_options)
+            cached = (fs, root.rstrip("/"))
+            _FS_CACHE[self._cache_key()] = cached
+        return cached[0]
+
+    @property
+    def root(self) -> str:
+        self.fs  # noqa: B018 - populate cache
+        return _FS_CACHE[self._cache_key()][1]
+
+    def _cache_key(self):
+        import json
+        return (self.url, json.dumps(self.storage_options, sort_keys=True, default=str))
+
+    @property
+    def is_local(self) -> bool:
+        return "://" not in self.url or self.url.startswith("file://")
+
+    def path(self, key: str) -> str:
+        return f"{self.root}/{key}" if key else self.root
+
+    def describe(self, key: str = "") -> str:
+        """A URL for messages: never contains credentials."""
+        return f"{self.url}/{key}" if key else self.url
+
+    # ------------------------------------------------------------- byte I/O
+    def get(self, key: str) -> bytes | None:
+        """The bytes at ``key``, or None when there is no such object."""
+        def _get():
+            try:
+                return self.fs.cat_file(self.path(key))
+            except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+                return None
+        return with_retries(_get, what=self.describe(key))
+
+    def get_many(self, keys: list[str]) -> dict[str, bytes | None]:
+        """Several objects in one call (concurrent on object stores)."""
+        if not keys:
+            return {}
+        paths = [self.path(k) for k in keys]
+
+        def _cat():
+            out = self.fs.cat(paths, on_error="return")
+            return out
+        raw = with_retries(_cat, what=self.describe(keys[0]))
+        result: dict[str, bytes | None] = {}
+        for k, p in zip(keys, paths):
+            v = raw.get(p)
+            if isinstance(v, FileNotFoundError) or v is None:
+                result[k] = None
+            elif isinstance(v, BaseException):
+                # One failed member: retry it alone so the classification
+                # (transient or not) applies to it.
+                result[k] = self.get(k)
+            else:
+                result[k] = v
+        return result
+
+    def put(self, key: str, data: bytes) -> None:
+        self.put_many({key: data})
+
+    def put_many(self, items: dict[str, bytes]) -> None:
+        """Write several objects; idempotent (same key, same bytes)."""
+        if not items:
+            return
+        if self.is_local:
+            import os
+            for k, v in items.items():
+                p = self.path(k)
+                os.makedirs(os.path.dirname(p), exist_ok=True)
+                tmp = f"{p}.tmp-{os.getpid()}-{random.getrandbits(32):08x}"
+                with open(tmp, "wb") as fh:
+                    fh.write(v)
+                os.replace(tmp, p)  # a reader never sees a torn object
+            return
+        payload = {self.path(k): v for k, v in items.items()}
+        with_retries(lambda: self.fs.pipe(payload), what=self.describe(next(iter(items))))
+
+    def exists(self, key: str) -> bool:
+        return with_retries(lambda: self.fs.exists(self.path(key)), what=self.describe(key))
+
+    def listdir(self, key: str) -> list[str]:
+        """Immediate child names under ``key`` (empty when absent)."""
+        def _ls():
+            try:
+                entries = self.fs.ls(self.path(key), detail=False, refresh=True) \
+                    if not self.is_local else self.fs.ls(self.path(key), detail=False)
+            except FileNotFoundError:
+                return []
+            return sorted({e.rstrip("/").rsplit("/", 1)[-1] for e in entries})
+        return with_retries(_ls, what=self.describe(key))
+
+    def remove_tree(self, key: str) -> None:
+        def _rm():
+            try:
+                self.fs.rm(self.path(key), recursive=True)
+            except FileNotFoundError:
+                pass
+        with_retries(_rm, what=self.describe(key))
+        if not self.is_local:
+            self.fs.invalidate_cache()
+
+    def zarr_store(self):
+        """A zarr v3 store on the same root (for arrays zarr must encode)."""
+        import zarr.storage
+        if self.is_local:
+            return zarr.storage.LocalStore(self.root)
+        fs = self.fs
+        if not getattr(fs, "async_impl", False):
+            raise StoreAccessError(f"{self.url}: zarr needs an async fsspec filesystem")
+        afs = type(fs)(**{**self.storage_options, "asynchronous": True})
+        return zarr.storage.FsspecStore(afs, path=self.root)
+
+
+_FS_CACHE: dict = {}
+
+
+def check_access(store: Store) -> None:
+    """Fail fast, with the URL and never the secret, when the store cannot
+    be reached for a permanent reason."""
+    try:
+        with_retries(lambda: store.fs.ls(store.root, detail=False), what=store.url,
+                     attempts=4)
+    except FileNotFoundError:
+        raise StoreAccessError(f"{store.url}: no such path or bucket") from None
+    except PermissionError as exc:
+        raise StoreAccessError(
+            f"{store.url}: access denied ({type(exc).__name__}); check the "
+            f"credentials in storage_options or the AWS environment") from None
+    except Exception as exc:  # noqa: BLE001
+        msg = str(exc)
+        for opt in _iter_secret_values(store.storage_options):
+            msg = msg.replace(opt, "***")
+        raise StoreAccessError(f"{store.url}: cannot access store: "
+                               f"{type(exc).__name__}: {msg}") from None
+
+
+def _iter_secret_values(options: Any) -> Iterable[str]:
+    if isinstance(options, dict):
+        for k, v in options.items():
+            if k.lower() in _SECRET_KEYS and isinstance(v, str) and v:
+                yield v
+            else:
+                yield from _iter_secret_values(v)
