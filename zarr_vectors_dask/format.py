@@ -245,7 +245,8 @@ def chunk_grid(bounds, chunk_shape) -> tuple[tuple[int, ...], tuple[int, ...]]:
 
 def vlen_attributes(origin: Sequence[int], chunks: Sequence[Sequence[int]], extra: dict) -> dict:
     """Attributes block of a per-chunk array in zarr-vectors' key order."""
-    attrs: dict[str, Any] = {NONEMPTY: [chunk_key(c) for c in sorted(map(tuple, chunks))]}
+    # zarr-vectors keeps this list sorted as strings ("-1.0" before "-2.0").
+    attrs: dict[str, Any] = {NONEMPTY: sorted({chunk_key(c) for c in chunks})}
     if any(int(o) != 0 for o in origin):
         attrs[ORIGIN] = [int(o) for o in origin]
     attrs.update(extra)
