@@ -148,6 +148,8 @@ def _build_lock(store: Store, *, resume: bool):
         yield
     finally:
         store.remove_tree(LOCK_KEY)
+        if not store.listdir(".zvdask"):
+            store.remove_tree(".zvdask")
 
 
 def _record(lv, *, sparsity_strategy, sparsity_seed, cross_level_storage) -> dict:
@@ -301,6 +303,9 @@ def build_pyramid(store, *, factors, chunk_scale_factors=None, sparsity_strategy
                 links_capability=(cross_level_storage != "none" and cross_level_depth != 0
                                   and len(levels) >= 2))
             stage_s["composition+commit"] = time.perf_counter() - t0
+            # Published and complete: the build records have served their
+            # purpose (resume), and readers should see a clean hierarchy.
+            st.remove_tree(RECORD_DIR)
             if _reports is not None:
                 _reports.extend(reports)
                 _reports.append(stage_s)

@@ -1,0 +1,385 @@
+#!/usr/bin/env python
+"""Benchmark ``zarr_vectors_dask.build_pyramid`` against the zarr-vectors
+reference ``build_pyramid`` on random-walk streamlines.
+
+For every size and storage root: level 0 is written once (in a subprocess),
+copied twice; the reference runs on one copy and the project on the other,
+each in its own subprocess so that peak-RSS figures are not polluted by
+data generation or by the other run.  See benchmarks/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+FACTORS = [(2, 1), (2, 2), (2, 2)]
+CHUNK_SHAPE = (125, 125, 125)
+BIN_SHAPE = (5, 5, 5)
+BOX = 1000.0
+POINTS_PER_LINE = 100
+SEED = 0
+CROSS_LEVEL_DEPTH = -1
+CROSS_LEVEL_STORAGE = "explicit"
+BOOKKEEPING = (".zvdask",)  # project-only resume/lock records, excluded from comparisons
+
+
+def _maxrss_mib(who=resource.RUSAGE_SELF) -> float:
+    return resource.getrusage(who).ru_maxrss / 1024.0  # Linux: KiB
+
+
+# ------------------------------------------------------------------ child modes
+def child_write(path: str, vertices: int, seed: int, step: float) -> dict:
+    import numpy as np
+    from zarr_vectors.types.polylines import write_polylines
+
+    n_lines = max(1, vertices // POINTS_PER_LINE)
+    rng = np.random.default_rng(seed)
+    start = rng.uniform(0.0, BOX, size=(n_lines, 1, 3))
+    steps = rng.normal(0.0, step, size=(n_lines, POINTS_PER_LINE - 1, 3))
+    walk = np.concatenate([start, start + np.cumsum(steps, axis=1)], axis=1)
+    # Reflect into the box so every vertex is inside [0, BOX).
+    walk = np.abs(walk) % (2 * BOX)
+    walk = np.where(walk >= BOX, 2 * BOX - walk, walk)
+    walk = np.clip(walk, 0.0, np.nextafter(np.float32(BOX), np.float32(0))).astype(np.float32)
+    lines = list(walk)
+    t0 = time.perf_counter()
+    write_polylines(path, lines, chunk_shape=CHUNK_SHAPE, bin_shape=BIN_SHAPE,
+                    bounds=([0.0, 0.0, 0.0], [BOX, BOX, BOX]))
+    return {"seconds": time.perf_counter() - t0, "lines": n_lines,
+            "vertices": n_lines * POINTS_PER_LINE}
+
+
+def child_reference(path: str) -> dict:
+    from zarr_vectors.multiresolution.coarsen import build_pyramid
+    t0 = time.perf_counter()
+    build_pyramid(path, factors=FACTORS, sparsity_seed=SEED, cross_level_depth=CROSS_LEVEL_DEPTH,
+                  cross_level_storage=CROSS_LEVEL_STORAGE)
+    return {"seconds": time.perf_counter() - t0, "rss_mib": _maxrss_mib()}
+
+
+def child_project(path: str, n_workers: int, profile_html: str | None = None) -> dict:
+    import warnings
+    warnings.filterwarnings("ignore")
+    from distributed import Client, LocalCluster
+    import zarr_vectors_dask as zvd
+
+    with LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True,
+                      dashboard_address=":0" if profile_html else None) as cluster, \
+            Client(cluster) as client:
+        client.wait_for_workers(n_workers)
+        client.run(lambda: __import__("zarr_vectors_dask"))  # warm imports, not timed
+        reports: list = []
+        t0 = time.perf_counter()
+        if profile_html:
+            from distributed import performance_report
+            with performance_report(filename=profile_html):
+                zvd.build_pyramid(path, factors=FACTORS, sparsity_seed=SEED,
+                                  cross_level_depth=CROSS_LEVEL_DEPTH,
+                                  cross_level_storage=CROSS_LEVEL_STORAGE,
+                                  client=client, _reports=reports)
+        else:
+            zvd.build_pyramid(path, factors=FACTORS, sparsity_seed=SEED,
+                              cross_level_depth=CROSS_LEVEL_DEPTH,
+                              cross_level_storage=CROSS_LEVEL_STORAGE,
+                              client=client, _reports=reports)
+        seconds = time.perf_counter() - t0
+        worker_rss = client.run(
+            lambda: __import__("resource").getrusage(
+                __import__("resource").RUSAGE_SELF).ru_maxrss / 1024.0)
+    steps = [r for r in reports if not isinstance(r, dict)]
+    final = next((r for r in reports if isinstance(r, dict)), {})
+    stages: dict[str, float] = {}
+    for r in steps:
+        for k, v in r.stage_seconds.items():
+            stages[k] = stages.get(k, 0.0) + v
+    for k, v in final.items():
+        stages[k] = stages.get(k, 0.0) + v
+    # "composition+commit" is measured around compose/compose -N as well:
+    # keep only its own remainder (the cross-level metadata commit).
+    if "composition+commit" in stages:
+        total = stages.pop("composition+commit")
+        stages["cross-level commit"] = max(
+            0.0, total - stages.get("compose", 0.0) - stages.get("compose -N", 0.0))
+    # Driver-side work outside any timed stage (planning, reading source
+    # metadata, scattering the spec, routing, level records, lock).
+    stages["other (driver)"] = max(0.0, seconds - sum(stages.values()))
+    return {"seconds": seconds, "driver_rss_mib": _maxrss_mib(),
+            "worker_rss_mib": max(worker_rss.values()) if worker_rss else 0.0,
+            "tasks": sum(r.tasks for r in steps), "stages": stages,
+            "levels": [{"level": r.target_level, "vertices": r.vertex_count, "chunks": r.chunks,
+                        "seconds": r.seconds, "tasks": r.tasks} for r in steps]}
+
+
+def run_child(mode: str, *args: str, timeout: float | None = None) -> dict:
+    """Run this script in ``mode`` in a fresh interpreter; it prints one JSON line."""
+    cmd = [sys.executable, os.path.abspath(__file__), "--_child", mode, *map(str, args)]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise RuntimeError(f"{mode} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")][-1]
+    out = json.loads(line)
+    out["wall_with_startup"] = wall
+    return out
+
+
+# ------------------------------------------------------------------ trees
+def list_files(root: Path) -> dict[str, Path]:
+    out = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        rel_dir = os.path.relpath(dirpath, root)
+        if rel_dir.split(os.sep)[0] in BOOKKEEPING:
+            dirnames[:] = []
+            continue
+        for f in filenames:
+            rel = os.path.normpath(os.path.join(rel_dir, f))
+            out[rel] = Path(dirpath) / f
+    return out
+
+
+def _strip_version(doc):
+    if isinstance(doc, dict):
+        return {k: _strip_version(v) for k, v in doc.items() if k != "zv_version"}
+    if isinstance(doc, list):
+        return [_strip_version(v) for v in doc]
+    return doc
+
+
+def trees_equivalent(a: Path, b: Path, max_report: int = 5) -> tuple[bool, list[str]]:
+    """Same file set; identical bytes, except ``zarr.json`` files, which must be
+    equal as parsed JSON once every ``zv_version`` key is dropped."""
+    fa, fb = list_files(a), list_files(b)
+    problems = []
+    for rel in sorted(set(fa) ^ set(fb)):
+        problems.append(f"only in {'reference' if rel in fa else 'project'}: {rel}")
+    for rel in sorted(set(fa) & set(fb)):
+        ba, bb = fa[rel].read_bytes(), fb[rel].read_bytes()
+        if ba == bb:
+            continue
+        if os.path.basename(rel) == "zarr.json":
+            try:
+                if _strip_version(json.loads(ba)) == _strip_version(json.loads(bb)):
+                    continue
+            except ValueError:
+                pass
+        problems.append(f"differs: {rel}")
+    return not problems, problems[:max_report]
+
+
+def output_files(level0: Path, result: Path) -> list[tuple[str, int]]:
+    """Files the build created or changed: (relative path, size)."""
+    base, out = list_files(level0), list_files(result)
+    files = []
+    for rel, p in out.items():
+        size = p.stat().st_size
+        if rel not in base or base[rel].stat().st_size != size or \
+                base[rel].read_bytes() != p.read_bytes():
+            files.append((rel, size))
+    return files
+
+
+def io_floor(level0: Path, out_files: list[tuple[str, int]], scratch: Path) -> dict:
+    """Seconds to read every level-0 file and write the build's output
+    (same relative paths, same sizes) into ``scratch``; one thread, page cache."""
+    in_files = [p for rel, p in list_files(level0).items() if rel.split(os.sep)[0] == "0"]
+    if scratch.exists():
+        shutil.rmtree(scratch)
+    biggest = max((s for _, s in out_files), default=0)
+    payload = memoryview(os.urandom(min(biggest, 1 << 20)) * (biggest // (1 << 20) + 1))
+    t0 = time.perf_counter()
+    n_read = 0
+    for p in in_files:
+        with open(p, "rb") as fh:
+            n_read += len(fh.read())
+    made = set()
+    for rel, size in out_files:
+        d = os.path.dirname(rel)
+        if d not in made:
+            os.makedirs(scratch / d, exist_ok=True)
+            made.add(d)
+        with open(scratch / rel, "wb") as fh:
+            fh.write(payload[:size])
+    seconds = time.perf_counter() - t0
+    shutil.rmtree(scratch)
+    return {"seconds": seconds, "read_files": len(in_files), "read_bytes": n_read,
+            "write_files": len(out_files), "write_bytes": sum(s for _, s in out_files)}
+
+
+# ------------------------------------------------------------------ tables
+COLUMNS = ["root", "vertices", "reference s", "project s", "speed ratio", "I/O floor s",
+           "project/floor", "driver RSS MiB", "max worker RSS MiB", "tasks", "equivalent"]
+STAGE_ORDER = ["object refs", "bin partials", "shuffle", "write vertices", "resolve parents",
+               "links", "-1 links", "manifests", "attributes", "commit", "compose", "compose -N",
+               "cross-level commit", "other (driver)"]
+
+
+def _fmt(v, nd=2):
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.{nd}f}"
+    return str(v)
+
+
+def result_rows(results: list[dict]) -> list[list[str]]:
+    rows = []
+    for r in results:
+        ref, proj = r.get("reference"), r["project"]
+        ratio = ref["seconds"] / proj["seconds"] if ref else None
+        rows.append([r["root"], f"{r['vertices']:,}", _fmt(ref["seconds"] if ref else None),
+                     _fmt(proj["seconds"]), _fmt(ratio) + ("x" if ratio else ""),
+                     _fmt(r["floor"]["seconds"]), _fmt(proj["seconds"] / r["floor"]["seconds"], 1)
+                     + "x", _fmt(proj["driver_rss_mib"], 0), _fmt(proj["worker_rss_mib"], 0),
+                     str(proj["tasks"]), r["equivalent"]])
+    return rows
+
+
+def stage_rows(results: list[dict]) -> tuple[list[str], list[list[str]]]:
+    names = []
+    for r in results:
+        for k in r["project"]["stages"]:
+            if k not in names:
+                names.append(k)
+    names.sort(key=lambda k: (STAGE_ORDER.index(k) if k in STAGE_ORDER else len(STAGE_ORDER), k))
+    header = ["stage"] + [f"{r['root']} {r['vertices']:,}" for r in results]
+    rows = [[k] + [_fmt(r["project"]["stages"].get(k)) for r in results] for k in names]
+    rows.append(["(project s)"] + [_fmt(r["project"]["seconds"]) for r in results])
+    return header, rows
+
+
+def text_table(header, rows) -> str:
+    w = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
+    line = lambda cells: "  ".join(str(c).rjust(n) for c, n in zip(cells, w))  # noqa: E731
+    return "\n".join([line(header), line(["-" * n for n in w])] + [line(r) for r in rows])
+
+
+def md_table(header, rows) -> str:
+    out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    out += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return "\n".join(out)
+
+
+def markdown_report(results: list[dict], meta: dict) -> str:
+    sh, sr = stage_rows(results)
+    return "\n".join([
+        f"Random-walk streamlines in a {BOX:g}^3 box, {POINTS_PER_LINE} points per line, "
+        f"chunk {CHUNK_SHAPE}, bin {BIN_SHAPE}, factors {FACTORS}, sparsity_seed={SEED}, "
+        f"cross_level_depth={CROSS_LEVEL_DEPTH}, cross_level_storage={CROSS_LEVEL_STORAGE!r}; "
+        f"project on LocalCluster(n_workers={meta['workers']}, threads_per_worker=1, "
+        f"processes=True). Host: {meta['host']}.",
+        "", md_table(COLUMNS, result_rows(results)), "",
+        "Per-stage seconds of the project (summed over levels; driver-side wall time "
+        "of each stage):", "", md_table(sh, sr), ""])
+
+
+def replace_readme(path: Path, text: str) -> bool:
+    if not path.exists():
+        return False
+    src = path.read_text()
+    pat = re.compile(r"(<!-- bench:start -->)(.*?)(<!-- bench:end -->)", re.S)
+    if not pat.search(src):
+        return False
+    path.write_text(pat.sub(lambda m: m.group(1) + "\n" + text + "\n" + m.group(3), src, count=1))
+    return True
+
+
+# ------------------------------------------------------------------ main
+def bench_one(root: Path, vertices: int, args) -> dict:
+    case = root / f"v{vertices}"
+    if case.exists():
+        shutil.rmtree(case)
+    case.mkdir(parents=True)
+    level0, ref_dir, proj_dir = case / "level0.zv", case / "reference.zv", case / "project.zv"
+    w = run_child("write", level0, vertices, args.seed, args.step)
+    shutil.copytree(level0, ref_dir)
+    shutil.copytree(level0, proj_dir)
+    print(f"[{root} {vertices:,}] level 0 written in {w['seconds']:.1f}s", file=sys.stderr)
+    ref = None
+    if not args.no_reference or vertices <= args.reference_max:
+        ref = run_child("reference", ref_dir)
+        print(f"[{root} {vertices:,}] reference {ref['seconds']:.2f}s", file=sys.stderr)
+    proj = run_child("project", proj_dir, args.workers, args.profile_html or "")
+    print(f"[{root} {vertices:,}] project {proj['seconds']:.2f}s", file=sys.stderr)
+    outs = output_files(level0, proj_dir)
+    floor = io_floor(level0, outs, case / "floor-scratch")
+    if ref is not None:
+        ok, problems = trees_equivalent(ref_dir, proj_dir)
+        equivalent = "yes" if ok else "no"
+        for p in problems:
+            print(f"  {p}", file=sys.stderr)
+    else:
+        equivalent = "n/a"
+    if not args.keep:
+        shutil.rmtree(case)
+    return {"root": str(root), "vertices": w["vertices"], "write": w, "reference": ref,
+            "project": proj, "floor": floor, "equivalent": equivalent}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--vertices", default="100000,1000000",
+                    help="comma-separated vertex counts (lines of 100 points)")
+    ap.add_argument("--roots", default="/tmp/zvbench,/dev/shm/zvbench",
+                    help="comma-separated storage roots (e.g. local disk, tmpfs)")
+    ap.add_argument("--workers", type=int, default=2, help="LocalCluster worker processes")
+    ap.add_argument("--no-reference", action="store_true",
+                    help="skip the reference above --reference-max vertices")
+    ap.add_argument("--reference-max", type=int, default=1_000_000,
+                    help="with --no-reference, still run the reference up to this size")
+    ap.add_argument("--seed", type=int, default=0, help="data generation seed")
+    ap.add_argument("--step", type=float, default=2.0, help="random-walk step sigma")
+    ap.add_argument("--keep", action="store_true", help="keep the stores afterwards")
+    ap.add_argument("--profile-html", default=None,
+                    help="write a distributed performance_report of the project run here")
+    ap.add_argument("--json", default=None, help="write raw results as JSON here")
+    ap.add_argument("--markdown", default=None, help="write the tables as Markdown here")
+    ap.add_argument("--readme", default=None,
+                    help="replace the text between <!-- bench:start --> and <!-- bench:end -->")
+    args = ap.parse_args(argv)
+
+    sizes = [int(float(s)) for s in args.vertices.split(",") if s.strip()]
+    roots = [Path(r) for r in args.roots.split(",") if r.strip()]
+    results = []
+    for root in roots:
+        for n in sizes:
+            results.append(bench_one(root, n, args))
+
+    meta = {"workers": args.workers, "host": f"{os.cpu_count()} CPUs, Python "
+            f"{sys.version.split()[0]}"}
+    print(text_table(COLUMNS, result_rows(results)))
+    print()
+    print(text_table(*stage_rows(results)))
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1, default=str))
+    md = markdown_report(results, meta)
+    if args.markdown:
+        Path(args.markdown).write_text("# build_pyramid benchmark\n\n" + md)
+    if args.readme and not replace_readme(Path(args.readme), md):
+        print(f"note: {args.readme} has no bench markers; left unchanged", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 2 and sys.argv[1] == "--_child":
+        mode, rest = sys.argv[2], sys.argv[3:]
+        if mode == "write":
+            out = child_write(rest[0], int(rest[1]), int(rest[2]), float(rest[3]))
+        elif mode == "reference":
+            out = child_reference(rest[0])
+        elif mode == "project":
+            out = child_project(rest[0], int(rest[1]), rest[2] if len(rest) > 2 and rest[2] else None)
+        else:
+            raise SystemExit(f"unknown child mode {mode}")
+        print(json.dumps(out))
+        sys.exit(0)
+    sys.exit(main())

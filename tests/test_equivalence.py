@@ -1,0 +1,110 @@
+"""The project's pyramid equals zarr-vectors' on stores written by
+zarr-vectors' own writers: judged through its reader (equivalence.py) and,
+stricter, file by file."""
+
+from __future__ import annotations
+
+import pytest
+from zarr_vectors.multiresolution.coarsen import build_pyramid as reference_build_pyramid
+
+import zarr_vectors_dask as zd
+from equivalence import assert_equivalent, compare_raw_files
+from stores import KINDS
+
+CASES = {
+    # compounding + non-integer factor, seeded sparsity, all deltas, explicit
+    "explicit-all": dict(factors=[(2, 1), (2, 2), (2.5, 2)], sparsity_seed=0,
+                         cross_level_depth=-1, cross_level_storage="explicit"),
+    # per-axis chunk scale, implicit links, depth 2
+    "implicit-d2-scaled": dict(factors=[(2, 1), (2, 3)], chunk_scale_factors=[1, (4, 8, 4)],
+                               sparsity_seed=3, cross_level_depth=2,
+                               cross_level_storage="implicit"),
+    # scalar chunk scale, no links at all
+    "none-scalar-scale": dict(factors=[(2, 1), (2.5, 2)], chunk_scale_factors=[2, 1],
+                              sparsity_seed=5, cross_level_depth=0, cross_level_storage="none"),
+    # default depth 1 (the reference's default) and unseeded sparsity off
+    "explicit-d1": dict(factors=[(3, 1), (2, 1)], cross_level_depth=1,
+                        cross_level_storage="explicit"),
+}
+
+
+def _fit(kw: dict, ndim: int) -> dict:
+    kw = dict(kw)
+    if kw.get("chunk_scale_factors"):
+        kw["chunk_scale_factors"] = [s if isinstance(s, int) else tuple(s[:ndim])
+                                     for s in kw["chunk_scale_factors"]]
+    return kw
+
+
+def _ndim(path) -> int:
+    import json
+    import os
+    with open(os.path.join(path, "zarr.json")) as fh:
+        return len(json.load(fh)["attributes"]["zarr_vectors"]["chunk_shape"])
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_pyramid_matches_reference(kind, case, twin_stores, local_client):
+    seed = sorted(KINDS).index(kind) * 10 + sorted(CASES).index(case)
+    base, ref, ours = twin_stores(KINDS[kind], seed=seed)
+    kw = _fit(CASES[case], _ndim(base))
+    expected_summary = reference_build_pyramid(ref, **kw)
+    summary = zd.build_pyramid(ours, client=local_client, **kw)
+    assert summary == expected_summary
+    assert_equivalent(ref, ours)
+    diff = compare_raw_files(ref, ours)
+    assert diff.identical, diff
+    # Level 0's own arrays are untouched (only new link families appear).
+    level0 = compare_raw_files(base, ours, ignore=lambda p: not p.startswith("0/")
+                               or p.startswith("0/links/+"))
+    assert not level0.differing and not level0.only_in_expected, level0
+
+
+def test_sparsity_seed_changes_survivors(twin_stores, local_client):
+    """Different seeds keep different objects: equivalence is not vacuous."""
+    base, ref, ours = twin_stores(KINDS["streamlines"], seed=7)
+    reference_build_pyramid(ref, factors=[(2, 3)], sparsity_seed=1, cross_level_depth=1)
+    zd.build_pyramid(ours, factors=[(2, 3)], sparsity_seed=2, cross_level_depth=1,
+                     client=local_client)
+    with pytest.raises(AssertionError):
+        assert_equivalent(ref, ours)
+
+
+def test_coarsen_level_matches_reference(twin_stores, local_client):
+    from zarr_vectors.multiresolution.coarsen import coarsen_level as reference_coarsen_level
+    base, ref, ours = twin_stores(KINDS["points_ids"], seed=11)
+    kw = dict(coarsen_factor=2.0, sparsity_factor=2.0, sparsity_seed=4,
+              cross_level_storage="explicit")
+    exp = reference_coarsen_level(ref, 0, 1, **kw)
+    got = zd.coarsen_level(ours, 0, 1, client=local_client, **kw)
+    assert got == exp
+    assert compare_raw_files(ref, ours).identical
+
+
+def test_empty_coarse_level_matches_reference(tmp_path, local_client):
+    """Kept objects without vertices: an empty, id-preserving level."""
+    import shutil
+
+    import numpy as np
+    from zarr_vectors.types.points import write_points
+    base = tmp_path / "l0.zv"
+    pos = np.random.default_rng(0).uniform(0, 100, (50, 3)).astype(np.float32)
+    ids = np.repeat(np.arange(5), 10)
+    write_points(str(base), pos, chunk_shape=(25, 25, 25), bin_shape=(5, 5, 5), object_ids=ids)
+    ref, ours = tmp_path / "ref.zv", tmp_path / "ours.zv"
+    shutil.copytree(base, ref)
+    shutil.copytree(base, ours)
+    # Drop every object's manifest rows by hand is not possible through the
+    # writer, so exercise the path through a store whose objects are empty.
+    import zarr
+    for root in (ref, ours):
+        arr = zarr.open_array(str(root / "0" / "object_index" / "manifests"), mode="r+")
+        from zarr_vectors.encoding.fragments import encode_object_manifest_blocks
+        obj = np.empty(arr.shape[0], dtype=object)
+        obj[:] = [encode_object_manifest_blocks([], sid_ndim=3)] * arr.shape[0]
+        arr[:] = obj
+    exp = reference_build_pyramid(str(ref), factors=[(2, 1)], cross_level_depth=1)
+    got = zd.build_pyramid(str(ours), factors=[(2, 1)], cross_level_depth=1, client=local_client)
+    assert got == exp
+    assert compare_raw_files(ref, ours).identical

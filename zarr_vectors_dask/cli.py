@@ -1,0 +1,252 @@
+"""``zvdask``: build, inspect and validate zarr-vectors pyramids from a shell."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+from . import __version__
+
+
+def parse_factors(text: str) -> list[tuple[float, float]]:
+    """``2:1,2:2,2.5:2`` -> [(2, 1), (2, 2), (2.5, 2)]; a bare ``2`` means ``2:1``."""
+    out = []
+    for item in text.split(","):
+        parts = item.strip().split(":")
+        if len(parts) == 1:
+            parts.append("1")
+        if len(parts) != 2:
+            raise argparse.ArgumentTypeError(f"factor {item!r} is not COARSEN:SPARSITY")
+        try:
+            out.append((float(parts[0]), float(parts[1])))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"factor {item!r} is not COARSEN:SPARSITY") from None
+    return out
+
+
+def parse_chunk_scale(text: str) -> list:
+    """``1,2,2x2x1`` -> [1, 2, (2, 2, 1)]."""
+    out = []
+    for item in text.split(","):
+        try:
+            if "x" in item:
+                out.append(tuple(int(v) for v in item.split("x")))
+            else:
+                out.append(int(item))
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"chunk scale {item!r} is not an integer or AxBxC") from None
+    return out
+
+
+def parse_storage_options(items: list[str] | None) -> dict:
+    """``KEY=VALUE`` pairs; dotted keys nest, values are JSON when they parse."""
+    opts: dict = {}
+    for item in items or []:
+        if "=" not in item:
+            raise SystemExit(f"zvdask: --storage-option {item.split('=')[0]!r} needs KEY=VALUE")
+        key, value = item.split("=", 1)
+        try:
+            parsed = json.loads(value)
+        except ValueError:
+            parsed = value
+        node = opts
+        parts = key.split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = parsed
+    return opts
+
+
+def _client(args):
+    from distributed import Client, LocalCluster
+    if args.scheduler:
+        return Client(args.scheduler), None
+    cluster = LocalCluster(n_workers=args.n_workers, threads_per_worker=args.threads_per_worker,
+                           memory_limit=args.memory_limit, processes=True,
+                           dashboard_address=":0", silence_logs=40)
+    return Client(cluster), cluster
+
+
+def _progress(name, futures):
+    from distributed import progress
+    print(f"  {name}:", flush=True)
+    progress(futures, notebook=False)
+    print(flush=True)
+
+
+def _print_table(rows, headers):
+    widths = [max(len(str(h)), *(len(str(r[i])) for r in rows)) for i, h in enumerate(headers)]
+    print("  ".join(str(h).ljust(w) for h, w in zip(headers, widths)))
+    for r in rows:
+        print("  ".join(str(v).ljust(w) for v, w in zip(r, widths)))
+
+
+def cmd_pyramid(args) -> int:
+    from .api import build_pyramid, plan_pyramid
+    opts = parse_storage_options(args.storage_option)
+    kw = dict(factors=args.factors, chunk_scale_factors=args.chunk_scale,
+              sparsity_seed=args.sparsity_seed, cross_level_depth=args.cross_level_depth,
+              cross_level_storage=args.cross_level_storage, storage_options=opts)
+    if args.dry_run:
+        print(plan_pyramid(args.store, n_workers=args.n_workers, **kw))
+        return 0
+    client, cluster = _client(args)
+    try:
+        print(f"dashboard: {client.dashboard_link}")
+        reports: list = []
+        t0 = time.perf_counter()
+        summary = build_pyramid(args.store, client=client, resume=args.resume,
+                                overwrite=args.overwrite, _reports=reports,
+                                progress=None if args.no_progress else _progress, **kw)
+        total = time.perf_counter() - t0
+    finally:
+        client.close()
+        if cluster is not None:
+            cluster.close()
+    rows = []
+    steps = [r for r in reports if hasattr(r, "target_level")]
+    for spec, rep in zip(summary["level_specs"][-len(steps):] if steps else [], steps):
+        rows.append((rep.target_level, spec.get("vertex_count", 0),
+                     f"{spec.get('objects_kept', 0)}/{spec.get('source_objects', spec.get('objects_kept', 0))}",
+                     rep.chunks, f"{rep.seconds:.2f}"))
+    if rows:
+        _print_table(rows, ["level", "vertices", "objects kept", "chunks", "seconds"])
+    print(f"built {summary['levels_created']} level(s) in {total:.2f} s")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    import os
+    import shutil
+
+    import numpy as np
+    from zarr_vectors.types.polylines import write_polylines
+
+    from .api import build_pyramid, plan_pyramid
+    path = os.path.join(args.dir, "demo.zv")
+    if os.path.exists(path):
+        shutil.rmtree(path)
+    os.makedirs(args.dir, exist_ok=True)
+    rng = np.random.default_rng(args.seed)
+    lines = []
+    for _ in range(args.lines):
+        start = rng.uniform(100, 900, 3)
+        steps = rng.normal(0, 4.0, (args.points, 3))
+        lines.append(np.clip(start + np.cumsum(steps, axis=0), 0, 999).astype(np.float32))
+    lengths = np.array([np.linalg.norm(np.diff(l, axis=0), axis=1).sum() for l in lines], np.float32)
+    write_polylines(path, lines, chunk_shape=(125, 125, 125), bin_shape=(5, 5, 5),
+                    object_attributes={"length": lengths})
+    print(f"wrote {path}: {args.lines} streamlines x {args.points} points "
+          f"(zarr-vectors write_polylines)")
+    factors = [(2, 1), (2, 2), (2, 2)]
+    print(plan_pyramid(path, factors=factors, cross_level_depth=-1))
+    from distributed import Client, LocalCluster
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0",
+                      silence_logs=40) as cluster, Client(cluster) as client:
+        print(f"LocalCluster with 2 workers; dashboard: {client.dashboard_link}")
+        t0 = time.perf_counter()
+        summary = build_pyramid(path, factors=factors, sparsity_seed=0, cross_level_depth=-1,
+                                cross_level_storage="explicit", client=client)
+        dt = time.perf_counter() - t0
+    rows = [(i + 1, s["vertex_count"], s.get("objects_kept", 0)) for i, s in enumerate(summary["level_specs"])]
+    _print_table(rows, ["level", "vertices", "objects kept"])
+    print(f"pyramid built in {dt:.2f} s")
+    from zarr_vectors.validate import validate
+    report = validate(path, level=3)
+    print(f"zarr_vectors.validate(level=3): {'ok' if report.ok else 'FAILED'}")
+    return 0 if report.ok else 1
+
+
+def cmd_info(args) -> int:
+    from . import commit as cm
+    from .api import _open
+    store = _open(args.store, parse_storage_options(args.storage_option))
+    root = cm.read_root_attrs(store).get("zarr_vectors", {})
+    print(f"store: {store.url}")
+    for k in ("chunk_shape", "base_bin_shape", "bounds", "geometry_types", "format_capabilities",
+              "cross_level_depth", "cross_level_storage"):
+        if k in root:
+            print(f"  {k}: {root[k]}")
+    from . import format as fmt
+    for lv in cm.published_levels(store):
+        attrs = (fmt.node_attrs(store, str(lv)) or {}).get("zarr_vectors_level", {})
+        info = fmt.vlen_array_info(store, f"{lv}/vertices")
+        deltas = [d for d in store.listdir(f"{lv}/links") if d != "zarr.json"]
+        print(f"  level {lv}: {attrs.get('vertex_count')} vertices, "
+              f"{len(info.chunks) if info else 0} chunks, sparsity {attrs.get('object_sparsity')}, "
+              f"parent {attrs.get('parent_level')}, links {deltas}")
+    return 0
+
+
+def cmd_validate(args) -> int:
+    from zarr_vectors.validate import validate
+    if parse_storage_options(args.storage_option) or "://" in args.store:
+        print("zvdask: validate reads local stores; download the store first", file=sys.stderr)
+        return 2
+    report = validate(args.store, level=args.level)
+    print(f"{args.store}: {'ok' if report.ok else 'INVALID'}")
+    for item in getattr(report, "errors", []) or []:
+        print(f"  error: {item}")
+    return 0 if report.ok else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="zvdask", description=__doc__)
+    p.add_argument("--version", action="version", version=__version__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    py = sub.add_parser("pyramid", help="build coarser levels of a store on Dask")
+    py.add_argument("store", help="local path or fsspec URL (s3://bucket/store.zv)")
+    py.add_argument("--factors", required=True, type=parse_factors,
+                    help="COARSEN:SPARSITY per level, e.g. 2:1,2:2,2:2")
+    py.add_argument("--chunk-scale", type=parse_chunk_scale, default=None,
+                    help="per-level chunk scale, e.g. 1,2,2x2x1")
+    py.add_argument("--sparsity-seed", type=int, default=None)
+    py.add_argument("--cross-level-depth", type=int, default=1)
+    py.add_argument("--cross-level-storage", choices=["explicit", "implicit", "none"],
+                    default="explicit")
+    py.add_argument("--scheduler", default=None, help="address of a running Dask scheduler")
+    py.add_argument("--n-workers", type=int, default=2)
+    py.add_argument("--threads-per-worker", type=int, default=1)
+    py.add_argument("--memory-limit", default="auto")
+    py.add_argument("--storage-option", action="append", metavar="KEY=VALUE")
+    py.add_argument("--dry-run", action="store_true", help="print the plan and exit")
+    py.add_argument("--resume", action="store_true")
+    py.add_argument("--overwrite", action="store_true")
+    py.add_argument("--no-progress", action="store_true")
+    py.set_defaults(func=cmd_pyramid)
+
+    de = sub.add_parser("demo", help="write a sample streamline store and build its pyramid")
+    de.add_argument("dir", nargs="?", default="zvdask-demo")
+    de.add_argument("--lines", type=int, default=2000)
+    de.add_argument("--points", type=int, default=100)
+    de.add_argument("--seed", type=int, default=0)
+    de.set_defaults(func=cmd_demo)
+
+    info = sub.add_parser("info", help="list levels and their metadata")
+    info.add_argument("store")
+    info.add_argument("--storage-option", action="append", metavar="KEY=VALUE")
+    info.set_defaults(func=cmd_info)
+
+    va = sub.add_parser("validate", help="run zarr-vectors' validator")
+    va.add_argument("store")
+    va.add_argument("--level", type=int, default=3)
+    va.add_argument("--storage-option", action="append", metavar="KEY=VALUE")
+    va.set_defaults(func=cmd_validate)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, RuntimeError, OSError) as exc:
+        print(f"zvdask: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
