@@ -20,7 +20,6 @@ coarsened.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Callable
 
 import numpy as np

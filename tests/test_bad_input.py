@@ -1,0 +1,112 @@
+"""Bad input is rejected before anything is written, naming the culprit;
+existing levels are never silently replaced."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+
+import pytest
+
+import zarr_vectors_dask as zd
+from stores import make_streamlines
+from zarr_vectors_dask.api import BuildError
+from zarr_vectors_dask.format import FormatError
+from zarr_vectors_dask.plan import PlanError
+
+
+def _digest(root) -> dict:
+    out = {}
+    for d, _, files in os.walk(root):
+        for f in files:
+            p = os.path.join(d, f)
+            out[os.path.relpath(p, root)] = hashlib.sha256(open(p, "rb").read()).hexdigest()
+    return out
+
+
+@pytest.fixture
+def store(tmp_path):
+    p = tmp_path / "s.zv"
+    make_streamlines(str(p), seed=3)
+    return str(p)
+
+
+def test_missing_path(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no such path"):
+        zd.build_pyramid(str(tmp_path / "nope.zv"), factors=[(2, 1)])
+
+
+def test_not_a_store(tmp_path):
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "plain" / "zarr.json").write_text('{"zarr_format": 3, "node_type": "group", "attributes": {}}')
+    with pytest.raises(FormatError, match="not a zarr-vectors store"):
+        zd.build_pyramid(str(tmp_path / "plain"), factors=[(2, 1)])
+
+
+@pytest.mark.parametrize("kw, exc, match", [
+    (dict(factors=[(2, 1, 3)]), PlanError, r"factors\[0\]"),
+    (dict(factors=[(0.5, 1)]), PlanError, "coarsen_factor must be >= 1"),
+    (dict(factors=[(2, float("nan"))]), PlanError, "sparsity_factor must be finite"),
+    (dict(factors=[(2, 1)], chunk_scale_factors=[1, 1]), PlanError, "chunk_scale_factors has 2"),
+    (dict(factors=[(2, 1)], chunk_scale_factors=[(1, 1)]), PlanError, "has 2 entries"),
+    (dict(factors=[(2, 1)], chunk_scale_factors=[0]), PlanError, "positive integers"),
+    (dict(factors=[(2, 1), (3, 1)], chunk_scale_factors=[1, 2]), PlanError, "not divisible"),
+    (dict(factors=[(2, 1)], cross_level_storage="sideways"), PlanError, "cross_level_storage"),
+    (dict(factors=[(2, 1)], cross_level_depth=-3), PlanError, "cross_level_depth"),
+    (dict(factors=[(2, 1)], sparsity_strategy="coverage-xyz"), PlanError, "sparsity_strategy"),
+])
+def test_rejected_before_anything_is_written(store, kw, exc, match):
+    before = _digest(store)
+    with pytest.raises(exc, match=match):
+        zd.build_pyramid(store, **kw)
+    assert _digest(store) == before
+
+
+def test_divisibility_error_matches_the_reference(store, tmp_path):
+    """zarr-vectors raises for the same request."""
+    import shutil
+
+    from zarr_vectors.multiresolution.coarsen import build_pyramid as ref
+    copy = tmp_path / "ref.zv"
+    shutil.copytree(store, copy)
+    with pytest.raises(Exception, match="does not divide"):
+        ref(str(copy), factors=[(2, 1), (3, 1)], chunk_scale_factors=[1, 2])
+
+
+def test_existing_level_needs_a_flag(store, local_client):
+    zd.build_pyramid(store, factors=[(2, 1)], client=local_client)
+    before = _digest(store)
+    with pytest.raises(BuildError, match=r"level 1 already exists.*overwrite=True.*resume=True"):
+        zd.build_pyramid(store, factors=[(2, 1)], client=local_client)
+    assert _digest(store) == before
+    # overwrite rebuilds the same pyramid
+    zd.build_pyramid(store, factors=[(2, 1)], client=local_client, overwrite=True)
+    assert _digest(store) == before
+
+
+def test_resume_rejects_changed_parameters(store, local_client):
+    zd.build_pyramid(store, factors=[(2, 1), (2, 2)], sparsity_seed=1, client=local_client)
+    with pytest.raises(BuildError, match="level 1"):
+        zd.build_pyramid(store, factors=[(3, 1), (2, 2)], sparsity_seed=1, client=local_client,
+                         resume=True)
+
+
+def test_concurrent_build_is_refused(store, local_client):
+    from zarr_vectors_dask.api import LOCK_KEY
+    from zarr_vectors_dask.store import Store
+    Store.from_url(store).put(LOCK_KEY, b'{"owner": "otherhost:1"}')
+    with pytest.raises(BuildError, match="otherhost:1.*resume=True"):
+        zd.build_pyramid(store, factors=[(2, 1)], client=local_client)
+    # resume takes the crashed build's lock over
+    zd.build_pyramid(store, factors=[(2, 1)], client=local_client, resume=True)
+    assert not os.path.exists(os.path.join(store, ".zvdask"))
+
+
+def test_corrupt_chunk_names_array_and_chunk(store, local_client):
+    import glob
+    cells = sorted(glob.glob(os.path.join(store, "0", "vertices", "c", "*", "*", "*")))
+    with open(cells[0], "r+b") as fh:
+        fh.truncate(5)
+    with pytest.raises(Exception, match=r"0/vertices chunk -?\d+\.-?\d+\.-?\d+"):
+        zd.build_pyramid(store, factors=[(2, 1)], client=local_client)
+    assert not os.path.exists(os.path.join(store, "1", "zarr.json"))  # nothing published
