@@ -488,6 +488,7 @@ def _scheduler_transitions(address: str) -> int | None:
             return None
 
 
+@pytest.mark.slow  # needs `zvdask sample` (writing level 0 to S3), not built yet
 @pytest.mark.integration
 def test_compose_topology_runs_locally(tmp_path):
     try:
