@@ -348,7 +348,7 @@ def test_slurm_script_drives_build_pyramid_with_cluster_client(monkeypatch, tmp_
     class FakeSLURMCluster(LocalCluster):
         def __init__(self, **kwargs):
             made["kwargs"] = kwargs
-            super().__init__(n_workers=0, processes=False, dashboard_address=None)
+            super().__init__(n_workers=0, processes=False, dashboard_address=":0")
 
         def scale(self, n=None, jobs=0, **kw):
             made.setdefault("scale_calls", []).append(jobs)
