@@ -172,15 +172,12 @@ def _render(create) -> bytes:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         create(zarr, mem)
-    import asyncio
-
     from zarr.core.buffer import default_buffer_prototype
     from zarr.core.sync import sync
 
     async def _get():
         return await mem.get("n/zarr.json", prototype=default_buffer_prototype())
     buf = sync(_get())
-    del asyncio
     return buf.to_bytes()
 
 
@@ -234,13 +231,6 @@ def read_json(store: Store, key: str) -> dict | None:
 def node_attrs(store: Store, path: str) -> dict | None:
     doc = read_json(store, f"{path}/zarr.json" if path else "zarr.json")
     return None if doc is None else dict(doc.get("attributes") or {})
-
-
-def chunk_grid(bounds, chunk_shape) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """``(origin, grid_shape)`` of a level's per-chunk arrays."""
-    from zarr_vectors.spatial.chunking import grid_layout
-    origin, grid = grid_layout((list(bounds[0]), list(bounds[1])), tuple(chunk_shape))
-    return tuple(int(o) for o in origin), tuple(int(g) for g in grid)
 
 
 def vlen_attributes(origin: Sequence[int], chunks: Sequence[Sequence[int]], extra: dict) -> dict:

@@ -230,10 +230,6 @@ def pick(result: dict, *path):
     return result
 
 
-def exchange_keys(result: dict, name: str) -> list[int]:
-    return sorted(result[name].keys())
-
-
 # ------------------------------------------------------------- stage 2
 def reduce_metavertices(spec: StepSpec, partition: int, sources: list[int], *parts: dict) -> dict:
     """Sum the partials of one partition into metavertices (centroid, count)
@@ -275,7 +271,7 @@ def write_metavertices(spec: StepSpec, target_block: int, partitions: list[int],
     # Sort by chunk (numeric), then by key bytes inside each chunk.
     _, key_rank = np.unique(_void(key), return_inverse=True)
     order = np.lexsort(np.vstack([key_rank.reshape(-1), chunk.T[::-1]]))
-    chunk, centroid, src_sorted = chunk[order], centroid[order], src[order]
+    chunk, centroid = chunk[order], centroid[order]
     cuts = np.flatnonzero(np.any(np.diff(chunk, axis=0) != 0, axis=1)) + 1 if chunk.shape[0] > 1 \
         else np.empty(0, dtype=np.int64)
     starts, stops = np.r_[0, cuts], np.r_[cuts, chunk.shape[0]]
@@ -300,7 +296,6 @@ def write_metavertices(spec: StepSpec, target_block: int, partitions: list[int],
     for i, (p, part) in enumerate(zip(partitions, parts)):
         sel = src == i
         located[p] = {"mv": part["mv"], "chunk": unsorted_chunk[sel], "frag": unsorted_frag[sel]}
-    del src_sorted
     return {"chunks": written, "located": located}
 
 
