@@ -89,15 +89,24 @@ def compose_block(store: Store, fine_level: int, fine_chunks: list, run: tuple[i
         if inter + 1 not in geo or not plus_fams.get(inter):
             break
         # One more hop: the parent of each current ancestor at ``inter``.
-        uniq = sorted({tuple(c) for c in cur_c.tolist()})
-        maps = _read_parent_maps(store, inter, uniq, plus_fams[inter], geo)
+        if cur_c.shape[0] == 0:
+            break
+        uniq, inv = np.unique(cur_c, axis=0, return_inverse=True)
+        inv = inv.reshape(-1)
+        keys = [tuple(c) for c in uniq.tolist()]
+        maps = _read_parent_maps(store, inter, keys, plus_fams[inter], geo)
+        # The ancestors' parent maps back to back: one gather for all vertices.
+        sizes = np.array([maps[k][1].size if k in maps else 0 for k in keys], dtype=np.int64)
+        starts = np.cumsum(sizes) - sizes
+        all_c = np.concatenate([maps[k][0] for k in keys if k in maps] or
+                               [np.empty((0, cur_c.shape[1]), np.int64)])
+        all_v = np.concatenate([maps[k][1] for k in keys if k in maps] or [np.empty(0, np.int64)])
         nxt_c = np.zeros_like(cur_c)
         nxt_v = np.full(cur_v.shape, -1, dtype=np.int64)
-        for c, (pc, pv) in maps.items():
-            sel = np.flatnonzero(np.all(cur_c == np.asarray(c), axis=1))
-            inside = sel[cur_v[sel] < pv.size]
-            nxt_c[inside] = pc[cur_v[inside]]
-            nxt_v[inside] = pv[cur_v[inside]]
+        inside = np.flatnonzero(cur_v < sizes[inv])
+        at = starts[inv[inside]] + cur_v[inside]
+        nxt_c[inside] = all_c[at]
+        nxt_v[inside] = all_v[at]
         ok = nxt_v >= 0
         f_id, f_vi, cur_c, cur_v = f_id[ok], f_vi[ok], nxt_c[ok], nxt_v[ok]
         level = fine_level + n

@@ -21,7 +21,6 @@ from zarr_vectors.encoding.fragments import (
     decode_object_manifests_many,
     encode_fragments,
     encode_object_manifest_blocks,
-    encode_object_manifests_many,
 )
 from zarr_vectors.encoding.ragged import decode_ragged_blob, encode_ragged_blob
 
@@ -109,8 +108,10 @@ def encode_metavertex_cell(centroids: np.ndarray) -> tuple[bytes, bytes]:
 
 
 def decode_vertex_cell(vert_payload: bytes, frag_payload: bytes, *, dtype: np.dtype,
-                       ndim: int, what: str) -> tuple[np.ndarray, list[np.ndarray]]:
-    """Rows of a chunk and, per fragment, the row indices it names."""
+                       ndim: int, what: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Rows of a chunk and its fragments in CSR form: ``members`` holds the
+    row indices of every fragment back to back, ``lengths`` how many each
+    fragment names (fragment order)."""
     itemsize = np.dtype(dtype).itemsize
     if len(vert_payload) % (itemsize * ndim):
         raise CorruptChunkError(
@@ -121,18 +122,33 @@ def decode_vertex_cell(vert_payload: bytes, frag_payload: bytes, *, dtype: np.dt
         fi = decode_fragments(frag_payload)
     except Exception as exc:  # noqa: BLE001
         raise CorruptChunkError(f"{what}: vertex_fragments cannot be decoded: {exc}") from None
-    members = []
-    for f in range(fi.num_fragments):
-        if fi.is_range(f):
-            start, count = fi.range(f)
-            idx = np.arange(start, start + count, dtype=np.int64)
-        else:
-            idx = np.asarray(fi.indices(f), dtype=np.int64)
-        if idx.size and (idx.min() < 0 or idx.max() >= rows.shape[0]):
-            raise CorruptChunkError(
-                f"{what}: fragment {f} names rows beyond the chunk's {rows.shape[0]}")
-        members.append(idx)
-    return rows, members
+    table = fi.ranges()
+    if table is not None:  # every fragment a (start, count) range: no per-fragment loop
+        starts = np.asarray(table[:, 0], dtype=np.int64)
+        lengths = np.asarray(table[:, 1], dtype=np.int64)
+        members = expand_ranges(starts, lengths)
+    else:
+        parts = [np.asarray(fi.indices(f), dtype=np.int64) for f in range(fi.num_fragments)]
+        lengths = np.fromiter((p.size for p in parts), dtype=np.int64, count=len(parts))
+        members = np.concatenate(parts) if parts else np.empty(0, np.int64)
+    if members.size and (members.min() < 0 or members.max() >= rows.shape[0]):
+        bad = int(np.searchsorted(np.cumsum(lengths),
+                                  int(np.flatnonzero((members < 0) | (members >= rows.shape[0]))[0]),
+                                  side="right"))
+        raise CorruptChunkError(
+            f"{what}: fragment {bad} names rows beyond the chunk's {rows.shape[0]}")
+    return rows, members, lengths
+
+
+def expand_ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """``concatenate([arange(s, s + n) for s, n in zip(starts, lengths)])``
+    without the Python loop."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    total = int(lengths.sum())
+    if total == 0:
+        return np.empty(0, dtype=np.int64)
+    first = np.cumsum(lengths) - lengths
+    return np.repeat(np.asarray(starts, dtype=np.int64) - first, lengths) + np.arange(total)
 
 
 def encode_link_cell(rows: np.ndarray) -> bytes:
@@ -146,20 +162,85 @@ def decode_link_cell(payload: bytes) -> np.ndarray:
     return np.concatenate([np.asarray(g).reshape(-1, 2) for g in groups]).astype(np.int64)
 
 
-def encode_manifests(manifests: list[list[tuple[tuple[int, ...], int]]], sid_ndim: int) -> list[bytes]:
-    return encode_object_manifests_many(manifests, sid_ndim=sid_ndim)
+@dataclass
+class ManifestTable:
+    """Many objects' manifests as columns: object ``i`` names
+    ``counts[i]`` (chunk coords, fragment index) references, stored back to
+    back in ``coords``/``frags`` (the mode-0 blocks bulk writers emit)."""
+
+    counts: np.ndarray  # (n,) int64
+    coords: np.ndarray  # (T, sid_ndim) int64
+    frags: np.ndarray   # (T,) int64
+
+
+_MODE_SINGLE = 0  # zarr-vectors' manifest block mode for one fragment index
+
+
+def encode_manifest_table(table: ManifestTable, sid_ndim: int) -> list[bytes]:
+    """One manifest blob per object, byte for byte what zarr-vectors'
+    encoder writes for single-fragment blocks: a little-endian uint32
+    block count, then per block the int64 chunk coords, the mode byte and
+    the int64 fragment index."""
+    counts = np.asarray(table.counts, dtype=np.int64)
+    n = counts.size
+    if n == 0:
+        return []
+    block = sid_ndim * 8 + 9
+    sizes = 4 + counts * block
+    ends = np.cumsum(sizes)
+    starts = ends - sizes
+    buf = np.zeros(int(ends[-1]), dtype=np.uint8)
+    buf[starts[:, None] + np.arange(4)] = counts.astype("<u4").view(np.uint8).reshape(n, 4)
+    total = int(counts.sum())
+    if total:
+        obj = np.repeat(np.arange(n), counts)
+        within = np.arange(total) - np.repeat(np.cumsum(counts) - counts, counts)
+        at = starts[obj] + 4 + within * block
+        rows = np.empty((total, block), dtype=np.uint8)
+        rows[:, :sid_ndim * 8] = np.ascontiguousarray(table.coords, dtype="<i8").view(
+            np.uint8).reshape(total, sid_ndim * 8)
+        rows[:, sid_ndim * 8] = _MODE_SINGLE
+        rows[:, sid_ndim * 8 + 1:] = np.ascontiguousarray(table.frags, dtype="<i8").view(
+            np.uint8).reshape(total, 8)
+        buf[at[:, None] + np.arange(block)] = rows
+    raw = buf.tobytes()
+    return [raw[a:b] for a, b in zip(starts.tolist(), ends.tolist())]
 
 
 def empty_manifest(sid_ndim: int) -> bytes:
     return encode_object_manifest_blocks([], sid_ndim=sid_ndim)
 
 
-def decode_manifests(blobs: Sequence[bytes], sid_ndim: int) -> list[list[tuple[tuple[int, ...], int]]]:
+def decode_manifest_table(blobs: Sequence[bytes], sid_ndim: int) -> ManifestTable:
+    """Columns of many manifest blobs.  Range and explicit-list blocks are
+    expanded to one reference per fragment, as zarr-vectors' reader does."""
+    n = len(blobs)
+    block = sid_ndim * 8 + 9
+    lengths = np.fromiter((len(b) for b in blobs), dtype=np.int64, count=n)
+    if n and int(lengths.min()) >= 4 and not np.any((lengths - 4) % block):
+        buf = np.frombuffer(b"".join(blobs), dtype=np.uint8)
+        starts = np.cumsum(lengths) - lengths
+        counts = buf[starts[:, None] + np.arange(4)].copy().view("<u4").reshape(n).astype(np.int64)
+        if np.array_equal(counts, (lengths - 4) // block):
+            total = int(counts.sum())
+            obj = np.repeat(np.arange(n), counts)
+            within = np.arange(total) - np.repeat(np.cumsum(counts) - counts, counts)
+            at = starts[obj] + 4 + within * block
+            if not np.any(buf[at + sid_ndim * 8] != _MODE_SINGLE):
+                coords = buf[at[:, None] + np.arange(sid_ndim * 8)].copy().view("<i8").reshape(
+                    total, sid_ndim).astype(np.int64)
+                frags = buf[at[:, None] + (sid_ndim * 8 + 1) + np.arange(8)].copy().view(
+                    "<i8").reshape(total).astype(np.int64)
+                return ManifestTable(counts, coords, frags)
+    # Anything else (ranges, explicit lists): zarr-vectors' general decoder.
     from zarr_vectors.core.arrays import expand_manifest_blocks
     decoded, uniform = decode_object_manifests_many(list(blobs), sid_ndim=sid_ndim)
-    if uniform:
-        return decoded
-    return [expand_manifest_blocks(b) for b in decoded]
+    refs = decoded if uniform else [expand_manifest_blocks(b) for b in decoded]
+    counts = np.fromiter((len(m) for m in refs), dtype=np.int64, count=n)
+    flat = [r for m in refs for r in m]
+    coords = np.array([c for c, _ in flat], dtype=np.int64).reshape(len(flat), sid_ndim)
+    frags = np.array([f for _, f in flat], dtype=np.int64).reshape(len(flat))
+    return ManifestTable(counts, coords, frags)
 
 
 # ------------------------------------------------------------ metadata docs

@@ -168,10 +168,7 @@ def run_step(client, store: Store, lv: LevelPlan, *, root_meta, sparsity_strateg
     scale_trg = tuple(int(round(c / r)) for c, r in zip(lv.chunk_shape, root_chunk))
     n_chunks = len(chunks)
     runs = split_runs(n_chunks, lv.chunks_per_block)
-    block_of_chunk = {}
-    for b, (lo, hi) in enumerate(runs):
-        for i in range(lo, hi):
-            block_of_chunk[i] = b
+    block_of_chunk = np.repeat(np.arange(len(runs)), [hi - lo for lo, hi in runs])
     spec = st.StepSpec(
         store=store, source_level=lv.source_level, target_level=lv.target_level, ndim=ndim,
         bin_shape=lv.bin_shape, chunk_shape=lv.chunk_shape, source_origin=lv.source_grid[0],

@@ -91,12 +91,6 @@ def _split_by(dest: np.ndarray, **columns: np.ndarray) -> dict[int, dict[str, np
     return out
 
 
-def _group_rows(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Unique rows of a 2-D int array (numeric order), first index, inverse."""
-    uniq, first, inv = np.unique(keys, axis=0, return_index=True, return_inverse=True)
-    return uniq, first, inv.reshape(-1)
-
-
 def _read_source_chunks(spec: StepSpec, chunk_ids: np.ndarray):
     coords = [spec.source_chunks[i] for i in chunk_ids]
     verts = fmt.read_cells(spec.store, spec.vertices, coords)
@@ -107,13 +101,48 @@ def _read_source_chunks(spec: StepSpec, chunk_ids: np.ndarray):
         v, f = verts[cc], frags[cc]
         if v is None or f is None:
             raise fmt.CorruptChunkError(f"{what}: listed as present but its cell is missing")
-        rows, members = fmt.decode_vertex_cell(v, f, dtype=dtype, ndim=spec.ndim, what=what)
-        yield int(cid), cc, rows, members
+        rows, members, lengths = fmt.decode_vertex_cell(v, f, dtype=dtype, ndim=spec.ndim,
+                                                        what=what)
+        yield int(cid), cc, rows, members, lengths
+
+
+def _pair_key(chunk_id: np.ndarray, frag: np.ndarray) -> np.ndarray:
+    """One sortable int64 per (source chunk id, fragment index) pair."""
+    return (np.asarray(chunk_id, dtype=np.int64) << 32) | np.asarray(frag, dtype=np.int64)
+
+
+def _chunk_ids(spec: StepSpec, coords: np.ndarray) -> np.ndarray:
+    """Index into ``spec.source_chunks`` of each chunk coordinate row, -1
+    for a chunk the level does not have."""
+    out = np.full(coords.shape[0], -1, dtype=np.int64)
+    have = np.asarray(spec.source_chunks, dtype=np.int64).reshape(-1, spec.ndim)
+    if not coords.shape[0] or not have.shape[0]:
+        return out
+    lo, hi = have.min(axis=0), have.max(axis=0)
+    shape = tuple((hi - lo + 1).tolist())
+    inside = np.all((coords >= lo) & (coords <= hi), axis=1)
+    lin_have = np.ravel_multi_index(tuple((have - lo).T), shape)
+    order = np.argsort(lin_have)
+    lin = np.ravel_multi_index(tuple((coords[inside] - lo).T), shape)
+    at = np.clip(np.searchsorted(lin_have, lin, sorter=order), 0, lin_have.size - 1)
+    hit = lin_have[order[at]] == lin
+    idx = np.flatnonzero(inside)
+    out[idx[hit]] = order[at[hit]]
+    return out
+
+
+def _lookup(keys: np.ndarray, values: np.ndarray, want: np.ndarray, missing=0) -> np.ndarray:
+    """``values`` at the positions of ``want`` in sorted ``keys``; ``missing``
+    where absent."""
+    if keys.size == 0:
+        return np.full(want.shape, missing, dtype=values.dtype)
+    at = np.clip(np.searchsorted(keys, want), 0, keys.size - 1)
+    return np.where(keys[at] == want, values[at], missing)
 
 
 # ------------------------------------------------------------- stage 0
 def object_refs(spec: StepSpec, row_start: int, src_rows: np.ndarray, kept: np.ndarray,
-                block_of_chunk: dict) -> dict:
+                block_of_chunk: np.ndarray) -> dict:
     """Decode one bucket of source manifests.
 
     ``src_rows`` are the source rows behind this bucket's target rows
@@ -129,23 +158,18 @@ def object_refs(spec: StepSpec, row_start: int, src_rows: np.ndarray, kept: np.n
         lo, hi = int(src_rows.min()), int(src_rows.max()) + 1
         blobs = arr[lo:hi]
     blobs = [bytes(blobs[r - lo]) for r in src_rows[kept]]
-    manifests = fmt.decode_manifests(blobs, spec.ndim)
-    counts = np.fromiter((len(m) for m in manifests), dtype=np.int64, count=len(manifests))
-    flat = [ref for m in manifests for ref in m]
-    chunk_index = {cc: i for i, cc in enumerate(spec.source_chunks)}
-    ref_chunk = np.fromiter((chunk_index.get(tuple(cc), -1) for cc, _ in flat), dtype=np.int64,
-                            count=len(flat))
-    ref_frag = np.fromiter((f for _, f in flat), dtype=np.int64, count=len(flat))
+    table = fmt.decode_manifest_table(blobs, spec.ndim)
+    counts, ref_frag = table.counts, table.frags
     # A reference to a chunk the level does not have is skipped, as the
     # reference skips missing fragments.
+    ref_chunk = _chunk_ids(spec, table.coords)
     ok = ref_chunk >= 0
     by_block: dict[int, dict[str, np.ndarray]] = {}
     if ok.any():
-        pairs = np.stack([ref_chunk[ok], ref_frag[ok]], axis=1)
-        uniq, _, inv = _group_rows(pairs)
-        mult = np.bincount(inv, minlength=len(uniq)).astype(np.int64)
-        blocks = np.array([block_of_chunk[int(c)] for c in uniq[:, 0]], dtype=np.int64)
-        by_block = _split_by(blocks, chunk=uniq[:, 0], frag=uniq[:, 1], mult=mult)
+        uniq, mult = np.unique(_pair_key(ref_chunk[ok], ref_frag[ok]), return_counts=True)
+        chunk, frag = uniq >> 32, uniq & 0xFFFFFFFF
+        by_block = _split_by(block_of_chunk[chunk], chunk=chunk, frag=frag,
+                             mult=mult.astype(np.int64))
     return {"row_start": row_start, "kept": kept, "counts": counts,
             "ref_chunk": ref_chunk, "ref_frag": ref_frag, "by_block": by_block}
 
@@ -165,28 +189,27 @@ def bin_partials(spec: StepSpec, chunk_ids: np.ndarray, *ref_parts: dict | None)
     a parent — and keeps the per-vertex key index for later stages.
     """
     bin_arr = np.asarray(spec.bin_shape, dtype=np.float64)
-    mult_lookup: dict[tuple[int, int], int] = {}
-    if spec.has_objects:
-        for part in ref_parts:
-            if part is None:
-                continue
-            for c, f, m in zip(part["chunk"].tolist(), part["frag"].tolist(), part["mult"].tolist()):
-                mult_lookup[(c, f)] = mult_lookup.get((c, f), 0) + m
+    # Weight of each named fragment: summed over the buckets naming it.
+    parts = [p for p in ref_parts if p is not None]
+    if parts:
+        mkeys, inv = np.unique(np.concatenate([_pair_key(p["chunk"], p["frag"]) for p in parts]),
+                               return_inverse=True)
+        mvals = np.bincount(inv.reshape(-1), weights=np.concatenate([p["mult"] for p in parts]),
+                            minlength=mkeys.size).astype(np.int64)
+    else:
+        mkeys = mvals = np.empty(0, dtype=np.int64)
     chunk_rows = []  # per chunk: (chunk id, n instances, frag id per instance)
-    all_pos, all_w, frag_lengths = [], [], []
-    for cid, _cc, rows, members in _read_source_chunks(spec, chunk_ids):
-        inst_frag, n = [], 0
-        for f, idx in enumerate(members):
-            if idx.size == 0:
-                continue
-            w = 1 if not spec.has_objects else mult_lookup.get((cid, f), 0)
-            all_pos.append(rows[idx])
-            all_w.append(np.full(idx.size, w, dtype=np.int64))
-            inst_frag.append(np.full(idx.size, f, dtype=np.int64))
-            n += idx.size
-        frag_lengths.append(np.array([m.size for m in members], dtype=np.int64))
-        chunk_rows.append((cid, n, np.concatenate(inst_frag) if inst_frag else
-                           np.empty(0, dtype=np.int64)))
+    all_pos, all_w = [], []
+    for cid, _cc, rows, members, lengths in _read_source_chunks(spec, chunk_ids):
+        frag_ids = np.arange(lengths.size, dtype=np.int64)
+        if spec.has_objects:
+            w_frag = _lookup(mkeys, mvals, _pair_key(np.full(lengths.size, cid), frag_ids))
+        else:
+            w_frag = np.ones(lengths.size, dtype=np.int64)
+        inst_frag = np.repeat(frag_ids, lengths)
+        all_pos.append(rows[members])
+        all_w.append(w_frag[inst_frag])
+        chunk_rows.append((cid, int(members.size), inst_frag))
     if all_pos:
         pos = np.concatenate(all_pos).astype(np.float32, copy=False)
         w = np.concatenate(all_w)
@@ -217,8 +240,7 @@ def bin_partials(spec: StepSpec, chunk_ids: np.ndarray, *ref_parts: dict | None)
         first = np.repeat(starts, np.diff(np.r_[starts, n_u]))
         slot[order] = np.arange(n_u) - first
     exchange = _split_by(part, keys=ukeys, sums=sums, counts=counts)
-    state = {"chunks": chunk_rows, "inverse": inverse, "partition": part, "slot": slot,
-             "frag_lengths": frag_lengths, "weighted": w > 0}
+    state = {"chunks": chunk_rows, "inverse": inverse, "partition": part, "slot": slot}
     return {"exchange": exchange, "state": state}
 
 
@@ -386,37 +408,25 @@ def links_and_sequences(spec: StepSpec, block: int, partials: dict, ref_parts: l
             result["minus"] = _split_by(tb, coarse_chunk=par_chunk[ok], coarse_vi=par_frag[ok],
                                         fine_chunk_id=inst_chunk[ok], fine_vi=inst_local[ok])
     if spec.has_objects and ref_parts:
-        # Fragment -> its instances' slice in this block's flat order.
-        frag_start: dict[tuple[int, int], tuple[int, int]] = {}
-        cursor = 0
-        for cid, n, inst_frag in state["chunks"]:
-            if n:
-                cuts = np.r_[0, np.flatnonzero(np.diff(inst_frag)) + 1, n]
-                for lo, hi in zip(cuts[:-1].tolist(), cuts[1:].tolist()):
-                    frag_start[(cid, int(inst_frag[lo]))] = (cursor + lo, cursor + hi)
-            cursor += n
+        # Instances are grouped by fragment, chunks and fragments ascending,
+        # so the pair keys of the flat order are sorted.
+        inst_key = _pair_key(inst_chunk, np.concatenate([f for _, _, f in state["chunks"]]))
+        # A fragment's metavertex sequence drops consecutive repeats.
+        same = np.zeros(inst_key.size, dtype=bool)
+        same[1:] = (inst_key[1:] == inst_key[:-1]) & (par_frag[1:] == par_frag[:-1]) & \
+            np.all(par_chunk[1:] == par_chunk[:-1], axis=1)
+        kept_pos = np.flatnonzero(~same)
+        kept_key = inst_key[kept_pos]
         for bucket, part in ref_parts:
             if part is None:
                 continue
-            seq_ptr = [0]
-            seq_c, seq_f, have = [], [], []
-            for c, f in zip(part["chunk"].tolist(), part["frag"].tolist()):
-                span = frag_start.get((c, f))
-                if span is None:  # missing or empty fragment: skipped
-                    have.append(False)
-                    seq_ptr.append(seq_ptr[-1])
-                    continue
-                lo, hi = span
-                fc, ff = par_chunk[lo:hi], par_frag[lo:hi]
-                keep = np.r_[True, (ff[1:] != ff[:-1]) | np.any(fc[1:] != fc[:-1], axis=1)]
-                seq_c.append(fc[keep])
-                seq_f.append(ff[keep])
-                have.append(True)
-                seq_ptr.append(seq_ptr[-1] + int(keep.sum()))
+            want = _pair_key(part["chunk"], part["frag"])
+            lo = np.searchsorted(kept_key, want, side="left")
+            n = np.searchsorted(kept_key, want, side="right") - lo  # 0: missing or empty
+            idx = kept_pos[fmt.expand_ranges(lo, n)]
             result["sequences"][bucket] = {
-                "chunk": part["chunk"], "frag": part["frag"], "ptr": np.asarray(seq_ptr, np.int64),
-                "seq_chunk": np.concatenate(seq_c) if seq_c else np.empty((0, spec.ndim), np.int64),
-                "seq_frag": np.concatenate(seq_f) if seq_f else np.empty(0, np.int64)}
+                "chunk": part["chunk"], "frag": part["frag"], "ptr": np.r_[0, np.cumsum(n)],
+                "seq_chunk": par_chunk[idx], "seq_frag": par_frag[idx]}
     return result
 
 
@@ -448,41 +458,34 @@ def write_manifests(spec: StepSpec, bucket: int, refs: dict, target_rows: tuple[
                     *seq_parts: dict | None) -> int:
     """Assemble and write one bucket of the coarse level's object_index
     manifests; returns how many rows are non-empty."""
-    lookup: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
-    for part in seq_parts:
-        if part is None:
-            continue
-        ptr = part["ptr"]
-        for i, (c, f) in enumerate(zip(part["chunk"].tolist(), part["frag"].tolist())):
-            lo, hi = int(ptr[i]), int(ptr[i + 1])
-            if hi > lo:
-                lookup[(c, f)] = (part["seq_chunk"][lo:hi], part["seq_frag"][lo:hi])
-    kept = refs["kept"]
-    counts = refs["counts"]
-    ref_chunk, ref_frag = refs["ref_chunk"], refs["ref_frag"]
-    manifests: list[list] = []
-    cursor = 0
-    k = 0
-    for is_kept in kept.tolist():
-        if not is_kept:
-            manifests.append([])
-            continue
-        n = int(counts[k])
-        k += 1
-        seq_c, seq_f = [], []
-        for c, f in zip(ref_chunk[cursor:cursor + n].tolist(), ref_frag[cursor:cursor + n].tolist()):
-            hit = lookup.get((c, f))
-            if hit is not None:
-                seq_c.append(hit[0])
-                seq_f.append(hit[1])
-        cursor += n
-        if not seq_c:
-            manifests.append([])
-            continue
-        sc, sf = np.concatenate(seq_c), np.concatenate(seq_f)
-        keep = np.r_[True, (sf[1:] != sf[:-1]) | np.any(sc[1:] != sc[:-1], axis=1)]
-        manifests.append(list(zip(map(tuple, sc[keep].tolist()), sf[keep].tolist())))
-    blobs = fmt.encode_manifests(manifests, spec.ndim)
+    parts = [p for p in seq_parts if p is not None]
+    # Every named fragment's metavertex sequence, as a slice of seq_*.
+    seq_c = np.concatenate([p["seq_chunk"] for p in parts]) if parts else \
+        np.empty((0, spec.ndim), np.int64)
+    seq_f = np.concatenate([p["seq_frag"] for p in parts]) if parts else np.empty(0, np.int64)
+    base = np.cumsum([0] + [int(p["ptr"][-1]) for p in parts])
+    frag_key = np.concatenate([_pair_key(p["chunk"], p["frag"]) for p in parts]) if parts else \
+        np.empty(0, np.int64)
+    frag_start = np.concatenate([p["ptr"][:-1] + base[i] for i, p in enumerate(parts)]) if parts \
+        else np.empty(0, np.int64)
+    frag_len = np.concatenate([np.diff(p["ptr"]) for p in parts]) if parts else np.empty(0, np.int64)
+    order = np.argsort(frag_key, kind="stable")
+    frag_key, frag_start, frag_len = frag_key[order], frag_start[order], frag_len[order]
+    # Each kept object's references, in manifest order, expanded to the
+    # metavertex sequences of their fragments (missing fragments: none).
+    kept, counts = refs["kept"], refs["counts"]
+    ref_key = _pair_key(refs["ref_chunk"], refs["ref_frag"])
+    n_ref = _lookup(frag_key, frag_len, ref_key)
+    start = _lookup(frag_key, frag_start, ref_key)
+    entry = fmt.expand_ranges(start, n_ref)
+    owner = np.repeat(np.repeat(np.arange(counts.size), counts), n_ref)
+    ec, ef = seq_c[entry], seq_f[entry]
+    # Metavertices shared by consecutive fragments appear once.
+    keep = np.ones(entry.size, dtype=bool)
+    keep[1:] = (owner[1:] != owner[:-1]) | (ef[1:] != ef[:-1]) | np.any(ec[1:] != ec[:-1], axis=1)
+    row_counts = np.zeros(kept.size, dtype=np.int64)
+    row_counts[np.flatnonzero(kept)] = np.bincount(owner[keep], minlength=counts.size)
+    blobs = fmt.encode_manifest_table(fmt.ManifestTable(row_counts, ec[keep], ef[keep]), spec.ndim)
     import zarr
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -491,8 +494,7 @@ def write_manifests(spec: StepSpec, bucket: int, refs: dict, target_rows: tuple[
         obj = np.empty(len(blobs), dtype=object)
         obj[:] = blobs
         arr[target_rows[0]:target_rows[1]] = obj
-    empty = fmt.empty_manifest(spec.ndim)
-    return sum(1 for b in blobs if b != empty)
+    return int(np.count_nonzero(row_counts))
 
 
 # ------------------------------------------------------------- stage 8
