@@ -60,10 +60,15 @@ def _read_parent_maps(store: Store, level: int, chunks, fam: dict, geo: dict) ->
     return out
 
 
-def compose_block(store: Store, fine_level: int, fine_chunks: list, run: tuple[int, int],
-                  steps: list[int], geo: dict, plus_fams: dict, storage: str) -> dict:
+def compose_block(store: Store, ctx: dict, fine_level: int, run: tuple[int, int],
+                  steps: list[int], storage: str) -> dict:
+    """``+N`` cells (and ``-N`` records routed by coarse slab) of one run of
+    fine chunks.  ``ctx`` holds every level's geometry and ``+1`` presence
+    lists and each fine level's chunk table."""
+    geo, plus_fams = ctx["geo"], ctx["plus_fams"]
+    fine_cc = ctx["fine_chunks"][fine_level]
     lo, hi = run
-    mine = fine_chunks[lo:hi]
+    mine = [tuple(c) for c in fine_cc[lo:hi].tolist()]
     base = _read_parent_maps(store, fine_level, mine, plus_fams[fine_level], geo)
     # Flatten: one row per fine vertex that has a +1 parent.
     f_id, f_vi, p_chunk, p_vi = [], [], [], []
@@ -81,7 +86,6 @@ def compose_block(store: Store, fine_level: int, fine_chunks: list, run: tuple[i
     f_vi = np.concatenate(f_vi) if f_vi else np.empty(0, np.int64)
     cur_c = np.concatenate(p_chunk) if p_chunk else np.empty((0, nd), np.int64)
     cur_v = np.concatenate(p_vi) if p_vi else np.empty(0, np.int64)
-    fine_cc = np.asarray(fine_chunks, dtype=np.int64).reshape(-1, nd) if nd else np.empty((0, 0))
     out = {"plus": {}, "minus": {}}
     level = fine_level + 1
     for n in steps:

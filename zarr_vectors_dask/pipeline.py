@@ -36,17 +36,26 @@ class StepReport:
 
 
 class _Stages:
-    """Times stages and counts tasks; optional progress callback."""
+    """Submits and counts tasks, times stages; optional progress callback."""
 
     def __init__(self, client, report: StepReport, progress: Callable | None):
         self.client, self.report, self.progress = client, report, progress
 
-    def run(self, name: str, futures: list, *, gather: bool = False):
+    def submit(self, fn, *args, **kwargs):
+        self.report.tasks += 1
+        return self.client.submit(fn, *args, **kwargs)
+
+    def run(self, name: str, futures: list, *, summary: Callable | None = None,
+            gather: bool = False):
+        """Wait for a stage.  With ``summary``, a small task per future
+        extracts what the driver needs to route the next stage and only
+        those results travel back: one round trip per stage."""
         t0 = time.perf_counter()
-        self.report.tasks += len(futures)
         if self.progress is not None and futures:
             self.progress(name, futures)
-        if gather:
+        if summary is not None:
+            out = self.client.gather([self.submit(summary, f) for f in futures])
+        elif gather:
             out = self.client.gather(futures)
         else:
             from distributed import wait
@@ -60,8 +69,20 @@ class _Stages:
         return out
 
 
-def _keys_of(result: dict, name: str) -> list[int]:
-    return sorted(result[name].keys())
+def _keys_of(name: str) -> Callable[[dict], list[int]]:
+    return lambda result: sorted(result[name].keys())
+
+
+def _refs_route(refs: dict) -> list[int]:
+    return sorted(refs["by_block"])
+
+
+def _written_chunks(result: dict) -> list:
+    return result["chunks"]
+
+
+def _compose_summary(result: dict) -> dict:
+    return {"plus": result["plus"], "minus": {k: sorted(v) for k, v in result["minus"].items()}}
 
 
 def _plus_summary(result: dict) -> dict:
@@ -188,48 +209,42 @@ def run_step(client, store: Store, lv: LevelPlan, *, root_meta, sparsity_strateg
         perm = np.argsort(src.object_ids, kind="stable")
         bucket_rows = min(fmt.MANIFEST_BUCKET, n_src_objects)
         buckets = split_runs(n_src_objects, bucket_rows)
-        refs_f = [client.submit(st.object_refs, spec_f, a, perm[a:b], keep[perm[a:b]],
-                                block_of_chunk, pure=False) for a, b in buckets]
-        S.run("object refs", refs_f)
-        refs_routes = S.run("object refs", [client.submit(lambda r: sorted(r["by_block"]), f)
-                                            for f in refs_f], gather=True)
+        [boc_f] = client.scatter([block_of_chunk], broadcast=True, hash=False)
+        refs_f = [S.submit(st.object_refs, spec_f, a, perm[a:b], keep[perm[a:b]],
+                           boc_f, pure=False) for a, b in buckets]
+        refs_routes = S.run("object refs", refs_f, summary=_refs_route)
 
     # -- bin partials (per source block)
     block_refs: dict[int, list] = {b: [] for b in range(len(runs))}
     for k, route in enumerate(refs_routes):
         for b in route:
-            block_refs[b].append((k, client.submit(st.refs_for_block, refs_f[k], b)))
-    partial_f = [client.submit(st.bin_partials, spec_f, np.arange(lo, hi),
-                               *[f for _, f in block_refs[b]], pure=False)
+            block_refs[b].append((k, S.submit(st.pick, refs_f[k], "by_block", b)))
+    partial_f = [S.submit(st.bin_partials, spec_f, np.arange(lo, hi),
+                          *[f for _, f in block_refs[b]], pure=False)
                  for b, (lo, hi) in enumerate(runs)]
-    S.run("bin partials", partial_f)
-    routes = S.run("bin partials", [client.submit(_keys_of, f, "exchange") for f in partial_f],
-                   gather=True)
+    routes = S.run("bin partials", partial_f, summary=_keys_of("exchange"))
 
     # -- shuffle partials by bin key into metavertices (per partition)
     senders: dict[int, list[int]] = {}
     for b, route in enumerate(routes):
         for p in route:
             senders.setdefault(p, []).append(b)
-    reduce_f = {p: client.submit(st.reduce_metavertices, spec_f, p, blocks,
-                                 *[client.submit(st.pick, partial_f[b], "exchange", p) for b in blocks])
+    reduce_f = {p: S.submit(st.reduce_metavertices, spec_f, p, blocks,
+                            *[S.submit(st.pick, partial_f[b], "exchange", p) for b in blocks])
                 for p, blocks in sorted(senders.items())}
-    S.run("shuffle", list(reduce_f.values()))
-    troutes = dict(zip(reduce_f, S.run("shuffle", [client.submit(_keys_of, f, "to_target")
-                                                   for f in reduce_f.values()], gather=True)))
+    troutes = dict(zip(reduce_f, S.run("shuffle", list(reduce_f.values()),
+                                       summary=_keys_of("to_target"))))
 
     # -- write metavertices (per target block)
     receivers: dict[int, list[int]] = {}
     for p, route in troutes.items():
         for tb in route:
             receivers.setdefault(tb, []).append(p)
-    write_f = {tb: client.submit(st.write_metavertices, spec_f, tb, parts,
-                                 *[client.submit(st.pick, reduce_f[p], "to_target", tb) for p in parts],
-                                 pure=False)
+    write_f = {tb: S.submit(st.write_metavertices, spec_f, tb, parts,
+                            *[S.submit(st.pick, reduce_f[p], "to_target", tb) for p in parts],
+                            pure=False)
                for tb, parts in sorted(receivers.items())}
-    S.run("write vertices", list(write_f.values()))
-    written = S.run("write vertices", [client.submit(st.pick, f, "chunks") for f in write_f.values()],
-                    gather=True)
+    written = S.run("write vertices", list(write_f.values()), summary=_written_chunks)
     vertex_chunks = sorted(c for w in written for c in (w or []))
     n_meta = sum(n for _, n in vertex_chunks)
     report.vertex_count, report.chunks = n_meta, len(vertex_chunks)
@@ -243,19 +258,18 @@ def run_step(client, store: Store, lv: LevelPlan, *, root_meta, sparsity_strateg
         report.seconds = time.perf_counter() - t_start
         return report
 
-    # -- resolve parents (per partition), then links + sequences (per block)
+    # -- resolve parents (per partition), then links + sequences (per block);
+    # routing is already known, so no round trip in between.
     resolve_f = {}
     for p, rf in reduce_f.items():
-        located = [client.submit(st.pick, write_f[tb], "located", p) for tb in troutes[p]]
-        resolve_f[p] = client.submit(st.resolve_parents, spec_f, p, rf, *located)
-    S.run("resolve parents", list(resolve_f.values()))
+        located = [S.submit(st.pick, write_f[tb], "located", p) for tb in troutes[p]]
+        resolve_f[p] = S.submit(st.resolve_parents, spec_f, p, rf, *located)
     link_f = []
     for b in range(len(runs)):
-        answers = [client.submit(st.answer_for, resolve_f[p], b, p) for p in routes[b]]
-        link_f.append(client.submit(st.links_and_sequences, spec_f, b, partial_f[b],
-                                    block_refs[b], *answers, pure=False))
-    S.run("links", link_f)
-    link_sum = S.run("links", [client.submit(_plus_summary, f) for f in link_f], gather=True)
+        answers = [S.submit(st.answer_for, resolve_f[p], b, p) for p in routes[b]]
+        link_f.append(S.submit(st.links_and_sequences, spec_f, b, partial_f[b],
+                               block_refs[b], *answers, pure=False))
+    link_sum = S.run("parents + links", link_f, summary=_plus_summary)
 
     families: list[cm.LinkFamily] = []
     if lv.cross_level_storage != "none":
@@ -268,8 +282,8 @@ def run_step(client, store: Store, lv: LevelPlan, *, root_meta, sparsity_strateg
         by_tb: dict[int, list] = {}
         for b, s_ in enumerate(link_sum):
             for tb in s_["minus"]:
-                by_tb.setdefault(tb, []).append(client.submit(st.pick, link_f[b], "minus", tb))
-        minus_f = [client.submit(st.write_minus_links, store, lv.target_level, 1, t_origin,
+                by_tb.setdefault(tb, []).append(S.submit(st.pick, link_f[b], "minus", tb))
+        minus_f = [S.submit(st.write_minus_links, store, lv.target_level, 1, t_origin,
                                  scale_trg, scale_src, fine_chunks, *parts, pure=False)
                    for tb, parts in sorted(by_tb.items())]
         minus = cm.LinkFamily(lv.target_level, -1, t_origin, t_grid)
@@ -284,13 +298,13 @@ def run_step(client, store: Store, lv: LevelPlan, *, root_meta, sparsity_strateg
         seq_by_bucket: dict[int, list] = {}
         for b, s_ in enumerate(link_sum):
             for k in s_["sequences"]:
-                seq_by_bucket.setdefault(k, []).append(client.submit(st.pick, link_f[b], "sequences", k))
-        man_f = [client.submit(st.write_manifests, spec_f, k, refs_f[k], buckets[k],
+                seq_by_bucket.setdefault(k, []).append(S.submit(st.pick, link_f[b], "sequences", k))
+        man_f = [S.submit(st.write_manifests, spec_f, k, refs_f[k], buckets[k],
                                *seq_by_bucket.get(k, []), pure=False) for k in range(len(buckets))]
         attr_f = []
         for name in src.attribute_names:
             for a, b in split_runs(n_src_objects, fmt.ATTRIBUTE_BUCKET):
-                attr_f.append(client.submit(
+                attr_f.append(S.submit(
                     st.write_attributes, store, f"{lv.source_level}/{fmt.OBJECT_ATTRIBUTES}/{name}",
                     f"{lv.target_level}/{fmt.OBJECT_ATTRIBUTES}/{name}", (a, b), keep[a:b], pure=False))
         present = S.run("manifests", man_f, gather=True)
@@ -413,21 +427,23 @@ def compose_links(client, store: Store, *, root_meta, depth: int, storage: str,
     geo = {lv: level_geometry(store, lv, root_meta) for lv in levels}
     plus_fams = {lv: cm.read_family(store, lv, 1) for lv in levels}
     families: dict[tuple[int, int], cm.LinkFamily] = {}
+    fine_chunks = {f: np.asarray(sorted({tuple(c) for _, (_, cs) in plus_fams[f].items() for c in cs}),
+                                 dtype=np.int64).reshape(-1, root_meta.sid_ndim)
+                   for f in levels[:-1]}
+    # What every task reads (grids, +1 presence lists, fine chunk tables)
+    # travels to each worker once, not once per task.
+    [ctx_f] = client.scatter([{"geo": geo, "plus_fams": plus_fams, "fine_chunks": fine_chunks}],
+                             broadcast=True, hash=False)
     tasks = []
     for f in levels[:-1]:
-        fine_chunks = sorted({tuple(c) for _, (_, cs) in plus_fams[f].items() for c in cs})
-        if not fine_chunks:
-            continue
         steps = [n for n in range(2, max_delta + 1) if f + n in geo]
-        if not steps:
+        if not len(fine_chunks[f]) or not steps:
             continue
-        per = max(1, -(-len(fine_chunks) // max(1, 2 * n_workers)))
-        for a, b in split_runs(len(fine_chunks), per):
-            tasks.append((f, client.submit(compose_block, store, f, fine_chunks, (a, b), steps, geo,
-                                           plus_fams, storage, pure=False)))
-    results = S.run("compose", [t for _, t in tasks], gather=False)
-    summaries = client.gather([client.submit(lambda r: {"plus": r["plus"], "minus": {
-        k: sorted(v) for k, v in r["minus"].items()}}, t) for t in results])
+        per = max(1, -(-len(fine_chunks[f]) // max(1, 2 * n_workers)))
+        for a, b in split_runs(len(fine_chunks[f]), per):
+            tasks.append((f, S.submit(compose_block, store, ctx_f, f, (a, b), steps, storage,
+                                      pure=False)))
+    summaries = S.run("compose", [t for _, t in tasks], summary=_compose_summary)
     minus_parts: dict[tuple[int, int, int], list] = {}
     for (f, fut), s_ in zip(tasks, summaries):
         for n, written in s_["plus"].items():
@@ -436,17 +452,16 @@ def compose_links(client, store: Store, *, root_meta, depth: int, storage: str,
         for n, slabs in s_["minus"].items():
             for slab in slabs:
                 minus_parts.setdefault((f, n, slab), []).append(
-                    client.submit(st.pick, fut, "minus", n, slab))
+                    S.submit(st.pick, fut, "minus", n, slab))
     if storage == "explicit":
         writes = []
         keys = []
         for (f, n, slab), parts in sorted(minus_parts.items()):
-            fine_chunks = np.asarray(sorted({tuple(c) for _, (_, cs) in plus_fams[f].items()
-                                             for c in cs}), dtype=np.int64)
             c = f + n
-            writes.append(client.submit(st.write_minus_links, store, c, n, geo[c]["grid"][0],
-                                        geo[c]["scale"], geo[f]["scale"], fine_chunks, *parts,
-                                        pure=False))
+            writes.append(S.submit(st.write_minus_links, store, c, n, geo[c]["grid"][0],
+                                   geo[c]["scale"], geo[f]["scale"],
+                                   S.submit(st.pick, ctx_f, "fine_chunks", f), *parts,
+                                   pure=False))
             keys.append((f, n))
         for (f, n), w in zip(keys, S.run("compose -N", writes, gather=True)):
             fam = families.setdefault((f + n, -n), cm.LinkFamily(f + n, -n, *geo[f + n]["grid"]))

@@ -174,10 +174,6 @@ def object_refs(spec: StepSpec, row_start: int, src_rows: np.ndarray, kept: np.n
             "ref_chunk": ref_chunk, "ref_frag": ref_frag, "by_block": by_block}
 
 
-def refs_for_block(refs: dict, block: int) -> dict | None:
-    return refs["by_block"].get(block)
-
-
 # ------------------------------------------------------------- stage 1
 def bin_partials(spec: StepSpec, chunk_ids: np.ndarray, *ref_parts: dict | None) -> dict:
     """Bin every vertex of a block of source chunks.

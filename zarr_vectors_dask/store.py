@@ -117,8 +117,12 @@ class Store:
         return _FS_CACHE[self._cache_key()][1]
 
     def _cache_key(self):
-        import json
-        return (self.url, json.dumps(self.storage_options, sort_keys=True, default=str))
+        key = self.__dict__.get("_key")
+        if key is None:  # computed once per process: every cell path asks for it
+            import json
+            key = (self.url, json.dumps(self.storage_options, sort_keys=True, default=str))
+            object.__setattr__(self, "_key", key)
+        return key
 
     @property
     def is_local(self) -> bool:
@@ -173,9 +177,13 @@ class Store:
             return
         if self.is_local:
             import os
+            made = set()
             for k, v in items.items():
                 p = self.path(k)
-                os.makedirs(os.path.dirname(p), exist_ok=True)
+                parent = os.path.dirname(p)
+                if parent not in made:
+                    os.makedirs(parent, exist_ok=True)
+                    made.add(parent)
                 tmp = f"{p}.tmp-{os.getpid()}-{random.getrandbits(32):08x}"
                 with open(tmp, "wb") as fh:
                     fh.write(v)
