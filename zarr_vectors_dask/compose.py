@@ -95,9 +95,9 @@ def compose_block(store: Store, ctx: dict, fine_level: int, run: tuple[int, int]
         # One more hop: the parent of each current ancestor at ``inter``.
         if cur_c.shape[0] == 0:
             break
-        uniq, inv = np.unique(cur_c, axis=0, return_inverse=True)
+        _, first, inv = np.unique(st.row_ids(cur_c), return_index=True, return_inverse=True)
         inv = inv.reshape(-1)
-        keys = [tuple(c) for c in uniq.tolist()]
+        keys = [tuple(c) for c in cur_c[first].tolist()]
         maps = _read_parent_maps(store, inter, keys, plus_fams[inter], geo)
         # The ancestors' parent maps back to back: one gather for all vertices.
         sizes = np.array([maps[k][1].size if k in maps else 0 for k in keys], dtype=np.int64)

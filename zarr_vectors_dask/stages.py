@@ -339,13 +339,44 @@ def resolve_parents(spec: StepSpec, partition: int, reduced: dict, *located: dic
 
 
 # ------------------------------------------------------------- stage 5
+def row_ids(rows: np.ndarray) -> np.ndarray:
+    """One int64 per row of small int coordinates, equal iff the rows are
+    equal: 1-D keys sort and group far faster than ``unique(axis=0)``."""
+    rows = np.asarray(rows, dtype=np.int64)
+    if rows.shape[0] == 0:
+        return np.empty(0, dtype=np.int64)
+    lo = rows.min(axis=0)
+    span = rows.max(axis=0) - lo + 1
+    if float(np.prod(span.astype(np.float64))) < 2.0 ** 62:
+        return np.ravel_multi_index(tuple((rows - lo).T), tuple(span.tolist())).astype(np.int64)
+    return np.unique(rows, axis=0, return_inverse=True)[1].reshape(-1).astype(np.int64)
+
+
 def _partition_links(src_chunks, src_vi, trg_chunks, trg_vi, scale_src, scale_trg):
-    """Group records by (source chunk, anchored offset), keeping input order
-    inside a group (the reference's cell layout)."""
-    from zarr_vectors.spatial.boundary import partition_arrays_by_offset
-    return partition_arrays_by_offset(src_chunks, src_vi, trg_chunks, trg_vi,
-                                      scale_src=scale_src, scale_trg=scale_trg,
-                                      sid_ndim=src_chunks.shape[1])
+    """Group link records into cells: by (source chunk, target chunk's
+    offset from the source's anchor), input order kept inside a cell (the
+    reference's layout).  Returns ``{(offset segment, source chunk):
+    (rows [src_vi, trg_vi], input indices)}``."""
+    from zarr_vectors.spatial.boundary import format_offsets
+    src_chunks = np.asarray(src_chunks, dtype=np.int64)
+    n = src_chunks.shape[0]
+    if n == 0:
+        return {}
+    rs, rt = np.asarray(scale_src, dtype=np.int64), np.asarray(scale_trg, dtype=np.int64)
+    offsets = np.asarray(trg_chunks, dtype=np.int64) - (src_chunks * rs) // rt
+    key = np.concatenate([src_chunks, offsets], axis=1)
+    gid = row_ids(key)
+    order = np.argsort(gid, kind="stable")
+    g = gid[order]
+    starts = np.flatnonzero(np.r_[True, g[1:] != g[:-1]])
+    ends = np.r_[starts[1:], n]
+    rows = np.stack([np.asarray(src_vi, dtype=np.int64), np.asarray(trg_vi, dtype=np.int64)],
+                    axis=1)[order]
+    d = src_chunks.shape[1]
+    out = {}
+    for a, b, head in zip(starts.tolist(), ends.tolist(), key[order[starts]].tolist()):
+        out[(format_offsets((tuple(head[d:]),)), tuple(head[:d]))] = (rows[a:b], order[a:b])
+    return out
 
 
 def write_link_cells(store: Store, level: int, delta: int, origin, buckets) -> dict:
