@@ -345,11 +345,21 @@ def row_ids(rows: np.ndarray) -> np.ndarray:
     rows = np.asarray(rows, dtype=np.int64)
     if rows.shape[0] == 0:
         return np.empty(0, dtype=np.int64)
-    lo = rows.min(axis=0)
-    span = rows.max(axis=0) - lo + 1
-    if float(np.prod(span.astype(np.float64))) < 2.0 ** 62:
-        return np.ravel_multi_index(tuple((rows - lo).T), tuple(span.tolist())).astype(np.int64)
-    return np.unique(rows, axis=0, return_inverse=True)[1].reshape(-1).astype(np.int64)
+    return _linear_key([rows[:, j] for j in range(rows.shape[1])])
+
+
+def _linear_key(columns: list[np.ndarray]) -> np.ndarray:
+    """Mixed-radix number of each row of int columns (row-major over their
+    bounding box); falls back to ranks when the box exceeds int64."""
+    lows = [int(c.min()) for c in columns]
+    spans = [int(c.max()) - lo + 1 for c, lo in zip(columns, lows)]
+    if float(np.prod(np.asarray(spans, dtype=np.float64))) >= 2.0 ** 62:
+        stacked = np.stack(columns, axis=1)
+        return np.unique(stacked, axis=0, return_inverse=True)[1].reshape(-1).astype(np.int64)
+    key = columns[0] - lows[0]
+    for c, lo, span in zip(columns[1:], lows[1:], spans[1:]):
+        key = key * span + (c - lo)
+    return np.asarray(key, dtype=np.int64)
 
 
 def _partition_links(src_chunks, src_vi, trg_chunks, trg_vi, scale_src, scale_trg):
@@ -362,19 +372,27 @@ def _partition_links(src_chunks, src_vi, trg_chunks, trg_vi, scale_src, scale_tr
     n = src_chunks.shape[0]
     if n == 0:
         return {}
-    rs, rt = np.asarray(scale_src, dtype=np.int64), np.asarray(scale_trg, dtype=np.int64)
-    offsets = np.asarray(trg_chunks, dtype=np.int64) - (src_chunks * rs) // rt
-    key = np.concatenate([src_chunks, offsets], axis=1)
-    gid = row_ids(key)
+    trg_chunks = np.asarray(trg_chunks, dtype=np.int64)
+    d = src_chunks.shape[1]
+    src_cols, offsets = [], []
+    for j in range(d):
+        rs, rt = int(scale_src[j]), int(scale_trg[j])
+        s_ = src_chunks[:, j]
+        # The anchor is floor(c * rs / rt); a multiply when rt divides rs.
+        anchor = s_ * (rs // rt) if rs % rt == 0 else (s_ * rs) // rt
+        src_cols.append(s_)
+        offsets.append(trg_chunks[:, j] - anchor)
+    gid = _linear_key(src_cols + offsets)
     order = np.argsort(gid, kind="stable")
     g = gid[order]
     starts = np.flatnonzero(np.r_[True, g[1:] != g[:-1]])
     ends = np.r_[starts[1:], n]
     rows = np.stack([np.asarray(src_vi, dtype=np.int64), np.asarray(trg_vi, dtype=np.int64)],
                     axis=1)[order]
-    d = src_chunks.shape[1]
+    first = order[starts]
+    heads = np.stack([c[first] for c in src_cols + offsets], axis=1).tolist()
     out = {}
-    for a, b, head in zip(starts.tolist(), ends.tolist(), key[order[starts]].tolist()):
+    for a, b, head in zip(starts.tolist(), ends.tolist(), heads):
         out[(format_offsets((tuple(head[d:]),)), tuple(head[:d]))] = (rows[a:b], order[a:b])
     return out
 
