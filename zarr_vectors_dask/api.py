@@ -286,7 +286,8 @@ def build_pyramid(store, *, factors, chunk_scale_factors=None, sparsity_strategy
                                 max_block_vertices=max_block_vertices).levels[0]
                 rep = pl.run_step(c, st, lv, root_meta=root_meta,
                                   sparsity_strategy=sparsity_strategy,
-                                  sparsity_seed=sparsity_seed, progress=progress)
+                                  sparsity_seed=sparsity_seed, progress=progress,
+                                  max_block_vertices=max_block_vertices, n_workers=n_workers)
                 reports.append(rep)
                 summaries.append(rep.summary)
                 st.put(f"{RECORD_DIR}/{lv.target_level}.json", json.dumps(rec).encode())
@@ -295,7 +296,8 @@ def build_pyramid(store, *, factors, chunk_scale_factors=None, sparsity_strategy
             t0 = time.perf_counter()
             fams, stage_s = pl.compose_links(c, st, root_meta=root_meta, depth=cross_level_depth,
                                              storage=cross_level_storage, n_workers=n_workers,
-                                             progress=progress)
+                                             progress=progress,
+                                             max_block_vertices=max_block_vertices)
             levels = cm.published_levels(st)
             cm.commit_cross_level(
                 st, fams, sid_ndim=root_meta.sid_ndim, depth=cross_level_depth,
@@ -335,5 +337,5 @@ def coarsen_level(store, source_level: int, target_level: int, *, coarsen_factor
         with _build_lock(st, resume=False):
             rep = pl.run_step(c, st, plan.levels[0], root_meta=_root_meta(st),
                               sparsity_strategy=sparsity_strategy, sparsity_seed=sparsity_seed,
-                              progress=progress)
+                              progress=progress, n_workers=_n_workers(c))
     return rep.summary

@@ -16,13 +16,14 @@ from .store import Store
 
 
 def level_geometry(store: Store, level: int, root_meta) -> dict:
-    """Chunk grid and chunk scale (multiple of root's) of a published level."""
+    """Chunk grid, chunk scale (multiple of root's) and vertex count of a
+    published level."""
     attrs = (fmt.node_attrs(store, str(level)) or {}).get("zarr_vectors_level") or {}
     chunk = attrs.get("chunk_shape") or list(root_meta.chunk_shape)
     from .plan import grid_layout
     grid = grid_layout(root_meta.bounds, chunk)
     scale = tuple(int(round(float(c) / float(r))) for c, r in zip(chunk, root_meta.chunk_shape))
-    return {"grid": grid, "scale": scale}
+    return {"grid": grid, "scale": scale, "vertex_count": int(attrs.get("vertex_count") or 0)}
 
 
 def _read_parent_maps(store: Store, level: int, chunks, fam: dict, geo: dict) -> dict:
@@ -62,7 +63,7 @@ def _read_parent_maps(store: Store, level: int, chunks, fam: dict, geo: dict) ->
 
 def compose_block(store: Store, ctx: dict, fine_level: int, run: tuple[int, int],
                   steps: list[int], storage: str) -> dict:
-    """``+N`` cells (and ``-N`` records routed by coarse slab) of one run of
+    """``+N`` cells (and ``-N`` records routed by coarse chunk) of one run of
     fine chunks.  ``ctx`` holds every level's geometry and ``+1`` presence
     lists and each fine level's chunk table."""
     geo, plus_fams = ctx["geo"], ctx["plus_fams"]
@@ -120,9 +121,7 @@ def compose_block(store: Store, ctx: dict, fine_level: int, run: tuple[int, int]
                                       geo[fine_level]["scale"], geo[level]["scale"])
         out["plus"][n] = st.write_link_cells(store, fine_level, n, geo[fine_level]["grid"][0], buckets)
         if storage == "explicit":
-            origin0 = geo[level]["grid"][0][0]
-            slab = max(1, -(-geo[level]["grid"][1][0] // 4))
-            slabs = (cur_c[:, 0] - origin0) // slab
-            out["minus"][n] = st._split_by(slabs, coarse_chunk=cur_c, coarse_vi=cur_v,
+            dest = st.grid_ids(cur_c, *geo[level]["grid"])
+            out["minus"][n] = st._split_by(dest, coarse_chunk=cur_c, coarse_vi=cur_v,
                                            fine_chunk_id=f_id, fine_vi=f_vi)
     return out

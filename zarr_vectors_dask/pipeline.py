@@ -18,7 +18,7 @@ import numpy as np
 from . import commit as cm
 from . import format as fmt
 from . import stages as st
-from .plan import LevelPlan, grid_layout, split_runs
+from .plan import LevelPlan, chunks_per_block, grid_layout, pack_runs, split_runs
 from .store import Store
 
 
@@ -81,12 +81,17 @@ def _written_chunks(result: dict) -> list:
     return result["chunks"]
 
 
+def _minus_counts(routed: dict) -> dict[int, int]:
+    return {d: int(cols["fine_vi"].shape[0]) for d, cols in routed.items()}
+
+
 def _compose_summary(result: dict) -> dict:
-    return {"plus": result["plus"], "minus": {k: sorted(v) for k, v in result["minus"].items()}}
+    return {"plus": result["plus"],
+            "minus": {n: _minus_counts(r) for n, r in result["minus"].items()}}
 
 
 def _plus_summary(result: dict) -> dict:
-    return {"plus": result["plus"], "minus": sorted(result["minus"].keys()),
+    return {"plus": result["plus"], "minus": _minus_counts(result["minus"]),
             "sequences": sorted(result["sequences"].keys())}
 
 
@@ -161,8 +166,27 @@ def kept_rows(n_rows: int, sparsity_factor: float, strategy: str, seed, base_bin
 
 
 # ---------------------------------------------------------------- one step
+def _route_minus(S: _Stages, routed: list, budget: int, n_workers: int) -> list[list]:
+    """Group coarse chunks into ``-N`` writer tasks of at most ``budget``
+    records (memory per task stays bounded however big the level), and
+    give each writer the parts of every task that routed records to it.
+    ``routed``: ``(future, path to its dest-keyed dict, {dest: n})``."""
+    totals: dict[int, int] = {}
+    for _, _, counts in routed:
+        for d, n in counts.items():
+            totals[d] = totals.get(d, 0) + n
+    dests = sorted(totals)
+    writers = []
+    for a, b in pack_runs([totals[d] for d in dests], budget, 2 * n_workers):
+        group = set(dests[a:b])
+        writers.append([S.submit(st.take_minus, fut, *path, sorted(group & counts.keys()))
+                        for fut, path, counts in routed if group & counts.keys()])
+    return writers
+
+
 def run_step(client, store: Store, lv: LevelPlan, *, root_meta, sparsity_strategy: str,
-             sparsity_seed, progress: Callable | None = None) -> StepReport:
+             sparsity_seed, progress: Callable | None = None,
+             max_block_vertices: int = 2_000_000, n_workers: int = 2) -> StepReport:
     t_start = time.perf_counter()
     report = StepReport(target_level=lv.target_level)
     S = _Stages(client, report, progress)
@@ -193,8 +217,9 @@ def run_step(client, store: Store, lv: LevelPlan, *, root_meta, sparsity_strateg
     spec = st.StepSpec(
         store=store, source_level=lv.source_level, target_level=lv.target_level, ndim=ndim,
         bin_shape=lv.bin_shape, chunk_shape=lv.chunk_shape, source_origin=lv.source_grid[0],
-        target_origin=lv.target_grid[0], target_slab=lv.target_slab,
-        n_partitions=lv.n_target_blocks, scale_source=scale_src, scale_target=scale_trg,
+        target_origin=lv.target_grid[0], target_chunks_per_block=lv.target_chunks_per_block,
+        n_partitions=lv.n_target_blocks, target_grid_shape=tuple(lv.target_grid[1]),
+        scale_source=scale_src, scale_target=scale_trg,
         source_chunks=chunks, vertices=src.vertices, fragments=src.fragments,
         source_dtype=src.dtype, has_objects=src.has_objects,
         manifests_path=f"{lv.source_level}/{fmt.OBJECT_INDEX}/manifests" if src.has_objects else None,
@@ -278,14 +303,12 @@ def run_step(client, store: Store, lv: LevelPlan, *, root_meta, sparsity_strateg
             plus.add(s_["plus"])
         families.append(plus)
     if lv.cross_level_storage == "explicit":
-        fine_chunks = np.asarray(chunks, dtype=np.int64).reshape(-1, ndim)
-        by_tb: dict[int, list] = {}
-        for b, s_ in enumerate(link_sum):
-            for tb in s_["minus"]:
-                by_tb.setdefault(tb, []).append(S.submit(st.pick, link_f[b], "minus", tb))
+        [fine_f] = client.scatter([np.asarray(chunks, dtype=np.int64).reshape(-1, ndim)],
+                                  broadcast=True, hash=False)
+        routed = [(link_f[b], ("minus",), s_["minus"]) for b, s_ in enumerate(link_sum)]
         minus_f = [S.submit(st.write_minus_links, store, lv.target_level, 1, t_origin,
-                                 scale_trg, scale_src, fine_chunks, *parts, pure=False)
-                   for tb, parts in sorted(by_tb.items())]
+                            scale_trg, scale_src, fine_f, *parts, pure=False)
+                   for parts in _route_minus(S, routed, max_block_vertices, n_workers)]
         minus = cm.LinkFamily(lv.target_level, -1, t_origin, t_grid)
         for w in S.run("-1 links", minus_f, gather=True):
             minus.add(w)
@@ -412,7 +435,8 @@ def _write_empty_level(store: Store, lv: LevelPlan, src: SourceLevel, n: int, ro
 
 # ---------------------------------------------------------------- composition
 def compose_links(client, store: Store, *, root_meta, depth: int, storage: str,
-                  n_workers: int, progress: Callable | None = None) -> tuple[list, dict]:
+                  n_workers: int, progress: Callable | None = None,
+                  max_block_vertices: int = 2_000_000) -> tuple[list, dict]:
     """The closing stage: ``±N`` families (N >= 2) composed from the
     published ``+1`` families, one task per block of fine chunks."""
     from .compose import compose_block, level_geometry
@@ -439,30 +463,29 @@ def compose_links(client, store: Store, *, root_meta, depth: int, storage: str,
         steps = [n for n in range(2, max_delta + 1) if f + n in geo]
         if not len(fine_chunks[f]) or not steps:
             continue
-        per = max(1, -(-len(fine_chunks[f]) // max(1, 2 * n_workers)))
+        per = chunks_per_block(len(fine_chunks[f]), geo[f]["vertex_count"], n_workers,
+                               max_block_vertices)
         for a, b in split_runs(len(fine_chunks[f]), per):
             tasks.append((f, S.submit(compose_block, store, ctx_f, f, (a, b), steps, storage,
                                       pure=False)))
     summaries = S.run("compose", [t for _, t in tasks], summary=_compose_summary)
-    minus_parts: dict[tuple[int, int, int], list] = {}
+    routed: dict[tuple[int, int], list] = {}
     for (f, fut), s_ in zip(tasks, summaries):
         for n, written in s_["plus"].items():
             fam = families.setdefault((f, n), cm.LinkFamily(f, n, *geo[f]["grid"]))
             fam.add(written)
-        for n, slabs in s_["minus"].items():
-            for slab in slabs:
-                minus_parts.setdefault((f, n, slab), []).append(
-                    S.submit(st.pick, fut, "minus", n, slab))
+        for n, counts in s_["minus"].items():
+            routed.setdefault((f, n), []).append((fut, ("minus", n), counts))
     if storage == "explicit":
-        writes = []
-        keys = []
-        for (f, n, slab), parts in sorted(minus_parts.items()):
+        writes, keys = [], []
+        for (f, n), parts_of in sorted(routed.items()):
             c = f + n
-            writes.append(S.submit(st.write_minus_links, store, c, n, geo[c]["grid"][0],
-                                   geo[c]["scale"], geo[f]["scale"],
-                                   S.submit(st.pick, ctx_f, "fine_chunks", f), *parts,
-                                   pure=False))
-            keys.append((f, n))
+            fine_f = S.submit(st.pick, ctx_f, "fine_chunks", f)
+            for parts in _route_minus(S, parts_of, max_block_vertices, n_workers):
+                writes.append(S.submit(st.write_minus_links, store, c, n, geo[c]["grid"][0],
+                                       geo[c]["scale"], geo[f]["scale"], fine_f, *parts,
+                                       pure=False))
+                keys.append((f, n))
         for (f, n), w in zip(keys, S.run("compose -N", writes, gather=True)):
             fam = families.setdefault((f + n, -n), cm.LinkFamily(f + n, -n, *geo[f + n]["grid"]))
             fam.add(w)

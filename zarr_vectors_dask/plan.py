@@ -98,6 +98,26 @@ def split_runs(n_items: int, per_run: int) -> list[tuple[int, int]]:
     return [(a, min(a + per_run, n_items)) for a in range(0, n_items, per_run)]
 
 
+def pack_runs(sizes, budget: int, min_runs: int = 1) -> list[tuple[int, int]]:
+    """Consecutive ``[start, stop)`` runs of items whose sizes sum to at most
+    ``budget`` (an item larger than the budget gets a run of its own), and
+    at least ``min_runs`` runs when there are that many items, so every
+    worker gets a share."""
+    sizes = [max(0, int(x)) for x in sizes]
+    if not sizes:
+        return []
+    total = sum(sizes)
+    budget = max(1, min(int(budget), -(-total // max(1, min(min_runs, len(sizes))))))
+    runs, start, acc = [], 0, 0
+    for i, n in enumerate(sizes):
+        if i > start and acc + n > budget:
+            runs.append((start, i))
+            start, acc = i, 0
+        acc += n
+    runs.append((start, len(sizes)))
+    return runs
+
+
 def chunks_per_block(n_chunks: int, n_vertices: int, n_workers: int,
                      max_block_vertices: int) -> int:
     """How many consecutive source chunks one task reads.
@@ -135,7 +155,7 @@ class LevelPlan:
     n_objects: int
     chunks_per_block: int
     n_blocks: int
-    target_slab: int  # target blocks are slabs this many chunks thick on axis 0
+    target_chunks_per_block: int  # target blocks: runs of the row-major target grid
     n_target_blocks: int
     n_buckets: int
     cross_level_storage: str
@@ -247,9 +267,14 @@ def plan_level(*, source_level: int, coarsen_factor: float, sparsity_factor: flo
     tgrid = grid_layout(bounds, tchunk)
     cpb = chunks_per_block(source_chunks, source_vertices, n_workers, max_block_vertices)
     n_blocks = max(1, math.ceil(source_chunks / cpb)) if source_chunks else 1
-    n_slabs_wanted = max(1, min(tgrid[1][0], 2 * n_workers, n_blocks))
-    slab = max(1, math.ceil(tgrid[1][0] / n_slabs_wanted))
-    n_tb = math.ceil(tgrid[1][0] / slab)
+    # Target blocks (shuffle partitions, vertex writers): enough for every
+    # worker, and small enough that the vertices feeding one stay within
+    # the per-task budget.
+    n_tchunks = int(math.prod(tgrid[1]))
+    wanted = max(1, min(n_tchunks, 2 * n_workers, n_blocks))
+    by_memory = max(1, int(max_block_vertices // max(1.0, source_vertices / max(1, n_tchunks))))
+    tcpb = max(1, min(math.ceil(n_tchunks / wanted), by_memory))
+    n_tb = math.ceil(n_tchunks / tcpb)
     n_buckets = max(1, math.ceil(n_objects / max(1, min(manifest_bucket, n_objects)))) if n_objects else 0
     return LevelPlan(
         source_level=source_level, target_level=source_level + 1,
@@ -259,7 +284,8 @@ def plan_level(*, source_level: int, coarsen_factor: float, sparsity_factor: flo
         source_chunk_shape=tuple(float(c) for c in source_chunk_shape), chunk_shape=tchunk,
         chunk_shape_override=override, source_grid=sgrid, target_grid=tgrid,
         source_chunks=int(source_chunks), source_vertices=int(source_vertices),
-        n_objects=int(n_objects), chunks_per_block=cpb, n_blocks=n_blocks, target_slab=slab,
+        n_objects=int(n_objects), chunks_per_block=cpb, n_blocks=n_blocks,
+        target_chunks_per_block=tcpb,
         n_target_blocks=n_tb, n_buckets=n_buckets, cross_level_storage=cross_level_storage)
 
 

@@ -11,7 +11,7 @@ or writes the store itself and returns only what later stages need.
     resolve_parents    per partition: bin key -> (chunk, fragment) answers
     links_and_sequences per source block: +1 link cells, -1 records,
                        per-fragment metavertex sequences for manifests
-    write_minus_links  per target block: -1 link cells (explicit storage)
+    write_minus_links  per group of coarse chunks: -1 link cells (explicit)
     write_manifests    per bucket: object_index rows of the coarse level
     write_attributes   per attribute bucket: masked object attributes
 
@@ -43,8 +43,9 @@ class StepSpec:
     chunk_shape: tuple[float, ...]
     source_origin: tuple[int, ...]
     target_origin: tuple[int, ...]
-    target_slab: int
+    target_chunks_per_block: int
     n_partitions: int
+    target_grid_shape: tuple[int, ...]
     scale_source: tuple[int, ...]  # chunk shape as a multiple of root's
     scale_target: tuple[int, ...]
     source_chunks: tuple[tuple[int, ...], ...]  # sorted, present chunks
@@ -68,14 +69,37 @@ def _void(keys: np.ndarray) -> np.ndarray:
 
 
 def _target_block(spec: StepSpec, chunks: np.ndarray) -> np.ndarray:
-    return (chunks[:, 0] - spec.target_origin[0]) // spec.target_slab
+    """Target block of coarse chunks: a run of the row-major target grid
+    (coordinates clipped into the grid against float rounding)."""
+    shape = np.asarray(spec.target_grid_shape, dtype=np.int64)
+    rel = np.clip(np.asarray(chunks, dtype=np.int64) - np.asarray(spec.target_origin), 0, shape - 1)
+    return np.ravel_multi_index(tuple(rel.T), tuple(shape.tolist())) // spec.target_chunks_per_block
 
 
 def _partition_of(spec: StepSpec, keys: np.ndarray) -> np.ndarray:
-    """Reduce partition of a bin key: the target slab of its lower corner."""
-    lower = np.floor(keys[:, 0].astype(np.float64) * spec.bin_shape[0] / spec.chunk_shape[0])
-    return np.clip(((lower.astype(np.int64) - spec.target_origin[0]) // spec.target_slab),
-                   0, spec.n_partitions - 1)
+    """Reduce partition of a bin key: the target block of its lower corner
+    (a bin lies inside one target chunk: bins tile chunks)."""
+    lower = np.floor(keys.astype(np.float64) * np.asarray(spec.bin_shape) /
+                     np.asarray(spec.chunk_shape)).astype(np.int64)
+    return _target_block(spec, lower)
+
+
+def grid_ids(chunks: np.ndarray, origin, grid_shape) -> np.ndarray:
+    """Row-major index of chunk coordinates in a level's chunk grid: where
+    ``-N`` records are routed (the cells are keyed by the coarse chunk)."""
+    rel = np.asarray(chunks, dtype=np.int64) - np.asarray(origin, dtype=np.int64)
+    return np.ravel_multi_index(tuple(rel.T), tuple(int(g) for g in grid_shape))
+
+
+def take_minus(result: dict, *path_and_dests) -> dict | None:
+    """The ``-N`` records a task routed to any of the given coarse chunks,
+    as one set of columns (``path`` leads to the dest-keyed dict)."""
+    *path, dests = path_and_dests
+    routed = pick(result, *path) or {}
+    parts = [routed[d] for d in dests if d in routed]
+    if not parts:
+        return None
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
 
 def _split_by(dest: np.ndarray, **columns: np.ndarray) -> dict[int, dict[str, np.ndarray]]:
@@ -449,8 +473,8 @@ def links_and_sequences(spec: StepSpec, block: int, partials: dict, ref_parts: l
                                    spec.scale_source, spec.scale_target)
         result["plus"] = write_link_cells(spec.store, spec.source_level, +1, spec.source_origin, buckets)
         if spec.links == "explicit":
-            tb = _target_block(spec, par_chunk[ok])
-            result["minus"] = _split_by(tb, coarse_chunk=par_chunk[ok], coarse_vi=par_frag[ok],
+            dest = grid_ids(par_chunk[ok], spec.target_origin, spec.target_grid_shape)
+            result["minus"] = _split_by(dest, coarse_chunk=par_chunk[ok], coarse_vi=par_frag[ok],
                                         fine_chunk_id=inst_chunk[ok], fine_vi=inst_local[ok])
     if spec.has_objects and ref_parts:
         # Instances are grouped by fragment, chunks and fragments ascending,
@@ -478,8 +502,8 @@ def links_and_sequences(spec: StepSpec, block: int, partials: dict, ref_parts: l
 # ------------------------------------------------------------- stage 6
 def write_minus_links(store: Store, level: int, delta: int, origin, scale_src, scale_trg,
                       fine_chunks: np.ndarray, *parts: dict | None) -> dict:
-    """Write the coarse-side mirror records (``-delta``) of one target block,
-    in the reference's order: by fine vertex, chunk-major."""
+    """Write the coarse-side mirror records (``-delta``) of a group of coarse
+    chunks, in the reference's order: by fine vertex, chunk-major."""
     parts = [p for p in parts if p is not None]
     if not parts:
         return {}
@@ -487,7 +511,8 @@ def write_minus_links(store: Store, level: int, delta: int, origin, scale_src, s
     cvi = np.concatenate([p["coarse_vi"] for p in parts])
     fid = np.concatenate([p["fine_chunk_id"] for p in parts])
     fvi = np.concatenate([p["fine_vi"] for p in parts])
-    order = np.lexsort((fvi, fid))
+    # Each fine vertex appears once: one int64 key orders them.
+    order = np.argsort(fid * (int(fvi.max()) + 1) + fvi)
     buckets = _partition_links(cc[order], cvi[order], fine_chunks[fid[order]], fvi[order],
                                scale_src, scale_trg)
     return write_link_cells(store, level, -delta, origin, buckets)
