@@ -217,6 +217,33 @@ def test_compose_services_and_commands():
         assert str(svcs[job].get("restart", "no")) == "no"
 
 
+def _recipe_zvdask_commands() -> list[tuple[str, list[str]]]:
+    out = [(f"compose:{name}", as_argv(svc["command"]))
+           for name, svc in load_compose()["services"].items()
+           if as_argv(svc.get("command") or ["-"])[0] == "zvdask"]
+    ctr = k8s_docs()["Job"]["spec"]["template"]["spec"]["containers"][0]
+    out.append(("k8s:Job", [str(a) for a in ctr.get("command", []) + ctr.get("args", [])]))
+    return out
+
+
+def test_recipe_commands_parse_with_the_cli():
+    """Every ``zvdask`` command in the recipes is accepted by the real CLI
+    parser (so a renamed subcommand or flag breaks this test, not a deploy)."""
+    from zarr_vectors_dask.cli import build_parser
+
+    cmds = _recipe_zvdask_commands()
+    assert {name for name, _ in cmds} >= {"compose:seed", "compose:pyramid", "k8s:Job"}
+    parser = build_parser()
+    for name, argv in cmds:
+        assert argv[0] == "zvdask", name
+        try:
+            args = parser.parse_args(argv[1:])
+        except SystemExit as e:  # argparse reports on stderr and exits
+            raise AssertionError(f"{name}: zvdask rejects {argv[1:]}") from e
+        assert args.command == argv[1], name
+        assert callable(args.func), name
+
+
 def test_compose_credentials_bucket_and_endpoint_agree():
     """The jobs' storage options reach the s3 service with its own credentials."""
     for env in ({}, {"ZVDASK_S3_KEY": "k1", "ZVDASK_S3_SECRET": "s1", "ZVDASK_BUCKET": "bkt"}):
