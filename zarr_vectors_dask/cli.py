@@ -118,27 +118,24 @@ def cmd_pyramid(args) -> int:
     return 0
 
 
+def cmd_sample(args) -> int:
+    from .sample import write_sample
+    info = write_sample(args.url, kind=args.kind, objects=args.objects, vertices=args.vertices,
+                        seed=args.seed, storage_options=parse_storage_options(args.storage_option),
+                        overwrite=args.overwrite)
+    print(f"wrote {info['url']}: {info['objects']} {info['kind']}, {info['vertices']} vertices "
+          f"({info['writer']})")
+    return 0
+
+
 def cmd_demo(args) -> int:
     import os
-    import shutil
-
-    import numpy as np
-    from zarr_vectors.types.polylines import write_polylines
 
     from .api import build_pyramid, plan_pyramid
+    from .sample import write_sample
     path = os.path.join(args.dir, "demo.zv")
-    if os.path.exists(path):
-        shutil.rmtree(path)
-    os.makedirs(args.dir, exist_ok=True)
-    rng = np.random.default_rng(args.seed)
-    lines = []
-    for _ in range(args.lines):
-        start = rng.uniform(100, 900, 3)
-        steps = rng.normal(0, 4.0, (args.points, 3))
-        lines.append(np.clip(start + np.cumsum(steps, axis=0), 0, 999).astype(np.float32))
-    lengths = np.array([np.linalg.norm(np.diff(l, axis=0), axis=1).sum() for l in lines], np.float32)
-    write_polylines(path, lines, chunk_shape=(125, 125, 125), bin_shape=(5, 5, 5),
-                    object_attributes={"length": lengths})
+    write_sample(path, objects=args.lines, vertices=args.lines * args.points, seed=args.seed,
+                 overwrite=True)
     print(f"wrote {path}: {args.lines} streamlines x {args.points} points "
           f"(zarr-vectors write_polylines)")
     factors = [(2, 1), (2, 2), (2, 2)]
@@ -225,6 +222,16 @@ def build_parser() -> argparse.ArgumentParser:
     de.add_argument("--points", type=int, default=100)
     de.add_argument("--seed", type=int, default=0)
     de.set_defaults(func=cmd_demo)
+
+    sa = sub.add_parser("sample", help="write a small level-0 sample store (zarr-vectors writers)")
+    sa.add_argument("url", help="local path or fsspec URL (s3://bucket/demo.zv)")
+    sa.add_argument("--kind", choices=["streamlines", "points"], default="streamlines")
+    sa.add_argument("--objects", type=int, default=50, help="number of objects")
+    sa.add_argument("--vertices", type=int, default=5000, help="total number of vertices")
+    sa.add_argument("--seed", type=int, default=0)
+    sa.add_argument("--overwrite", action="store_true", help="replace an existing store")
+    sa.add_argument("--storage-option", action="append", metavar="KEY=VALUE")
+    sa.set_defaults(func=cmd_sample)
 
     info = sub.add_parser("info", help="list levels and their metadata")
     info.add_argument("store")

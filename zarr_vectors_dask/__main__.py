@@ -1,0 +1,8 @@
+"""``python -m zarr_vectors_dask`` is the ``zvdask`` command."""
+
+import sys
+
+from .cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())
