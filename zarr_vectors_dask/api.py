@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import socket
 import time
 from typing import Any, Callable
@@ -211,16 +212,25 @@ def _prepare_targets(store: Store, plan: PyramidPlan, *, resume: bool, overwrite
                          f"overwrite=True (--overwrite) to rebuild the pyramid or resume=True "
                          f"(--resume) to finish an interrupted build")
     published = set(cm.published_levels(store))
+    ms = (cm.read_root_attrs(store).get("multiscales") or [{}])[0]
+    listed = {d.get("path") for d in ms.get("datasets") or []}
     for lv in existing:
         if lv in published and lv in targets:
             raw = store.get(f"{RECORD_DIR}/{lv}.json")
             rec = json.loads(raw) if raw else None
+            if rec is None:
+                raise BuildError(
+                    f"{store.describe(str(lv))}: level {lv} exists but has no record of an "
+                    f"interrupted build to resume; use overwrite=True (--overwrite) to rebuild")
             if rec != targets[lv]:
                 raise BuildError(
                     f"{store.describe(str(lv))}: level {lv} was committed with parameters "
                     f"{rec} but this build asks for {targets[lv]}; use overwrite=True "
                     f"(--overwrite) to rebuild")
-            keep.add(lv)
+            # The record is written before the step and the summary after
+            # it: a crash inside the commit leaves a level to rebuild.
+            if str(lv) in listed and store.get(f"{RECORD_DIR}/{lv}.json.summary") is not None:
+                keep.add(lv)
     # Keep only an unbroken run from the bottom; rebuild everything above.
     run = set()
     for lv in sorted(targets):
@@ -238,6 +248,30 @@ def _prepare_targets(store: Store, plan: PyramidPlan, *, resume: bool, overwrite
                     f"{lv}/{fmt.LINKS}/{name}/zarr.json") is None:
                 store.remove_tree(f"{lv}/{fmt.LINKS}/{name}")
     return run
+
+
+# What a process killed mid-write leaves next to the object it was
+# replacing: ``Store.put_many``'s ``<name>.tmp-<pid>-<hex>`` and zarr
+# LocalStore's ``<name>.<uuid>.partial``.  Never part of the format.
+_TEMPORARY = re.compile(r"\.tmp-\d+-[0-9a-f]{8}$|\.[0-9a-f]{32}\.partial$")
+
+
+def _sweep_temporaries(store: Store, source_level: int) -> None:
+    """Remove temporaries a killed worker or driver left where this build
+    wrote: the root, the source level's links and every coarser level.
+    Object stores write whole objects, so only local stores have them."""
+    if not store.is_local:
+        return
+    trees = [os.path.join(store.root, str(lv)) for lv in _existing_coarse(store, source_level)]
+    trees.append(os.path.join(store.root, str(source_level), fmt.LINKS))
+    with os.scandir(store.root) as it:
+        doomed = [e.path for e in it if e.is_file() and _TEMPORARY.search(e.name)]
+    for top in trees:
+        for d, _, files in os.walk(top):
+            doomed.extend(os.path.join(d, f) for f in files if _TEMPORARY.search(f))
+    for p in doomed:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(p)
 
 
 # ------------------------------------------------------------ build
@@ -284,12 +318,12 @@ def build_pyramid(store, *, factors, chunk_scale_factors=None, sparsity_strategy
                                 sparsity_strategy=sparsity_strategy, n_workers=n_workers,
                                 start_level=lv.source_level,
                                 max_block_vertices=max_block_vertices).levels[0]
+                st.put(f"{RECORD_DIR}/{lv.target_level}.json", json.dumps(rec).encode())
                 rep = pl.run_step(c, st, lv, root_meta=root_meta,
                                   sparsity_strategy=sparsity_strategy,
                                   sparsity_seed=sparsity_seed, progress=progress)
                 reports.append(rep)
                 summaries.append(rep.summary)
-                st.put(f"{RECORD_DIR}/{lv.target_level}.json", json.dumps(rec).encode())
                 st.put(f"{RECORD_DIR}/{lv.target_level}.json.summary",
                        json.dumps(rep.summary).encode())
             t0 = time.perf_counter()
@@ -303,6 +337,7 @@ def build_pyramid(store, *, factors, chunk_scale_factors=None, sparsity_strategy
                 links_capability=(cross_level_storage != "none" and cross_level_depth != 0
                                   and len(levels) >= 2))
             stage_s["composition+commit"] = time.perf_counter() - t0
+            _sweep_temporaries(st, plan.levels[0].source_level)
             # Published and complete: the build records have served their
             # purpose (resume), and readers should see a clean hierarchy.
             st.remove_tree(RECORD_DIR)
@@ -336,4 +371,5 @@ def coarsen_level(store, source_level: int, target_level: int, *, coarsen_factor
             rep = pl.run_step(c, st, plan.levels[0], root_meta=_root_meta(st),
                               sparsity_strategy=sparsity_strategy, sparsity_seed=sparsity_seed,
                               progress=progress)
+            _sweep_temporaries(st, source_level)
     return rep.summary

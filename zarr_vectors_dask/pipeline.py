@@ -60,6 +60,18 @@ class _Stages:
         return out
 
 
+def _identity(value):
+    return value
+
+
+def share(client, value):
+    """A future for ``value`` that many tasks read.  Not ``client.scatter``:
+    scattered data has no recipe, so a worker dying during the scatter, or
+    holding the last copy, cancels every task that needs it ("lost
+    dependencies").  As a task it is recomputed like any other result."""
+    return client.submit(_identity, value, pure=False)
+
+
 def _keys_of(result: dict, name: str) -> list[int]:
     return sorted(result[name].keys())
 
@@ -181,7 +193,7 @@ def run_step(client, store: Store, lv: LevelPlan, *, root_meta, sparsity_strateg
         source_dtype=src.dtype, has_objects=src.has_objects,
         manifests_path=f"{lv.source_level}/{fmt.OBJECT_INDEX}/manifests" if src.has_objects else None,
         links=lv.cross_level_storage)
-    [spec_f] = client.scatter([spec], broadcast=True, hash=False)
+    spec_f = share(client, spec)
 
     # -- object refs (per manifest bucket)
     buckets: list[tuple[int, int]] = []
