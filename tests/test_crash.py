@@ -26,6 +26,7 @@ from equivalence import compare_raw_files
 from servers import subprocess_env
 from stores import make_streamlines
 from zarr_vectors_dask.api import LOCK_KEY, BuildError
+from zarr_vectors_dask.pipeline import share
 
 pytestmark = pytest.mark.integration
 
@@ -127,7 +128,16 @@ def test_worker_killed_mid_build(private_dask_cluster, inputs, store):
         if "error" in out:
             raise out["error"]
         assert out["result"]["levels_created"] == 3
-        assert len(client.scheduler_info()["workers"]) >= 1
+        # What every task of a step reads survives losing each worker that
+        # holds it (scattered data would be lost, cancelling its dependents).
+        spec = share(client, {"level": 1})
+        assert client.submit(lambda s: s["level"], spec, pure=False).result(timeout=60) == 1
+        holders = client.who_has([spec])[spec.key]
+        names = {a: w["name"] for a, w in client.scheduler_info(n_workers=-1)["workers"].items()}
+        for addr in holders:
+            cluster.kill_worker(int(str(names[addr]).rsplit("-", 1)[-1]))
+        cluster.add_worker()  # in case that was every worker
+        assert client.submit(lambda s: s["level"], spec, pure=False).result(timeout=60) == 1
     _assert_matches_reference(inputs[1], store)
     assert _level0_arrays(store) == level0
 
@@ -211,10 +221,17 @@ class _DriverKilled(BaseException):
     pass
 
 
-def test_crash_inside_a_level_commit_is_resumed(local_client, inputs, store, monkeypatch):
+def test_crash_inside_a_level_commit_is_resumed(local_client, tmp_path, monkeypatch):
     """The driver dies after level 2's group document is written but before
     the root lists it: resume rebuilds level 2 instead of refusing it."""
     from zarr_vectors_dask import commit as cm
+    base, ref, store = tmp_path / "b.zv", tmp_path / "r.zv", tmp_path / "o.zv"
+    make_streamlines(str(base), seed=8)
+    shutil.copytree(base, ref)
+    shutil.copytree(base, store)
+    kw = dict(factors=[(2, 1), (2, 2)], sparsity_seed=2, cross_level_depth=-1,
+              cross_level_storage="explicit")
+    reference_build_pyramid(str(ref), **kw)
     real = cm.write_root_attrs
 
     def dies_publishing_level_2(st, attrs):
@@ -223,12 +240,35 @@ def test_crash_inside_a_level_commit_is_resumed(local_client, inputs, store, mon
         real(st, attrs)
     monkeypatch.setattr(cm, "write_root_attrs", dies_publishing_level_2)
     with pytest.raises(_DriverKilled):
-        zd.build_pyramid(str(store), client=local_client, **KW)
+        zd.build_pyramid(str(store), client=local_client, **kw)
     monkeypatch.setattr(cm, "write_root_attrs", real)
     assert os.path.exists(os.path.join(store, "2", "zarr.json"))
     assert _listed_levels(store) == ["0", "1"]
-    zd.build_pyramid(str(store), client=local_client, resume=True, **KW)
-    _assert_matches_reference(inputs[1], store)
+    zd.build_pyramid(str(store), client=local_client, resume=True, **kw)
+    _assert_matches_reference(ref, store)
+
+
+def test_resume_waits_for_a_killed_drivers_running_tasks(local_client):
+    """Tasks already running when their driver died go on running (and
+    writing); resume must not start discarding before they end."""
+    from zarr_vectors_dask.api import _orphans_on_worker, _wait_for_orphans
+    from zarr_vectors_dask.store import Store
+    code = ("import sys, time\nfrom distributed import Client\n"
+            f"c = Client({local_client.scheduler.address!r})\n"
+            "fs = [c.submit(time.sleep, 3, pure=False) for _ in range(2)]\n"
+            "while not any(c.processing().values()): time.sleep(0.01)\n"
+            "print('running', flush=True)\ntime.sleep(60)\n")
+    p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
+                         env=subprocess_env())
+    try:
+        assert p.stdout.readline().strip() == "running"
+    finally:
+        os.kill(p.pid, signal.SIGKILL)
+        p.wait(timeout=30)
+    assert _wait_for(lambda: sum(local_client.run(_orphans_on_worker).values()) > 0,
+                     alive=lambda: True, timeout=10), "no orphaned task seen"
+    _wait_for_orphans(local_client, Store.from_url("memory://unused"))
+    assert sum(local_client.run(_orphans_on_worker).values()) == 0
 
 
 # ----------------------------------------------------------------- publication
@@ -245,13 +285,22 @@ def _level_snapshot(store, level: str) -> dict[str, str]:
     return _files_digest(root, prune=prune)
 
 
-def test_readers_see_only_complete_levels(local_client, inputs, store):
-    """While a build runs, every level the root lists is readable in full
+def test_during_a_build_readers_see_complete_levels_and_a_second_build_is_refused(
+        local_client, inputs, store):
+    """While a build runs: every level the root lists is readable in full
     with zarr-vectors' own reader, and what a reader saw is what the
-    finished store holds."""
+    finished store holds; a real second build (also with overwrite) is
+    refused naming the lock's owner, and disturbs nothing."""
     from zarr_vectors.types.polylines import read_polylines
+    level0 = _level0_arrays(store)
     seen: dict[str, dict[str, str]] = {}
     t, out = _run_in_thread(lambda: zd.build_pyramid(str(store), client=local_client, **KW))
+    assert _wait_for(lambda: os.path.exists(os.path.join(store, LOCK_KEY)), alive=t.is_alive)
+    with pytest.raises(BuildError, match=r"another pyramid build holds the lock \(.+:\d+\).*resume"):
+        zd.build_pyramid(str(store), client=local_client, **KW)
+    with pytest.raises(BuildError, match="holds the lock"):
+        zd.build_pyramid(str(store), client=local_client, overwrite=True, **KW)
+    refused_mid_build = t.is_alive()
     observations, max_listed = 0, 0
     while t.is_alive():
         listed = _listed_levels(store)
@@ -270,27 +319,12 @@ def test_readers_see_only_complete_levels(local_client, inputs, store):
     t.join()
     if "error" in out:
         raise out["error"]
+    assert refused_mid_build, "the first build ended before the second one was tried"
     assert observations >= 3 and max_listed >= 2, (observations, max_listed)
     for level, files in seen.items():
         final = _files_digest(os.path.join(store, level))
         changed = [rel for rel, d in files.items() if final.get(rel) != d]
         assert not changed, f"level {level}: a reader saw content that changed later: {changed[:5]}"
-    _assert_matches_reference(inputs[1], store)
-
-
-# ----------------------------------------------------------------- concurrency
-def test_second_build_is_refused_while_first_runs(local_client, inputs, store):
-    """A real second build during the first: refused with the lock's owner
-    named, nothing disturbed; the first finishes with the reference's pyramid."""
-    t, out = _run_in_thread(lambda: zd.build_pyramid(str(store), client=local_client, **KW))
-    assert _wait_for(lambda: os.path.isdir(os.path.join(store, "1")), alive=t.is_alive)
-    with pytest.raises(BuildError, match=r"another pyramid build holds the lock \(.+:\d+\).*resume"):
-        zd.build_pyramid(str(store), client=local_client, **KW)
-    with pytest.raises(BuildError, match="holds the lock"):
-        zd.build_pyramid(str(store), client=local_client, overwrite=True, **KW)
-    assert t.is_alive(), "the first build ended before the second one was tried"
-    t.join()
-    if "error" in out:
-        raise out["error"]
     assert not os.path.exists(os.path.join(store, ".zvdask"))
     _assert_matches_reference(inputs[1], store)
+    assert _level0_arrays(store) == level0

@@ -274,6 +274,28 @@ def _sweep_temporaries(store: Store, source_level: int) -> None:
             os.remove(p)
 
 
+def _orphans_on_worker(dask_worker) -> int:
+    return sum(ts.state == "cancelled" for ts in dask_worker.state.tasks.values())
+
+
+def _wait_for_orphans(client, store: Store, timeout: float = 300.0) -> None:
+    """Tasks a killed driver left running keep running (Dask cannot stop a
+    thread; workers show them as "cancelled") and may still write into the
+    level that resume is about to discard: wait until they have ended."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            n = sum(client.run(_orphans_on_worker).values())
+        except Exception:  # noqa: BLE001 - no worker state to ask: best effort
+            return
+        if n == 0:
+            return
+        if time.monotonic() > deadline:
+            raise BuildError(f"{store.url}: {n} task(s) of an earlier build are still running "
+                             f"on the cluster after {timeout:.0f} s; resume once they have ended")
+        time.sleep(0.2)
+
+
 # ------------------------------------------------------------ build
 def build_pyramid(store, *, factors, chunk_scale_factors=None, sparsity_strategy="random",
                   sparsity_seed=None, cross_level_depth=1, cross_level_storage="explicit",
@@ -301,6 +323,8 @@ def build_pyramid(store, *, factors, chunk_scale_factors=None, sparsity_strategy
         records = [_record(lv, sparsity_strategy=sparsity_strategy, sparsity_seed=sparsity_seed,
                            cross_level_storage=cross_level_storage) for lv in plan.levels]
         with _build_lock(st, resume=resume):
+            if resume:
+                _wait_for_orphans(c, st)
             kept = _prepare_targets(st, plan, resume=resume, overwrite=overwrite, records=records)
             summaries, reports = [], []
             root_meta = _root_meta(st)
