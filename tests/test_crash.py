@@ -197,6 +197,7 @@ def test_driver_killed_mid_level_then_resume(private_dask_cluster, inputs, store
     plain = _cli(store, address)
     assert plain.returncode == 2, plain.stdout + plain.stderr
     assert "holds the lock" in plain.stderr and "--resume" in plain.stderr, plain.stderr
+    assert f"its process {p.pid} on this host has ended" in plain.stderr, plain.stderr
     assert str(store) in plain.stderr
     assert open(os.path.join(store, LOCK_KEY), "rb").read() == lock
     assert os.path.exists(marker)

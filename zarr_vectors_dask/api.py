@@ -133,6 +133,16 @@ def _client_for(client):
 
 
 # ------------------------------------------------------------ lock & records
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 @contextlib.contextmanager
 def _build_lock(store: Store, *, resume: bool):
     existing = store.get(LOCK_KEY)
@@ -141,8 +151,12 @@ def _build_lock(store: Store, *, resume: bool):
             owner = json.loads(existing).get("owner", "?")
         except ValueError:
             owner = "?"
-        raise BuildError(f"{store.url}: another pyramid build holds the lock ({owner}); if that "
-                         f"build crashed, run again with resume=True (--resume) to take it over")
+        host, _, pid = str(owner).rpartition(":")
+        hint = "if that build crashed"
+        if host == socket.gethostname() and pid.isdigit() and not _process_alive(int(pid)):
+            hint = f"its process {pid} on this host has ended, so that build crashed"
+        raise BuildError(f"{store.url}: another pyramid build holds the lock ({owner}); {hint}: "
+                         f"run again with resume=True (--resume) to take it over")
     token = {"owner": f"{socket.gethostname()}:{os.getpid()}", "started": time.time()}
     store.put(LOCK_KEY, json.dumps(token).encode())
     try:
