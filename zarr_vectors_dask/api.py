@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import socket
 import time
 from typing import Any, Callable
@@ -132,6 +133,16 @@ def _client_for(client):
 
 
 # ------------------------------------------------------------ lock & records
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 @contextlib.contextmanager
 def _build_lock(store: Store, *, resume: bool):
     existing = store.get(LOCK_KEY)
@@ -140,8 +151,12 @@ def _build_lock(store: Store, *, resume: bool):
             owner = json.loads(existing).get("owner", "?")
         except ValueError:
             owner = "?"
-        raise BuildError(f"{store.url}: another pyramid build holds the lock ({owner}); if that "
-                         f"build crashed, run again with resume=True (--resume) to take it over")
+        host, _, pid = str(owner).rpartition(":")
+        hint = "if that build crashed"
+        if host == socket.gethostname() and pid.isdigit() and not _process_alive(int(pid)):
+            hint = f"its process {pid} on this host has ended, so that build crashed"
+        raise BuildError(f"{store.url}: another pyramid build holds the lock ({owner}); {hint}: "
+                         f"run again with resume=True (--resume) to take it over")
     token = {"owner": f"{socket.gethostname()}:{os.getpid()}", "started": time.time()}
     store.put(LOCK_KEY, json.dumps(token).encode())
     try:
@@ -211,16 +226,25 @@ def _prepare_targets(store: Store, plan: PyramidPlan, *, resume: bool, overwrite
                          f"overwrite=True (--overwrite) to rebuild the pyramid or resume=True "
                          f"(--resume) to finish an interrupted build")
     published = set(cm.published_levels(store))
+    ms = (cm.read_root_attrs(store).get("multiscales") or [{}])[0]
+    listed = {d.get("path") for d in ms.get("datasets") or []}
     for lv in existing:
         if lv in published and lv in targets:
             raw = store.get(f"{RECORD_DIR}/{lv}.json")
             rec = json.loads(raw) if raw else None
+            if rec is None:
+                raise BuildError(
+                    f"{store.describe(str(lv))}: level {lv} exists but has no record of an "
+                    f"interrupted build to resume; use overwrite=True (--overwrite) to rebuild")
             if rec != targets[lv]:
                 raise BuildError(
                     f"{store.describe(str(lv))}: level {lv} was committed with parameters "
                     f"{rec} but this build asks for {targets[lv]}; use overwrite=True "
                     f"(--overwrite) to rebuild")
-            keep.add(lv)
+            # The record is written before the step and the summary after
+            # it: a crash inside the commit leaves a level to rebuild.
+            if str(lv) in listed and store.get(f"{RECORD_DIR}/{lv}.json.summary") is not None:
+                keep.add(lv)
     # Keep only an unbroken run from the bottom; rebuild everything above.
     run = set()
     for lv in sorted(targets):
@@ -238,6 +262,52 @@ def _prepare_targets(store: Store, plan: PyramidPlan, *, resume: bool, overwrite
                     f"{lv}/{fmt.LINKS}/{name}/zarr.json") is None:
                 store.remove_tree(f"{lv}/{fmt.LINKS}/{name}")
     return run
+
+
+# What a process killed mid-write leaves next to the object it was
+# replacing: ``Store.put_many``'s ``<name>.tmp-<pid>-<hex>`` and zarr
+# LocalStore's ``<name>.<uuid>.partial``.  Never part of the format.
+_TEMPORARY = re.compile(r"\.tmp-\d+-[0-9a-f]{8}$|\.[0-9a-f]{32}\.partial$")
+
+
+def _sweep_temporaries(store: Store, source_level: int) -> None:
+    """Remove temporaries a killed worker or driver left where this build
+    wrote: the root, the source level's links and every coarser level.
+    Object stores write whole objects, so only local stores have them."""
+    if not store.is_local:
+        return
+    trees = [os.path.join(store.root, str(lv)) for lv in _existing_coarse(store, source_level)]
+    trees.append(os.path.join(store.root, str(source_level), fmt.LINKS))
+    with os.scandir(store.root) as it:
+        doomed = [e.path for e in it if e.is_file() and _TEMPORARY.search(e.name)]
+    for top in trees:
+        for d, _, files in os.walk(top):
+            doomed.extend(os.path.join(d, f) for f in files if _TEMPORARY.search(f))
+    for p in doomed:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(p)
+
+
+def _orphans_on_worker(dask_worker) -> int:
+    return sum(ts.state == "cancelled" for ts in dask_worker.state.tasks.values())
+
+
+def _wait_for_orphans(client, store: Store, timeout: float = 300.0) -> None:
+    """Tasks a killed driver left running keep running (Dask cannot stop a
+    thread; workers show them as "cancelled") and may still write into the
+    level that resume is about to discard: wait until they have ended."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            n = sum(client.run(_orphans_on_worker).values())
+        except Exception:  # noqa: BLE001 - no worker state to ask: best effort
+            return
+        if n == 0:
+            return
+        if time.monotonic() > deadline:
+            raise BuildError(f"{store.url}: {n} task(s) of an earlier build are still running "
+                             f"on the cluster after {timeout:.0f} s; resume once they have ended")
+        time.sleep(0.2)
 
 
 # ------------------------------------------------------------ build
@@ -267,6 +337,8 @@ def build_pyramid(store, *, factors, chunk_scale_factors=None, sparsity_strategy
         records = [_record(lv, sparsity_strategy=sparsity_strategy, sparsity_seed=sparsity_seed,
                            cross_level_storage=cross_level_storage) for lv in plan.levels]
         with _build_lock(st, resume=resume):
+            if resume:
+                _wait_for_orphans(c, st)
             kept = _prepare_targets(st, plan, resume=resume, overwrite=overwrite, records=records)
             summaries, reports = [], []
             root_meta = _root_meta(st)
@@ -284,13 +356,13 @@ def build_pyramid(store, *, factors, chunk_scale_factors=None, sparsity_strategy
                                 sparsity_strategy=sparsity_strategy, n_workers=n_workers,
                                 start_level=lv.source_level,
                                 max_block_vertices=max_block_vertices).levels[0]
+                st.put(f"{RECORD_DIR}/{lv.target_level}.json", json.dumps(rec).encode())
                 rep = pl.run_step(c, st, lv, root_meta=root_meta,
                                   sparsity_strategy=sparsity_strategy,
                                   sparsity_seed=sparsity_seed, progress=progress,
                                   max_block_vertices=max_block_vertices, n_workers=n_workers)
                 reports.append(rep)
                 summaries.append(rep.summary)
-                st.put(f"{RECORD_DIR}/{lv.target_level}.json", json.dumps(rec).encode())
                 st.put(f"{RECORD_DIR}/{lv.target_level}.json.summary",
                        json.dumps(rep.summary).encode())
             t0 = time.perf_counter()
@@ -305,6 +377,7 @@ def build_pyramid(store, *, factors, chunk_scale_factors=None, sparsity_strategy
                 links_capability=(cross_level_storage != "none" and cross_level_depth != 0
                                   and len(levels) >= 2))
             stage_s["composition+commit"] = time.perf_counter() - t0
+            _sweep_temporaries(st, plan.levels[0].source_level)
             # Published and complete: the build records have served their
             # purpose (resume), and readers should see a clean hierarchy.
             st.remove_tree(RECORD_DIR)
@@ -338,4 +411,5 @@ def coarsen_level(store, source_level: int, target_level: int, *, coarsen_factor
             rep = pl.run_step(c, st, plan.levels[0], root_meta=_root_meta(st),
                               sparsity_strategy=sparsity_strategy, sparsity_seed=sparsity_seed,
                               progress=progress, n_workers=_n_workers(c))
+            _sweep_temporaries(st, source_level)
     return rep.summary

@@ -69,6 +69,18 @@ class _Stages:
         return out
 
 
+def _identity(value):
+    return value
+
+
+def share(client, value):
+    """A future for ``value`` that many tasks read.  Not ``client.scatter``:
+    scattered data has no recipe, so a worker dying during the scatter, or
+    holding the last copy, cancels every task that needs it ("lost
+    dependencies").  As a task it is recomputed like any other result."""
+    return client.submit(_identity, value, pure=False)
+
+
 def _keys_of(name: str) -> Callable[[dict], list[int]]:
     return lambda result: sorted(result[name].keys())
 
@@ -224,7 +236,7 @@ def run_step(client, store: Store, lv: LevelPlan, *, root_meta, sparsity_strateg
         source_dtype=src.dtype, has_objects=src.has_objects,
         manifests_path=f"{lv.source_level}/{fmt.OBJECT_INDEX}/manifests" if src.has_objects else None,
         links=lv.cross_level_storage)
-    [spec_f] = client.scatter([spec], broadcast=True, hash=False)
+    spec_f = share(client, spec)
 
     # -- object refs (per manifest bucket)
     buckets: list[tuple[int, int]] = []
@@ -234,7 +246,7 @@ def run_step(client, store: Store, lv: LevelPlan, *, root_meta, sparsity_strateg
         perm = np.argsort(src.object_ids, kind="stable")
         bucket_rows = min(fmt.MANIFEST_BUCKET, n_src_objects)
         buckets = split_runs(n_src_objects, bucket_rows)
-        [boc_f] = client.scatter([block_of_chunk], broadcast=True, hash=False)
+        boc_f = share(client, block_of_chunk)
         refs_f = [S.submit(st.object_refs, spec_f, a, perm[a:b], keep[perm[a:b]],
                            boc_f, pure=False) for a, b in buckets]
         refs_routes = S.run("object refs", refs_f, summary=_refs_route)
@@ -303,8 +315,7 @@ def run_step(client, store: Store, lv: LevelPlan, *, root_meta, sparsity_strateg
             plus.add(s_["plus"])
         families.append(plus)
     if lv.cross_level_storage == "explicit":
-        [fine_f] = client.scatter([np.asarray(chunks, dtype=np.int64).reshape(-1, ndim)],
-                                  broadcast=True, hash=False)
+        fine_f = share(client, np.asarray(chunks, dtype=np.int64).reshape(-1, ndim))
         routed = [(link_f[b], ("minus",), s_["minus"]) for b, s_ in enumerate(link_sum)]
         minus_f = [S.submit(st.write_minus_links, store, lv.target_level, 1, t_origin,
                             scale_trg, scale_src, fine_f, *parts, pure=False)
@@ -456,8 +467,7 @@ def compose_links(client, store: Store, *, root_meta, depth: int, storage: str,
                    for f in levels[:-1]}
     # What every task reads (grids, +1 presence lists, fine chunk tables)
     # travels to each worker once, not once per task.
-    [ctx_f] = client.scatter([{"geo": geo, "plus_fams": plus_fams, "fine_chunks": fine_chunks}],
-                             broadcast=True, hash=False)
+    ctx_f = share(client, {"geo": geo, "plus_fams": plus_fams, "fine_chunks": fine_chunks})
     tasks = []
     for f in levels[:-1]:
         steps = [n for n in range(2, max_delta + 1) if f + n in geo]
