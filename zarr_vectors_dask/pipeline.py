@@ -466,7 +466,7 @@ def compose_links(client, store: Store, *, root_meta, depth: int, storage: str,
                                  dtype=np.int64).reshape(-1, root_meta.sid_ndim)
                    for f in levels[:-1]}
     # What every task reads (grids, +1 presence lists, fine chunk tables)
-    # travels to each worker once, not once per task.
+    # is one task result each worker fetches once, not an argument of every task.
     ctx_f = share(client, {"geo": geo, "plus_fams": plus_fams, "fine_chunks": fine_chunks})
     tasks = []
     for f in levels[:-1]:
