@@ -169,6 +169,14 @@ def test_plan_repr_and_errors_hide_credentials(s3_server, level0, local_client):
 
 
 def _zvdask(*args: str, cwd, env_extra=None, timeout=300) -> subprocess.CompletedProcess:
+    t0 = time.monotonic()
+    try:
+        return _zvdask_run(*args, cwd=cwd, env_extra=env_extra, timeout=timeout)
+    finally:
+        print("TIMING", args[0], time.monotonic() - t0)
+
+
+def _zvdask_run(*args: str, cwd, env_extra=None, timeout=300) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "zarr_vectors_dask.cli", *args],
                           capture_output=True, text=True, cwd=cwd, timeout=timeout,
                           env=subprocess_env(env_extra or {}))
@@ -227,7 +235,8 @@ def test_cli_pyramid_info_validate_on_s3(s3_server, level0, tmp_path):
     # The validator really reads the object store: without level 1's
     # vertices document the store is invalid.
     s3_server.fs().rm(f"{bucket}/x.zv/1/vertices/zarr.json")
-    bad = _zvdask("validate", url, *_cli_options(s3_server), cwd=cwd, env_extra=env)
+    bad = _zvdask("validate", url, "--level", "1", *_cli_options(s3_server), cwd=cwd,
+                  env_extra=env)
     assert bad.returncode == 1, bad.stdout + bad.stderr[-3000:]
     assert "INVALID" in bad.stdout
     _assert_clean(bad.stdout + bad.stderr, key, secret)
@@ -238,6 +247,7 @@ def test_cli_pyramid_info_validate_on_s3(s3_server, level0, tmp_path):
                     f"client_kwargs.endpoint_url={s3_server.endpoint_url}", cwd=cwd,
                     env_extra=env, timeout=120)
     assert wrong.returncode == 2
+    assert "dashboard" not in wrong.stdout  # refused before any cluster started
     assert url in wrong.stderr and "access denied" in wrong.stderr, wrong.stderr[-2000:]
     _assert_clean(wrong.stdout + wrong.stderr, secret, "cli-wrong-secret-81d2")
 
@@ -302,10 +312,10 @@ def test_connection_failures_are_transient_and_auth_failures_are_not(private_s3_
     srv = private_s3_server
     bucket = srv.new_bucket()
     # One attempt each inside s3fs/botocore: we only want the exceptions.
-    fast = {"retries": 1, "config_kwargs": {"retries": {"max_attempts": 1}}}
+    fast = {"config_kwargs": {"retries": {"max_attempts": 1}}}
     bad = Store.from_url(srv.url(bucket, "x.zv"),
                          {**srv.storage_options, "secret": "wrong", **fast})
-    with pytest.raises(Exception) as denied:
+    with pytest.raises(PermissionError) as denied:
         bad.fs.cat_file(bad.path("0/zarr.json"))
     assert not _is_transient(denied.value)
 
@@ -316,4 +326,5 @@ def test_connection_failures_are_transient_and_auth_failures_are_not(private_s3_
     for key in ("0/vertices/c/403/1/2", "0/zarr.json"):
         with pytest.raises(Exception) as refused:
             down.fs.cat_file(down.path(key))
+        assert "EndpointConnectionError" in type(refused.value).__name__, repr(refused.value)
         assert _is_transient(refused.value), repr(refused.value)

@@ -93,6 +93,10 @@ def cmd_pyramid(args) -> int:
     if args.dry_run:
         print(plan_pyramid(args.store, n_workers=args.n_workers, **kw))
         return 0
+    # Unreachable store, bad credentials, not a zarr-vectors store: say so
+    # before starting (or connecting to) a cluster.
+    from .api import _open
+    _open(args.store, opts)
     client, cluster = _client(args)
     try:
         print(f"dashboard: {client.dashboard_link}")
