@@ -169,14 +169,6 @@ def test_plan_repr_and_errors_hide_credentials(s3_server, level0, local_client):
 
 
 def _zvdask(*args: str, cwd, env_extra=None, timeout=300) -> subprocess.CompletedProcess:
-    t0 = time.monotonic()
-    try:
-        return _zvdask_run(*args, cwd=cwd, env_extra=env_extra, timeout=timeout)
-    finally:
-        print("TIMING", args[0], time.monotonic() - t0)
-
-
-def _zvdask_run(*args: str, cwd, env_extra=None, timeout=300) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "zarr_vectors_dask.cli", *args],
                           capture_output=True, text=True, cwd=cwd, timeout=timeout,
                           env=subprocess_env(env_extra or {}))
