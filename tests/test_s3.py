@@ -287,17 +287,22 @@ def test_build_survives_s3_outage(private_s3_server, level0, local_client, tmp_p
     diff = compare_raw_files(ref, ours)
     assert diff.identical, diff.summary()
 
-    # Both read paths (our cells and arrays zarr decodes) wait out an outage.
+    # Both read paths (our cells, and arrays zarr decodes) wait out an
+    # outage longer than s3fs's own retries last (about 5 s here).
     import zarr
     st = Store.from_url(url, srv.storage_options)
     expected_ids = zarr.open_array(st.zarr_store(), path="0/object_index/object_ids", mode="r")[:]
-    restarter = threading.Thread(target=lambda: srv.restart(downtime=3), daemon=True)
+    got: dict = {}
     srv.stop()
+    restarter = threading.Thread(target=lambda: srv.restart(downtime=8), daemon=True)
+    cells = threading.Thread(target=lambda: got.update(cell=st.get("0/zarr.json")), daemon=True)
     restarter.start()
-    assert st.get("0/zarr.json") == before["0/zarr.json"]
+    cells.start()
     arr = zarr.open_array(st.zarr_store(), path="0/object_index/object_ids", mode="r")
     assert (arr[:] == expected_ids).all()
-    restarter.join()
+    cells.join(timeout=120)
+    restarter.join(timeout=120)
+    assert got.get("cell") == before["0/zarr.json"]
 
 
 def test_connection_failures_are_transient_and_auth_failures_are_not(private_s3_server):
