@@ -103,6 +103,31 @@ def test_pyramid_built_on_s3_matches_reference(s3_server, level0, local_client, 
     assert not st.is_local and st.root == f"{bucket}/x.zv"
     assert type(st.zarr_store()._store).__name__ == "FsspecStore"
 
+    # A reader polling the store sees level 1 only once it is complete:
+    # when its zarr.json first appears, every cell its arrays list exists
+    # (S3 has no rename; the commit writes the level document last).
+    published: dict = {}
+    done = threading.Event()
+
+    def watch():
+        from zarr_vectors_dask import format as fmt
+        reader = Store.from_url(url, s3_server.storage_options)
+        while not done.is_set() and "missing" not in published:
+            if reader.get("1/zarr.json") is None:
+                time.sleep(0.02)
+                continue
+            missing = []
+            for name in ("vertices", "vertex_fragments"):
+                info = fmt.vlen_array_info(reader, f"1/{name}")
+                if info is None:
+                    missing.append(f"1/{name}/zarr.json")
+                    continue
+                missing += [fmt.cell_path(info.path, c, info.origin) for c in info.chunks
+                            if reader.get(fmt.cell_path(info.path, c, info.origin)) is None]
+            published["missing"] = missing
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
     # Keys the scheduler saw from here on (its transition log is bounded;
     # clear it so what remains is this build's).
     local_client.run_on_scheduler(lambda dask_scheduler: dask_scheduler.transition_log.clear())
@@ -111,6 +136,9 @@ def test_pyramid_built_on_s3_matches_reference(s3_server, level0, local_client, 
         summary = zd.build_pyramid(url, storage_options=s3_server.storage_options,
                                    client=local_client, **BUILD)
     assert summary == expected_summary
+    done.set()
+    watcher.join(timeout=60)
+    assert published.get("missing") == [], published
 
     keys = local_client.run_on_scheduler(
         lambda dask_scheduler: [str(t[0]) for t in dask_scheduler.transition_log])
