@@ -326,10 +326,14 @@ def test_build_survives_s3_outage(private_s3_server, level0, local_client, tmp_p
     cells = threading.Thread(target=lambda: got.update(cell=st.get("0/zarr.json")), daemon=True)
     restarter.start()
     cells.start()
-    arr = zarr.open_array(st.zarr_store(), path="0/object_index/object_ids", mode="r")
-    assert (arr[:] == expected_ids).all()
-    cells.join(timeout=120)
-    restarter.join(timeout=120)
+    try:
+        arr = zarr.open_array(st.zarr_store(), path="0/object_index/object_ids", mode="r")
+        assert (arr[:] == expected_ids).all()
+    finally:
+        # Let the restart finish before the fixture stops the server, or a
+        # late start would outlive the test.
+        restarter.join(timeout=120)
+        cells.join(timeout=120)
     assert got.get("cell") == before["0/zarr.json"]
 
 
