@@ -281,8 +281,22 @@ def run_step(client, store: Store, lv: LevelPlan, *, root_meta, sparsity_strateg
                             *[S.submit(st.pick, reduce_f[p], "to_target", tb) for p in parts],
                             pure=False)
                for tb, parts in sorted(receivers.items())}
-    written = S.run("write vertices", list(write_f.values()), summary=_written_chunks)
-    vertex_chunks = sorted(c for w in written for c in (w or []))
+    written_f = [S.submit(_written_chunks, f) for f in write_f.values()]
+
+    # -- resolve parents (per partition), then links + sequences (per block).
+    # Routing is already known, so there is no round trip in between: with
+    # no metavertex at all every vertex is parentless and nothing is written.
+    resolve_f = {}
+    for p, rf in reduce_f.items():
+        located = [S.submit(st.pick, write_f[tb], "located", p) for tb in troutes[p]]
+        resolve_f[p] = S.submit(st.resolve_parents, spec_f, p, rf, *located)
+    link_f = []
+    for b in range(len(runs)):
+        answers = [S.submit(st.answer_for, resolve_f[p], b, p) for p in routes[b]]
+        link_f.append(S.submit(st.links_and_sequences, spec_f, b, partial_f[b],
+                               block_refs[b], *answers, pure=False))
+    link_sum = S.run("write vertices + links", link_f, summary=_plus_summary)
+    vertex_chunks = sorted(c for w in client.gather(written_f) for c in (w or []))
     n_meta = sum(n for _, n in vertex_chunks)
     report.vertex_count, report.chunks = n_meta, len(vertex_chunks)
 
@@ -295,38 +309,16 @@ def run_step(client, store: Store, lv: LevelPlan, *, root_meta, sparsity_strateg
         report.seconds = time.perf_counter() - t_start
         return report
 
-    # -- resolve parents (per partition), then links + sequences (per block);
-    # routing is already known, so no round trip in between.
-    resolve_f = {}
-    for p, rf in reduce_f.items():
-        located = [S.submit(st.pick, write_f[tb], "located", p) for tb in troutes[p]]
-        resolve_f[p] = S.submit(st.resolve_parents, spec_f, p, rf, *located)
-    link_f = []
-    for b in range(len(runs)):
-        answers = [S.submit(st.answer_for, resolve_f[p], b, p) for p in routes[b]]
-        link_f.append(S.submit(st.links_and_sequences, spec_f, b, partial_f[b],
-                               block_refs[b], *answers, pure=False))
-    link_sum = S.run("parents + links", link_f, summary=_plus_summary)
-
+    # -- the coarse level's -1 links, object index and attributes: independent
+    # of each other, so they run together and return in one round trip.
     families: list[cm.LinkFamily] = []
     if lv.cross_level_storage != "none":
         plus = cm.LinkFamily(lv.source_level, 1, *lv.source_grid)
         for s_ in link_sum:
             plus.add(s_["plus"])
         families.append(plus)
-    if lv.cross_level_storage == "explicit":
-        fine_f = share(client, np.asarray(chunks, dtype=np.int64).reshape(-1, ndim))
-        routed = [(link_f[b], ("minus",), s_["minus"]) for b, s_ in enumerate(link_sum)]
-        minus_f = [S.submit(st.write_minus_links, store, lv.target_level, 1, t_origin,
-                            scale_trg, scale_src, fine_f, *parts, pure=False)
-                   for parts in _route_minus(S, routed, max_block_vertices, n_workers)]
-        minus = cm.LinkFamily(lv.target_level, -1, t_origin, t_grid)
-        for w in S.run("-1 links", minus_f, gather=True):
-            minus.add(w)
-        families.append(minus)
-
-    # -- object index and attributes of the coarse level
-    object_index = None
+    # Manifest buckets first: the longest single tasks should start first.
+    man_f, attr_f = [], []
     if src.has_objects:
         _prepare_object_arrays(store, lv, src, n_src_objects)
         seq_by_bucket: dict[int, list] = {}
@@ -341,9 +333,23 @@ def run_step(client, store: Store, lv: LevelPlan, *, root_meta, sparsity_strateg
                 attr_f.append(S.submit(
                     st.write_attributes, store, f"{lv.source_level}/{fmt.OBJECT_ATTRIBUTES}/{name}",
                     f"{lv.target_level}/{fmt.OBJECT_ATTRIBUTES}/{name}", (a, b), keep[a:b], pure=False))
-        present = S.run("manifests", man_f, gather=True)
-        if attr_f:
-            S.run("attributes", attr_f)
+    if lv.cross_level_storage == "explicit":
+        fine_f = share(client, np.asarray(chunks, dtype=np.int64).reshape(-1, ndim))
+        routed = [(link_f[b], ("minus",), s_["minus"]) for b, s_ in enumerate(link_sum)]
+        minus_f = [S.submit(st.write_minus_links, store, lv.target_level, 1, t_origin,
+                            scale_trg, scale_src, fine_f, *parts, pure=False)
+                   for parts in _route_minus(S, routed, max_block_vertices, n_workers)]
+    else:
+        minus_f = []
+    done = S.run("-1 links + manifests", minus_f + man_f + attr_f, gather=True)
+    if lv.cross_level_storage == "explicit":
+        minus = cm.LinkFamily(lv.target_level, -1, t_origin, t_grid)
+        for w in done[:len(minus_f)]:
+            minus.add(w)
+        families.append(minus)
+    object_index = None
+    if src.has_objects:
+        present = done[len(minus_f):len(minus_f) + len(man_f)]
         object_index = {"zv_array": "object_index", "num_objects": int(n_src_objects),
                         "num_present": int(sum(present)), "sid_ndim": ndim,
                         "layout": "vlen_manifests_v2", "object_ids_sorted": True}
