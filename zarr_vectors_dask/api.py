@@ -342,14 +342,10 @@ def build_pyramid(store, *, factors, chunk_scale_factors=None, sparsity_strategy
             kept = _prepare_targets(st, plan, resume=resume, overwrite=overwrite, records=records)
             summaries, reports = [], []
             root_meta = _root_meta(st)
-            composer = pl.Composer(c, st, root_meta=root_meta, depth=cross_level_depth,
-                                   storage=cross_level_storage, n_workers=n_workers,
-                                   progress=progress, max_block_vertices=max_block_vertices)
             for lv, rec in zip(plan.levels, records):
                 if lv.target_level in kept:
                     raw = st.get(f"{RECORD_DIR}/{lv.target_level}.json.summary")
                     summaries.append(json.loads(raw) if raw else {})
-                    composer.level_ready(lv.target_level)
                     continue
                 # Later levels' shapes depend on what the earlier ones
                 # really produced: re-plan from the published source.
@@ -369,9 +365,11 @@ def build_pyramid(store, *, factors, chunk_scale_factors=None, sparsity_strategy
                 summaries.append(rep.summary)
                 st.put(f"{RECORD_DIR}/{lv.target_level}.json.summary",
                        json.dumps(rep.summary).encode())
-                composer.level_ready(lv.target_level)
             t0 = time.perf_counter()
-            fams, stage_s = composer.finish()
+            fams, stage_s = pl.compose_links(c, st, root_meta=root_meta, depth=cross_level_depth,
+                                             storage=cross_level_storage, n_workers=n_workers,
+                                             progress=progress,
+                                             max_block_vertices=max_block_vertices)
             levels = cm.published_levels(st)
             cm.commit_cross_level(
                 st, fams, sid_ndim=root_meta.sid_ndim, depth=cross_level_depth,

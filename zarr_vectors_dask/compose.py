@@ -63,8 +63,8 @@ def _read_parent_maps(store: Store, level: int, chunks, fam: dict, geo: dict) ->
 
 def compose_block(store: Store, ctx: dict, fine_level: int, run: tuple[int, int],
                   steps: list[int], storage: str) -> dict:
-    """``+N`` cells (and ``-N`` records routed by coarse chunk) for each N in
-    ``steps`` of one run of fine chunks, walking up one level per hop.  ``ctx`` holds every level's geometry and ``+1`` presence
+    """``+N`` cells (and ``-N`` records routed by coarse chunk) of one run of
+    fine chunks.  ``ctx`` holds every level's geometry and ``+1`` presence
     lists and each fine level's chunk table."""
     geo, plus_fams = ctx["geo"], ctx["plus_fams"]
     fine_cc = ctx["fine_chunks"][fine_level]
@@ -89,8 +89,7 @@ def compose_block(store: Store, ctx: dict, fine_level: int, run: tuple[int, int]
     cur_v = np.concatenate(p_vi) if p_vi else np.empty(0, np.int64)
     out = {"plus": {}, "minus": {}}
     level = fine_level + 1
-    wanted = set(steps)
-    for n in range(2, max(steps) + 1):
+    for n in steps:
         inter = fine_level + n - 1
         if inter + 1 not in geo or not plus_fams.get(inter):
             break
@@ -118,8 +117,6 @@ def compose_block(store: Store, ctx: dict, fine_level: int, run: tuple[int, int]
         level = fine_level + n
         if f_id.size == 0:
             break
-        if n not in wanted:
-            continue
         buckets = st._partition_links(fine_cc[f_id], f_vi, cur_c, cur_v,
                                       geo[fine_level]["scale"], geo[level]["scale"])
         out["plus"][n] = st.write_link_cells(store, fine_level, n, geo[fine_level]["grid"][0], buckets)

@@ -451,85 +451,58 @@ def _write_empty_level(store: Store, lv: LevelPlan, src: SourceLevel, n: int, ro
 
 
 # ---------------------------------------------------------------- composition
-class Composer:
-    """The closing stage, started early: the ``±N`` families (N >= 2) are
-    composed from published ``+1`` families.  The pairs ending at level k
-    are submitted as soon as k is committed, at low priority, so they fill
-    the gaps between the next level's stages; ``finish`` collects them,
-    writes the ``-N`` cells and returns every family for the one
-    cross-level commit."""
-
-    def __init__(self, client, store: Store, *, root_meta, depth: int, storage: str,
-                 n_workers: int, progress: Callable | None = None,
-                 max_block_vertices: int = 2_000_000):
-        self.client, self.store, self.root_meta = client, store, root_meta
-        self.depth, self.storage, self.n_workers = depth, storage, n_workers
-        self.budget = max_block_vertices
-        self.report = StepReport(target_level=-1)
-        self.S = _Stages(client, self.report, progress)
-        self.geo: dict[int, dict] = {}
-        self.plus_fams: dict[int, dict] = {}
-        self.tasks: list[tuple[int, Any]] = []  # (fine level, future)
-        self.fine_f: dict[int, Any] = {}
-        self.active = storage != "none" and depth != 0
-
-    def level_ready(self, level: int) -> None:
-        """Level ``level`` is committed: compose every pair that ends there."""
-        if not self.active:
-            return
-        from .compose import compose_block, level_geometry
-        levels = cm.published_levels(self.store)
-        if level not in levels:
-            return
-        for lv in levels:
-            if lv <= level and lv not in self.geo:
-                self.geo[lv] = level_geometry(self.store, lv, self.root_meta)
-            if lv < level and lv not in self.plus_fams:
-                self.plus_fams[lv] = cm.read_family(self.store, lv, 1)
-        fines = [f for f in levels if f <= level - 2 and (self.depth == -1 or level - f <= self.depth)
-                 and all(self.plus_fams.get(x) for x in range(f, level))]
-        if not fines:
-            return
-        fine_chunks = {f: np.asarray(sorted({tuple(c) for _, (_, cs) in self.plus_fams[f].items()
-                                             for c in cs}), dtype=np.int64
-                                     ).reshape(-1, self.root_meta.sid_ndim) for f in fines}
-        # What the tasks read (grids, +1 presence lists, fine chunk tables)
-        # is one task result each worker fetches once.
-        ctx_f = share(self.client, {"geo": dict(self.geo), "plus_fams": dict(self.plus_fams),
-                                    "fine_chunks": fine_chunks})
-        for f in fines:
-            if f not in self.fine_f:
-                self.fine_f[f] = self.S.submit(st.pick, ctx_f, "fine_chunks", f)
-            per = chunks_per_block(len(fine_chunks[f]), self.geo[f]["vertex_count"],
-                                   self.n_workers, self.budget)
-            for a, b in split_runs(len(fine_chunks[f]), per):
-                self.tasks.append((f, self.S.submit(compose_block, self.store, ctx_f, f, (a, b),
-                                                    [level - f], self.storage, pure=False,
-                                                    priority=-1)))
-
-    def finish(self) -> tuple[list, dict]:
-        families: dict[tuple[int, int], cm.LinkFamily] = {}
-        if not self.tasks:
-            return [], self.report.stage_seconds
-        S, geo = self.S, self.geo
-        summaries = S.run("compose", [t for _, t in self.tasks], summary=_compose_summary)
-        routed: dict[tuple[int, int], list] = {}
-        for (f, fut), s_ in zip(self.tasks, summaries):
-            for n, written in s_["plus"].items():
-                fam = families.setdefault((f, n), cm.LinkFamily(f, n, *geo[f]["grid"]))
-                fam.add(written)
-            for n, counts in s_["minus"].items():
-                routed.setdefault((f, n), []).append((fut, ("minus", n), counts))
-        if self.storage == "explicit":
-            writes, keys = [], []
-            for (f, n), parts_of in sorted(routed.items()):
-                c = f + n
-                for parts in _route_minus(S, parts_of, self.budget, self.n_workers):
-                    writes.append(S.submit(st.write_minus_links, self.store, c, n,
-                                           geo[c]["grid"][0], geo[c]["scale"], geo[f]["scale"],
-                                           self.fine_f[f], *parts, pure=False))
-                    keys.append((f, n))
-            for (f, n), w in zip(keys, S.run("compose -N", writes, gather=True)):
-                fam = families.setdefault((f + n, -n), cm.LinkFamily(f + n, -n, *geo[f + n]["grid"]))
-                fam.add(w)
-        return list(families.values()), self.report.stage_seconds
+def compose_links(client, store: Store, *, root_meta, depth: int, storage: str,
+                  n_workers: int, progress: Callable | None = None,
+                  max_block_vertices: int = 2_000_000) -> tuple[list, dict]:
+    """The closing stage: ``±N`` families (N >= 2) composed from the
+    published ``+1`` families, one task per block of fine chunks."""
+    from .compose import compose_block, level_geometry
+    report = StepReport(target_level=-1)
+    S = _Stages(client, report, progress)
+    levels = cm.published_levels(store)
+    if storage == "none" or depth == 0 or len(levels) < 2:
+        return [], report.stage_seconds
+    max_delta = (max(levels) - min(levels)) if depth == -1 else int(depth)
+    if max_delta < 2:
+        return [], report.stage_seconds
+    geo = {lv: level_geometry(store, lv, root_meta) for lv in levels}
+    plus_fams = {lv: cm.read_family(store, lv, 1) for lv in levels}
+    families: dict[tuple[int, int], cm.LinkFamily] = {}
+    fine_chunks = {f: np.asarray(sorted({tuple(c) for _, (_, cs) in plus_fams[f].items() for c in cs}),
+                                 dtype=np.int64).reshape(-1, root_meta.sid_ndim)
+                   for f in levels[:-1]}
+    # What every task reads (grids, +1 presence lists, fine chunk tables)
+    # is one task result each worker fetches once, not an argument of every task.
+    ctx_f = share(client, {"geo": geo, "plus_fams": plus_fams, "fine_chunks": fine_chunks})
+    tasks = []
+    for f in levels[:-1]:
+        steps = [n for n in range(2, max_delta + 1) if f + n in geo]
+        if not len(fine_chunks[f]) or not steps:
+            continue
+        per = chunks_per_block(len(fine_chunks[f]), geo[f]["vertex_count"], n_workers,
+                               max_block_vertices)
+        for a, b in split_runs(len(fine_chunks[f]), per):
+            tasks.append((f, S.submit(compose_block, store, ctx_f, f, (a, b), steps, storage,
+                                      pure=False)))
+    summaries = S.run("compose", [t for _, t in tasks], summary=_compose_summary)
+    routed: dict[tuple[int, int], list] = {}
+    for (f, fut), s_ in zip(tasks, summaries):
+        for n, written in s_["plus"].items():
+            fam = families.setdefault((f, n), cm.LinkFamily(f, n, *geo[f]["grid"]))
+            fam.add(written)
+        for n, counts in s_["minus"].items():
+            routed.setdefault((f, n), []).append((fut, ("minus", n), counts))
+    if storage == "explicit":
+        writes, keys = [], []
+        for (f, n), parts_of in sorted(routed.items()):
+            c = f + n
+            fine_f = S.submit(st.pick, ctx_f, "fine_chunks", f)
+            for parts in _route_minus(S, parts_of, max_block_vertices, n_workers):
+                writes.append(S.submit(st.write_minus_links, store, c, n, geo[c]["grid"][0],
+                                       geo[c]["scale"], geo[f]["scale"], fine_f, *parts,
+                                       pure=False))
+                keys.append((f, n))
+        for (f, n), w in zip(keys, S.run("compose -N", writes, gather=True)):
+            fam = families.setdefault((f + n, -n), cm.LinkFamily(f + n, -n, *geo[f + n]["grid"]))
+            fam.add(w)
+    return list(families.values()), report.stage_seconds
