@@ -321,7 +321,9 @@ def replace_readme(path: Path, text: str) -> bool:
 
 
 # ------------------------------------------------------------------ main
-def bench_one(root: Path, vertices: int, args) -> dict:
+def _new_case(root: Path, vertices: int, args):
+    """A fresh case folder with level 0 written (in a subprocess) and one
+    copy for the reference."""
     case = root / f"v{vertices}"
     if case.exists():
         shutil.rmtree(case)
@@ -329,6 +331,11 @@ def bench_one(root: Path, vertices: int, args) -> dict:
     level0, ref_dir, proj_dir = case / "level0.zv", case / "reference.zv", case / "project.zv"
     w = run_child("write", level0, vertices, args.seed, args.step)
     shutil.copytree(level0, ref_dir)
+    return case, level0, ref_dir, proj_dir, w
+
+
+def bench_one(root: Path, vertices: int, args) -> dict:
+    case, level0, ref_dir, proj_dir, w = _new_case(root, vertices, args)
     shutil.copytree(level0, proj_dir)
     print(f"[{root} {vertices:,}] level 0 written in {w['seconds']:.1f}s", file=sys.stderr)
     ref = None
@@ -339,17 +346,21 @@ def bench_one(root: Path, vertices: int, args) -> dict:
     print(f"[{root} {vertices:,}] project {proj['seconds']:.2f}s", file=sys.stderr)
     outs = output_files(level0, proj_dir)
     floor = io_floor(level0, outs, case / "floor-scratch")
-    if ref is not None:
-        ok, problems = trees_equivalent(ref_dir, proj_dir)
-        equivalent = "yes" if ok else "no"
-        for p in problems:
-            print(f"  {p}", file=sys.stderr)
-    else:
-        equivalent = "n/a"
+    equivalent = _verdict(ref, ref_dir, proj_dir)
     if not args.keep:
         shutil.rmtree(case)
     return {"root": str(root), "vertices": w["vertices"], "write": w, "reference": ref,
             "project": proj, "floor": floor, "equivalent": equivalent}
+
+
+def _verdict(ref, ref_dir: Path, proj_dir: Path) -> str:
+    """"yes"/"no" against the reference's tree ("n/a" when it was not run)."""
+    if ref is None:
+        return "n/a"
+    ok, problems = trees_equivalent(ref_dir, proj_dir)
+    for p in problems:
+        print(f"  {p}", file=sys.stderr)
+    return "yes" if ok else "no"
 
 
 def _seaweedfs():
@@ -366,13 +377,7 @@ def bench_one_s3(data_root: Path, vertices: int, args) -> dict:
     """The project on ``s3://bucket/project.zv`` of a SeaweedFS server whose
     data lives under ``data_root``; level 0 is written locally and uploaded,
     the result downloaded and compared with the reference built locally."""
-    case = data_root / f"v{vertices}"
-    if case.exists():
-        shutil.rmtree(case)
-    case.mkdir(parents=True)
-    level0, ref_dir, proj_dir = case / "level0.zv", case / "reference.zv", case / "project.zv"
-    w = run_child("write", level0, vertices, args.seed, args.step)
-    shutil.copytree(level0, ref_dir)
+    case, level0, ref_dir, proj_dir, w = _new_case(data_root, vertices, args)
     label = f"s3:{data_root} (SeaweedFS)"
     print(f"[{label} {vertices:,}] level 0 written in {w['seconds']:.1f}s", file=sys.stderr)
     srv = _seaweedfs()(case / "weed-data")
@@ -396,13 +401,7 @@ def bench_one_s3(data_root: Path, vertices: int, args) -> dict:
                             output_files(level0, proj_dir), f"{bucket}/floor-scratch")
     finally:
         srv.stop()
-    if ref is not None:
-        ok, problems = trees_equivalent(ref_dir, proj_dir)
-        equivalent = "yes" if ok else "no"
-        for p in problems:
-            print(f"  {p}", file=sys.stderr)
-    else:
-        equivalent = "n/a"
+    equivalent = _verdict(ref, ref_dir, proj_dir)
     if not args.keep:
         shutil.rmtree(case)
     return {"root": label, "vertices": w["vertices"], "write": w, "reference": ref,

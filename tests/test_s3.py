@@ -91,6 +91,17 @@ def _assert_clean(text: str, *secrets: str) -> None:
 # ---------------------------------------------------------------- API
 
 
+def _assert_built_in_place(srv, bucket, before, ref, tmp_path):
+    """Level 0 untouched, no build bookkeeping left, and the downloaded
+    pyramid identical to the reference's; returns the local copy."""
+    _assert_level0_untouched(before, _objects(srv, bucket))
+    _assert_no_bookkeeping(srv, bucket)
+    ours = _download(srv, bucket, tmp_path / "ours.zv")
+    diff = compare_raw_files(ref, ours)
+    assert diff.identical, diff.summary()
+    return ours
+
+
 def test_pyramid_built_on_s3_matches_reference(s3_server, level0, local_client, tmp_path,
                                                caplog):
     base, ref, expected_summary = level0
@@ -147,13 +158,7 @@ def test_pyramid_built_on_s3_matches_reference(s3_server, level0, local_client, 
             repr(local_client.get_worker_logs())]
     _assert_clean("\n".join(keys + logs), *_secrets(s3_server))
 
-    after = _objects(s3_server, bucket)
-    _assert_level0_untouched(before, after)
-    _assert_no_bookkeeping(s3_server, bucket)
-
-    ours = _download(s3_server, bucket, tmp_path / "ours.zv")
-    diff = compare_raw_files(ref, ours)
-    assert diff.identical, diff.summary()
+    ours = _assert_built_in_place(s3_server, bucket, before, ref, tmp_path)
     assert_equivalent(ref, ours)
 
 
@@ -234,12 +239,7 @@ def test_cli_pyramid_info_validate_on_s3(s3_server, level0, tmp_path):
               if p.endswith("zarr.json") or "x.zv" in p or "/c/" in p]
     assert not staged, staged[:5]
 
-    after = _objects(s3_server, bucket)
-    _assert_level0_untouched(before, after)
-    _assert_no_bookkeeping(s3_server, bucket)
-    ours = _download(s3_server, bucket, tmp_path / "ours.zv")
-    diff = compare_raw_files(ref, ours)
-    assert diff.identical, diff.summary()
+    _assert_built_in_place(s3_server, bucket, before, ref, tmp_path)
 
     info = _zvdask("info", url, *_cli_options(s3_server), cwd=cwd, env_extra=env)
     assert info.returncode == 0, info.stderr[-3000:]
