@@ -1,0 +1,375 @@
+#!/usr/bin/env python
+"""Out-of-core scale run: the standard streamline case at 1M .. 100M vertices,
+project only, on a LocalCluster of 2 workers x 1 thread with a 2 GiB memory
+limit each.
+
+Per size: level 0 is written in bounded memory (``scale_level0.py``, the
+store ``write_polylines`` would write), then ``zarr_vectors_dask.build_pyramid``
+runs in a fresh process while a sampler thread records the RSS of every
+worker process (with its children) every 0.5 s and a scheduler plugin counts
+finished tasks and their result sizes per task prefix, then zarr-vectors'
+validator checks the pyramid in a third process.  Prints a table; ``--markdown``
+writes it.  See benchmarks/README.md ("Scale run").
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+FACTORS = [(2, 1), (2, 2), (2, 2)]
+SEED = 0
+HERE = Path(__file__).resolve().parent
+
+
+def _maxrss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
+
+
+# ------------------------------------------------------------------ children
+def child_write(path: str, vertices: int, seed: int, step: float) -> dict:
+    sys.path.insert(0, str(HERE))
+    from scale_level0 import POINTS_PER_LINE, random_walk_batches, write_polylines_partitioned
+
+    n_lines = max(1, vertices // POINTS_PER_LINE)
+    t0 = time.perf_counter()
+    out = write_polylines_partitioned(
+        path, random_walk_batches(n_lines, seed=seed, step=step),
+        spill_dir=str(Path(path).parent))
+    return {"seconds": time.perf_counter() - t0, "rss_mib": _maxrss_mib(), **out}
+
+
+class _TaskCounter:
+    """Scheduler plugin (in-process scheduler): finished tasks and result
+    sizes per task prefix."""
+
+    name = "zvdask-scale-counter"
+
+    def __init__(self):
+        self.count: dict[str, int] = {}
+        self.nbytes_max: dict[str, int] = {}
+        self.nbytes_sum: dict[str, int] = {}
+        self.erred = 0
+
+    def _scheduler_plugin(self, scheduler):
+        from distributed.diagnostics.plugin import SchedulerPlugin
+        counter = self
+
+        class Plugin(SchedulerPlugin):
+            name = counter.name
+
+            def __init__(self):
+                self.scheduler = scheduler
+
+            def transition(self, key, start, finish, *args, **kwargs):
+                if finish == "erred":
+                    counter.erred += 1
+                if finish != "memory" or self.scheduler is None:
+                    return
+                ts = self.scheduler.tasks.get(key)
+                prefix = ts.prefix.name if ts is not None else str(key)
+                nb = int(ts.nbytes) if ts is not None and ts.nbytes is not None else 0
+                counter.count[prefix] = counter.count.get(prefix, 0) + 1
+                counter.nbytes_sum[prefix] = counter.nbytes_sum.get(prefix, 0) + max(nb, 0)
+                counter.nbytes_max[prefix] = max(counter.nbytes_max.get(prefix, 0), nb)
+
+        return Plugin()
+
+
+class _Sampler(threading.Thread):
+    """RSS of every descendant of this process, grouped per worker
+    (worker process + its children), every ``interval`` seconds; plus the
+    scheduler's view of spilled bytes."""
+
+    def __init__(self, scheduler, interval: float = 0.5):
+        super().__init__(daemon=True)
+        import psutil
+        self.psutil = psutil
+        self.me = psutil.Process()
+        self.scheduler = scheduler
+        self.interval = interval
+        self.stop = threading.Event()
+        self.worker_pids: set[int] = set()
+        self.max_worker_rss = 0          # largest single worker tree
+        self.max_all_children_rss = 0    # all nannies + workers together
+        self.max_driver_rss = 0
+        self.max_spilled_disk = 0        # summed over workers, at one instant
+        self.max_managed = 0
+        self.samples = 0
+
+    def run(self):
+        ps = self.psutil
+        while not self.stop.is_set():
+            try:
+                self.max_driver_rss = max(self.max_driver_rss, self.me.memory_info().rss)
+                total = 0
+                for child in self.me.children(recursive=True):
+                    try:
+                        total += child.memory_info().rss
+                    except ps.Error:
+                        pass
+                # LocalCluster's nannies live in this process; each spawns
+                # its worker as a process the scheduler knows the pid of.
+                for ws in list(self.scheduler.workers.values()):
+                    try:
+                        proc = ps.Process(ws.pid)
+                        tree = proc.memory_info().rss
+                        for g in proc.children(recursive=True):
+                            try:
+                                tree += g.memory_info().rss
+                            except ps.Error:
+                                pass
+                    except (ps.Error, TypeError, ValueError):
+                        continue
+                    self.worker_pids.add(ws.pid)
+                    self.max_worker_rss = max(self.max_worker_rss, tree)
+                self.max_all_children_rss = max(self.max_all_children_rss, total)
+                spilled = managed = 0
+                for ws in list(self.scheduler.workers.values()):
+                    m = ws.metrics or {}
+                    spilled += int((m.get("spilled_bytes") or {}).get("disk", 0))
+                    managed += int(m.get("managed_bytes", 0))
+                self.max_spilled_disk = max(self.max_spilled_disk, spilled)
+                self.max_managed = max(self.max_managed, managed)
+                self.samples += 1
+            except Exception:
+                pass
+            self.stop.wait(self.interval)
+
+
+def child_build(path: str, n_workers: int, memory_limit: str) -> dict:
+    import warnings
+    warnings.filterwarnings("ignore")
+    from distributed import Client, LocalCluster
+    import zarr_vectors_dask as zvd
+
+    progress_log: list = []
+    t_start = [0.0]
+
+    def progress(name, futures):
+        progress_log.append((round(time.perf_counter() - t_start[0], 2), name, len(futures)))
+
+    counter = _TaskCounter()
+    with LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True,
+                      memory_limit=memory_limit, dashboard_address=None) as cluster, \
+            Client(cluster) as client:
+        client.wait_for_workers(n_workers)
+        client.run(lambda: __import__("zarr_vectors_dask"))  # warm imports, not timed
+        cluster.scheduler.add_plugin(counter._scheduler_plugin(cluster.scheduler))
+        sampler = _Sampler(cluster.scheduler)
+        sampler.start()
+        reports: list = []
+        error = None
+        t0 = t_start[0] = time.perf_counter()
+        try:
+            zvd.build_pyramid(path, factors=FACTORS, sparsity_seed=SEED, cross_level_depth=-1,
+                              cross_level_storage="explicit", client=client,
+                              _reports=reports, progress=progress)
+        except Exception as exc:  # report what happened, with the measurements so far
+            error = f"{type(exc).__name__}: {str(exc)[:2000]}"
+        seconds = time.perf_counter() - t0
+        time.sleep(1.0)  # one more heartbeat for the spill metrics
+        sampler.stop.set()
+        sampler.join()
+        cum = dict(cluster.scheduler.cumulative_worker_metrics)
+        worker_maxrss = client.run(
+            lambda: __import__("resource").getrusage(
+                __import__("resource").RUSAGE_SELF).ru_maxrss / 1024.0)
+    disk_write = sum(v for k, v in cum.items()
+                     if isinstance(k, tuple) and "disk-write" in k and k[-1] == "bytes")
+    disk_read = sum(v for k, v in cum.items()
+                    if isinstance(k, tuple) and "disk-read" in k and k[-1] == "bytes")
+    steps = [r for r in reports if not isinstance(r, dict)]
+    final = next((r for r in reports if isinstance(r, dict)), {})
+    stages: dict[str, float] = {}
+    for r in steps:
+        for k, v in r.stage_seconds.items():
+            stages[k] = stages.get(k, 0.0) + v
+    for k, v in final.items():
+        stages[k] = stages.get(k, 0.0) + v
+    return {
+        "seconds": seconds, "error": error,
+        "driver_rss_mib": _maxrss_mib(),
+        "driver_rss_sampled_mib": sampler.max_driver_rss / 2**20,
+        "worker_rss_mib": sampler.max_worker_rss / 2**20,
+        "worker_maxrss_final_mib": max(worker_maxrss.values()) if worker_maxrss else 0.0,
+        "children_rss_mib": sampler.max_all_children_rss / 2**20,
+        "worker_processes_seen": len(sampler.worker_pids),
+        "samples": sampler.samples,
+        "spilled_disk_max_mib": sampler.max_spilled_disk / 2**20,
+        "managed_max_mib": sampler.max_managed / 2**20,
+        "spill_write_mib": disk_write / 2**20, "spill_read_mib": disk_read / 2**20,
+        "tasks": sum(r.tasks for r in steps),
+        "scheduler_tasks": sum(counter.count.values()), "erred": counter.erred,
+        "by_prefix": {p: {"n": counter.count[p], "nbytes_max": counter.nbytes_max[p],
+                          "nbytes_sum": counter.nbytes_sum[p]} for p in sorted(counter.count)},
+        "stages": stages, "progress": progress_log,
+        "levels": [{"level": r.target_level, "vertices": r.vertex_count, "chunks": r.chunks,
+                    "objects": r.objects_kept, "seconds": r.seconds, "tasks": r.tasks}
+                   for r in steps],
+    }
+
+
+def child_validate(path: str, level: int) -> dict:
+    import warnings
+    warnings.filterwarnings("ignore")
+    from zarr_vectors.validate import validate
+    t0 = time.perf_counter()
+    rep = validate(path, level=level)
+    errors = [str(e) for e in (getattr(rep, "errors", None) or [])][:5]
+    return {"ok": bool(rep.ok), "level": level, "seconds": time.perf_counter() - t0,
+            "rss_mib": _maxrss_mib(), "errors": errors}
+
+
+def run_child(mode: str, *args, timeout: float | None = None) -> dict:
+    cmd = [sys.executable, os.path.abspath(__file__), "--_child", mode, *map(str, args)]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{mode} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    out = json.loads([ln for ln in proc.stdout.splitlines() if ln.startswith("{")][-1])
+    out["wall_with_startup"] = time.perf_counter() - t0
+    # Worker restarts / memory warnings land on the child's stderr.
+    out["stderr_memory_lines"] = [ln for ln in proc.stderr.splitlines()
+                                  if "memory" in ln.lower() or "restart" in ln.lower()
+                                  or "killed" in ln.lower()][-20:]
+    return out
+
+
+# ------------------------------------------------------------------ tables
+def _fmt_bytes_mib(x: float) -> str:
+    return f"{x / 1024:.2f} GiB" if x >= 1024 else f"{x:.0f} MiB"
+
+
+def tables(results: list[dict]) -> str:
+    out = []
+    out.append("| vertices | level-0 write s | write peak RSS | build s | build µs/vertex "
+               "| driver peak RSS | largest worker peak RSS | spilled to disk (total / peak) "
+               "| tasks (graph) | tasks (scheduler) | validate (level 3) |")
+    out.append("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+    for r in results:
+        w, b, v = r["write"], r["build"], r.get("validate") or {}
+        val = ("ok" if v.get("ok") else "FAILED") + f" ({v.get('seconds', 0):.0f} s)" if v else "-"
+        status = "" if not b.get("error") else " **FAILED**"
+        out.append(
+            f"| {r['vertices']:,} | {w['seconds']:.1f} | {_fmt_bytes_mib(w['rss_mib'])} "
+            f"| {b['seconds']:.1f}{status} | {1e6 * b['seconds'] / r['vertices']:.2f} "
+            f"| {_fmt_bytes_mib(b['driver_rss_mib'])} | {_fmt_bytes_mib(b['worker_rss_mib'])} "
+            f"| {_fmt_bytes_mib(b['spill_write_mib'])} / {_fmt_bytes_mib(b['spilled_disk_max_mib'])} "
+            f"| {b['tasks']:,} | {b['scheduler_tasks']:,} | {val} |")
+    out.append("")
+    out.append("Per level (target level: vertices / chunks / tasks / seconds):")
+    out.append("")
+    levels = sorted({lv["level"] for r in results for lv in r["build"]["levels"]})
+    out.append("| vertices | " + " | ".join(f"level {k}" for k in levels) + " |")
+    out.append("|---:|" + "---|" * len(levels))
+    for r in results:
+        by = {lv["level"]: lv for lv in r["build"]["levels"]}
+        cells = [f"{by[k]['vertices']:,} v / {by[k]['chunks']} ch / {by[k]['tasks']} t / "
+                 f"{by[k]['seconds']:.1f} s" if k in by else "-" for k in levels]
+        out.append(f"| {r['vertices']:,} | " + " | ".join(cells) + " |")
+    out.append("")
+    stages = sorted({s for r in results for s in r["build"]["stages"]})
+    out.append("Stage seconds (summed over levels):")
+    out.append("")
+    out.append("| stage | " + " | ".join(f"{r['vertices']:,}" for r in results) + " |")
+    out.append("|---|" + "---:|" * len(results))
+    for s in stages:
+        out.append(f"| {s} | " + " | ".join(f"{r['build']['stages'].get(s, 0.0):.2f}"
+                                             for r in results) + " |")
+    out.append("")
+    if len(results) >= 2:
+        out.append("Linearity (relative to the smallest run):")
+        out.append("")
+        out.append("| vertices | x vertices | x build s | x tasks | x write s |")
+        out.append("|---:|---:|---:|---:|---:|")
+        base = results[0]
+        for r in results:
+            out.append(f"| {r['vertices']:,} | {r['vertices'] / base['vertices']:.1f} "
+                       f"| {r['build']['seconds'] / base['build']['seconds']:.2f} "
+                       f"| {r['build']['tasks'] / max(1, base['build']['tasks']):.2f} "
+                       f"| {r['write']['seconds'] / base['write']['seconds']:.2f} |")
+        out.append("")
+    return "\n".join(out)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--vertices", default="1000000,10000000")
+    ap.add_argument("--root", default="/tmp/zvscale")
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--memory-limit", default="2GiB")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--step", type=float, default=2.0)
+    ap.add_argument("--validate-level", type=int, default=3)
+    ap.add_argument("--no-validate", action="store_true")
+    ap.add_argument("--build-timeout", type=float, default=None,
+                    help="seconds; kill the build process after this long")
+    ap.add_argument("--markdown")
+    ap.add_argument("--json")
+    ap.add_argument("--keep", action="store_true")
+    ap.add_argument("--_child", nargs="+", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+
+    if args._child:
+        mode, *rest = args._child
+        if mode == "write":
+            out = child_write(rest[0], int(rest[1]), int(rest[2]), float(rest[3]))
+        elif mode == "build":
+            out = child_build(rest[0], int(rest[1]), rest[2])
+        else:
+            out = child_validate(rest[0], int(rest[1]))
+        print(json.dumps(out))
+        return 0
+
+    root = Path(args.root)
+    root.mkdir(parents=True, exist_ok=True)
+    results = []
+    for n in [int(x) for x in args.vertices.split(",")]:
+        path = root / f"scale_{n}.zv"
+        shutil.rmtree(path, ignore_errors=True)
+        print(f"[{time.strftime('%H:%M:%S')}] {n:,} vertices: writing level 0 -> {path}", flush=True)
+        w = run_child("write", path, n, args.seed, args.step)
+        print(f"  level 0: {w['seconds']:.1f} s, peak RSS {w['rss_mib']:.0f} MiB, "
+              f"{w['chunk_count']} chunks, {w['cross_chunk_link_count']:,} bridges", flush=True)
+        print(f"[{time.strftime('%H:%M:%S')}] building", flush=True)
+        b = run_child("build", path, args.workers, args.memory_limit,
+                      timeout=args.build_timeout)
+        print(f"  build: {b['seconds']:.1f} s, driver {b['driver_rss_mib']:.0f} MiB, "
+              f"largest worker {b['worker_rss_mib']:.0f} MiB, spill written "
+              f"{b['spill_write_mib']:.0f} MiB, tasks {b['tasks']}, error {b['error']}",
+              flush=True)
+        v = None
+        if not args.no_validate and not b["error"]:
+            print(f"[{time.strftime('%H:%M:%S')}] validating", flush=True)
+            v = run_child("validate", path, args.validate_level)
+            print(f"  validate: ok={v['ok']} {v['seconds']:.1f} s RSS {v['rss_mib']:.0f} MiB "
+                  f"{v['errors']}", flush=True)
+        results.append({"vertices": n, "write": w, "build": b, "validate": v})
+        if args.json:
+            Path(args.json).write_text(json.dumps(results, indent=1))
+        if not args.keep:
+            shutil.rmtree(path, ignore_errors=True)
+    text = tables(results)
+    print(text)
+    if args.markdown:
+        header = (f"Scale run: `python benchmarks/scale_run.py --vertices {args.vertices} "
+                  f"--root {args.root}` — LocalCluster {args.workers} workers x 1 thread, "
+                  f"memory_limit {args.memory_limit}, store on {args.root}; "
+                  f"{os.cpu_count()} cores, {platform.python_version()}; "
+                  f"{time.strftime('%Y-%m-%d %H:%M')}.\n\n")
+        Path(args.markdown).write_text(header + text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
