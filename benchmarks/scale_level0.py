@@ -121,7 +121,7 @@ def write_polylines_partitioned(path: str | os.PathLike, batches: Iterable[np.nd
     try:
         spill = _Spill(tmp)
         blobs: list[bytes] = []                  # one encoded manifest per object
-        bridge_cc: list[np.ndarray] = []         # (M, 2, D) chunk coords per bridge
+        bridge_cc: list[np.ndarray] = []         # (M, 2, D) chunk coords per bridge (int32: a grid index)
         bridge_vi: list[np.ndarray] = []         # (M, 2) chunk-local vertex rows
         ndim = None
         total_vertices = 0
@@ -164,7 +164,7 @@ def write_polylines_partitioned(path: str | os.PathLike, batches: Iterable[np.nd
             blobs.extend(encode_object_manifests_many(manifests, sid_ndim=ndim))
             n_objects += len(lines)
             if cc_rows:
-                bridge_cc.append(np.asarray(cc_rows, dtype=np.int64).reshape(-1, 2, ndim))
+                bridge_cc.append(np.asarray(cc_rows, dtype=np.int32).reshape(-1, 2, ndim))
                 bridge_vi.append(np.asarray(vi_rows, dtype=np.int64).reshape(-1, 2))
             for cc, segs in per_chunk.items():
                 spill.append(cc, segs)
@@ -223,7 +223,8 @@ def write_polylines_partitioned(path: str | os.PathLike, batches: Iterable[np.nd
             del blobs
             if bridge_vi:
                 zva.write_links(level_group, [], ndim, delta=0, link_width=2,
-                                _arrays=(np.concatenate(bridge_cc), np.concatenate(bridge_vi)))
+                                _arrays=(np.concatenate(bridge_cc).astype(np.int64),
+                                         np.concatenate(bridge_vi)))
         n_bridges = int(sum(len(v) for v in bridge_vi))
         zva.stamp_fragments_tile(level_group, ndim)
         _finalize_write(root, "write_polylines")

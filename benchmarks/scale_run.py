@@ -35,17 +35,23 @@ def _maxrss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
 
 
+def _cpu_self() -> float:
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return ru.ru_utime + ru.ru_stime
+
+
 # ------------------------------------------------------------------ children
 def child_write(path: str, vertices: int, seed: int, step: float) -> dict:
     sys.path.insert(0, str(HERE))
     from scale_level0 import POINTS_PER_LINE, random_walk_batches, write_polylines_partitioned
 
     n_lines = max(1, vertices // POINTS_PER_LINE)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), _cpu_self()
     out = write_polylines_partitioned(
         path, random_walk_batches(n_lines, seed=seed, step=step),
         spill_dir=str(Path(path).parent))
-    return {"seconds": time.perf_counter() - t0, "rss_mib": _maxrss_mib(), **out}
+    return {"seconds": time.perf_counter() - t0, "cpu_seconds": _cpu_self() - c0,
+            "rss_mib": _maxrss_mib(), **out}
 
 
 class _TaskCounter:
@@ -99,6 +105,7 @@ class _Sampler(threading.Thread):
         self.interval = interval
         self.stop = threading.Event()
         self.worker_pids: set[int] = set()
+        self.worker_cpu: dict[int, float] = {}   # last seen user+sys, per worker pid
         self.max_worker_rss = 0          # largest single worker tree
         self.max_all_children_rss = 0    # all nannies + workers together
         self.max_driver_rss = 0
@@ -122,6 +129,9 @@ class _Sampler(threading.Thread):
                 for ws in list(self.scheduler.workers.values()):
                     try:
                         proc = ps.Process(ws.pid)
+                        ct = proc.cpu_times()
+                        self.worker_cpu[ws.pid] = (ct.user + ct.system + ct.children_user
+                                                   + ct.children_system)
                         tree = proc.memory_info().rss
                         for g in proc.children(recursive=True):
                             try:
@@ -167,6 +177,9 @@ def child_build(path: str, n_workers: int, memory_limit: str) -> dict:
         cluster.scheduler.add_plugin(counter._scheduler_plugin(cluster.scheduler))
         sampler = _Sampler(cluster.scheduler)
         sampler.start()
+        time.sleep(1.0)  # a first CPU sample before the build: setup is not counted
+        cpu_before = dict(sampler.worker_cpu)
+        driver_cpu0 = _cpu_self()
         reports: list = []
         error = None
         t0 = t_start[0] = time.perf_counter()
@@ -177,6 +190,7 @@ def child_build(path: str, n_workers: int, memory_limit: str) -> dict:
         except Exception as exc:  # report what happened, with the measurements so far
             error = f"{type(exc).__name__}: {str(exc)[:2000]}"
         seconds = time.perf_counter() - t0
+        driver_cpu = _cpu_self() - driver_cpu0
         time.sleep(1.0)  # one more heartbeat for the spill metrics
         sampler.stop.set()
         sampler.join()
@@ -197,7 +211,11 @@ def child_build(path: str, n_workers: int, memory_limit: str) -> dict:
     for k, v in final.items():
         stages[k] = stages.get(k, 0.0) + v
     return {
-        "seconds": seconds, "error": error,
+        "seconds": seconds, "error": error, "driver_cpu_seconds": driver_cpu,
+        # Sampled every 0.5 s, so a worker that died takes at most its last
+        # half second of CPU with it.
+        "worker_cpu_seconds": sum(v - cpu_before.get(pid, 0.0)
+                                  for pid, v in sampler.worker_cpu.items()),
         "driver_rss_mib": _maxrss_mib(),
         "driver_rss_sampled_mib": sampler.max_driver_rss / 2**20,
         "worker_rss_mib": sampler.max_worker_rss / 2**20,
@@ -250,19 +268,27 @@ def _fmt_bytes_mib(x: float) -> str:
     return f"{x / 1024:.2f} GiB" if x >= 1024 else f"{x:.0f} MiB"
 
 
+def _ratio(r: dict, base: dict, part: str, key: str) -> str:
+    a, b = r[part].get(key), base[part].get(key)
+    return f"{a / b:.2f}" if a and b else "-"
+
+
 def tables(results: list[dict]) -> str:
     out = []
-    out.append("| vertices | level-0 write s | write peak RSS | build s | build µs/vertex "
+    out.append("| vertices | level-0 write s (CPU s) | write peak RSS | build wall s "
+               "| build CPU s: workers / driver | worker CPU µs/vertex "
                "| driver peak RSS | largest worker peak RSS | spilled to disk (total / peak) "
                "| tasks (graph) | tasks (scheduler) | validate (level 3) |")
-    out.append("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+    out.append("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
     for r in results:
         w, b, v = r["write"], r["build"], r.get("validate") or {}
         val = ("ok" if v.get("ok") else "FAILED") + f" ({v.get('seconds', 0):.0f} s)" if v else "-"
         status = "" if not b.get("error") else " **FAILED**"
         out.append(
-            f"| {r['vertices']:,} | {w['seconds']:.1f} | {_fmt_bytes_mib(w['rss_mib'])} "
-            f"| {b['seconds']:.1f}{status} | {1e6 * b['seconds'] / r['vertices']:.2f} "
+            f"| {r['vertices']:,} | {w['seconds']:.1f} ({w.get('cpu_seconds', 0):.1f}) "
+            f"| {_fmt_bytes_mib(w['rss_mib'])} | {b['seconds']:.1f}{status} "
+            f"| {b.get('worker_cpu_seconds', 0):.1f} / {b.get('driver_cpu_seconds', 0):.1f} "
+            f"| {1e6 * b.get('worker_cpu_seconds', 0) / r['vertices']:.2f} "
             f"| {_fmt_bytes_mib(b['driver_rss_mib'])} | {_fmt_bytes_mib(b['worker_rss_mib'])} "
             f"| {_fmt_bytes_mib(b['spill_write_mib'])} / {_fmt_bytes_mib(b['spilled_disk_max_mib'])} "
             f"| {b['tasks']:,} | {b['scheduler_tasks']:,} | {val} |")
@@ -290,14 +316,17 @@ def tables(results: list[dict]) -> str:
     if len(results) >= 2:
         out.append("Linearity (relative to the smallest run):")
         out.append("")
-        out.append("| vertices | x vertices | x build s | x tasks | x write s |")
-        out.append("|---:|---:|---:|---:|---:|")
+        out.append("| vertices | x vertices | x build wall s | x worker CPU s | x driver CPU s "
+                   "| x tasks | x write CPU s |")
+        out.append("|---:|---:|---:|---:|---:|---:|---:|")
         base = results[0]
         for r in results:
             out.append(f"| {r['vertices']:,} | {r['vertices'] / base['vertices']:.1f} "
                        f"| {r['build']['seconds'] / base['build']['seconds']:.2f} "
+                       f"| {_ratio(r, base, 'build', 'worker_cpu_seconds')} "
+                       f"| {_ratio(r, base, 'build', 'driver_cpu_seconds')} "
                        f"| {r['build']['tasks'] / max(1, base['build']['tasks']):.2f} "
-                       f"| {r['write']['seconds'] / base['write']['seconds']:.2f} |")
+                       f"| {_ratio(r, base, 'write', 'cpu_seconds')} |")
         out.append("")
     return "\n".join(out)
 
@@ -344,7 +373,8 @@ def main(argv=None) -> int:
         print(f"[{time.strftime('%H:%M:%S')}] building", flush=True)
         b = run_child("build", path, args.workers, args.memory_limit,
                       timeout=args.build_timeout)
-        print(f"  build: {b['seconds']:.1f} s, driver {b['driver_rss_mib']:.0f} MiB, "
+        print(f"  build: {b['seconds']:.1f} s (CPU workers {b['worker_cpu_seconds']:.1f} s, "
+              f"driver {b['driver_cpu_seconds']:.1f} s), driver {b['driver_rss_mib']:.0f} MiB, "
               f"largest worker {b['worker_rss_mib']:.0f} MiB, spill written "
               f"{b['spill_write_mib']:.0f} MiB, tasks {b['tasks']}, error {b['error']}",
               flush=True)
