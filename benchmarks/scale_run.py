@@ -248,10 +248,42 @@ def child_validate(path: str, level: int) -> dict:
             "rss_mib": _maxrss_mib(), "errors": errors}
 
 
-def run_child(mode: str, *args, timeout: float | None = None) -> dict:
+def run_child(mode: str, *args, timeout: float | None = None,
+              max_rss_gib: float | None = None) -> dict:
+    """Run this script in ``mode`` in a fresh interpreter; it prints one JSON
+    line.  ``max_rss_gib``: kill it (and fail) once its RSS passes that —
+    the machine is shared, and zarr-vectors' validator holds every link
+    record of a family as Python objects."""
+    import psutil
     cmd = [sys.executable, os.path.abspath(__file__), "--_child", mode, *map(str, args)]
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    peak = [0]
+    if max_rss_gib is not None:
+        def guard():
+            p = psutil.Process(proc.pid)
+            while proc.poll() is None:
+                try:
+                    rss = p.memory_info().rss
+                except psutil.Error:
+                    return
+                peak[0] = max(peak[0], rss)
+                if rss > max_rss_gib * 2**30:
+                    proc.kill()
+                    return
+                time.sleep(0.5)
+        threading.Thread(target=guard, daemon=True).start()
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        raise RuntimeError(f"{mode} timed out after {timeout:.0f} s "
+                           f"(peak RSS {peak[0] / 2**20:.0f} MiB)")
+    proc = subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
+    if max_rss_gib is not None and peak[0] > max_rss_gib * 2**30:
+        raise RuntimeError(f"{mode} killed at {peak[0] / 2**30:.1f} GiB RSS after "
+                           f"{time.perf_counter() - t0:.0f} s (limit {max_rss_gib} GiB)")
     if proc.returncode != 0:
         raise RuntimeError(f"{mode} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
     out = json.loads([ln for ln in proc.stdout.splitlines() if ln.startswith("{")][-1])
@@ -268,6 +300,15 @@ def _fmt_bytes_mib(x: float) -> str:
     return f"{x / 1024:.2f} GiB" if x >= 1024 else f"{x:.0f} MiB"
 
 
+def _fmt_validate(v: dict | None) -> str:
+    if not v:
+        return "-"
+    if v.get("aborted"):
+        return "not finished: " + v["errors"][0]
+    return (("ok" if v["ok"] else "FAILED") + f" (level {v['level']}, {v['seconds']:.0f} s, "
+            f"{_fmt_bytes_mib(v['rss_mib'])})")
+
+
 def _ratio(r: dict, base: dict, part: str, key: str) -> str:
     a, b = r[part].get(key), base[part].get(key)
     return f"{a / b:.2f}" if a and b else "-"
@@ -278,11 +319,12 @@ def tables(results: list[dict]) -> str:
     out.append("| vertices | level-0 write s (CPU s) | write peak RSS | build wall s "
                "| build CPU s: workers / driver | worker CPU µs/vertex "
                "| driver peak RSS | largest worker peak RSS | spilled to disk (total / peak) "
-               "| tasks (graph) | tasks (scheduler) | validate (level 3) |")
-    out.append("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+               "| tasks (graph) | tasks (scheduler) | validate level 0 | validate pyramid |")
+    out.append("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|")
     for r in results:
         w, b, v = r["write"], r["build"], r.get("validate") or {}
-        val = ("ok" if v.get("ok") else "FAILED") + f" ({v.get('seconds', 0):.0f} s)" if v else "-"
+        val = _fmt_validate(v)
+        val0 = _fmt_validate(r.get("validate_level0"))
         status = "" if not b.get("error") else " **FAILED**"
         out.append(
             f"| {r['vertices']:,} | {w['seconds']:.1f} ({w.get('cpu_seconds', 0):.1f}) "
@@ -291,7 +333,7 @@ def tables(results: list[dict]) -> str:
             f"| {1e6 * b.get('worker_cpu_seconds', 0) / r['vertices']:.2f} "
             f"| {_fmt_bytes_mib(b['driver_rss_mib'])} | {_fmt_bytes_mib(b['worker_rss_mib'])} "
             f"| {_fmt_bytes_mib(b['spill_write_mib'])} / {_fmt_bytes_mib(b['spilled_disk_max_mib'])} "
-            f"| {b['tasks']:,} | {b['scheduler_tasks']:,} | {val} |")
+            f"| {b['tasks']:,} | {b['scheduler_tasks']:,} | {val0} | {val} |")
     out.append("")
     out.append("Per level (target level: vertices / chunks / tasks / seconds):")
     out.append("")
@@ -331,6 +373,15 @@ def tables(results: list[dict]) -> str:
     return "\n".join(out)
 
 
+def _validate(path, args) -> dict:
+    try:
+        return run_child("validate", path, args.validate_level, timeout=args.validate_timeout,
+                         max_rss_gib=args.validate_max_rss_gib)
+    except RuntimeError as exc:
+        return {"ok": False, "level": args.validate_level, "seconds": 0.0, "rss_mib": 0.0,
+                "errors": [str(exc)[:500]], "aborted": True}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--vertices", default="1000000,10000000")
@@ -341,6 +392,11 @@ def main(argv=None) -> int:
     ap.add_argument("--step", type=float, default=2.0)
     ap.add_argument("--validate-level", type=int, default=3)
     ap.add_argument("--no-validate", action="store_true")
+    ap.add_argument("--validate-timeout", type=float, default=None)
+    ap.add_argument("--validate-max-rss-gib", type=float, default=8.0)
+    ap.add_argument("--validate-level0", action="store_true",
+                    help="also validate the level-0 store before building")
+    ap.add_argument("--from-json", help="only print/write the tables of an earlier --json")
     ap.add_argument("--build-timeout", type=float, default=None,
                     help="seconds; kill the build process after this long")
     ap.add_argument("--markdown")
@@ -360,6 +416,13 @@ def main(argv=None) -> int:
         print(json.dumps(out))
         return 0
 
+    if args.from_json:
+        text = tables(json.loads(Path(args.from_json).read_text()))
+        print(text)
+        if args.markdown:
+            Path(args.markdown).write_text(text + "\n")
+        return 0
+
     root = Path(args.root)
     root.mkdir(parents=True, exist_ok=True)
     results = []
@@ -370,6 +433,12 @@ def main(argv=None) -> int:
         w = run_child("write", path, n, args.seed, args.step)
         print(f"  level 0: {w['seconds']:.1f} s, peak RSS {w['rss_mib']:.0f} MiB, "
               f"{w['chunk_count']} chunks, {w['cross_chunk_link_count']:,} bridges", flush=True)
+        v0 = None
+        if args.validate_level0:
+            print(f"[{time.strftime('%H:%M:%S')}] validating level 0", flush=True)
+            v0 = _validate(path, args)
+            print(f"  validate level 0: ok={v0['ok']} {v0['seconds']:.1f} s "
+                  f"RSS {v0['rss_mib']:.0f} MiB {v0['errors']}", flush=True)
         print(f"[{time.strftime('%H:%M:%S')}] building", flush=True)
         b = run_child("build", path, args.workers, args.memory_limit,
                       timeout=args.build_timeout)
@@ -381,10 +450,11 @@ def main(argv=None) -> int:
         v = None
         if not args.no_validate and not b["error"]:
             print(f"[{time.strftime('%H:%M:%S')}] validating", flush=True)
-            v = run_child("validate", path, args.validate_level)
+            v = _validate(path, args)
             print(f"  validate: ok={v['ok']} {v['seconds']:.1f} s RSS {v['rss_mib']:.0f} MiB "
                   f"{v['errors']}", flush=True)
-        results.append({"vertices": n, "write": w, "build": b, "validate": v})
+        results.append({"vertices": n, "write": w, "build": b, "validate": v,
+                        "validate_level0": v0})
         if args.json:
             Path(args.json).write_text(json.dumps(results, indent=1))
         if not args.keep:
