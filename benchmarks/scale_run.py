@@ -280,16 +280,16 @@ def run_child(mode: str, *args, timeout: float | None = None,
         proc.communicate()
         raise RuntimeError(f"{mode} timed out after {timeout:.0f} s "
                            f"(peak RSS {peak[0] / 2**20:.0f} MiB)")
-    proc = subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
+    returncode = proc.returncode
     if max_rss_gib is not None and peak[0] > max_rss_gib * 2**30:
         raise RuntimeError(f"{mode} killed at {peak[0] / 2**30:.1f} GiB RSS after "
                            f"{time.perf_counter() - t0:.0f} s (limit {max_rss_gib} GiB)")
-    if proc.returncode != 0:
-        raise RuntimeError(f"{mode} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
-    out = json.loads([ln for ln in proc.stdout.splitlines() if ln.startswith("{")][-1])
+    if returncode != 0:
+        raise RuntimeError(f"{mode} failed ({returncode}):\n{stderr[-4000:]}")
+    out = json.loads([ln for ln in stdout.splitlines() if ln.startswith("{")][-1])
     out["wall_with_startup"] = time.perf_counter() - t0
     # Worker restarts / memory warnings land on the child's stderr.
-    out["stderr_memory_lines"] = [ln for ln in proc.stderr.splitlines()
+    out["stderr_memory_lines"] = [ln for ln in stderr.splitlines()
                                   if "memory" in ln.lower() or "restart" in ln.lower()
                                   or "killed" in ln.lower()][-20:]
     return out
