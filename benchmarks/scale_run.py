@@ -373,12 +373,12 @@ def tables(results: list[dict]) -> str:
     return "\n".join(out)
 
 
-def _validate(path, args) -> dict:
+def _validate(path, args, level: int) -> dict:
     try:
-        return run_child("validate", path, args.validate_level, timeout=args.validate_timeout,
+        return run_child("validate", path, level, timeout=args.validate_timeout,
                          max_rss_gib=args.validate_max_rss_gib)
     except RuntimeError as exc:
-        return {"ok": False, "level": args.validate_level, "seconds": 0.0, "rss_mib": 0.0,
+        return {"ok": False, "level": level, "seconds": 0.0, "rss_mib": 0.0,
                 "errors": [str(exc)[:500]], "aborted": True}
 
 
@@ -392,6 +392,8 @@ def main(argv=None) -> int:
     ap.add_argument("--step", type=float, default=2.0)
     ap.add_argument("--validate-level", type=int, default=3)
     ap.add_argument("--no-validate", action="store_true")
+    ap.add_argument("--validate-pyramid-level", type=int, default=None,
+                    help="validator level for the built pyramid (default --validate-level)")
     ap.add_argument("--validate-timeout", type=float, default=None)
     ap.add_argument("--validate-max-rss-gib", type=float, default=8.0)
     ap.add_argument("--validate-level0", action="store_true",
@@ -436,7 +438,7 @@ def main(argv=None) -> int:
         v0 = None
         if args.validate_level0:
             print(f"[{time.strftime('%H:%M:%S')}] validating level 0", flush=True)
-            v0 = _validate(path, args)
+            v0 = _validate(path, args, args.validate_level)
             print(f"  validate level 0: ok={v0['ok']} {v0['seconds']:.1f} s "
                   f"RSS {v0['rss_mib']:.0f} MiB {v0['errors']}", flush=True)
         print(f"[{time.strftime('%H:%M:%S')}] building", flush=True)
@@ -450,7 +452,7 @@ def main(argv=None) -> int:
         v = None
         if not args.no_validate and not b["error"]:
             print(f"[{time.strftime('%H:%M:%S')}] validating", flush=True)
-            v = _validate(path, args)
+            v = _validate(path, args, args.validate_pyramid_level or args.validate_level)
             print(f"  validate: ok={v['ok']} {v['seconds']:.1f} s RSS {v['rss_mib']:.0f} MiB "
                   f"{v['errors']}", flush=True)
         results.append({"vertices": n, "write": w, "build": b, "validate": v,
