@@ -164,9 +164,18 @@ def child_build(path: str, n_workers: int, memory_limit: str) -> dict:
 
     progress_log: list = []
     t_start = [0.0]
+    live = Path(str(path) + ".progress")   # readable while a long build runs
+    sampler_ref: list = []
 
     def progress(name, futures):
         progress_log.append((round(time.perf_counter() - t_start[0], 2), name, len(futures)))
+        smp = sampler_ref[0] if sampler_ref else None
+        with open(live, "a") as fh:
+            fh.write(f"{time.strftime('%H:%M:%S')} +{progress_log[-1][0]:.1f}s {name} "
+                     f"x{len(futures)}"
+                     + (f" | max worker RSS {smp.max_worker_rss / 2**20:.0f} MiB, "
+                        f"spilled now<= {smp.max_spilled_disk / 2**20:.0f} MiB, "
+                        f"driver {_maxrss_mib():.0f} MiB" if smp else "") + "\n")
 
     counter = _TaskCounter()
     with LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True,
@@ -176,6 +185,7 @@ def child_build(path: str, n_workers: int, memory_limit: str) -> dict:
         client.run(lambda: __import__("zarr_vectors_dask"))  # warm imports, not timed
         cluster.scheduler.add_plugin(counter._scheduler_plugin(cluster.scheduler))
         sampler = _Sampler(cluster.scheduler)
+        sampler_ref.append(sampler)
         sampler.start()
         time.sleep(1.0)  # a first CPU sample before the build: setup is not counted
         cpu_before = dict(sampler.worker_cpu)
