@@ -365,6 +365,20 @@ def tables(results: list[dict]) -> str:
         out.append(f"| {s} | " + " | ".join(f"{r['build']['stages'].get(s, 0.0):.2f}"
                                              for r in results) + " |")
     out.append("")
+    prefixes = sorted({p for r in results for p in r["build"].get("by_prefix", {})})
+    if prefixes:
+        out.append("Finished tasks per task prefix (all levels and composition) / largest "
+                   "result (MB, the scheduler's nbytes):")
+        out.append("")
+        out.append("| task prefix | " + " | ".join(f"{r['vertices']:,}" for r in results) + " |")
+        out.append("|---|" + "---:|" * len(results))
+        for p in prefixes:
+            cells = []
+            for r in results:
+                v = r["build"].get("by_prefix", {}).get(p)
+                cells.append(f"{v['n']:,} / {v['nbytes_max'] / 1e6:.1f}" if v else "-")
+            out.append(f"| {p} | " + " | ".join(cells) + " |")
+        out.append("")
     if len(results) >= 2:
         out.append("Linearity (relative to the smallest run):")
         out.append("")
