@@ -50,7 +50,7 @@ def test_partitioned_writer_matches_write_polylines(tmp_path):
     # Large steps so lines cross chunk boundaries often (many bridges, many
     # fragments per chunk), small batches and sessions so every pass runs in
     # several parts.
-    n_lines = 120
+    n_lines = 60
     lines = _bench_lines(n_lines, seed=1, step=25.0)
     ref, new = tmp_path / "ref.zv", tmp_path / "new.zv"
     expected = write_polylines(str(ref), list(lines), chunk_shape=L0.CHUNK_SHAPE,
