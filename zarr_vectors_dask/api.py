@@ -191,6 +191,7 @@ def _discard_level(store: Store, level: int) -> None:
     it, and drop it from the root's level lists."""
     store.remove_tree(str(level))
     store.remove_tree(f"{RECORD_DIR}/{level}.json")
+    store.remove_tree(f"{fmt.EXCHANGE_DIR}/{level}")
     for other in store.listdir(""):
         try:
             o = int(other)

@@ -122,6 +122,8 @@ def compose_block(store: Store, ctx: dict, fine_level: int, run: tuple[int, int]
         out["plus"][n] = st.write_link_cells(store, fine_level, n, geo[fine_level]["grid"][0], buckets)
         if storage == "explicit":
             dest = st.grid_ids(cur_c, *geo[level]["grid"])
-            out["minus"][n] = st._split_by(dest, coarse_chunk=cur_c, coarse_vi=cur_v,
-                                           fine_chunk_id=f_id, fine_vi=f_vi)
+            out["minus"][n] = st.send_records(
+                store, st._split_by(dest, coarse_chunk=cur_c, coarse_vi=cur_v,
+                                    fine_chunk_id=f_id, fine_vi=f_vi),
+                "compose", f"minus{n}-from{fine_level}", f"{run[0]}")
     return out

@@ -243,6 +243,43 @@ def decode_manifest_table(blobs: Sequence[bytes], sid_ndim: int) -> ManifestTabl
     return ManifestTable(counts, coords, frags)
 
 
+# ------------------------------------------------------------ exchange files
+#: Scratch of a running build: stage-to-stage exchanges that would cost a
+#: Dask task per (sender, receiver) pair travel as files here instead.
+EXCHANGE_DIR = ".zvdask/exchange"
+
+
+def exchange_key(scope, kind: str, receiver: int, sender) -> str:
+    """``scope``: the target level of a step, or ``compose``."""
+    return f"{EXCHANGE_DIR}/{scope}/{kind}/{int(receiver)}/{sender}"
+
+
+def pack_columns(columns: dict[str, np.ndarray]) -> bytes:
+    """Named numeric arrays as one deterministic blob: a JSON header
+    (name, dtype, shape) then the raw bytes, in order."""
+    arrays = {k: np.ascontiguousarray(v) for k, v in columns.items()}
+    header = json.dumps([[k, a.dtype.str, list(a.shape)] for k, a in arrays.items()]).encode()
+    return struct.pack("<I", len(header)) + header + b"".join(a.tobytes() for a in arrays.values())
+
+
+def unpack_columns(raw: bytes, *, what: str) -> dict[str, np.ndarray]:
+    try:
+        (n,) = struct.unpack_from("<I", raw, 0)
+        spec = json.loads(raw[4:4 + n])
+        out, at = {}, 4 + n
+        for name, dtype, shape in spec:
+            dt = np.dtype(dtype)
+            size = int(np.prod(shape, dtype=np.int64)) * dt.itemsize
+            out[name] = np.frombuffer(raw, dtype=dt, count=size // dt.itemsize if dt.itemsize else 0,
+                                      offset=at).reshape(shape)
+            at += size
+        if at != len(raw):
+            raise ValueError(f"{len(raw) - at} trailing bytes")
+        return out
+    except Exception as exc:  # noqa: BLE001
+        raise CorruptChunkError(f"{what}: exchange file cannot be decoded: {exc}") from None
+
+
 # ------------------------------------------------------------ metadata docs
 def _render(create) -> bytes:
     """Let zarr itself build a node in memory and hand back its

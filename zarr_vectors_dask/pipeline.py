@@ -8,6 +8,7 @@ counts, link cell lists) to route the next exchange and to commit.
 
 from __future__ import annotations
 
+import functools
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -86,25 +87,21 @@ def _keys_of(name: str) -> Callable[[dict], list[int]]:
 
 
 def _refs_route(refs: dict) -> list[int]:
-    return sorted(refs["by_block"])
+    return refs["blocks"]
 
 
 def _written_chunks(result: dict) -> list:
     return result["chunks"]
 
 
-def _minus_counts(routed: dict) -> dict[int, int]:
-    return {d: int(cols["fine_vi"].shape[0]) for d, cols in routed.items()}
-
-
 def _compose_summary(result: dict) -> dict:
     return {"plus": result["plus"],
-            "minus": {n: _minus_counts(r) for n, r in result["minus"].items()}}
+            "minus": result["minus"]}
 
 
 def _plus_summary(result: dict) -> dict:
-    return {"plus": result["plus"], "minus": _minus_counts(result["minus"]),
-            "sequences": sorted(result["sequences"].keys())}
+    return {"plus": result["plus"], "minus": result["minus"],
+            "sequences": result["sequences"]}
 
 
 # ---------------------------------------------------------------- source info
@@ -178,27 +175,33 @@ def kept_rows(n_rows: int, sparsity_factor: float, strategy: str, seed, base_bin
 
 
 # ---------------------------------------------------------------- one step
-def _route_minus(S: _Stages, routed: list, budget: int, n_workers: int) -> list[list]:
+def _route_minus(routed: list, budget: int, n_workers: int) -> list[list[str]]:
     """Group coarse chunks into ``-N`` writer tasks of at most ``budget``
-    records (memory per task stays bounded however big the level), and
-    give each writer the parts of every task that routed records to it.
-    ``routed``: ``(future, path to its dest-keyed dict, {dest: n})``."""
+    records (memory per task stays bounded however big the level) and list
+    the exchange files each writer reads.  ``routed``: ``(exchange key of a
+    destination, {destination: n records})`` per sender."""
     totals: dict[int, int] = {}
-    for _, _, counts in routed:
+    for _, counts in routed:
         for d, n in counts.items():
             totals[d] = totals.get(d, 0) + n
     dests = sorted(totals)
-    writers = []
-    for a, b in pack_runs([totals[d] for d in dests], budget, 2 * n_workers):
-        group = set(dests[a:b])
-        writers.append([S.submit(st.take_minus, fut, *path, sorted(group & counts.keys()))
-                        for fut, path, counts in routed if group & counts.keys()])
-    return writers
+    return [[key_of(d) for key_of, counts in routed for d in dests[a:b] if d in counts]
+            for a, b in pack_runs([totals[d] for d in dests], budget, 2 * n_workers)]
 
 
-def run_step(client, store: Store, lv: LevelPlan, *, root_meta, sparsity_strategy: str,
-             sparsity_seed, progress: Callable | None = None,
-             max_block_vertices: int = 2_000_000, n_workers: int = 2) -> StepReport:
+def run_step(client, store: Store, lv: LevelPlan, **kwargs) -> StepReport:
+    """One coarsening step; its exchange files are scratch and go with it."""
+    try:
+        return _run_step(client, store, lv, **kwargs)
+    finally:
+        store.remove_tree(f"{fmt.EXCHANGE_DIR}/{lv.target_level}")
+        if not store.listdir(fmt.EXCHANGE_DIR):
+            store.remove_tree(fmt.EXCHANGE_DIR)
+
+
+def _run_step(client, store: Store, lv: LevelPlan, *, root_meta, sparsity_strategy: str,
+              sparsity_seed, progress: Callable | None = None,
+              max_block_vertices: int = 2_000_000, n_workers: int = 2) -> StepReport:
     t_start = time.perf_counter()
     report = StepReport(target_level=lv.target_level)
     S = _Stages(client, report, progress)
@@ -247,17 +250,18 @@ def run_step(client, store: Store, lv: LevelPlan, *, root_meta, sparsity_strateg
         bucket_rows = min(fmt.MANIFEST_BUCKET, n_src_objects)
         buckets = split_runs(n_src_objects, bucket_rows)
         boc_f = share(client, block_of_chunk)
-        refs_f = [S.submit(st.object_refs, spec_f, a, perm[a:b], keep[perm[a:b]],
-                           boc_f, pure=False) for a, b in buckets]
+        refs_f = [S.submit(st.object_refs, spec_f, k, a, perm[a:b], keep[perm[a:b]],
+                           boc_f, pure=False) for k, (a, b) in enumerate(buckets)]
         refs_routes = S.run("object refs", refs_f, summary=_refs_route)
 
     # -- bin partials (per source block)
-    block_refs: dict[int, list] = {b: [] for b in range(len(runs))}
+    # Which buckets left a refs exchange file for each block.
+    block_buckets: dict[int, list[int]] = {b: [] for b in range(len(runs))}
     for k, route in enumerate(refs_routes):
         for b in route:
-            block_refs[b].append((k, S.submit(st.pick, refs_f[k], "by_block", b)))
-    partial_f = [S.submit(st.bin_partials, spec_f, np.arange(lo, hi),
-                          *[f for _, f in block_refs[b]], pure=False)
+            block_buckets[b].append(k)
+    partial_f = [S.submit(st.bin_partials, spec_f, b, np.arange(lo, hi), block_buckets[b],
+                          pure=False)
                  for b, (lo, hi) in enumerate(runs)]
     routes = S.run("bin partials", partial_f, summary=_keys_of("exchange"))
 
@@ -293,8 +297,8 @@ def run_step(client, store: Store, lv: LevelPlan, *, root_meta, sparsity_strateg
     link_f = []
     for b in range(len(runs)):
         answers = [S.submit(st.answer_for, resolve_f[p], b, p) for p in routes[b]]
-        link_f.append(S.submit(st.links_and_sequences, spec_f, b, partial_f[b],
-                               block_refs[b], *answers, pure=False))
+        link_f.append(S.submit(st.links_and_sequences, spec_f, b, partial_f[b], *answers,
+                               pure=False))
     link_sum = S.run("write vertices + links", link_f, summary=_plus_summary)
     vertex_chunks = sorted(c for w in client.gather(written_f) for c in (w or []))
     n_meta = sum(n for _, n in vertex_chunks)
@@ -321,12 +325,12 @@ def run_step(client, store: Store, lv: LevelPlan, *, root_meta, sparsity_strateg
     man_f, attr_f = [], []
     if src.has_objects:
         _prepare_object_arrays(store, lv, src, n_src_objects)
-        seq_by_bucket: dict[int, list] = {}
+        seq_blocks: dict[int, list[int]] = {}
         for b, s_ in enumerate(link_sum):
             for k in s_["sequences"]:
-                seq_by_bucket.setdefault(k, []).append(S.submit(st.pick, link_f[b], "sequences", k))
+                seq_blocks.setdefault(k, []).append(b)
         man_f = [S.submit(st.write_manifests, spec_f, k, refs_f[k], buckets[k],
-                               *seq_by_bucket.get(k, []), pure=False) for k in range(len(buckets))]
+                          seq_blocks.get(k, []), pure=False) for k in range(len(buckets))]
         attr_f = []
         for name in src.attribute_names:
             for a, b in split_runs(n_src_objects, fmt.ATTRIBUTE_BUCKET):
@@ -335,10 +339,11 @@ def run_step(client, store: Store, lv: LevelPlan, *, root_meta, sparsity_strateg
                     f"{lv.target_level}/{fmt.OBJECT_ATTRIBUTES}/{name}", (a, b), keep[a:b], pure=False))
     if lv.cross_level_storage == "explicit":
         fine_f = share(client, np.asarray(chunks, dtype=np.int64).reshape(-1, ndim))
-        routed = [(link_f[b], ("minus",), s_["minus"]) for b, s_ in enumerate(link_sum)]
+        routed = [(functools.partial(fmt.exchange_key, lv.target_level, "minus", sender=b),
+                   s_["minus"]) for b, s_ in enumerate(link_sum)]
         minus_f = [S.submit(st.write_minus_links, store, lv.target_level, 1, t_origin,
-                            scale_trg, scale_src, fine_f, *parts, pure=False)
-                   for parts in _route_minus(S, routed, max_block_vertices, n_workers)]
+                            scale_trg, scale_src, fine_f, keys, pure=False)
+                   for keys in _route_minus(routed, max_block_vertices, n_workers)]
     else:
         minus_f = []
     done = S.run("-1 links + manifests", minus_f + man_f + attr_f, gather=True)
@@ -451,7 +456,17 @@ def _write_empty_level(store: Store, lv: LevelPlan, src: SourceLevel, n: int, ro
 
 
 # ---------------------------------------------------------------- composition
-def compose_links(client, store: Store, *, root_meta, depth: int, storage: str,
+def compose_links(client, store: Store, **kwargs) -> tuple[list, dict]:
+    """The closing stage; its exchange files are scratch and go with it."""
+    try:
+        return _compose_links(client, store, **kwargs)
+    finally:
+        store.remove_tree(f"{fmt.EXCHANGE_DIR}/compose")
+        if not store.listdir(fmt.EXCHANGE_DIR):
+            store.remove_tree(fmt.EXCHANGE_DIR)
+
+
+def _compose_links(client, store: Store, *, root_meta, depth: int, storage: str,
                   n_workers: int, progress: Callable | None = None,
                   max_block_vertices: int = 2_000_000) -> tuple[list, dict]:
     """The closing stage: ``±N`` families (N >= 2) composed from the
@@ -482,24 +497,26 @@ def compose_links(client, store: Store, *, root_meta, depth: int, storage: str,
         per = chunks_per_block(len(fine_chunks[f]), geo[f]["vertex_count"], n_workers,
                                max_block_vertices)
         for a, b in split_runs(len(fine_chunks[f]), per):
-            tasks.append((f, S.submit(compose_block, store, ctx_f, f, (a, b), steps, storage,
-                                      pure=False)))
-    summaries = S.run("compose", [t for _, t in tasks], summary=_compose_summary)
+            tasks.append((f, a, S.submit(compose_block, store, ctx_f, f, (a, b), steps, storage,
+                                         pure=False)))
+    summaries = S.run("compose", [t for _, _, t in tasks], summary=_compose_summary)
     routed: dict[tuple[int, int], list] = {}
-    for (f, fut), s_ in zip(tasks, summaries):
+    for (f, a, _), s_ in zip(tasks, summaries):
         for n, written in s_["plus"].items():
             fam = families.setdefault((f, n), cm.LinkFamily(f, n, *geo[f]["grid"]))
             fam.add(written)
         for n, counts in s_["minus"].items():
-            routed.setdefault((f, n), []).append((fut, ("minus", n), counts))
+            key_of = functools.partial(fmt.exchange_key, "compose", f"minus{n}-from{f}",
+                                       sender=f"{a}")
+            routed.setdefault((f, n), []).append((key_of, counts))
     if storage == "explicit":
         writes, keys = [], []
         for (f, n), parts_of in sorted(routed.items()):
             c = f + n
             fine_f = S.submit(st.pick, ctx_f, "fine_chunks", f)
-            for parts in _route_minus(S, parts_of, max_block_vertices, n_workers):
+            for ex_keys in _route_minus(parts_of, max_block_vertices, n_workers):
                 writes.append(S.submit(st.write_minus_links, store, c, n, geo[c]["grid"][0],
-                                       geo[c]["scale"], geo[f]["scale"], fine_f, *parts,
+                                       geo[c]["scale"], geo[f]["scale"], fine_f, ex_keys,
                                        pure=False))
                 keys.append((f, n))
         for (f, n), w in zip(keys, S.run("compose -N", writes, gather=True)):

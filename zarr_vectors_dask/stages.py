@@ -91,15 +91,13 @@ def grid_ids(chunks: np.ndarray, origin, grid_shape) -> np.ndarray:
     return np.ravel_multi_index(tuple(rel.T), tuple(int(g) for g in grid_shape))
 
 
-def take_minus(result: dict, *path_and_dests) -> dict | None:
-    """The ``-N`` records a task routed to any of the given coarse chunks,
-    as one set of columns (``path`` leads to the dest-keyed dict)."""
-    *path, dests = path_and_dests
-    routed = pick(result, *path) or {}
-    parts = [routed[d] for d in dests if d in routed]
-    if not parts:
-        return None
-    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+def send_records(store: Store, routed: dict[int, dict[str, np.ndarray]], scope, kind: str,
+                 sender) -> dict[int, int]:
+    """Write each destination's ``-N`` records to an exchange file; returns
+    ``{destination: record count}`` for the driver to group writers."""
+    store.put_many({fmt.exchange_key(scope, kind, d, sender): fmt.pack_columns(cols)
+                    for d, cols in routed.items()})
+    return {int(d): int(cols["fine_vi"].shape[0]) for d, cols in routed.items()}
 
 
 def _split_by(dest: np.ndarray, **columns: np.ndarray) -> dict[int, dict[str, np.ndarray]]:
@@ -165,8 +163,8 @@ def _lookup(keys: np.ndarray, values: np.ndarray, want: np.ndarray, missing=0) -
 
 
 # ------------------------------------------------------------- stage 0
-def object_refs(spec: StepSpec, row_start: int, src_rows: np.ndarray, kept: np.ndarray,
-                block_of_chunk: np.ndarray) -> dict:
+def object_refs(spec: StepSpec, bucket: int, row_start: int, src_rows: np.ndarray,
+                kept: np.ndarray, block_of_chunk: np.ndarray) -> dict:
     """Decode one bucket of source manifests.
 
     ``src_rows`` are the source rows behind this bucket's target rows
@@ -194,12 +192,26 @@ def object_refs(spec: StepSpec, row_start: int, src_rows: np.ndarray, kept: np.n
         chunk, frag = uniq >> 32, uniq & 0xFFFFFFFF
         by_block = _split_by(block_of_chunk[chunk], chunk=chunk, frag=frag,
                              mult=mult.astype(np.int64))
+    # Each block's share goes to an exchange file, not a task per pair.
+    spec.store.put_many({fmt.exchange_key(spec.target_level, "refs", b, bucket):
+                         fmt.pack_columns(part) for b, part in by_block.items()})
     return {"row_start": row_start, "kept": kept, "counts": counts,
-            "ref_chunk": ref_chunk, "ref_frag": ref_frag, "by_block": by_block}
+            "ref_chunk": ref_chunk, "ref_frag": ref_frag, "blocks": sorted(by_block)}
+
+
+def _read_exchange(spec: StepSpec, kind: str, receiver: int, senders) -> list[tuple[int, dict]]:
+    keys = [fmt.exchange_key(spec.target_level, kind, receiver, s) for s in senders]
+    raw = spec.store.get_many(keys)
+    out = []
+    for s_, k in zip(senders, keys):
+        if raw[k] is None:
+            raise fmt.CorruptChunkError(f"{spec.store.describe(k)}: exchange file is missing")
+        out.append((int(s_), fmt.unpack_columns(raw[k], what=spec.store.describe(k))))
+    return out
 
 
 # ------------------------------------------------------------- stage 1
-def bin_partials(spec: StepSpec, chunk_ids: np.ndarray, *ref_parts: dict | None) -> dict:
+def bin_partials(spec: StepSpec, block: int, chunk_ids: np.ndarray, buckets: list[int]) -> dict:
     """Bin every vertex of a block of source chunks.
 
     Each fragment instance's vertices get its bin key; a fragment's weight
@@ -210,7 +222,8 @@ def bin_partials(spec: StepSpec, chunk_ids: np.ndarray, *ref_parts: dict | None)
     """
     bin_arr = np.asarray(spec.bin_shape, dtype=np.float64)
     # Weight of each named fragment: summed over the buckets naming it.
-    parts = [p for p in ref_parts if p is not None]
+    ref_parts = _read_exchange(spec, "refs", block, buckets)
+    parts = [p for _, p in ref_parts]
     if parts:
         mkeys, inv = np.unique(np.concatenate([_pair_key(p["chunk"], p["frag"]) for p in parts]),
                                return_inverse=True)
@@ -260,7 +273,8 @@ def bin_partials(spec: StepSpec, chunk_ids: np.ndarray, *ref_parts: dict | None)
         first = np.repeat(starts, np.diff(np.r_[starts, n_u]))
         slot[order] = np.arange(n_u) - first
     exchange = _split_by(part, keys=ukeys, sums=sums, counts=counts)
-    state = {"chunks": chunk_rows, "inverse": inverse, "partition": part, "slot": slot}
+    state = {"chunks": chunk_rows, "inverse": inverse, "partition": part, "slot": slot,
+             "ref_parts": ref_parts}
     return {"exchange": exchange, "state": state}
 
 
@@ -432,7 +446,7 @@ def write_link_cells(store: Store, level: int, delta: int, origin, buckets) -> d
     return written
 
 
-def links_and_sequences(spec: StepSpec, block: int, partials: dict, ref_parts: list,
+def links_and_sequences(spec: StepSpec, block: int, partials: dict,
                         *answers: dict | None) -> dict:
     """Per source block, once every key has its metavertex:
 
@@ -442,6 +456,7 @@ def links_and_sequences(spec: StepSpec, block: int, partials: dict, ref_parts: l
       dropped) routed to the manifest buckets that name it.
     """
     state = partials["state"]
+    ref_parts = state["ref_parts"]
     n_u = state["partition"].shape[0]
     loc_chunk = np.zeros((n_u, spec.ndim), dtype=np.int64)
     loc_frag = np.full(n_u, -1, dtype=np.int64)
@@ -474,8 +489,10 @@ def links_and_sequences(spec: StepSpec, block: int, partials: dict, ref_parts: l
         result["plus"] = write_link_cells(spec.store, spec.source_level, +1, spec.source_origin, buckets)
         if spec.links == "explicit":
             dest = grid_ids(par_chunk[ok], spec.target_origin, spec.target_grid_shape)
-            result["minus"] = _split_by(dest, coarse_chunk=par_chunk[ok], coarse_vi=par_frag[ok],
-                                        fine_chunk_id=inst_chunk[ok], fine_vi=inst_local[ok])
+            result["minus"] = send_records(
+                spec.store, _split_by(dest, coarse_chunk=par_chunk[ok], coarse_vi=par_frag[ok],
+                                      fine_chunk_id=inst_chunk[ok], fine_vi=inst_local[ok]),
+                spec.target_level, "minus", block)
     if spec.has_objects and ref_parts:
         # Instances are grouped by fragment, chunks and fragments ascending,
         # so the pair keys of the flat order are sorted.
@@ -496,15 +513,24 @@ def links_and_sequences(spec: StepSpec, block: int, partials: dict, ref_parts: l
             result["sequences"][bucket] = {
                 "chunk": part["chunk"], "frag": part["frag"], "ptr": np.r_[0, np.cumsum(n)],
                 "seq_chunk": par_chunk[idx], "seq_frag": par_frag[idx]}
+        spec.store.put_many({fmt.exchange_key(spec.target_level, "sequences", k, block):
+                             fmt.pack_columns(cols) for k, cols in result["sequences"].items()})
+        result["sequences"] = sorted(result["sequences"])
     return result
 
 
 # ------------------------------------------------------------- stage 6
 def write_minus_links(store: Store, level: int, delta: int, origin, scale_src, scale_trg,
-                      fine_chunks: np.ndarray, *parts: dict | None) -> dict:
+                      fine_chunks: np.ndarray, exchange_keys: list[str]) -> dict:
     """Write the coarse-side mirror records (``-delta``) of a group of coarse
-    chunks, in the reference's order: by fine vertex, chunk-major."""
-    parts = [p for p in parts if p is not None]
+    chunks, in the reference's order: by fine vertex, chunk-major.  The
+    records arrive as exchange files, one per (sender, coarse chunk)."""
+    raw = store.get_many(exchange_keys)
+    parts = []
+    for k in exchange_keys:
+        if raw[k] is None:
+            raise fmt.CorruptChunkError(f"{store.describe(k)}: exchange file is missing")
+        parts.append(fmt.unpack_columns(raw[k], what=store.describe(k)))
     if not parts:
         return {}
     cc = np.concatenate([p["coarse_chunk"] for p in parts])
@@ -525,10 +551,10 @@ def answer_for(resolved: dict, block: int, partition: int) -> dict | None:
 
 # ------------------------------------------------------------- stage 7
 def write_manifests(spec: StepSpec, bucket: int, refs: dict, target_rows: tuple[int, int],
-                    *seq_parts: dict | None) -> int:
+                    blocks: list[int]) -> int:
     """Assemble and write one bucket of the coarse level's object_index
     manifests; returns how many rows are non-empty."""
-    parts = [p for p in seq_parts if p is not None]
+    parts = [p for _, p in _read_exchange(spec, "sequences", bucket, blocks)]
     # Every named fragment's metavertex sequence, as a slice of seq_*.
     seq_c = np.concatenate([p["seq_chunk"] for p in parts]) if parts else \
         np.empty((0, spec.ndim), np.int64)
