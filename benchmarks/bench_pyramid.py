@@ -66,6 +66,26 @@ def child_reference(path: str) -> dict:
     return {"seconds": time.perf_counter() - t0, "rss_mib": _maxrss_mib()}
 
 
+def workers_maxrss_mib(client) -> dict:
+    """Peak RSS (MiB) of every worker process, as the worker itself saw it."""
+    return client.run(lambda: __import__("resource").getrusage(
+        __import__("resource").RUSAGE_SELF).ru_maxrss / 1024.0)
+
+
+def stage_totals(reports: list) -> tuple[list, dict[str, float]]:
+    """The per-level ``StepReport``s of a build and its stage seconds summed
+    over levels (the closing dict holds the composition stages)."""
+    steps = [r for r in reports if not isinstance(r, dict)]
+    final = next((r for r in reports if isinstance(r, dict)), {})
+    stages: dict[str, float] = {}
+    for r in steps:
+        for k, v in r.stage_seconds.items():
+            stages[k] = stages.get(k, 0.0) + v
+    for k, v in final.items():
+        stages[k] = stages.get(k, 0.0) + v
+    return steps, stages
+
+
 def child_project(path: str, n_workers: int, profile_html: str | None = None) -> dict:
     import warnings
     warnings.filterwarnings("ignore")
@@ -96,17 +116,8 @@ def child_project(path: str, n_workers: int, profile_html: str | None = None) ->
                               client=client, _reports=reports,
                               storage_options=storage_options)
         seconds = time.perf_counter() - t0
-        worker_rss = client.run(
-            lambda: __import__("resource").getrusage(
-                __import__("resource").RUSAGE_SELF).ru_maxrss / 1024.0)
-    steps = [r for r in reports if not isinstance(r, dict)]
-    final = next((r for r in reports if isinstance(r, dict)), {})
-    stages: dict[str, float] = {}
-    for r in steps:
-        for k, v in r.stage_seconds.items():
-            stages[k] = stages.get(k, 0.0) + v
-    for k, v in final.items():
-        stages[k] = stages.get(k, 0.0) + v
+        worker_rss = workers_maxrss_mib(client)
+    steps, stages = stage_totals(reports)
     # "composition+commit" is measured around compose/compose -N as well:
     # keep only its own remainder (the cross-level metadata commit).
     if "composition+commit" in stages:

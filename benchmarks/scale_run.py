@@ -40,6 +40,10 @@ def _cpu_self() -> float:
     return ru.ru_utime + ru.ru_stime
 
 
+sys.path.insert(0, str(HERE))
+import bench_pyramid as bp  # noqa: E402  (shared measurement helpers)
+
+
 # ------------------------------------------------------------------ children
 def child_write(path: str, vertices: int, seed: int, step: float) -> dict:
     sys.path.insert(0, str(HERE))
@@ -205,21 +209,12 @@ def child_build(path: str, n_workers: int, memory_limit: str) -> dict:
         sampler.stop.set()
         sampler.join()
         cum = dict(cluster.scheduler.cumulative_worker_metrics)
-        worker_maxrss = client.run(
-            lambda: __import__("resource").getrusage(
-                __import__("resource").RUSAGE_SELF).ru_maxrss / 1024.0)
+        worker_maxrss = bp.workers_maxrss_mib(client)
     disk_write = sum(v for k, v in cum.items()
                      if isinstance(k, tuple) and "disk-write" in k and k[-1] == "bytes")
     disk_read = sum(v for k, v in cum.items()
                     if isinstance(k, tuple) and "disk-read" in k and k[-1] == "bytes")
-    steps = [r for r in reports if not isinstance(r, dict)]
-    final = next((r for r in reports if isinstance(r, dict)), {})
-    stages: dict[str, float] = {}
-    for r in steps:
-        for k, v in r.stage_seconds.items():
-            stages[k] = stages.get(k, 0.0) + v
-    for k, v in final.items():
-        stages[k] = stages.get(k, 0.0) + v
+    steps, stages = bp.stage_totals(reports)
     return {
         "seconds": seconds, "error": error, "driver_cpu_seconds": driver_cpu,
         # Sampled every 0.5 s, so a worker that died takes at most its last
