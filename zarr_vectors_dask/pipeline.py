@@ -94,14 +94,20 @@ def _written_chunks(result: dict) -> list:
     return result["chunks"]
 
 
-def _compose_summary(result: dict) -> dict:
-    return {"plus": result["plus"],
-            "minus": result["minus"]}
+def _by_destination(routes) -> dict[int, list[int]]:
+    """Invert ``(sender, destinations)`` routes into ``{destination: senders}``."""
+    out: dict[int, list[int]] = {}
+    for sender, dests in routes:
+        for d in dests:
+            out.setdefault(d, []).append(sender)
+    return out
 
 
-def _plus_summary(result: dict) -> dict:
-    return {"plus": result["plus"], "minus": result["minus"],
-            "sequences": result["sequences"]}
+def _drop_exchange(store: Store, scope) -> None:
+    """Remove a stage's exchange files (scratch), and their folder once empty."""
+    store.remove_tree(f"{fmt.EXCHANGE_DIR}/{scope}")
+    if not store.listdir(fmt.EXCHANGE_DIR):
+        store.remove_tree(fmt.EXCHANGE_DIR)
 
 
 # ---------------------------------------------------------------- source info
@@ -194,9 +200,7 @@ def run_step(client, store: Store, lv: LevelPlan, **kwargs) -> StepReport:
     try:
         return _run_step(client, store, lv, **kwargs)
     finally:
-        store.remove_tree(f"{fmt.EXCHANGE_DIR}/{lv.target_level}")
-        if not store.listdir(fmt.EXCHANGE_DIR):
-            store.remove_tree(fmt.EXCHANGE_DIR)
+        _drop_exchange(store, lv.target_level)
 
 
 def _run_step(client, store: Store, lv: LevelPlan, *, root_meta, sparsity_strategy: str,
@@ -256,20 +260,14 @@ def _run_step(client, store: Store, lv: LevelPlan, *, root_meta, sparsity_strate
 
     # -- bin partials (per source block)
     # Which buckets left a refs exchange file for each block.
-    block_buckets: dict[int, list[int]] = {b: [] for b in range(len(runs))}
-    for k, route in enumerate(refs_routes):
-        for b in route:
-            block_buckets[b].append(k)
-    partial_f = [S.submit(st.bin_partials, spec_f, b, np.arange(lo, hi), block_buckets[b],
-                          pure=False)
+    block_buckets = _by_destination(enumerate(refs_routes))
+    partial_f = [S.submit(st.bin_partials, spec_f, b, np.arange(lo, hi),
+                          block_buckets.get(b, []), pure=False)
                  for b, (lo, hi) in enumerate(runs)]
     routes = S.run("bin partials", partial_f, summary=_keys_of("exchange"))
 
     # -- shuffle partials by bin key into metavertices (per partition)
-    senders: dict[int, list[int]] = {}
-    for b, route in enumerate(routes):
-        for p in route:
-            senders.setdefault(p, []).append(b)
+    senders = _by_destination(enumerate(routes))
     reduce_f = {p: S.submit(st.reduce_metavertices, spec_f, p, blocks,
                             *[S.submit(st.pick, partial_f[b], "exchange", p) for b in blocks])
                 for p, blocks in sorted(senders.items())}
@@ -277,10 +275,7 @@ def _run_step(client, store: Store, lv: LevelPlan, *, root_meta, sparsity_strate
                                        summary=_keys_of("to_target"))))
 
     # -- write metavertices (per target block)
-    receivers: dict[int, list[int]] = {}
-    for p, route in troutes.items():
-        for tb in route:
-            receivers.setdefault(tb, []).append(p)
+    receivers = _by_destination(troutes.items())
     write_f = {tb: S.submit(st.write_metavertices, spec_f, tb, parts,
                             *[S.submit(st.pick, reduce_f[p], "to_target", tb) for p in parts],
                             pure=False)
@@ -299,7 +294,8 @@ def _run_step(client, store: Store, lv: LevelPlan, *, root_meta, sparsity_strate
         answers = [S.submit(st.answer_for, resolve_f[p], b, p) for p in routes[b]]
         link_f.append(S.submit(st.links_and_sequences, spec_f, b, partial_f[b], *answers,
                                pure=False))
-    link_sum = S.run("write vertices + links", link_f, summary=_plus_summary)
+    # Their results are small (written cells, record counts, buckets served).
+    link_sum = S.run("write vertices + links", link_f, gather=True)
     vertex_chunks = sorted(c for w in client.gather(written_f) for c in (w or []))
     n_meta = sum(n for _, n in vertex_chunks)
     report.vertex_count, report.chunks = n_meta, len(vertex_chunks)
@@ -325,10 +321,7 @@ def _run_step(client, store: Store, lv: LevelPlan, *, root_meta, sparsity_strate
     man_f, attr_f = [], []
     if src.has_objects:
         _prepare_object_arrays(store, lv, src, n_src_objects)
-        seq_blocks: dict[int, list[int]] = {}
-        for b, s_ in enumerate(link_sum):
-            for k in s_["sequences"]:
-                seq_blocks.setdefault(k, []).append(b)
+        seq_blocks = _by_destination((b, s_["sequences"]) for b, s_ in enumerate(link_sum))
         man_f = [S.submit(st.write_manifests, spec_f, k, refs_f[k], buckets[k],
                           seq_blocks.get(k, []), pure=False) for k in range(len(buckets))]
         attr_f = []
@@ -461,9 +454,7 @@ def compose_links(client, store: Store, **kwargs) -> tuple[list, dict]:
     try:
         return _compose_links(client, store, **kwargs)
     finally:
-        store.remove_tree(f"{fmt.EXCHANGE_DIR}/compose")
-        if not store.listdir(fmt.EXCHANGE_DIR):
-            store.remove_tree(fmt.EXCHANGE_DIR)
+        _drop_exchange(store, "compose")
 
 
 def _compose_links(client, store: Store, *, root_meta, depth: int, storage: str,
@@ -499,7 +490,8 @@ def _compose_links(client, store: Store, *, root_meta, depth: int, storage: str,
         for a, b in split_runs(len(fine_chunks[f]), per):
             tasks.append((f, a, S.submit(compose_block, store, ctx_f, f, (a, b), steps, storage,
                                          pure=False)))
-    summaries = S.run("compose", [t for _, _, t in tasks], summary=_compose_summary)
+    # Their results are small: written cells and -N record counts.
+    summaries = S.run("compose", [t for _, _, t in tasks], gather=True)
     routed: dict[tuple[int, int], list] = {}
     for (f, a, _), s_ in zip(tasks, summaries):
         for n, written in s_["plus"].items():

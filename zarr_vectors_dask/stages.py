@@ -91,12 +91,29 @@ def grid_ids(chunks: np.ndarray, origin, grid_shape) -> np.ndarray:
     return np.ravel_multi_index(tuple(rel.T), tuple(int(g) for g in grid_shape))
 
 
-def send_records(store: Store, routed: dict[int, dict[str, np.ndarray]], scope, kind: str,
-                 sender) -> dict[int, int]:
-    """Write each destination's ``-N`` records to an exchange file; returns
-    ``{destination: record count}`` for the driver to group writers."""
+def send_exchange(store: Store, routed: dict[int, dict[str, np.ndarray]], scope, kind: str,
+                  sender) -> None:
+    """Write each destination's columns to its exchange file."""
     store.put_many({fmt.exchange_key(scope, kind, d, sender): fmt.pack_columns(cols)
                     for d, cols in routed.items()})
+
+
+def read_exchange(store: Store, keys: list[str]) -> list[dict[str, np.ndarray]]:
+    """The columns of exchange files, in ``keys`` order; every one must exist."""
+    raw = store.get_many(keys)
+    out = []
+    for k in keys:
+        if raw[k] is None:
+            raise fmt.CorruptChunkError(f"{store.describe(k)}: exchange file is missing")
+        out.append(fmt.unpack_columns(raw[k], what=store.describe(k)))
+    return out
+
+
+def send_records(store: Store, routed: dict[int, dict[str, np.ndarray]], scope, kind: str,
+                 sender) -> dict[int, int]:
+    """Send ``-N`` records by coarse chunk; returns ``{destination: record
+    count}`` for the driver to group writers."""
+    send_exchange(store, routed, scope, kind, sender)
     return {int(d): int(cols["fine_vi"].shape[0]) for d, cols in routed.items()}
 
 
@@ -193,21 +210,14 @@ def object_refs(spec: StepSpec, bucket: int, row_start: int, src_rows: np.ndarra
         by_block = _split_by(block_of_chunk[chunk], chunk=chunk, frag=frag,
                              mult=mult.astype(np.int64))
     # Each block's share goes to an exchange file, not a task per pair.
-    spec.store.put_many({fmt.exchange_key(spec.target_level, "refs", b, bucket):
-                         fmt.pack_columns(part) for b, part in by_block.items()})
+    send_exchange(spec.store, by_block, spec.target_level, "refs", bucket)
     return {"row_start": row_start, "kept": kept, "counts": counts,
             "ref_chunk": ref_chunk, "ref_frag": ref_frag, "blocks": sorted(by_block)}
 
 
 def _read_exchange(spec: StepSpec, kind: str, receiver: int, senders) -> list[tuple[int, dict]]:
     keys = [fmt.exchange_key(spec.target_level, kind, receiver, s) for s in senders]
-    raw = spec.store.get_many(keys)
-    out = []
-    for s_, k in zip(senders, keys):
-        if raw[k] is None:
-            raise fmt.CorruptChunkError(f"{spec.store.describe(k)}: exchange file is missing")
-        out.append((int(s_), fmt.unpack_columns(raw[k], what=spec.store.describe(k))))
-    return out
+    return list(zip(map(int, senders), read_exchange(spec.store, keys)))
 
 
 # ------------------------------------------------------------- stage 1
@@ -473,13 +483,12 @@ def links_and_sequences(spec: StepSpec, block: int, partials: dict,
         loc_frag[idx] = ans["frag"][slots]
     inverse = state["inverse"]
     par_chunk, par_frag = loc_chunk[inverse], loc_frag[inverse]
-    result: dict[str, Any] = {"plus": {}, "minus": {}, "sequences": {}, "n_fine": 0}
+    result: dict[str, Any] = {"plus": {}, "minus": {}, "sequences": []}
     # Instance order within a chunk is the reference's "flat" vertex order.
     inst_chunk = np.concatenate([np.full(n, cid, dtype=np.int64) for cid, n, _ in state["chunks"]]) \
         if state["chunks"] else np.empty(0, np.int64)
     inst_local = np.concatenate([np.arange(n, dtype=np.int64) for _, n, _ in state["chunks"]]) \
         if state["chunks"] else np.empty(0, np.int64)
-    result["n_fine"] = int(inst_chunk.size)
     src_cc = np.asarray(spec.source_chunks, dtype=np.int64).reshape(-1, spec.ndim)
     if spec.links != "none":
         ok = par_frag >= 0
@@ -503,19 +512,17 @@ def links_and_sequences(spec: StepSpec, block: int, partials: dict,
             np.all(par_chunk[1:] == par_chunk[:-1], axis=1)
         kept_pos = np.flatnonzero(~same)
         kept_key = inst_key[kept_pos]
+        sequences = {}
         for bucket, part in ref_parts:
-            if part is None:
-                continue
             want = _pair_key(part["chunk"], part["frag"])
             lo = np.searchsorted(kept_key, want, side="left")
             n = np.searchsorted(kept_key, want, side="right") - lo  # 0: missing or empty
             idx = kept_pos[fmt.expand_ranges(lo, n)]
-            result["sequences"][bucket] = {
+            sequences[bucket] = {
                 "chunk": part["chunk"], "frag": part["frag"], "ptr": np.r_[0, np.cumsum(n)],
                 "seq_chunk": par_chunk[idx], "seq_frag": par_frag[idx]}
-        spec.store.put_many({fmt.exchange_key(spec.target_level, "sequences", k, block):
-                             fmt.pack_columns(cols) for k, cols in result["sequences"].items()})
-        result["sequences"] = sorted(result["sequences"])
+        send_exchange(spec.store, sequences, spec.target_level, "sequences", block)
+        result["sequences"] = sorted(sequences)
     return result
 
 
@@ -525,12 +532,7 @@ def write_minus_links(store: Store, level: int, delta: int, origin, scale_src, s
     """Write the coarse-side mirror records (``-delta``) of a group of coarse
     chunks, in the reference's order: by fine vertex, chunk-major.  The
     records arrive as exchange files, one per (sender, coarse chunk)."""
-    raw = store.get_many(exchange_keys)
-    parts = []
-    for k in exchange_keys:
-        if raw[k] is None:
-            raise fmt.CorruptChunkError(f"{store.describe(k)}: exchange file is missing")
-        parts.append(fmt.unpack_columns(raw[k], what=store.describe(k)))
+    parts = read_exchange(store, exchange_keys)
     if not parts:
         return {}
     cc = np.concatenate([p["coarse_chunk"] for p in parts])
