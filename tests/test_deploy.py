@@ -124,20 +124,10 @@ def option_values(argv: list[str], flag: str) -> list[str]:
 
 
 def parse_storage_options(items: list[str]) -> dict[str, Any]:
-    """The ``--storage-option KEY=VALUE`` convention: dotted keys nest, JSON values."""
-    opts: dict[str, Any] = {}
-    for item in items:
-        key, raw = item.split("=", 1)
-        try:
-            value: Any = json.loads(raw)
-        except ValueError:
-            value = raw
-        *parents, leaf = key.split(".")
-        node = opts
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = value
-    return opts
+    """What ``zvdask --storage-option`` makes of the recipe's options: the
+    package's own parser, so the recipe is read exactly as the job reads it."""
+    from zarr_vectors_dask.cli import parse_storage_options as zvdask_parse
+    return zvdask_parse(items)
 
 
 def weed_flags(argv: list[str]) -> dict[str, str]:
