@@ -17,12 +17,9 @@ from stores import make_streamlines
 pytestmark = pytest.mark.integration
 
 
-def test_build_on_scheduler_and_worker_processes(dask_cluster, tmp_path):
+def test_build_on_scheduler_and_worker_processes(dask_cluster, twin_stores):
     from distributed import Client
-    base, ref, ours = tmp_path / "b.zv", tmp_path / "r.zv", tmp_path / "o.zv"
-    make_streamlines(str(base), seed=21)
-    shutil.copytree(base, ref)
-    shutil.copytree(base, ours)
+    _, ref, ours = twin_stores(make_streamlines, seed=21)
     kw = dict(factors=[(2, 1), (2, 2)], sparsity_seed=0, cross_level_depth=-1,
               cross_level_storage="explicit")
     reference_build_pyramid(str(ref), **kw)

@@ -222,14 +222,11 @@ class _DriverKilled(BaseException):
     pass
 
 
-def test_crash_inside_a_level_commit_is_resumed(local_client, tmp_path, monkeypatch):
+def test_crash_inside_a_level_commit_is_resumed(local_client, twin_stores, monkeypatch):
     """The driver dies after level 2's group document is written but before
     the root lists it: resume rebuilds level 2 instead of refusing it."""
     from zarr_vectors_dask import commit as cm
-    base, ref, store = tmp_path / "b.zv", tmp_path / "r.zv", tmp_path / "o.zv"
-    make_streamlines(str(base), seed=8)
-    shutil.copytree(base, ref)
-    shutil.copytree(base, store)
+    _, ref, store = twin_stores(make_streamlines, seed=8)
     kw = dict(factors=[(2, 1), (2, 2)], sparsity_seed=2, cross_level_depth=-1,
               cross_level_storage="explicit")
     reference_build_pyramid(str(ref), **kw)
