@@ -105,19 +105,22 @@ def _is_transient(exc: BaseException) -> bool:
     return any(w.strip("().,:;'\"[]") in ("500", "502", "503", "504", "429") for w in words)
 
 
-def with_retries(fn: Callable[[], T], *, what: str, attempts: int = 8,
-                 base_delay: float = 0.25, max_delay: float = 8.0) -> T:
-    """Call ``fn`` and retry transient failures with jittered exponential
-    backoff (about a minute in all), so a store that blips for a few
-    seconds does not fail a long build."""
+def _backoff(attempt: int, base_delay: float = 0.25, max_delay: float = 8.0) -> float:
+    """Seconds to wait before retry ``attempt + 1``: jittered exponential
+    (about a minute over eight attempts)."""
+    return min(max_delay, base_delay * 2 ** attempt) * (0.5 + random.random())
+
+
+def with_retries(fn: Callable[[], T], *, what: str, attempts: int = 8) -> T:
+    """Call ``fn`` and retry transient failures with :func:`_backoff`, so a
+    store that blips for a few seconds does not fail a long build."""
     for attempt in range(attempts):
         try:
             return fn()
         except Exception as exc:  # noqa: BLE001 - classified below
             if not _is_transient(exc) or attempt == attempts - 1:
                 raise
-            delay = min(max_delay, base_delay * 2 ** attempt)
-            time.sleep(delay * (0.5 + random.random()))
+            time.sleep(_backoff(attempt))
     raise AssertionError("unreachable")  # pragma: no cover
 
 
@@ -325,16 +328,15 @@ def _make_retrying_store_cls():
     from zarr.storage import WrapperStore
 
     class RetryingStore(WrapperStore):
-        async def _retry(self, call, attempts: int = 8, base_delay: float = 0.25,
-                         max_delay: float = 8.0):
+        async def _retry(self, call, attempts: int = 8):
+            # with_retries' policy, awaited instead of slept.
             for attempt in range(attempts):
                 try:
                     return await call()
                 except Exception as exc:  # noqa: BLE001 - classified below
                     if not _is_transient(exc) or attempt == attempts - 1:
                         raise
-                    delay = min(max_delay, base_delay * 2 ** attempt)
-                    await asyncio.sleep(delay * (0.5 + random.random()))
+                    await asyncio.sleep(_backoff(attempt))
 
         async def get(self, key, prototype, byte_range=None):
             return await self._retry(lambda: self._store.get(key, prototype, byte_range))
