@@ -117,9 +117,9 @@ def compose_block(store: Store, ctx: dict, fine_level: int, run: tuple[int, int]
         level = fine_level + n
         if f_id.size == 0:
             break
-        buckets = st._partition_links(fine_cc[f_id], f_vi, cur_c, cur_v,
-                                      geo[fine_level]["scale"], geo[level]["scale"])
-        out["plus"][n] = st.write_link_cells(store, fine_level, n, geo[fine_level]["grid"][0], buckets)
+        links = st._partition_links(fine_cc[f_id], f_vi, cur_c, cur_v,
+                                    geo[fine_level]["scale"], geo[level]["scale"])
+        out["plus"][n] = st.write_link_cells(store, fine_level, n, geo[fine_level]["grid"][0], links)
         if storage == "explicit":
             dest = st.grid_ids(cur_c, *geo[level]["grid"])
             out["minus"][n] = st.send_records(

@@ -155,6 +155,20 @@ def encode_link_cell(rows: np.ndarray) -> bytes:
     return encode_ragged_blob([np.ascontiguousarray(rows, dtype=np.int64)], np.dtype(np.int64))
 
 
+# A framed link cell: vlen count and length, then the ragged blob of one
+# group (group count 1, byte offset 0) and its int64 (vertex, vertex) rows.
+_LINK_CELL_HEAD = struct.Struct("<IIqq")
+
+
+def framed_link_cells(rows: np.ndarray, starts, stops) -> list[bytes]:
+    """``frame_cell(encode_link_cell(rows[a:b]))`` for each ``(a, b)``, from
+    one buffer: a pyramid has tens of thousands of these cells."""
+    buf = np.ascontiguousarray(rows, dtype=np.int64).tobytes()
+    pack = _LINK_CELL_HEAD.pack
+    return [pack(1, 16 + 16 * (b - a), 1, 0) + buf[16 * a:16 * b]
+            for a, b in zip(starts, stops)]
+
+
 def decode_link_cell(payload: bytes) -> np.ndarray:
     groups = decode_ragged_blob(payload, np.dtype(np.int64), ncols=2)
     if not groups:

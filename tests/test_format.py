@@ -1,0 +1,18 @@
+"""Codecs in ``format.py`` against zarr-vectors' own encoders (no I/O)."""
+
+import numpy as np
+from zarr_vectors.encoding.ragged import encode_ragged_blob
+
+from zarr_vectors_dask import format as fmt
+
+
+def test_framed_link_cells_match_the_ragged_blob_encoder():
+    rng = np.random.default_rng(3)
+    rows = rng.integers(0, 10**6, size=(50, 2))
+    cuts = [(0, 1), (1, 17), (17, 50)]
+    got = fmt.framed_link_cells(rows, [a for a, _ in cuts], [b for _, b in cuts])
+    for (a, b), cell in zip(cuts, got):
+        want = fmt.frame_cell(encode_ragged_blob([rows[a:b].astype(np.int64)], np.dtype(np.int64)))
+        assert cell == want
+        back = fmt.decode_link_cell(fmt.unframe_cell(cell, what="cell"))
+        np.testing.assert_array_equal(back, rows[a:b])
