@@ -13,7 +13,7 @@ import os
 import re
 import socket
 import time
-from typing import Any, Callable
+from typing import Callable
 
 from . import commit as cm
 from . import format as fmt

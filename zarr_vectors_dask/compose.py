@@ -63,8 +63,7 @@ def _read_parent_maps(store: Store, level: int, chunks, fam: dict, geo: dict) ->
 
 def compose_block(store: Store, ctx: dict, fine_level: int, run: tuple[int, int],
                   steps: list[int], storage: str) -> dict:
-    """``+N`` cells (and ``-N`` records routed by coarse chunk) of one run of
-    fine chunks.  ``ctx`` holds every level's geometry and ``+1`` presence
+    """``+N`` cells (and their ``-N`` mirrors) of one run of fine chunks.  ``ctx`` holds every level's geometry and ``+1`` presence
     lists and each fine level's chunk table."""
     geo, plus_fams = ctx["geo"], ctx["plus_fams"]
     fine_cc = ctx["fine_chunks"][fine_level]
@@ -121,9 +120,8 @@ def compose_block(store: Store, ctx: dict, fine_level: int, run: tuple[int, int]
                                     geo[fine_level]["scale"], geo[level]["scale"])
         out["plus"][n] = st.write_link_cells(store, fine_level, n, geo[fine_level]["grid"][0], links)
         if storage == "explicit":
-            dest = st.grid_ids(cur_c, *geo[level]["grid"])
-            out["minus"][n] = st.send_records(
-                store, st._split_by(dest, coarse_chunk=cur_c, coarse_vi=cur_v,
-                                    fine_chunk_id=f_id, fine_vi=f_vi),
-                "compose", f"minus{n}-from{fine_level}", f"{run[0]}")
+            # Every -N cell's records come from one fine chunk of this run.
+            out["minus"][n] = st.write_link_cells(
+                store, level, -n, geo[level]["grid"][0],
+                links.mirrored(geo[fine_level]["scale"], geo[level]["scale"]))
     return out

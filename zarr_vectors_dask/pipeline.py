@@ -8,18 +8,17 @@ counts, link cell lists) to route the next exchange and to commit.
 
 from __future__ import annotations
 
-import functools
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Callable
 
 import numpy as np
 
 from . import commit as cm
 from . import format as fmt
 from . import stages as st
-from .plan import LevelPlan, chunks_per_block, grid_layout, pack_runs, split_runs
+from .plan import LevelPlan, chunks_per_block, grid_layout, split_runs
 from .store import Store
 
 
@@ -181,20 +180,6 @@ def kept_rows(n_rows: int, sparsity_factor: float, strategy: str, seed, base_bin
 
 
 # ---------------------------------------------------------------- one step
-def _route_minus(routed: list, budget: int, n_workers: int) -> list[list[str]]:
-    """Group coarse chunks into ``-N`` writer tasks of at most ``budget``
-    records (memory per task stays bounded however big the level) and list
-    the exchange files each writer reads.  ``routed``: ``(exchange key of a
-    destination, {destination: n records})`` per sender."""
-    totals: dict[int, int] = {}
-    for _, counts in routed:
-        for d, n in counts.items():
-            totals[d] = totals.get(d, 0) + n
-    dests = sorted(totals)
-    return [[key_of(d) for key_of, counts in routed for d in dests[a:b] if d in counts]
-            for a, b in pack_runs([totals[d] for d in dests], budget, 2 * n_workers)]
-
-
 def run_step(client, store: Store, lv: LevelPlan, **kwargs) -> StepReport:
     """One coarsening step; its exchange files are scratch and go with it."""
     try:
@@ -330,24 +315,15 @@ def _run_step(client, store: Store, lv: LevelPlan, *, root_meta, sparsity_strate
                 attr_f.append(S.submit(
                     st.write_attributes, store, f"{lv.source_level}/{fmt.OBJECT_ATTRIBUTES}/{name}",
                     f"{lv.target_level}/{fmt.OBJECT_ATTRIBUTES}/{name}", (a, b), keep[a:b], pure=False))
-    if lv.cross_level_storage == "explicit":
-        fine_f = share(client, np.asarray(chunks, dtype=np.int64).reshape(-1, ndim))
-        routed = [(functools.partial(fmt.exchange_key, lv.target_level, "minus", sender=b),
-                   s_["minus"]) for b, s_ in enumerate(link_sum)]
-        minus_f = [S.submit(st.write_minus_links, store, lv.target_level, 1, t_origin,
-                            scale_trg, scale_src, fine_f, keys, pure=False)
-                   for keys in _route_minus(routed, max_block_vertices, n_workers)]
-    else:
-        minus_f = []
-    done = S.run("-1 links + manifests", minus_f + man_f + attr_f, gather=True)
+    done = S.run("manifests", man_f + attr_f, gather=True)
     if lv.cross_level_storage == "explicit":
         minus = cm.LinkFamily(lv.target_level, -1, t_origin, t_grid)
-        for w in done[:len(minus_f)]:
-            minus.add(w)
+        for s_ in link_sum:
+            minus.add(s_["minus"])
         families.append(minus)
     object_index = None
     if src.has_objects:
-        present = done[len(minus_f):len(minus_f) + len(man_f)]
+        present = done[:len(man_f)]
         object_index = {"zv_array": "object_index", "num_objects": int(n_src_objects),
                         "num_present": int(sum(present)), "sid_ndim": ndim,
                         "layout": "vlen_manifests_v2", "object_ids_sorted": True}
@@ -449,17 +425,9 @@ def _write_empty_level(store: Store, lv: LevelPlan, src: SourceLevel, n: int, ro
 
 
 # ---------------------------------------------------------------- composition
-def compose_links(client, store: Store, **kwargs) -> tuple[list, dict]:
-    """The closing stage; its exchange files are scratch and go with it."""
-    try:
-        return _compose_links(client, store, **kwargs)
-    finally:
-        _drop_exchange(store, "compose")
-
-
-def _compose_links(client, store: Store, *, root_meta, depth: int, storage: str,
-                  n_workers: int, progress: Callable | None = None,
-                  max_block_vertices: int = 2_000_000) -> tuple[list, dict]:
+def compose_links(client, store: Store, *, root_meta, depth: int, storage: str,
+                 n_workers: int, progress: Callable | None = None,
+                 max_block_vertices: int = 2_000_000) -> tuple[list, dict]:
     """The closing stage: ``±N`` families (N >= 2) composed from the
     published ``+1`` families, one task per block of fine chunks."""
     from .compose import compose_block, level_geometry
@@ -490,28 +458,11 @@ def _compose_links(client, store: Store, *, root_meta, depth: int, storage: str,
         for a, b in split_runs(len(fine_chunks[f]), per):
             tasks.append((f, a, S.submit(compose_block, store, ctx_f, f, (a, b), steps, storage,
                                          pure=False)))
-    # Their results are small: written cells and -N record counts.
+    # Their results are small: the cells written, per family.
     summaries = S.run("compose", [t for _, _, t in tasks], gather=True)
-    routed: dict[tuple[int, int], list] = {}
-    for (f, a, _), s_ in zip(tasks, summaries):
+    for (f, _, _), s_ in zip(tasks, summaries):
         for n, written in s_["plus"].items():
-            fam = families.setdefault((f, n), cm.LinkFamily(f, n, *geo[f]["grid"]))
-            fam.add(written)
-        for n, counts in s_["minus"].items():
-            key_of = functools.partial(fmt.exchange_key, "compose", f"minus{n}-from{f}",
-                                       sender=f"{a}")
-            routed.setdefault((f, n), []).append((key_of, counts))
-    if storage == "explicit":
-        writes, keys = [], []
-        for (f, n), parts_of in sorted(routed.items()):
-            c = f + n
-            fine_f = S.submit(st.pick, ctx_f, "fine_chunks", f)
-            for ex_keys in _route_minus(parts_of, max_block_vertices, n_workers):
-                writes.append(S.submit(st.write_minus_links, store, c, n, geo[c]["grid"][0],
-                                       geo[c]["scale"], geo[f]["scale"], fine_f, ex_keys,
-                                       pure=False))
-                keys.append((f, n))
-        for (f, n), w in zip(keys, S.run("compose -N", writes, gather=True)):
-            fam = families.setdefault((f + n, -n), cm.LinkFamily(f + n, -n, *geo[f + n]["grid"]))
-            fam.add(w)
+            families.setdefault((f, n), cm.LinkFamily(f, n, *geo[f]["grid"])).add(written)
+        for n, written in s_["minus"].items():
+            families.setdefault((f + n, -n), cm.LinkFamily(f + n, -n, *geo[f + n]["grid"])).add(written)
     return list(families.values()), report.stage_seconds

@@ -98,26 +98,6 @@ def split_runs(n_items: int, per_run: int) -> list[tuple[int, int]]:
     return [(a, min(a + per_run, n_items)) for a in range(0, n_items, per_run)]
 
 
-def pack_runs(sizes, budget: int, min_runs: int = 1) -> list[tuple[int, int]]:
-    """Consecutive ``[start, stop)`` runs of items whose sizes sum to at most
-    ``budget`` (an item larger than the budget gets a run of its own), and
-    at least ``min_runs`` runs when there are that many items, so every
-    worker gets a share."""
-    sizes = [max(0, int(x)) for x in sizes]
-    if not sizes:
-        return []
-    total = sum(sizes)
-    budget = max(1, min(int(budget), -(-total // max(1, min(min_runs, len(sizes))))))
-    runs, start, acc = [], 0, 0
-    for i, n in enumerate(sizes):
-        if i > start and acc + n > budget:
-            runs.append((start, i))
-            start, acc = i, 0
-        acc += n
-    runs.append((start, len(sizes)))
-    return runs
-
-
 def chunks_per_block(n_chunks: int, n_vertices: int, n_workers: int,
                      max_block_vertices: int) -> int:
     """How many consecutive source chunks one task reads.
@@ -165,17 +145,15 @@ class LevelPlan:
         """Upper bounds on tasks per stage (exchanges are routed to
         non-empty pairs only, so real counts are usually lower)."""
         b, tb, k = self.n_blocks, self.n_target_blocks, self.n_buckets
-        links = self.cross_level_storage != "none"
         return {
             "object refs": k,
             "bin partials": b,
             "metavertices": tb,
             "write vertices": tb,
             "resolve parents": tb,
-            "links + sequences": b,
-            "-1 links": tb if self.cross_level_storage == "explicit" else 0,
+            "links + sequences": b,  # with the -1 mirrors
             "manifests": k,
-            "exchange": b * tb * (3 if links else 2) + k * b * 2,
+            "exchange": b * tb * 2 + k * b * 2,
         }
 
     @property

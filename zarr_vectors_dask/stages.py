@@ -84,13 +84,6 @@ def _partition_of(spec: StepSpec, keys: np.ndarray) -> np.ndarray:
     return _target_block(spec, lower)
 
 
-def grid_ids(chunks: np.ndarray, origin, grid_shape) -> np.ndarray:
-    """Row-major index of chunk coordinates in a level's chunk grid: where
-    ``-N`` records are routed (the cells are keyed by the coarse chunk)."""
-    rel = np.asarray(chunks, dtype=np.int64) - np.asarray(origin, dtype=np.int64)
-    return np.ravel_multi_index(tuple(rel.T), tuple(int(g) for g in grid_shape))
-
-
 def send_exchange(store: Store, routed: dict[int, dict[str, np.ndarray]], scope, kind: str,
                   sender) -> None:
     """Write each destination's columns to its exchange file."""
@@ -107,14 +100,6 @@ def read_exchange(store: Store, keys: list[str]) -> list[dict[str, np.ndarray]]:
             raise fmt.CorruptChunkError(f"{store.describe(k)}: exchange file is missing")
         out.append(fmt.unpack_columns(raw[k], what=store.describe(k)))
     return out
-
-
-def send_records(store: Store, routed: dict[int, dict[str, np.ndarray]], scope, kind: str,
-                 sender) -> dict[int, int]:
-    """Send ``-N`` records by coarse chunk; returns ``{destination: record
-    count}`` for the driver to group writers."""
-    send_exchange(store, routed, scope, kind, sender)
-    return {int(d): int(cols["fine_vi"].shape[0]) for d, cols in routed.items()}
 
 
 def _split_by(dest: np.ndarray, **columns: np.ndarray) -> dict[int, dict[str, np.ndarray]]:
@@ -410,68 +395,75 @@ def _linear_key(columns: list[np.ndarray]) -> np.ndarray:
     return np.asarray(key, dtype=np.int64)
 
 
-def _partition_links(src_chunks, src_vi, trg_chunks, trg_vi, scale_src, scale_trg):
+def _anchor(chunks: np.ndarray, scale_own, scale_other) -> np.ndarray:
+    """Chunk of the other level's grid a chunk's links are anchored at:
+    ``floor(c * r_own / r_other)`` per axis (a multiply when it divides)."""
+    out = np.empty_like(chunks)
+    for j, (ro, rt) in enumerate(zip(scale_own, scale_other)):
+        ro, rt = int(ro), int(rt)
+        out[:, j] = chunks[:, j] * (ro // rt) if ro % rt == 0 else (chunks[:, j] * ro) // rt
+    return out
+
+
+@dataclass
+class LinkCells:
+    """Link records of one family grouped into cells: cell ``i`` holds
+    ``rows[bounds[i]:bounds[i + 1]]`` ([own vertex, other vertex]) and is
+    keyed by its own ``chunk[i]`` and the other end's chunk minus that
+    chunk's anchor, ``offset[i]`` (which names the segment array)."""
+    rows: np.ndarray
+    bounds: np.ndarray
+    chunk: np.ndarray
+    offset: np.ndarray
+
+    def mirrored(self, scale_own, scale_other) -> "LinkCells":
+        """The same cells seen from the other end (the ``-delta`` family of a
+        ``+delta`` one).  A cell's records share both chunks, so each cell
+        maps to exactly one mirror cell; its rows keep their order (by own
+        vertex), which is the reference's order for the mirror too."""
+        other = _anchor(self.chunk, scale_own, scale_other) + self.offset
+        back = self.chunk - _anchor(other, scale_other, scale_own)
+        return LinkCells(np.ascontiguousarray(self.rows[:, ::-1]), self.bounds, other, back)
+
+
+def _partition_links(src_chunks, src_vi, trg_chunks, trg_vi, scale_src, scale_trg) -> LinkCells:
     """Group link records into cells: by (source chunk, target chunk's
     offset from the source's anchor), input order kept inside a cell (the
-    reference's layout).  Returns ``LinkCells``: the records in cell order
-    and one (offset segment, source chunk, start, stop) per cell."""
-    from zarr_vectors.spatial.boundary import format_offsets
+    reference's layout)."""
     src_chunks = np.asarray(src_chunks, dtype=np.int64)
     n = src_chunks.shape[0]
+    d = src_chunks.shape[1] if src_chunks.ndim == 2 else 0
     if n == 0:
-        return LinkCells(np.empty((0, 2), np.int64), [])
-    trg_chunks = np.asarray(trg_chunks, dtype=np.int64)
-    d = src_chunks.shape[1]
-    src_cols, offsets = [], []
-    for j in range(d):
-        rs, rt = int(scale_src[j]), int(scale_trg[j])
-        s_ = src_chunks[:, j]
-        # The anchor is floor(c * rs / rt); a multiply when rt divides rs.
-        anchor = s_ * (rs // rt) if rs % rt == 0 else (s_ * rs) // rt
-        src_cols.append(s_)
-        offsets.append(trg_chunks[:, j] - anchor)
-    gid = _linear_key(src_cols + offsets)
+        return LinkCells(np.empty((0, 2), np.int64), np.zeros(1, np.int64),
+                         np.empty((0, d), np.int64), np.empty((0, d), np.int64))
+    offsets = np.asarray(trg_chunks, dtype=np.int64) - _anchor(src_chunks, scale_src, scale_trg)
+    gid = _linear_key([src_chunks[:, j] for j in range(d)] + [offsets[:, j] for j in range(d)])
     rows = np.stack([np.asarray(src_vi, dtype=np.int64), np.asarray(trg_vi, dtype=np.int64)],
                     axis=1)
     # Records usually arrive grouped already: then skip the sort.
     if not np.all(gid[1:] >= gid[:-1]):
         order = np.argsort(gid, kind="stable")
-        gid, rows = gid[order], rows[order]
-        src_cols, offsets = [c[order] for c in src_cols], [o[order] for o in offsets]
+        gid, rows, src_chunks, offsets = gid[order], rows[order], src_chunks[order], offsets[order]
     starts = np.flatnonzero(np.r_[True, gid[1:] != gid[:-1]])
-    ends = np.r_[starts[1:], n]
-    heads = np.stack([c[starts] for c in src_cols + offsets], axis=1).tolist()
-    segs: dict[tuple, str] = {}
-    cells = []
-    for a, b, head in zip(starts.tolist(), ends.tolist(), heads):
-        off = tuple(head[d:])
-        seg = segs.get(off)
-        if seg is None:
-            seg = segs[off] = format_offsets((off,))
-        cells.append((seg, tuple(head[:d]), a, b))
-    return LinkCells(rows, cells)
-
-
-@dataclass
-class LinkCells:
-    """Link records grouped into cells: ``rows[a:b]`` ([source vi, target
-    vi]) is the cell ``(segment, source chunk, a, b)``."""
-    rows: np.ndarray
-    cells: list
-
-    def __len__(self) -> int:
-        return len(self.cells)
+    return LinkCells(rows, np.r_[starts, n], src_chunks[starts], offsets[starts])
 
 
 def write_link_cells(store: Store, level: int, delta: int, origin, links: LinkCells) -> dict:
     """Write link cells; returns ``{offset string: [(chunk, n_records)]}``."""
+    from zarr_vectors.spatial.boundary import format_offsets
     fam = fmt.links_family_path(level, delta)
-    payloads = fmt.framed_link_cells(links.rows, [c[2] for c in links.cells],
-                                     [c[3] for c in links.cells])
+    bounds = links.bounds.tolist()
+    payloads = fmt.framed_link_cells(links.rows, bounds[:-1], bounds[1:])
+    segs: dict[tuple, str] = {}
     cells, written = {}, {}
-    for (seg, src_chunk, a, b), payload in zip(links.cells, payloads):
-        cells[fmt.cell_path(f"{fam}/{seg}", src_chunk, origin)] = payload
-        written.setdefault(seg, []).append((src_chunk, b - a))
+    for chunk, off, a, b, payload in zip(map(tuple, links.chunk.tolist()),
+                                         map(tuple, links.offset.tolist()),
+                                         bounds[:-1], bounds[1:], payloads):
+        seg = segs.get(off)
+        if seg is None:
+            seg = segs[off] = format_offsets((off,))
+        cells[fmt.cell_path(f"{fam}/{seg}", chunk, origin)] = payload
+        written.setdefault(seg, []).append((chunk, b - a))
     store.put_many(cells, atomic=False)  # the family is published at commit
     return written
 
@@ -480,8 +472,10 @@ def links_and_sequences(spec: StepSpec, block: int, partials: dict,
                         *answers: dict | None) -> dict:
     """Per source block, once every key has its metavertex:
 
-    * ``+1`` link records (fine vertex -> parent metavertex) written as cells;
-    * ``-1`` records routed to the target block of the parent (explicit);
+    * ``+1`` link records (fine vertex -> parent metavertex) written as cells,
+      and (explicit) their ``-1`` mirror cells at the coarse level: a
+      ``-1`` cell's records all come from one fine chunk, so the block
+      owning that chunk holds all of them;
     * per named fragment, its metavertex sequence (consecutive repeats
       dropped) routed to the manifest buckets that name it.
     """
@@ -517,11 +511,9 @@ def links_and_sequences(spec: StepSpec, block: int, partials: dict,
                                  spec.scale_source, spec.scale_target)
         result["plus"] = write_link_cells(spec.store, spec.source_level, +1, spec.source_origin, links)
         if spec.links == "explicit":
-            dest = grid_ids(par_chunk[ok], spec.target_origin, spec.target_grid_shape)
-            result["minus"] = send_records(
-                spec.store, _split_by(dest, coarse_chunk=par_chunk[ok], coarse_vi=par_frag[ok],
-                                      fine_chunk_id=inst_chunk[ok], fine_vi=inst_local[ok]),
-                spec.target_level, "minus", block)
+            result["minus"] = write_link_cells(
+                spec.store, spec.target_level, -1, spec.target_origin,
+                links.mirrored(spec.scale_source, spec.scale_target))
     if spec.has_objects and ref_parts:
         # Instances are grouped by fragment, chunks and fragments ascending,
         # so the pair keys of the flat order are sorted.
@@ -544,28 +536,6 @@ def links_and_sequences(spec: StepSpec, block: int, partials: dict,
         send_exchange(spec.store, sequences, spec.target_level, "sequences", block)
         result["sequences"] = sorted(sequences)
     return result
-
-
-# ------------------------------------------------------------- stage 6
-def write_minus_links(store: Store, level: int, delta: int, origin, scale_src, scale_trg,
-                      fine_chunks: np.ndarray, exchange_keys: list[str]) -> dict:
-    """Write the coarse-side mirror records (``-delta``) of a group of coarse
-    chunks, in the reference's order: by fine vertex, chunk-major.  The
-    records arrive as exchange files, one per (sender, coarse chunk)."""
-    parts = read_exchange(store, exchange_keys)
-    if not parts:
-        return {}
-    cc = np.concatenate([p["coarse_chunk"] for p in parts])
-    cvi = np.concatenate([p["coarse_vi"] for p in parts])
-    fid = np.concatenate([p["fine_chunk_id"] for p in parts])
-    fvi = np.concatenate([p["fine_vi"] for p in parts])
-    # Each fine vertex appears once: one int64 key orders them.  Every
-    # sender's records are already in that order, so a merge of runs
-    # (the stable sort) is nearly free.
-    order = np.argsort(fid * (int(fvi.max()) + 1) + fvi, kind="stable")
-    links = _partition_links(cc[order], cvi[order], fine_chunks[fid[order]], fvi[order],
-                             scale_src, scale_trg)
-    return write_link_cells(store, level, -delta, origin, links)
 
 
 def answer_for(resolved: dict, block: int, partition: int) -> dict | None:
