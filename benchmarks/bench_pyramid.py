@@ -118,12 +118,11 @@ def child_project(path: str, n_workers: int, profile_html: str | None = None) ->
         seconds = time.perf_counter() - t0
         worker_rss = workers_maxrss_mib(client)
     steps, stages = stage_totals(reports)
-    # "composition+commit" is measured around compose/compose -N as well:
-    # keep only its own remainder (the cross-level metadata commit).
+    # "composition+commit" is measured around compose as well: keep only
+    # its own remainder (the cross-level metadata commit).
     if "composition+commit" in stages:
         total = stages.pop("composition+commit")
-        stages["cross-level commit"] = max(
-            0.0, total - stages.get("compose", 0.0) - stages.get("compose -N", 0.0))
+        stages["cross-level commit"] = max(0.0, total - stages.get("compose", 0.0))
     # Driver-side work outside any timed stage (planning, reading source
     # metadata, scattering the spec, routing, level records, lock).
     stages["other (driver)"] = max(0.0, seconds - sum(stages.values()))
@@ -255,9 +254,8 @@ def io_floor_s3(fs, store: str, level0: Path, out_files: list[tuple[str, int]],
 # ------------------------------------------------------------------ tables
 COLUMNS = ["root", "vertices", "reference s", "project s", "speed ratio", "I/O floor s",
            "project/floor", "driver RSS MiB", "max worker RSS MiB", "tasks", "equivalent"]
-STAGE_ORDER = ["object refs", "bin partials", "shuffle", "write vertices", "resolve parents",
-               "links", "-1 links", "manifests", "attributes", "commit", "compose", "compose -N",
-               "cross-level commit", "other (driver)"]
+STAGE_ORDER = ["object refs", "bin partials", "shuffle", "write vertices + links", "manifests",
+               "commit", "compose", "cross-level commit", "other (driver)"]
 
 
 def _fmt(v, nd=2):

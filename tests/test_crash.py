@@ -187,7 +187,7 @@ def test_driver_killed_mid_level_then_resume(private_dask_cluster, inputs, store
     open(marker, "wb").close()
     # What a writer killed between its temporary write and the rename
     # leaves (ours, then zarr's), in a kept level and at the root.
-    for rel in (os.path.join("1", "vertices", "c", "0", "zarr.json.tmp-99999-0badf00d"),
+    for rel in (os.path.join("1", "vertices", "zarr.json.tmp-99999-0badf00d"),
                 "zarr.json.tmp-99999-0badf00d",
                 os.path.join("1", "object_index", "manifests", "c", "0." + "ab" * 16 + ".partial")):
         os.makedirs(os.path.dirname(os.path.join(store, rel)), exist_ok=True)

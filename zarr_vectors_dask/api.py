@@ -269,6 +269,7 @@ def _prepare_targets(store: Store, plan: PyramidPlan, *, resume: bool, overwrite
 # replacing: ``Store.put_many``'s ``<name>.tmp-<pid>-<hex>`` and zarr
 # LocalStore's ``<name>.<uuid>.partial``.  Never part of the format.
 _TEMPORARY = re.compile(r"\.tmp-\d+-[0-9a-f]{8}$|\.[0-9a-f]{32}\.partial$")
+_ZARR_WRITTEN = re.compile(rf"/({fmt.OBJECT_INDEX}|{fmt.OBJECT_ATTRIBUTES})(/|$)")
 
 
 def _sweep_temporaries(store: Store, source_level: int) -> None:
@@ -282,8 +283,13 @@ def _sweep_temporaries(store: Store, source_level: int) -> None:
     with os.scandir(store.root) as it:
         doomed = [e.path for e in it if e.is_file() and _TEMPORARY.search(e.name)]
     for top in trees:
-        for d, _, files in os.walk(top):
+        for d, dirs, files in os.walk(top):
             doomed.extend(os.path.join(d, f) for f in files if _TEMPORARY.search(f))
+            # Vertex and link cells are written in place (``atomic=False``),
+            # so only the cells zarr writes (object index, attributes) can
+            # have temporaries: skip the other cell trees, most of the files.
+            if "c" in dirs and not _ZARR_WRITTEN.search(d):
+                dirs.remove("c")
     for p in doomed:
         with contextlib.suppress(FileNotFoundError):
             os.remove(p)
