@@ -294,8 +294,8 @@ def _run_step(client, store: Store, lv: LevelPlan, *, root_meta, sparsity_strate
         report.seconds = time.perf_counter() - t_start
         return report
 
-    # -- the coarse level's -1 links, object index and attributes: independent
-    # of each other, so they run together and return in one round trip.
+    # -- the coarse level's object index and attributes: independent of each
+    # other, so they run together and return in one round trip.
     families: list[cm.LinkFamily] = []
     if lv.cross_level_storage != "none":
         plus = cm.LinkFamily(lv.source_level, 1, *lv.source_grid)
@@ -456,11 +456,11 @@ def compose_links(client, store: Store, *, root_meta, depth: int, storage: str,
         per = chunks_per_block(len(fine_chunks[f]), geo[f]["vertex_count"], n_workers,
                                max_block_vertices)
         for a, b in split_runs(len(fine_chunks[f]), per):
-            tasks.append((f, a, S.submit(compose_block, store, ctx_f, f, (a, b), steps, storage,
-                                         pure=False)))
+            tasks.append((f, S.submit(compose_block, store, ctx_f, f, (a, b), steps, storage,
+                                      pure=False)))
     # Their results are small: the cells written, per family.
-    summaries = S.run("compose", [t for _, _, t in tasks], gather=True)
-    for (f, _, _), s_ in zip(tasks, summaries):
+    summaries = S.run("compose", [t for _, t in tasks], gather=True)
+    for (f, _), s_ in zip(tasks, summaries):
         for n, written in s_["plus"].items():
             families.setdefault((f, n), cm.LinkFamily(f, n, *geo[f]["grid"])).add(written)
         for n, written in s_["minus"].items():

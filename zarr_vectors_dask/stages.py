@@ -9,9 +9,8 @@ or writes the store itself and returns only what later stages need.
     reduce_metavertices per partition: sum partials into metavertices
     write_metavertices per target block: order, encode, write vertex cells
     resolve_parents    per partition: bin key -> (chunk, fragment) answers
-    links_and_sequences per source block: +1 link cells, -1 records,
+    links_and_sequences per source block: +1 link cells and their -1 mirrors,
                        per-fragment metavertex sequences for manifests
-    write_minus_links  per group of coarse chunks: -1 link cells (explicit)
     write_manifests    per bucket: object_index rows of the coarse level
     write_attributes   per attribute bucket: masked object attributes
 
