@@ -22,6 +22,10 @@ CASES = {
     # scalar chunk scale, no links at all
     "none-scalar-scale": dict(factors=[(2, 1), (2.5, 2)], chunk_scale_factors=[2, 1],
                               sparsity_seed=5, cross_level_depth=0, cross_level_storage="none"),
+    # explicit mirrors between levels with different chunk grids
+    "explicit-scaled": dict(factors=[(2, 1), (2, 2), (2, 1)],
+                            chunk_scale_factors=[1, (4, 8, 4), 2], sparsity_seed=1,
+                            cross_level_depth=-1, cross_level_storage="explicit"),
     # default depth 1 (the reference's default) and unseeded sparsity off
     "explicit-d1": dict(factors=[(3, 1), (2, 1)], cross_level_depth=1,
                         cross_level_storage="explicit"),
