@@ -72,6 +72,29 @@ def workers_maxrss_mib(client) -> dict:
         __import__("resource").RUSAGE_SELF).ru_maxrss / 1024.0)
 
 
+def task_cpu_seconds(client) -> dict[str, float]:
+    """Worker thread-CPU seconds per task function, from the scheduler's
+    cumulative metrics: this splits stages that share one driver-side
+    barrier (vertex writes and links run with no round trip between)."""
+    def _collect(dask_scheduler):
+        out: dict[str, float] = {}
+        for key, v in dask_scheduler.cumulative_worker_metrics.items():
+            if (isinstance(key, tuple) and len(key) == 4 and key[0] == "execute"
+                    and key[2] == "thread-cpu"):
+                out[str(key[1])] = out.get(str(key[1]), 0.0) + float(v)
+        return out
+    # Workers report metrics with their heartbeats: wait until the last
+    # tasks' figures have arrived (two equal reads a second apart).
+    last = client.run_on_scheduler(_collect)
+    for _ in range(10):
+        time.sleep(1.0)
+        now = client.run_on_scheduler(_collect)
+        if now == last:
+            break
+        last = now
+    return last
+
+
 def stage_totals(reports: list) -> tuple[list, dict[str, float]]:
     """The per-level ``StepReport``s of a build and its stage seconds summed
     over levels (the closing dict holds the composition stages)."""
@@ -117,6 +140,7 @@ def child_project(path: str, n_workers: int, profile_html: str | None = None) ->
                               storage_options=storage_options)
         seconds = time.perf_counter() - t0
         worker_rss = workers_maxrss_mib(client)
+        task_cpu = task_cpu_seconds(client)
     steps, stages = stage_totals(reports)
     # "composition+commit" is measured around compose as well: keep only
     # its own remainder (the cross-level metadata commit).
@@ -128,7 +152,7 @@ def child_project(path: str, n_workers: int, profile_html: str | None = None) ->
     stages["other (driver)"] = max(0.0, seconds - sum(stages.values()))
     return {"seconds": seconds, "driver_rss_mib": _maxrss_mib(),
             "worker_rss_mib": max(worker_rss.values()) if worker_rss else 0.0,
-            "tasks": sum(r.tasks for r in steps), "stages": stages,
+            "tasks": sum(r.tasks for r in steps), "stages": stages, "task_cpu": task_cpu,
             "levels": [{"level": r.target_level, "vertices": r.vertex_count, "chunks": r.chunks,
                         "seconds": r.seconds, "tasks": r.tasks} for r in steps]}
 
@@ -293,6 +317,26 @@ def stage_rows(results: list[dict]) -> tuple[list[str], list[list[str]]]:
     return header, rows
 
 
+# The stage each task function belongs to (the issue's breakdown).
+TASK_STAGE = {"object_refs": "object refs", "bin_partials": "bin partials",
+              "reduce_metavertices": "shuffle", "write_metavertices": "write vertices",
+              "resolve_parents": "links (parent lookup)", "links_and_sequences": "links (±1 cells)",
+              "write_manifests": "manifests", "write_attributes": "manifests",
+              "compose_block": "composition (±N cells)"}
+
+
+def task_cpu_rows(results: list[dict]) -> tuple[list[str], list[list[str]]]:
+    names = sorted({k for r in results for k, v in (r["project"].get("task_cpu") or {}).items()
+                    if v >= 0.005},
+                   key=lambda k: (list(TASK_STAGE).index(k) if k in TASK_STAGE else len(TASK_STAGE), k))
+    header = ["task function (stage)"] + [f"{r['root']} {r['vertices']:,}" for r in results]
+    rows = [[f"{k} ({TASK_STAGE[k]})" if k in TASK_STAGE else k]
+            + [_fmt((r["project"].get("task_cpu") or {}).get(k)) for r in results] for k in names]
+    rows.append(["(all tasks)"] + [_fmt(sum((r["project"].get("task_cpu") or {}).values()))
+                                   for r in results])
+    return header, rows
+
+
 def text_table(header, rows) -> str:
     w = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
     line = lambda cells: "  ".join(str(c).rjust(n) for c, n in zip(cells, w))  # noqa: E731
@@ -315,7 +359,9 @@ def markdown_report(results: list[dict], meta: dict) -> str:
         f"processes=True). Host: {meta['host']}.",
         "", md_table(COLUMNS, result_rows(results)), "",
         "Per-stage seconds of the project (summed over levels; driver-side wall time "
-        "of each stage):", "", md_table(sh, sr), ""])
+        "of each stage):", "", md_table(sh, sr), "",
+        "Worker CPU seconds per task function (thread CPU, summed over both workers and "
+        "all levels):", "", md_table(*task_cpu_rows(results)), ""])
 
 
 def replace_readme(path: Path, text: str) -> bool:
@@ -455,6 +501,8 @@ def main(argv=None) -> int:
     print(text_table(COLUMNS, result_rows(results)))
     print()
     print(text_table(*stage_rows(results)))
+    print()
+    print(text_table(*task_cpu_rows(results)))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1, default=str))
     md = markdown_report(results, meta)
