@@ -366,8 +366,7 @@ def build_pyramid(store, *, factors, chunk_scale_factors=None, sparsity_strategy
                 st.put(f"{RECORD_DIR}/{lv.target_level}.json", json.dumps(rec).encode())
                 rep = pl.run_step(c, st, lv, root_meta=root_meta,
                                   sparsity_strategy=sparsity_strategy,
-                                  sparsity_seed=sparsity_seed, progress=progress,
-                                  max_block_vertices=max_block_vertices, n_workers=n_workers)
+                                  sparsity_seed=sparsity_seed, progress=progress)
                 reports.append(rep)
                 summaries.append(rep.summary)
                 st.put(f"{RECORD_DIR}/{lv.target_level}.json.summary",
@@ -417,6 +416,6 @@ def coarsen_level(store, source_level: int, target_level: int, *, coarsen_factor
         with _build_lock(st, resume=False):
             rep = pl.run_step(c, st, plan.levels[0], root_meta=_root_meta(st),
                               sparsity_strategy=sparsity_strategy, sparsity_seed=sparsity_seed,
-                              progress=progress, n_workers=_n_workers(c))
+                              progress=progress)
             _sweep_temporaries(st, source_level)
     return rep.summary

@@ -63,8 +63,9 @@ def _read_parent_maps(store: Store, level: int, chunks, fam: dict, geo: dict) ->
 
 def compose_block(store: Store, ctx: dict, fine_level: int, run: tuple[int, int],
                   steps: list[int], storage: str) -> dict:
-    """``+N`` cells (and their ``-N`` mirrors) of one run of fine chunks.  ``ctx`` holds every level's geometry and ``+1`` presence
-    lists and each fine level's chunk table."""
+    """``+N`` cells (and their ``-N`` mirrors) of one run of fine chunks.
+    ``ctx`` holds every level's geometry and ``+1`` presence lists and each
+    fine level's chunk table."""
     geo, plus_fams = ctx["geo"], ctx["plus_fams"]
     fine_cc = ctx["fine_chunks"][fine_level]
     lo, hi = run

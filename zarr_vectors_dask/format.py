@@ -22,7 +22,7 @@ from zarr_vectors.encoding.fragments import (
     encode_fragments,
     encode_object_manifest_blocks,
 )
-from zarr_vectors.encoding.ragged import decode_ragged_blob, encode_ragged_blob
+from zarr_vectors.encoding.ragged import decode_ragged_blob
 
 from .store import Store
 
@@ -151,18 +151,14 @@ def expand_ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
     return np.repeat(np.asarray(starts, dtype=np.int64) - first, lengths) + np.arange(total)
 
 
-def encode_link_cell(rows: np.ndarray) -> bytes:
-    return encode_ragged_blob([np.ascontiguousarray(rows, dtype=np.int64)], np.dtype(np.int64))
-
-
 # A framed link cell: vlen count and length, then the ragged blob of one
 # group (group count 1, byte offset 0) and its int64 (vertex, vertex) rows.
 _LINK_CELL_HEAD = struct.Struct("<IIqq")
 
 
 def framed_link_cells(rows: np.ndarray, starts, stops) -> list[bytes]:
-    """``frame_cell(encode_link_cell(rows[a:b]))`` for each ``(a, b)``, from
-    one buffer: a pyramid has tens of thousands of these cells."""
+    """``frame_cell(encode_ragged_blob([rows[a:b]], int64))`` for each
+    ``(a, b)``, from one buffer: a pyramid has tens of thousands of these."""
     buf = np.ascontiguousarray(rows, dtype=np.int64).tobytes()
     pack = _LINK_CELL_HEAD.pack
     return [pack(1, 16 + 16 * (b - a), 1, 0) + buf[16 * a:16 * b]

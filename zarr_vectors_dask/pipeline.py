@@ -189,8 +189,8 @@ def run_step(client, store: Store, lv: LevelPlan, **kwargs) -> StepReport:
 
 
 def _run_step(client, store: Store, lv: LevelPlan, *, root_meta, sparsity_strategy: str,
-              sparsity_seed, progress: Callable | None = None,
-              max_block_vertices: int = 2_000_000, n_workers: int = 2) -> StepReport:
+              sparsity_seed, progress: Callable | None = None) -> StepReport:
+    # Block sizes (the memory budget) are already in ``lv``: see plan.py.
     t_start = time.perf_counter()
     report = StepReport(target_level=lv.target_level)
     S = _Stages(client, report, progress)

@@ -145,7 +145,6 @@ class Store:
     def from_url(cls, url: Any, storage_options: dict | None = None) -> "Store":
         url = str(url)
         if "://" not in url:
-            import os
             url = os.path.abspath(url)
         return cls(url.rstrip("/"), dict(storage_options or {}))
 
