@@ -44,12 +44,14 @@ def level0(tmp_path_factory):
     return base, ref, summary
 
 
-def _upload(srv, bucket: str, base) -> dict[str, bytes]:
-    """Put level 0 under ``bucket/x.zv``; returns ``{relative key: bytes}``."""
+def _upload(srv, base) -> tuple[str, str, dict[str, bytes]]:
+    """Put level 0 under ``x.zv`` in a fresh bucket; returns the bucket, the
+    store's URL and the uploaded ``{relative key: bytes}``."""
+    bucket = srv.new_bucket()
     fs = srv.fs()
     fs.put(str(base), f"{bucket}/x.zv", recursive=True)
     prefix = f"{bucket}/x.zv/"
-    return {p[len(prefix):]: fs.cat_file(p) for p in fs.find(prefix)}
+    return bucket, srv.url(bucket, "x.zv"), {p[len(prefix):]: fs.cat_file(p) for p in fs.find(prefix)}
 
 
 def _objects(srv, bucket: str) -> dict[str, bytes]:
@@ -105,9 +107,7 @@ def _assert_built_in_place(srv, bucket, before, ref, tmp_path):
 def test_pyramid_built_on_s3_matches_reference(s3_server, level0, local_client, tmp_path,
                                                caplog):
     base, ref, expected_summary = level0
-    bucket = s3_server.new_bucket()
-    url = s3_server.url(bucket, "x.zv")
-    before = _upload(s3_server, bucket, base)
+    bucket, url, before = _upload(s3_server, base)
 
     st = Store.from_url(url, s3_server.storage_options)
     # Every byte goes through the object store: no local root, no local zarr store.
@@ -164,9 +164,7 @@ def test_pyramid_built_on_s3_matches_reference(s3_server, level0, local_client, 
 
 def test_plan_repr_and_errors_hide_credentials(s3_server, level0, local_client):
     base, _, _ = level0
-    bucket = s3_server.new_bucket()
-    url = s3_server.url(bucket, "x.zv")
-    before = _upload(s3_server, bucket, base)
+    bucket, url, before = _upload(s3_server, base)
     key, secret = _secrets(s3_server)
 
     plan = zd.plan_pyramid(url, storage_options=s3_server.storage_options, **BUILD)
@@ -219,9 +217,7 @@ def _local_files(*roots) -> list[str]:
 
 def test_cli_pyramid_info_validate_on_s3(s3_server, level0, tmp_path):
     base, ref, _ = level0
-    bucket = s3_server.new_bucket()
-    url = s3_server.url(bucket, "x.zv")
-    before = _upload(s3_server, bucket, base)
+    bucket, url, before = _upload(s3_server, base)
     key, secret = _secrets(s3_server)
     # The CLI (and its LocalCluster workers) run in empty directories with
     # their own TMPDIR: any staging of the store would land there.
@@ -278,9 +274,7 @@ def test_cli_pyramid_info_validate_on_s3(s3_server, level0, tmp_path):
 def test_build_survives_s3_outage(private_s3_server, level0, local_client, tmp_path):
     srv = private_s3_server
     base, ref, expected_summary = level0
-    bucket = srv.new_bucket()
-    url = srv.url(bucket, "x.zv")
-    before = _upload(srv, bucket, base)
+    bucket, url, before = _upload(srv, base)
 
     result: dict = {}
 
