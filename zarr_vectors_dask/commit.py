@@ -128,24 +128,42 @@ def published_levels(store: Store) -> list[int]:
     return sorted(out)
 
 
-def commit_level(store: Store, c: LevelCommit, *, sid_ndim: int, root_bin) -> None:
-    """Publish one coarse level (and the +1 family it adds to its source)."""
+def write_level_arrays(store: Store, level: int, origin, grid, vertex_chunks, families,
+                       *, sid_ndim: int) -> None:
+    """Array documents of a coarse level (and the link families it adds),
+    all under paths no reader lists yet.  Runs in the step's last task,
+    where the writers' chunk and cell lists are reduced, so those lists
+    never reach the driver."""
+    chunks = [cc for cc, _ in vertex_chunks]
+    docs: dict[str, bytes] = {
+        f"{level}/{fmt.VERTICES}/zarr.json": fmt.vlen_array_doc(
+            grid, fmt.vlen_attributes(origin, chunks, fmt.vertices_attrs())),
+        f"{level}/{fmt.VERTEX_FRAGMENTS}/zarr.json": fmt.vlen_array_doc(
+            grid, fmt.vlen_attributes(origin, chunks, fmt.vertex_fragments_attrs()))}
+    _put_in_order(store, docs)
+    write_families(store, families, sid_ndim=sid_ndim)
+
+
+def write_families(store: Store, families, *, sid_ndim: int) -> None:
+    """Documents of link families whose cells are written: offset arrays,
+    then the family group (which makes the family visible)."""
+    docs: dict[str, bytes] = {}
+    for fam in families:
+        docs.update(family_docs(store, fam, sid_ndim))
+    _put_in_order(store, docs)
+
+
+def publish_level(store: Store, c: LevelCommit, *, root_bin) -> None:
+    """Publish one coarse level whose arrays are written: its groups, the
+    level group (now listed), then the root."""
     t = c.target_level
     docs: dict[str, bytes] = {}
-    chunks = [cc for cc, _ in c.vertex_chunks]
-    docs[f"{t}/{fmt.VERTICES}/zarr.json"] = fmt.vlen_array_doc(
-        c.target_grid, fmt.vlen_attributes(c.target_origin, chunks, fmt.vertices_attrs()))
-    docs[f"{t}/{fmt.VERTEX_FRAGMENTS}/zarr.json"] = fmt.vlen_array_doc(
-        c.target_grid, fmt.vlen_attributes(c.target_origin, chunks, fmt.vertex_fragments_attrs()))
     if c.object_index is not None:
         docs[f"{t}/{fmt.OBJECT_INDEX}/zarr.json"] = fmt.group_doc(c.object_index)
     if c.has_attributes:
         docs[f"{t}/{fmt.OBJECT_ATTRIBUTES}/zarr.json"] = fmt.group_doc({})
-    for fam in c.families:
-        docs.update(family_docs(store, fam, sid_ndim))
-    level_doc = fmt.group_doc({"zarr_vectors_level": c.level_attrs})
     _put_in_order(store, docs)
-    store.put(f"{t}/zarr.json", level_doc)  # the level is now listed
+    store.put(f"{t}/zarr.json", fmt.group_doc({"zarr_vectors_level": c.level_attrs}))
 
     attrs = read_root_attrs(store)
     zv = dict(attrs.get("zarr_vectors") or {})
@@ -159,6 +177,13 @@ def commit_level(store: Store, c: LevelCommit, *, sid_ndim: int, root_bin) -> No
     _upsert_multiscale(attrs, t, scale, [b / 2.0 for b in c.bin_shape])
     _refresh_ome_nodes(attrs, sorted(set(published_levels(store)) | {t}))
     write_root_attrs(store, attrs)
+
+
+def commit_level(store: Store, c: LevelCommit, *, sid_ndim: int, root_bin) -> None:
+    """Publish one coarse level (and the +1 family it adds to its source)."""
+    write_level_arrays(store, c.target_level, c.target_origin, c.target_grid, c.vertex_chunks,
+                       c.families, sid_ndim=sid_ndim)
+    publish_level(store, c, root_bin=root_bin)
 
 
 def commit_cross_level(store: Store, families: list[LinkFamily], *, sid_ndim: int,

@@ -26,24 +26,21 @@ def level_geometry(store: Store, level: int, root_meta) -> dict:
     return {"grid": grid, "scale": scale, "vertex_count": int(attrs.get("vertex_count") or 0)}
 
 
-def _read_parent_maps(store: Store, level: int, chunks, fam: dict, geo: dict) -> dict:
-    """``{chunk: (parent_chunk (n, d), parent_vi (n,))}`` from ``+1`` cells;
-    vertices without a record get parent_vi -1."""
-    wanted = set(map(tuple, chunks))
-    per_chunk: dict[tuple, list] = {}
-    seg_of = {}
-    for seg, (origin, present) in fam.items():
-        hits = [c for c in map(tuple, present) if c in wanted]
-        if hits:
-            info = fmt.VlenArrayInfo(f"{fmt.links_family_path(level, 1)}/{seg}", origin,
-                                     tuple(hits), True)
-            seg_of[seg] = (info, hits)
+def _read_parent_maps(store: Store, level: int, chunks, segs: list[str], geo: dict) -> dict:
+    """``{chunk: (parent_chunk (n, d), parent_vi (n,))}`` from the ``+1``
+    cells of ``chunks``; vertices without a record get parent_vi -1.
+
+    Each chunk's cells are looked up in the family's few offset arrays
+    (absent cells read as None), so the work follows the chunks asked for,
+    not the family's presence lists."""
     rs = np.asarray(geo[level]["scale"], dtype=np.int64)
     rt = np.asarray(geo[level + 1]["scale"], dtype=np.int64)
-    for seg, (info, hits) in seg_of.items():
+    origin = tuple(geo[level]["grid"][0])
+    per_chunk: dict[tuple, list] = {}
+    for seg in segs:
+        info = fmt.VlenArrayInfo(f"{fmt.links_family_path(level, 1)}/{seg}", origin, (), True)
         off = np.asarray(fmt.parse_chunk_key(seg), dtype=np.int64)
-        cells = fmt.read_cells(store, info, hits)
-        for c, payload in cells.items():
+        for c, payload in fmt.read_cells(store, info, chunks).items():
             if payload is None:
                 continue
             rows = fmt.decode_link_cell(payload)
@@ -61,16 +58,14 @@ def _read_parent_maps(store: Store, level: int, chunks, fam: dict, geo: dict) ->
     return out
 
 
-def compose_block(store: Store, ctx: dict, fine_level: int, run: tuple[int, int],
+def compose_block(store: Store, ctx: dict, fine_level: int, fine_cc: np.ndarray,
                   steps: list[int], storage: str) -> dict:
-    """``+N`` cells (and their ``-N`` mirrors) of one run of fine chunks.
-    ``ctx`` holds every level's geometry and ``+1`` presence lists and each
-    fine level's chunk table."""
-    geo, plus_fams = ctx["geo"], ctx["plus_fams"]
-    fine_cc = ctx["fine_chunks"][fine_level]
-    lo, hi = run
-    mine = [tuple(c) for c in fine_cc[lo:hi].tolist()]
-    base = _read_parent_maps(store, fine_level, mine, plus_fams[fine_level], geo)
+    """``+N`` cells (and their ``-N`` mirrors) of one run of fine chunks
+    (``fine_cc``).  ``ctx`` holds every level's geometry and the offset
+    arrays of its ``+1`` family."""
+    geo, segs = ctx["geo"], ctx["segs"]
+    mine = [tuple(c) for c in np.asarray(fine_cc).tolist()]
+    base = _read_parent_maps(store, fine_level, mine, segs[fine_level], geo)
     # Flatten: one row per fine vertex that has a +1 parent.
     f_id, f_vi, p_chunk, p_vi = [], [], [], []
     for i, c in enumerate(mine):
@@ -78,11 +73,12 @@ def compose_block(store: Store, ctx: dict, fine_level: int, run: tuple[int, int]
             continue
         pc, pv = base[c]
         ok = np.flatnonzero(pv >= 0)
-        f_id.append(np.full(ok.size, lo + i, dtype=np.int64))
+        f_id.append(np.full(ok.size, i, dtype=np.int64))
         f_vi.append(ok)
         p_chunk.append(pc[ok])
         p_vi.append(pv[ok])
     nd = len(mine[0]) if mine else 0
+    fine_cc = np.asarray(fine_cc, dtype=np.int64).reshape(-1, nd)
     f_id = np.concatenate(f_id) if f_id else np.empty(0, np.int64)
     f_vi = np.concatenate(f_vi) if f_vi else np.empty(0, np.int64)
     cur_c = np.concatenate(p_chunk) if p_chunk else np.empty((0, nd), np.int64)
@@ -91,7 +87,7 @@ def compose_block(store: Store, ctx: dict, fine_level: int, run: tuple[int, int]
     level = fine_level + 1
     for n in steps:
         inter = fine_level + n - 1
-        if inter + 1 not in geo or not plus_fams.get(inter):
+        if inter + 1 not in geo or not segs.get(inter):
             break
         # One more hop: the parent of each current ancestor at ``inter``.
         if cur_c.shape[0] == 0:
@@ -99,7 +95,7 @@ def compose_block(store: Store, ctx: dict, fine_level: int, run: tuple[int, int]
         _, first, inv = np.unique(st.row_ids(cur_c), return_index=True, return_inverse=True)
         inv = inv.reshape(-1)
         keys = [tuple(c) for c in cur_c[first].tolist()]
-        maps = _read_parent_maps(store, inter, keys, plus_fams[inter], geo)
+        maps = _read_parent_maps(store, inter, keys, segs[inter], geo)
         # The ancestors' parent maps back to back: one gather for all vertices.
         sizes = np.array([maps[k][1].size if k in maps else 0 for k in keys], dtype=np.int64)
         starts = np.cumsum(sizes) - sizes
@@ -126,3 +122,19 @@ def compose_block(store: Store, ctx: dict, fine_level: int, run: tuple[int, int]
                 store, level, -n, geo[level]["grid"][0],
                 links.mirrored(geo[fine_level]["scale"], geo[level]["scale"]))
     return out
+
+
+def compose_summary(store: Store, geo: dict, fine_levels: list[int], sid_ndim: int,
+                    *results: dict) -> int:
+    """Reduce the composition tasks' written cells into the ``±N`` family
+    documents (written by the commit module) on the cluster; returns the
+    number of records."""
+    from . import commit as cm
+    families: dict[tuple[int, int], cm.LinkFamily] = {}
+    for f, res in zip(fine_levels, results):
+        for n, written in res["plus"].items():
+            families.setdefault((f, n), cm.LinkFamily(f, n, *geo[f]["grid"])).add(written)
+        for n, written in res["minus"].items():
+            families.setdefault((f + n, -n), cm.LinkFamily(f + n, -n, *geo[f + n]["grid"])).add(written)
+    cm.write_families(store, list(families.values()), sid_ndim=sid_ndim)
+    return sum(fam.num_links for fam in families.values())

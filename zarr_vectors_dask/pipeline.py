@@ -1,14 +1,16 @@
-"""Executor: wires the stages of one coarsening step (and the closing link
-composition) into Dask tasks on a ``distributed.Client``.
+"""Executor: runs one coarsening step (and the closing link composition)
+as one Dask graph on a ``distributed.Client``.
 
-Task outputs stay on the workers; the driver only gathers per-chunk and
-per-object bookkeeping (which destinations a task has data for, chunk
-counts, link cell lists) to route the next exchange and to commit.
+The driver reads the source level's shapes and one listing of its cells,
+plans the step (``plan.step_layout``), builds the graph (``graph.py``),
+hands it to the scheduler once and waits for its one small output; then it
+publishes the level (``commit.py``).  It never routes data between stages.
 """
 
 from __future__ import annotations
 
 import time
+import uuid
 import warnings
 from dataclasses import dataclass, field
 from typing import Callable
@@ -17,8 +19,9 @@ import numpy as np
 
 from . import commit as cm
 from . import format as fmt
+from . import graph as gr
 from . import stages as st
-from .plan import LevelPlan, chunks_per_block, grid_layout, split_runs
+from .plan import LevelPlan, grid_layout, ravel, step_layout
 from .store import Store
 
 
@@ -31,79 +34,66 @@ class StepReport:
     chunks: int = 0
     seconds: float = 0.0
     tasks: int = 0
+    round_trips: int = 0  # graphs handed to the scheduler (one per step)
+    stage_tasks: dict = field(default_factory=dict)  # task function -> tasks
     stage_seconds: dict = field(default_factory=dict)
     summary: dict = field(default_factory=dict)
 
 
-class _Stages:
-    """Submits and counts tasks, times stages; optional progress callback."""
+# ---------------------------------------------------------------- executor
+def _running_tasks(token: str, dask_worker=None) -> int:
+    """Tasks of one graph still executing on this worker (a cancelled task
+    keeps running in its thread until it returns)."""
+    live = ("executing", "long-running", "cancelled", "resumed")
+    return sum(1 for key, ts in dask_worker.state.tasks.items()
+               if ts.state in live and token in str(key))
 
-    def __init__(self, client, report: StepReport, progress: Callable | None):
-        self.client, self.report, self.progress = client, report, progress
 
-    def submit(self, fn, *args, **kwargs):
-        self.report.tasks += 1
-        return self.client.submit(fn, *args, **kwargs)
+def _wait_until_idle(client, token: str, timeout: float = 300.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            n = sum(client.run(_running_tasks, token).values())
+        except Exception:  # noqa: BLE001 - the cluster itself is gone: nothing runs
+            return
+        if n == 0:
+            return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{n} task(s) of a failed build are still running after "
+                               f"{timeout:.0f} s")
+        time.sleep(0.1)
 
-    def run(self, name: str, futures: list, *, summary: Callable | None = None,
-            gather: bool = False):
-        """Wait for a stage.  With ``summary``, a small task per future
-        extracts what the driver needs to route the next stage and only
-        those results travel back: one round trip per stage."""
-        t0 = time.perf_counter()
-        if self.progress is not None and futures:
-            self.progress(name, futures)
-        if summary is not None:
-            out = self.client.gather([self.submit(summary, f) for f in futures])
-        elif gather:
-            out = self.client.gather(futures)
-        else:
-            from distributed import wait
-            wait(futures)
-            bad = [f for f in futures if f.status == "error"]
-            if bad:
-                bad[0].result()  # re-raises the task's own error
-            out = futures
-        self.report.stage_seconds[name] = self.report.stage_seconds.get(name, 0.0) + \
+
+def execute(client, graph: gr.Graph, token: str, report: StepReport, *, name: str,
+            progress: Callable | None = None):
+    """Hand ``graph`` to the scheduler once and return its output.  Only
+    the output is held, so every intermediate is released as soon as its
+    consumers have finished.  On any failure the graph's tasks are
+    cancelled and waited for, so nothing writes after the error returns."""
+    from distributed import wait
+    t0 = time.perf_counter()
+    report.tasks += graph.tasks
+    report.round_trips += 1
+    for k, n in graph.stages.items():
+        report.stage_tasks[k] = report.stage_tasks.get(k, 0) + n
+    fut = client.get(graph.dsk, graph.output, sync=False)
+    try:
+        if progress is not None:
+            progress(name, [fut])
+        wait([fut])
+        return fut.result()
+    except BaseException:
+        fut.cancel()
+        _wait_until_idle(client, token)
+        raise
+    finally:
+        fut.release()
+        report.stage_seconds[name] = report.stage_seconds.get(name, 0.0) + \
             time.perf_counter() - t0
-        return out
-
-
-def _identity(value):
-    return value
-
-
-def share(client, value):
-    """A future for ``value`` that many tasks read.  Not ``client.scatter``:
-    scattered data has no recipe, so a worker dying during the scatter, or
-    holding the last copy, cancels every task that needs it ("lost
-    dependencies").  As a task it is recomputed like any other result."""
-    return client.submit(_identity, value, pure=False)
-
-
-def _keys_of(name: str) -> Callable[[dict], list[int]]:
-    return lambda result: sorted(result[name].keys())
-
-
-def _refs_route(refs: dict) -> list[int]:
-    return refs["blocks"]
-
-
-def _written_chunks(result: dict) -> list:
-    return result["chunks"]
-
-
-def _by_destination(routes) -> dict[int, list[int]]:
-    """Invert ``(sender, destinations)`` routes into ``{destination: senders}``."""
-    out: dict[int, list[int]] = {}
-    for sender, dests in routes:
-        for d in dests:
-            out.setdefault(d, []).append(sender)
-    return out
 
 
 def _drop_exchange(store: Store, scope) -> None:
-    """Remove a stage's exchange files (scratch), and their folder once empty."""
+    """Remove a step's exchange files (scratch), and their folder once empty."""
     store.remove_tree(f"{fmt.EXCHANGE_DIR}/{scope}")
     if not store.listdir(fmt.EXCHANGE_DIR):
         store.remove_tree(fmt.EXCHANGE_DIR)
@@ -119,13 +109,13 @@ class SourceLevel:
     fragments: fmt.VlenArrayInfo
     dtype: str
     has_objects: bool
-    object_ids: np.ndarray | None
     n_rows: int
     attribute_names: list[str]
     vertex_count: int
 
 
 def read_source_level(store: Store, level: int, ndim: int) -> SourceLevel:
+    """A level's shapes and names (metadata only: no per-object data)."""
     vi = fmt.vlen_array_info(store, f"{level}/{fmt.VERTICES}")
     fi = fmt.vlen_array_info(store, f"{level}/{fmt.VERTEX_FRAGMENTS}")
     if vi is None or fi is None:
@@ -137,23 +127,10 @@ def read_source_level(store: Store, level: int, ndim: int) -> SourceLevel:
                               f"{vattrs.get('encoding')!r} is not supported (raw only)")
     level_attrs = (fmt.node_attrs(store, str(level)) or {}).get("zarr_vectors_level") or {}
     oi = fmt.node_attrs(store, f"{level}/{fmt.OBJECT_INDEX}")
-    has_objects = oi is not None and fmt.read_json(
-        store, f"{level}/{fmt.OBJECT_INDEX}/manifests/zarr.json") is not None
-    ids, n_rows = None, 0
-    if has_objects:
-        import zarr
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            zs = store.zarr_store()
-            man = zarr.open_array(zs, path=f"{level}/{fmt.OBJECT_INDEX}/manifests", mode="r")
-            n_rows = int(man.shape[0])
-            try:
-                ids = np.asarray(zarr.open_array(
-                    zs, path=f"{level}/{fmt.OBJECT_INDEX}/object_ids", mode="r")[:], dtype=np.int64)
-            except Exception:  # noqa: BLE001 - V1 index: rows are ids
-                ids = None
-            if ids is None or ids.size != n_rows:
-                ids = np.arange(n_rows, dtype=np.int64)
+    mdoc = fmt.read_json(store, f"{level}/{fmt.OBJECT_INDEX}/manifests/zarr.json") \
+        if oi is not None else None
+    has_objects = mdoc is not None
+    n_rows = int((mdoc.get("shape") or [0])[0]) if has_objects else 0
     attr_names = []
     if fmt.node_attrs(store, f"{level}/{fmt.OBJECT_ATTRIBUTES}") is not None:
         for name in store.listdir(f"{level}/{fmt.OBJECT_ATTRIBUTES}"):
@@ -163,190 +140,129 @@ def read_source_level(store: Store, level: int, ndim: int) -> SourceLevel:
             if doc and doc.get("node_type") == "array":
                 attr_names.append(name)
     return SourceLevel(store, level, ndim, vi, fi, str(vattrs.get("dtype", "float32")), has_objects,
-                       ids, n_rows, attr_names, int(level_attrs.get("vertex_count") or 0))
+                       n_rows, attr_names, int(level_attrs.get("vertex_count") or 0))
 
 
-def kept_rows(n_rows: int, sparsity_factor: float, strategy: str, seed, base_bin) -> np.ndarray:
-    """The reference's survivors: seeded selection, same seed same rows."""
-    keep = np.zeros(n_rows, dtype=bool)
-    if sparsity_factor > 1.0 and n_rows > 1:
-        from zarr_vectors.multiresolution.object_selection import apply_sparsity
-        kept = apply_sparsity(n_rows, 1.0 / sparsity_factor, strategy, seed=seed,
-                              representative_points=None, bin_shape=tuple(base_bin))
-        keep[np.asarray(kept, dtype=np.int64)] = True
-    else:
-        keep[:] = True
-    return keep
+def chunk_table(store: Store, info: fmt.VlenArrayInfo, origin, grid, ndim: int,
+                vertex_count: int) -> tuple[np.ndarray, np.ndarray]:
+    """Present chunks of a per-chunk array as sorted row-major chunk
+    numbers, with each one's estimated vertex count from one listing of
+    its cell sizes (the level's mean where cells are not plain files)."""
+    coords = np.asarray(info.chunks, dtype=np.int64).reshape(-1, ndim)
+    numbers = ravel(coords, origin, grid)
+    order = np.argsort(numbers, kind="stable")
+    numbers = numbers[order]
+    mean = max(1.0, vertex_count / max(1, numbers.size))
+    weights = np.full(numbers.size, mean)
+    if info.raw_cells and numbers.size:
+        sizes = store.sizes(f"{info.path}/c")
+        if sizes:
+            rel = np.asarray([[int(x) for x in k.split("/")] for k in sizes
+                              if k.count("/") == ndim - 1 and k.replace("/", "").isdigit()],
+                             dtype=np.int64).reshape(-1, ndim)
+            nbytes = np.asarray([v for k, v in sizes.items()
+                                 if k.count("/") == ndim - 1 and k.replace("/", "").isdigit()],
+                                dtype=np.float64)
+            lin = ravel(rel + np.asarray(info.origin, dtype=np.int64), origin, grid)
+            at = np.searchsorted(numbers, lin)
+            hit = (at < numbers.size) & (numbers[np.minimum(at, numbers.size - 1)] == lin)
+            # A cell is its framing plus float rows of ``ndim`` coordinates.
+            weights[at[hit]] = np.maximum(1.0, (nbytes[hit] - 8) / (4.0 * ndim))
+    return numbers, weights
 
 
 # ---------------------------------------------------------------- one step
 def run_step(client, store: Store, lv: LevelPlan, **kwargs) -> StepReport:
     """One coarsening step; its exchange files are scratch and go with it."""
+    _drop_exchange(store, lv.target_level)  # leftovers of an interrupted attempt
     try:
         return _run_step(client, store, lv, **kwargs)
     finally:
         _drop_exchange(store, lv.target_level)
 
 
-def _run_step(client, store: Store, lv: LevelPlan, *, root_meta, sparsity_strategy: str,
-              sparsity_seed, progress: Callable | None = None) -> StepReport:
-    # Block sizes (the memory budget) are already in ``lv``: see plan.py.
-    t_start = time.perf_counter()
-    report = StepReport(target_level=lv.target_level)
-    S = _Stages(client, report, progress)
+def plan_step(store: Store, lv: LevelPlan, src: SourceLevel, root_meta, *,
+              sparsity_strategy: str, sparsity_seed):
+    """The step's spec, layout and graph inputs, from metadata and one
+    listing (no cell is read)."""
     ndim = root_meta.sid_ndim
-    src = read_source_level(store, lv.source_level, ndim)
-    chunks = src.vertices.chunks
-    if not chunks:
-        # The reference enumerates fragments; with none there is nothing
-        # to coarsen and no level is written.
-        report.summary = {"vertex_count": 0, "object_count": 0, "objects_kept": 0,
-                          "method": "per_object", "preserves_object_ids": True}
-        return report
-    n_src_objects = src.n_rows if src.has_objects else 1
-    if src.has_objects and n_src_objects == 0:
-        report.summary = {"vertex_count": 0, "object_count": 0, "objects_kept": 0,
-                          "method": "per_object", "preserves_object_ids": True}
-        return report
-    keep = kept_rows(n_src_objects, lv.sparsity_factor, sparsity_strategy, sparsity_seed,
-                     lv.source_bin) if src.has_objects else np.ones(1, bool)
-    report.source_objects, report.objects_kept = int(n_src_objects), int(keep.sum())
-
+    s_origin, s_grid = lv.source_grid
+    t_origin, t_grid = lv.target_grid
+    numbers, weights = chunk_table(store, src.vertices, s_origin, s_grid, ndim, src.vertex_count)
+    layout = step_layout(numbers=numbers, weights=weights, source_origin=s_origin,
+                         source_grid=s_grid, source_chunk_shape=lv.source_chunk_shape,
+                         target_origin=t_origin, target_grid=t_grid, chunk_shape=lv.chunk_shape,
+                         bin_shape=lv.bin_shape, budget=lv.max_block_vertices,
+                         n_workers=lv.n_workers)
     root_chunk = tuple(root_meta.chunk_shape)
-    scale_src = tuple(int(round(c / r)) for c, r in zip(lv.source_chunk_shape, root_chunk))
-    scale_trg = tuple(int(round(c / r)) for c, r in zip(lv.chunk_shape, root_chunk))
-    n_chunks = len(chunks)
-    runs = split_runs(n_chunks, lv.chunks_per_block)
-    block_of_chunk = np.repeat(np.arange(len(runs)), [hi - lo for lo, hi in runs])
+    strip = dict(chunks=())  # the chunk lists stay with the driver
     spec = st.StepSpec(
         store=store, source_level=lv.source_level, target_level=lv.target_level, ndim=ndim,
-        bin_shape=lv.bin_shape, chunk_shape=lv.chunk_shape, source_origin=lv.source_grid[0],
-        target_origin=lv.target_grid[0], target_chunks_per_block=lv.target_chunks_per_block,
-        n_partitions=lv.n_target_blocks, target_grid_shape=tuple(lv.target_grid[1]),
-        scale_source=scale_src, scale_target=scale_trg,
-        source_chunks=chunks, vertices=src.vertices, fragments=src.fragments,
+        bin_shape=lv.bin_shape, chunk_shape=lv.chunk_shape, source_origin=tuple(s_origin),
+        source_grid_shape=tuple(s_grid), target_origin=tuple(t_origin),
+        target_grid_shape=tuple(t_grid),
+        block_starts=tuple(int(x) for x in layout.block_starts),
+        target_block_starts=tuple(int(x) for x in layout.target_block_starts),
+        scale_source=tuple(int(round(c / r)) for c, r in zip(lv.source_chunk_shape, root_chunk)),
+        scale_target=tuple(int(round(c / r)) for c, r in zip(lv.chunk_shape, root_chunk)),
+        vertices=fmt.VlenArrayInfo(**{**src.vertices.__dict__, **strip}),
+        fragments=fmt.VlenArrayInfo(**{**src.fragments.__dict__, **strip}),
         source_dtype=src.dtype, has_objects=src.has_objects,
         manifests_path=f"{lv.source_level}/{fmt.OBJECT_INDEX}/manifests" if src.has_objects else None,
         links=lv.cross_level_storage)
-    spec_f = share(client, spec)
+    sparsity = (lv.sparsity_factor, sparsity_strategy, sparsity_seed, tuple(lv.source_bin))
+    return spec, layout, sparsity
 
-    # -- object refs (per manifest bucket)
-    buckets: list[tuple[int, int]] = []
-    refs_f: list = []
-    refs_routes: list[list[int]] = []
-    if src.has_objects:
-        perm = np.argsort(src.object_ids, kind="stable")
-        bucket_rows = min(fmt.MANIFEST_BUCKET, n_src_objects)
-        buckets = split_runs(n_src_objects, bucket_rows)
-        boc_f = share(client, block_of_chunk)
-        refs_f = [S.submit(st.object_refs, spec_f, k, a, perm[a:b], keep[perm[a:b]],
-                           boc_f, pure=False) for k, (a, b) in enumerate(buckets)]
-        refs_routes = S.run("object refs", refs_f, summary=_refs_route)
 
-    # -- bin partials (per source block)
-    # Which buckets left a refs exchange file for each block.
-    block_buckets = _by_destination(enumerate(refs_routes))
-    partial_f = [S.submit(st.bin_partials, spec_f, b, np.arange(lo, hi),
-                          block_buckets.get(b, []), pure=False)
-                 for b, (lo, hi) in enumerate(runs)]
-    routes = S.run("bin partials", partial_f, summary=_keys_of("exchange"))
-
-    # -- shuffle partials by bin key into metavertices (per partition)
-    senders = _by_destination(enumerate(routes))
-    reduce_f = {p: S.submit(st.reduce_metavertices, spec_f, p, blocks,
-                            *[S.submit(st.pick, partial_f[b], "exchange", p) for b in blocks])
-                for p, blocks in sorted(senders.items())}
-    troutes = dict(zip(reduce_f, S.run("shuffle", list(reduce_f.values()),
-                                       summary=_keys_of("to_target"))))
-
-    # -- write metavertices (per target block)
-    receivers = _by_destination(troutes.items())
-    write_f = {tb: S.submit(st.write_metavertices, spec_f, tb, parts,
-                            *[S.submit(st.pick, reduce_f[p], "to_target", tb) for p in parts],
-                            pure=False)
-               for tb, parts in sorted(receivers.items())}
-    written_f = [S.submit(_written_chunks, f) for f in write_f.values()]
-
-    # -- resolve parents (per partition), then links + sequences (per block).
-    # Routing is already known, so there is no round trip in between: with
-    # no metavertex at all every vertex is parentless and nothing is written.
-    resolve_f = {}
-    for p, rf in reduce_f.items():
-        located = [S.submit(st.pick, write_f[tb], "located", p) for tb in troutes[p]]
-        resolve_f[p] = S.submit(st.resolve_parents, spec_f, p, rf, *located)
-    link_f = []
-    for b in range(len(runs)):
-        answers = [S.submit(st.answer_for, resolve_f[p], b, p) for p in routes[b]]
-        link_f.append(S.submit(st.links_and_sequences, spec_f, b, partial_f[b], *answers,
-                               pure=False))
-    # Their results are small (written cells, record counts, buckets served).
-    link_sum = S.run("write vertices + links", link_f, gather=True)
-    vertex_chunks = sorted(c for w in client.gather(written_f) for c in (w or []))
-    n_meta = sum(n for _, n in vertex_chunks)
-    report.vertex_count, report.chunks = n_meta, len(vertex_chunks)
-
-    t_origin, t_grid = lv.target_grid
+def _run_step(client, store: Store, lv: LevelPlan, *, root_meta, sparsity_strategy: str,
+              sparsity_seed, progress: Callable | None = None) -> StepReport:
+    t_start = time.perf_counter()
+    report = StepReport(target_level=lv.target_level)
+    src = read_source_level(store, lv.source_level, root_meta.sid_ndim)
+    empty = {"vertex_count": 0, "object_count": 0, "objects_kept": 0,
+             "method": "per_object", "preserves_object_ids": True}
+    if not src.vertices.chunks or (src.has_objects and src.n_rows == 0):
+        # An empty source level: the reference finds no vertices to coarsen
+        # and no level is written.
+        report.summary = empty
+        return report
+    spec, layout, sparsity = plan_step(store, lv, src, root_meta,
+                                       sparsity_strategy=sparsity_strategy,
+                                       sparsity_seed=sparsity_seed)
+    token = uuid.uuid4().hex[:12]
+    graph = gr.step_graph(spec, layout, n_rows=src.n_rows, sparsity=sparsity,
+                          attribute_names=src.attribute_names, token=token)
+    out = execute(client, graph, token, report, name=f"level {lv.target_level}",
+                  progress=progress)
+    n_src_objects = src.n_rows if src.has_objects else 1
+    n_kept = out["objects_kept"] if src.has_objects else 1
+    report.source_objects, report.objects_kept = int(n_src_objects), int(n_kept)
+    n_meta = out["vertex_count"]
+    report.vertex_count, report.chunks = n_meta, out["chunks"]
     if n_meta == 0:
         _write_empty_level(store, lv, src, n_src_objects, root_meta)
-        report.summary = {"vertex_count": 0, "object_count": 0, "objects_kept": int(keep.sum()),
-                          "method": "per_object", "preserves_object_ids": True,
-                          "shared_fragments": True}
+        report.summary = {**empty, "objects_kept": int(n_kept), "shared_fragments": True}
         report.seconds = time.perf_counter() - t_start
         return report
-
-    # -- the coarse level's object index and attributes: independent of each
-    # other, so they run together and return in one round trip.
-    families: list[cm.LinkFamily] = []
-    if lv.cross_level_storage != "none":
-        plus = cm.LinkFamily(lv.source_level, 1, *lv.source_grid)
-        for s_ in link_sum:
-            plus.add(s_["plus"])
-        families.append(plus)
-    # Manifest buckets first: the longest single tasks should start first.
-    man_f, attr_f = [], []
-    if src.has_objects:
-        _prepare_object_arrays(store, lv, src, n_src_objects)
-        seq_blocks = _by_destination((b, s_["sequences"]) for b, s_ in enumerate(link_sum))
-        man_f = [S.submit(st.write_manifests, spec_f, k, refs_f[k], buckets[k],
-                          seq_blocks.get(k, []), pure=False) for k in range(len(buckets))]
-        attr_f = []
-        for name in src.attribute_names:
-            for a, b in split_runs(n_src_objects, fmt.ATTRIBUTE_BUCKET):
-                attr_f.append(S.submit(
-                    st.write_attributes, store, f"{lv.source_level}/{fmt.OBJECT_ATTRIBUTES}/{name}",
-                    f"{lv.target_level}/{fmt.OBJECT_ATTRIBUTES}/{name}", (a, b), keep[a:b], pure=False))
-    done = S.run("manifests", man_f + attr_f, gather=True)
-    if lv.cross_level_storage == "explicit":
-        minus = cm.LinkFamily(lv.target_level, -1, t_origin, t_grid)
-        for s_ in link_sum:
-            minus.add(s_["minus"])
-        families.append(minus)
+    t0 = time.perf_counter()
     object_index = None
     if src.has_objects:
-        present = done[:len(man_f)]
         object_index = {"zv_array": "object_index", "num_objects": int(n_src_objects),
-                        "num_present": int(sum(present)), "sid_ndim": ndim,
+                        "num_present": int(out["num_present"]), "sid_ndim": root_meta.sid_ndim,
                         "layout": "vlen_manifests_v2", "object_ids_sorted": True}
-
-    # -- commit
-    t0 = time.perf_counter()
-    level_attrs = _level_attrs(lv, n_meta, src.has_objects, n_src_objects, root_meta)
     caps = ([fmt.CAP_PRESERVED_OBJECT_IDS] if src.has_objects else []) + [fmt.CAP_SHARED_FRAGMENTS]
-    cm.commit_level(store, cm.LevelCommit(
-        source_level=lv.source_level, target_level=lv.target_level, level_attrs=level_attrs,
-        target_origin=t_origin, target_grid=t_grid, vertex_chunks=vertex_chunks,
+    cm.publish_level(store, cm.LevelCommit(
+        source_level=lv.source_level, target_level=lv.target_level,
+        level_attrs=_level_attrs(lv, n_meta, src.has_objects, n_src_objects, root_meta),
+        target_origin=lv.target_grid[0], target_grid=lv.target_grid[1], vertex_chunks=[],
         object_index=object_index, has_attributes=bool(src.attribute_names),
-        bin_shape=lv.bin_shape, capabilities=caps, families=families),
-        sid_ndim=ndim, root_bin=root_meta.effective_bin_shape)
+        bin_shape=lv.bin_shape, capabilities=caps), root_bin=root_meta.effective_bin_shape)
     report.stage_seconds["commit"] = time.perf_counter() - t0
-    report.summary = {"vertex_count": int(n_meta), "object_count": int(keep.sum()),
-                      "objects_kept": int(keep.sum()), "source_objects": int(n_src_objects),
+    report.summary = {"vertex_count": int(n_meta), "object_count": int(n_kept),
+                      "objects_kept": int(n_kept), "source_objects": int(n_src_objects),
                       "method": "per_object", "preserves_object_ids": True,
                       "shared_fragments": True}
     report.seconds = time.perf_counter() - t_start
-    for f in (refs_f + partial_f + list(reduce_f.values()) + list(write_f.values())
-              + list(resolve_f.values()) + link_f):
-        f.release()
     return report
 
 
@@ -369,36 +285,13 @@ def _level_attrs(lv: LevelPlan, n_meta: int, has_objects: bool, n_src_objects: i
     return payload
 
 
-def _prepare_object_arrays(store: Store, lv: LevelPlan, src: SourceLevel, n: int) -> None:
-    """Array documents and the id table of the coarse object index, plus
-    empty attribute columns, under the still-unpublished level."""
-    import zarr
-    t = lv.target_level
-    ids = np.sort(src.object_ids)
-    docs = {f"{t}/{fmt.OBJECT_INDEX}/manifests/zarr.json": fmt.manifests_doc(n),
-            f"{t}/{fmt.OBJECT_INDEX}/object_ids/zarr.json": fmt.dense_array_doc((n,), (n,), np.int64)}
-    from zarr_vectors.core.arrays import _default_fill_value_for_dtype
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        zs = store.zarr_store()
-        for name in src.attribute_names:
-            sarr = zarr.open_array(zs, path=f"{src.level}/{fmt.OBJECT_ATTRIBUTES}/{name}", mode="r")
-            dtype = np.dtype(sarr.dtype)
-            fill = _default_fill_value_for_dtype(dtype)
-            shape = tuple(sarr.shape)
-            docs[f"{t}/{fmt.OBJECT_ATTRIBUTES}/{name}/zarr.json"] = fmt.dense_array_doc(
-                shape, (fmt.ATTRIBUTE_BUCKET, *shape[1:]), dtype, fill_value=fill,
-                attributes={"zv_array": "object_attribute", "name": name, "dtype": str(dtype),
-                            "shape": list(shape), "fill_sentinel_meaning": "absent"})
-        store.put_many(docs)
-        zarr.open_array(zs, path=f"{t}/{fmt.OBJECT_INDEX}/object_ids", mode="r+")[:] = ids
-
-
 def _write_empty_level(store: Store, lv: LevelPlan, src: SourceLevel, n: int, root_meta) -> None:
     """The reference's empty ID-preserving level: no vertices, every
     manifest empty, ids 0..n-1."""
     import zarr
     t = lv.target_level
+    # The step's attribute columns: the reference's empty level has none.
+    store.remove_tree(f"{t}/{fmt.OBJECT_ATTRIBUTES}")
     origin, grid = grid_layout(root_meta.bounds, root_meta.chunk_shape)
     docs = {f"{t}/{fmt.OBJECT_INDEX}/manifests/zarr.json": fmt.manifests_doc(n),
             f"{t}/{fmt.OBJECT_INDEX}/object_ids/zarr.json": fmt.dense_array_doc((n,), (n,), np.int64)}
@@ -426,43 +319,59 @@ def _write_empty_level(store: Store, lv: LevelPlan, src: SourceLevel, n: int, ro
 
 # ---------------------------------------------------------------- composition
 def compose_links(client, store: Store, *, root_meta, depth: int, storage: str,
-                 n_workers: int, progress: Callable | None = None,
-                 max_block_vertices: int = 2_000_000) -> tuple[list, dict]:
-    """The closing stage: ``±N`` families (N >= 2) composed from the
-    published ``+1`` families, one task per block of fine chunks."""
-    from .compose import compose_block, level_geometry
-    report = StepReport(target_level=-1)
-    S = _Stages(client, report, progress)
+                  n_workers: int, progress: Callable | None = None,
+                  max_block_vertices: int = 2_000_000) -> tuple[list, dict]:
+    """The closing stage, one graph: ``±N`` families (N >= 2) composed
+    from the published ``+1`` families by one task per run of fine
+    chunks; their documents are written on the cluster by its last task.
+    Returns the families left for the driver to commit (none) and the
+    stage timings."""
+    report = compose_report = StepReport(target_level=-1)
     levels = cm.published_levels(store)
     if storage == "none" or depth == 0 or len(levels) < 2:
         return [], report.stage_seconds
     max_delta = (max(levels) - min(levels)) if depth == -1 else int(depth)
     if max_delta < 2:
         return [], report.stage_seconds
+    token = uuid.uuid4().hex[:12]
+    graph, _ = compose_graph(store, levels, max_delta, root_meta=root_meta, storage=storage,
+                             n_workers=n_workers, max_block_vertices=max_block_vertices,
+                             token=token)
+    if graph is not None:
+        execute(client, graph, token, compose_report, name="compose", progress=progress)
+    report.stage_seconds["tasks"] = compose_report.tasks
+    return [], report.stage_seconds
+
+
+def compose_graph(store: Store, levels: list[int], max_delta: int, *, root_meta, storage: str,
+                  n_workers: int, max_block_vertices: int, token: str):
+    """The composition graph: per fine level, runs of its vertex chunks
+    sized by the vertex budget, then one summary task."""
+    from .compose import compose_block, compose_summary, level_geometry
+    from .plan import run_cap, weighted_runs
     geo = {lv: level_geometry(store, lv, root_meta) for lv in levels}
-    plus_fams = {lv: cm.read_family(store, lv, 1) for lv in levels}
-    families: dict[tuple[int, int], cm.LinkFamily] = {}
-    fine_chunks = {f: np.asarray(sorted({tuple(c) for _, (_, cs) in plus_fams[f].items() for c in cs}),
-                                 dtype=np.int64).reshape(-1, root_meta.sid_ndim)
-                   for f in levels[:-1]}
-    # What every task reads (grids, +1 presence lists, fine chunk tables)
-    # is one task result each worker fetches once, not an argument of every task.
-    ctx_f = share(client, {"geo": geo, "plus_fams": plus_fams, "fine_chunks": fine_chunks})
-    tasks = []
+    segs = {lv: [s_ for s_ in store.listdir(fmt.links_family_path(lv, 1)) if s_ != "zarr.json"]
+            for lv in levels}
+    ctx = {"geo": geo, "segs": segs}
+    g = gr.Graph({})
+    tasks, owners = [], []
+    ndim = root_meta.sid_ndim
     for f in levels[:-1]:
         steps = [n for n in range(2, max_delta + 1) if f + n in geo]
-        if not len(fine_chunks[f]) or not steps:
+        info = fmt.vlen_array_info(store, f"{f}/{fmt.VERTICES}")
+        if not steps or not segs[f] or info is None or not info.chunks:
             continue
-        per = chunks_per_block(len(fine_chunks[f]), geo[f]["vertex_count"], n_workers,
-                               max_block_vertices)
-        for a, b in split_runs(len(fine_chunks[f]), per):
-            tasks.append((f, S.submit(compose_block, store, ctx_f, f, (a, b), steps, storage,
-                                      pure=False)))
-    # Their results are small: the cells written, per family.
-    summaries = S.run("compose", [t for _, t in tasks], gather=True)
-    for (f, _), s_ in zip(tasks, summaries):
-        for n, written in s_["plus"].items():
-            families.setdefault((f, n), cm.LinkFamily(f, n, *geo[f]["grid"])).add(written)
-        for n, written in s_["minus"].items():
-            families.setdefault((f + n, -n), cm.LinkFamily(f + n, -n, *geo[f + n]["grid"])).add(written)
-    return list(families.values()), report.stage_seconds
+        origin, grid = geo[f]["grid"]
+        numbers, weights = chunk_table(store, info, origin, grid, ndim, geo[f]["vertex_count"])
+        coords = np.stack(np.unravel_index(numbers, tuple(grid)), axis=1).reshape(-1, ndim) + \
+            np.asarray(origin, dtype=np.int64)
+        starts = weighted_runs(weights, run_cap(float(weights.sum()), max_block_vertices,
+                                                n_workers))
+        for a, b in zip(starts.tolist(), np.r_[starts[1:], numbers.size].tolist()):
+            tasks.append(g.add(token, compose_block, f"{f}:{a}", store, ctx, f, coords[a:b],
+                               steps, storage))
+            owners.append(f)
+    if not tasks:
+        return None, geo
+    g.output = g.add(token, compose_summary, 0, store, geo, owners, ndim, *tasks)
+    return g, geo

@@ -139,6 +139,8 @@ class LevelPlan:
     n_target_blocks: int
     n_buckets: int
     cross_level_storage: str
+    max_block_vertices: int = 2_000_000  # the per-task vertex budget
+    n_workers: int = 2
 
     @property
     def tasks(self) -> dict[str, int]:
@@ -264,7 +266,8 @@ def plan_level(*, source_level: int, coarsen_factor: float, sparsity_factor: flo
         source_chunks=int(source_chunks), source_vertices=int(source_vertices),
         n_objects=int(n_objects), chunks_per_block=cpb, n_blocks=n_blocks,
         target_chunks_per_block=tcpb,
-        n_target_blocks=n_tb, n_buckets=n_buckets, cross_level_storage=cross_level_storage)
+        n_target_blocks=n_tb, n_buckets=n_buckets, cross_level_storage=cross_level_storage,
+        max_block_vertices=int(max_block_vertices), n_workers=int(n_workers))
 
 
 def plan_pyramid_from_meta(*, store: str, ndim: int, root_chunk_shape, root_bin, bounds,
@@ -302,3 +305,120 @@ def plan_pyramid_from_meta(*, store: str, ndim: int, root_chunk_shape, root_bin,
                        root_bin=tuple(root_bin), levels=levels,
                        cross_level_depth=cross_level_depth,
                        cross_level_storage=cross_level_storage, n_workers=n_workers)
+
+
+# ------------------------------------------------------------ blocks and routes
+# A step's tasks are sized from what each chunk really holds (one listing of
+# cell sizes), so a dense region is split instead of overshooting the budget,
+# and its exchanges are routed from geometry alone, before anything runs.
+
+def weighted_runs(weights, cap: float):
+    """Starts of runs of consecutive items, each run's weight at most
+    ``cap`` (an item heavier than ``cap`` is a run of its own)."""
+    import numpy as np
+    w = np.asarray(weights, dtype=np.float64)
+    if w.size == 0:
+        return np.zeros(1, dtype=np.int64)
+    cum = np.cumsum(w)
+    starts, at, before = [], 0, 0.0
+    while at < w.size:
+        starts.append(at)
+        nxt = int(np.searchsorted(cum, before + cap, side="right"))
+        at = max(nxt, at + 1)
+        before = float(cum[at - 1])
+    return np.asarray(starts, dtype=np.int64)
+
+
+def run_cap(total: float, budget: int, n_workers: int) -> float:
+    """Largest run: the memory budget, or less so every worker gets about
+    two runs to work on."""
+    return max(1.0, min(float(budget), math.ceil(total / max(1, 2 * n_workers))))
+
+
+def ravel(coords, origin, shape):
+    """Row-major index of chunk coordinates in a grid (coordinates clipped
+    into it)."""
+    import numpy as np
+    shape = np.asarray(shape, dtype=np.int64)
+    rel = np.clip(np.asarray(coords, dtype=np.int64).reshape(-1, len(shape)) - np.asarray(origin),
+                  0, shape - 1)
+    return np.ravel_multi_index(tuple(rel.T), tuple(shape.tolist())) if rel.shape[0] else \
+        np.empty(0, dtype=np.int64)
+
+
+@dataclass
+class StepLayout:
+    """How one step's work is cut: source blocks (runs of present source
+    chunks), target blocks (runs of the target grid, also the shuffle's
+    partitions), and the routes geometry allows between them."""
+    block_starts: Any           # chunk number of each source block's first chunk (first is 0)
+    block_chunks: list          # per source block: its chunk numbers
+    target_block_starts: Any    # target-grid index of each target block's first chunk
+    block_partitions: list      # per source block: (first, last) partition its keys can reach
+    partition_targets: list     # per partition: (first, last) target block its centroids reach
+
+    @property
+    def n_blocks(self) -> int:
+        return len(self.block_chunks)
+
+    @property
+    def n_target_blocks(self) -> int:
+        return len(self.target_block_starts)
+
+
+def step_layout(*, numbers, weights, source_origin, source_grid, source_chunk_shape,
+                target_origin, target_grid, chunk_shape, bin_shape, budget: int,
+                n_workers: int) -> StepLayout:
+    """Blocks, target blocks and routes of a step from the source level's
+    present chunks (``numbers``: sorted row-major chunk numbers) and their
+    estimated vertex counts; pure."""
+    import numpy as np
+    numbers = np.asarray(numbers, dtype=np.int64)
+    weights = np.asarray(weights, dtype=np.float64)
+    nd = len(source_grid)
+    if math.prod(source_grid) >= 2 ** 31 or math.prod(target_grid) >= 2 ** 62:
+        raise PlanError(f"chunk grid {_fmt_tuple(source_grid)} has too many chunks to number "
+                        f"(at most 2^31)")
+    total = float(weights.sum())
+    starts = weighted_runs(weights, run_cap(total, budget, n_workers))
+    block_chunks = [numbers[a:b] for a, b in zip(starts, np.r_[starts[1:], numbers.size])] \
+        if numbers.size else [numbers]
+    block_starts = numbers[starts] if numbers.size else np.zeros(1, np.int64)
+    block_starts[0] = 0
+    # Where a source chunk's vertices can land in the target grid: its box
+    # widened by one bin below and a chunk of margin each way (rounding).
+    coords = np.stack(np.unravel_index(numbers, tuple(source_grid)), axis=1).reshape(-1, nd) + \
+        np.asarray(source_origin, dtype=np.int64)
+    cs = np.asarray(source_chunk_shape, dtype=np.float64)
+    ct = np.asarray(chunk_shape, dtype=np.float64)
+    b = np.asarray(bin_shape, dtype=np.float64)
+    lower = np.floor((coords * cs - b) / ct).astype(np.int64) - 1
+    upper = np.floor((coords + 1) * cs / ct).astype(np.int64) + 1
+    # Target blocks: runs of the target grid, weighted by the vertices
+    # whose chunk starts in each target chunk.
+    home = ravel(np.floor(coords * cs / ct).astype(np.int64), target_origin, target_grid)
+    tlin, tinv = np.unique(home, return_inverse=True)
+    tw = np.bincount(tinv.reshape(-1), weights=weights, minlength=tlin.size)
+    tstarts = weighted_runs(tw, run_cap(total, budget, n_workers))
+    target_block_starts = tlin[tstarts] if tlin.size else np.zeros(1, np.int64)
+    target_block_starts[0] = 0
+    n_tb = target_block_starts.size
+
+    def tb(lin):
+        return np.searchsorted(target_block_starts, lin, side="right") - 1
+
+    lo = tb(ravel(lower, target_origin, target_grid))
+    hi = tb(ravel(upper, target_origin, target_grid))
+    block_partitions = [(int(lo[a:z].min()), int(hi[a:z].max())) if z > a else (0, -1)
+                        for a, z in zip(starts, np.r_[starts[1:], numbers.size])]
+    # A centroid lies in its bin: from the bin's lower-corner chunk up to a
+    # bin further, plus a chunk of margin each way.
+    strides = np.cumprod([1, *list(target_grid)[::-1]])[:-1][::-1]
+    reach = np.ceil(b / ct).astype(np.int64) + 1
+    down, up = int(strides.sum()), int((strides * reach).sum())
+    last = int(math.prod(target_grid)) - 1
+    stops = np.r_[target_block_starts[1:], last + 1]
+    partition_targets = [(int(tb(max(0, s - down))), int(tb(min(last, e - 1 + up))))
+                         for s, e in zip(target_block_starts.tolist(), stops.tolist())]
+    return StepLayout(block_starts, block_chunks, target_block_starts, block_partitions,
+                      partition_targets)

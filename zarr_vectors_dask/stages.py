@@ -32,7 +32,12 @@ from .store import Store
 
 @dataclass(frozen=True)
 class StepSpec:
-    """Everything a task of one coarsening step needs besides its inputs."""
+    """Everything a task of one coarsening step needs besides its inputs:
+    shapes and small per-block tables, never a per-chunk or per-object list.
+
+    Source chunks are named by their *chunk number*, the row-major index of
+    the chunk in the source grid; source blocks are runs of chunk numbers
+    and target blocks runs of the target grid, each given by its starts."""
 
     store: Store
     source_level: int
@@ -41,14 +46,14 @@ class StepSpec:
     bin_shape: tuple[float, ...]
     chunk_shape: tuple[float, ...]
     source_origin: tuple[int, ...]
+    source_grid_shape: tuple[int, ...]
     target_origin: tuple[int, ...]
-    target_chunks_per_block: int
-    n_partitions: int
     target_grid_shape: tuple[int, ...]
+    block_starts: tuple[int, ...]         # first chunk number of each source block
+    target_block_starts: tuple[int, ...]  # first target-grid index of each target block
     scale_source: tuple[int, ...]  # chunk shape as a multiple of root's
     scale_target: tuple[int, ...]
-    source_chunks: tuple[tuple[int, ...], ...]  # sorted, present chunks
-    vertices: fmt.VlenArrayInfo
+    vertices: fmt.VlenArrayInfo  # without its chunk list (``chunks=()``)
     fragments: fmt.VlenArrayInfo
     source_dtype: str
     has_objects: bool
@@ -68,19 +73,44 @@ def _void(keys: np.ndarray) -> np.ndarray:
 
 
 def _target_block(spec: StepSpec, chunks: np.ndarray) -> np.ndarray:
-    """Target block of coarse chunks: a run of the row-major target grid
-    (coordinates clipped into the grid against float rounding)."""
+    """Target block of coarse chunks (coordinates clipped into the grid
+    against float rounding)."""
     shape = np.asarray(spec.target_grid_shape, dtype=np.int64)
     rel = np.clip(np.asarray(chunks, dtype=np.int64) - np.asarray(spec.target_origin), 0, shape - 1)
-    return np.ravel_multi_index(tuple(rel.T), tuple(shape.tolist())) // spec.target_chunks_per_block
+    lin = np.ravel_multi_index(tuple(rel.T), tuple(shape.tolist()))
+    return np.searchsorted(np.asarray(spec.target_block_starts, dtype=np.int64), lin,
+                           side="right") - 1
 
 
 def _partition_of(spec: StepSpec, keys: np.ndarray) -> np.ndarray:
-    """Reduce partition of a bin key: the target block of its lower corner
-    (a bin lies inside one target chunk: bins tile chunks)."""
+    """Reduce partition of a bin key: the target block of its lower corner."""
     lower = np.floor(keys.astype(np.float64) * np.asarray(spec.bin_shape) /
                      np.asarray(spec.chunk_shape)).astype(np.int64)
     return _target_block(spec, lower)
+
+
+def chunk_numbers(spec: StepSpec, coords: np.ndarray) -> np.ndarray:
+    """Row-major index of source chunks in the source grid; -1 outside it."""
+    coords = np.asarray(coords, dtype=np.int64).reshape(-1, spec.ndim)
+    shape = np.asarray(spec.source_grid_shape, dtype=np.int64)
+    rel = coords - np.asarray(spec.source_origin, dtype=np.int64)
+    inside = np.all((rel >= 0) & (rel < shape), axis=1)
+    out = np.full(coords.shape[0], -1, dtype=np.int64)
+    if inside.any():
+        out[inside] = np.ravel_multi_index(tuple(rel[inside].T), tuple(shape.tolist()))
+    return out
+
+
+def chunk_coords(spec: StepSpec, numbers: np.ndarray) -> np.ndarray:
+    """Inverse of ``chunk_numbers``."""
+    rel = np.unravel_index(np.asarray(numbers, dtype=np.int64), tuple(spec.source_grid_shape))
+    return np.stack(rel, axis=1).reshape(-1, spec.ndim) + np.asarray(spec.source_origin, np.int64)
+
+
+def block_of(spec: StepSpec, numbers: np.ndarray) -> np.ndarray:
+    """Source block owning each chunk number."""
+    return np.searchsorted(np.asarray(spec.block_starts, dtype=np.int64), numbers,
+                           side="right") - 1
 
 
 def send_exchange(store: Store, routed: dict[int, dict[str, np.ndarray]], scope, kind: str,
@@ -101,6 +131,21 @@ def read_exchange(store: Store, keys: list[str]) -> list[dict[str, np.ndarray]]:
     return out
 
 
+def received(spec: StepSpec, kind: str, receiver: int) -> list[tuple[int, dict]]:
+    """Every exchange file addressed to ``receiver``, by sender.  Which
+    senders wrote one depends on the data, so the receiver lists its own
+    folder (it runs after a join on all senders) instead of being told."""
+    folder = fmt.exchange_key(spec.target_level, kind, receiver, "").rstrip("/")
+    senders = sorted(int(s) for s in spec.store.listdir(folder) if s.isdigit())
+    keys = [fmt.exchange_key(spec.target_level, kind, receiver, s) for s in senders]
+    return list(zip(senders, read_exchange(spec.store, keys)))
+
+
+def join(*_done) -> None:
+    """A barrier: its dependents start once every sender has finished."""
+    return None
+
+
 def _split_by(dest: np.ndarray, **columns: np.ndarray) -> dict[int, dict[str, np.ndarray]]:
     out: dict[int, dict[str, np.ndarray]] = {}
     if dest.size == 0:
@@ -114,44 +159,24 @@ def _split_by(dest: np.ndarray, **columns: np.ndarray) -> dict[int, dict[str, np
     return out
 
 
-def _read_source_chunks(spec: StepSpec, chunk_ids: np.ndarray):
-    coords = [spec.source_chunks[i] for i in chunk_ids]
+def _read_source_chunks(spec: StepSpec, numbers: np.ndarray):
+    coords = [tuple(c) for c in chunk_coords(spec, numbers).tolist()]
     verts = fmt.read_cells(spec.store, spec.vertices, coords)
     frags = fmt.read_cells(spec.store, spec.fragments, coords)
     dtype = np.dtype(spec.source_dtype)
-    for cid, cc in zip(chunk_ids, coords):
+    for num, cc in zip(np.asarray(numbers).tolist(), coords):
         what = f"{spec.store.describe(spec.vertices.path)} chunk {fmt.chunk_key(cc)}"
         v, f = verts[cc], frags[cc]
         if v is None or f is None:
             raise fmt.CorruptChunkError(f"{what}: listed as present but its cell is missing")
         rows, members, lengths = fmt.decode_vertex_cell(v, f, dtype=dtype, ndim=spec.ndim,
                                                         what=what)
-        yield int(cid), cc, rows, members, lengths
+        yield int(num), cc, rows, members, lengths
 
 
 def _pair_key(chunk_id: np.ndarray, frag: np.ndarray) -> np.ndarray:
     """One sortable int64 per (source chunk id, fragment index) pair."""
     return (np.asarray(chunk_id, dtype=np.int64) << 32) | np.asarray(frag, dtype=np.int64)
-
-
-def _chunk_ids(spec: StepSpec, coords: np.ndarray) -> np.ndarray:
-    """Index into ``spec.source_chunks`` of each chunk coordinate row, -1
-    for a chunk the level does not have."""
-    out = np.full(coords.shape[0], -1, dtype=np.int64)
-    have = np.asarray(spec.source_chunks, dtype=np.int64).reshape(-1, spec.ndim)
-    if not coords.shape[0] or not have.shape[0]:
-        return out
-    lo, hi = have.min(axis=0), have.max(axis=0)
-    shape = tuple((hi - lo + 1).tolist())
-    inside = np.all((coords >= lo) & (coords <= hi), axis=1)
-    lin_have = np.ravel_multi_index(tuple((have - lo).T), shape)
-    order = np.argsort(lin_have)
-    lin = np.ravel_multi_index(tuple((coords[inside] - lo).T), shape)
-    at = np.clip(np.searchsorted(lin_have, lin, sorter=order), 0, lin_have.size - 1)
-    hit = lin_have[order[at]] == lin
-    idx = np.flatnonzero(inside)
-    out[idx[hit]] = order[at[hit]]
-    return out
 
 
 def _lookup(keys: np.ndarray, values: np.ndarray, want: np.ndarray, missing=0) -> np.ndarray:
@@ -164,48 +189,134 @@ def _lookup(keys: np.ndarray, values: np.ndarray, want: np.ndarray, missing=0) -
 
 
 # ------------------------------------------------------------- stage 0
-def object_refs(spec: StepSpec, bucket: int, row_start: int, src_rows: np.ndarray,
-                kept: np.ndarray, block_of_chunk: np.ndarray) -> dict:
+def kept_rows(n_rows: int, sparsity_factor: float, strategy: str, seed, base_bin) -> np.ndarray:
+    """The reference's survivors: seeded selection, same seed same rows."""
+    keep = np.zeros(n_rows, dtype=bool)
+    if sparsity_factor > 1.0 and n_rows > 1:
+        from zarr_vectors.multiresolution.object_selection import apply_sparsity
+        kept = apply_sparsity(n_rows, 1.0 / sparsity_factor, strategy, seed=seed,
+                              representative_points=None, bin_shape=tuple(base_bin))
+        keep[np.asarray(kept, dtype=np.int64)] = True
+    else:
+        keep[:] = True
+    return keep
+
+
+def read_object_ids(store: Store, level: int, n_rows: int) -> np.ndarray:
+    """A level's object id table.  Only an index written without one (the
+    format's first layout, where rows are ids) falls back to ``0..n-1``; a
+    table that exists but cannot be read is an error, never a fallback."""
+    import zarr
+    path = f"{level}/{fmt.OBJECT_INDEX}/object_ids"
+    if fmt.read_json(store, f"{path}/zarr.json") is None:
+        return np.arange(n_rows, dtype=np.int64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        arr = zarr.open_array(store.zarr_store(), path=path, mode="r")
+        if tuple(arr.shape) != (n_rows,):
+            raise fmt.FormatError(f"{store.describe(path)}: {tuple(arr.shape)} ids for "
+                                  f"{n_rows} manifest rows")
+        try:
+            return np.asarray(arr[:], dtype=np.int64)
+        except Exception as exc:  # noqa: BLE001 - decode errors of a damaged cell
+            from .store import _is_transient
+            if _is_transient(exc):
+                raise
+            raise fmt.CorruptChunkError(f"{store.describe(path)}: cannot be read: "
+                                        f"{type(exc).__name__}: {exc}") from exc
+
+
+def object_table(spec: StepSpec, n_rows: int, sparsity: tuple, attribute_names: list[str]) -> int:
+    """The one task that sees every object row: reads the id table, picks
+    the survivors of sparsity, writes the coarse level's id table and array
+    documents, and hands each manifest bucket its source rows and kept
+    flags (and each attribute bucket its kept flags) as exchange files.
+
+    ``sparsity`` is ``(factor, strategy, seed, source_bin)``.  Returns the
+    number of kept objects."""
+    import zarr
+    ids = read_object_ids(spec.store, spec.source_level, n_rows)
+    keep = kept_rows(n_rows, *sparsity)
+    # Coarse rows are in id order: row r comes from source row perm[r].
+    perm = np.argsort(ids, kind="stable")
+    t = spec.target_level
+    docs = {f"{t}/{fmt.OBJECT_INDEX}/manifests/zarr.json": fmt.manifests_doc(n_rows),
+            f"{t}/{fmt.OBJECT_INDEX}/object_ids/zarr.json":
+                fmt.dense_array_doc((n_rows,), (n_rows,), np.int64)}
+    from zarr_vectors.core.arrays import _default_fill_value_for_dtype
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        zs = spec.store.zarr_store()
+        for name in attribute_names:
+            sarr = zarr.open_array(zs, path=f"{spec.source_level}/{fmt.OBJECT_ATTRIBUTES}/{name}",
+                                   mode="r")
+            dtype, shape = np.dtype(sarr.dtype), tuple(sarr.shape)
+            docs[f"{t}/{fmt.OBJECT_ATTRIBUTES}/{name}/zarr.json"] = fmt.dense_array_doc(
+                shape, (fmt.ATTRIBUTE_BUCKET, *shape[1:]), dtype,
+                fill_value=_default_fill_value_for_dtype(dtype),
+                attributes={"zv_array": "object_attribute", "name": name, "dtype": str(dtype),
+                            "shape": list(shape), "fill_sentinel_meaning": "absent"})
+        spec.store.put_many(docs)
+        zarr.open_array(zs, path=f"{t}/{fmt.OBJECT_INDEX}/object_ids", mode="r+")[:] = ids[perm]
+    for k, a in enumerate(range(0, n_rows, fmt.MANIFEST_BUCKET)):
+        rows = perm[a:a + fmt.MANIFEST_BUCKET]
+        send_exchange(spec.store, {k: {"src_rows": rows, "kept": keep[rows]}}, t, "objects", 0)
+    if attribute_names:
+        for j, a in enumerate(range(0, n_rows, fmt.ATTRIBUTE_BUCKET)):
+            send_exchange(spec.store, {j: {"kept": keep[a:a + fmt.ATTRIBUTE_BUCKET]}}, t,
+                          "keep", 0)
+    return int(keep.sum())
+
+
+def object_refs(spec: StepSpec, bucket: int, _objects_done=None) -> dict:
     """Decode one bucket of source manifests.
 
-    ``src_rows`` are the source rows behind this bucket's target rows
-    (identity unless the source's ids were unsorted), ``kept`` flags the
-    rows sparsity kept.  Returns the kept rows' fragment references (for
-    manifest assembly) and, per source block, how many times each
-    fragment is named (its weight in the centroids).
+    The bucket's rows (coarse rows, in id order) come from the source rows
+    ``object_table`` sent it, with their kept flags.  Returns the kept rows'
+    fragment references (for manifest assembly) and sends, per source
+    block, how many times each fragment is named (its weight in the
+    centroids).
     """
     import zarr
+    (mine,) = read_exchange(spec.store, [fmt.exchange_key(spec.target_level, "objects",
+                                                               bucket, 0)])
+    src_rows, kept = mine["src_rows"], mine["kept"]
+    wanted = src_rows[kept]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         arr = zarr.open_array(spec.store.zarr_store(), path=spec.manifests_path, mode="r")
-        lo, hi = int(src_rows.min()), int(src_rows.max()) + 1
-        blobs = arr[lo:hi]
-    blobs = [bytes(blobs[r - lo]) for r in src_rows[kept]]
+        if wanted.size == 0:
+            blobs = []
+        elif int(wanted.max()) - int(wanted.min()) < 2 * fmt.MANIFEST_BUCKET:
+            lo, hi = int(wanted.min()), int(wanted.max()) + 1
+            run = arr[lo:hi]
+            blobs = [bytes(run[r - lo]) for r in wanted]
+        else:  # rows of unsorted ids: read just those (bounded memory)
+            order = np.argsort(wanted, kind="stable")
+            got = arr.get_orthogonal_selection(wanted[order])
+            blobs = [b""] * wanted.size
+            for i, b in zip(order.tolist(), got):
+                blobs[i] = bytes(b)
     table = fmt.decode_manifest_table(blobs, spec.ndim)
     counts, ref_frag = table.counts, table.frags
-    # A reference to a chunk the level does not have is skipped, as the
-    # reference skips missing fragments.
-    ref_chunk = _chunk_ids(spec, table.coords)
+    # References to chunks outside the grid are skipped, as the reference
+    # skips missing fragments (absent chunks inside it simply have none).
+    ref_chunk = chunk_numbers(spec, table.coords)
     ok = ref_chunk >= 0
     by_block: dict[int, dict[str, np.ndarray]] = {}
     if ok.any():
         uniq, mult = np.unique(_pair_key(ref_chunk[ok], ref_frag[ok]), return_counts=True)
         chunk, frag = uniq >> 32, uniq & 0xFFFFFFFF
-        by_block = _split_by(block_of_chunk[chunk], chunk=chunk, frag=frag,
+        by_block = _split_by(block_of(spec, chunk), chunk=chunk, frag=frag,
                              mult=mult.astype(np.int64))
     # Each block's share goes to an exchange file, not a task per pair.
     send_exchange(spec.store, by_block, spec.target_level, "refs", bucket)
-    return {"row_start": row_start, "kept": kept, "counts": counts,
-            "ref_chunk": ref_chunk, "ref_frag": ref_frag, "blocks": sorted(by_block)}
-
-
-def _read_exchange(spec: StepSpec, kind: str, receiver: int, senders) -> list[tuple[int, dict]]:
-    keys = [fmt.exchange_key(spec.target_level, kind, receiver, s) for s in senders]
-    return list(zip(map(int, senders), read_exchange(spec.store, keys)))
+    return {"kept": kept, "counts": counts, "ref_chunk": ref_chunk, "ref_frag": ref_frag}
 
 
 # ------------------------------------------------------------- stage 1
-def bin_partials(spec: StepSpec, block: int, chunk_ids: np.ndarray, buckets: list[int]) -> dict:
+def bin_partials(spec: StepSpec, block: int, numbers: np.ndarray, partitions: tuple[int, int],
+                 _refs_done=None) -> dict:
     """Bin every vertex of a block of source chunks.
 
     Each fragment instance's vertices get its bin key; a fragment's weight
@@ -213,10 +324,12 @@ def bin_partials(spec: StepSpec, block: int, chunk_ids: np.ndarray, buckets: lis
     Sends, per partition, the block's distinct keys with float64 partial
     sums and counts — weight-0 keys too, so their vertices can still find
     a parent — and keeps the per-vertex key index for later stages.
+    ``partitions`` is the ``[first, last]`` partition the plan routes this
+    block to (from geometry alone); a key outside it is an error.
     """
     bin_arr = np.asarray(spec.bin_shape, dtype=np.float64)
     # Weight of each named fragment: summed over the buckets naming it.
-    ref_parts = _read_exchange(spec, "refs", block, buckets)
+    ref_parts = received(spec, "refs", block) if spec.has_objects else []
     parts = [p for _, p in ref_parts]
     if parts:
         mkeys, inv = np.unique(np.concatenate([_pair_key(p["chunk"], p["frag"]) for p in parts]),
@@ -227,7 +340,7 @@ def bin_partials(spec: StepSpec, block: int, chunk_ids: np.ndarray, buckets: lis
         mkeys = mvals = np.empty(0, dtype=np.int64)
     chunk_rows = []  # per chunk: (chunk id, n instances, frag id per instance)
     all_pos, all_w = [], []
-    for cid, _cc, rows, members, lengths in _read_source_chunks(spec, chunk_ids):
+    for cid, _cc, rows, members, lengths in _read_source_chunks(spec, numbers):
         frag_ids = np.arange(lengths.size, dtype=np.int64)
         if spec.has_objects:
             w_frag = _lookup(mkeys, mvals, _pair_key(np.full(lengths.size, cid), frag_ids))
@@ -260,6 +373,12 @@ def bin_partials(spec: StepSpec, block: int, chunk_ids: np.ndarray, buckets: lis
         sums[:, a] = np.bincount(inverse, weights=pos[:, a].astype(np.float64) * wf, minlength=n_u)
     counts = np.bincount(inverse, weights=w, minlength=n_u).astype(np.int64)
     part = _partition_of(spec, ukeys)
+    if n_u and (part.min() < partitions[0] or part.max() > partitions[1]):
+        bad = int(np.flatnonzero((part < partitions[0]) | (part > partitions[1]))[0])
+        raise fmt.FormatError(
+            f"{spec.store.describe(spec.vertices.path)}: block {block} has a vertex in bin "
+            f"{ukeys[bad].tolist()}, outside the chunks it is stored in (more than one target "
+            f"chunk away); the level's chunk assignment is inconsistent")
     # Position of each unique key inside the part sent to its partition.
     order = np.argsort(part, kind="stable")
     slot = np.empty(n_u, dtype=np.int64)
@@ -286,6 +405,9 @@ def pick(result: dict, *path):
 def reduce_metavertices(spec: StepSpec, partition: int, sources: list[int], *parts: dict) -> dict:
     """Sum the partials of one partition into metavertices (centroid, count)
     and route each to the target block of the chunk its centroid falls in."""
+    # Planned routes are a superset of the real ones: drop empty senders.
+    sources = [s_ for s_, p in zip(sources, parts) if p is not None]
+    parts = tuple(p for p in parts if p is not None)
     keys = np.concatenate([p["keys"] for p in parts]) if parts else np.empty((0, spec.ndim), np.int64)
     sums = np.concatenate([p["sums"] for p in parts]) if parts else np.empty((0, spec.ndim))
     counts = np.concatenate([p["counts"] for p in parts]) if parts else np.empty(0, np.int64)
@@ -315,6 +437,8 @@ def write_metavertices(spec: StepSpec, target_block: int, partitions: list[int],
     """Order one target block's metavertices as the reference does (within
     a chunk, by the raw bytes of their bin keys), write their ``vertices``
     and ``vertex_fragments`` cells, and report where each one landed."""
+    partitions = [p for p, part in zip(partitions, parts) if part is not None]
+    parts = tuple(part for part in parts if part is not None)
     if not parts:
         return {"chunks": [], "located": {}}
     chunk = np.concatenate([p["chunk"] for p in parts])
@@ -505,10 +629,9 @@ def links_and_sequences(spec: StepSpec, block: int, partials: dict,
         if state["chunks"] else np.empty(0, np.int64)
     inst_local = np.concatenate([np.arange(n, dtype=np.int64) for _, n, _ in state["chunks"]]) \
         if state["chunks"] else np.empty(0, np.int64)
-    src_cc = np.asarray(spec.source_chunks, dtype=np.int64).reshape(-1, spec.ndim)
     if spec.links != "none":
         ok = par_frag >= 0
-        fine_cc = src_cc[inst_chunk[ok]]
+        fine_cc = chunk_coords(spec, inst_chunk[ok])
         links = _partition_links(fine_cc, inst_local[ok], par_chunk[ok], par_frag[ok],
                                  spec.scale_source, spec.scale_target)
         result["plus"] = write_link_cells(spec.store, spec.source_level, +1, spec.source_origin, links)
@@ -547,10 +670,10 @@ def answer_for(resolved: dict, block: int, partition: int) -> dict | None:
 
 # ------------------------------------------------------------- stage 7
 def write_manifests(spec: StepSpec, bucket: int, refs: dict, target_rows: tuple[int, int],
-                    blocks: list[int]) -> int:
+                    _sequences_done=None) -> int:
     """Assemble and write one bucket of the coarse level's object_index
     manifests; returns how many rows are non-empty."""
-    parts = [p for _, p in _read_exchange(spec, "sequences", bucket, blocks)]
+    parts = [p for _, p in received(spec, "sequences", bucket)]
     # Every named fragment's metavertex sequence, as a slice of seq_*.
     seq_c = np.concatenate([p["seq_chunk"] for p in parts]) if parts else \
         np.empty((0, spec.ndim), np.int64)
@@ -590,21 +713,55 @@ def write_manifests(spec: StepSpec, bucket: int, refs: dict, target_rows: tuple[
 
 
 # ------------------------------------------------------------- stage 8
-def write_attributes(store: Store, source_path: str, target_path: str, rows: tuple[int, int],
-                     kept: np.ndarray) -> None:
-    """Copy kept rows of one object-attribute bucket; the rest become the
-    column's fill value (absent)."""
+def write_attributes(spec: StepSpec, name: str, bucket: int, _objects_done=None) -> None:
+    """Copy the kept rows of one object-attribute bucket; the rest become
+    the column's fill value (absent)."""
     import zarr
+    (mine,) = read_exchange(spec.store, [fmt.exchange_key(spec.target_level, "keep", bucket, 0)])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        zs = store.zarr_store()
-        src = zarr.open_array(zs, path=source_path, mode="r")
-        dst = zarr.open_array(zs, path=target_path, mode="r+")
-        lo, hi = rows
-        hi_src = min(hi, src.shape[0])
-        data = np.asarray(src[lo:hi_src]) if hi_src > lo else np.empty((0, *src.shape[1:]), src.dtype)
+        zs = spec.store.zarr_store()
+        src = zarr.open_array(zs, path=f"{spec.source_level}/{fmt.OBJECT_ATTRIBUTES}/{name}",
+                              mode="r")
+        dst = zarr.open_array(zs, path=f"{spec.target_level}/{fmt.OBJECT_ATTRIBUTES}/{name}",
+                              mode="r+")
+        lo = bucket * fmt.ATTRIBUTE_BUCKET
+        hi = min(lo + fmt.ATTRIBUTE_BUCKET, src.shape[0])
+        data = np.asarray(src[lo:hi]) if hi > lo else np.empty((0, *src.shape[1:]), src.dtype)
         out = np.zeros_like(data)
-        k = kept[: data.shape[0]]
+        k = mine["kept"][: data.shape[0]]
         out[k] = data[k]
         out[~k] = dst.fill_value
-        dst[lo:hi_src] = out
+        dst[lo:hi] = out
+
+
+# ------------------------------------------------------------- stage 9
+def level_summary(spec: StepSpec, objects_kept: int | None, n_vertex_writers: int,
+                  n_link_writers: int, n_manifest_writers: int, *results) -> dict:
+    """Reduce the writers' bookkeeping on the cluster (chunk lists, link
+    cells, present rows) into the coarse level's array documents, written
+    by the commit module, and return only counts to the driver.
+
+    ``results``: the vertex writers', then the link writers', then the
+    manifest writers' results (then the attribute writers', waited for only)."""
+    from . import commit as cm
+    writes = results[:n_vertex_writers]
+    links = results[n_vertex_writers:n_vertex_writers + n_link_writers]
+    at = n_vertex_writers + n_link_writers
+    present = results[at:at + n_manifest_writers]
+    vertex_chunks = sorted(c for w in writes for c in (w or {}).get("chunks", []))
+    n_meta = int(sum(n for _, n in vertex_chunks))
+    families = []
+    if spec.links != "none":
+        plus = cm.LinkFamily(spec.source_level, +1, spec.source_origin, spec.source_grid_shape)
+        minus = cm.LinkFamily(spec.target_level, -1, spec.target_origin, spec.target_grid_shape)
+        for r in links:
+            plus.add(r["plus"])
+            minus.add(r["minus"])
+        families = [plus] + ([minus] if spec.links == "explicit" else [])
+    if n_meta:
+        cm.write_level_arrays(spec.store, spec.target_level, spec.target_origin,
+                              spec.target_grid_shape, vertex_chunks, families, sid_ndim=spec.ndim)
+    return {"vertex_count": n_meta, "chunks": len(vertex_chunks), "objects_kept": objects_kept,
+            "num_present": int(sum(present)),
+            "links": sum(f.num_links for f in families)}

@@ -8,6 +8,7 @@ the driver's process (open files, clients) travels in the graph.
 from __future__ import annotations
 
 import errno
+import contextlib
 import os
 import random
 import time
@@ -285,6 +286,29 @@ class Store:
             return sorted({e.rstrip("/").rsplit("/", 1)[-1] for e in entries
                            if e.rstrip("/") != here})
         return with_retries(_ls, what=self.describe(key))
+
+    def sizes(self, key: str) -> dict[str, int]:
+        """Byte size of every object under ``key``, by path relative to it:
+        one listing (a walk locally, a recursive find on object stores)."""
+        top = self.path(key).rstrip("/")
+        if self.is_local:
+            out = {}
+            for d, _, files in os.walk(top):
+                rel = os.path.relpath(d, top)
+                for f in files:
+                    p = os.path.join(d, f)
+                    with contextlib.suppress(FileNotFoundError):
+                        out[f if rel == "." else f"{rel}/{f}"] = os.stat(p).st_size
+            return out
+
+        def _find():
+            try:
+                found = self.fs.find(top, detail=True)
+            except FileNotFoundError:
+                return {}
+            return {p[len(top) + 1:]: int(v.get("size") or 0) for p, v in found.items()
+                    if v.get("type") != "directory" and p.startswith(top + "/")}
+        return with_retries(_find, what=self.describe(key))
 
     def remove_tree(self, key: str) -> None:
         def _rm():

@@ -1,0 +1,145 @@
+"""A coarsening step, and the closing composition, as one Dask graph.
+
+The graph is plain data (``{key: (function, *args)}``), built by one small
+function per stage and handed to the scheduler once: no stage waits for
+the driver.  Routes that geometry decides (which partitions a source block
+can reach, which target blocks a partition's centroids can land in) come
+from the plan; routes that depend on data (objects <-> source blocks) go
+through exchange files behind a ``join`` barrier, so the receivers list
+their own folder instead of being told who wrote to them.
+
+``dask.get(graph.dsk, graph.output)`` runs a graph serially in-process (unit
+tests); ``pipeline.execute`` runs it on a distributed cluster.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from . import format as fmt
+from . import stages as st
+from .plan import StepLayout, split_runs
+
+#: Stage label of each task function, as the plan and benchmarks name them.
+STAGE_OF = {
+    "object_table": "object table", "object_refs": "object refs", "bin_partials": "bin partials",
+    "reduce_metavertices": "shuffle", "write_metavertices": "write vertices",
+    "resolve_parents": "resolve parents", "links_and_sequences": "links + sequences",
+    "write_manifests": "manifests", "write_attributes": "attributes",
+    "level_summary": "summary", "compose_block": "compose", "compose_summary": "summary",
+    "pick": "routing", "join": "routing",
+}
+
+
+@dataclass
+class Graph:
+    dsk: dict
+    output: tuple | None = None
+    stages: dict[str, int] = field(default_factory=dict)  # task function -> tasks
+
+    @property
+    def tasks(self) -> int:
+        return len(self.dsk)
+
+    def add(self, token: str, fn, index, *args) -> tuple:
+        """One task; keys are ``(function-token, index)`` so the dashboard
+        and progress bars group them by stage."""
+        key = (f"{fn.__name__}-{token}", index)
+        self.dsk[key] = (fn, *args)
+        self.stages[fn.__name__] = self.stages.get(fn.__name__, 0) + 1
+        return key
+
+
+# ---------------------------------------------------------------- one step
+def _objects(g: Graph, tok: str, spec, n_rows: int, sparsity: tuple, attrs: list[str]):
+    return g.add(tok, st.object_table, 0, spec, n_rows, sparsity, attrs)
+
+
+def _object_refs(g: Graph, tok: str, spec, n_buckets: int, objects):
+    refs = [g.add(tok, st.object_refs, k, spec, k, objects) for k in range(n_buckets)]
+    return refs, (g.add(tok, st.join, "refs", *refs) if refs else None)
+
+
+def _bin_partials(g: Graph, tok: str, spec, layout: StepLayout, refs_done):
+    return [g.add(tok, st.bin_partials, b, spec, b, layout.block_chunks[b],
+                  layout.block_partitions[b], refs_done) for b in range(layout.n_blocks)]
+
+
+def _pick(g: Graph, tok: str, src, *path):
+    return g.add(tok, st.pick, f"{src[1]}:{':'.join(map(str, path))}-{src[0]}", src, *path)
+
+
+def _reduce(g: Graph, tok: str, spec, layout: StepLayout, partials):
+    senders: dict[int, list[int]] = {}
+    for b, (lo, hi) in enumerate(layout.block_partitions):
+        for p in range(lo, hi + 1):
+            senders.setdefault(p, []).append(b)
+    return {p: g.add(tok, st.reduce_metavertices, p, spec, p, blocks,
+                     *[_pick(g, tok, partials[b], "exchange", p) for b in blocks])
+            for p, blocks in sorted(senders.items())}
+
+
+def _write_vertices(g: Graph, tok: str, spec, layout: StepLayout, reduced):
+    receivers: dict[int, list[int]] = {}
+    for p in reduced:
+        lo, hi = layout.partition_targets[p]
+        for tb in range(lo, hi + 1):
+            receivers.setdefault(tb, []).append(p)
+    return {tb: g.add(tok, st.write_metavertices, tb, spec, tb, parts,
+                      *[_pick(g, tok, reduced[p], "to_target", tb) for p in parts])
+            for tb, parts in sorted(receivers.items())}
+
+
+def _resolve(g: Graph, tok: str, spec, layout: StepLayout, reduced, writes):
+    out = {}
+    for p, rkey in reduced.items():
+        lo, hi = layout.partition_targets[p]
+        located = [_pick(g, tok, writes[tb], "located", p) for tb in range(lo, hi + 1)
+                   if tb in writes]
+        out[p] = g.add(tok, st.resolve_parents, p, spec, p, rkey, *located)
+    return out
+
+
+def _links(g: Graph, tok: str, spec, layout: StepLayout, partials, resolved):
+    links = []
+    for b, (lo, hi) in enumerate(layout.block_partitions):
+        answers = [g.add(tok, st.answer_for, f"{b}:{p}", resolved[p], b, p)
+                   for p in range(lo, hi + 1) if p in resolved]
+        links.append(g.add(tok, st.links_and_sequences, b, spec, b, partials[b], *answers))
+    return links
+
+
+def _manifests(g: Graph, tok: str, spec, n_rows: int, refs, links):
+    if not refs:
+        return []
+    done = g.add(tok, st.join, "sequences", *links)
+    return [g.add(tok, st.write_manifests, k, spec, k, refs[k], run, done)
+            for k, run in enumerate(split_runs(n_rows, fmt.MANIFEST_BUCKET))]
+
+
+def _attributes(g: Graph, tok: str, spec, n_rows: int, attrs: list[str], objects):
+    n = len(split_runs(n_rows, fmt.ATTRIBUTE_BUCKET))
+    return [g.add(tok, st.write_attributes, f"{name}:{j}", spec, name, j, objects)
+            for name in attrs for j in range(n)]
+
+
+def step_graph(spec, layout: StepLayout, *, n_rows: int, sparsity: tuple,
+               attribute_names: list[str], token: str) -> Graph:
+    """The whole step: its one output is ``level_summary``'s counts."""
+    g = Graph({})
+    objects = _objects(g, token, spec, n_rows, sparsity, attribute_names) \
+        if spec.has_objects else None
+    n_buckets = len(split_runs(n_rows, fmt.MANIFEST_BUCKET)) if spec.has_objects else 0
+    refs, refs_done = _object_refs(g, token, spec, n_buckets, objects)
+    partials = _bin_partials(g, token, spec, layout, refs_done)
+    reduced = _reduce(g, token, spec, layout, partials)
+    writes = _write_vertices(g, token, spec, layout, reduced)
+    resolved = _resolve(g, token, spec, layout, reduced, writes)
+    links = _links(g, token, spec, layout, partials, resolved)
+    manifests = _manifests(g, token, spec, n_rows, refs, links)
+    attrs = _attributes(g, token, spec, n_rows, attribute_names, objects) \
+        if spec.has_objects else []
+    g.output = g.add(token, st.level_summary, 0, spec, objects, len(writes), len(links),
+                     len(manifests),
+                     *writes.values(), *links, *manifests, *attrs)
+    return g
