@@ -103,10 +103,21 @@ def plan_pyramid(store, *, factors, chunk_scale_factors=None, sparsity_strategy=
     """The plan ``build_pyramid`` would run; print it to see levels, bins,
     chunk grids and task counts.  Reads metadata only."""
     st = _open(store, storage_options)
-    return _make_plan(st, factors=factors, chunk_scale_factors=chunk_scale_factors,
+    plan = _make_plan(st, factors=factors, chunk_scale_factors=chunk_scale_factors,
                       cross_level_depth=cross_level_depth, cross_level_storage=cross_level_storage,
                       sparsity_strategy=sparsity_strategy, n_workers=n_workers,
                       max_block_vertices=max_block_vertices)
+    # The first step's source exists: build its real graph (not run) and
+    # report its task counts and blocks.
+    first = plan.levels[0]
+    src = pl.read_source_level(st, first.source_level, plan.ndim)
+    if src.vertices.chunks:
+        graph, layout = pl.step_graph(st, first, src, _root_meta(st),
+                                      sparsity_strategy=sparsity_strategy, sparsity_seed=None,
+                                      token="plan")
+        first.graph_tasks = dict(graph.stages)
+        first.n_blocks, first.n_target_blocks = layout.n_blocks, layout.n_target_blocks
+    return plan
 
 
 # ------------------------------------------------------------ client

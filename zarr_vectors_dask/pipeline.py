@@ -214,6 +214,16 @@ def plan_step(store: Store, lv: LevelPlan, src: SourceLevel, root_meta, *,
     return spec, layout, sparsity
 
 
+def step_graph(store: Store, lv: LevelPlan, src: SourceLevel, root_meta, *,
+               sparsity_strategy: str, sparsity_seed, token: str):
+    """The step's graph (not run) and its layout."""
+    spec, layout, sparsity = plan_step(store, lv, src, root_meta,
+                                       sparsity_strategy=sparsity_strategy,
+                                       sparsity_seed=sparsity_seed)
+    return gr.step_graph(spec, layout, n_rows=src.n_rows, sparsity=sparsity,
+                         attribute_names=src.attribute_names, token=token), layout
+
+
 def _run_step(client, store: Store, lv: LevelPlan, *, root_meta, sparsity_strategy: str,
               sparsity_seed, progress: Callable | None = None) -> StepReport:
     t_start = time.perf_counter()
@@ -226,12 +236,9 @@ def _run_step(client, store: Store, lv: LevelPlan, *, root_meta, sparsity_strate
         # and no level is written.
         report.summary = empty
         return report
-    spec, layout, sparsity = plan_step(store, lv, src, root_meta,
-                                       sparsity_strategy=sparsity_strategy,
-                                       sparsity_seed=sparsity_seed)
     token = uuid.uuid4().hex[:12]
-    graph = gr.step_graph(spec, layout, n_rows=src.n_rows, sparsity=sparsity,
-                          attribute_names=src.attribute_names, token=token)
+    graph, _ = step_graph(store, lv, src, root_meta, sparsity_strategy=sparsity_strategy,
+                          sparsity_seed=sparsity_seed, token=token)
     out = execute(client, graph, token, report, name=f"level {lv.target_level}",
                   progress=progress)
     n_src_objects = src.n_rows if src.has_objects else 1

@@ -142,21 +142,24 @@ class LevelPlan:
     max_block_vertices: int = 2_000_000  # the per-task vertex budget
     n_workers: int = 2
 
+    #: Tasks per task function of the step's real graph, when the source
+    #: level exists (``api.plan_pyramid`` builds the graph for the first
+    #: step); ``None`` for later steps, whose source is not written yet.
+    graph_tasks: dict | None = None
+
     @property
     def tasks(self) -> dict[str, int]:
-        """Upper bounds on tasks per stage (exchanges are routed to
-        non-empty pairs only, so real counts are usually lower)."""
+        """Tasks per task function: the graph's own counts when known, else
+        an estimate with every block routed to two partitions."""
+        if self.graph_tasks is not None:
+            return dict(self.graph_tasks)
         b, tb, k = self.n_blocks, self.n_target_blocks, self.n_buckets
-        return {
-            "object refs": k,
-            "bin partials": b,
-            "metavertices": tb,
-            "write vertices": tb,
-            "resolve parents": tb,
-            "links + sequences": b,  # with the -1 mirrors
-            "manifests": k,
-            "exchange": b * tb * 2 + k * b * 2,
-        }
+        out = {"object_table": int(k > 0), "object_refs": k, "bin_partials": b,
+               "reduce_metavertices": tb, "write_metavertices": tb, "resolve_parents": tb,
+               "links_and_sequences": b, "write_manifests": k,
+               "pick": 2 * b * 2 + 2 * tb * 2, "answer_for": 2 * b,
+               "join": 2 * int(k > 0), "level_summary": 1}
+        return {name: n for name, n in out.items() if n}
 
     @property
     def estimated_vertices(self) -> int:
@@ -210,7 +213,7 @@ class PyramidPlan:
             "  level  bin            chunk          ratio    src chunks  tgt grid      blocks  tgt blocks  buckets  tasks  est. size",
         ]
         for lv in self.levels:
-            t = sum(lv.tasks.values())
+            t = f"{sum(lv.tasks.values())}" + ("" if lv.graph_tasks is not None else "~")
             grid = _fmt_tuple(lv.target_grid[1])
             lines.append(
                 f"  {lv.source_level}->{lv.target_level}   {_fmt_tuple(lv.bin_shape):<14} "
@@ -220,7 +223,10 @@ class PyramidPlan:
         for lv in self.levels:
             stages = ", ".join(f"{k} {v}" for k, v in lv.tasks.items() if v)
             lines.append(f"  tasks {lv.source_level}->{lv.target_level}: {stages}")
-        lines.append(f"  total tasks (upper bound): {self.total_tasks}")
+        exact = all(lv.graph_tasks is not None for lv in self.levels)
+        lines.append(f"  total tasks: {self.total_tasks}" + (
+            "" if exact else " (~: estimated; a step's graph is built once its source level "
+                             "exists)"))
         return "\n".join(lines)
 
     __str__ = __repr__

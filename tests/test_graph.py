@@ -1,0 +1,139 @@
+"""One graph per step: the graph is data (runs serially without a
+cluster), the plan reports its real task counts, the driver hands each
+step to the scheduler once, and a failing task stops the whole build
+before the error reaches the caller."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import threading
+import time
+
+import dask
+import numpy as np
+import pytest
+from zarr_vectors.multiresolution.coarsen import build_pyramid as reference_build_pyramid
+
+import zarr_vectors_dask as zd
+from zarr_vectors_dask import api, graph as gr, pipeline as pl, stages
+from zarr_vectors_dask.plan import step_layout, weighted_runs
+from zarr_vectors_dask.store import Store
+from equivalence import compare_raw_files
+from stores import make_streamlines
+
+KW = dict(factors=[(2, 1), (2, 2)], sparsity_seed=0, cross_level_depth=-1,
+          cross_level_storage="explicit")
+
+
+# ---------------------------------------------------------------- pure planning
+def test_weighted_runs_split_a_dense_chunk_off():
+    w = np.array([10, 10, 500, 10, 10, 10])
+    starts = weighted_runs(w, 100)
+    assert starts.tolist() == [0, 2, 3]  # the heavy chunk stands alone
+    runs = np.split(w, starts[1:])
+    assert all(r.sum() <= 100 or r.size == 1 for r in runs)
+
+
+def test_layout_routes_cover_every_neighbour():
+    """A source block's partitions cover every target chunk its vertices'
+    bins can start in; a partition's targets cover every chunk a centroid
+    can land in (one bin further, plus margin)."""
+    grid = (8, 8, 8)
+    numbers = np.arange(0, 512, 3)
+    lay = step_layout(numbers=numbers, weights=np.ones(numbers.size), source_origin=(0, 0, 0),
+                      source_grid=grid, source_chunk_shape=(10.0,) * 3, target_origin=(0, 0, 0),
+                      target_grid=grid, chunk_shape=(10.0,) * 3, bin_shape=(4.0,) * 3,
+                      budget=20, n_workers=2)
+    assert lay.n_blocks == len(lay.block_chunks) > 4 and lay.n_target_blocks > 4
+    assert np.concatenate(lay.block_chunks).tolist() == numbers.tolist()
+    tbs = np.asarray(lay.target_block_starts)
+    for chunks, (lo, hi) in zip(lay.block_chunks, lay.block_partitions):
+        cc = np.stack(np.unravel_index(chunks, grid), axis=1)
+        for d in ([-1, -1, -1], [0, 0, 0], [1, 1, 1]):
+            lin = np.ravel_multi_index(tuple(np.clip(cc + d, 0, 7).T), grid)
+            part = np.searchsorted(tbs, lin, side="right") - 1
+            assert part.min() >= lo and part.max() <= hi
+
+
+# ---------------------------------------------------------------- serial executor
+def test_step_graph_runs_serially_and_matches_the_reference(tmp_path):
+    """The graph is plain data: dask's synchronous scheduler runs it in
+    this process (no cluster), and the level it writes is the reference's."""
+    base, ref, ours = tmp_path / "b.zv", tmp_path / "r.zv", tmp_path / "o.zv"
+    make_streamlines(str(base), seed=4, n_objects=40)
+    shutil.copytree(base, ref)
+    shutil.copytree(base, ours)
+    reference_build_pyramid(str(ref), factors=[(2, 2)], sparsity_seed=1,
+                            cross_level_storage="explicit")
+
+    class SerialClient:  # what ``execute`` needs of a client, run synchronously
+        def get(self, dsk, key, sync=False):
+            out = dask.get(dsk, key)
+            return type("Done", (), {"result": lambda self: out, "release": lambda self: None,
+                                     "cancel": lambda self: None, "status": "finished",
+                                     "key": key})()
+
+    import distributed
+    real_wait = distributed.wait
+    distributed.wait = lambda futures: None
+    try:
+        zd.build_pyramid(str(ours), client=SerialClient(), factors=[(2, 2)], sparsity_seed=1,
+                         cross_level_storage="explicit")
+    finally:
+        distributed.wait = real_wait
+    assert compare_raw_files(ref, ours).identical
+
+
+# ---------------------------------------------------------------- on a cluster
+def test_plan_counts_are_the_graphs_and_one_round_trip_per_step(local_client, tmp_path):
+    base = tmp_path / "b.zv"
+    make_streamlines(str(base), seed=2, n_objects=60)
+    plan = zd.plan_pyramid(str(base), **{k: v for k, v in KW.items() if k != "sparsity_seed"},
+                           max_block_vertices=300)
+    reports: list = []
+    zd.build_pyramid(str(base), client=local_client, max_block_vertices=300, _reports=reports,
+                     **KW)
+    steps = [r for r in reports if isinstance(r, pl.StepReport)]
+    assert steps[0].stage_tasks == plan.levels[0].tasks
+    assert steps[0].tasks == sum(plan.levels[0].tasks.values())
+    assert plan.levels[0].n_blocks > 1
+    assert [r.round_trips for r in steps] == [1, 1]
+    assert "~" not in repr(plan).splitlines()[4]  # the first step's count is exact
+
+
+def test_failing_task_stops_its_siblings_before_the_error_returns(tmp_path, monkeypatch):
+    """One block fails at once while a sibling is still working: the
+    build must not return its error until the sibling has ended, so no
+    file changes after the caller sees the error (an overwrite rerun can
+    safely start then)."""
+    from distributed import Client, LocalCluster
+    base = tmp_path / "b.zv"
+    make_streamlines(str(base), seed=5, n_objects=80)
+    real = stages.bin_partials
+    late = tmp_path / "late-write"
+
+    def flaky(spec, block, *args, **kwargs):
+        if block == 0:
+            raise RuntimeError("block 0 is broken")
+        time.sleep(1.5)
+        out = real(spec, block, *args, **kwargs)
+        late.write_text("written")  # the write an unfinished sibling makes
+        return out
+
+    monkeypatch.setattr(stages, "bin_partials", flaky)
+    with LocalCluster(n_workers=1, threads_per_worker=4, processes=False,
+                      dashboard_address=":0", silence_logs=50) as cluster, Client(cluster) as c:
+        with pytest.raises(RuntimeError, match="block 0 is broken"):
+            zd.build_pyramid(str(base), client=c, max_block_vertices=200, **KW)
+        returned = time.time()
+        assert late.exists(), "the error returned while a sibling task was still running"
+        snapshot = {p: os.stat(p).st_mtime for p in _files(base)}
+        time.sleep(2.0)
+        assert {p: os.stat(p).st_mtime for p in _files(base)} == snapshot
+        assert all(m <= returned for m in snapshot.values())
+    assert not (base / "1" / "zarr.json").exists()  # nothing published
+
+
+def _files(root):
+    return [os.path.join(d, f) for d, _, fs in os.walk(root) for f in fs]
