@@ -212,18 +212,19 @@ info = write_sample(url, objects=24, vertices=2400, storage_options=storage_opti
 print(info)
 """),
     md("""
-## 4. Plan and build, with a progress bar per stage
+## 4. Plan and build, with a progress bar per step
 
-`progress` is called with each stage's futures; `distributed.progress` draws a
-text bar for them.
+Each coarsening step is one Dask graph: `progress` is called with the step's
+output future, and `distributed.progress` draws one text bar for every task
+of that graph.
 """),
     code("""
 factors = [(2, 1), (2, 2), (2, 2)]
 print(zd.plan_pyramid(url, factors=factors, storage_options=storage_options, n_workers=n_workers))
 """),
     code("""
-def show_progress(stage, futures):
-    print(stage)
+def show_progress(step, futures):
+    print(step)
     progress(futures, notebook=False)
     print()
 
