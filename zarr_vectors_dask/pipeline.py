@@ -333,7 +333,7 @@ def compose_links(client, store: Store, *, root_meta, depth: int, storage: str,
     chunks; their documents are written on the cluster by its last task.
     Returns the families left for the driver to commit (none) and the
     stage timings."""
-    report = compose_report = StepReport(target_level=-1)
+    report = StepReport(target_level=-1)
     levels = cm.published_levels(store)
     if storage == "none" or depth == 0 or len(levels) < 2:
         return [], report.stage_seconds
@@ -345,8 +345,7 @@ def compose_links(client, store: Store, *, root_meta, depth: int, storage: str,
                              n_workers=n_workers, max_block_vertices=max_block_vertices,
                              token=token)
     if graph is not None:
-        execute(client, graph, token, compose_report, name="compose", progress=progress)
-    report.stage_seconds["tasks"] = compose_report.tasks
+        execute(client, graph, token, report, name="compose", progress=progress)
     return [], report.stage_seconds
 
 
