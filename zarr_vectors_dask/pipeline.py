@@ -125,6 +125,22 @@ class SourceLevel:
     vertex_count: int
 
 
+def _read_object_ids(store: Store, zs, level: int, n_rows: int) -> np.ndarray:
+    """The id table of a level's object index.  Only an index without the
+    array (its document absent: the V1 layout) means "rows are ids"; a
+    damaged table fails, naming the array and chunk, as does one whose
+    length disagrees with the manifests."""
+    import zarr
+    path = f"{level}/{fmt.OBJECT_INDEX}/object_ids"
+    if fmt.read_json(store, f"{path}/zarr.json") is None:
+        return np.arange(n_rows, dtype=np.int64)
+    arr = zarr.open_array(zs, path=path, mode="r")
+    if arr.ndim != 1 or int(arr.shape[0]) != n_rows:
+        raise fmt.FormatError(f"{store.describe(path)}: {tuple(arr.shape)} ids for {n_rows} "
+                              f"manifest rows")
+    return np.asarray(fmt.read_rows_checked(store, arr, path, 0, n_rows), dtype=np.int64)
+
+
 def read_source_level(store: Store, level: int, ndim: int) -> SourceLevel:
     vi = fmt.vlen_array_info(store, f"{level}/{fmt.VERTICES}")
     fi = fmt.vlen_array_info(store, f"{level}/{fmt.VERTEX_FRAGMENTS}")
@@ -147,13 +163,7 @@ def read_source_level(store: Store, level: int, ndim: int) -> SourceLevel:
             zs = store.zarr_store()
             man = zarr.open_array(zs, path=f"{level}/{fmt.OBJECT_INDEX}/manifests", mode="r")
             n_rows = int(man.shape[0])
-            try:
-                ids = np.asarray(zarr.open_array(
-                    zs, path=f"{level}/{fmt.OBJECT_INDEX}/object_ids", mode="r")[:], dtype=np.int64)
-            except Exception:  # noqa: BLE001 - V1 index: rows are ids
-                ids = None
-            if ids is None or ids.size != n_rows:
-                ids = np.arange(n_rows, dtype=np.int64)
+            ids = _read_object_ids(store, zs, level, n_rows)
     attr_names = []
     if fmt.node_attrs(store, f"{level}/{fmt.OBJECT_ATTRIBUTES}") is not None:
         for name in store.listdir(f"{level}/{fmt.OBJECT_ATTRIBUTES}"):

@@ -179,7 +179,7 @@ def object_refs(spec: StepSpec, bucket: int, row_start: int, src_rows: np.ndarra
         warnings.simplefilter("ignore")
         arr = zarr.open_array(spec.store.zarr_store(), path=spec.manifests_path, mode="r")
         lo, hi = int(src_rows.min()), int(src_rows.max()) + 1
-        blobs = arr[lo:hi]
+        blobs = fmt.read_rows_checked(spec.store, arr, spec.manifests_path, lo, hi)
     blobs = [bytes(blobs[r - lo]) for r in src_rows[kept]]
     table = fmt.decode_manifest_table(blobs, spec.ndim)
     counts, ref_frag = table.counts, table.frags
@@ -602,7 +602,8 @@ def write_attributes(store: Store, source_path: str, target_path: str, rows: tup
         dst = zarr.open_array(zs, path=target_path, mode="r+")
         lo, hi = rows
         hi_src = min(hi, src.shape[0])
-        data = np.asarray(src[lo:hi_src]) if hi_src > lo else np.empty((0, *src.shape[1:]), src.dtype)
+        data = np.asarray(fmt.read_rows_checked(store, src, source_path, lo, hi_src)) \
+            if hi_src > lo else np.empty((0, *src.shape[1:]), src.dtype)
         out = np.zeros_like(data)
         k = kept[: data.shape[0]]
         out[k] = data[k]
