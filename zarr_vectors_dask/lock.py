@@ -420,21 +420,26 @@ class BuildLock:
     def _renew_loop(self) -> None:
         interval = max(0.2, self.lease / 4)
         while not self._stop.wait(interval):
-            try:
-                with self._mutex:
-                    if self._stop.is_set():
-                        return
-                    self.version = self.backend.renew(self._doc(), self.token
-                                                      if isinstance(self.backend, _Local)
-                                                      else self.version)
-            except _Changed:
-                raw, _ = self.backend.read()
-                other = _parse(raw).get("owner", "nobody") if raw else "nobody"
-                self.lost = f"the build lock was taken over (now held by {other})"
-                log.error("%s: %s", self.store.url, self.lost)
+            if not self.renew():
                 return
-            except Exception as exc:  # noqa: BLE001 - try again next beat
-                log.warning("%s: renewing the build lock failed: %s", self.store.url, exc)
+
+    def renew(self) -> bool:
+        """One heartbeat; False once the lock is found taken over."""
+        try:
+            with self._mutex:
+                if self._stop.is_set() or self.lost:
+                    return not self.lost
+                version = self.token if isinstance(self.backend, _Local) else self.version
+                self.version = self.backend.renew(self._doc(), version)
+        except _Changed:
+            raw, _ = self.backend.read()
+            other = _parse(raw).get("owner", "nobody") if raw else "nobody"
+            self.lost = f"the build lock was taken over (now held by {other})"
+            log.error("%s: %s", self.store.url, self.lost)
+            return False
+        except Exception as exc:  # noqa: BLE001 - try again next beat
+            log.warning("%s: renewing the build lock failed: %s", self.store.url, exc)
+        return True
 
     def check(self) -> None:
         """Raise if this build no longer owns the lock."""
