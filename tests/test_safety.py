@@ -128,6 +128,7 @@ class _Sweep:
                 time.sleep(delay)
             seen = probe()
             seen["alive"] = p.poll() is None
+            seen["delay"] = delay
             os.kill(p.pid, signal.SIGKILL)
         finally:
             p.wait(timeout=30)
@@ -182,6 +183,7 @@ def test_crash_sweep_local(dask_cluster, sweep_inputs, tmp_path):
             if i < len(fractions):
                 shutil.rmtree(store)
     # The kills really landed inside the build, in every phase of it.
+    print(f"clean build {span:.2f} s; kills saw {seen}")
     mid = [s for s in seen[:-1] if s["lock"] and s["alive"]]
     assert len(mid) >= 12, (span, seen)
     assert len({s["listed"] for s in mid}) >= 3, (span, seen)  # before, between, after levels
@@ -190,7 +192,8 @@ def test_crash_sweep_local(dask_cluster, sweep_inputs, tmp_path):
     # Resume on a finished pyramid: a no-op (nothing rewritten), in process
     # and from the CLI, and it still equals the reference.
     before = _mtimes(store)
-    out = zd.build_pyramid(str(store), client=dask_cluster.client(), resume=True, **KW)
+    with dask_cluster.client() as client:
+        out = zd.build_pyramid(str(store), client=client, resume=True, **KW)
     assert out["levels_created"] == 3
     cli = _driver(store, address, "--resume")
     _, err = cli.communicate(timeout=120)
