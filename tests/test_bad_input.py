@@ -94,10 +94,21 @@ def test_resume_rejects_changed_parameters(store, local_client):
 def test_concurrent_build_is_refused(store, local_client):
     from zarr_vectors_dask.api import LOCK_KEY
     from zarr_vectors_dask.store import Store
-    Store.from_url(store).put(LOCK_KEY, b'{"owner": "otherhost:1"}')
+    import json
+    import time
+    lock = {"owner": "otherhost:1", "host": "otherhost", "pid": 1, "token": "t",
+            "heartbeat": time.time(), "lease": 120}
+    Store.from_url(store).put(LOCK_KEY, json.dumps(lock).encode())
     with pytest.raises(BuildError, match="otherhost:1.*resume=True"):
         zd.build_pyramid(store, factors=[(2, 1)], client=local_client)
-    # resume takes the crashed build's lock over
+    # a live owner elsewhere (fresh heartbeat): resume refuses, naming it
+    with pytest.raises(BuildError, match=r"otherhost:1\) and its last heartbeat is \d+ s old, "
+                                         r"within its 120 s lease"):
+        zd.build_pyramid(store, factors=[(2, 1)], client=local_client, resume=True)
+    # once its lease has expired, resume takes the crashed build's lock over
+    lock["heartbeat"] -= 600
+    Store.from_url(store).put(LOCK_KEY, json.dumps(lock).encode())
+    os.utime(os.path.join(store, LOCK_KEY), (time.time() - 600,) * 2)
     zd.build_pyramid(store, factors=[(2, 1)], client=local_client, resume=True)
     assert not os.path.exists(os.path.join(store, ".zvdask"))
 

@@ -107,9 +107,10 @@ def cmd_pyramid(args) -> int:
                                 progress=None if args.no_progress else _progress, **kw)
         total = time.perf_counter() - t0
     finally:
-        client.close()
+        from .errors import cleanup
+        cleanup(client.close, what="closing the Dask client")
         if cluster is not None:
-            cluster.close()
+            cleanup(cluster.close, what="closing the LocalCluster")
     rows = []
     steps = [r for r in reports if hasattr(r, "target_level")]
     for spec, rep in zip(summary["level_specs"][-len(steps):] if steps else [], steps):
@@ -206,9 +207,14 @@ def cmd_validate(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="zvdask", description=__doc__)
     p.add_argument("--version", action="version", version=__version__)
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="on failure, print the traceback too")
     sub = p.add_subparsers(dest="command", required=True)
+    common = argparse.ArgumentParser(add_help=False)  # ``--verbose`` after the command too
+    common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                        help="on failure, print the traceback too")
 
-    py = sub.add_parser("pyramid", help="build coarser levels of a store on Dask")
+    py = sub.add_parser("pyramid", parents=[common], help="build coarser levels of a store on Dask")
     py.add_argument("store", help="local path or fsspec URL (s3://bucket/store.zv)")
     py.add_argument("--factors", required=True, type=parse_factors,
                     help="COARSEN:SPARSITY per level, e.g. 2:1,2:2,2:2")
@@ -229,14 +235,14 @@ def build_parser() -> argparse.ArgumentParser:
     py.add_argument("--no-progress", action="store_true")
     py.set_defaults(func=cmd_pyramid)
 
-    de = sub.add_parser("demo", help="write a sample streamline store and build its pyramid")
+    de = sub.add_parser("demo", parents=[common], help="write a sample streamline store and build its pyramid")
     de.add_argument("dir", nargs="?", default="zvdask-demo")
     de.add_argument("--lines", type=int, default=2000)
     de.add_argument("--points", type=int, default=100)
     de.add_argument("--seed", type=int, default=0)
     de.set_defaults(func=cmd_demo)
 
-    sa = sub.add_parser("sample", help="write a small level-0 sample store (zarr-vectors writers)")
+    sa = sub.add_parser("sample", parents=[common], help="write a small level-0 sample store (zarr-vectors writers)")
     sa.add_argument("url", help="local path or fsspec URL (s3://bucket/demo.zv)")
     sa.add_argument("--kind", choices=["streamlines", "points"], default="streamlines")
     sa.add_argument("--objects", type=int, default=50, help="number of objects")
@@ -246,12 +252,12 @@ def build_parser() -> argparse.ArgumentParser:
     sa.add_argument("--storage-option", action="append", metavar="KEY=VALUE")
     sa.set_defaults(func=cmd_sample)
 
-    info = sub.add_parser("info", help="list levels and their metadata")
+    info = sub.add_parser("info", parents=[common], help="list levels and their metadata")
     info.add_argument("store")
     info.add_argument("--storage-option", action="append", metavar="KEY=VALUE")
     info.set_defaults(func=cmd_info)
 
-    va = sub.add_parser("validate", help="run zarr-vectors' validator")
+    va = sub.add_parser("validate", parents=[common], help="run zarr-vectors' validator")
     va.add_argument("store")
     va.add_argument("--level", type=int, default=3)
     va.add_argument("--storage-option", action="append", metavar="KEY=VALUE")
@@ -259,13 +265,36 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+#: Failures with a message meant for the user: printed as one line, exit 2.
+_EXPECTED = (ValueError, FileNotFoundError, RuntimeError, OSError)
+
+
+def _one_line(exc: BaseException) -> str:
+    """The first line of the message (a Dask task's error can carry
+    more), with the type named when it is not one of the expected ones."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    text = lines[0] if lines else type(exc).__name__
+    if len(lines) > 1:
+        text += " [...]"
+    if not isinstance(exc, _EXPECTED) or not lines:
+        text = f"{type(exc).__name__}: {text}" if lines else text
+    return text
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    verbose = bool(getattr(args, "verbose", False))
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, RuntimeError, OSError) as exc:
-        print(f"zvdask: error: {exc}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt:
+        print("zvdask: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - one readable line, see --verbose
+        if verbose:
+            import traceback
+            traceback.print_exc()
+        print(f"zvdask: error: {_one_line(exc)}", file=sys.stderr)
+        return 2 if isinstance(exc, _EXPECTED) else 1
 
 
 if __name__ == "__main__":  # pragma: no cover

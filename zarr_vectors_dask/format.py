@@ -436,11 +436,44 @@ def read_cells(store: Store, info: VlenArrayInfo, coords: Sequence[Sequence[int]
         out = {}
         for c in coords:
             idx = tuple(int(x) - int(o) for x, o in zip(c, info.origin))
-            try:
-                v = arr[idx]
-            except Exception as exc:  # noqa: BLE001
-                raise CorruptChunkError(
-                    f"{store.describe(info.path)} chunk {chunk_key(c)}: {exc}") from None
+            v = read_chunk_checked(store, info.path, f"chunk {chunk_key(c)}", lambda: arr[idx])
             v = v.item() if hasattr(v, "item") else v
             out[c] = bytes(v) if v not in (None, b"", "") else None
         return out
+
+
+def read_chunk_checked(store: Store, path: str, where: str, read):
+    """``read()`` (a zarr read of one chunk's worth of ``path``), with its
+    failures told apart: transient store errors are retried (object stores
+    already retried them inside the zarr store) and re-raised as they are;
+    access errors are re-raised as they are; anything else means the
+    stored bytes cannot be decoded: :class:`CorruptChunkError` naming the
+    array and ``where`` (the chunk)."""
+    from .store import StoreAccessError, _is_transient, with_retries
+    try:
+        return with_retries(read, what=store.describe(path),
+                            attempts=8 if store.is_local else 1)
+    except (StoreAccessError, PermissionError, MemoryError):
+        raise
+    except Exception as exc:  # noqa: BLE001 - classified here
+        if _is_transient(exc):
+            raise
+        raise CorruptChunkError(f"{store.describe(path)} {where}: cannot be read or decoded "
+                                f"({type(exc).__name__}: {exc})") from exc
+
+
+def read_rows_checked(store: Store, arr, path: str, lo: int, hi: int):
+    """Rows ``lo:hi`` of a 1-D-chunked zarr array, chunk by chunk through
+    :func:`read_chunk_checked`, so a damaged chunk is named."""
+    import numpy as np
+    step = int(arr.chunks[0]) or 1
+    parts = []
+    a = lo
+    while a < hi:
+        b = min(hi, (a // step + 1) * step)
+        parts.append(read_chunk_checked(store, path, f"chunk {a // step}",
+                                        lambda a=a, b=b: arr[a:b]))
+        a = b
+    if not parts:
+        return arr[lo:hi]
+    return parts[0] if len(parts) == 1 else np.concatenate(parts)

@@ -216,14 +216,7 @@ def read_object_ids(store: Store, level: int, n_rows: int) -> np.ndarray:
         if tuple(arr.shape) != (n_rows,):
             raise fmt.FormatError(f"{store.describe(path)}: {tuple(arr.shape)} ids for "
                                   f"{n_rows} manifest rows")
-        try:
-            return np.asarray(arr[:], dtype=np.int64)
-        except Exception as exc:  # noqa: BLE001 - decode errors of a damaged cell
-            from .store import _is_transient
-            if _is_transient(exc):
-                raise
-            raise fmt.CorruptChunkError(f"{store.describe(path)}: cannot be read: "
-                                        f"{type(exc).__name__}: {exc}") from exc
+        return np.asarray(fmt.read_rows_checked(store, arr, path, 0, n_rows), dtype=np.int64)
 
 
 def object_table(spec: StepSpec, n_rows: int, sparsity: tuple, attribute_names: list[str]) -> int:
@@ -285,18 +278,16 @@ def object_refs(spec: StepSpec, bucket: int, _objects_done=None) -> dict:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         arr = zarr.open_array(spec.store.zarr_store(), path=spec.manifests_path, mode="r")
-        if wanted.size == 0:
-            blobs = []
-        elif int(wanted.max()) - int(wanted.min()) < 2 * fmt.MANIFEST_BUCKET:
-            lo, hi = int(wanted.min()), int(wanted.max()) + 1
-            run = arr[lo:hi]
-            blobs = [bytes(run[r - lo]) for r in wanted]
-        else:  # rows of unsorted ids: read just those (bounded memory)
-            order = np.argsort(wanted, kind="stable")
-            got = arr.get_orthogonal_selection(wanted[order])
-            blobs = [b""] * wanted.size
-            for i, b in zip(order.tolist(), got):
-                blobs[i] = bytes(b)
+        blobs = [b""] * wanted.size
+        # Chunk by chunk (rows of unsorted ids can be anywhere), each read
+        # through the checked reader so a damaged chunk is named.
+        step = int(arr.chunks[0]) or 1
+        which = wanted // step
+        for c in np.unique(which).tolist():
+            lo, hi = c * step, min((c + 1) * step, int(arr.shape[0]))
+            rows = fmt.read_rows_checked(spec.store, arr, spec.manifests_path, lo, hi)
+            for i in np.flatnonzero(which == c).tolist():
+                blobs[i] = bytes(rows[int(wanted[i]) - lo])
     table = fmt.decode_manifest_table(blobs, spec.ndim)
     counts, ref_frag = table.counts, table.frags
     # References to chunks outside the grid are skipped, as the reference
@@ -727,7 +718,9 @@ def write_attributes(spec: StepSpec, name: str, bucket: int, _objects_done=None)
                               mode="r+")
         lo = bucket * fmt.ATTRIBUTE_BUCKET
         hi = min(lo + fmt.ATTRIBUTE_BUCKET, src.shape[0])
-        data = np.asarray(src[lo:hi]) if hi > lo else np.empty((0, *src.shape[1:]), src.dtype)
+        path = f"{spec.source_level}/{fmt.OBJECT_ATTRIBUTES}/{name}"
+        data = np.asarray(fmt.read_rows_checked(spec.store, src, path, lo, hi)) if hi > lo \
+            else np.empty((0, *src.shape[1:]), src.dtype)
         out = np.zeros_like(data)
         k = mine["kept"][: data.shape[0]]
         out[k] = data[k]
