@@ -98,6 +98,6 @@ def test_blocks_bound_memory_and_task_counts_follow_chunks():
 
 def test_plan_repr_shows_every_level_and_stage():
     text = repr(plan_pyramid_from_meta(factors=[(2, 1), (2, 2)], **BASE))
-    for needle in ("0->1", "1->2", "bin partials", "metavertices",
+    for needle in ("0->1", "1->2", "bin_partials", "reduce_metavertices",
                    "total tasks", "est. size", "125x125x125"):
         assert needle in text

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import contextlib
 import os
 import shutil
 import signal
@@ -129,7 +130,10 @@ class _Sweep:
             seen = probe()
             seen["alive"] = p.poll() is None
             seen["delay"] = delay
-            os.kill(p.pid, signal.SIGKILL)
+            # A late moment can fall just after the driver exited: then it
+            # is a kill after the build returned, still a moment to resume from.
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(p.pid, signal.SIGKILL)
         finally:
             p.wait(timeout=30)
         return seen

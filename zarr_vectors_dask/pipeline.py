@@ -20,6 +20,7 @@ import numpy as np
 from . import commit as cm
 from . import format as fmt
 from . import graph as gr
+from .errors import cleanup
 from . import stages as st
 from .plan import LevelPlan, grid_layout, ravel, step_layout
 from .store import Store
@@ -173,12 +174,29 @@ def chunk_table(store: Store, info: fmt.VlenArrayInfo, origin, grid, ndim: int,
 
 # ---------------------------------------------------------------- one step
 def run_step(client, store: Store, lv: LevelPlan, **kwargs) -> StepReport:
-    """One coarsening step; its exchange files are scratch and go with it."""
+    """One coarsening step; its exchange files are scratch and go with it.
+    A step that fails (its tasks already stopped by ``execute``) leaves
+    nothing behind: what it wrote was unpublished, and a plain rerun must
+    not find a half-written level in its way."""
     _drop_exchange(store, lv.target_level)  # leftovers of an interrupted attempt
     try:
         return _run_step(client, store, lv, **kwargs)
+    except BaseException:
+        cleanup(lambda: _discard_unpublished(store, lv),
+                what=f"removing the unpublished level {lv.target_level}")
+        raise
     finally:
-        _drop_exchange(store, lv.target_level)
+        cleanup(lambda: _drop_exchange(store, lv.target_level),
+                what=f"removing the exchange files of level {lv.target_level}")
+
+
+def _discard_unpublished(store: Store, lv: LevelPlan) -> None:
+    """The failed step's own writes, while its level is unlisted: the
+    level, and the ``+1`` family it put under the source level (a ``+1``
+    family into an unlisted level can only come from this step)."""
+    if store.get(f"{lv.target_level}/zarr.json") is None:
+        store.remove_tree(str(lv.target_level))
+        store.remove_tree(fmt.links_family_path(lv.source_level, 1))
 
 
 def plan_step(store: Store, lv: LevelPlan, src: SourceLevel, root_meta, *,
