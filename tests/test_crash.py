@@ -238,7 +238,11 @@ def test_crash_inside_a_level_commit_is_resumed(local_client, twin_stores, monke
 def test_resume_waits_for_a_killed_drivers_running_tasks(local_client):
     """Tasks already running when their driver died go on running (and
     writing); resume must not start discarding before they end."""
-    from zarr_vectors_dask.api import _orphans_on_worker, _wait_for_orphans
+    from zarr_vectors_dask.api import _wait_for_orphans
+    from zarr_vectors_dask.pipeline import _live_tasks
+
+    def orphans():
+        return sum(local_client.run(_live_tasks, "", ("cancelled",)).values())
     from zarr_vectors_dask.store import Store
     code = ("import sys, time\nfrom distributed import Client\n"
             f"c = Client({local_client.scheduler.address!r})\n"
@@ -252,10 +256,10 @@ def test_resume_waits_for_a_killed_drivers_running_tasks(local_client):
     finally:
         os.kill(p.pid, signal.SIGKILL)
         p.wait(timeout=30)
-    assert _wait_for(lambda: sum(local_client.run(_orphans_on_worker).values()) > 0,
+    assert _wait_for(lambda: orphans() > 0,
                      alive=lambda: True, timeout=10), "no orphaned task seen"
     _wait_for_orphans(local_client, Store.from_url("memory://unused"))
-    assert sum(local_client.run(_orphans_on_worker).values()) == 0
+    assert orphans() == 0
 
 
 # ----------------------------------------------------------------- publication

@@ -492,26 +492,12 @@ def _sweep_temporaries(store: Store, source_level: int) -> None:
             os.remove(p)
 
 
-def _orphans_on_worker(dask_worker) -> int:
-    return sum(ts.state == "cancelled" for ts in dask_worker.state.tasks.values())
-
-
 def _wait_for_orphans(client, store: Store, timeout: float = 300.0) -> None:
-    """Tasks a killed driver left running keep running (Dask cannot stop a
-    thread; workers show them as "cancelled") and may still write into the
-    level that resume is about to discard: wait until they have ended."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            n = sum(client.run(_orphans_on_worker).values())
-        except Exception:  # noqa: BLE001 - no worker state to ask: best effort
-            return
-        if n == 0:
-            return
-        if time.monotonic() > deadline:
-            raise BuildError(f"{store.url}: {n} task(s) of an earlier build are still running "
-                             f"on the cluster after {timeout:.0f} s; resume once they have ended")
-        time.sleep(0.2)
+    """Tasks a killed driver left running keep running (workers show them
+    as "cancelled") and may still write into the level that resume is
+    about to discard: wait until they have ended."""
+    pl.wait_until_idle(client, states=("cancelled",), timeout=timeout,
+                       what=f"an earlier build of {store.url} (resume once they have ended)")
 
 
 # ------------------------------------------------------------ build

@@ -20,7 +20,7 @@ import numpy as np
 from . import commit as cm
 from . import format as fmt
 from . import graph as gr
-from .errors import cleanup
+from .errors import BuildError, cleanup
 from . import stages as st
 from .plan import LevelPlan, grid_layout, ravel, step_layout
 from .store import Store
@@ -42,26 +42,31 @@ class StepReport:
 
 
 # ---------------------------------------------------------------- executor
-def _running_tasks(token: str, dask_worker=None) -> int:
-    """Tasks of one graph still executing on this worker (a cancelled task
-    keeps running in its thread until it returns)."""
-    live = ("executing", "long-running", "cancelled", "resumed")
+#: Task states in which a worker thread may still be running a task (a
+#: cancelled task keeps running until it returns: Dask cannot stop a thread).
+RUNNING = ("executing", "long-running", "cancelled", "resumed")
+
+
+def _live_tasks(token: str, states: tuple, dask_worker=None) -> int:
     return sum(1 for key, ts in dask_worker.state.tasks.items()
-               if ts.state in live and token in str(key))
+               if ts.state in states and token in str(key))
 
 
-def _wait_until_idle(client, token: str, timeout: float = 300.0) -> None:
+def wait_until_idle(client, *, token: str = "", states: tuple = RUNNING,
+                    timeout: float = 300.0, what: str) -> None:
+    """Wait until no worker runs a task whose key contains ``token`` (in
+    one of ``states``); ``what`` names them in the timeout error."""
     deadline = time.monotonic() + timeout
     while True:
         try:
-            n = sum(client.run(_running_tasks, token).values())
-        except Exception:  # noqa: BLE001 - the cluster itself is gone: nothing runs
+            n = sum(client.run(_live_tasks, token, states).values())
+        except Exception:  # noqa: BLE001 - no worker state to ask: nothing to wait for
             return
         if n == 0:
             return
         if time.monotonic() > deadline:
-            raise RuntimeError(f"{n} task(s) of a failed build are still running after "
-                               f"{timeout:.0f} s")
+            raise BuildError(f"{n} task(s) of {what} are still running on the cluster after "
+                             f"{timeout:.0f} s")
         time.sleep(0.1)
 
 
@@ -85,7 +90,7 @@ def execute(client, graph: gr.Graph, token: str, report: StepReport, *, name: st
         return fut.result()
     except BaseException:
         fut.cancel()
-        _wait_until_idle(client, token)
+        wait_until_idle(client, token=token, what="the failed step")
         raise
     finally:
         fut.release()
