@@ -5,6 +5,7 @@ before the error reaches the caller."""
 
 from __future__ import annotations
 
+import itertools
 import os
 import shutil
 import threading
@@ -48,12 +49,17 @@ def test_layout_routes_cover_every_neighbour():
     assert lay.n_blocks == len(lay.block_chunks) > 4 and lay.n_target_blocks > 4
     assert np.concatenate(lay.block_chunks).tolist() == numbers.tolist()
     tbs = np.asarray(lay.target_block_starts)
-    for chunks, (lo, hi) in zip(lay.block_chunks, lay.block_partitions):
+    for chunks, parts in zip(lay.block_chunks, lay.block_partitions):
         cc = np.stack(np.unravel_index(chunks, grid), axis=1)
-        for d in ([-1, -1, -1], [0, 0, 0], [1, 1, 1]):
+        for d in itertools.product((-1, 0, 1), repeat=3):
             lin = np.ravel_multi_index(tuple(np.clip(cc + d, 0, 7).T), grid)
             part = np.searchsorted(tbs, lin, side="right") - 1
-            assert part.min() >= lo and part.max() <= hi
+            assert set(part.tolist()) <= set(parts)
+        # ... and no more than the box around its chunks (two chunks each way).
+        near = {int(p) for c in cc for d in itertools.product(range(-2, 3), repeat=3)
+                for p in [np.searchsorted(tbs, np.ravel_multi_index(
+                    tuple(np.clip(c + d, 0, 7)), grid), side="right") - 1]}
+        assert set(parts) <= near
 
 
 # ---------------------------------------------------------------- serial executor

@@ -71,8 +71,8 @@ def _pick(g: Graph, tok: str, src, *path):
 
 def _reduce(g: Graph, tok: str, spec, layout: StepLayout, partials):
     senders: dict[int, list[int]] = {}
-    for b, (lo, hi) in enumerate(layout.block_partitions):
-        for p in range(lo, hi + 1):
+    for b, parts in enumerate(layout.block_partitions):
+        for p in parts:
             senders.setdefault(p, []).append(b)
     return {p: g.add(tok, st.reduce_metavertices, p, spec, p, blocks,
                      *[_pick(g, tok, partials[b], "exchange", p) for b in blocks])
@@ -102,9 +102,9 @@ def _resolve(g: Graph, tok: str, spec, layout: StepLayout, reduced, writes):
 
 def _links(g: Graph, tok: str, spec, layout: StepLayout, partials, resolved):
     links = []
-    for b, (lo, hi) in enumerate(layout.block_partitions):
+    for b, parts in enumerate(layout.block_partitions):
         answers = [g.add(tok, st.answer_for, f"{b}:{p}", resolved[p], b, p)
-                   for p in range(lo, hi + 1) if p in resolved]
+                   for p in parts if p in resolved]
         links.append(g.add(tok, st.links_and_sequences, b, spec, b, partials[b], *answers))
     return links
 

@@ -360,7 +360,7 @@ class StepLayout:
     block_starts: Any           # chunk number of each source block's first chunk (first is 0)
     block_chunks: list          # per source block: its chunk numbers
     target_block_starts: Any    # target-grid index of each target block's first chunk
-    block_partitions: list      # per source block: (first, last) partition its keys can reach
+    block_partitions: list      # per source block: the partitions its keys can reach (sorted)
     partition_targets: list     # per partition: (first, last) target block its centroids reach
 
     @property
@@ -413,10 +413,22 @@ def step_layout(*, numbers, weights, source_origin, source_grid, source_chunk_sh
     def tb(lin):
         return np.searchsorted(target_block_starts, lin, side="right") - 1
 
-    lo = tb(ravel(lower, target_origin, target_grid))
-    hi = tb(ravel(upper, target_origin, target_grid))
-    block_partitions = [(int(lo[a:z].min()), int(hi[a:z].max())) if z > a else (0, -1)
-                        for a, z in zip(starts, np.r_[starts[1:], numbers.size])]
+    # Every target chunk of each source chunk's box, as (source chunk,
+    # partition) pairs: exact sets, so a block is wired only to the
+    # partitions around its own chunks, however the grid is numbered.
+    span = upper - lower + 1
+    n_off = int(np.prod(span.max(axis=0))) if numbers.size else 0
+    offsets = np.stack(np.unravel_index(np.arange(n_off), tuple(span.max(axis=0).tolist())),
+                       axis=1) if n_off else np.empty((0, nd), np.int64)
+    cells = lower[:, None, :] + offsets[None, :, :]
+    inside_box = np.all(cells <= upper[:, None, :], axis=2)
+    owner = np.repeat(np.arange(numbers.size), n_off)[inside_box.ravel()]
+    part = tb(ravel(cells.reshape(-1, nd)[inside_box.ravel()], target_origin, target_grid))
+    block_of_chunk = np.searchsorted(starts, np.arange(numbers.size), side="right") - 1
+    pairs = np.unique(block_of_chunk[owner] * n_tb + part)
+    block_partitions = [[] for _ in block_chunks]
+    for bp in pairs.tolist():
+        block_partitions[bp // n_tb].append(bp % n_tb)
     # A centroid lies in its bin: from the bin's lower-corner chunk up to a
     # bin further, plus a chunk of margin each way.
     strides = np.cumprod([1, *list(target_grid)[::-1]])[:-1][::-1]

@@ -306,7 +306,7 @@ def object_refs(spec: StepSpec, bucket: int, _objects_done=None) -> dict:
 
 
 # ------------------------------------------------------------- stage 1
-def bin_partials(spec: StepSpec, block: int, numbers: np.ndarray, partitions: tuple[int, int],
+def bin_partials(spec: StepSpec, block: int, numbers: np.ndarray, partitions: list[int],
                  _refs_done=None) -> dict:
     """Bin every vertex of a block of source chunks.
 
@@ -315,8 +315,8 @@ def bin_partials(spec: StepSpec, block: int, numbers: np.ndarray, partitions: tu
     Sends, per partition, the block's distinct keys with float64 partial
     sums and counts — weight-0 keys too, so their vertices can still find
     a parent — and keeps the per-vertex key index for later stages.
-    ``partitions`` is the ``[first, last]`` partition the plan routes this
-    block to (from geometry alone); a key outside it is an error.
+    ``partitions`` are the partitions the plan routes this block to (from
+    geometry alone); a key outside them is an error.
     """
     bin_arr = np.asarray(spec.bin_shape, dtype=np.float64)
     # Weight of each named fragment: summed over the buckets naming it.
@@ -364,8 +364,9 @@ def bin_partials(spec: StepSpec, block: int, numbers: np.ndarray, partitions: tu
         sums[:, a] = np.bincount(inverse, weights=pos[:, a].astype(np.float64) * wf, minlength=n_u)
     counts = np.bincount(inverse, weights=w, minlength=n_u).astype(np.int64)
     part = _partition_of(spec, ukeys)
-    if n_u and (part.min() < partitions[0] or part.max() > partitions[1]):
-        bad = int(np.flatnonzero((part < partitions[0]) | (part > partitions[1]))[0])
+    stray = ~np.isin(part, np.asarray(partitions, dtype=np.int64))
+    if stray.any():
+        bad = int(np.flatnonzero(stray)[0])
         raise fmt.FormatError(
             f"{spec.store.describe(spec.vertices.path)}: block {block} has a vertex in bin "
             f"{ukeys[bad].tolist()}, outside the chunks it is stored in (more than one target "
