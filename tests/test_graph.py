@@ -8,7 +8,6 @@ from __future__ import annotations
 import itertools
 import os
 import shutil
-import threading
 import time
 
 import dask
@@ -17,9 +16,8 @@ import pytest
 from zarr_vectors.multiresolution.coarsen import build_pyramid as reference_build_pyramid
 
 import zarr_vectors_dask as zd
-from zarr_vectors_dask import api, graph as gr, pipeline as pl, stages
+from zarr_vectors_dask import pipeline as pl, stages
 from zarr_vectors_dask.plan import step_layout, weighted_runs
-from zarr_vectors_dask.store import Store
 from equivalence import compare_raw_files
 from stores import make_streamlines
 
