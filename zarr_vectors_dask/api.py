@@ -8,6 +8,7 @@ pipeline level by level and the closing composition.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import re
@@ -18,7 +19,11 @@ from . import commit as cm
 from . import format as fmt
 from . import pipeline as pl
 from . import stages
-from .errors import BuildError, cleanup, quiet_expected_task_errors
+from zarr_vectors.exceptions import StoreError
+
+from . import handles
+from .errors import (BuildError, LevelNotFoundError, PlanMetadataError, StoreNotFoundError,
+                     cleanup, quiet_expected_task_errors)
 from .lock import LOCK_KEY, BuildLock, remove_empty_scratch
 from .plan import PlanError, PyramidPlan, plan_pyramid_from_meta, validate_factors
 from .store import Store, check_access
@@ -30,18 +35,65 @@ BUILD_RECORD = ".zvdask/build.json"
 
 
 # ------------------------------------------------------------ store facts
+class NotAZarrVectorsStoreError(fmt.FormatError, StoreError):
+    """The path holds no zarr-vectors store (zarr-vectors: ``StoreError``)."""
+
+
 def _open(store_arg, storage_options) -> Store:
-    store = store_arg if isinstance(store_arg, Store) else Store.from_url(store_arg, storage_options)
+    """A ``Store`` for a path or URL (or a ``Store``), checked to be a
+    zarr-vectors store with a level 0.  Handles go through :func:`_opened`."""
+    if isinstance(store_arg, Store):
+        store = store_arg
+    else:
+        store = Store.from_url(store_arg, storage_options)
     if store.is_local and not os.path.exists(store.root):
-        raise FileNotFoundError(f"{store.url}: no such path")
+        raise StoreNotFoundError(f"{store.url}: no such path")
     check_access(store)
     attrs = fmt.node_attrs(store, "")
     if attrs is None or "zarr_vectors" not in attrs:
-        raise fmt.FormatError(f"{store.url}: not a zarr-vectors store (no zarr_vectors "
-                              f"root metadata in zarr.json)")
+        raise NotAZarrVectorsStoreError(f"{store.url}: not a zarr-vectors store (no "
+                                        f"zarr_vectors root metadata in zarr.json)")
     if fmt.node_attrs(store, "0") is None:
-        raise fmt.FormatError(f"{store.url}: zarr-vectors store has no level 0")
+        raise NotAZarrVectorsStoreError(f"{store.url}: zarr-vectors store has no level 0")
     return store
+
+
+@contextlib.contextmanager
+def _opened(store_arg, storage_options):
+    """:func:`_open` for anything a zarr-vectors caller may pass: a path, a
+    URL, a ``Store``, or an open handle (``zarr_vectors.open(...)``'s
+    Dataset, ``open_store(...)``'s Group, a zarr Group or zarr store), whose
+    URL and storage options come from its zarr store (``handles.py``)."""
+    if isinstance(store_arg, Store):
+        yield _open(store_arg, storage_options)
+        return
+    with handles.opened(store_arg, storage_options) as (url, options):
+        yield _open(url, options)
+
+
+def _check_method(method, options) -> None:
+    """``method``/``options`` as zarr-vectors takes them.  Only the built-in
+    ``"per_object"`` pyramid is built here, and it takes no options; any
+    other name is looked up in zarr-vectors' strategy registry, which
+    raises zarr-vectors' own error (naming the method and the package that
+    provides it) when nothing registered it -- before the store is touched."""
+    if method == "per_object":
+        if options:
+            raise PlanError(f"method='per_object' takes no extra options; got {sorted(options)}. "
+                            f"Those keywords belong to a registered strategy -- pass method= "
+                            f"as well.")
+        return
+    from zarr_vectors.multiresolution.registry import require_coarsen_strategy
+    require_coarsen_strategy(method)
+
+
+def _registered_strategy(method):
+    """The strategy another package registered under ``method`` (its own
+    serial code, not this package's pyramid), or None for ``per_object``."""
+    if method == "per_object":
+        return None
+    from zarr_vectors.multiresolution.registry import require_coarsen_strategy
+    return require_coarsen_strategy(method)
 
 
 def _root_meta(store: Store):
@@ -98,10 +150,27 @@ def _make_plan(store: Store, *, factors, chunk_scale_factors, cross_level_depth,
 
 def plan_pyramid(store, *, factors, chunk_scale_factors=None, sparsity_strategy="random",
                  cross_level_depth=1, cross_level_storage="explicit", storage_options=None,
-                 n_workers: int = 2, max_block_vertices: int = 2_000_000, **_ignored) -> PyramidPlan:
+                 n_workers: int = 2, max_block_vertices: int = 2_000_000,
+                 method: str = "per_object", options: dict | None = None,
+                 **_ignored) -> PyramidPlan:
     """The plan ``build_pyramid`` would run; print it to see levels, bins,
-    chunk grids and task counts.  Reads metadata only."""
-    st = _open(store, storage_options)
+    chunk grids and task counts.  Reads metadata only.  ``store`` is
+    anything ``build_pyramid`` takes."""
+    _check_method(method, options)
+    if method != "per_object":
+        raise PlanError(f"method={method!r} is a strategy registered by another package; "
+                        f"only the 'per_object' pyramid can be planned here")
+    with _opened(store, storage_options) as st:
+        return _plan_pyramid(st, factors=factors, chunk_scale_factors=chunk_scale_factors,
+                             sparsity_strategy=sparsity_strategy,
+                             cross_level_depth=cross_level_depth,
+                             cross_level_storage=cross_level_storage, n_workers=n_workers,
+                             max_block_vertices=max_block_vertices)
+
+
+def _plan_pyramid(st: Store, *, factors, chunk_scale_factors, sparsity_strategy,
+                  cross_level_depth, cross_level_storage, n_workers,
+                  max_block_vertices) -> PyramidPlan:
     plan = _make_plan(st, factors=factors, chunk_scale_factors=chunk_scale_factors,
                       cross_level_depth=cross_level_depth, cross_level_storage=cross_level_storage,
                       sparsity_strategy=sparsity_strategy, n_workers=n_workers,
@@ -120,21 +189,46 @@ def plan_pyramid(store, *, factors, chunk_scale_factors=None, sparsity_strategy=
 
 
 # ------------------------------------------------------------ client
+def _workers_in_this_process(client) -> bool:
+    pids = client.run(os.getpid)
+    return bool(pids) and all(p == os.getpid() for p in pids.values())
+
+
 @contextlib.contextmanager
-def _client_for(client):
+def _client_for(client, store: Store | None = None):
+    """The client to build on: ``client``, else the default client, else a
+    LocalCluster of worker processes for the duration of the build.
+
+    A zarr MemoryStore lives in this process, so its build needs workers
+    in this process: the caller's client if its workers are, else (no
+    client given) a threads-only cluster here, made for the build."""
+    in_memory = store is not None and handles.is_memory_url(store.url)
+    from distributed import Client, LocalCluster
     if client is not None:
+        if in_memory and not _workers_in_this_process(client):
+            raise PlanError(
+                "an in-memory store (zarr MemoryStore) cannot be read by worker processes: "
+                "pass a client whose workers run in this process "
+                "(LocalCluster(processes=False)), or no client, or write the store to a path "
+                "or URL")
         yield client
         return
-    from distributed import Client, LocalCluster
+    from distributed import get_client
     try:
-        from distributed import get_client
-        yield get_client()
+        default = get_client()
+    except ValueError:  # no default client
+        default = None
+    # Decided before yielding: the caller's errors must not be caught here.
+    if default is not None and (not in_memory or _workers_in_this_process(default)):
+        yield default
         return
-    except ValueError:
-        pass
-    cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
-                           dashboard_address=":0", silence_logs=40)
-    c = Client(cluster)
+    if in_memory:
+        cluster = LocalCluster(n_workers=1, threads_per_worker=2, processes=False,
+                               dashboard_address=":0", silence_logs=40)
+    else:
+        cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                               dashboard_address=":0", silence_logs=40)
+    c = Client(cluster, set_as_default=False)
     try:
         yield c
     finally:
@@ -503,21 +597,49 @@ def _wait_for_orphans(client, store: Store, timeout: float = 300.0) -> None:
 # ------------------------------------------------------------ build
 def build_pyramid(store, *, factors, chunk_scale_factors=None, sparsity_strategy="random",
                   sparsity_seed=None, cross_level_depth=1, cross_level_storage="explicit",
+                  method: str = "per_object", options: dict | None = None,
                   client=None, storage_options=None, resume=False, overwrite=False,
                   progress: Callable | None = None, max_block_vertices: int = 2_000_000,
                   _reports: list | None = None) -> dict:
     """Build coarser levels 1..len(factors) of ``store`` on Dask; the result
     is the pyramid ``zarr_vectors.build_pyramid`` writes with the same
-    arguments, and the same summary dict is returned."""
+    arguments, and the same summary dict is returned.
+
+    ``store`` is a path, an fsspec URL (with ``storage_options``), or an
+    open handle: ``zarr_vectors.open(url, mode="r+")`` (a Dataset), its
+    ``.store`` or ``open_store(url, mode="r+")`` (a Group), a zarr Group or
+    zarr store (LocalStore, FsspecStore; a MemoryStore builds on workers in
+    this process).  ``method``/``options`` as in zarr-vectors: the
+    ``"per_object"`` pyramid takes no options; a method another package
+    registered with zarr-vectors is that package's own code and is called
+    through ``zarr_vectors.build_pyramid`` unchanged."""
+    _check_method(method, options)
     if resume and overwrite:
         raise PlanError("resume and overwrite cannot both be set")
-    st = _open(store, storage_options)
+    if _registered_strategy(method) is not None:
+        return _REFERENCE_BUILD_PYRAMID(
+            store, factors=factors, chunk_scale_factors=chunk_scale_factors,
+            sparsity_strategy=sparsity_strategy, sparsity_seed=sparsity_seed,
+            cross_level_depth=cross_level_depth, cross_level_storage=cross_level_storage,
+            method=method, options=options)
+    with _opened(store, storage_options) as st:
+        return _build_pyramid(
+            st, factors=factors, chunk_scale_factors=chunk_scale_factors,
+            sparsity_strategy=sparsity_strategy, sparsity_seed=sparsity_seed,
+            cross_level_depth=cross_level_depth, cross_level_storage=cross_level_storage,
+            client=client, resume=resume, overwrite=overwrite, progress=progress,
+            max_block_vertices=max_block_vertices, _reports=_reports)
+
+
+def _build_pyramid(st: Store, *, factors, chunk_scale_factors, sparsity_strategy, sparsity_seed,
+                   cross_level_depth, cross_level_storage, client, resume, overwrite, progress,
+                   max_block_vertices, _reports) -> dict:
     # Validate the whole request before touching anything.
     plan = _make_plan(st, factors=factors, chunk_scale_factors=chunk_scale_factors,
                       cross_level_depth=cross_level_depth, cross_level_storage=cross_level_storage,
                       sparsity_strategy=sparsity_strategy, n_workers=2,
                       max_block_vertices=max_block_vertices)
-    with _client_for(client) as c:
+    with _client_for(client, st) as c:
         n_workers = _n_workers(c)
         plan = _make_plan(st, factors=factors, chunk_scale_factors=chunk_scale_factors,
                           cross_level_depth=cross_level_depth,
@@ -595,26 +717,67 @@ def build_pyramid(store, *, factors, chunk_scale_factors=None, sparsity_strategy
 
 def coarsen_level(store, source_level: int, target_level: int, *, coarsen_factor=1.0,
                   sparsity_factor=1.0, chunk_scale_factor=1, sparsity_strategy="random",
-                  sparsity_seed=None, cross_level_storage="none", client=None,
-                  storage_options=None, progress=None) -> dict:
-    """Write one coarser level, as ``zarr_vectors.coarsen_level`` does
-    (inline ``±1`` links when ``cross_level_storage`` is not ``"none"``)."""
-    if target_level != source_level + 1:
-        raise PlanError(f"target_level must be source_level + 1; got {source_level} -> {target_level}")
-    st = _open(store, storage_options)
-    if fmt.node_attrs(st, str(source_level)) is None:
-        raise PlanError(f"{st.describe(str(source_level))}: source level {source_level} does not exist")
-    if st.listdir(str(target_level)):
-        raise BuildError(f"{st.describe(str(target_level))}: level {target_level} already exists")
-    with _client_for(client) as c:
-        plan = _make_plan(st, factors=[(coarsen_factor, sparsity_factor)],
-                          chunk_scale_factors=[chunk_scale_factor], cross_level_depth=1,
-                          cross_level_storage=cross_level_storage,
-                          sparsity_strategy=sparsity_strategy, n_workers=_n_workers(c),
-                          start_level=source_level)
-        with _build_lock(st, resume=False):
-            rep = pl.run_step(c, st, plan.levels[0], root_meta=_root_meta(st),
-                              sparsity_strategy=sparsity_strategy, sparsity_seed=sparsity_seed,
-                              progress=progress)
-            _sweep_temporaries(st, source_level)
+                  sparsity_seed=None, cross_level_storage="none", method: str = "per_object",
+                  options: dict | None = None, client=None, storage_options=None,
+                  progress=None) -> dict:
+    """Write one coarser level, as ``zarr_vectors.coarsen_level`` does.
+
+    ``target_level`` may skip levels (``0 -> 2`` with ``coarsen_factor``
+    against the source level's bin, as zarr-vectors allows); inline links
+    (``cross_level_storage`` other than ``"none"``) are written only
+    between adjacent levels.  ``store``, ``method`` and ``options`` as in
+    :func:`build_pyramid`; a registered method is called as zarr-vectors
+    calls it."""
+    _check_method(method, options)
+    strategy = _registered_strategy(method)
+    if strategy is not None:
+        return strategy(store_path=store, source_level=source_level, target_level=target_level,
+                        coarsen_factor=coarsen_factor, sparsity_factor=sparsity_factor,
+                        chunk_scale_factor=chunk_scale_factor,
+                        sparsity_strategy=sparsity_strategy, sparsity_seed=sparsity_seed,
+                        cross_level_storage=cross_level_storage, **(options or {}))
+    if target_level <= source_level:
+        raise PlanMetadataError(f"target_level must be above source_level; got "
+                                f"{source_level} -> {target_level}")
+    if target_level != source_level + 1 and cross_level_storage != "none":
+        raise PlanError(
+            f"cross_level_storage={cross_level_storage!r} writes links between adjacent levels "
+            f"only; got {source_level} -> {target_level} (use cross_level_storage='none', or "
+            f"build_pyramid(cross_level_depth=...) for links across several levels)")
+    with _opened(store, storage_options) as st:
+        if fmt.node_attrs(st, str(source_level)) is None:
+            raise LevelNotFoundError(f"{st.describe(str(source_level))}: source level "
+                                     f"{source_level} does not exist")
+        if st.listdir(str(target_level)):
+            raise BuildError(f"{st.describe(str(target_level))}: level {target_level} already "
+                             f"exists")
+        with _client_for(client, st) as c:
+            try:
+                plan = _make_plan(st, factors=[(coarsen_factor, sparsity_factor)],
+                                  chunk_scale_factors=[chunk_scale_factor], cross_level_depth=1,
+                                  cross_level_storage=cross_level_storage,
+                                  sparsity_strategy=sparsity_strategy, n_workers=_n_workers(c),
+                                  start_level=source_level)
+            except PlanError as exc:  # name this call's arguments, not build_pyramid's
+                msg = str(exc).replace("chunk_scale_factors[0]", "chunk_scale_factor")
+                msg = msg.replace("factors[0] ", "").replace(
+                    f"level {source_level + 1}:", f"level {target_level}:")
+                raise type(exc)(msg) from None
+            lv = dataclasses.replace(plan.levels[0], target_level=int(target_level))
+            with _build_lock(st, resume=False):
+                rep = pl.run_step(c, st, lv, root_meta=_root_meta(st),
+                                  sparsity_strategy=sparsity_strategy,
+                                  sparsity_seed=sparsity_seed, progress=progress)
+                _sweep_temporaries(st, source_level)
     return rep.summary
+
+
+def _reference_build_pyramid():
+    import zarr_vectors.multiresolution.coarsen as ref
+    return ref.build_pyramid
+
+
+#: zarr-vectors' own ``build_pyramid``, captured before
+#: :func:`patch_zarr_vectors` can replace it (a registered method's
+#: pyramid is built by it, and reaches ``coarsen_level`` through it).
+_REFERENCE_BUILD_PYRAMID = _reference_build_pyramid()

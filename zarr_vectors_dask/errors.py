@@ -9,12 +9,49 @@ import logging
 import sys
 from typing import Callable
 
+from zarr_vectors.exceptions import CoarseningError, MetadataError, StoreError
+
 log = logging.getLogger("zarr_vectors_dask")
 
+# Code written against zarr-vectors catches its exception classes
+# (``zarr_vectors.exceptions``).  Each of ours that stands for a failure
+# zarr-vectors reports with one of them is also an instance of that class,
+# so ``except CoarseningError`` (or ``MetadataError``, ``StoreError``) keeps
+# working when the builder is swapped.
 
-class BuildError(RuntimeError):
+
+class BuildError(RuntimeError, CoarseningError):
     """The store's state forbids the requested build (existing levels,
     a concurrent build, parameters that differ from a committed level)."""
+
+
+class PlanError(ValueError, CoarseningError):
+    """A request that cannot be built; the message names the culprit.
+    A ``ValueError`` (what zarr-vectors raises for malformed arguments)
+    and a ``CoarseningError`` (what it raises for impossible coarsening)."""
+
+
+class PlanMetadataError(PlanError, MetadataError):
+    """A request whose target level's metadata would be invalid (a bin that
+    does not tile the chunk shape, a sparsity factor below 1, a target
+    level not above its source): zarr-vectors rejects these as
+    ``MetadataError`` when it validates the level metadata."""
+
+
+class LevelNotFoundError(PlanError, StoreError):
+    """The source level asked for does not exist in the store."""
+
+
+class StoreNotFoundError(FileNotFoundError, StoreError):
+    """No store at the path or URL given."""
+
+
+class ReadOnlyStoreError(BuildError, StoreError):
+    """The store handle was opened read-only."""
+
+
+class UnsupportedStoreError(PlanError, StoreError):
+    """A store handle this package cannot hand to its workers."""
 
 
 #: Exception class names a task raises on purpose, with a message that

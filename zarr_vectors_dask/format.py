@@ -23,6 +23,7 @@ from zarr_vectors.encoding.fragments import (
     encode_object_manifest_blocks,
 )
 from zarr_vectors.encoding.ragged import decode_ragged_blob
+from zarr_vectors.exceptions import ArrayError
 
 from .store import Store
 
@@ -48,7 +49,7 @@ class FormatError(ValueError):
     """The store does not look like what zarr-vectors writes."""
 
 
-class CorruptChunkError(FormatError):
+class CorruptChunkError(FormatError, ArrayError):
     """A chunk cell could not be decoded; names the array and chunk."""
 
 

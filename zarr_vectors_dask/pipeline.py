@@ -197,11 +197,13 @@ def run_step(client, store: Store, lv: LevelPlan, **kwargs) -> StepReport:
 
 def _discard_unpublished(store: Store, lv: LevelPlan) -> None:
     """The failed step's own writes, while its level is unlisted: the
-    level, and the ``+1`` family it put under the source level (a ``+1``
+    level, and the family it put under the source level towards it
+    (``+k`` for target = source + k: ``coarsen_level`` may skip levels; a
     family into an unlisted level can only come from this step)."""
     if store.get(f"{lv.target_level}/zarr.json") is None:
         store.remove_tree(str(lv.target_level))
-        store.remove_tree(fmt.links_family_path(lv.source_level, 1))
+        store.remove_tree(fmt.links_family_path(lv.source_level,
+                                                lv.target_level - lv.source_level))
 
 
 def plan_step(store: Store, lv: LevelPlan, src: SourceLevel, root_meta, *,

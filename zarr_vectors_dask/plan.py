@@ -12,12 +12,9 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
+from .errors import PlanError, PlanMetadataError
+
 VALID_CROSS_LEVEL_STORAGE = ("none", "implicit", "explicit")
-
-
-class PlanError(ValueError):
-    """A request that cannot be built; the message names the culprit."""
-
 
 # ------------------------------------------------------------ validation
 def validate_factors(factors: Any) -> list[tuple[float, float]]:
@@ -36,7 +33,10 @@ def validate_factors(factors: Any) -> list[tuple[float, float]]:
             if math.isnan(fv) or math.isinf(fv):
                 raise PlanError(f"factors[{i}] {name} must be finite; got {v!r}")
             if fv < 1.0:
-                raise PlanError(f"factors[{i}] {name} must be >= 1; got {v!r}")
+                # zarr-vectors rejects a sparsity below 1 as level metadata
+                # (object_sparsity outside (0, 1]).
+                cls = PlanMetadataError if name == "sparsity_factor" else PlanError
+                raise cls(f"factors[{i}] {name} must be >= 1; got {v!r}")
             pair.append(fv)
         out.append((pair[0], pair[1]))
     return out
@@ -46,7 +46,8 @@ def normalize_chunk_scale(scale: Any, ndim: int, *, where: str) -> tuple[int, ..
     """A scalar or per-axis chunk-scale factor as positive ints per axis."""
     items = list(scale) if isinstance(scale, (list, tuple)) else [scale] * ndim
     if len(items) != ndim:
-        raise PlanError(f"{where} has {len(items)} entries but the store is {ndim}-D")
+        raise PlanError(f"{where} has rank {len(items)} ({len(items)} entries) but the store "
+                        f"is {ndim}-D (sid_ndim {ndim})")
     out = []
     for v in items:
         if isinstance(v, bool) or not isinstance(v, (int, float)) or (
@@ -245,7 +246,7 @@ def plan_level(*, source_level: int, coarsen_factor: float, sparsity_factor: flo
         for axis, (c, b) in enumerate(zip(tchunk, tbin)):
             q = c / b
             if abs(q - round(q)) > 1e-9:
-                raise PlanError(
+                raise PlanMetadataError(
                     f"level {source_level + 1}: chunk_shape {_fmt_tuple(tchunk)} (chunk_scale_factor "
                     f"{_fmt_tuple(chunk_scale)}) is not divisible by the target bin_shape "
                     f"{_fmt_tuple(tbin)} on axis {axis}; bins must tile an overridden chunk_shape")

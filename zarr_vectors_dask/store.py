@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, TypeVar
 
 import fsspec
+from zarr_vectors.exceptions import StoreError
 
 T = TypeVar("T")
 
@@ -24,7 +25,7 @@ _SECRET_KEYS = ("secret", "key", "token", "password", "session_token",
                 "aws_secret_access_key", "aws_access_key_id", "aws_session_token")
 
 
-class StoreAccessError(RuntimeError):
+class StoreAccessError(RuntimeError, StoreError):
     """A store operation failed for good (bad credentials, missing bucket,
     no permission) — retrying will not help."""
 
@@ -343,6 +344,9 @@ class Store:
         import zarr.storage
         if self.is_local:
             return zarr.storage.LocalStore(self.root)
+        from .handles import is_memory_url, memory_store_for
+        if is_memory_url(self.url):  # the caller's own MemoryStore (handles.py)
+            return memory_store_for(self.url)
         fs = self.fs
         if not getattr(fs, "async_impl", False):
             raise StoreAccessError(f"{self.url}: zarr needs an async fsspec filesystem")
