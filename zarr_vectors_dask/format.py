@@ -438,9 +438,23 @@ def read_cells(store: Store, info: VlenArrayInfo, coords: Sequence[Sequence[int]
         for c in coords:
             idx = tuple(int(x) - int(o) for x, o in zip(c, info.origin))
             v = read_chunk_checked(store, info.path, f"chunk {chunk_key(c)}", lambda: arr[idx])
-            v = v.item() if hasattr(v, "item") else v
-            out[c] = bytes(v) if v not in (None, b"", "") else None
+            out[c] = _cell_bytes(v)
         return out
+
+
+def _cell_bytes(v) -> bytes | None:
+    """One decoded vlen element as bytes (None for the empty fill value).
+    zarr may return it as a 0-d fixed-width ``S`` array, whose ``item()``
+    drops trailing NUL bytes -- a cell ending in float 0.0 would lose
+    them -- so such arrays are read with ``tobytes()``."""
+    while isinstance(v, np.ndarray):
+        if v.dtype.kind == "S":
+            v = v.tobytes()
+            break
+        v = v.item()
+    if isinstance(v, str):
+        v = v.encode()
+    return bytes(v) if v not in (None, b"") else None
 
 
 def read_chunk_checked(store: Store, path: str, where: str, read):
