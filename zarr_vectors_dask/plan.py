@@ -46,7 +46,7 @@ def normalize_chunk_scale(scale: Any, ndim: int, *, where: str) -> tuple[int, ..
     """A scalar or per-axis chunk-scale factor as positive ints per axis."""
     items = list(scale) if isinstance(scale, (list, tuple)) else [scale] * ndim
     if len(items) != ndim:
-        raise PlanError(f"{where} has rank {len(items)} ({len(items)} entries) but the store "
+        raise PlanError(f"{where} has {len(items)} entries (rank {len(items)}) but the store "
                         f"is {ndim}-D (sid_ndim {ndim})")
     out = []
     for v in items:
