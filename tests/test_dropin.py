@@ -57,6 +57,8 @@ def test_group_handle_equals_reference(local_client, tmp_path):
     """``open_store(path, mode="r+")``'s Group, as zarr-vectors' own
     ``build_pyramid`` takes it: same pyramid as the reference's."""
     ref, ours = _twins(tmp_path, make_streamlines, seed=5, n_objects=40, chunk_shape=40.0)
+    plan = zd.plan_pyramid(open_store(ours, mode="r"), **BUILD)  # planning only reads
+    assert [lv.target_level for lv in plan.levels] == [1, 2]
     expected = reference_build_pyramid(open_store(ref, mode="r+"), **BUILD)
     got = zd.build_pyramid(open_store(ours, mode="r+"), method="per_object", options=None,
                            **BUILD)
@@ -122,13 +124,13 @@ def test_memory_store_builds_in_process(local_client, tmp_path):
     as the default client, the build runs on workers in this process and
     leaves the reference's pyramid in the caller's MemoryStore; an explicit
     process client is refused with a message that says why."""
+    from zarr.core.buffer import default_buffer_prototype
     from zarr.storage import MemoryStore
 
     base = Path(_points_store(tmp_path / "level0.zv", n=1500, compressor="zstd"))
     mem = MemoryStore()
     for p in base.rglob("*"):
         if p.is_file():
-            from zarr.core.buffer import default_buffer_prototype
             mem._store_dict[str(p.relative_to(base))] = \
                 default_buffer_prototype().buffer.from_bytes(p.read_bytes())
     ref = tmp_path / "ref.zv"
@@ -251,6 +253,11 @@ def test_method_and_options_as_zarr_vectors(local_client, tmp_path, monkeypatch)
     assert zd.coarsen_level(path, 0, 1, coarsen_factor=2, method="fake",
                             options={"knob": 1}) == {"method": "fake"}
     assert seen["store_path"] == path and seen["knob"] == 1 and seen["target_level"] == 1
+    seen.clear()
+    out = zd.build_pyramid(path, factors=[(2, 1)], method="fake", cross_level_depth=0,
+                           cross_level_storage="none")
+    assert out["method"] == "fake" and out["level_specs"] == [{"method": "fake"}]
+    assert seen["source_level"] == 0 and seen["coarsen_factor"] == 2.0
 
 
 # ------------------------------------------------------------ exception classes

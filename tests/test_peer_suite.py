@@ -104,7 +104,8 @@ def _extract_tests(sdist: Path, dest: Path) -> None:
                    if m.name.startswith(prefix + "tests/") and (m.isfile() or m.isdir())]
         for m in members:
             m.name = m.name[len(prefix):]
-        tar.extractall(dest, members=members, filter="data")
+        safe = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
+        tar.extractall(dest, members=members, **safe)
 
 
 def test_zarr_vectors_pyramid_tests_pass_with_our_builder(tmp_path):

@@ -59,7 +59,7 @@ def _open(store_arg, storage_options) -> Store:
 
 
 @contextlib.contextmanager
-def _opened(store_arg, storage_options):
+def _opened(store_arg, storage_options, *, writable: bool = True):
     """:func:`_open` for anything a zarr-vectors caller may pass: a path, a
     URL, a ``Store``, or an open handle (``zarr_vectors.open(...)``'s
     Dataset, ``open_store(...)``'s Group, a zarr Group or zarr store), whose
@@ -67,7 +67,7 @@ def _opened(store_arg, storage_options):
     if isinstance(store_arg, Store):
         yield _open(store_arg, storage_options)
         return
-    with handles.opened(store_arg, storage_options) as (url, options):
+    with handles.opened(store_arg, storage_options, writable=writable) as (url, options):
         yield _open(url, options)
 
 
@@ -160,7 +160,7 @@ def plan_pyramid(store, *, factors, chunk_scale_factors=None, sparsity_strategy=
     if method != "per_object":
         raise PlanError(f"method={method!r} is a strategy registered by another package; "
                         f"only the 'per_object' pyramid can be planned here")
-    with _opened(store, storage_options) as st:
+    with _opened(store, storage_options, writable=False) as st:  # reads metadata only
         return _plan_pyramid(st, factors=factors, chunk_scale_factors=chunk_scale_factors,
                              sparsity_strategy=sparsity_strategy,
                              cross_level_depth=cross_level_depth,

@@ -74,13 +74,14 @@ def _join(base: str, path: str) -> str:
 
 
 @contextlib.contextmanager
-def opened(obj: Any, storage_options: dict | None) -> Iterator[tuple[str, dict]]:
+def opened(obj: Any, storage_options: dict | None, *,
+           writable: bool = True) -> Iterator[tuple[str, dict]]:
     """``(url, storage_options)`` for ``obj`` while the block runs.
 
     Paths and URLs pass through with ``storage_options``.  A handle
     carries its own options; giving ``storage_options`` as well is refused
-    rather than one silently winning.  A read-only handle is refused: it
-    was opened so that nothing writes through it."""
+    rather than one silently winning.  When ``writable``, a read-only
+    handle is refused: it was opened so that nothing writes through it."""
     found = _zarr_store_of(obj)
     if found is None:
         yield str(os.fspath(obj) if isinstance(obj, os.PathLike) else obj), dict(
@@ -92,7 +93,7 @@ def opened(obj: Any, storage_options: dict | None) -> Iterator[tuple[str, dict]]
         raise UnsupportedStoreError(
             f"{what}: storage_options were given with an open store handle, which carries "
             f"its own; pass the URL with storage_options, or the handle alone")
-    if getattr(zs, "read_only", False):
+    if writable and getattr(zs, "read_only", False):
         raise ReadOnlyStoreError(
             f"{what}: the store handle is read-only (opened with mode='r'); a pyramid "
             f"writes new levels, so open it with mode='r+' (zarr_vectors.open(url, "
