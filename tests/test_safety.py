@@ -349,20 +349,17 @@ def test_resume_refuses_a_live_lease_and_takes_over_a_dead_owner(tmp_path, monke
     c.release()
 
 
-def test_two_builds_at_once_one_proceeds(local_client, twin_stores):
-    """Two real builds started at the same instant on one store: one
-    builds the reference's pyramid, the other is refused by the lock."""
-    _, ref, store = twin_stores(make_streamlines, seed=3, n_objects=60)
+def _race_two_builds(url, client, **storage) -> list:
+    """Two real builds of one store started at the same instant."""
     kw = dict(factors=[(2, 1), (2, 2)], sparsity_seed=0, cross_level_depth=-1,
               cross_level_storage="explicit")
-    reference_build_pyramid(ref, **kw)
     barrier = threading.Barrier(2)
     results: list = []
 
     def build():
         barrier.wait()
         try:
-            results.append(zd.build_pyramid(store, client=local_client, **kw))
+            results.append(zd.build_pyramid(url, client=client, **kw, **storage))
         except zd.BuildError as exc:
             results.append(exc)
     threads = [threading.Thread(target=build) for _ in range(2)]
@@ -373,8 +370,34 @@ def test_two_builds_at_once_one_proceeds(local_client, twin_stores):
     errors = [r for r in results if isinstance(r, Exception)]
     assert len(results) == 2 and len(errors) == 1, results
     assert "holds the lock" in str(errors[0]) or "already exists" in str(errors[0])
+    return kw
+
+
+def test_two_builds_at_once_one_proceeds(local_client, twin_stores):
+    """Two real builds started at the same instant on one store: one
+    builds the reference's pyramid, the other is refused by the lock."""
+    _, ref, store = twin_stores(make_streamlines, seed=3, n_objects=60)
+    kw = _race_two_builds(store, local_client)
+    reference_build_pyramid(ref, **kw)
     assert compare_raw_files(ref, store).identical
     assert not os.path.exists(os.path.join(store, ".zvdask"))
+
+
+@pytest.mark.integration
+def test_two_builds_at_once_on_s3_one_proceeds(local_client, twin_stores, s3_server, tmp_path):
+    """The same race on S3 (SeaweedFS): the conditional put lets one in."""
+    base, ref, _ = twin_stores(make_streamlines, seed=3, n_objects=60)
+    fs = s3_server.fs()
+    bucket = s3_server.new_bucket()
+    fs.put(base, f"{bucket}/x.zv", recursive=True)
+    kw = _race_two_builds(s3_server.url(bucket, "x.zv"), local_client,
+                          storage_options=s3_server.storage_options)
+    reference_build_pyramid(ref, **kw)
+    got = tmp_path / "got.zv"
+    fs.invalidate_cache()
+    fs.get(f"{bucket}/x.zv", str(got), recursive=True)
+    assert compare_raw_files(ref, got).identical
+    assert not (got / ".zvdask").exists()
 
 
 # ------------------------------------------------------------------ damaged data
