@@ -92,7 +92,7 @@ def test_resume_rejects_changed_parameters(store, local_client):
 
 
 def test_concurrent_build_is_refused(store, local_client):
-    from zarr_vectors_dask.api import LOCK_KEY
+    from zarr_vectors_dask.lock import LOCK_KEY
     from zarr_vectors_dask.store import Store
     import json
     import time

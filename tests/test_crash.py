@@ -25,7 +25,8 @@ import zarr_vectors_dask as zd
 from equivalence import compare_raw_files
 from servers import subprocess_env
 from stores import make_streamlines
-from zarr_vectors_dask.api import LOCK_KEY, BuildError
+from zarr_vectors_dask.api import BuildError
+from zarr_vectors_dask.lock import LOCK_KEY
 
 pytestmark = pytest.mark.integration
 

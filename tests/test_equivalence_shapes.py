@@ -8,6 +8,7 @@ from __future__ import annotations
 import shutil
 
 import numpy as np
+import zarr
 from zarr_vectors.multiresolution.coarsen import build_pyramid as reference_build_pyramid
 from zarr_vectors.types.points import write_points
 from zarr_vectors.types.polylines import write_polylines
@@ -40,12 +41,28 @@ def _check(ref, ours, client, **kw):
     return reports
 
 
-def test_more_objects_than_one_attribute_bucket(local_client, tmp_path):
-    """70,000 short streamlines: five manifest buckets, two attribute
-    buckets, sparsity across all of them."""
+def _shuffle_object_rows(path, rng, id_range=2**40):
+    """Give the level-0 objects sparse ids in an unsorted id table: rows of
+    the id table, manifests and object attributes permuted together, which
+    the format allows (readers look ids up through the table)."""
+    g = zarr.open_group(path, mode="r+")
+    ids = g["0/object_index/object_ids"]
+    perm = rng.permutation(ids.shape[0])
+    ids[:] = rng.choice(id_range, size=ids.shape[0], replace=False).astype(ids.dtype)
+    arrays = [g["0/object_index/manifests"]]
+    arrays += [g[f"0/object_attributes/{k}"] for k in g["0/object_attributes"].array_keys()]
+    for arr in arrays:
+        arr[:] = arr[:][perm]
+
+
+def test_many_objects_sparse_unsorted_ids_skewed_chunks(local_client, tmp_path):
+    """70,000 short streamlines (five manifest buckets, two attribute
+    buckets) with sparse ids in an unsorted id table, 80% of them in one
+    corner chunk: sparsity, id table and links equal the reference's."""
     rng = np.random.default_rng(0)
     n = 70_000
-    start = rng.uniform(0, 96, size=(n, 1, 3))
+    corner = rng.random((n, 1, 1)) < 0.8
+    start = np.where(corner, rng.uniform(2, 22, size=(n, 1, 3)), rng.uniform(0, 96, size=(n, 1, 3)))
     lines = (start + np.cumsum(rng.normal(0, 1.0, size=(n, 3, 3)), axis=1)).clip(0, 99.9)
     attrs = {"weight": rng.random(n).astype(np.float32),
              "label": rng.integers(0, 9, n).astype(np.int32)}
@@ -54,9 +71,18 @@ def test_more_objects_than_one_attribute_bucket(local_client, tmp_path):
         write_polylines(path, list(lines.astype(np.float32)), chunk_shape=(25.0,) * 3,
                         bin_shape=(2.5,) * 3, bounds=([0.0] * 3, [100.0] * 3),
                         object_attributes=attrs)
+        _shuffle_object_rows(path, rng)
 
     ref, ours = _twins(tmp_path, write)
+    # The premises: ids neither dense nor sorted, chunk sizes far apart.
+    ids = zarr.open_array(str(ours / "0/object_index/object_ids"), mode="r")[:]
+    assert ids.size == n and np.any(np.diff(ids) < 0) and ids.max() > 100 * n
+    sizes = [f.stat().st_size for f in (ours / "0/vertices/c").rglob("*") if f.is_file()]
+    assert max(sizes) > 20 * np.median(sizes)
     _check(ref, ours, local_client)
+    # Ids are kept (the coarse table lists them in id order, as the reference's does).
+    got = zarr.open_array(str(ours / "1/object_index/object_ids"), mode="r")[:]
+    assert np.array_equal(got, np.sort(ids))
 
 
 def test_one_dense_chunk_is_split_off(local_client, tmp_path):

@@ -105,7 +105,7 @@ class _Sweep:
                 p.stderr.read()[-2000:]
             t0 = time.monotonic()
             assert _wait(lambda: not self.exists(".zvdask"), alive=lambda: p.poll() is None,
-                         interval=0.01)
+                         timeout=900, interval=0.01)
             t1 = time.monotonic()
             assert p.wait(timeout=120) == 0, p.stderr.read()[-2000:]
         finally:
@@ -145,6 +145,17 @@ def sweep_inputs(tmp_path_factory):
     d = tmp_path_factory.mktemp("sweep-inputs")
     base, ref = d / "base.zv", d / "ref.zv"
     make_streamlines(str(base), seed=11, n_objects=500, max_len=150)
+    shutil.copytree(base, ref)
+    reference_build_pyramid(str(ref), **KW)
+    return base, ref
+
+
+@pytest.fixture(scope="module")
+def small_sweep_inputs(tmp_path_factory):
+    """A smaller store for the S3 sweep, whose every request is a round trip."""
+    d = tmp_path_factory.mktemp("small-sweep-inputs")
+    base, ref = d / "base.zv", d / "ref.zv"
+    make_streamlines(str(base), seed=12, n_objects=200, max_len=80)
     shutil.copytree(base, ref)
     reference_build_pyramid(str(ref), **KW)
     return base, ref
@@ -208,9 +219,9 @@ def test_crash_sweep_local(dask_cluster, sweep_inputs, tmp_path):
 
 
 @pytest.mark.integration
-def test_crash_sweep_s3(dask_cluster, s3_server, sweep_inputs, tmp_path):
-    """The same sweep on S3 (SeaweedFS), at fewer moments."""
-    base, ref = sweep_inputs
+def test_crash_sweep_s3(dask_cluster, s3_server, small_sweep_inputs, tmp_path):
+    """The same sweep on S3 (SeaweedFS), at fewer moments, on a smaller store."""
+    base, ref = small_sweep_inputs
     address = dask_cluster.address
     fs = s3_server.fs()
     opts = s3_server.storage_options
@@ -349,20 +360,17 @@ def test_resume_refuses_a_live_lease_and_takes_over_a_dead_owner(tmp_path, monke
     c.release()
 
 
-def test_two_builds_at_once_one_proceeds(local_client, twin_stores):
-    """Two real builds started at the same instant on one store: one
-    builds the reference's pyramid, the other is refused by the lock."""
-    _, ref, store = twin_stores(make_streamlines, seed=3, n_objects=60)
+def _race_two_builds(url, client, **storage) -> list:
+    """Two real builds of one store started at the same instant."""
     kw = dict(factors=[(2, 1), (2, 2)], sparsity_seed=0, cross_level_depth=-1,
               cross_level_storage="explicit")
-    reference_build_pyramid(ref, **kw)
     barrier = threading.Barrier(2)
     results: list = []
 
     def build():
         barrier.wait()
         try:
-            results.append(zd.build_pyramid(store, client=local_client, **kw))
+            results.append(zd.build_pyramid(url, client=client, **kw, **storage))
         except zd.BuildError as exc:
             results.append(exc)
     threads = [threading.Thread(target=build) for _ in range(2)]
@@ -373,8 +381,34 @@ def test_two_builds_at_once_one_proceeds(local_client, twin_stores):
     errors = [r for r in results if isinstance(r, Exception)]
     assert len(results) == 2 and len(errors) == 1, results
     assert "holds the lock" in str(errors[0]) or "already exists" in str(errors[0])
+    return kw
+
+
+def test_two_builds_at_once_one_proceeds(local_client, twin_stores):
+    """Two real builds started at the same instant on one store: one
+    builds the reference's pyramid, the other is refused by the lock."""
+    _, ref, store = twin_stores(make_streamlines, seed=3, n_objects=60)
+    kw = _race_two_builds(store, local_client)
+    reference_build_pyramid(ref, **kw)
     assert compare_raw_files(ref, store).identical
     assert not os.path.exists(os.path.join(store, ".zvdask"))
+
+
+@pytest.mark.integration
+def test_two_builds_at_once_on_s3_one_proceeds(local_client, twin_stores, s3_server, tmp_path):
+    """The same race on S3 (SeaweedFS): the conditional put lets one in."""
+    base, ref, _ = twin_stores(make_streamlines, seed=3, n_objects=60)
+    fs = s3_server.fs()
+    bucket = s3_server.new_bucket()
+    fs.put(base, f"{bucket}/x.zv", recursive=True)
+    kw = _race_two_builds(s3_server.url(bucket, "x.zv"), local_client,
+                          storage_options=s3_server.storage_options)
+    reference_build_pyramid(ref, **kw)
+    got = tmp_path / "got.zv"
+    fs.invalidate_cache()
+    fs.get(f"{bucket}/x.zv", str(got), recursive=True)
+    assert compare_raw_files(ref, got).identical
+    assert not (got / ".zvdask").exists()
 
 
 # ------------------------------------------------------------------ damaged data

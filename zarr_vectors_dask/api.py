@@ -15,16 +15,16 @@ import re
 import time
 from typing import Callable
 
+from zarr_vectors.exceptions import StoreError
+
 from . import commit as cm
 from . import format as fmt
 from . import pipeline as pl
-from . import stages
-from zarr_vectors.exceptions import StoreError
-
 from . import handles
+from . import stages
 from .errors import (BuildError, LevelNotFoundError, PlanMetadataError, StoreNotFoundError,
                      cleanup, quiet_expected_task_errors)
-from .lock import LOCK_KEY, BuildLock, remove_empty_scratch
+from .lock import BuildLock
 from .plan import PlanError, PyramidPlan, plan_pyramid_from_meta, validate_factors
 from .store import Store, check_access
 
@@ -329,7 +329,7 @@ def _listed_levels(store: Store) -> set[int]:
     return {lv for lv in cm.published_levels(store) if str(lv) in listed}
 
 
-def _nonempty_rows(store: Store, level: int, rows) -> "np.ndarray":
+def _nonempty_rows(store: Store, level: int, rows):
     """Which of ``rows`` of a level's object manifests are non-empty."""
     import warnings
 
