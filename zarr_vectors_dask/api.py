@@ -18,6 +18,7 @@ from . import commit as cm
 from . import format as fmt
 from . import pipeline as pl
 from . import stages
+from . import vertex_attributes as va
 from .errors import BuildError, cleanup, quiet_expected_task_errors
 from .lock import LOCK_KEY, BuildLock, remove_empty_scratch
 from .plan import PlanError, PyramidPlan, plan_pyramid_from_meta, validate_factors
@@ -505,10 +506,17 @@ def build_pyramid(store, *, factors, chunk_scale_factors=None, sparsity_strategy
                   sparsity_seed=None, cross_level_depth=1, cross_level_storage="explicit",
                   client=None, storage_options=None, resume=False, overwrite=False,
                   progress: Callable | None = None, max_block_vertices: int = 2_000_000,
+                  vertex_attributes: str | None = None, attribute_aggregation: dict | None = None,
                   _reports: list | None = None) -> dict:
     """Build coarser levels 1..len(factors) of ``store`` on Dask; the result
     is the pyramid ``zarr_vectors.build_pyramid`` writes with the same
-    arguments, and the same summary dict is returned."""
+    arguments, and the same summary dict is returned.
+
+    ``vertex_attributes="aggregate"`` (opt-in, beyond the reference) also
+    writes every level-0 per-vertex attribute at each coarse level, one
+    aggregate per metavertex: ``mean`` for floats and ``mode`` for
+    integers unless ``attribute_aggregation={name: mode}`` names one of
+    ``mean, sum, mode, count, min, max``."""
     if resume and overwrite:
         raise PlanError("resume and overwrite cannot both be set")
     st = _open(store, storage_options)
@@ -517,6 +525,11 @@ def build_pyramid(store, *, factors, chunk_scale_factors=None, sparsity_strategy
                       cross_level_depth=cross_level_depth, cross_level_storage=cross_level_storage,
                       sparsity_strategy=sparsity_strategy, n_workers=2,
                       max_block_vertices=max_block_vertices)
+    va.resolve(st, plan.levels[0].source_level, vertex_attributes, attribute_aggregation)
+    # Only an opt-in changes the records, so builds without it resume as before.
+    va_record = {} if vertex_attributes is None else {
+        "vertex_attributes": vertex_attributes,
+        "attribute_aggregation": dict(sorted((attribute_aggregation or {}).items()))}
     with _client_for(client) as c:
         n_workers = _n_workers(c)
         plan = _make_plan(st, factors=factors, chunk_scale_factors=chunk_scale_factors,
@@ -524,18 +537,21 @@ def build_pyramid(store, *, factors, chunk_scale_factors=None, sparsity_strategy
                           cross_level_storage=cross_level_storage,
                           sparsity_strategy=sparsity_strategy, n_workers=n_workers,
                           max_block_vertices=max_block_vertices)
-        records = [_record(lv, sparsity_strategy=sparsity_strategy, sparsity_seed=sparsity_seed,
-                           cross_level_storage=cross_level_storage) for lv in plan.levels]
+        records = [{**_record(lv, sparsity_strategy=sparsity_strategy,
+                              sparsity_seed=sparsity_seed,
+                              cross_level_storage=cross_level_storage), **va_record}
+                   for lv in plan.levels]
         quiet_expected_task_errors(c)
         with _build_lock(st, resume=resume) as lock:
             if resume:
                 _wait_for_orphans(c, st)
             targets = _prepare_targets(
                 st, plan, resume=resume, overwrite=overwrite, records=records,
-                build_record=_build_record(plan, sparsity_strategy=sparsity_strategy,
-                                           sparsity_seed=sparsity_seed,
-                                           cross_level_depth=cross_level_depth,
-                                           cross_level_storage=cross_level_storage),
+                build_record={**_build_record(plan, sparsity_strategy=sparsity_strategy,
+                                              sparsity_seed=sparsity_seed,
+                                              cross_level_depth=cross_level_depth,
+                                              cross_level_storage=cross_level_storage),
+                              **va_record},
                 sparsity_strategy=sparsity_strategy, sparsity_seed=sparsity_seed,
                 cross_level_depth=cross_level_depth, cross_level_storage=cross_level_storage,
                 max_block_vertices=max_block_vertices)
@@ -559,7 +575,9 @@ def build_pyramid(store, *, factors, chunk_scale_factors=None, sparsity_strategy
                 st.put(f"{RECORD_DIR}/{lv.target_level}.json", json.dumps(rec).encode())
                 rep = pl.run_step(c, st, lv, root_meta=root_meta,
                                   sparsity_strategy=sparsity_strategy,
-                                  sparsity_seed=sparsity_seed, progress=progress)
+                                  sparsity_seed=sparsity_seed, progress=progress,
+                                  vertex_attributes=vertex_attributes,
+                                  attribute_aggregation=attribute_aggregation)
                 reports.append(rep)
                 summaries.append(rep.summary)
                 st.put(f"{RECORD_DIR}/{lv.target_level}.json.summary",
@@ -596,7 +614,8 @@ def build_pyramid(store, *, factors, chunk_scale_factors=None, sparsity_strategy
 def coarsen_level(store, source_level: int, target_level: int, *, coarsen_factor=1.0,
                   sparsity_factor=1.0, chunk_scale_factor=1, sparsity_strategy="random",
                   sparsity_seed=None, cross_level_storage="none", client=None,
-                  storage_options=None, progress=None) -> dict:
+                  storage_options=None, progress=None, vertex_attributes: str | None = None,
+                  attribute_aggregation: dict | None = None) -> dict:
     """Write one coarser level, as ``zarr_vectors.coarsen_level`` does
     (inline ``±1`` links when ``cross_level_storage`` is not ``"none"``)."""
     if target_level != source_level + 1:
@@ -606,6 +625,7 @@ def coarsen_level(store, source_level: int, target_level: int, *, coarsen_factor
         raise PlanError(f"{st.describe(str(source_level))}: source level {source_level} does not exist")
     if st.listdir(str(target_level)):
         raise BuildError(f"{st.describe(str(target_level))}: level {target_level} already exists")
+    va.resolve(st, source_level, vertex_attributes, attribute_aggregation)
     with _client_for(client) as c:
         plan = _make_plan(st, factors=[(coarsen_factor, sparsity_factor)],
                           chunk_scale_factors=[chunk_scale_factor], cross_level_depth=1,
@@ -615,6 +635,7 @@ def coarsen_level(store, source_level: int, target_level: int, *, coarsen_factor
         with _build_lock(st, resume=False):
             rep = pl.run_step(c, st, plan.levels[0], root_meta=_root_meta(st),
                               sparsity_strategy=sparsity_strategy, sparsity_seed=sparsity_seed,
-                              progress=progress)
+                              progress=progress, vertex_attributes=vertex_attributes,
+                              attribute_aggregation=attribute_aggregation)
             _sweep_temporaries(st, source_level)
     return rep.summary
