@@ -314,3 +314,44 @@ def test_cli_parses_aggregation():
     with pytest.raises(SystemExit):
         build_parser().parse_args(["pyramid", "s.zv", "--factors", "2:1",
                                    "--aggregate", "fa=median"])
+
+
+def test_finished_pyramid_is_checked_for_attributes(stores, local_client):
+    """A finished pyramid is kept only if its per-vertex attributes are
+    what is asked: resuming with the same request rewrites nothing,
+    with other aggregations (or none) is refused naming the difference."""
+    from zarr_vectors_dask.errors import BuildError
+    _, ref, ours = stores("points")
+    asked = dict(vertex_attributes="aggregate", attribute_aggregation={"cls": "max"})
+    zd.build_pyramid(ours, client=local_client, **asked, **KW)
+    # resume=True on a finished pyramid: nothing to do when it is the one asked.
+    import os
+    stamp = os.stat(os.path.join(ours, "1", "vertex_attributes", "cls", "zarr.json")).st_mtime_ns
+    zd.build_pyramid(ours, client=local_client, resume=True, **asked, **KW)
+    assert os.stat(os.path.join(ours, "1", "vertex_attributes", "cls",
+                                "zarr.json")).st_mtime_ns == stamp
+    with pytest.raises(BuildError, match="per-vertex attributes"):
+        zd.build_pyramid(ours, client=local_client, resume=True, **KW)
+    with pytest.raises(BuildError, match="per-vertex attributes"):
+        zd.build_pyramid(ours, client=local_client, resume=True, vertex_attributes="aggregate",
+                         **KW)
+    reference_build_pyramid(ref, **KW)  # the reference's pyramid has none
+    with pytest.raises(BuildError, match="per-vertex attributes"):
+        zd.build_pyramid(ref, client=local_client, resume=True, **asked, **KW)
+
+
+def test_compressed_source(tmp_path, local_client):
+    """Attribute cells of a zstd-compressed level 0 are read through zarr."""
+    rng = np.random.default_rng(5)
+    lines = _streamlines(rng, 30, 3, 10, 60, 1.5)
+    fa = [rng.random(len(p)).astype(np.float32) for p in lines]
+    label = [rng.integers(0, 3, len(p)).astype(np.int64) for p in lines]
+    base = tmp_path / "level0.zv"
+    write_polylines(str(base), lines, chunk_shape=(CHUNK,) * 3, bin_shape=(BIN,) * 3,
+                    vertex_attributes={"fa": fa, "label": label}, compressor="zstd")
+    ref, ours = str(tmp_path / "ref.zv"), str(tmp_path / "ours.zv")
+    shutil.copytree(base, ref)
+    shutil.copytree(base, ours)
+    reference_build_pyramid(ref, **KW)
+    zd.build_pyramid(ours, client=local_client, vertex_attributes="aggregate", **KW)
+    check_pyramid(str(base), ref, ours, {"fa": "mean", "label": "mode"})

@@ -258,7 +258,8 @@ def _nonempty_rows(store: Store, level: int, rows) -> "np.ndarray":
 
 
 def _finished_level(store: Store, lv, *, root_meta, sparsity_strategy, sparsity_seed,
-                    cross_level_storage) -> tuple[list[str], dict]:
+                    cross_level_storage, vertex_attributes=None,
+                    attribute_aggregation=None) -> tuple[list[str], dict]:
     """How a published level without a build record differs from what this
     request would write there (empty: it is that level), and the summary
     the build would have returned for it.  Read from the level's metadata,
@@ -291,6 +292,9 @@ def _finished_level(store: Store, lv, *, root_meta, sparsity_strategy, sparsity_
         if have != cross_level_storage:
             diffs.append(f"cross-level storage: {have!r} in the store (links between levels "
                          f"{lv.source_level} and {t}), {cross_level_storage!r} asked")
+    if n_meta:
+        diffs.extend(_vertex_attribute_differences(store, lv, vertex_attributes,
+                                                   attribute_aggregation))
     src = pl.read_source_level(store, lv.source_level, root_meta.sid_ndim)
     n_src = src.n_rows if src.has_objects else 1
     keep = stages.kept_rows(n_src, lv.sparsity_factor, sparsity_strategy,
@@ -317,6 +321,21 @@ def _finished_level(store: Store, lv, *, root_meta, sparsity_strategy, sparsity_
     return diffs, summary
 
 
+def _vertex_attribute_differences(store: Store, lv, vertex_attributes,
+                                  attribute_aggregation) -> list[str]:
+    """How a published level's per-vertex attributes differ from what the
+    request would aggregate there (each array names its aggregation)."""
+    want = {a.name: a.mode for a in va.resolve(store, lv.source_level, vertex_attributes,
+                                               attribute_aggregation)}
+    have = {}
+    for name in va.names_in_level(store, lv.target_level):
+        doc = fmt.node_attrs(store, f"{lv.target_level}/{fmt.VERTEX_ATTRIBUTES}/{name}") or {}
+        have[name] = doc.get("aggregation")
+    if want == have:
+        return []
+    return [f"per-vertex attributes: {have or 'none'} in the store, {want or 'none'} asked"]
+
+
 class _Targets:
     """What ``_prepare_targets`` decided: levels kept as they are (with the
     summary of each), and whether the whole pyramid is already finished."""
@@ -331,7 +350,8 @@ def _prepare_targets(store: Store, plan: PyramidPlan, *, resume: bool, overwrite
                      records: list[dict], build_record: dict | None = None,
                      sparsity_strategy="random", sparsity_seed=None,
                      cross_level_depth=1, cross_level_storage="explicit",
-                     max_block_vertices: int = 2_000_000) -> _Targets:
+                     max_block_vertices: int = 2_000_000, vertex_attributes=None,
+                     attribute_aggregation=None) -> _Targets:
     """Decide what of the store's coarse levels this build keeps, refuse
     what it must not touch, record the build, then discard the rest.
 
@@ -412,7 +432,9 @@ def _prepare_targets(store: Store, plan: PyramidPlan, *, resume: bool, overwrite
         diffs, summary = _finished_level(store, lv, root_meta=root_meta,
                                          sparsity_strategy=sparsity_strategy,
                                          sparsity_seed=sparsity_seed,
-                                         cross_level_storage=cross_level_storage)
+                                         cross_level_storage=cross_level_storage,
+                                         vertex_attributes=vertex_attributes,
+                                         attribute_aggregation=attribute_aggregation)
         if diffs:
             if interrupted:
                 break  # a level the interrupted (overwriting) build replaces
@@ -554,7 +576,8 @@ def build_pyramid(store, *, factors, chunk_scale_factors=None, sparsity_strategy
                               **va_record},
                 sparsity_strategy=sparsity_strategy, sparsity_seed=sparsity_seed,
                 cross_level_depth=cross_level_depth, cross_level_storage=cross_level_storage,
-                max_block_vertices=max_block_vertices)
+                max_block_vertices=max_block_vertices, vertex_attributes=vertex_attributes,
+                attribute_aggregation=attribute_aggregation)
             kept = targets.keep
             summaries, reports = [], []
             root_meta = _root_meta(st)
