@@ -6,8 +6,10 @@ or writes the store itself and returns only what later stages need.
 
     object_refs        per manifest bucket: which fragments kept objects name
     bin_partials       per source block: bin keys, partial centroid sums
+                       (and per-vertex attribute partials, when asked)
     reduce_metavertices per partition: sum partials into metavertices
     write_metavertices per target block: order, encode, write vertex cells
+                       (and the metavertices' attribute cells)
     resolve_parents    per partition: bin key -> (chunk, fragment) answers
     links_and_sequences per source block: +1 link cells and their -1 mirrors,
                        per-fragment metavertex sequences for manifests
@@ -400,7 +402,8 @@ def bin_partials(spec: StepSpec, block: int, numbers: np.ndarray, partitions: li
     pair_parts: list[tuple[int, dict]] = []
     for i, attr in enumerate(spec.vertex_attributes):
         what = spec.store.describe(attr.source.path)
-        vals = va._concat(attr, all_vals[i], what=what).astype(np.dtype(attr.dtype), copy=False)
+        vals = va.concat_rows(attr, all_vals[i], what=what).astype(np.dtype(attr.dtype),
+                                                                   copy=False)
         per_key, pairs = va.partials(attr, vals, w, inverse, n_u)
         columns.update({f"va{i}:{k}": v for k, v in per_key.items()})
         if pairs:
@@ -480,7 +483,7 @@ def write_metavertices(spec: StepSpec, target_block: int, partitions: list[int],
     chunk = np.concatenate([p["chunk"] for p in parts])
     key = np.concatenate([p["key"] for p in parts])
     centroid = np.concatenate([p["centroid"] for p in parts])
-    attr_vals = [va._concat(a, [p[f"va{i}"] for p in parts],
+    attr_vals = [va.concat_rows(a, [p[f"va{i}"] for p in parts],
                             what=f"{spec.store.describe(a.source.path)} (target block "
                                  f"{target_block})").astype(np.dtype(a.out_dtype), copy=False)
                  for i, a in enumerate(spec.vertex_attributes)]

@@ -252,7 +252,7 @@ def partials(attr: VertexAttribute, values: np.ndarray, w: np.ndarray, inverse: 
     return per_key, pairs
 
 
-def _concat(attr: VertexAttribute, arrays: list[np.ndarray], *, what: str) -> np.ndarray:
+def concat_rows(attr: VertexAttribute, arrays: list[np.ndarray], *, what: str) -> np.ndarray:
     """Concatenate partials of several blocks; their widths must agree."""
     widths = {a.shape[1] for a in arrays if a.shape[0]}
     if len(widths) > 1:
@@ -273,7 +273,7 @@ def reduce(attr: VertexAttribute, per_key: list[dict], pairs: list[dict], rows: 
     out_dtype = np.dtype(attr.out_dtype)
     if attr.mode == "count" and not attr.source_is_count:
         return total.astype(out_dtype).reshape(-1, 1)
-    n = _concat(attr, [p["n"] for p in per_key], what=what)
+    n = concat_rows(attr, [p["n"] for p in per_key], what=what)
     width = n.shape[1]
     mv = inv
     count = np.empty((n_mv, width), dtype=np.int64)
@@ -281,7 +281,7 @@ def reduce(attr: VertexAttribute, per_key: list[dict], pairs: list[dict], rows: 
         count[:, c] = np.bincount(mv, weights=n[:, c], minlength=n_mv).astype(np.int64)
     empty = count == 0
     if attr.mode in ("mean", "sum", "count"):
-        s = _concat(attr, [p["s"] for p in per_key], what=what)
+        s = concat_rows(attr, [p["s"] for p in per_key], what=what)
         if s.dtype.kind == "f":
             acc = np.empty((n_mv, width), dtype=np.float64)
             for c in range(width):
@@ -298,7 +298,7 @@ def reduce(attr: VertexAttribute, per_key: list[dict], pairs: list[dict], rows: 
             val = np.where(empty, np.nan, val)
         return val.astype(out_dtype)
     if attr.mode in ("min", "max"):
-        x = _concat(attr, [p["x"] for p in per_key], what=what)
+        x = concat_rows(attr, [p["x"] for p in per_key], what=what)
         ufunc = np.minimum if attr.mode == "min" else np.maximum
         val = np.empty((n_mv, width), dtype=out_dtype)
         for c in range(width):
