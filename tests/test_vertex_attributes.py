@@ -355,3 +355,25 @@ def test_compressed_source(tmp_path, local_client):
     reference_build_pyramid(ref, **KW)
     zd.build_pyramid(ours, client=local_client, vertex_attributes="aggregate", **KW)
     check_pyramid(str(base), ref, ours, {"fa": "mean", "label": "mode"})
+
+
+def test_coarsen_level_writes_the_same_attributes(stores, tmp_path, local_client):
+    """``coarsen_level`` takes the same options and writes the same
+    attribute cells and documents as the first step of ``build_pyramid``."""
+    import os
+    base, one, two = stores("streamlines", seed=11)
+    asked = dict(vertex_attributes="aggregate", attribute_aggregation={"label": "max"})
+    zd.coarsen_level(one, 0, 1, coarsen_factor=2.0, cross_level_storage="explicit",
+                     client=local_client, **asked)
+    zd.build_pyramid(two, factors=[(2, 1)], cross_level_storage="explicit",
+                     client=local_client, **asked)
+    files = []
+    for top, _, names in os.walk(os.path.join(one, "1", "vertex_attributes")):
+        files += [os.path.relpath(os.path.join(top, n), one) for n in names]
+    assert len(files) > 4
+    for f in files:
+        with open(os.path.join(one, f), "rb") as a, open(os.path.join(two, f), "rb") as b:
+            assert a.read() == b.read(), f
+    assert "vertex_attributes" in _level(one, 1).attrs.to_dict()["zarr_vectors_level"][
+        "arrays_present"]
+    assert validate(one, level=3).ok
