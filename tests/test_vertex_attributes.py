@@ -377,3 +377,20 @@ def test_coarsen_level_writes_the_same_attributes(stores, tmp_path, local_client
     assert "vertex_attributes" in _level(one, 1).attrs.to_dict()["zarr_vectors_level"][
         "arrays_present"]
     assert validate(one, level=3).ok
+
+
+@pytest.mark.integration
+def test_on_s3(s3_server, stores, tmp_path, local_client):
+    """Built straight on S3 (SeaweedFS): the same aggregates."""
+    base, ref, _ = stores("streamlines", seed=13)
+    reference_build_pyramid(ref, **KW)
+    bucket = s3_server.new_bucket()
+    fs = s3_server.fs()
+    fs.put(base, f"{bucket}/x.zv", recursive=True)
+    modes = {"fa": "min", "label": "mode", "dir": "sum"}
+    zd.build_pyramid(s3_server.url(bucket, "x.zv"), storage_options=s3_server.storage_options,
+                     client=local_client, vertex_attributes="aggregate",
+                     attribute_aggregation=modes, **KW)
+    ours = str(tmp_path / "from-s3.zv")
+    fs.get(f"{bucket}/x.zv", ours, recursive=True)
+    check_pyramid(base, ref, ours, modes)
