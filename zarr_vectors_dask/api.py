@@ -22,6 +22,7 @@ from . import format as fmt
 from . import pipeline as pl
 from . import handles
 from . import stages
+from . import vertex_attributes as va
 from .errors import (BuildError, LevelNotFoundError, PlanMetadataError, StoreNotFoundError,
                      cleanup, quiet_expected_task_errors)
 from .lock import BuildLock
@@ -351,7 +352,8 @@ def _nonempty_rows(store: Store, level: int, rows):
 
 
 def _finished_level(store: Store, lv, *, root_meta, sparsity_strategy, sparsity_seed,
-                    cross_level_storage) -> tuple[list[str], dict]:
+                    cross_level_storage, vertex_attributes=None,
+                    attribute_aggregation=None) -> tuple[list[str], dict]:
     """How a published level without a build record differs from what this
     request would write there (empty: it is that level), and the summary
     the build would have returned for it.  Read from the level's metadata,
@@ -384,6 +386,9 @@ def _finished_level(store: Store, lv, *, root_meta, sparsity_strategy, sparsity_
         if have != cross_level_storage:
             diffs.append(f"cross-level storage: {have!r} in the store (links between levels "
                          f"{lv.source_level} and {t}), {cross_level_storage!r} asked")
+    if n_meta:
+        diffs.extend(_vertex_attribute_differences(store, lv, vertex_attributes,
+                                                   attribute_aggregation))
     src = pl.read_source_level(store, lv.source_level, root_meta.sid_ndim)
     n_src = src.n_rows if src.has_objects else 1
     keep = stages.kept_rows(n_src, lv.sparsity_factor, sparsity_strategy,
@@ -410,6 +415,21 @@ def _finished_level(store: Store, lv, *, root_meta, sparsity_strategy, sparsity_
     return diffs, summary
 
 
+def _vertex_attribute_differences(store: Store, lv, vertex_attributes,
+                                  attribute_aggregation) -> list[str]:
+    """How a published level's per-vertex attributes differ from what the
+    request would aggregate there (each array names its aggregation)."""
+    want = {a.name: a.mode for a in va.resolve(store, lv.source_level, vertex_attributes,
+                                               attribute_aggregation)}
+    have = {}
+    for name in va.names_in_level(store, lv.target_level):
+        doc = fmt.node_attrs(store, f"{lv.target_level}/{fmt.VERTEX_ATTRIBUTES}/{name}") or {}
+        have[name] = doc.get("aggregation")
+    if want == have:
+        return []
+    return [f"per-vertex attributes: {have or 'none'} in the store, {want or 'none'} asked"]
+
+
 class _Targets:
     """What ``_prepare_targets`` decided: levels kept as they are (with the
     summary of each), and whether the whole pyramid is already finished."""
@@ -424,7 +444,8 @@ def _prepare_targets(store: Store, plan: PyramidPlan, *, resume: bool, overwrite
                      records: list[dict], build_record: dict | None = None,
                      sparsity_strategy="random", sparsity_seed=None,
                      cross_level_depth=1, cross_level_storage="explicit",
-                     max_block_vertices: int = 2_000_000) -> _Targets:
+                     max_block_vertices: int = 2_000_000, vertex_attributes=None,
+                     attribute_aggregation=None) -> _Targets:
     """Decide what of the store's coarse levels this build keeps, refuse
     what it must not touch, record the build, then discard the rest.
 
@@ -505,7 +526,9 @@ def _prepare_targets(store: Store, plan: PyramidPlan, *, resume: bool, overwrite
         diffs, summary = _finished_level(store, lv, root_meta=root_meta,
                                          sparsity_strategy=sparsity_strategy,
                                          sparsity_seed=sparsity_seed,
-                                         cross_level_storage=cross_level_storage)
+                                         cross_level_storage=cross_level_storage,
+                                         vertex_attributes=vertex_attributes,
+                                         attribute_aggregation=attribute_aggregation)
         if diffs:
             if interrupted:
                 break  # a level the interrupted (overwriting) build replaces
@@ -600,6 +623,7 @@ def build_pyramid(store, *, factors, chunk_scale_factors=None, sparsity_strategy
                   method: str = "per_object", options: dict | None = None,
                   client=None, storage_options=None, resume=False, overwrite=False,
                   progress: Callable | None = None, max_block_vertices: int = 2_000_000,
+                  vertex_attributes: str | None = None, attribute_aggregation: dict | None = None,
                   _reports: list | None = None) -> dict:
     """Build coarser levels 1..len(factors) of ``store`` on Dask; the result
     is the pyramid ``zarr_vectors.build_pyramid`` writes with the same
@@ -612,7 +636,13 @@ def build_pyramid(store, *, factors, chunk_scale_factors=None, sparsity_strategy
     this process).  ``method``/``options`` as in zarr-vectors: the
     ``"per_object"`` pyramid takes no options; a method another package
     registered with zarr-vectors is that package's own code and is called
-    through ``zarr_vectors.build_pyramid`` unchanged."""
+    through ``zarr_vectors.build_pyramid`` unchanged.
+
+    ``vertex_attributes="aggregate"`` (opt-in, beyond the reference) also
+    writes every level-0 per-vertex attribute at each coarse level, one
+    aggregate per metavertex: ``mean`` for floats and ``mode`` for
+    integers unless ``attribute_aggregation={name: mode}`` names one of
+    ``mean, sum, mode, count, min, max``."""
     _check_method(method, options)
     if resume and overwrite:
         raise PlanError("resume and overwrite cannot both be set")
@@ -628,17 +658,24 @@ def build_pyramid(store, *, factors, chunk_scale_factors=None, sparsity_strategy
             sparsity_strategy=sparsity_strategy, sparsity_seed=sparsity_seed,
             cross_level_depth=cross_level_depth, cross_level_storage=cross_level_storage,
             client=client, resume=resume, overwrite=overwrite, progress=progress,
-            max_block_vertices=max_block_vertices, _reports=_reports)
+            max_block_vertices=max_block_vertices, vertex_attributes=vertex_attributes,
+            attribute_aggregation=attribute_aggregation, _reports=_reports)
 
 
 def _build_pyramid(st: Store, *, factors, chunk_scale_factors, sparsity_strategy, sparsity_seed,
                    cross_level_depth, cross_level_storage, client, resume, overwrite, progress,
-                   max_block_vertices, _reports) -> dict:
+                   max_block_vertices, vertex_attributes, attribute_aggregation,
+                   _reports) -> dict:
     # Validate the whole request before touching anything.
     plan = _make_plan(st, factors=factors, chunk_scale_factors=chunk_scale_factors,
                       cross_level_depth=cross_level_depth, cross_level_storage=cross_level_storage,
                       sparsity_strategy=sparsity_strategy, n_workers=2,
                       max_block_vertices=max_block_vertices)
+    va.resolve(st, plan.levels[0].source_level, vertex_attributes, attribute_aggregation)
+    # Only an opt-in changes the records, so builds without it resume as before.
+    va_record = {} if vertex_attributes is None else {
+        "vertex_attributes": vertex_attributes,
+        "attribute_aggregation": dict(sorted((attribute_aggregation or {}).items()))}
     with _client_for(client, st) as c:
         n_workers = _n_workers(c)
         plan = _make_plan(st, factors=factors, chunk_scale_factors=chunk_scale_factors,
@@ -646,21 +683,25 @@ def _build_pyramid(st: Store, *, factors, chunk_scale_factors, sparsity_strategy
                           cross_level_storage=cross_level_storage,
                           sparsity_strategy=sparsity_strategy, n_workers=n_workers,
                           max_block_vertices=max_block_vertices)
-        records = [_record(lv, sparsity_strategy=sparsity_strategy, sparsity_seed=sparsity_seed,
-                           cross_level_storage=cross_level_storage) for lv in plan.levels]
+        records = [{**_record(lv, sparsity_strategy=sparsity_strategy,
+                              sparsity_seed=sparsity_seed,
+                              cross_level_storage=cross_level_storage), **va_record}
+                   for lv in plan.levels]
         quiet_expected_task_errors(c)
         with _build_lock(st, resume=resume) as lock:
             if resume:
                 _wait_for_orphans(c, st)
             targets = _prepare_targets(
                 st, plan, resume=resume, overwrite=overwrite, records=records,
-                build_record=_build_record(plan, sparsity_strategy=sparsity_strategy,
-                                           sparsity_seed=sparsity_seed,
-                                           cross_level_depth=cross_level_depth,
-                                           cross_level_storage=cross_level_storage),
+                build_record={**_build_record(plan, sparsity_strategy=sparsity_strategy,
+                                              sparsity_seed=sparsity_seed,
+                                              cross_level_depth=cross_level_depth,
+                                              cross_level_storage=cross_level_storage),
+                              **va_record},
                 sparsity_strategy=sparsity_strategy, sparsity_seed=sparsity_seed,
                 cross_level_depth=cross_level_depth, cross_level_storage=cross_level_storage,
-                max_block_vertices=max_block_vertices)
+                max_block_vertices=max_block_vertices, vertex_attributes=vertex_attributes,
+                attribute_aggregation=attribute_aggregation)
             kept = targets.keep
             summaries, reports = [], []
             root_meta = _root_meta(st)
@@ -681,7 +722,9 @@ def _build_pyramid(st: Store, *, factors, chunk_scale_factors, sparsity_strategy
                 st.put(f"{RECORD_DIR}/{lv.target_level}.json", json.dumps(rec).encode())
                 rep = pl.run_step(c, st, lv, root_meta=root_meta,
                                   sparsity_strategy=sparsity_strategy,
-                                  sparsity_seed=sparsity_seed, progress=progress)
+                                  sparsity_seed=sparsity_seed, progress=progress,
+                                  vertex_attributes=vertex_attributes,
+                                  attribute_aggregation=attribute_aggregation)
                 reports.append(rep)
                 summaries.append(rep.summary)
                 st.put(f"{RECORD_DIR}/{lv.target_level}.json.summary",
@@ -719,7 +762,8 @@ def coarsen_level(store, source_level: int, target_level: int, *, coarsen_factor
                   sparsity_factor=1.0, chunk_scale_factor=1, sparsity_strategy="random",
                   sparsity_seed=None, cross_level_storage="none", method: str = "per_object",
                   options: dict | None = None, client=None, storage_options=None,
-                  progress=None) -> dict:
+                  progress=None, vertex_attributes: str | None = None,
+                  attribute_aggregation: dict | None = None) -> dict:
     """Write one coarser level, as ``zarr_vectors.coarsen_level`` does.
 
     ``target_level`` may skip levels (``0 -> 2`` with ``coarsen_factor``
@@ -751,6 +795,7 @@ def coarsen_level(store, source_level: int, target_level: int, *, coarsen_factor
         if st.listdir(str(target_level)):
             raise BuildError(f"{st.describe(str(target_level))}: level {target_level} already "
                              f"exists")
+        va.resolve(st, source_level, vertex_attributes, attribute_aggregation)
         with _client_for(client, st) as c:
             try:
                 plan = _make_plan(st, factors=[(coarsen_factor, sparsity_factor)],
@@ -767,7 +812,9 @@ def coarsen_level(store, source_level: int, target_level: int, *, coarsen_factor
             with _build_lock(st, resume=False):
                 rep = pl.run_step(c, st, lv, root_meta=_root_meta(st),
                                   sparsity_strategy=sparsity_strategy,
-                                  sparsity_seed=sparsity_seed, progress=progress)
+                                  sparsity_seed=sparsity_seed, progress=progress,
+                                  vertex_attributes=vertex_attributes,
+                                  attribute_aggregation=attribute_aggregation)
                 _sweep_temporaries(st, source_level)
     return rep.summary
 

@@ -41,6 +41,19 @@ def parse_chunk_scale(text: str) -> list:
     return out
 
 
+def parse_aggregation(text: str) -> dict[str, str]:
+    """``fa=mean,label=mode`` -> {"fa": "mean", "label": "mode"}."""
+    from .vertex_attributes import MODES
+    out = {}
+    for item in text.split(","):
+        name, sep, mode = item.strip().partition("=")
+        if not sep or not name or mode not in MODES:
+            raise argparse.ArgumentTypeError(
+                f"aggregation {item!r} is not NAME=MODE with MODE one of {', '.join(MODES)}")
+        out[name] = mode
+    return out
+
+
 def parse_storage_options(items: list[str] | None) -> dict:
     """``KEY=VALUE`` pairs; dotted keys nest, values are JSON when they parse."""
     opts: dict = {}
@@ -90,6 +103,10 @@ def cmd_pyramid(args) -> int:
     kw = dict(factors=args.factors, chunk_scale_factors=args.chunk_scale,
               sparsity_seed=args.sparsity_seed, cross_level_depth=args.cross_level_depth,
               cross_level_storage=args.cross_level_storage, storage_options=opts)
+    if args.aggregate and not args.vertex_attributes:
+        raise SystemExit("zvdask: --aggregate needs --vertex-attributes")
+    if args.vertex_attributes:
+        kw.update(vertex_attributes="aggregate", attribute_aggregation=args.aggregate)
     if args.dry_run:
         print(plan_pyramid(args.store, n_workers=args.n_workers, **kw))
         return 0
@@ -233,6 +250,12 @@ def build_parser() -> argparse.ArgumentParser:
     py.add_argument("--resume", action="store_true")
     py.add_argument("--overwrite", action="store_true")
     py.add_argument("--no-progress", action="store_true")
+    py.add_argument("--vertex-attributes", action="store_true",
+                    help="also write every per-vertex attribute at each coarse level, "
+                         "aggregated per metavertex (mean for floats, mode for integers)")
+    py.add_argument("--aggregate", type=parse_aggregation, default=None, metavar="NAME=MODE,...",
+                    help="aggregation per attribute with --vertex-attributes, e.g. "
+                         "fa=mean,label=mode (modes: mean, sum, mode, count, min, max)")
     py.set_defaults(func=cmd_pyramid)
 
     de = sub.add_parser("demo", parents=[common], help="write a sample streamline store and build its pyramid")

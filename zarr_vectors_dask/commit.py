@@ -129,17 +129,24 @@ def published_levels(store: Store) -> list[int]:
 
 
 def write_level_arrays(store: Store, level: int, origin, grid, vertex_chunks, families,
-                       *, sid_ndim: int) -> None:
+                       *, sid_ndim: int, vertex_attributes: dict | None = None) -> None:
     """Array documents of a coarse level (and the link families it adds),
     all under paths no reader lists yet.  Runs in the step's last task,
     where the writers' chunk and cell lists are reduced, so those lists
-    never reach the driver."""
+    never reach the driver.  ``vertex_attributes``: ``{name: array
+    attributes}`` of per-vertex attribute arrays written with the vertices
+    (a cell in every vertex chunk), and their group."""
     chunks = [cc for cc, _ in vertex_chunks]
     docs: dict[str, bytes] = {
         f"{level}/{fmt.VERTICES}/zarr.json": fmt.vlen_array_doc(
             grid, fmt.vlen_attributes(origin, chunks, fmt.vertices_attrs())),
         f"{level}/{fmt.VERTEX_FRAGMENTS}/zarr.json": fmt.vlen_array_doc(
             grid, fmt.vlen_attributes(origin, chunks, fmt.vertex_fragments_attrs()))}
+    for name, attrs in (vertex_attributes or {}).items():
+        docs[f"{level}/{fmt.VERTEX_ATTRIBUTES}/{name}/zarr.json"] = fmt.vlen_array_doc(
+            grid, fmt.vlen_attributes(origin, chunks, attrs))
+    if vertex_attributes:
+        docs[f"{level}/{fmt.VERTEX_ATTRIBUTES}/zarr.json"] = fmt.group_doc({})
     _put_in_order(store, docs)
     write_families(store, families, sid_ndim=sid_ndim)
 

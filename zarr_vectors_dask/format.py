@@ -29,6 +29,7 @@ from .store import Store
 
 VERTICES = "vertices"
 VERTEX_FRAGMENTS = "vertex_fragments"
+VERTEX_ATTRIBUTES = "vertex_attributes"
 OBJECT_INDEX = "object_index"
 OBJECT_ATTRIBUTES = "object_attributes"
 LINKS = "links"

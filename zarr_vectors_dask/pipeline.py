@@ -22,6 +22,7 @@ from . import format as fmt
 from . import graph as gr
 from .errors import BuildError, cleanup
 from . import stages as st
+from . import vertex_attributes as va
 from .plan import LevelPlan, grid_layout, ravel, step_layout
 from .store import Store
 
@@ -207,7 +208,8 @@ def _discard_unpublished(store: Store, lv: LevelPlan) -> None:
 
 
 def plan_step(store: Store, lv: LevelPlan, src: SourceLevel, root_meta, *,
-              sparsity_strategy: str, sparsity_seed):
+              sparsity_strategy: str, sparsity_seed, vertex_attributes=None,
+              attribute_aggregation=None):
     """The step's spec, layout and graph inputs, from metadata and one
     listing (no cell is read)."""
     ndim = root_meta.sid_ndim
@@ -234,23 +236,29 @@ def plan_step(store: Store, lv: LevelPlan, src: SourceLevel, root_meta, *,
         fragments=fmt.VlenArrayInfo(**{**src.fragments.__dict__, **strip}),
         source_dtype=src.dtype, has_objects=src.has_objects,
         manifests_path=f"{lv.source_level}/{fmt.OBJECT_INDEX}/manifests" if src.has_objects else None,
-        links=lv.cross_level_storage)
+        links=lv.cross_level_storage,
+        vertex_attributes=va.resolve(store, lv.source_level, vertex_attributes,
+                                     attribute_aggregation))
     sparsity = (lv.sparsity_factor, sparsity_strategy, sparsity_seed, tuple(lv.source_bin))
     return spec, layout, sparsity
 
 
 def step_graph(store: Store, lv: LevelPlan, src: SourceLevel, root_meta, *,
-               sparsity_strategy: str, sparsity_seed, token: str):
+               sparsity_strategy: str, sparsity_seed, token: str, vertex_attributes=None,
+               attribute_aggregation=None):
     """The step's graph (not run) and its layout."""
     spec, layout, sparsity = plan_step(store, lv, src, root_meta,
                                        sparsity_strategy=sparsity_strategy,
-                                       sparsity_seed=sparsity_seed)
+                                       sparsity_seed=sparsity_seed,
+                                       vertex_attributes=vertex_attributes,
+                                       attribute_aggregation=attribute_aggregation)
     return gr.step_graph(spec, layout, n_rows=src.n_rows, sparsity=sparsity,
                          attribute_names=src.attribute_names, token=token), layout
 
 
 def _run_step(client, store: Store, lv: LevelPlan, *, root_meta, sparsity_strategy: str,
-              sparsity_seed, progress: Callable | None = None) -> StepReport:
+              sparsity_seed, progress: Callable | None = None, vertex_attributes=None,
+              attribute_aggregation=None) -> StepReport:
     t_start = time.perf_counter()
     report = StepReport(target_level=lv.target_level)
     src = read_source_level(store, lv.source_level, root_meta.sid_ndim)
@@ -263,7 +271,9 @@ def _run_step(client, store: Store, lv: LevelPlan, *, root_meta, sparsity_strate
         return report
     token = uuid.uuid4().hex[:12]
     graph, _ = step_graph(store, lv, src, root_meta, sparsity_strategy=sparsity_strategy,
-                          sparsity_seed=sparsity_seed, token=token)
+                          sparsity_seed=sparsity_seed, token=token,
+                          vertex_attributes=vertex_attributes,
+                          attribute_aggregation=attribute_aggregation)
     out = execute(client, graph, token, report, name=f"level {lv.target_level}",
                   progress=progress)
     n_src_objects = src.n_rows if src.has_objects else 1
@@ -285,7 +295,8 @@ def _run_step(client, store: Store, lv: LevelPlan, *, root_meta, sparsity_strate
     caps = ([fmt.CAP_PRESERVED_OBJECT_IDS] if src.has_objects else []) + [fmt.CAP_SHARED_FRAGMENTS]
     cm.publish_level(store, cm.LevelCommit(
         source_level=lv.source_level, target_level=lv.target_level,
-        level_attrs=_level_attrs(lv, n_meta, src.has_objects, n_src_objects, root_meta),
+        level_attrs=_level_attrs(lv, n_meta, src.has_objects, n_src_objects, root_meta,
+                                 vertex_attributes=bool(out.get("vertex_attributes"))),
         target_origin=lv.target_grid[0], target_grid=lv.target_grid[1], vertex_chunks=[],
         object_index=object_index, has_attributes=bool(src.attribute_names),
         bin_shape=lv.bin_shape, capabilities=caps), root_bin=root_meta.effective_bin_shape)
@@ -299,11 +310,14 @@ def _run_step(client, store: Store, lv: LevelPlan, *, root_meta, sparsity_strate
 
 
 def _level_attrs(lv: LevelPlan, n_meta: int, has_objects: bool, n_src_objects: int,
-                 root_meta, *, empty: bool = False) -> dict:
+                 root_meta, *, empty: bool = False, vertex_attributes: bool = False) -> dict:
     from zarr_vectors.core.metadata import LevelMetadata
+    present = ["vertices", "object_index"] if (has_objects or empty) else ["vertices"]
+    if vertex_attributes:  # the family readers gate on (opt-in aggregation)
+        present.insert(1, fmt.VERTEX_ATTRIBUTES)
     meta = LevelMetadata(
         level=lv.target_level, vertex_count=int(n_meta),
-        arrays_present=["vertices", "object_index"] if (has_objects or empty) else ["vertices"],
+        arrays_present=present,
         bin_shape=lv.bin_shape, bin_ratio=lv.bin_ratio,
         chunk_shape=None if empty else lv.chunk_shape_override,
         object_sparsity=1.0 / lv.sparsity_factor, coarsening_method="per_object",

@@ -6,8 +6,10 @@ or writes the store itself and returns only what later stages need.
 
     object_refs        per manifest bucket: which fragments kept objects name
     bin_partials       per source block: bin keys, partial centroid sums
+                       (and per-vertex attribute partials, when asked)
     reduce_metavertices per partition: sum partials into metavertices
     write_metavertices per target block: order, encode, write vertex cells
+                       (and the metavertices' attribute cells)
     resolve_parents    per partition: bin key -> (chunk, fragment) answers
     links_and_sequences per source block: +1 link cells and their -1 mirrors,
                        per-fragment metavertex sequences for manifests
@@ -27,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from . import format as fmt
+from . import vertex_attributes as va
 from .store import Store
 
 
@@ -59,6 +62,8 @@ class StepSpec:
     has_objects: bool
     manifests_path: str | None
     links: str  # none | implicit | explicit
+    #: Per-vertex attributes aggregated into the metavertices (opt-in).
+    vertex_attributes: tuple = ()
 
     def __repr__(self) -> str:
         return f"StepSpec({self.store!r}, {self.source_level}->{self.target_level})"
@@ -172,6 +177,14 @@ def _read_source_chunks(spec: StepSpec, numbers: np.ndarray):
         rows, members, lengths = fmt.decode_vertex_cell(v, f, dtype=dtype, ndim=spec.ndim,
                                                         what=what)
         yield int(num), cc, rows, members, lengths
+
+
+def _read_attribute_cells(spec: StepSpec, numbers: np.ndarray) -> list[dict]:
+    """Each per-vertex attribute's cells for a block's chunks."""
+    if not spec.vertex_attributes:
+        return []
+    coords = [tuple(c) for c in chunk_coords(spec, numbers).tolist()]
+    return [fmt.read_cells(spec.store, a.source, coords) for a in spec.vertex_attributes]
 
 
 def _pair_key(chunk_id: np.ndarray, frag: np.ndarray) -> np.ndarray:
@@ -331,7 +344,13 @@ def bin_partials(spec: StepSpec, block: int, numbers: np.ndarray, partitions: li
         mkeys = mvals = np.empty(0, dtype=np.int64)
     chunk_rows = []  # per chunk: (chunk id, n instances, frag id per instance)
     all_pos, all_w = [], []
-    for cid, _cc, rows, members, lengths in _read_source_chunks(spec, numbers):
+    attr_cells = _read_attribute_cells(spec, numbers)
+    all_vals: list[list[np.ndarray]] = [[] for _ in spec.vertex_attributes]
+    for cid, cc, rows, members, lengths in _read_source_chunks(spec, numbers):
+        for i, attr in enumerate(spec.vertex_attributes):
+            what = f"{spec.store.describe(attr.source.path)} chunk {fmt.chunk_key(cc)}"
+            all_vals[i].append(va.decode_cell(attr, attr_cells[i][cc], rows.shape[0],
+                                              what=what)[members])
         frag_ids = np.arange(lengths.size, dtype=np.int64)
         if spec.has_objects:
             w_frag = _lookup(mkeys, mvals, _pair_key(np.full(lengths.size, cid), frag_ids))
@@ -379,7 +398,23 @@ def bin_partials(spec: StepSpec, block: int, numbers: np.ndarray, partitions: li
         starts = np.r_[0, np.flatnonzero(np.diff(sp)) + 1]
         first = np.repeat(starts, np.diff(np.r_[starts, n_u]))
         slot[order] = np.arange(n_u) - first
-    exchange = _split_by(part, keys=ukeys, sums=sums, counts=counts)
+    columns = {"keys": ukeys, "sums": sums, "counts": counts}
+    pair_parts: list[tuple[int, dict]] = []
+    for i, attr in enumerate(spec.vertex_attributes):
+        what = spec.store.describe(attr.source.path)
+        vals = va.concat_rows(attr, all_vals[i], what=what).astype(np.dtype(attr.dtype),
+                                                                   copy=False)
+        per_key, pairs = va.partials(attr, vals, w, inverse, n_u)
+        columns.update({f"va{i}:{k}": v for k, v in per_key.items()})
+        if pairs:
+            # Histogram entries go to their key's partition, naming the
+            # key by its slot in the part sent there.
+            pk = pairs.pop("pk")
+            pair_parts.append((i, _split_by(part[pk], pk=slot[pk], **pairs)))
+    exchange = _split_by(part, **columns)
+    for i, routed in pair_parts:
+        for p, cols in routed.items():
+            exchange[p].update({f"va{i}:{k}": v for k, v in cols.items()})
     state = {"chunks": chunk_rows, "inverse": inverse, "partition": part, "slot": slot,
              "ref_parts": ref_parts}
     return {"exchange": exchange, "state": state}
@@ -418,8 +453,20 @@ def reduce_metavertices(spec: StepSpec, partition: int, sources: list[int], *par
     exists = np.flatnonzero(total > 0)
     chunks = np.floor(centroid[exists] / np.asarray(spec.chunk_shape, dtype=np.float64)).astype(np.int64)
     tb = _target_block(spec, chunks)
-    out = _split_by(tb, mv=exists, chunk=chunks, key=ukeys[exists], centroid=centroid[exists])
     offsets = np.cumsum([0] + [p["keys"].shape[0] for p in parts])
+    attrs = {}
+    for i, attr in enumerate(spec.vertex_attributes):
+        pre = f"va{i}:"
+        per_key = [{k[len(pre):]: v for k, v in p.items() if k.startswith(pre) and
+                    not k.startswith(pre + "p")} for p in parts]
+        pairs = [{k[len(pre):]: v for k, v in p.items() if k.startswith(pre + "p")}
+                 for p in parts]
+        rows = [np.arange(offsets[j], offsets[j + 1]) for j in range(len(parts))]
+        vals = va.reduce(attr, per_key, pairs, rows, inv, n_u, total,
+                         what=f"{spec.store.describe(attr.source.path)} (partition {partition})")
+        attrs[f"va{i}"] = vals[exists]
+    out = _split_by(tb, mv=exists, chunk=chunks, key=ukeys[exists], centroid=centroid[exists],
+                    **attrs)
     return {"to_target": out, "inverse": inv, "n_unique": n_u,
             "source_slices": {s: (int(offsets[i]), int(offsets[i + 1])) for i, s in enumerate(sources)}}
 
@@ -436,11 +483,16 @@ def write_metavertices(spec: StepSpec, target_block: int, partitions: list[int],
     chunk = np.concatenate([p["chunk"] for p in parts])
     key = np.concatenate([p["key"] for p in parts])
     centroid = np.concatenate([p["centroid"] for p in parts])
+    attr_vals = [va.concat_rows(a, [p[f"va{i}"] for p in parts],
+                            what=f"{spec.store.describe(a.source.path)} (target block "
+                                 f"{target_block})").astype(np.dtype(a.out_dtype), copy=False)
+                 for i, a in enumerate(spec.vertex_attributes)]
     src = np.concatenate([np.full(p["chunk"].shape[0], i) for i, p in enumerate(parts)])
     # Sort by chunk (numeric), then by key bytes inside each chunk.
     _, key_rank = np.unique(_void(key), return_inverse=True)
     order = np.lexsort(np.vstack([key_rank.reshape(-1), chunk.T[::-1]]))
     chunk, centroid = chunk[order], centroid[order]
+    attr_vals = [v[order] for v in attr_vals]
     cuts = np.flatnonzero(np.any(np.diff(chunk, axis=0) != 0, axis=1)) + 1 if chunk.shape[0] > 1 \
         else np.empty(0, dtype=np.int64)
     starts, stops = np.r_[0, cuts], np.r_[cuts, chunk.shape[0]]
@@ -454,6 +506,11 @@ def write_metavertices(spec: StepSpec, target_block: int, partitions: list[int],
         cells[fmt.cell_path(f"{spec.target_level}/{fmt.VERTICES}", cc, spec.target_origin)] = fmt.frame_cell(v)
         cells[fmt.cell_path(f"{spec.target_level}/{fmt.VERTEX_FRAGMENTS}", cc, spec.target_origin)] = \
             fmt.frame_cell(f)
+        for a, vals in zip(spec.vertex_attributes, attr_vals):
+            # One row per metavertex, in the vertices cell's order.
+            cells[fmt.cell_path(f"{spec.target_level}/{a.path_in_level}", cc,
+                                spec.target_origin)] = \
+                fmt.frame_cell(np.ascontiguousarray(vals[lo:hi]).tobytes())
         written.append((cc, hi - lo))
     spec.store.put_many(cells, atomic=False)  # the level is published at commit
     # Back to each partition, aligned with the part it sent.
@@ -465,7 +522,8 @@ def write_metavertices(spec: StepSpec, target_block: int, partitions: list[int],
     for i, (p, part) in enumerate(zip(partitions, parts)):
         sel = src == i
         located[p] = {"mv": part["mv"], "chunk": unsorted_chunk[sel], "frag": unsorted_frag[sel]}
-    return {"chunks": written, "located": located}
+    return {"chunks": written, "located": located,
+            "widths": {a.name: int(v.shape[1]) for a, v in zip(spec.vertex_attributes, attr_vals)}}
 
 
 # ------------------------------------------------------------- stage 4
@@ -753,9 +811,19 @@ def level_summary(spec: StepSpec, objects_kept: int | None, n_vertex_writers: in
             plus.add(r["plus"])
             minus.add(r["minus"])
         families = [plus] + ([minus] if spec.links == "explicit" else [])
+    vertex_attrs = {}
+    for a in spec.vertex_attributes:
+        widths = {w["widths"][a.name] for w in writes if w and w.get("widths")}
+        if len(widths) > 1:
+            raise fmt.FormatError(f"{spec.store.describe(a.source.path)}: per-vertex attribute "
+                                  f"rows of {sorted(widths)} columns in different chunks")
+        if widths:
+            vertex_attrs[a.name] = va.array_attributes(a, widths.pop())
     if n_meta:
         cm.write_level_arrays(spec.store, spec.target_level, spec.target_origin,
-                              spec.target_grid_shape, vertex_chunks, families, sid_ndim=spec.ndim)
+                              spec.target_grid_shape, vertex_chunks, families, sid_ndim=spec.ndim,
+                              vertex_attributes=vertex_attrs)
     return {"vertex_count": n_meta, "chunks": len(vertex_chunks), "objects_kept": objects_kept,
             "num_present": int(sum(present)),
-            "links": sum(f.num_links for f in families)}
+            "links": sum(f.num_links for f in families),
+            "vertex_attributes": sorted(vertex_attrs) if n_meta else []}
