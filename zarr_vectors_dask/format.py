@@ -446,7 +446,9 @@ class KeyLayout:
         from zarr.core.metadata.v3 import ArrayV3Metadata
         from zarr.registry import get_pipeline_class
 
-        self.meta = meta = ArrayV3Metadata.from_dict(json.loads(doc))
+        with warnings.catch_warnings():  # vlen-bytes' "unstable specification" note
+            warnings.simplefilter("ignore")
+            self.meta = meta = ArrayV3Metadata.from_dict(json.loads(doc))
         self.key_shape = tuple(int(s) for s in meta.chunk_grid.chunk_shape)
         config = ArrayConfig(order="C", write_empty_chunks=False)
         proto = default_buffer_prototype()
