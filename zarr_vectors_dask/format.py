@@ -508,7 +508,7 @@ def _cell_value(v) -> bytes | None:
     """One decoded vlen element as bytes; the fill value (empty) as None."""
     if v is None:
         return None
-    if isinstance(v, np.ndarray):  # zarr may nest a 0-d array per element
+    while isinstance(v, np.ndarray):  # zarr may nest a 0-d array per element
         v = v.item()
     if isinstance(v, str):
         v = v.encode()
