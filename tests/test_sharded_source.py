@@ -273,8 +273,8 @@ def test_sharded_source_on_s3(s3_server, local_client, tmp_path):
     and the inner chunks from ranged reads (SeaweedFS): the pyramid built
     in the bucket equals the reference's, file for file."""
     base, ref = tmp_path / "b.zv", tmp_path / "r.zv"
-    make_streamlines(str(base), seed=6, n_objects=60,
-                     writer_kw={"shard_shape": 3, "compressor": "zstd"})
+    make_streamlines(str(base), seed=6, n_objects=30, chunk_shape=40.0,
+                     writer_kw={"shard_shape": 2, "compressor": "zstd"})
     shutil.copytree(base, ref)
     expected = reference_build_pyramid(str(ref), **KW)
     bucket = s3_server.new_bucket()
