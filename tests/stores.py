@@ -10,11 +10,11 @@ Each generator has the shape::
     make_<kind>(path, *, seed=0, n_objects=..., ...) -> path
 
 and is deterministic in ``seed``.  ``writer_kw`` (where offered) goes to
-the writer as is, e.g. ``{"shard_shape": 2, "compressor": "zstd"}``.  Geometry spans roughly ``[-45, 55)``
-per axis (about 100 units, some negative so chunk coordinates go
-negative) with ``chunk_shape=25`` and ``bin_shape=5`` by default, giving
-several dozen spatial chunks and bins that actually merge vertices when
-coarsened.
+the writer as is, e.g. ``{"shard_shape": 2, "compressor": "zstd"}``.
+Geometry spans roughly ``[-45, 55)`` per axis (about 100 units, some
+negative so chunk coordinates go negative) with ``chunk_shape=25`` and
+``bin_shape=5`` by default, giving several dozen spatial chunks and bins
+that actually merge vertices when coarsened.
 
 ``KINDS`` maps a short name to each generator.
 """

@@ -434,9 +434,11 @@ class KeyLayout:
     ``sharding_indexed``, a shard of inner chunks and its index.
 
     Every decode is zarr's own codec pipeline as the ``zarr.json``
-    declares it (bytes, crc32c, vlen-bytes, zstd, blosc, gzip, ...); only
-    the shard's framing -- where the index sits, which byte range is which
-    inner chunk -- is read here, so that each range can be checked."""
+    declares it (bytes, crc32c, vlen-bytes, zstd, blosc, gzip, ...), or for
+    the common vlen-bytes + compressor chains the numcodecs codecs zarr
+    itself wraps; only the shard's framing -- where the index sits, which
+    byte range is which inner chunk -- is read here, so that each range
+    can be checked."""
 
     def __init__(self, doc: str):
         from zarr.codecs import ShardingCodec
@@ -463,7 +465,8 @@ class KeyLayout:
             self.inner_shape = tuple(int(s) for s in sharding.chunk_shape)
             self.inner = pipeline.from_codecs(sharding.codecs)
             self.per_shard = tuple(k // i for k, i in zip(self.key_shape, self.inner_shape))
-            self.index_spec = ArraySpec(shape=self.per_shard + (2,), dtype=UInt64(endianness="little"),
+            self.index_spec = ArraySpec(shape=self.per_shard + (2,),
+                                        dtype=UInt64(endianness="little"),
                                         fill_value=_EMPTY_SLOT, config=config, prototype=proto)
             self.index = pipeline.from_codecs(sharding.index_codecs)
             self.index_size = int(self.index.compute_encoded_size(
@@ -610,8 +613,8 @@ def _read_chunked(store, info, lay, groups, out) -> None:
     keys = [lay.key(info.path, kc) for kc in kcs]
     raw = store.get_many(keys)
     have = [(kc, k) for kc, k in zip(kcs, keys) if raw[k] is not None]
-    arrays = _decode_checked(store, info, lay, [raw[k] for _, k in have], [groups[kc] for kc, _ in have],
-                             [k for _, k in have])
+    arrays = _decode_checked(store, info, lay, [raw[k] for _, k in have],
+                             [groups[kc] for kc, _ in have], [k for _, k in have])
     for (kc, _), arr in zip(have, arrays):
         for c, local in groups[kc]:
             out[c] = None if arr is None else _cell_value(arr[local])
