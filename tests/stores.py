@@ -9,11 +9,12 @@ Each generator has the shape::
 
     make_<kind>(path, *, seed=0, n_objects=..., ...) -> path
 
-and is deterministic in ``seed``.  Geometry spans roughly ``[-45, 55)``
-per axis (about 100 units, some negative so chunk coordinates go
-negative) with ``chunk_shape=25`` and ``bin_shape=5`` by default, giving
-several dozen spatial chunks and bins that actually merge vertices when
-coarsened.
+and is deterministic in ``seed``.  ``writer_kw`` (where offered) goes to
+the writer as is, e.g. ``{"shard_shape": 2, "compressor": "zstd"}``.
+Geometry spans roughly ``[-45, 55)`` per axis (about 100 units, some
+negative so chunk coordinates go negative) with ``chunk_shape=25`` and
+``bin_shape=5`` by default, giving several dozen spatial chunks and bins
+that actually merge vertices when coarsened.
 
 ``KINDS`` maps a short name to each generator.
 """
@@ -109,7 +110,7 @@ def _object_attributes(rng: np.random.Generator, n_objects: int) -> dict[str, np
 # ---------------------------------------------------------------------------
 
 def make_points(path, *, seed: int = 0, n_objects: int = 6, n_points: int = 800,
-                ndim: int = 3, chunk_shape=CHUNK, bin_shape=BIN):
+                ndim: int = 3, chunk_shape=CHUNK, bin_shape=BIN, writer_kw: dict | None = None):
     """Point cloud without object ids (no ``object_index`` at level 0).
 
     Half the points are uniform over the domain, half in ``n_objects`` tight
@@ -127,6 +128,7 @@ def make_points(path, *, seed: int = 0, n_objects: int = 6, n_points: int = 800,
     write_points(
         str(path), pos,
         chunk_shape=_shape(chunk_shape, ndim), bin_shape=_shape(bin_shape, ndim),
+        **(writer_kw or {}),
     )
     return path
 
@@ -140,7 +142,7 @@ def make_points_2d(path, *, seed: int = 0, n_objects: int = 6,
 
 def make_points_with_ids(path, *, seed: int = 0, n_objects: int = 24,
                          n_points: int = 900, ndim: int = 3,
-                         chunk_shape=CHUNK, bin_shape=BIN):
+                         chunk_shape=CHUNK, bin_shape=BIN, writer_kw: dict | None = None):
     """Point cloud with dense object ids ``0..n_objects-1`` and object attributes.
 
     Each object is a blob (every id has at least one point); points are
@@ -162,6 +164,7 @@ def make_points_with_ids(path, *, seed: int = 0, n_objects: int = 24,
         chunk_shape=_shape(chunk_shape, ndim), bin_shape=_shape(bin_shape, ndim),
         object_ids=oids,
         object_attributes=_object_attributes(rng, n_objects),
+        **(writer_kw or {}),
     )
     return path
 
@@ -207,7 +210,7 @@ def _streamlines(rng, n_objects, ndim, min_len, max_len, step):
 def make_streamlines(path, *, seed: int = 0, n_objects: int = 30, ndim: int = 3,
                      min_len: int = 10, max_len: int = 80, step: float = 1.5,
                      with_attributes: bool = True,
-                     chunk_shape=CHUNK, bin_shape=BIN):
+                     chunk_shape=CHUNK, bin_shape=BIN, writer_kw: dict | None = None):
     """Streamlines (smooth random walks) with object attributes.
 
     Object attributes (when ``with_attributes``): ``weight`` float32 (O,),
@@ -222,6 +225,7 @@ def make_streamlines(path, *, seed: int = 0, n_objects: int = 30, ndim: int = 3,
         str(path), lines,
         chunk_shape=_shape(chunk_shape, ndim), bin_shape=_shape(bin_shape, ndim),
         object_attributes=attrs,
+        **(writer_kw or {}),
     )
     return path
 
@@ -288,7 +292,7 @@ def make_skeletons(path, *, seed: int = 0, n_objects: int = 8, ndim: int = 3,
 def make_graphs(path, *, seed: int = 0, n_objects: int = 6, ndim: int = 3,
                 min_nodes: int = 30, max_nodes: int = 120, step: float = 2.0,
                 extra_edge_frac: float = 0.2,
-                chunk_shape=CHUNK, bin_shape=BIN):
+                chunk_shape=CHUNK, bin_shape=BIN, writer_kw: dict | None = None):
     """General graphs: ``write_graph(kind="graph")`` — trees plus extra
     cycle-closing edges, one connected component per object id."""
     rng = np.random.default_rng(seed)
@@ -311,6 +315,7 @@ def make_graphs(path, *, seed: int = 0, n_objects: int = 6, ndim: int = 3,
         chunk_shape=_shape(chunk_shape, ndim), bin_shape=_shape(bin_shape, ndim),
         kind="graph",
         object_ids=np.concatenate(oids),
+        **(writer_kw or {}),
     )
     return path
 

@@ -154,7 +154,8 @@ def chunk_table(store: Store, info: fmt.VlenArrayInfo, origin, grid, ndim: int,
                 vertex_count: int) -> tuple[np.ndarray, np.ndarray]:
     """Present chunks of a per-chunk array as sorted row-major chunk
     numbers, with each one's estimated vertex count from one listing of
-    its cell sizes (the level's mean where cells are not plain files)."""
+    its cell sizes (where cells are not plain files: see
+    :func:`_stored_weights`)."""
     coords = np.asarray(info.chunks, dtype=np.int64).reshape(-1, ndim)
     numbers = ravel(coords, origin, grid)
     order = np.argsort(numbers, kind="stable")
@@ -175,7 +176,32 @@ def chunk_table(store: Store, info: fmt.VlenArrayInfo, origin, grid, ndim: int,
             hit = (at < numbers.size) & (numbers[np.minimum(at, numbers.size - 1)] == lin)
             # A cell is its framing plus float rows of ``ndim`` coordinates.
             weights[at[hit]] = np.maximum(1.0, (nbytes[hit] - 8) / (4.0 * ndim))
+    elif numbers.size:
+        weights = _stored_weights(store, info, coords[order], vertex_count, weights)
     return numbers, weights
+
+
+def _stored_weights(store: Store, info: fmt.VlenArrayInfo, coords: np.ndarray,
+                    vertex_count: int, fallback: np.ndarray) -> np.ndarray:
+    """Vertex estimates of compressed or sharded cells, from one listing:
+    each storage key's bytes shared by the present cells it holds, scaled
+    so the level's vertex count adds up (compression shrinks every cell
+    alike, closely enough to split a dense shard from a sparse one)."""
+    lay = fmt.key_layout(info)
+    sizes = store.sizes(info.path)
+    if not sizes or vertex_count <= 0:
+        return fallback
+    rel = coords - np.asarray(info.origin, dtype=np.int64)
+    kc = rel // np.asarray(lay.key_shape, dtype=np.int64)
+    uniq, inv = np.unique(kc, axis=0, return_inverse=True)
+    inv = inv.reshape(-1)
+    prefix = len(info.path) + 1
+    nbytes = np.asarray([sizes.get(lay.key(info.path, k)[prefix:], 0) for k in uniq.tolist()],
+                        dtype=np.float64)
+    share = nbytes[inv] / np.bincount(inv, minlength=uniq.shape[0])[inv]
+    if share.sum() <= 0:
+        return fallback
+    return np.maximum(1.0, share * (float(vertex_count) / float(share.sum())))
 
 
 # ---------------------------------------------------------------- one step

@@ -221,6 +221,52 @@ class Store:
                 result[k] = v
         return result
 
+    def get_ranges(self, requests: list[tuple[str, int, int | None]]) -> list[bytes | None]:
+        """Byte ranges ``(key, start, end)`` of several objects, in one call
+        (concurrent on object stores).  ``start < 0`` with ``end=None`` is
+        the last ``-start`` bytes (a shard index at the end).  None where
+        the object does not exist; a range past the object's end comes
+        back short, as a plain read does (the caller checks lengths)."""
+        if not requests:
+            return []
+        if self.is_local:
+            return [self._read_local_range(self.path(k), s, e) for k, s, e in requests]
+        paths = [self.path(k) for k, _, _ in requests]
+
+        def _cat():
+            return self.fs.cat_ranges(paths, [s for _, s, _ in requests],
+                                      [e for _, _, e in requests], on_error="return")
+        raw = with_retries(_cat, what=self.describe(requests[0][0]))
+        out: list[bytes | None] = []
+        for (k, s, e), p, v in zip(requests, paths, raw):
+            if isinstance(v, FileNotFoundError) or v is None:
+                out.append(None)
+            elif isinstance(v, BaseException):
+                # One failed member: retry it alone so the classification
+                # (transient or not) applies to it.
+                def _one(p=p, s=s, e=e):
+                    try:
+                        return self.fs.cat_file(p, start=s, end=e)
+                    except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+                        return None
+                out.append(with_retries(_one, what=self.describe(k)))
+            else:
+                out.append(bytes(v))
+        return out
+
+    @staticmethod
+    def _read_local_range(path: str, start: int, end: int | None) -> bytes | None:
+        try:
+            with open(path, "rb") as fh:
+                if start < 0:
+                    size = os.fstat(fh.fileno()).st_size
+                    fh.seek(max(0, size + start))
+                    return fh.read() if end is None else fh.read(max(0, end - fh.tell()))
+                fh.seek(start)
+                return fh.read() if end is None else fh.read(max(0, end - start))
+        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+            return None
+
     @staticmethod
     def _read_local(path: str) -> bytes | None:
         try:
