@@ -204,6 +204,16 @@ def _discard_unpublished(store: Store, lv: LevelPlan) -> None:
         store.remove_tree(fmt.links_family_path(lv.source_level, 1))
 
 
+def selection_function(strategy: str):
+    """A registered selection strategy, resolved where it was registered
+    (the driver) and shipped in the graph: workers need not have imported
+    the package that registers it.  None for the built-in strategies."""
+    if strategy in st.BUILTIN_STRATEGIES:
+        return None
+    from zarr_vectors.multiresolution.registry import require_selection_strategy
+    return require_selection_strategy(strategy)
+
+
 def plan_step(store: Store, lv: LevelPlan, src: SourceLevel, root_meta, *,
               sparsity_strategy: str, sparsity_seed):
     """The step's spec, layout and graph inputs, from metadata and one
@@ -233,7 +243,8 @@ def plan_step(store: Store, lv: LevelPlan, src: SourceLevel, root_meta, *,
         source_dtype=src.dtype, has_objects=src.has_objects,
         manifests_path=f"{lv.source_level}/{fmt.OBJECT_INDEX}/manifests" if src.has_objects else None,
         links=lv.cross_level_storage)
-    sparsity = (lv.sparsity_factor, sparsity_strategy, sparsity_seed, tuple(lv.source_bin))
+    sparsity = (lv.sparsity_factor, sparsity_strategy, sparsity_seed, tuple(lv.source_bin),
+                selection_function(sparsity_strategy))
     return spec, layout, sparsity
 
 

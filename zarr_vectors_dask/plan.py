@@ -66,13 +66,18 @@ def validate_options(*, cross_level_storage: str, cross_level_depth: Any,
     if isinstance(cross_level_depth, bool) or not isinstance(cross_level_depth, int) \
             or cross_level_depth < -1:
         raise PlanError(f"cross_level_depth must be an integer >= -1; got {cross_level_depth!r}")
-    if sparsity_strategy != "random":
+    if sparsity_strategy not in ("random", "length"):
+        # Checked before anything is written (the reference finds out only
+        # when a step first sparsifies); PlanError is a ValueError, the
+        # class the reference's registry raises.
         from zarr_vectors.multiresolution import registry
-        try:
-            registry.require_selection_strategy(sparsity_strategy)
-        except Exception:  # noqa: BLE001
-            raise PlanError(f"unknown sparsity_strategy {sparsity_strategy!r}; the core strategy "
-                            f"is 'random' (others need zarr-vectors-tools)") from None
+        if not isinstance(sparsity_strategy, str) or \
+                registry.get_selection_strategy(sparsity_strategy) is None:
+            raise PlanError(
+                f"unknown sparsity_strategy {sparsity_strategy!r}: built in are 'random' (the "
+                f"reference's) and 'length'; registered in zarr-vectors' selection registry: "
+                f"{registry.registered_selection_strategies()} (zarr-vectors-tools registers "
+                f"more on import)")
 
 
 # ------------------------------------------------------------ geometry
