@@ -291,3 +291,49 @@ def test_cli_sparsity_strategy(local_client, tmp_path, capsys):
     assert main(["pyramid", str(ours), "--factors", "2:2", "--sparsity-strategy", "nope",
                  "--overwrite"]) != 0
     assert "unknown sparsity_strategy 'nope'" in capsys.readouterr().err
+
+
+@pytest.mark.integration
+def test_length_on_s3(s3_server, local_client, tmp_path, strategy_name):
+    """Built straight on S3 (SeaweedFS): the exchange files of the context
+    stages travel through the bucket; equal to the reference with the
+    brute-force survivors, nothing left under .zvdask."""
+    factors = [(2, 2), (2, 2)]
+    ref, local = _twins(tmp_path, lambda p: make_streamlines(p, seed=21, n_objects=60,
+                                                              chunk_shape=50.0))
+    _reference(ref, factors, strategy_name, **KW)
+    bucket = s3_server.new_bucket()
+    fs = s3_server.fs()
+    fs.put(str(local), f"{bucket}/x.zv", recursive=True)
+    zd.build_pyramid(s3_server.url(bucket, "x.zv"), factors=factors, sparsity_strategy="length",
+                     storage_options=s3_server.storage_options, client=local_client, **KW)
+    names = [p.rsplit("/", 1)[-1] for p in fs.ls(f"{bucket}/x.zv", refresh=True)]
+    assert sorted(names) == ["0", "1", "2", "zarr.json"], names
+    ours = tmp_path / "from-s3.zv"
+    fs.get(f"{bucket}/x.zv", str(ours), recursive=True)
+    diff = compare_raw_files(ref, ours)
+    assert diff.identical, diff.summary()
+
+
+def test_plan_shows_the_context_tasks(tmp_path):
+    """--dry-run counts the context stages: exactly for the first step (its
+    real graph), estimated for later ones; none with random."""
+    store = tmp_path / "s.zv"
+    make_streamlines(str(store), seed=3, n_objects=50)
+    plan = zd.plan_pyramid(str(store), factors=[(2, 2), (2, 2)], sparsity_strategy="length")
+    for lv in plan.levels:
+        assert lv.tasks["context_refs"] == lv.tasks["object_context"] == 1
+        assert lv.tasks["fragment_summaries"] == lv.n_blocks
+        assert "fragment_points" not in lv.tasks
+    plain = zd.plan_pyramid(str(store), factors=[(2, 2), (2, 2)])
+    assert not any("context_refs" in lv.tasks for lv in plain.levels)
+
+
+def test_kept_rows_ranks_by_length_then_row():
+    from zarr_vectors_dask.stages import kept_rows
+    lengths = np.array([3.0, 5.0, 5.0, 0.0, 5.0, 1.0, 3.0])
+    keep = kept_rows(7, 2.0, "length", None, (1.0,), lengths=lengths)
+    assert np.flatnonzero(keep).tolist() == [0, 1, 2, 4]  # 4 kept: three 5.0s, then row 0's 3.0
+    assert kept_rows(7, 1.0, "length", None, (1.0,)).all()  # no sparsity: no lengths needed
+    assert np.flatnonzero(kept_rows(7, 100.0, "length", None, (1.0,), lengths=lengths)) \
+        .tolist() == [1]  # at least one row

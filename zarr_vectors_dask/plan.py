@@ -146,6 +146,7 @@ class LevelPlan:
     cross_level_storage: str
     max_block_vertices: int = 2_000_000  # the per-task vertex budget
     n_workers: int = 2
+    sparsity_strategy: str = "random"
 
     #: Tasks per task function of the step's real graph, when the source
     #: level exists (``api.plan_pyramid`` builds the graph for the first
@@ -164,6 +165,14 @@ class LevelPlan:
                "links_and_sequences": b, "write_manifests": k,
                "pick": 2 * b * 2 + 2 * tb * 2, "answer_for": 2 * b,
                "join": 2 * int(k > 0), "level_summary": 1}
+        if self.sparsity_strategy != "random" and self.sparsity_factor > 1.0 \
+                and self.n_objects > 1:
+            # Per-object context before object_table (stages.needs_context).
+            rounds = 1 if self.sparsity_strategy == "length" else 2
+            out.update(context_refs=k, fragment_summaries=b, object_context=k,
+                       join=out["join"] + 2 * rounds)
+            if rounds == 2:
+                out.update(fragment_points=b, object_points=k)
         return {name: n for name, n in out.items() if n}
 
     @property
@@ -308,6 +317,7 @@ def plan_pyramid_from_meta(*, store: str, ndim: int, root_chunk_shape, root_bin,
                         source_chunks=chunks, source_vertices=verts, n_objects=n_objects,
                         n_workers=n_workers, max_block_vertices=max_block_vertices,
                         cross_level_storage=cross_level_storage)
+        lv.sparsity_strategy = sparsity_strategy
         levels.append(lv)
         sbin, schunk = lv.bin_shape, lv.chunk_shape
         chunks = min(chunks, math.prod(lv.target_grid[1]))
