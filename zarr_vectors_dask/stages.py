@@ -410,38 +410,56 @@ def _requested_fragments(spec: StepSpec, block: int, numbers: np.ndarray, kind: 
     return requests, chunks
 
 
+def _fragment_table(spec: StepSpec, chunks: dict) -> dict[str, np.ndarray]:
+    """Every fragment of the decoded chunks, sorted by pair key: vertex
+    count, first and last vertex, and the summed length of its own
+    segments (float64 over the stored positions)."""
+    keys, n, first, last, inner = [], [], [], [], []
+    for num, (rows, members, flens) in chunks.items():
+        pos = rows[members].astype(np.float64)  # fragment order
+        starts = np.cumsum(flens) - flens
+        nz = flens > 0
+        f = np.flatnonzero(nz)
+        fst = np.full((flens.size, spec.ndim), np.nan)
+        lst = np.full((flens.size, spec.ndim), np.nan)
+        fst[f] = pos[starts[f]]
+        lst[f] = pos[starts[f] + flens[f] - 1]
+        owner = np.repeat(np.arange(flens.size), flens)
+        seg = np.sqrt(np.sum(np.diff(pos, axis=0) ** 2, axis=1))
+        within = owner[1:] == owner[:-1]  # no segment between two fragments
+        keys.append(_pair_key(np.full(flens.size, num), np.arange(flens.size)))
+        n.append(flens)
+        first.append(fst)
+        last.append(lst)
+        inner.append(np.bincount(owner[1:][within], weights=seg[within], minlength=flens.size))
+    if not keys:
+        e = np.empty((0, spec.ndim))
+        return {"key": np.empty(0, np.int64), "n": np.empty(0, np.int64), "first": e,
+                "last": e, "inner": np.empty(0)}
+    key = np.concatenate(keys)
+    order = np.argsort(key)
+    return {"key": key[order], "n": np.concatenate(n)[order].astype(np.int64),
+            "first": np.concatenate(first)[order], "last": np.concatenate(last)[order],
+            "inner": np.concatenate(inner)[order]}
+
+
 def fragment_summaries(spec: StepSpec, block: int, numbers: np.ndarray, _refs_done=None) -> None:
     """For every fragment a bucket named in this block: its vertex count,
-    first and last vertex, and the summed length of its own segments
-    (float64 over float32 positions).  Missing fragments have count 0."""
+    first and last vertex, and inner length.  Missing fragments (absent
+    chunk, index past the chunk's fragments) have count 0."""
     requests, chunks = _requested_fragments(spec, block, numbers, "context_refs")
+    table = _fragment_table(spec, chunks)
     out = {}
     for bucket, req in requests:
-        n = np.zeros(req["chunk"].size, dtype=np.int64)
-        first = np.full((n.size, spec.ndim), np.nan)
-        last = np.full((n.size, spec.ndim), np.nan)
-        inner = np.zeros(n.size)
-        for num in np.unique(req["chunk"]).tolist():
-            if num not in chunks:
-                continue
-            rows, members, flens = chunks[num]
-            sel = np.flatnonzero(req["chunk"] == num)
-            f = req["frag"][sel]
-            have = f < flens.size
-            sel, f = sel[have], f[have]
-            starts = np.cumsum(flens) - flens
-            n[sel] = flens[f]
-            nz = n[sel] > 0
-            sel, f = sel[nz], f[nz]
-            pos = rows[members].astype(np.float64)
-            first[sel] = pos[starts[f]]
-            last[sel] = pos[starts[f] + flens[f] - 1]
-            # Segments between consecutive members of the same fragment.
-            owner = np.repeat(np.arange(flens.size), flens)
-            seg = np.sqrt(np.sum(np.diff(pos, axis=0) ** 2, axis=1))
-            within = owner[1:] == owner[:-1]
-            per_frag = np.bincount(owner[1:][within], weights=seg[within], minlength=flens.size)
-            inner[sel] = per_frag[f]
+        want = _pair_key(req["chunk"], req["frag"])
+        n = _lookup(table["key"], table["n"], want, missing=0)
+        at = np.clip(np.searchsorted(table["key"], want), 0, max(table["key"].size - 1, 0))
+        hit = n > 0
+        first = np.full((want.size, spec.ndim), np.nan)
+        last = np.full((want.size, spec.ndim), np.nan)
+        inner = np.zeros(want.size)
+        first[hit], last[hit], inner[hit] = (table["first"][at[hit]], table["last"][at[hit]],
+                                             table["inner"][at[hit]])
         out[bucket] = {"chunk": req["chunk"], "frag": req["frag"], "n": n, "first": first,
                        "last": last, "inner": inner}
     send_exchange(spec.store, out, spec.target_level, "context_frags", block)
