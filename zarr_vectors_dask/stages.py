@@ -4,6 +4,9 @@ Each runs inside a Dask task: it gets a small picklable ``StepSpec``, its
 own slice of the work and the outputs of the tasks it depends on; it reads
 or writes the store itself and returns only what later stages need.
 
+    context_refs ...   (strategies other than "random") per-object lengths and
+      object_points    points, before the survivors are picked: see stage 0b
+    object_table       the id table and the survivors of sparsity
     object_refs        per manifest bucket: which fragments kept objects name
     bin_partials       per source block: bin keys, partial centroid sums
     reduce_metavertices per partition: sum partials into metavertices
