@@ -142,9 +142,17 @@ def test_quickstart(tmp_path, monkeypatch):
     assert counts == sorted(counts, reverse=True) and counts[-1] < counts[0] / 4
     assert [int(r[3]) for r in rows] == [40, 40, 20, 20]
 
-    # one figure, 4 levels side by side over 2 rows: wider than tall
-    (size,) = png_sizes(nb)
+    # 4 levels side by side over 2 rows: wider than tall; then the
+    # coarsest level of a random and a length-ranked pyramid side by side
+    size, sparsity = png_sizes(nb)
     assert size[0] > 1.5 * size[1] > 300
+    assert sparsity[0] > 1.5 * sparsity[1] > 200
+    kept = dict(re.findall(r"^(random|length): keeps 25 of 200 objects, (\d+)% of the total "
+                           r"length$", joined, flags=re.M))
+    assert set(kept) == {"random", "length"}
+    assert int(kept["length"]) > int(kept["random"])
+    for strategy in ("random", "length"):
+        assert zv.open(str(tmp_path / f"tracts-{strategy}.zv")).levels == (0, 1, 2)
 
 
 def _transitions(address: str) -> int:

@@ -391,11 +391,20 @@ def _finished_level(store: Store, lv, *, root_meta, sparsity_strategy, sparsity_
                                                    attribute_aggregation))
     src = pl.read_source_level(store, lv.source_level, root_meta.sid_ndim)
     n_src = src.n_rows if src.has_objects else 1
-    keep = stages.kept_rows(n_src, lv.sparsity_factor, sparsity_strategy,
-                        0 if sparsity_seed is None else sparsity_seed, lv.source_bin) \
-        if src.has_objects else np.ones(1, bool)
+    ranked = sparsity_strategy != "random" and lv.sparsity_factor > 1.0 and n_src > 1
+    if not src.has_objects:
+        keep = np.ones(1, bool)
+    elif ranked:
+        # Survivors that depend on geometry need a pass over the source
+        # level on the cluster; the driver only knows how many there are.
+        # The strategy itself is checked through the build records.
+        keep = np.zeros(n_src, bool)
+        keep[:stages.target_count(n_src, lv.sparsity_factor)] = True
+    else:
+        keep = stages.kept_rows(n_src, lv.sparsity_factor, sparsity_strategy,
+                                0 if sparsity_seed is None else sparsity_seed, lv.source_bin)
     if (not diffs and src.has_objects and n_meta and sparsity_seed is not None
-            and lv.sparsity_factor > 1.0 and n_src > 1):
+            and not ranked and lv.sparsity_factor > 1.0 and n_src > 1):
         # Coarse row r is source row perm[r] (coarse ids are sorted).
         ids = stages.read_object_ids(store, lv.source_level, n_src)
         perm = np.argsort(ids, kind="stable")[:fmt.MANIFEST_BUCKET]

@@ -100,7 +100,14 @@ def _print_table(rows, headers):
 def cmd_pyramid(args) -> int:
     from .api import build_pyramid, plan_pyramid
     opts = parse_storage_options(args.storage_option)
+    if args.sparsity_strategy not in ("random", "length"):
+        # Other names live in zarr-vectors' registry, filled by
+        # zarr-vectors-tools on import; an unknown name is refused by the plan.
+        import importlib.util
+        if importlib.util.find_spec("zarr_vectors_tools") is not None:
+            import zarr_vectors_tools  # noqa: F401
     kw = dict(factors=args.factors, chunk_scale_factors=args.chunk_scale,
+              sparsity_strategy=args.sparsity_strategy,
               sparsity_seed=args.sparsity_seed, cross_level_depth=args.cross_level_depth,
               cross_level_storage=args.cross_level_storage, storage_options=opts)
     if args.aggregate and not args.vertex_attributes:
@@ -113,7 +120,11 @@ def cmd_pyramid(args) -> int:
     # Unreachable store, bad credentials, not a zarr-vectors store: say so
     # before starting (or connecting to) a cluster.
     from .api import _open
+    from .plan import validate_options
     _open(args.store, opts)
+    validate_options(cross_level_storage=args.cross_level_storage,
+                     cross_level_depth=args.cross_level_depth,
+                     sparsity_strategy=args.sparsity_strategy)
     client, cluster = _client(args)
     try:
         print(f"dashboard: {client.dashboard_link}")
@@ -237,6 +248,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="COARSEN:SPARSITY per level, e.g. 2:1,2:2,2:2")
     py.add_argument("--chunk-scale", type=parse_chunk_scale, default=None,
                     help="per-level chunk scale, e.g. 1,2,2x2x1")
+    py.add_argument("--sparsity-strategy", default="random",
+                    help="which objects a sparsified level keeps: random (the reference's, "
+                         "seeded), length (the longest polylines) or a name registered in "
+                         "zarr-vectors' selection registry")
     py.add_argument("--sparsity-seed", type=int, default=None)
     py.add_argument("--cross-level-depth", type=int, default=1)
     py.add_argument("--cross-level-storage", choices=["explicit", "implicit", "none"],

@@ -28,6 +28,9 @@ STAGE_OF = {
     "write_manifests": "manifests", "write_attributes": "attributes",
     "level_summary": "summary", "compose_block": "compose", "compose_summary": "summary",
     "pick": "routing", "join": "routing",
+    "context_refs": "sparsity context", "fragment_summaries": "sparsity context",
+    "object_context": "sparsity context", "fragment_points": "sparsity context",
+    "object_points": "sparsity context",
 }
 
 
@@ -51,8 +54,35 @@ class Graph:
 
 
 # ---------------------------------------------------------------- one step
-def _objects(g: Graph, tok: str, spec, n_rows: int, sparsity: tuple, attrs: list[str]):
-    return g.add(tok, st.object_table, 0, spec, n_rows, sparsity, attrs)
+def _sparsity_context(g: Graph, tok: str, spec, layout: StepLayout, n_rows: int,
+                      sparsity: tuple) -> list:
+    """Per-object lengths (and, for registered strategies, midpoints) for
+    a strategy other than ``random``: buckets ask blocks about their
+    fragments and sum the answers, so no task sees a whole level.
+    Returns the tasks ``object_table`` waits for (none for ``random``)."""
+    if not st.needs_context(sparsity, n_rows):
+        return []
+    want_points = sparsity[1] != "length"
+    buckets = range(len(split_runs(n_rows, fmt.MANIFEST_BUCKET)))
+    refs = [g.add(tok, st.context_refs, k, spec, k, n_rows) for k in buckets]
+    asked = g.add(tok, st.join, "context_refs", *refs)
+    summaries = [g.add(tok, st.fragment_summaries, b, spec, b, layout.block_chunks[b], asked)
+                 for b in range(layout.n_blocks)]
+    answered = g.add(tok, st.join, "context_frags", *summaries)
+    ctx = [g.add(tok, st.object_context, k, spec, k, refs[k], want_points, answered)
+           for k in buckets]
+    if not want_points:
+        return ctx
+    asked = g.add(tok, st.join, "context_points", *ctx)
+    points = [g.add(tok, st.fragment_points, b, spec, b, layout.block_chunks[b], asked)
+              for b in range(layout.n_blocks)]
+    answered = g.add(tok, st.join, "context_pointvals", *points)
+    return [g.add(tok, st.object_points, k, spec, k, ctx[k], answered) for k in buckets]
+
+
+def _objects(g: Graph, tok: str, spec, n_rows: int, sparsity: tuple, attrs: list[str],
+             context: list):
+    return g.add(tok, st.object_table, 0, spec, n_rows, sparsity, attrs, *context)
 
 
 def _object_refs(g: Graph, tok: str, spec, n_buckets: int, objects):
@@ -127,7 +157,9 @@ def step_graph(spec, layout: StepLayout, *, n_rows: int, sparsity: tuple,
                attribute_names: list[str], token: str) -> Graph:
     """The whole step: its one output is ``level_summary``'s counts."""
     g = Graph({})
-    objects = _objects(g, token, spec, n_rows, sparsity, attribute_names) \
+    context = _sparsity_context(g, token, spec, layout, n_rows, sparsity) \
+        if spec.has_objects else []
+    objects = _objects(g, token, spec, n_rows, sparsity, attribute_names, context) \
         if spec.has_objects else None
     n_buckets = len(split_runs(n_rows, fmt.MANIFEST_BUCKET)) if spec.has_objects else 0
     refs, refs_done = _object_refs(g, token, spec, n_buckets, objects)

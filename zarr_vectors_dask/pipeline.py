@@ -233,6 +233,16 @@ def _discard_unpublished(store: Store, lv: LevelPlan) -> None:
                                                 lv.target_level - lv.source_level))
 
 
+def selection_function(strategy: str):
+    """A registered selection strategy, resolved where it was registered
+    (the driver) and shipped in the graph: workers need not have imported
+    the package that registers it.  None for the built-in strategies."""
+    if strategy in st.BUILTIN_STRATEGIES:
+        return None
+    from zarr_vectors.multiresolution.registry import require_selection_strategy
+    return require_selection_strategy(strategy)
+
+
 def plan_step(store: Store, lv: LevelPlan, src: SourceLevel, root_meta, *,
               sparsity_strategy: str, sparsity_seed, vertex_attributes=None,
               attribute_aggregation=None):
@@ -265,7 +275,8 @@ def plan_step(store: Store, lv: LevelPlan, src: SourceLevel, root_meta, *,
         links=lv.cross_level_storage,
         vertex_attributes=va.resolve(store, lv.source_level, vertex_attributes,
                                      attribute_aggregation))
-    sparsity = (lv.sparsity_factor, sparsity_strategy, sparsity_seed, tuple(lv.source_bin))
+    sparsity = (lv.sparsity_factor, sparsity_strategy, sparsity_seed, tuple(lv.source_bin),
+                selection_function(sparsity_strategy))
     return spec, layout, sparsity
 
 

@@ -67,13 +67,18 @@ def validate_options(*, cross_level_storage: str, cross_level_depth: Any,
     if isinstance(cross_level_depth, bool) or not isinstance(cross_level_depth, int) \
             or cross_level_depth < -1:
         raise PlanError(f"cross_level_depth must be an integer >= -1; got {cross_level_depth!r}")
-    if sparsity_strategy != "random":
+    if sparsity_strategy not in ("random", "length"):
+        # Checked before anything is written (the reference finds out only
+        # when a step first sparsifies); PlanError is a ValueError, the
+        # class the reference's registry raises.
         from zarr_vectors.multiresolution import registry
-        try:
-            registry.require_selection_strategy(sparsity_strategy)
-        except Exception:  # noqa: BLE001
-            raise PlanError(f"unknown sparsity_strategy {sparsity_strategy!r}; the core strategy "
-                            f"is 'random' (others need zarr-vectors-tools)") from None
+        if not isinstance(sparsity_strategy, str) or \
+                registry.get_selection_strategy(sparsity_strategy) is None:
+            raise PlanError(
+                f"unknown sparsity_strategy {sparsity_strategy!r}: built in are 'random' (the "
+                f"reference's) and 'length'; registered in zarr-vectors' selection registry: "
+                f"{registry.registered_selection_strategies()} (zarr-vectors-tools registers "
+                f"more on import)")
 
 
 # ------------------------------------------------------------ geometry
@@ -142,6 +147,7 @@ class LevelPlan:
     cross_level_storage: str
     max_block_vertices: int = 2_000_000  # the per-task vertex budget
     n_workers: int = 2
+    sparsity_strategy: str = "random"
 
     #: Tasks per task function of the step's real graph, when the source
     #: level exists (``api.plan_pyramid`` builds the graph for the first
@@ -160,6 +166,14 @@ class LevelPlan:
                "links_and_sequences": b, "write_manifests": k,
                "pick": 2 * b * 2 + 2 * tb * 2, "answer_for": 2 * b,
                "join": 2 * int(k > 0), "level_summary": 1}
+        if self.sparsity_strategy != "random" and self.sparsity_factor > 1.0 \
+                and self.n_objects > 1:
+            # Per-object context before object_table (stages.needs_context).
+            rounds = 1 if self.sparsity_strategy == "length" else 2
+            out.update(context_refs=k, fragment_summaries=b, object_context=k,
+                       join=out["join"] + 2 * rounds)
+            if rounds == 2:
+                out.update(fragment_points=b, object_points=k)
         return {name: n for name, n in out.items() if n}
 
     @property
@@ -304,6 +318,7 @@ def plan_pyramid_from_meta(*, store: str, ndim: int, root_chunk_shape, root_bin,
                         source_chunks=chunks, source_vertices=verts, n_objects=n_objects,
                         n_workers=n_workers, max_block_vertices=max_block_vertices,
                         cross_level_storage=cross_level_storage)
+        lv.sparsity_strategy = sparsity_strategy
         levels.append(lv)
         sbin, schunk = lv.bin_shape, lv.chunk_shape
         chunks = min(chunks, math.prod(lv.target_grid[1]))
