@@ -113,14 +113,23 @@ def run_case(args, shape: str, vertices: int) -> dict:
 
 # ------------------------------------------------------------------ table
 COLUMNS = ["shape", "vertices", "objects", "chunks", "project s", "x base", "reference s",
-           "reference / project", "driver peak RSS MiB", "largest worker peak RSS MiB",
+           "reference / project", "CPU s: project (workers + driver) / reference",
+           "x base (CPU)", "driver peak RSS MiB", "largest worker peak RSS MiB",
            "tasks (graph / finished)", "driver round trips", "equivalent", "load before / after",
            "command"]
 
 
+def cpu(build: dict) -> float:
+    """CPU seconds of a build (workers + driver): on a shared machine, the
+    figure that the other agents' load disturbs least."""
+    return build["worker_cpu_seconds"] + build["driver_cpu_seconds"]
+
+
 def rows(results: list[dict]) -> list[list[str]]:
-    base = {r["vertices"]: r["build"]["seconds"] for r in results
-            if r["shape"] == "base" and "build" in r and not r["build"]["error"]}
+    ok_base = [r for r in results
+               if r["shape"] == "base" and "build" in r and not r["build"]["error"]]
+    base = {r["vertices"]: r["build"]["seconds"] for r in ok_base}
+    base_cpu = {r["vertices"]: cpu(r["build"]) for r in ok_base}
     out = []
     for r in results:
         b, w, ref = r.get("build"), r.get("write") or {}, r.get("reference")
@@ -131,11 +140,15 @@ def rows(results: list[dict]) -> list[list[str]]:
         worker = max(b["worker_rss_mib"], b.get("worker_maxrss_final_mib", 0.0))
         secs = f"{b['seconds']:.1f}" + (" FAILED" if b["error"] else "")
         xb = f"{b['seconds'] / base[r['vertices']]:.2f}" if r["vertices"] in base else "-"
+        xc = f"{cpu(b) / base_cpu[r['vertices']]:.2f}" if r["vertices"] in base_cpu else "-"
+        ref_cpu = f"{ref['cpu_seconds']:.1f}" if ref and "cpu_seconds" in ref else "-"
         out.append([
             r["shape"], f"{r['vertices']:,}", f"{w.get('polyline_count', 0):,}",
             f"{w.get('chunk_count', 0):,}", secs, xb,
             f"{ref['seconds']:.1f}" if ref else r.get("reference_skipped", "-"),
             f"{ref['seconds'] / b['seconds']:.1f}x" if ref else "-",
+            f"{cpu(b):.1f} ({b['worker_cpu_seconds']:.1f} + {b['driver_cpu_seconds']:.1f}) "
+            f"/ {ref_cpu}", xc,
             f"{b['driver_rss_mib']:.0f}", f"{worker:.0f}",
             f"{b['tasks']:,} / {b['scheduler_tasks']:,}", str(b.get("round_trips", "-")),
             r.get("equivalent", "n/a"), f"{r['load_before']} / {r.get('load_after', '-')}",
