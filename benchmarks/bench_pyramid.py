@@ -36,6 +36,12 @@ def _maxrss_mib(who=resource.RUSAGE_SELF) -> float:
     return resource.getrusage(who).ru_maxrss / 1024.0  # Linux: KiB
 
 
+def _cpu_seconds(who=resource.RUSAGE_SELF) -> float:
+    """User + system CPU seconds: on a shared machine the comparable figure."""
+    ru = resource.getrusage(who)
+    return ru.ru_utime + ru.ru_stime
+
+
 # ------------------------------------------------------------------ child modes
 def child_write(path: str, vertices: int, seed: int, step: float) -> dict:
     import numpy as np
@@ -63,7 +69,8 @@ def child_reference(path: str) -> dict:
     t0 = time.perf_counter()
     build_pyramid(path, factors=FACTORS, sparsity_seed=SEED, cross_level_depth=CROSS_LEVEL_DEPTH,
                   cross_level_storage=CROSS_LEVEL_STORAGE)
-    return {"seconds": time.perf_counter() - t0, "rss_mib": _maxrss_mib()}
+    return {"seconds": time.perf_counter() - t0, "rss_mib": _maxrss_mib(),
+            "cpu_seconds": _cpu_seconds()}
 
 
 def workers_maxrss_mib(client) -> dict:
@@ -155,6 +162,109 @@ def child_project(path: str, n_workers: int, profile_html: str | None = None) ->
             "tasks": sum(r.tasks for r in steps), "stages": stages, "task_cpu": task_cpu,
             "levels": [{"level": r.target_level, "vertices": r.vertex_count, "chunks": r.chunks,
                         "seconds": r.seconds, "tasks": r.tasks} for r in steps]}
+
+
+def child_reference_cold(path: str) -> dict:
+    """The reference as a fresh process runs it: imports included."""
+    t0 = time.perf_counter()
+    from zarr_vectors.multiresolution.coarsen import build_pyramid
+    t_import = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    build_pyramid(path, factors=FACTORS, sparsity_seed=SEED, cross_level_depth=CROSS_LEVEL_DEPTH,
+                  cross_level_storage=CROSS_LEVEL_STORAGE)
+    build = time.perf_counter() - t1
+    return {"seconds": time.perf_counter() - t0, "import_seconds": t_import,
+            "build_seconds": build, "rss_mib": _maxrss_mib(), "cpu_seconds": _cpu_seconds()}
+
+
+def child_project_cold(path: str, n_workers: int) -> dict:
+    """The first build on a fresh LocalCluster, as ``zvdask pyramid`` runs it
+    (``cli._client``: same cluster arguments, no warm-up of the workers):
+    imports, cluster start, build and cluster shutdown all timed."""
+    t0 = time.perf_counter()
+    import warnings
+    warnings.filterwarnings("ignore")
+    from distributed import Client, LocalCluster
+    import zarr_vectors_dask as zvd
+    from zarr_vectors_dask.api import _open
+    phases = {"imports (driver)": time.perf_counter() - t0}
+    t = time.perf_counter()
+    _open(path, {})  # the CLI checks the store before starting a cluster
+    phases["open store"] = time.perf_counter() - t
+    t = time.perf_counter()
+    cluster = LocalCluster(n_workers=n_workers, threads_per_worker=1, memory_limit="auto",
+                           processes=True, dashboard_address=":0", silence_logs=40)
+    client = Client(cluster)
+    phases["cluster start"] = time.perf_counter() - t
+    reports: list = []
+    try:
+        t = time.perf_counter()
+        zvd.build_pyramid(path, factors=FACTORS, sparsity_seed=SEED,
+                          cross_level_depth=CROSS_LEVEL_DEPTH,
+                          cross_level_storage=CROSS_LEVEL_STORAGE, client=client,
+                          _reports=reports)
+        phases["build_pyramid"] = build = time.perf_counter() - t
+        worker_rss = workers_maxrss_mib(client)
+    finally:
+        t = time.perf_counter()
+        client.close()
+        cluster.close()
+        phases["cluster close"] = time.perf_counter() - t
+    # Closed workers have been waited for: their CPU is in RUSAGE_CHILDREN.
+    cpu = {"driver": _cpu_seconds(), "workers": _cpu_seconds(resource.RUSAGE_CHILDREN)}
+    steps, stages = stage_totals(reports)
+    per_step = {f"step {r.target_level}": r.seconds for r in steps}
+    return {"seconds": time.perf_counter() - t0, "build_seconds": build, "phases": phases,
+            "steps": per_step, "stages": stages, "cpu_seconds": cpu,
+            "driver_rss_mib": _maxrss_mib(),
+            "worker_rss_mib": max(worker_rss.values()) if worker_rss else 0.0,
+            "tasks": sum(r.tasks for r in steps)}
+
+
+def bench_cold(root: Path, vertices: int, args) -> dict:
+    """Cold runs: reference and project each in a fresh interpreter, all
+    imports (and, for the project, cluster start and shutdown) included;
+    ``wall_with_startup`` adds the interpreter's own start."""
+    case, level0, ref_dir, proj_dir, w = _new_case(root, vertices, args)
+    shutil.copytree(level0, proj_dir)
+    load = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    ref = run_child("reference_cold", ref_dir)
+    proj = run_child("project_cold", proj_dir, args.workers)
+    print(f"[cold {root} {vertices:,}] reference {ref['seconds']:.2f}s, project "
+          f"{proj['seconds']:.2f}s (build_pyramid {proj['build_seconds']:.2f}s)", file=sys.stderr)
+    equivalent = _verdict(ref, ref_dir, proj_dir)
+    if not args.keep:
+        shutil.rmtree(case)
+    return {"root": str(root), "vertices": w["vertices"], "reference": ref, "project": proj,
+            "equivalent": equivalent, "load": load}
+
+
+def cold_report(results: list[dict]) -> str:
+    header = ["root", "vertices", "reference s (imports incl.)", "project s (cold)",
+              "ratio", "ratio with interpreter start", "CPU s: reference / project "
+              "(driver + workers)", "equivalent", "load"]
+    rows = []
+    for r in results:
+        ref, proj = r["reference"], r["project"]
+        cpu = proj.get("cpu_seconds") or {}
+        rows.append([r["root"], f"{r['vertices']:,}", _fmt(ref["seconds"]), _fmt(proj["seconds"]),
+                     f"{ref['seconds'] / proj['seconds']:.2f}x",
+                     f"{ref['wall_with_startup'] / proj['wall_with_startup']:.2f}x",
+                     f"{_fmt(ref.get('cpu_seconds'))} / {_fmt(cpu.get('driver'))} + "
+                     f"{_fmt(cpu.get('workers'))}", r["equivalent"], r["load"]])
+    names = []
+    for r in results:
+        p = r["project"]
+        for k in [*p["phases"], *p["steps"], *p["stages"]]:
+            if k not in names:
+                names.append(k)
+    prof = [[k] + [_fmt({**r["project"]["phases"], **r["project"]["steps"],
+                         **r["project"]["stages"]}.get(k)) for r in results] for k in names]
+    return "\n".join([md_table(header, rows), "",
+                      "Where the cold project time goes (seconds; `step N` and the stage rows "
+                      "are inside `build_pyramid`, stages summed over levels):", "",
+                      md_table(["phase"] + [f"{r['root']} {r['vertices']:,}" for r in results],
+                               prof), ""])
 
 
 def run_child(mode: str, *args: str, timeout: float | None = None,
@@ -482,6 +592,10 @@ def main(argv=None) -> int:
                     help="write a distributed performance_report of the project run here")
     ap.add_argument("--json", default=None, help="write raw results as JSON here")
     ap.add_argument("--markdown", default=None, help="write the tables as Markdown here")
+    ap.add_argument("--cold", action="store_true",
+                    help="time a cold build instead: a fresh interpreter and LocalCluster as "
+                         "`zvdask pyramid` runs (imports, cluster start and close included), "
+                         "against the reference with its imports")
     ap.add_argument("--readme", default=None,
                     help="replace the text between <!-- bench:start --> and <!-- bench:end -->")
     args = ap.parse_args(argv)
@@ -489,6 +603,15 @@ def main(argv=None) -> int:
     sizes = [int(float(s)) for s in args.vertices.split(",") if s.strip()]
     roots = [r.strip() for r in args.roots.split(",") if r.strip()]
     results = []
+    if args.cold:
+        results = [bench_cold(Path(root), n, args) for root in roots for n in sizes]
+        md = cold_report(results)
+        print(md)
+        if args.json:
+            Path(args.json).write_text(json.dumps(results, indent=1, default=str))
+        if args.markdown:
+            Path(args.markdown).write_text("# Cold build_pyramid benchmark\n\n" + md)
+        return 0
     for root in roots:
         for n in sizes:
             if root.startswith("s3:"):
@@ -520,6 +643,10 @@ if __name__ == "__main__":
             out = child_write(rest[0], int(rest[1]), int(rest[2]), float(rest[3]))
         elif mode == "reference":
             out = child_reference(rest[0])
+        elif mode == "reference_cold":
+            out = child_reference_cold(rest[0])
+        elif mode == "project_cold":
+            out = child_project_cold(rest[0], int(rest[1]))
         elif mode == "project":
             out = child_project(rest[0], int(rest[1]), rest[2] if len(rest) > 2 and rest[2] else None)
         else:

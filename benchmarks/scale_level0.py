@@ -43,7 +43,8 @@ POINTS_PER_LINE = 100
 # ------------------------------------------------------------------ data
 def random_walk_batches(n_lines: int, *, seed: int = 0, step: float = 2.0,
                         batch_lines: int = 16_384, points: int = POINTS_PER_LINE,
-                        box: float = BOX):
+                        box: float = BOX, corner_fraction: float = 0.0,
+                        corner_size: float = 125.0):
     """The lines of ``benchmarks/bench_pyramid.py``'s ``child_write``, in batches.
 
     That function draws all starts (``uniform``) and then all steps
@@ -51,7 +52,12 @@ def random_walk_batches(n_lines: int, *, seed: int = 0, step: float = 2.0,
     so a second generator advanced past the ``3 * n_lines`` uniform draws
     yields the same steps batch by batch: the lines are bit-identical to the
     single-shot version for any batch size.
+
+    ``corner_fraction`` > 0 starts that fraction of the lines (drawn from a
+    third generator, so the default draws are untouched) inside the corner
+    cube ``[0, corner_size)^3`` instead of the whole box: a dense region.
     """
+    corner = np.random.default_rng([seed, 1]) if corner_fraction > 0 else None
     starts = np.random.default_rng(seed)
     steps = np.random.default_rng(seed)
     steps.bit_generator.advance(3 * n_lines)  # one 64-bit draw per uniform double
@@ -59,6 +65,8 @@ def random_walk_batches(n_lines: int, *, seed: int = 0, step: float = 2.0,
     for lo in range(0, n_lines, batch_lines):
         b = min(batch_lines, n_lines - lo)
         start = starts.uniform(0.0, box, size=(b, 1, 3))
+        if corner is not None:
+            start[corner.random(b) < corner_fraction] *= corner_size / box
         step_b = steps.normal(0.0, step, size=(b, points - 1, 3))
         walk = np.concatenate([start, start + np.cumsum(step_b, axis=1)], axis=1)
         walk = np.abs(walk) % (2 * box)

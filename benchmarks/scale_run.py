@@ -45,15 +45,26 @@ import bench_pyramid as bp  # noqa: E402  (shared measurement helpers)
 
 
 # ------------------------------------------------------------------ children
-def child_write(path: str, vertices: int, seed: int, step: float) -> dict:
+def child_write(path: str, vertices: int, seed: int, step: float,
+                points: int | None = None, chunk: float | None = None,
+                corner_fraction: float = 0.0) -> dict:
+    """Level 0 of ``vertices // points`` random-walk lines of ``points``
+    vertices (default 100) on a grid of ``chunk``-edged chunks (default
+    125); ``corner_fraction`` of the lines start in one corner chunk."""
     sys.path.insert(0, str(HERE))
-    from scale_level0 import POINTS_PER_LINE, random_walk_batches, write_polylines_partitioned
+    from scale_level0 import (
+        CHUNK_SHAPE, POINTS_PER_LINE, random_walk_batches, write_polylines_partitioned,
+    )
 
-    n_lines = max(1, vertices // POINTS_PER_LINE)
+    points = points or POINTS_PER_LINE
+    chunk_shape = (float(chunk),) * 3 if chunk else CHUNK_SHAPE
+    n_lines = max(1, vertices // points)
     t0, c0 = time.perf_counter(), _cpu_self()
     out = write_polylines_partitioned(
-        path, random_walk_batches(n_lines, seed=seed, step=step),
-        spill_dir=str(Path(path).parent))
+        path, random_walk_batches(n_lines, seed=seed, step=step, points=points,
+                                  corner_fraction=corner_fraction,
+                                  corner_size=chunk_shape[0]),
+        chunk_shape=chunk_shape, spill_dir=str(Path(path).parent))
     return {"seconds": time.perf_counter() - t0, "cpu_seconds": _cpu_self() - c0,
             "rss_mib": _maxrss_mib(), **out}
 
@@ -232,6 +243,10 @@ def child_build(path: str, n_workers: int, memory_limit: str) -> dict:
         "managed_max_mib": sampler.max_managed / 2**20,
         "spill_write_mib": disk_write / 2**20, "spill_read_mib": disk_read / 2**20,
         "tasks": sum(r.tasks for r in steps),
+        # Graphs handed to the scheduler: execute() reports each one once
+        # through ``progress`` (steps and the closing composition).
+        "round_trips": len(progress_log),
+        "step_round_trips": sum(r.round_trips for r in steps),
         "scheduler_tasks": sum(counter.count.values()), "erred": counter.erred,
         "by_prefix": {p: {"n": counter.count[p], "nbytes_max": counter.nbytes_max[p],
                           "nbytes_sum": counter.nbytes_sum[p]} for p in sorted(counter.count)},
@@ -321,18 +336,19 @@ def _ratio(r: dict, base: dict, part: str, key: str) -> str:
 
 def tables(results: list[dict]) -> str:
     out = []
-    out.append("| vertices | level-0 write s (CPU s) | write peak RSS | build wall s "
+    out.append("| vertices | objects | level-0 write s (CPU s) | write peak RSS | build wall s "
                "| build CPU s: workers / driver | worker CPU µs/vertex "
                "| driver peak RSS | largest worker peak RSS | spilled to disk (total / peak) "
                "| tasks (graph) | tasks (scheduler) | validate level 0 | validate pyramid |")
-    out.append("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|")
+    out.append("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|")
     for r in results:
         w, b, v = r["write"], r["build"], r.get("validate") or {}
         val = _fmt_validate(v)
         val0 = _fmt_validate(r.get("validate_level0"))
         status = "" if not b.get("error") else " **FAILED**"
         out.append(
-            f"| {r['vertices']:,} | {w['seconds']:.1f} ({w.get('cpu_seconds', 0):.1f}) "
+            f"| {r['vertices']:,} | {w.get('polyline_count', 0):,} "
+            f"| {w['seconds']:.1f} ({w.get('cpu_seconds', 0):.1f}) "
             f"| {_fmt_bytes_mib(w['rss_mib'])} | {b['seconds']:.1f}{status} "
             f"| {b.get('worker_cpu_seconds', 0):.1f} / {b.get('driver_cpu_seconds', 0):.1f} "
             f"| {1e6 * b.get('worker_cpu_seconds', 0) / r['vertices']:.2f} "
@@ -404,6 +420,11 @@ def _validate(path, args, level: int) -> dict:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--vertices", default="1000000,10000000")
+    ap.add_argument("--points-per-line", type=int, default=100,
+                    help="vertices per random-walk line (objects = vertices / this)")
+    ap.add_argument("--objects", default=None,
+                    help="comma-separated object counts; replaces --vertices "
+                         "(vertices = objects x --points-per-line)")
     ap.add_argument("--root", default="/tmp/zvscale")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--memory-limit", default="2GiB")
@@ -429,7 +450,9 @@ def main(argv=None) -> int:
     if args._child:
         mode, *rest = args._child
         if mode == "write":
-            out = child_write(rest[0], int(rest[1]), int(rest[2]), float(rest[3]))
+            out = child_write(rest[0], int(rest[1]), int(rest[2]), float(rest[3]),
+                              *([int(rest[4]), float(rest[5]), float(rest[6])]
+                                if len(rest) > 4 else []))
         elif mode == "build":
             out = child_build(rest[0], int(rest[1]), rest[2])
         else:
@@ -447,11 +470,14 @@ def main(argv=None) -> int:
     root = Path(args.root)
     root.mkdir(parents=True, exist_ok=True)
     results = []
-    for n in [int(x) for x in args.vertices.split(",")]:
+    ppl = args.points_per_line
+    sizes = ([int(float(x)) * ppl for x in args.objects.split(",")] if args.objects
+             else [int(float(x)) for x in args.vertices.split(",")])
+    for n in sizes:
         path = root / f"scale_{n}.zv"
         shutil.rmtree(path, ignore_errors=True)
         print(f"[{time.strftime('%H:%M:%S')}] {n:,} vertices: writing level 0 -> {path}", flush=True)
-        w = run_child("write", path, n, args.seed, args.step)
+        w = run_child("write", path, n, args.seed, args.step, ppl, 125.0, 0.0)
         print(f"  level 0: {w['seconds']:.1f} s, peak RSS {w['rss_mib']:.0f} MiB, "
               f"{w['chunk_count']} chunks, {w['cross_chunk_link_count']:,} bridges", flush=True)
         v0 = None
@@ -483,8 +509,9 @@ def main(argv=None) -> int:
     text = tables(results)
     print(text)
     if args.markdown:
-        header = (f"Scale run: `python benchmarks/scale_run.py --vertices {args.vertices} "
-                  f"--root {args.root}` — LocalCluster {args.workers} workers x 1 thread, "
+        size_arg = (f"--objects {args.objects}" if args.objects else f"--vertices {args.vertices}")
+        header = (f"Scale run: `python benchmarks/scale_run.py {size_arg} "
+                  f"--points-per-line {ppl} --root {args.root}` — LocalCluster {args.workers} workers x 1 thread, "
                   f"memory_limit {args.memory_limit}, store on {args.root}; "
                   f"{os.cpu_count()} cores, {platform.python_version()}; "
                   f"{time.strftime('%Y-%m-%d %H:%M')}.\n\n")

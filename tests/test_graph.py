@@ -60,6 +60,24 @@ def test_layout_routes_cover_every_neighbour():
         assert set(parts) <= near
 
 
+def test_layout_routes_do_not_depend_on_the_route_batch():
+    """Routes are expanded a batch of source chunks at a time (bounded
+    driver memory): any batch size gives the same layout as one batch."""
+    grid = (12, 12, 12)
+    numbers = np.sort(np.random.default_rng(3).choice(1728, 900, replace=False))
+    kw = dict(numbers=numbers, weights=np.random.default_rng(4).integers(1, 50, numbers.size),
+              source_origin=(0, 0, 0), source_grid=grid, source_chunk_shape=(10.0,) * 3,
+              target_origin=(0, 0, 0), target_grid=(6, 6, 6), chunk_shape=(20.0,) * 3,
+              bin_shape=(5.0,) * 3, budget=2000, n_workers=2)
+    whole = step_layout(**kw, route_batch=numbers.size)
+    assert whole.n_blocks > 3 and whole.n_target_blocks > 3
+    for batch in (1, 7, 256):
+        lay = step_layout(**kw, route_batch=batch)
+        assert lay.block_partitions == whole.block_partitions
+        assert lay.partition_targets == whole.partition_targets
+        assert np.array_equal(lay.target_block_starts, whole.target_block_starts)
+
+
 # ---------------------------------------------------------------- serial executor
 def test_step_graph_runs_serially_and_matches_the_reference(tmp_path):
     """The graph is plain data: dask's synchronous scheduler runs it in

@@ -388,9 +388,16 @@ class StepLayout:
         return len(self.target_block_starts)
 
 
+#: Source chunks whose target boxes are expanded at once in ``step_layout``:
+#: each expands to ~125 cells x 3 int64 coordinates (plus masks), so the
+#: driver's transient memory stays ~25 MiB however many chunks a level has
+#: (all 60,000 chunks at once took ~770 MiB).
+ROUTE_BATCH_CHUNKS = 4_096
+
+
 def step_layout(*, numbers, weights, source_origin, source_grid, source_chunk_shape,
                 target_origin, target_grid, chunk_shape, bin_shape, budget: int,
-                n_workers: int) -> StepLayout:
+                n_workers: int, route_batch: int = ROUTE_BATCH_CHUNKS) -> StepLayout:
     """Blocks, target blocks and routes of a step from the source level's
     present chunks (``numbers``: sorted row-major chunk numbers) and their
     estimated vertex counts; pure."""
@@ -436,12 +443,17 @@ def step_layout(*, numbers, weights, source_origin, source_grid, source_chunk_sh
     n_off = int(np.prod(span.max(axis=0))) if numbers.size else 0
     offsets = np.stack(np.unravel_index(np.arange(n_off), tuple(span.max(axis=0).tolist())),
                        axis=1) if n_off else np.empty((0, nd), np.int64)
-    cells = lower[:, None, :] + offsets[None, :, :]
-    inside_box = np.all(cells <= upper[:, None, :], axis=2)
-    owner = np.repeat(np.arange(numbers.size), n_off)[inside_box.ravel()]
-    part = tb(ravel(cells.reshape(-1, nd)[inside_box.ravel()], target_origin, target_grid))
     block_of_chunk = np.searchsorted(starts, np.arange(numbers.size), side="right") - 1
-    pairs = np.unique(block_of_chunk[owner] * n_tb + part)
+    found = []
+    for lo in range(0, numbers.size, max(1, route_batch)):
+        hi = min(numbers.size, lo + max(1, route_batch))
+        cells = lower[lo:hi, None, :] + offsets[None, :, :]
+        inside_box = np.all(cells <= upper[lo:hi, None, :], axis=2).ravel()
+        owner = np.repeat(np.arange(lo, hi), n_off)[inside_box]
+        part = tb(ravel(cells.reshape(-1, nd)[inside_box], target_origin, target_grid))
+        found.append(np.unique(block_of_chunk[owner] * n_tb + part))
+        del cells, inside_box, owner, part
+    pairs = np.unique(np.concatenate(found)) if found else np.empty(0, np.int64)
     block_partitions = [[] for _ in block_chunks]
     for bp in pairs.tolist():
         block_partitions[bp // n_tb].append(bp % n_tb)
