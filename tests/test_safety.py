@@ -95,17 +95,18 @@ class _Sweep:
     """Kill moments measured on a clean run: the build is the span from
     the lock's appearance to the end of ``build_pyramid`` (scratch gone)."""
 
-    def __init__(self, exists):
+    def __init__(self, exists, poll: float = 0.002):
         self.exists = exists  # exists(relative key) on the store
+        self.poll = poll  # s between probes (an S3 probe is a request)
 
     def clean_run(self, start_driver) -> tuple[float, float]:
         p = start_driver()
         try:
-            assert _wait(lambda: self.exists(LOCK_KEY), alive=lambda: p.poll() is None), \
-                p.stderr.read()[-2000:]
+            assert _wait(lambda: self.exists(LOCK_KEY), alive=lambda: p.poll() is None,
+                         interval=self.poll), p.stderr.read()[-2000:]
             t0 = time.monotonic()
             assert _wait(lambda: not self.exists(".zvdask"), alive=lambda: p.poll() is None,
-                         timeout=900, interval=0.01)
+                         timeout=900, interval=max(self.poll, 0.01))
             t1 = time.monotonic()
             assert p.wait(timeout=120) == 0, p.stderr.read()[-2000:]
         finally:
@@ -120,11 +121,11 @@ class _Sweep:
         p = start_driver()
         seen: dict = {}
         try:
-            assert _wait(lambda: self.exists(LOCK_KEY), alive=lambda: p.poll() is None), \
-                p.stderr.read()[-2000:]
+            assert _wait(lambda: self.exists(LOCK_KEY), alive=lambda: p.poll() is None,
+                         interval=self.poll), p.stderr.read()[-2000:]
             if delay is None:
                 _wait(lambda: not self.exists(".zvdask"), alive=lambda: p.poll() is None,
-                      interval=0.001)
+                      interval=self.poll / 2)
             else:
                 time.sleep(delay)
             seen = probe()
@@ -155,7 +156,7 @@ def small_sweep_inputs(tmp_path_factory):
     """A smaller store for the S3 sweep, whose every request is a round trip."""
     d = tmp_path_factory.mktemp("small-sweep-inputs")
     base, ref = d / "base.zv", d / "ref.zv"
-    make_streamlines(str(base), seed=12, n_objects=200, max_len=80)
+    make_streamlines(str(base), seed=12, n_objects=80, max_len=60)
     shutil.copytree(base, ref)
     reference_build_pyramid(str(ref), **KW)
     return base, ref
@@ -241,12 +242,12 @@ def test_crash_sweep_s3(dask_cluster, s3_server, small_sweep_inputs, tmp_path):
         return exists
 
     bucket, url = upload()
-    sweep = _Sweep(exists_in(bucket))
+    sweep = _Sweep(exists_in(bucket), poll=0.05)
     t0, t1 = sweep.clean_run(lambda: _driver(url, address, *cli_opts))
     span = t1 - t0
     seen = []
     with dask_cluster.client() as client:
-        for i, f in enumerate([0.05, 0.3, 0.55, 0.8, 0.95, None]):
+        for i, f in enumerate([0.15, 0.5, 0.85, None]):
             bucket, url = upload()
             sweep.exists = exists_in(bucket)
             s = sweep.kill_at(lambda u=url: _driver(u, address, *cli_opts),
@@ -262,7 +263,7 @@ def test_crash_sweep_s3(dask_cluster, s3_server, small_sweep_inputs, tmp_path):
             fs.get(f"{bucket}/x.zv", str(local), recursive=True)
             diff = compare_raw_files(ref, local)
             assert diff.identical, f"kill {i} (fraction {f}, saw {s}):\n{diff.summary()}"
-        assert sum(1 for s in seen[:-1] if s["lock"] and s["alive"]) >= 4, (span, seen)
+        assert sum(1 for s in seen[:-1] if s["lock"] and s["alive"]) >= 2, (span, seen)
         # no-op on the finished pyramid
         keys = {p: fs.info(p)["LastModified"] for p in fs.find(f"{bucket}/x.zv")}
         zd.build_pyramid(url, client=client, resume=True, storage_options=opts, **KW)

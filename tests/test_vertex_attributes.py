@@ -255,8 +255,18 @@ def check_readers(ours, kind, modes):
 
 
 # ------------------------------------------------------------------ tests
-@pytest.mark.parametrize("mode", [None, *MODES])
-@pytest.mark.parametrize("kind", sorted(KINDS))
+def _kind_mode_params():
+    """Every mode on streamlines in CI; on points the defaults and ``mode``
+    (the histogram), the other modes in the slow run."""
+    out = []
+    for kind in sorted(KINDS):
+        for mode in [None, *MODES]:
+            quick = kind == "streamlines" or mode in (None, "mode")
+            out.append(pytest.param(kind, mode, marks=() if quick else pytest.mark.slow))
+    return out
+
+
+@pytest.mark.parametrize("kind, mode", _kind_mode_params())
 def test_aggregates_equal_brute_force(kind, mode, stores, local_client):
     base, ref, ours = stores(kind, seed=len(str(mode)))
     modes = default_modes(base)

@@ -77,7 +77,6 @@ def execute(client, graph: gr.Graph, token: str, report: StepReport, *, name: st
     the output is held, so every intermediate is released as soon as its
     consumers have finished.  On any failure the graph's tasks are
     cancelled and waited for, so nothing writes after the error returns."""
-    from distributed import wait
     t0 = time.perf_counter()
     report.tasks += graph.tasks
     report.round_trips += 1
@@ -87,8 +86,7 @@ def execute(client, graph: gr.Graph, token: str, report: StepReport, *, name: st
     try:
         if progress is not None:
             progress(name, [fut])
-        wait([fut])
-        return fut.result()
+        return fut.result()  # the future's own client: it need not be the default
     except BaseException:
         fut.cancel()
         wait_until_idle(client, token=token, what="the failed step")
