@@ -33,6 +33,7 @@ bit-for-bit comparison of the two directory trees.
 
 from __future__ import annotations
 
+import shutil
 import json
 import math
 import os
@@ -647,3 +648,13 @@ def compare_raw_files(expected, actual, *, ignore_ome_name: bool = True,
             diff.json_diffs[rel] = _diff_values(ej, aj, rel=0.0)
         diff.differing.append(rel)
     return diff
+
+
+def twin_copies(tmp_path, write):
+    """``write(path)`` a level-0 store once; two copies of it, for the
+    reference and for us: ``(ref, ours)``."""
+    base, ref, ours = tmp_path / "b.zv", tmp_path / "r.zv", tmp_path / "o.zv"
+    write(str(base))
+    shutil.copytree(base, ref)
+    shutil.copytree(base, ours)
+    return ref, ours

@@ -5,7 +5,6 @@ split by a small per-task budget."""
 
 from __future__ import annotations
 
-import shutil
 
 import numpy as np
 import zarr
@@ -17,18 +16,10 @@ import zarr_vectors_dask as zd
 from zarr_vectors_dask import api
 from zarr_vectors_dask.pipeline import plan_step, read_source_level
 from zarr_vectors_dask.store import Store
-from equivalence import assert_equivalent, compare_raw_files
+from equivalence import twin_copies, assert_equivalent, compare_raw_files
 
 KW = dict(factors=[(2, 1), (2, 3)], sparsity_seed=7, cross_level_depth=-1,
           cross_level_storage="explicit")
-
-
-def _twins(tmp_path, write):
-    base, ref, ours = tmp_path / "b.zv", tmp_path / "r.zv", tmp_path / "o.zv"
-    write(str(base))
-    shutil.copytree(base, ref)
-    shutil.copytree(base, ours)
-    return ref, ours
 
 
 def _check(ref, ours, client, **kw):
@@ -73,7 +64,7 @@ def test_many_objects_sparse_unsorted_ids_skewed_chunks(local_client, tmp_path):
                         object_attributes=attrs)
         _shuffle_object_rows(path, rng)
 
-    ref, ours = _twins(tmp_path, write)
+    ref, ours = twin_copies(tmp_path, write)
     # The premises: ids neither dense nor sorted, chunk sizes far apart.
     ids = zarr.open_array(str(ours / "0/object_index/object_ids"), mode="r")[:]
     assert ids.size == n and np.any(np.diff(ids) < 0) and ids.max() > 100 * n
@@ -99,7 +90,7 @@ def test_one_dense_chunk_is_split_off(local_client, tmp_path):
         write_points(path, pos, chunk_shape=(25.0,) * 3, bin_shape=(2.5,) * 3,
                      bounds=([0.0] * 3, [100.0] * 3), object_ids=ids)
 
-    ref, ours = _twins(tmp_path, write)
+    ref, ours = twin_copies(tmp_path, write)
     plan = zd.plan_pyramid(str(ours), factors=KW["factors"], max_block_vertices=2_000)
     st = Store.from_url(str(ours))
     lv = plan.levels[0]

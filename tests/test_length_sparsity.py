@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import functools
 import os
-import shutil
 
 import numpy as np
 import pytest
@@ -25,7 +24,7 @@ from zarr_vectors.multiresolution.coarsen import build_pyramid as reference_buil
 from zarr_vectors.types.polylines import write_polylines
 
 import zarr_vectors_dask as zd
-from equivalence import assert_equivalent, compare_raw_files
+from equivalence import twin_copies, assert_equivalent, compare_raw_files
 from stores import make_points_sparse_ids, make_streamlines
 from zarr_vectors_dask.plan import PlanError
 
@@ -93,14 +92,6 @@ def _reference(ref, factors, name, **kw):
     return reference_build_pyramid(str(ref), factors=factors, sparsity_strategy=name, **kw)
 
 
-def _twins(tmp_path, write):
-    base, ref, ours = tmp_path / "b.zv", tmp_path / "r.zv", tmp_path / "o.zv"
-    write(str(base))
-    shutil.copytree(base, ref)
-    shutil.copytree(base, ours)
-    return ref, ours
-
-
 def _nonempty_ids(path, level):
     root = open_store(str(path), mode="r")
     ids, manifests = read_object_manifest_rows(get_resolution_level(root, level))
@@ -117,7 +108,7 @@ def test_length_equals_brute_force_on_streamlines(local_client, tmp_path, strate
     the reference's levels), ids stay, attributes and present masks follow
     the survivors; the files equal the reference's with those survivors."""
     factors = [(2, 2), (2, 1.5), (2, 3)]
-    ref, ours = _twins(tmp_path, lambda p: make_streamlines(p, seed=11, n_objects=400,
+    ref, ours = twin_copies(tmp_path, lambda p: make_streamlines(p, seed=11, n_objects=400,
                                                              min_len=2, max_len=120))
     expected = _reference(ref, factors, strategy_name, **KW)
     got = zd.build_pyramid(str(ours), factors=factors, sparsity_strategy="length",
@@ -134,7 +125,7 @@ def test_length_equals_brute_force_on_streamlines(local_client, tmp_path, strate
 
 def test_random_is_unchanged(local_client, tmp_path):
     """The default strategy is still the reference's own."""
-    ref, ours = _twins(tmp_path, lambda p: make_streamlines(p, seed=2, n_objects=120))
+    ref, ours = twin_copies(tmp_path, lambda p: make_streamlines(p, seed=2, n_objects=120))
     factors = [(2, 2), (2, 3)]
     expected = reference_build_pyramid(str(ref), factors=factors, **KW)
     got = zd.build_pyramid(str(ours), factors=factors, client=local_client, **KW)
@@ -146,7 +137,7 @@ def test_ids_not_dense_nor_sorted(local_client, tmp_path, strategy_name):
     """Sparse, unsorted object ids: survivors are ranked by source row and
     keep their ids."""
     factors = [(2, 3), (2, 2)]
-    ref, ours = _twins(tmp_path, lambda p: make_points_sparse_ids(p, seed=4, n_objects=40))
+    ref, ours = twin_copies(tmp_path, lambda p: make_points_sparse_ids(p, seed=4, n_objects=40))
     _reference(ref, factors, strategy_name, **KW)
     zd.build_pyramid(str(ours), factors=factors, sparsity_strategy="length",
                      client=local_client, **KW)
@@ -178,7 +169,7 @@ def test_many_buckets_and_ties(local_client, tmp_path, strategy_name):
         write_polylines(path, lines, chunk_shape=(25.0,) * 3, bin_shape=(2.5,) * 3,
                         bounds=([0.0] * 3, [100.0] * 3), object_attributes=attrs)
 
-    ref, ours = _twins(tmp_path, write)
+    ref, ours = twin_copies(tmp_path, write)
     factors = [(2, 3)]
     _reference(ref, factors, strategy_name, **KW)
     zd.build_pyramid(str(ours), factors=factors, sparsity_strategy="length",
@@ -233,7 +224,7 @@ def test_registered_strategy_gets_the_context(local_client, tmp_path, strategy_n
 
 def test_unknown_strategy_fails_before_anything_is_written(tmp_path):
     """Refused up front, with the reference's exception class."""
-    ref, ours = _twins(tmp_path, lambda p: make_streamlines(p, seed=1, n_objects=20))
+    ref, ours = twin_copies(tmp_path, lambda p: make_streamlines(p, seed=1, n_objects=20))
     before = sorted(os.listdir(ours))
     with pytest.raises(ValueError) as theirs:
         reference_build_pyramid(str(ref), factors=[(2, 2)], sparsity_strategy="no-such")
@@ -251,7 +242,7 @@ def test_resume_with_length(local_client, tmp_path):
     """A build stopped after level 1 resumes with "length" to the same
     pyramid as a clean build; rerunning on the finished pyramid rewrites
     nothing; asking for "random" then is refused."""
-    clean, broken = _twins(tmp_path, lambda p: make_streamlines(p, seed=6, n_objects=150))
+    clean, broken = twin_copies(tmp_path, lambda p: make_streamlines(p, seed=6, n_objects=150))
     factors = [(2, 2), (2, 2)]
     zd.build_pyramid(str(clean), factors=factors, sparsity_strategy="length",
                      client=local_client, **KW)
@@ -281,7 +272,7 @@ def test_resume_with_length(local_client, tmp_path):
 def test_cli_sparsity_strategy(local_client, tmp_path, capsys):
     """``zvdask pyramid --sparsity-strategy length`` on a running scheduler."""
     from zarr_vectors_dask.cli import main
-    ref, ours = _twins(tmp_path, lambda p: make_streamlines(p, seed=9, n_objects=60))
+    ref, ours = twin_copies(tmp_path, lambda p: make_streamlines(p, seed=9, n_objects=60))
     zd.build_pyramid(str(ref), factors=[(2, 2)], sparsity_strategy="length",
                      client=local_client, cross_level_depth=1)
     rc = main(["pyramid", str(ours), "--factors", "2:2", "--sparsity-strategy", "length",
@@ -299,7 +290,7 @@ def test_length_on_s3(s3_server, local_client, tmp_path, strategy_name):
     stages travel through the bucket; equal to the reference with the
     brute-force survivors, nothing left under .zvdask."""
     factors = [(2, 2), (2, 2)]
-    ref, local = _twins(tmp_path, lambda p: make_streamlines(p, seed=21, n_objects=60,
+    ref, local = twin_copies(tmp_path, lambda p: make_streamlines(p, seed=21, n_objects=60,
                                                               chunk_shape=50.0))
     _reference(ref, factors, strategy_name, **KW)
     bucket = s3_server.new_bucket()

@@ -141,25 +141,26 @@ class _Sweep:
 
 
 # ------------------------------------------------------------------ crash sweep
-@pytest.fixture(scope="module")
-def sweep_inputs(tmp_path_factory):
-    d = tmp_path_factory.mktemp("sweep-inputs")
+def _sweep_store(tmp_path_factory, name, **kw):
+    """A level-0 store and the reference's pyramid of a copy of it."""
+    d = tmp_path_factory.mktemp(name)
     base, ref = d / "base.zv", d / "ref.zv"
-    make_streamlines(str(base), seed=11, n_objects=500, max_len=150)
+    make_streamlines(str(base), **kw)
     shutil.copytree(base, ref)
     reference_build_pyramid(str(ref), **KW)
     return base, ref
+
+
+@pytest.fixture(scope="module")
+def sweep_inputs(tmp_path_factory):
+    return _sweep_store(tmp_path_factory, "sweep-inputs", seed=11, n_objects=500, max_len=150)
 
 
 @pytest.fixture(scope="module")
 def small_sweep_inputs(tmp_path_factory):
     """A smaller store for the S3 sweep, whose every request is a round trip."""
-    d = tmp_path_factory.mktemp("small-sweep-inputs")
-    base, ref = d / "base.zv", d / "ref.zv"
-    make_streamlines(str(base), seed=12, n_objects=80, max_len=60)
-    shutil.copytree(base, ref)
-    reference_build_pyramid(str(ref), **KW)
-    return base, ref
+    return _sweep_store(tmp_path_factory, "small-sweep-inputs", seed=12, n_objects=80,
+                        max_len=60)
 
 
 @pytest.mark.integration

@@ -71,28 +71,19 @@ def _assert_sharded(store, shard: int, compressor):
 SHARDS = [(2, None), (2, "zstd"), (3, None), (3, "zstd")]
 
 
+#: Points without ids (one implicit object); streamlines crossing chunk
+#: edges, with object attributes; graphs.
+SHARDED_KINDS = {"points": (make_points, dict(seed=3, n_points=2_000)),
+                 "streamlines": (make_streamlines, dict(seed=5, n_objects=60)),
+                 "graphs": (make_graphs, dict(seed=2))}
+
+
+@pytest.mark.parametrize("kind", sorted(SHARDED_KINDS))
 @pytest.mark.parametrize("shard,compressor", SHARDS)
-def test_sharded_points(local_client, tmp_path, shard, compressor):
-    """Points without ids: one implicit object."""
+def test_sharded_source(local_client, tmp_path, kind, shard, compressor):
+    make, kw = SHARDED_KINDS[kind]
     wk = {"shard_shape": shard, **({"compressor": compressor} if compressor else {})}
-    ref, ours = _twins(tmp_path, make_points, seed=3, n_points=2_000, writer_kw=wk)
-    _assert_sharded(ours, shard, compressor)
-    _check(ref, ours, local_client)
-
-
-@pytest.mark.parametrize("shard,compressor", SHARDS)
-def test_sharded_streamlines(local_client, tmp_path, shard, compressor):
-    """Many objects crossing chunk edges, with object attributes."""
-    wk = {"shard_shape": shard, **({"compressor": compressor} if compressor else {})}
-    ref, ours = _twins(tmp_path, make_streamlines, seed=5, n_objects=60, writer_kw=wk)
-    _assert_sharded(ours, shard, compressor)
-    _check(ref, ours, local_client)
-
-
-@pytest.mark.parametrize("shard,compressor", SHARDS)
-def test_sharded_graphs(local_client, tmp_path, shard, compressor):
-    wk = {"shard_shape": shard, **({"compressor": compressor} if compressor else {})}
-    ref, ours = _twins(tmp_path, make_graphs, seed=2, writer_kw=wk)
+    ref, ours = _twins(tmp_path, make, writer_kw=wk, **kw)
     _assert_sharded(ours, shard, compressor)
     _check(ref, ours, local_client)
 
