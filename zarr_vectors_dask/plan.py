@@ -148,6 +148,7 @@ class LevelPlan:
     max_block_vertices: int = 2_000_000  # the per-task vertex budget
     n_workers: int = 2
     sparsity_strategy: str = "random"
+    shard_shape: tuple[int, ...] | None = None  # cells per storage object (None: one)
 
     #: Tasks per task function of the step's real graph, when the source
     #: level exists (``api.plan_pyramid`` builds the graph for the first
@@ -222,9 +223,6 @@ class PyramidPlan:
     cross_level_storage: str
     n_workers: int
     extra: dict = field(default_factory=dict)
-    #: Chunks per shard of the arrays the build writes (None: one object
-    #: per cell); the printed plan then shows the sharded bill as well.
-    shard_shape: Any = None
     #: The first source level's present chunks (its ``nonempty_chunks``)
     #: and, when its cells are sharded, chunks per storage key: they make
     #: the first step's request estimate exact where geometry decides.
@@ -271,10 +269,11 @@ class PyramidPlan:
         return request_plan(self, shard_shape=shard_shape)
 
     def _bill_lines(self) -> list[str]:
-        bills = [("unsharded", self.requests())]
-        if self.shard_shape is not None:
-            shard = normalize_shard_shape(self.shard_shape, self.ndim)
-            bills.append((f"sharded {_fmt_tuple(shard)}", self.requests(shard)))
+        shard = self.levels[0].shard_shape if self.levels else None
+        chain = _chain(self, shard)  # one pass: the unsharded bill reads the same estimates
+        bills = [("unsharded", _bills(self, chain, None))]
+        if shard is not None:
+            bills.append((f"sharded {_fmt_tuple(shard)}", _bills(self, chain, shard)))
         lines = ["  objects written and requests to an object store (estimated: which chunks "
                  "hold cells depends on the data)"]
         for name, rp in bills:
@@ -348,9 +347,15 @@ def plan_pyramid_from_meta(*, store: str, ndim: int, root_chunk_shape, root_bin,
                            level0_vertices: int, n_objects: int, start_level: int = 0,
                            factors, chunk_scale_factors=None, cross_level_depth: int = 1,
                            cross_level_storage: str = "explicit", sparsity_strategy: str = "random",
-                           n_workers: int = 2, max_block_vertices: int = 2_000_000) -> PyramidPlan:
+                           n_workers: int = 2, max_block_vertices: int = 2_000_000,
+                           shard_shape=None) -> PyramidPlan:
     """The whole pyramid from the source level's shapes: pure, no I/O."""
     facs = validate_factors(factors)
+    from .format import normalize_shard_shape
+    try:
+        shards = normalize_shard_shape(shard_shape, ndim)
+    except ValueError as exc:
+        raise PlanError(str(exc)) from None
     validate_options(cross_level_storage=cross_level_storage, cross_level_depth=cross_level_depth,
                      sparsity_strategy=sparsity_strategy)
     if chunk_scale_factors is not None:
@@ -371,6 +376,7 @@ def plan_pyramid_from_meta(*, store: str, ndim: int, root_chunk_shape, root_bin,
                         n_workers=n_workers, max_block_vertices=max_block_vertices,
                         cross_level_storage=cross_level_storage)
         lv.sparsity_strategy = sparsity_strategy
+        lv.shard_shape = shards
         levels.append(lv)
         sbin, schunk = lv.bin_shape, lv.chunk_shape
         chunks = min(chunks, math.prod(lv.target_grid[1]))
@@ -408,6 +414,28 @@ def run_cap(total: float, budget: int, n_workers: int) -> float:
     """Largest run: the memory budget, or less so every worker gets about
     two runs to work on."""
     return max(1.0, min(float(budget), math.ceil(total / max(1, 2 * n_workers))))
+
+
+def shard_runs(coords, weights, origin, grid, shard_shape, cap: float) -> tuple[int, ...]:
+    """Runs of a level's shards (row-major shard numbers) for the tasks
+    that write them: each run's estimated weight at most ``cap`` (a heavier
+    shard is a run of its own; it cannot be split).  ``coords``/``weights``:
+    chunks expected to hold data and their weights; shards holding none
+    join the run before them.  Returns each run's first shard number."""
+    import numpy as np
+    ss = np.asarray(shard_shape, dtype=np.int64)
+    shard_grid = -(-np.asarray(grid, dtype=np.int64) // ss)
+    rel = np.clip(np.asarray(coords, dtype=np.int64).reshape(-1, len(ss)) - np.asarray(origin),
+                  0, np.asarray(grid, dtype=np.int64) - 1) // ss
+    if rel.shape[0] == 0:
+        return (0,)
+    number = np.ravel_multi_index(tuple(rel.T), tuple(shard_grid.tolist()))
+    uniq, inv = np.unique(number, return_inverse=True)
+    w = np.bincount(inv.reshape(-1), weights=np.asarray(weights, dtype=np.float64),
+                    minlength=uniq.size)
+    starts = uniq[weighted_runs(w, cap)]
+    starts[0] = 0
+    return tuple(int(x) for x in starts)
 
 
 def ravel(coords, origin, shape):
@@ -540,14 +568,6 @@ ZARR_OPEN_GETS = 3
 MODEL_CHUNKS = 1 << 20
 
 
-def normalize_shard_shape(shard_shape: Any, ndim: int) -> tuple[int, ...] | None:
-    """``shard_shape`` (chunks per shard: an int, or one per axis) as a
-    tuple of positive ints, or None (unsharded)."""
-    if shard_shape is None:
-        return None
-    return normalize_chunk_scale(shard_shape, ndim, where="shard_shape")
-
-
 def _row_keys(rows):
     """One int64 per row of int coordinates, equal iff the rows are equal."""
     import numpy as np
@@ -598,6 +618,15 @@ class ChunkSet:
 
     def shards(self, shard) -> float:
         return expected_shards(self.coords, self.p, shard) * self.weight
+
+    def leading(self) -> float:
+        """Expected distinct leading grid indices (slabs) holding a chunk; a
+        modelled box stands for ``weight ** (1 / ndim)`` times as many."""
+        import numpy as np
+        coords = np.asarray(self.coords, dtype=np.int64)
+        if coords.shape[0] == 0:
+            return 0.0
+        return expected_shards(coords[:, :1], self.p, (1,)) * self.weight ** (1.0 / coords.shape[1])
 
 
 def chunk_candidates(grid, present: float, *, origin=None, coords=None) -> ChunkSet:
@@ -760,6 +789,25 @@ class _LogSums:
         self.sums = np.bincount(inv.reshape(-1), weights=v, minlength=self.keys.size)
         self._pending, self._n = [], 0
 
+    def add_rows(self, rows, logs) -> None:
+        """``add`` keyed by int rows of a small range: summed per distinct
+        row first (a bincount, no sort), so only those rows are merged."""
+        import numpy as np
+        rows = np.asarray(rows, dtype=np.int64)
+        logs = np.asarray(logs, dtype=np.float64).ravel()
+        if rows.shape[0] == 0:
+            return
+        lo = rows.min(axis=0)
+        span = rows.max(axis=0) - lo + 1
+        if float(np.prod(span.astype(np.float64))) > (1 << 24):
+            self.add(_coarse_key(rows), logs)
+            return
+        idx = np.ravel_multi_index(tuple((rows - lo).T), tuple(span.tolist()))
+        sums = np.bincount(idx, weights=logs, minlength=int(np.prod(span)))
+        hit = np.flatnonzero(sums != 0)  # a zero sum: never there, nothing to count
+        keys = np.stack(np.unravel_index(hit, tuple(span.tolist())), axis=1) + lo
+        self.add(_coarse_key(keys), sums[hit])
+
     def expected(self, weight: float = 1.0) -> float:
         """Expected number of keys with at least one member there; a box
         standing for ``weight`` times as many chunks scales the sums."""
@@ -777,10 +825,11 @@ class LinkEstimate:
     shards: float = 0.0     # expected +N shards (summed over its arrays), when sharded
     mirror_shards: float = 0.0
     landed: ChunkSet | None = None  # coarse chunks the parents land in
+    slabs: float = 0.0      # expected (+N array, leading grid index) pairs holding a cell
 
 
-#: Chunks per batch in ``link_estimate`` (times the targets per chunk).
-_BATCH_CELLS = 1 << 21
+#: (chunk, target) pairs per batch in ``link_estimate``: bounds its memory.
+_BATCH_CELLS = 1 << 19
 
 
 def link_estimate(fine: ChunkSet, *, active, fine_chunk, bin_shape, coarse_chunk, m: float,
@@ -836,43 +885,36 @@ def link_estimate(fine: ChunkSet, *, active, fine_chunk, bin_shape, coarse_chunk
     shard_arr = None if shard is None else np.asarray(shard, dtype=np.int64)
     cells = 0.0
     arrays, mirrors, got = _LogSums(), _LogSums(), _LogSums()
-    plus_sh, minus_sh = _LogSums(), _LogSums()
+    plus_sh, minus_sh, slabs = _LogSums(), _LogSums(), _LogSums()
     step = max(1, _BATCH_CELLS // per_target)
+    tshape = tuple(t[3].shape[1] for t in tables)
+    ratio = np.asarray(coarse_chunk, dtype=np.float64) / np.asarray(fine_chunk, dtype=np.float64)
     for lo in range(0, coords.shape[0], step):
-        sel = slice(lo, lo + step)
-        pr = there[cls_of[sel]] * active[sel, None]            # (n, T)
+        pr = there[cls_of[lo:lo + step]] * active[lo:lo + step, None]   # (chunks, targets)
         cells += float(pr.sum())
-        logs = _log_absent(pr)
-        # Offsets (and back offsets) of every (chunk, target), per axis.
-        off = np.stack([np.broadcast_to(_spread(tables[a][3][cls[sel, a]], a, nd),
-                                        (pr.shape[0],) + tuple(t[3].shape[1] for t in tables))
-                        .reshape(pr.shape) for a in range(nd)], axis=-1)
-        back = np.stack([np.broadcast_to(_spread(tables[a][4][cls[sel, a]], a, nd),
-                                         (pr.shape[0],) + tuple(t[4].shape[1] for t in tables))
-                         .reshape(pr.shape) for a in range(nd)], axis=-1)
-        coarse = (anchor[sel, None, :] + off).reshape(-1, nd)
+        row, col = np.nonzero(pr)  # only the (chunk, target) pairs that can happen
+        logs = _log_absent(pr[row, col])
+        ci = lo + row
+        tix = np.unravel_index(col, tshape)
+        off = np.stack([tables[a][3][cls[ci, a], tix[a]] for a in range(nd)], axis=1)
+        back = np.stack([tables[a][4][cls[ci, a], tix[a]] for a in range(nd)], axis=1)
+        coarse = anchor[ci] + off
         if coarse_grid is not None:
             lo_c = np.asarray(coarse_grid[0], dtype=np.int64)
             coarse = np.clip(coarse, lo_c, lo_c + np.asarray(coarse_grid[1], dtype=np.int64) - 1)
-            fine_rep = np.repeat(coords[sel], per_target, axis=0)
-            off = (coarse - np.repeat(anchor[sel], per_target, axis=0)).reshape(off.shape)
-            back = (fine_rep - np.floor(coarse * (np.asarray(coarse_chunk, dtype=np.float64) /
-                                                  np.asarray(fine_chunk, dtype=np.float64))
-                                        + 1e-9).astype(np.int64)).reshape(back.shape)
-        off_key = _coarse_key(off.reshape(-1, nd))
-        back_key = _coarse_key(back.reshape(-1, nd))
-        arrays.add(off_key, logs)
-        mirrors.add(back_key, logs)
+            off = coarse - anchor[ci]
+            back = coords[ci] - np.floor(coarse * ratio + 1e-9).astype(np.int64)
+        arrays.add_rows(off, logs)
+        mirrors.add_rows(back, logs)
+        slabs.add_rows(np.concatenate([off, coords[ci, :1]], axis=1), logs)
         if landed:
-            got.add(_coarse_key(coarse), logs)
+            got.add_rows(coarse, logs)
         if shard_arr is not None:
-            fine_shard = np.repeat(coords[sel] // shard_arr, per_target, axis=0)
-            plus_sh.add(_coarse_key(np.concatenate([off.reshape(-1, nd), fine_shard], axis=1)),
-                        logs)
+            plus_sh.add_rows(np.concatenate([off, coords[ci] // shard_arr], axis=1), logs)
             if target_shards:
-                minus_sh.add(_coarse_key(np.concatenate([back.reshape(-1, nd),
-                                                         coarse // shard_arr], axis=1)), logs)
+                minus_sh.add_rows(np.concatenate([back, coarse // shard_arr], axis=1), logs)
     est = LinkEstimate(cells * w, arrays.expected(w), mirrors.expected(w))
+    est.slabs = slabs.expected() * w ** (1.0 / nd)  # a box stands for w ** (1/nd) more slabs
     if shard_arr is not None:
         est.shards = plus_sh.expected() * w
         est.mirror_shards = minus_sh.expected() * w
@@ -1018,8 +1060,16 @@ def _spread_of(fine_vertices: float, coarse_vertices: float) -> float:
     return 1.0 / math.sqrt(max(1.0, fine_vertices / max(1.0, coarse_vertices)))
 
 
+def _packs(weight: float, shards: float, budget: int, n_workers: int) -> float:
+    """``write_shards`` tasks of one sharded level: runs of its shards of at
+    most the per-task weight (``run_cap``), never more than the shards."""
+    cap = run_cap(weight, budget, n_workers)
+    return max(1.0, min(max(1.0, shards), math.ceil(max(1.0, weight) / cap)))
+
+
 def step_bill(lv: LevelPlan, *, source: ChunkSet, target: ChunkSet, links: LinkEstimate | None,
-              shard=None, source_key=None, source_links_group: bool = True) -> Bill:
+              shard=None, source_key=None, source_links_group: bool = True,
+              source_vertices: float | None = None) -> Bill:
     """Objects and requests of one coarsening step (``lv``) from the
     chunks its source level holds (``source``), the coarse chunks that get
     vertices (``target``) and its ``±1`` link family (``links``).
@@ -1029,7 +1079,12 @@ def step_bill(lv: LevelPlan, *, source: ChunkSet, target: ChunkSet, links: LinkE
     source level's cells (None: one per cell; a shard shape when the
     source is sharded); ``source_links_group``: the source level has a
     ``links`` group already (level 0 as zarr-vectors writes lines, any
-    level a ``-1`` family reached)."""
+    level a ``-1`` family reached); ``source_vertices``: the source
+    level's vertices (the plan's when not given).
+
+    Sharded, the writers send their cells as exchange files to one
+    ``write_shards`` task per run of shards, which writes each shard whole:
+    about one file per (writer, run) the writer's cells fall in."""
     b = Bill(f"{lv.source_level}->{lv.target_level}")
     s, t = lv.source_level, lv.target_level
     has_obj = lv.n_objects > 0
@@ -1077,6 +1132,20 @@ def step_bill(lv: LevelPlan, *, source: ChunkSet, target: ChunkSet, links: LinkE
         2 * k + k_attr + (blocks if pairs else 0)
     if ranked:
         folders += 1 + 2 * rounds + rounds * (blocks + k) + 1
+    packs = 0.0
+    if shard is not None:
+        weight = float(lv.source_vertices if source_vertices is None else source_vertices)
+        routes = [(_packs(weight, per_array, lv.max_block_vertices, lv.n_workers),
+                   lv.n_target_blocks + (blocks if explicit else 0))]
+        if links_on:
+            routes.append((_packs(weight, source.shards(shard), lv.max_block_vertices,
+                                  lv.n_workers), blocks))
+        for n_packs, senders in routes:
+            # Writers and runs both follow the grid's order, so a writer's
+            # cells reach a run or two: about writers + runs files.
+            exchange += senders + n_packs - 1
+            folders += 1 + n_packs
+            packs += n_packs
     b.scratch(exchange + 2)
 
     # ---- the driver: re-plan from the published source, its shapes and
@@ -1092,8 +1161,8 @@ def step_bill(lv: LevelPlan, *, source: ChunkSet, target: ChunkSet, links: LinkE
     cells = source.expected
     if source_key is None:
         b.read((2 + n_va) * cells)                    # bin_partials: each cell
-    else:
-        b.ranged((2 + n_va) * 2 * source.shards(source_key))  # index, then the cells' bytes
+    else:  # each shard a block touches: its index, then the cells' bytes
+        b.ranged((2 + n_va) * 2 * (source.shards(source_key) + blocks - 1))
     if has_obj:
         b.read(1 + 1)                                 # object_table: ids document, ids
         b.open_array(2 + n_attr)                      # ... ids, attributes, the new ids
@@ -1107,6 +1176,11 @@ def step_bill(lv: LevelPlan, *, source: ChunkSet, target: ChunkSet, links: LinkE
         # Does each family's level have a links group yet?
         b.read(1 if source_links_group else 0)
         b.miss((0 if source_links_group else 1) + int(explicit))
+    if packs:
+        # write_shards: list its folder, read what the writers sent.
+        b.list += packs
+        b.read(exchange - (k + k_attr + 2 * pairs + rounds * 2 * pairs + (k if ranked else 0)),
+               listed=True)
     if ranked:
         b.read(k)                                     # object_table reads the context
         b.read(k)                                     # context_refs: manifest rows
@@ -1116,23 +1190,32 @@ def step_bill(lv: LevelPlan, *, source: ChunkSet, target: ChunkSet, links: LinkE
         if source_key is None:
             b.read(rounds * 2 * cells)
         else:
-            b.ranged(rounds * 2 * 2 * source.shards(source_key))
+            b.ranged(rounds * 2 * 2 * (source.shards(source_key) + blocks - 1))
     return b
 
 
-def compose_bill(sets: dict, links: dict, *, plus_one: dict, shard=None,
-                 storage: str = "explicit") -> Bill:
+def compose_bill(sets: dict, links: dict, *, plus_one: dict, blocks: dict, shard=None,
+                 packs: dict | None = None, storage: str = "explicit") -> Bill:
     """The closing composition: ``±N`` families (N >= 2).  ``links``:
     ``{(fine level, N): LinkEstimate}``; ``sets``: each level's chunks;
     ``plus_one``: ``{(level, 1): LinkEstimate}``, the ``+1`` families the
-    tasks read: every offset array, for every chunk a task asks about,
-    present or not."""
+    tasks read; ``blocks``: composition tasks per fine level; ``packs``
+    (sharded): ``write_shards`` tasks per level.
+
+    A task reads the ``+1`` cells of its own chunks, then those of the
+    chunks its vertices' ancestors are in, one level at a time: plain
+    arrays by one listing per leading grid index (slab) the chunks span
+    and array, then the cells the listing shows; sharded arrays by each
+    shard's index, then the cells' bytes."""
     b = Bill("±N links")
+    levels = sorted(sets)
+    b.list += 1                                      # published levels
+    b.read(len(levels))
     if not links:
         return b
     explicit = storage == "explicit"
     kind = "shards" if shard is not None else "cells"
-    levels = sorted(sets)
+    exchange, folders = 0.0, 1.0
     for (f, n), est in sorted(links.items()):
         b.write(f"+N link {kind}", est.shards if shard is not None else est.cells)
         docs = est.arrays + 1
@@ -1141,24 +1224,42 @@ def compose_bill(sets: dict, links: dict, *, plus_one: dict, shard=None,
             docs += est.mirror_arrays + 1
         b.write("documents", docs)
         b.read(1 + int(explicit))                    # links group checks (groups exist)
+        if shard is not None:
+            exchange += blocks[f] + packs[f] - 1
+            if explicit:
+                exchange += blocks[f] + packs[f + n] - 1
     for f in sorted({f for f, _ in links}):
         deepest = max(n for g, n in links if g == f)
-        # A task reads its own chunks' +1 cells, then those of the chunks
-        # its vertices' ancestors are in, one level at a time.
         for inter in range(f, f + deepest):
             fam = plus_one.get((inter, 1))
             if fam is None:
                 continue
             if shard is None:
-                asked = sets[inter].expected * fam.arrays
-                b.read(min(asked, fam.cells))
-                b.miss(max(0.0, asked - fam.cells))
-            else:  # each shard's index, then the bytes of the cells there
-                b.ranged(sets[inter].shards(shard) * fam.arrays + fam.shards)
-        b.read(1)                                    # the fine level's vertices document
-        b.list += _pages(sets[f].expected if shard is None else sets[f].shards(shard))
-    b.read(2 * len(levels) + 1)                      # geometry, published levels, root
-    b.list += 2 * len(levels) + 1                    # levels, +1 families
+                lead = sets[inter].leading()
+                asked = fam.arrays * (lead + blocks[f] - 1)
+                # s3fs answers an empty listing by asking whether the
+                # prefix is an object: a HEAD, and a LIST more.
+                empty = asked * max(0.0, 1.0 - fam.slabs / max(1e-9, fam.arrays * lead))
+                b.list += asked + fam.cells / LIST_PAGE + empty
+                b.head += empty
+                b.read(fam.cells, listed=True)
+            else:
+                b.ranged(fam.arrays * (sets[inter].shards(shard) + blocks[f] - 1) + fam.shards)
+    # The driver: levels' geometry, +1 arrays (listed, each document read),
+    # each level's vertex cells (sized by one listing).
+    b.read(len(levels) + sum(fam.arrays for fam in plus_one.values()))
+    b.list += len(levels)
+    for lv in levels:
+        b.read(1)
+        b.list += _pages(sets[lv].expected)
+    if shard is not None:
+        for lv in levels:
+            folders += 1 + packs[lv]
+        b.list += sum(packs[lv] for lv in levels)    # write_shards list their folders
+        b.read(exchange, listed=True)
+        b.scratch(exchange)
+    b.list += 4 + 4 + _pages(exchange) + 2 * folders  # exchange cleared before, removed after
+    b.read(1)
     b.put += 1                                       # the root's cross-level settings
     return b
 
@@ -1204,11 +1305,35 @@ class RequestPlan:
 
 def request_plan(plan: "PyramidPlan", *, shard_shape=None, level0_chunks=None) -> RequestPlan:
     """Estimate the objects and requests of ``plan``'s build, unsharded
-    (``shard_shape=None``) or with its coarse arrays and link families
-    sharded by ``shard_shape`` chunks.  Pure: from the plan's shapes,
-    counts and (when known) the first source level's present chunk
-    coordinates (``level0_chunks``, else ``plan.source_chunk_coords``)."""
-    shard = normalize_shard_shape(shard_shape, plan.ndim)
+    (``shard_shape=None``) or with every array it writes sharded by
+    ``shard_shape`` chunks.  Pure: from the plan's shapes, counts and (when
+    known) the first source level's present chunk coordinates
+    (``level0_chunks``, else ``plan.source_chunk_coords``)."""
+    shard = _shard_tuple(shard_shape, plan.ndim)
+    return _bills(plan, _chain(plan, shard, level0_chunks), shard)
+
+
+def _shard_tuple(shard_shape, ndim: int):
+    from .format import normalize_shard_shape
+    try:
+        return normalize_shard_shape(shard_shape, ndim)
+    except ValueError as exc:
+        raise PlanError(str(exc)) from None
+
+
+@dataclass
+class _Chain:
+    """The levels as the estimate follows them: each level's chunks,
+    vertices and survival, the +1 and +N families (with shard sums when
+    ``shard`` is set: the unsharded bill reads the same estimates)."""
+    sets: dict
+    verts: dict
+    fams: dict
+    deep: dict
+    shard: tuple | None
+
+
+def _chain(plan: "PyramidPlan", shard, level0_chunks=None) -> _Chain:
     first = plan.levels[0]
     s0 = first.source_level
     coords = level0_chunks if level0_chunks is not None else plan.source_chunk_coords
@@ -1220,7 +1345,7 @@ def request_plan(plan: "PyramidPlan", *, shard_shape=None, level0_chunks=None) -
     grids = {s0: first.source_grid}
     has_obj = first.n_objects > 0
     kept = first.n_objects
-    survive, steps, fams = {}, [], {}
+    survive, fams = {}, {}
     for lv in plan.levels:
         s, t = lv.source_level, lv.target_level
         src = sets[s]
@@ -1241,12 +1366,6 @@ def request_plan(plan: "PyramidPlan", *, shard_shape=None, level0_chunks=None) -
         chunk[t], bins[t], grids[t] = lv.chunk_shape, lv.bin_shape, lv.target_grid
         survive[s] = sigma
         fams[(s, 1)] = est
-        source_key = shard if s != s0 else plan.source_key_shape
-        steps.append(step_bill(lv, source=src, target=sets[t],
-                               links=est if lv.cross_level_storage != "none" else None,
-                               shard=shard, source_key=source_key,
-                               source_links_group=(plan.source_links_group if s == s0 else
-                                                   lv.cross_level_storage == "explicit")))
         if has_obj:
             kept = max(1, round(kept / lv.sparsity_factor)) if lv.sparsity_factor > 1.0 else kept
     # The composition: +N families of every fine level, N >= 2.
@@ -1268,6 +1387,32 @@ def request_plan(plan: "PyramidPlan", *, shard_shape=None, level0_chunks=None) -
                                              bounds=plan.bounds,
                                              spread=_spread_of(verts[f], verts[f + n]),
                                              shard=shard, target_shards=True)
-    compose = compose_bill(sets, deep, plus_one=fams, shard=shard,
-                           storage=plan.cross_level_storage)
+    return _Chain(sets, verts, fams, deep, shard)
+
+
+def _bills(plan: "PyramidPlan", chain: _Chain, shard) -> RequestPlan:
+    """The bill of ``plan``'s build from ``chain``'s estimates, unsharded
+    (``shard=None``) or sharded (the chain must hold that shard's sums)."""
+    if shard is not None and chain.shard != shard:
+        raise ValueError(f"the estimates were made for shard shape {chain.shard}, not {shard}")
+    s0 = plan.levels[0].source_level
+    sets, verts = chain.sets, chain.verts
+    steps = []
+    for lv in plan.levels:
+        s, t = lv.source_level, lv.target_level
+        source_key = shard if s != s0 else plan.source_key_shape
+        steps.append(step_bill(lv, source=sets[s], target=sets[t],
+                               links=chain.fams[(s, 1)] if lv.cross_level_storage != "none"
+                               else None,
+                               shard=shard, source_key=source_key,
+                               source_links_group=(plan.source_links_group if s == s0 else
+                                                   lv.cross_level_storage == "explicit"),
+                               source_vertices=verts[s]))
+    budget = plan.levels[0].max_block_vertices
+    blocks = {lv: max(1.0, min(sets[lv].expected, math.ceil(
+        verts[lv] / run_cap(verts[lv], budget, plan.n_workers)))) for lv in sets}
+    packs = {lv: _packs(verts[lv], sets[lv].shards(shard), budget, plan.n_workers)
+             for lv in sets} if shard is not None else None
+    compose = compose_bill(sets, chain.deep, plus_one=chain.fams, blocks=blocks, shard=shard,
+                           packs=packs, storage=plan.cross_level_storage)
     return RequestPlan(steps, compose, build_bill(len(plan.levels), start_level=s0), shard)
