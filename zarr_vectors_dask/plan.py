@@ -557,12 +557,11 @@ def step_layout(*, numbers, weights, source_origin, source_grid, source_chunk_sh
 # chunks end up holding cells depends on the data, so present chunks are
 # followed level by level with a probability each (exact at level 0, whose
 # chunk list is in its metadata), vertices are taken as spread evenly
-# inside a chunk, and the centroid of a bin as landing anywhere in it.
+# inside a chunk (and the data's bounds), a bin's centroid as near its
+# middle, and each request as ``Store`` makes it through s3fs (``Bill``).
 
 #: Keys per page of an object store listing (S3's ListObjectsV2).
 LIST_PAGE = 1000
-#: GETs of ``zarr.open_array`` without a format: zarr.json, .zarray, .zattrs.
-ZARR_OPEN_GETS = 3
 #: A level with more possible chunks than this (and no chunk list) is
 #: modelled on a box of about this many chunks, and the counts scaled.
 MODEL_CHUNKS = 1 << 20
@@ -755,43 +754,23 @@ def _landing(tables: list, cls, m: float):
     terms = np.where(joint > 0, terms, 0.0) * count.reshape(count.shape + (1,) * nd)
     # Given that the chunk has parents at all (the caller's probability),
     # at least one bin is occupied: condition on it.
-    return -np.expm1(terms.sum(axis=tuple(range(1, 1 + nd)))) / -np.expm1(-m)
+    return np.minimum(1.0, -np.expm1(terms.sum(axis=tuple(range(1, 1 + nd)))) / -np.expm1(-m))
 
 
 class _LogSums:
-    """Sums of log(1 - p) per int64 key, merged in batches (memory stays
-    bounded however many (chunk, offset) pairs feed them)."""
+    """Sums of log(1 - p) per int row (a key: an offset, a chunk, a shard),
+    merged in batches, so memory follows the distinct keys however many
+    (chunk, target) pairs feed them."""
 
-    FLUSH = 1 << 22
+    FLUSH = 1 << 20
 
     def __init__(self):
-        import numpy as np
-        self.keys = np.empty(0, dtype=np.int64)
-        self.sums = np.empty(0)
+        self.rows = None
+        self.sums = None
         self._pending: list = []
         self._n = 0
 
-    def add(self, keys, logs) -> None:
-        import numpy as np
-        keys, logs = np.asarray(keys, dtype=np.int64).ravel(), np.asarray(logs).ravel()
-        self._pending.append((keys, logs))
-        self._n += keys.size
-        if self._n > self.FLUSH:
-            self._flush()
-
-    def _flush(self) -> None:
-        import numpy as np
-        if not self._pending:
-            return
-        k = np.concatenate([self.keys] + [p[0] for p in self._pending])
-        v = np.concatenate([self.sums] + [p[1] for p in self._pending])
-        self.keys, inv = np.unique(k, return_inverse=True)
-        self.sums = np.bincount(inv.reshape(-1), weights=v, minlength=self.keys.size)
-        self._pending, self._n = [], 0
-
     def add_rows(self, rows, logs) -> None:
-        """``add`` keyed by int rows of a small range: summed per distinct
-        row first (a bincount, no sort), so only those rows are merged."""
         import numpy as np
         rows = np.asarray(rows, dtype=np.int64)
         logs = np.asarray(logs, dtype=np.float64).ravel()
@@ -799,21 +778,36 @@ class _LogSums:
             return
         lo = rows.min(axis=0)
         span = rows.max(axis=0) - lo + 1
-        if float(np.prod(span.astype(np.float64))) > (1 << 24):
-            self.add(_coarse_key(rows), logs)
+        if float(np.prod(span.astype(np.float64))) <= (1 << 21):
+            # Summed per distinct row first: a bincount, no sort.
+            idx = np.ravel_multi_index(tuple((rows - lo).T), tuple(span.tolist()))
+            sums = np.bincount(idx, weights=logs, minlength=int(np.prod(span)))
+            hit = np.flatnonzero(sums != 0)  # a zero sum: never there, nothing to count
+            rows = np.stack(np.unravel_index(hit, tuple(span.tolist())), axis=1) + lo
+            logs = sums[hit]
+        self._pending.append((rows, logs))
+        self._n += rows.shape[0]
+        if self._n > self.FLUSH:
+            self._flush()
+
+    def _flush(self) -> None:
+        import numpy as np
+        if not self._pending:
             return
-        idx = np.ravel_multi_index(tuple((rows - lo).T), tuple(span.tolist()))
-        sums = np.bincount(idx, weights=logs, minlength=int(np.prod(span)))
-        hit = np.flatnonzero(sums != 0)  # a zero sum: never there, nothing to count
-        keys = np.stack(np.unravel_index(hit, tuple(span.tolist())), axis=1) + lo
-        self.add(_coarse_key(keys), sums[hit])
+        parts = self._pending if self.rows is None else [(self.rows, self.sums)] + self._pending
+        rows = np.concatenate([r for r, _ in parts])
+        sums = np.concatenate([v for _, v in parts])
+        _, first, inv = np.unique(_row_keys(rows), return_index=True, return_inverse=True)
+        self.rows = rows[first]
+        self.sums = np.bincount(inv.reshape(-1), weights=sums, minlength=first.size)
+        self._pending, self._n = [], 0
 
     def expected(self, weight: float = 1.0) -> float:
         """Expected number of keys with at least one member there; a box
         standing for ``weight`` times as many chunks scales the sums."""
         import numpy as np
         self._flush()
-        return float(np.sum(-np.expm1(self.sums * weight)))
+        return 0.0 if self.sums is None else float(np.sum(-np.expm1(self.sums * weight)))
 
 
 @dataclass
@@ -922,32 +916,8 @@ def link_estimate(fine: ChunkSet, *, active, fine_chunk, bin_shape, coarse_chunk
         got._flush()
         p = -np.expm1(got.sums)
         keep = p > 0
-        est.landed = ChunkSet(_decode_key(got.keys[keep], nd), p[keep], w)
+        est.landed = ChunkSet(got.rows[keep], p[keep], w)
     return est
-
-
-#: Coordinates are packed into one int64 (63 // columns bits each, offset
-#: so negative values fit) to merge per-key sums cheaply.
-def _coarse_key(rows):
-    import numpy as np
-    rows = np.asarray(rows, dtype=np.int64)
-    bits = 63 // max(1, rows.shape[1])
-    rows = rows + (1 << (bits - 1))
-    key = np.zeros(rows.shape[0], dtype=np.int64)
-    for j in range(rows.shape[1]):
-        key = (key << bits) | rows[:, j]
-    return key
-
-
-def _decode_key(keys, nd: int):
-    import numpy as np
-    keys = np.asarray(keys, dtype=np.int64)
-    bits = 63 // max(1, nd)
-    cols = []
-    for _ in range(nd):
-        cols.append((keys & ((1 << bits) - 1)) - (1 << (bits - 1)))
-        keys = keys >> bits
-    return np.stack(cols[::-1], axis=1).reshape(-1, nd)
 
 
 def _pages(n_keys: float) -> float:
