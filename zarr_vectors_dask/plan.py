@@ -1278,7 +1278,9 @@ def request_plan(plan: "PyramidPlan", *, shard_shape=None, level0_chunks=None) -
     (``shard_shape=None``) or with every array it writes sharded by
     ``shard_shape`` chunks.  Pure: from the plan's shapes, counts and (when
     known) the first source level's present chunk coordinates
-    (``level0_chunks``, else ``plan.source_chunk_coords``)."""
+    (``level0_chunks``, else ``plan.source_chunk_coords``).  Never run by a
+    build: 64,000 chunks over 4 levels take a few seconds and a few hundred
+    MiB."""
     shard = _shard_tuple(shard_shape, plan.ndim)
     return _bills(plan, _chain(plan, shard, level0_chunks), shard)
 
