@@ -610,7 +610,7 @@ def present_cells(store: Store, info: VlenArrayInfo, coords: np.ndarray) -> np.n
         if lead is not None and lead < 0:
             continue
         under = f"{info.path}/c" if lead is None else f"{info.path}/c/{lead}"
-        for key in store.sizes(under):
+        for key in store.keys_under(under):
             parts = key.split("/")
             if len(parts) == ndim - (lead is not None) and all(p.isdigit() for p in parts):
                 found.append(([] if lead is None else [lead]) + [int(p) for p in parts])
