@@ -40,10 +40,8 @@ def _read_parent_maps(store: Store, level: int, chunks, segs: dict, geo: dict) -
     coords = np.asarray(chunks, dtype=np.int64).reshape(len(chunks), -1)
     for seg, info in segs.items():
         off = np.asarray(fmt.parse_chunk_key(seg), dtype=np.int64)
-        # Plain cells: read only those a listing shows (sharded arrays
-        # answer absent cells from their shard index).
-        asked = [chunks[i] for i in np.flatnonzero(fmt.present_cells(store, info, coords))] \
-            if info.raw_cells else chunks
+        # Read only cells whose object (cell or shard) a listing shows.
+        asked = [chunks[i] for i in np.flatnonzero(fmt.present_cells(store, info, coords))]
         for c, payload in fmt.read_cells(store, info, asked).items():
             if payload is None:
                 continue

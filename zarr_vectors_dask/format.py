@@ -594,16 +594,19 @@ def read_cells(store: Store, info: VlenArrayInfo, coords: Sequence[Sequence[int]
 
 
 def present_cells(store: Store, info: VlenArrayInfo, coords: np.ndarray) -> np.ndarray:
-    """Which chunks ``coords`` (n, d) have a cell in a plain (one object per
-    cell) array, as a mask, from one listing per leading grid index they
-    span: a reader probing cells it cannot know exist (a chunk's links may
-    sit in any of ~3^d offset arrays) pays a listing per slab, not a
-    request per cell."""
+    """Which chunks ``coords`` (n, d) may have a cell, as a mask, from one
+    listing per leading index of the storage keys they fall in: a reader
+    probing cells it cannot know exist (a chunk's links may sit in any of
+    ~3^d offset arrays) pays a listing per slab, not a request per cell
+    (plain arrays) or a shard-index read per shard (sharded ones: a chunk
+    whose shard exists is kept; its index says the rest)."""
     rel = np.asarray(coords, dtype=np.int64).reshape(len(coords), -1) - \
         np.asarray(info.origin, dtype=np.int64)
     n, ndim = rel.shape
     if n == 0:
         return np.zeros(0, dtype=bool)
+    if not info.raw_cells:
+        rel = rel // np.asarray(key_layout(info).key_shape, dtype=np.int64)
     found: list[list[int]] = []
     leads = [None] if ndim == 1 else np.unique(rel[:, 0]).tolist()
     for lead in leads:
