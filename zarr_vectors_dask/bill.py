@@ -636,8 +636,8 @@ def compose_bill(sets: dict, links: dict, *, plus_one: dict, blocks: dict, shard
     A task reads the ``+1`` cells of its own chunks, then those of the
     chunks its vertices' ancestors are in, one level at a time: plain
     arrays by one listing per leading grid index (slab) the chunks span
-    and array, then the cells the listing shows; sharded arrays by each
-    shard's index, then the cells' bytes."""
+    and array, then the cells the listing shows; sharded arrays alike on
+    the shard grid, then each listed shard's index and the cells' bytes."""
     b = Bill("±N links")
     levels = sorted(sets)
     b.list += 1                                      # published levels
@@ -675,7 +675,14 @@ def compose_bill(sets: dict, links: dict, *, plus_one: dict, blocks: dict, shard
                 b.head += empty
                 b.read(fam.cells, listed=True)
             else:
-                b.ranged(fam.arrays * (sets[inter].shards(shard) + blocks[f] - 1) + fam.shards)
+                # The same slab listings on the shard grid, then per
+                # present shard its index and the cells' bytes.
+                lead = max(1, math.ceil(sets[inter].leading() / shard[0]))
+                asked = fam.arrays * (lead + blocks[f] - 1)
+                empty = asked * max(0.0, 1.0 - fam.shards / max(1e-9, fam.arrays * lead))
+                b.list += asked + fam.shards / LIST_PAGE + empty
+                b.head += empty
+                b.ranged(2 * fam.shards)
     # The driver: levels' geometry, +1 arrays (listed, each document read),
     # each level's vertex cells (sized by one listing).
     b.read(len(levels) + sum(fam.arrays for fam in plus_one.values()))

@@ -171,6 +171,11 @@ class LevelPlan:
                "links_and_sequences": b, "write_manifests": k,
                "pick": 2 * b * 2 + 2 * tb * 2, "answer_for": 2 * b,
                "join": 2 * int(k > 0), "level_summary": 1}
+        if self.shard_shape is not None:
+            # One run of shards per target block and level written (the
+            # target level; the source level's +1 family too).
+            levels = 1 + int(self.cross_level_storage != "none")
+            out.update(write_shards=levels * tb, join=out["join"] + 1)
         if self.sparsity_strategy != "random" and self.sparsity_factor > 1.0 \
                 and self.n_objects > 1:
             # Per-object context before object_table (stages.needs_context).
