@@ -352,3 +352,20 @@ def test_connection_failures_are_transient_and_auth_failures_are_not(private_s3_
             down.fs.cat_file(down.path(key))
         assert "EndpointConnectionError" in type(refused.value).__name__, repr(refused.value)
         assert _is_transient(refused.value), repr(refused.value)
+
+
+def test_sharded_pyramid_on_s3(s3_server, level0, local_client, tmp_path):
+    """``shard_shape`` on S3: level 0 untouched, no scratch left, the
+    pyramid reads as the reference's, and each array the build wrote is one
+    object per shard that holds a cell -- fewer objects than cells."""
+    from test_sharded_pyramid import _assert_one_object_per_shard, _cell_objects
+    base, ref, expected_summary = level0
+    bucket, url, before = _upload(s3_server, base)
+    summary = zd.build_pyramid(url, storage_options=s3_server.storage_options,
+                               client=local_client, shard_shape=2, **BUILD)
+    assert summary == expected_summary
+    _assert_level0_untouched(before, _objects(s3_server, bucket))
+    _assert_no_bookkeeping(s3_server, bucket)
+    ours = _download(s3_server, bucket, tmp_path / "ours.zv")
+    assert_equivalent(ref, ours)
+    assert _assert_one_object_per_shard(ours, (2, 2, 2)) < _cell_objects(ref)

@@ -128,7 +128,7 @@ def _n_workers(client) -> int:
 
 def _make_plan(store: Store, *, factors, chunk_scale_factors, cross_level_depth,
                cross_level_storage, sparsity_strategy, n_workers, start_level=0,
-               max_block_vertices=2_000_000) -> PyramidPlan:
+               max_block_vertices=2_000_000, shard_shape=None) -> PyramidPlan:
     validate_factors(factors)
     root_meta = _root_meta(store)
     sbin, schunk = _level_shapes(store, start_level, root_meta)
@@ -145,7 +145,7 @@ def _make_plan(store: Store, *, factors, chunk_scale_factors, cross_level_depth,
         start_level=start_level, factors=factors, chunk_scale_factors=chunk_scale_factors,
         cross_level_depth=cross_level_depth, cross_level_storage=cross_level_storage,
         sparsity_strategy=sparsity_strategy, n_workers=n_workers,
-        max_block_vertices=max_block_vertices)
+        max_block_vertices=max_block_vertices, shard_shape=shard_shape)
     return plan
 
 
@@ -153,7 +153,7 @@ def plan_pyramid(store, *, factors, chunk_scale_factors=None, sparsity_strategy=
                  cross_level_depth=1, cross_level_storage="explicit", storage_options=None,
                  n_workers: int = 2, max_block_vertices: int = 2_000_000,
                  method: str = "per_object", options: dict | None = None,
-                 **_ignored) -> PyramidPlan:
+                 shard_shape=None, **_ignored) -> PyramidPlan:
     """The plan ``build_pyramid`` would run; print it to see levels, bins,
     chunk grids and task counts.  Reads metadata only.  ``store`` is
     anything ``build_pyramid`` takes."""
@@ -166,16 +166,16 @@ def plan_pyramid(store, *, factors, chunk_scale_factors=None, sparsity_strategy=
                              sparsity_strategy=sparsity_strategy,
                              cross_level_depth=cross_level_depth,
                              cross_level_storage=cross_level_storage, n_workers=n_workers,
-                             max_block_vertices=max_block_vertices)
+                             max_block_vertices=max_block_vertices, shard_shape=shard_shape)
 
 
 def _plan_pyramid(st: Store, *, factors, chunk_scale_factors, sparsity_strategy,
                   cross_level_depth, cross_level_storage, n_workers,
-                  max_block_vertices) -> PyramidPlan:
+                  max_block_vertices, shard_shape=None) -> PyramidPlan:
     plan = _make_plan(st, factors=factors, chunk_scale_factors=chunk_scale_factors,
                       cross_level_depth=cross_level_depth, cross_level_storage=cross_level_storage,
                       sparsity_strategy=sparsity_strategy, n_workers=n_workers,
-                      max_block_vertices=max_block_vertices)
+                      max_block_vertices=max_block_vertices, shard_shape=shard_shape)
     # The first step's source exists: build its real graph (not run) and
     # report its task counts and blocks.
     first = plan.levels[0]
@@ -272,8 +272,10 @@ def _build_record(plan: PyramidPlan, *, sparsity_strategy, sparsity_seed, cross_
 
 def _record_differences(stored: dict, asked: dict) -> list[str]:
     names = {"factors": "factors (coarsen, sparsity)", "chunk_scale": "chunk scale factors"}
+    # Both ways: an opt-in the stored build used and this one omits differs too.
+    keys = list(asked) + [k for k in stored if k not in asked]
     return [f"{names.get(k, k)}: {stored.get(k)!r} then, {asked.get(k)!r} now"
-            for k in asked if stored.get(k) != asked.get(k)]
+            for k in keys if stored.get(k) != asked.get(k)]
 
 
 def _existing_coarse(store: Store, start_level: int) -> list[int]:
@@ -633,7 +635,7 @@ def build_pyramid(store, *, factors, chunk_scale_factors=None, sparsity_strategy
                   client=None, storage_options=None, resume=False, overwrite=False,
                   progress: Callable | None = None, max_block_vertices: int = 2_000_000,
                   vertex_attributes: str | None = None, attribute_aggregation: dict | None = None,
-                  _reports: list | None = None) -> dict:
+                  shard_shape=None, _reports: list | None = None) -> dict:
     """Build coarser levels 1..len(factors) of ``store`` on Dask; the result
     is the pyramid ``zarr_vectors.build_pyramid`` writes with the same
     arguments, and the same summary dict is returned.
@@ -651,11 +653,21 @@ def build_pyramid(store, *, factors, chunk_scale_factors=None, sparsity_strategy
     writes every level-0 per-vertex attribute at each coarse level, one
     aggregate per metavertex: ``mean`` for floats and ``mode`` for
     integers unless ``attribute_aggregation={name: mode}`` names one of
-    ``mean, sum, mode, count, min, max``."""
+    ``mean, sum, mode, count, min, max``.
+
+    ``shard_shape`` (opt-in; an int or one per axis, in chunks, as
+    zarr-vectors' writers take it) stores every array the build writes --
+    coarse levels' vertex arrays and all link families -- with Zarr v3's
+    sharding codec, that many cells per storage object; each shard is
+    written whole by one task.  Read through zarr-vectors, the pyramid's
+    content is the unsharded one's."""
     _check_method(method, options)
     if resume and overwrite:
         raise PlanError("resume and overwrite cannot both be set")
     if _registered_strategy(method) is not None:
+        if shard_shape is not None:
+            raise PlanError(f"shard_shape is not supported with method={method!r} (another "
+                            f"package's pyramid, built by zarr-vectors)")
         return _REFERENCE_BUILD_PYRAMID(
             store, factors=factors, chunk_scale_factors=chunk_scale_factors,
             sparsity_strategy=sparsity_strategy, sparsity_seed=sparsity_seed,
@@ -668,30 +680,34 @@ def build_pyramid(store, *, factors, chunk_scale_factors=None, sparsity_strategy
             cross_level_depth=cross_level_depth, cross_level_storage=cross_level_storage,
             client=client, resume=resume, overwrite=overwrite, progress=progress,
             max_block_vertices=max_block_vertices, vertex_attributes=vertex_attributes,
-            attribute_aggregation=attribute_aggregation, _reports=_reports)
+            attribute_aggregation=attribute_aggregation, shard_shape=shard_shape,
+            _reports=_reports)
 
 
 def _build_pyramid(st: Store, *, factors, chunk_scale_factors, sparsity_strategy, sparsity_seed,
                    cross_level_depth, cross_level_storage, client, resume, overwrite, progress,
                    max_block_vertices, vertex_attributes, attribute_aggregation,
-                   _reports) -> dict:
+                   shard_shape, _reports) -> dict:
     # Validate the whole request before touching anything.
     plan = _make_plan(st, factors=factors, chunk_scale_factors=chunk_scale_factors,
                       cross_level_depth=cross_level_depth, cross_level_storage=cross_level_storage,
                       sparsity_strategy=sparsity_strategy, n_workers=2,
-                      max_block_vertices=max_block_vertices)
+                      max_block_vertices=max_block_vertices, shard_shape=shard_shape)
+    shard_shape = plan.levels[0].shard_shape  # normalised: one int per axis
     va.resolve(st, plan.levels[0].source_level, vertex_attributes, attribute_aggregation)
     # Only an opt-in changes the records, so builds without it resume as before.
     va_record = {} if vertex_attributes is None else {
         "vertex_attributes": vertex_attributes,
         "attribute_aggregation": dict(sorted((attribute_aggregation or {}).items()))}
+    if shard_shape is not None:
+        va_record["shard_shape"] = list(shard_shape)
     with _client_for(client, st) as c:
         n_workers = _n_workers(c)
         plan = _make_plan(st, factors=factors, chunk_scale_factors=chunk_scale_factors,
                           cross_level_depth=cross_level_depth,
                           cross_level_storage=cross_level_storage,
                           sparsity_strategy=sparsity_strategy, n_workers=n_workers,
-                          max_block_vertices=max_block_vertices)
+                          max_block_vertices=max_block_vertices, shard_shape=shard_shape)
         records = [{**_record(lv, sparsity_strategy=sparsity_strategy,
                               sparsity_seed=sparsity_seed,
                               cross_level_storage=cross_level_storage), **va_record}
@@ -727,7 +743,8 @@ def _build_pyramid(st: Store, *, factors, chunk_scale_factors, sparsity_strategy
                                 cross_level_storage=cross_level_storage,
                                 sparsity_strategy=sparsity_strategy, n_workers=n_workers,
                                 start_level=lv.source_level,
-                                max_block_vertices=max_block_vertices).levels[0]
+                                max_block_vertices=max_block_vertices,
+                                shard_shape=shard_shape).levels[0]
                 st.put(f"{RECORD_DIR}/{lv.target_level}.json", json.dumps(rec).encode())
                 rep = pl.run_step(c, st, lv, root_meta=root_meta,
                                   sparsity_strategy=sparsity_strategy,
@@ -747,7 +764,8 @@ def _build_pyramid(st: Store, *, factors, chunk_scale_factors, sparsity_strategy
             fams, stage_s = pl.compose_links(c, st, root_meta=root_meta, depth=cross_level_depth,
                                              storage=cross_level_storage, n_workers=n_workers,
                                              progress=progress,
-                                             max_block_vertices=max_block_vertices)
+                                             max_block_vertices=max_block_vertices,
+                                             shard_shape=shard_shape)
             levels = cm.published_levels(st)
             lock.check()
             cm.commit_cross_level(
@@ -772,7 +790,7 @@ def coarsen_level(store, source_level: int, target_level: int, *, coarsen_factor
                   sparsity_seed=None, cross_level_storage="none", method: str = "per_object",
                   options: dict | None = None, client=None, storage_options=None,
                   progress=None, vertex_attributes: str | None = None,
-                  attribute_aggregation: dict | None = None) -> dict:
+                  attribute_aggregation: dict | None = None, shard_shape=None) -> dict:
     """Write one coarser level, as ``zarr_vectors.coarsen_level`` does.
 
     ``target_level`` may skip levels (``0 -> 2`` with ``coarsen_factor``
@@ -784,6 +802,9 @@ def coarsen_level(store, source_level: int, target_level: int, *, coarsen_factor
     _check_method(method, options)
     strategy = _registered_strategy(method)
     if strategy is not None:
+        if shard_shape is not None:
+            raise PlanError(f"shard_shape is not supported with method={method!r} (another "
+                            f"package's strategy)")
         return strategy(store_path=store, source_level=source_level, target_level=target_level,
                         coarsen_factor=coarsen_factor, sparsity_factor=sparsity_factor,
                         chunk_scale_factor=chunk_scale_factor,
@@ -811,7 +832,7 @@ def coarsen_level(store, source_level: int, target_level: int, *, coarsen_factor
                                   chunk_scale_factors=[chunk_scale_factor], cross_level_depth=1,
                                   cross_level_storage=cross_level_storage,
                                   sparsity_strategy=sparsity_strategy, n_workers=_n_workers(c),
-                                  start_level=source_level)
+                                  start_level=source_level, shard_shape=shard_shape)
             except PlanError as exc:  # name this call's arguments, not build_pyramid's
                 msg = str(exc).replace("chunk_scale_factors[0]", "chunk_scale_factor")
                 msg = msg.replace("factors[0] ", "").replace(

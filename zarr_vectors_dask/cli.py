@@ -73,6 +73,18 @@ def parse_storage_options(items: list[str] | None) -> dict:
     return opts
 
 
+def parse_shard_shape(text: str):
+    """``4`` (every axis) or ``4x4x2`` (one per axis), in chunks."""
+    try:
+        values = [int(x) for x in text.lower().split("x")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--shard-shape {text!r}: expected N or NxNxN "
+                                         f"(whole numbers of chunks)") from None
+    if any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"--shard-shape {text!r}: every axis must be >= 1")
+    return values[0] if len(values) == 1 else tuple(values)
+
+
 def _client(args):
     from distributed import Client, LocalCluster
     if args.scheduler:
@@ -114,6 +126,8 @@ def cmd_pyramid(args) -> int:
         raise SystemExit("zvdask: --aggregate needs --vertex-attributes")
     if args.vertex_attributes:
         kw.update(vertex_attributes="aggregate", attribute_aggregation=args.aggregate)
+    if args.shard_shape is not None:
+        kw.update(shard_shape=args.shard_shape)
     if args.dry_run:
         print(plan_pyramid(args.store, n_workers=args.n_workers, **kw))
         return 0
@@ -271,6 +285,10 @@ def build_parser() -> argparse.ArgumentParser:
     py.add_argument("--aggregate", type=parse_aggregation, default=None, metavar="NAME=MODE,...",
                     help="aggregation per attribute with --vertex-attributes, e.g. "
                          "fa=mean,label=mode (modes: mean, sum, mode, count, min, max)")
+    py.add_argument("--shard-shape", type=parse_shard_shape, default=None, metavar="N|NxNxN",
+                    help="store every array the build writes with Zarr v3 sharding, this many "
+                         "chunks per storage object (one number for every axis, or one per "
+                         "axis): far fewer objects and requests on S3")
     py.set_defaults(func=cmd_pyramid)
 
     de = sub.add_parser("demo", parents=[common], help="write a sample streamline store and build its pyramid")

@@ -27,6 +27,7 @@ class LinkFamily:
     origin: tuple[int, ...]
     grid: tuple[int, ...]
     cells: dict[str, list[tuple[tuple[int, ...], int]]] = field(default_factory=dict)
+    shard_shape: tuple[int, ...] | None = None  # cells per storage object (None: one)
 
     def add(self, written: dict) -> None:
         for seg, items in written.items():
@@ -64,7 +65,7 @@ def family_docs(store: Store, fam: LinkFamily, sid_ndim: int) -> dict[str, bytes
     for seg, items in sorted(fam.cells.items()):
         attrs = fmt.vlen_attributes(fam.origin, [c for c, _ in items],
                                     fmt.link_array_attrs(_parse_offset(seg), fam.delta))
-        docs[f"{base}/{seg}/zarr.json"] = fmt.vlen_array_doc(fam.grid, attrs)
+        docs[f"{base}/{seg}/zarr.json"] = fmt.vlen_array_doc(fam.grid, attrs, fam.shard_shape)
     if fam.cells:
         links_group = f"{fam.level}/{fmt.LINKS}/zarr.json"
         if store.get(links_group) is None:
@@ -129,7 +130,8 @@ def published_levels(store: Store) -> list[int]:
 
 
 def write_level_arrays(store: Store, level: int, origin, grid, vertex_chunks, families,
-                       *, sid_ndim: int, vertex_attributes: dict | None = None) -> None:
+                       *, sid_ndim: int, vertex_attributes: dict | None = None,
+                       shard_shape=None) -> None:
     """Array documents of a coarse level (and the link families it adds),
     all under paths no reader lists yet.  Runs in the step's last task,
     where the writers' chunk and cell lists are reduced, so those lists
@@ -139,12 +141,12 @@ def write_level_arrays(store: Store, level: int, origin, grid, vertex_chunks, fa
     chunks = [cc for cc, _ in vertex_chunks]
     docs: dict[str, bytes] = {
         f"{level}/{fmt.VERTICES}/zarr.json": fmt.vlen_array_doc(
-            grid, fmt.vlen_attributes(origin, chunks, fmt.vertices_attrs())),
+            grid, fmt.vlen_attributes(origin, chunks, fmt.vertices_attrs()), shard_shape),
         f"{level}/{fmt.VERTEX_FRAGMENTS}/zarr.json": fmt.vlen_array_doc(
-            grid, fmt.vlen_attributes(origin, chunks, fmt.vertex_fragments_attrs()))}
+            grid, fmt.vlen_attributes(origin, chunks, fmt.vertex_fragments_attrs()), shard_shape)}
     for name, attrs in (vertex_attributes or {}).items():
         docs[f"{level}/{fmt.VERTEX_ATTRIBUTES}/{name}/zarr.json"] = fmt.vlen_array_doc(
-            grid, fmt.vlen_attributes(origin, chunks, attrs))
+            grid, fmt.vlen_attributes(origin, chunks, attrs), shard_shape)
     if vertex_attributes:
         docs[f"{level}/{fmt.VERTEX_ATTRIBUTES}/zarr.json"] = fmt.group_doc({})
     _put_in_order(store, docs)

@@ -26,19 +26,18 @@ def level_geometry(store: Store, level: int, root_meta) -> dict:
     return {"grid": grid, "scale": scale, "vertex_count": int(attrs.get("vertex_count") or 0)}
 
 
-def _read_parent_maps(store: Store, level: int, chunks, segs: list[str], geo: dict) -> dict:
+def _read_parent_maps(store: Store, level: int, chunks, segs: dict, geo: dict) -> dict:
     """``{chunk: (parent_chunk (n, d), parent_vi (n,))}`` from the ``+1``
     cells of ``chunks``; vertices without a record get parent_vi -1.
 
     Each chunk's cells are looked up in the family's few offset arrays
-    (absent cells read as None), so the work follows the chunks asked for,
-    not the family's presence lists."""
+    (``segs``: offset string -> array info without its chunk list; absent
+    cells read as None), so the work follows the chunks asked for, not the
+    family's presence lists."""
     rs = np.asarray(geo[level]["scale"], dtype=np.int64)
     rt = np.asarray(geo[level + 1]["scale"], dtype=np.int64)
-    origin = tuple(geo[level]["grid"][0])
     per_chunk: dict[tuple, list] = {}
-    for seg in segs:
-        info = fmt.VlenArrayInfo(f"{fmt.links_family_path(level, 1)}/{seg}", origin, (), True)
+    for seg, info in segs.items():
         off = np.asarray(fmt.parse_chunk_key(seg), dtype=np.int64)
         for c, payload in fmt.read_cells(store, info, chunks).items():
             if payload is None:
@@ -59,10 +58,11 @@ def _read_parent_maps(store: Store, level: int, chunks, segs: list[str], geo: di
 
 
 def compose_block(store: Store, ctx: dict, fine_level: int, fine_cc: np.ndarray,
-                  steps: list[int], storage: str) -> dict:
+                  steps: list[int], storage: str, block: str = "") -> dict:
     """``+N`` cells (and their ``-N`` mirrors) of one run of fine chunks
-    (``fine_cc``).  ``ctx`` holds every level's geometry and the offset
-    arrays of its ``+1`` family."""
+    (``fine_cc``; ``block`` names the run).  ``ctx`` holds every level's
+    geometry, the offset arrays of its ``+1`` family and, when sharded,
+    the routes of each level's cells to the tasks writing its shards."""
     geo, segs = ctx["geo"], ctx["segs"]
     mine = [tuple(c) for c in np.asarray(fine_cc).tolist()]
     base = _read_parent_maps(store, fine_level, mine, segs[fine_level], geo)
@@ -115,26 +115,35 @@ def compose_block(store: Store, ctx: dict, fine_level: int, fine_cc: np.ndarray,
             break
         links = st._partition_links(fine_cc[f_id], f_vi, cur_c, cur_v,
                                     geo[fine_level]["scale"], geo[level]["scale"])
-        out["plus"][n] = st.write_link_cells(store, fine_level, n, geo[fine_level]["grid"][0], links)
+        routes = ctx.get("routes", ())
+        out["plus"][n] = st.write_link_cells(
+            store, fine_level, n, geo[fine_level]["grid"][0], links,
+            route=st.route_to(routes, fine_level), sender=f"c{block}+{n}")
         if storage == "explicit":
             # Every -N cell's records come from one fine chunk of this run.
             out["minus"][n] = st.write_link_cells(
                 store, level, -n, geo[level]["grid"][0],
-                links.mirrored(geo[fine_level]["scale"], geo[level]["scale"]))
+                links.mirrored(geo[fine_level]["scale"], geo[level]["scale"]),
+                route=st.route_to(routes, level), sender=f"c{block}-{n}")
     return out
 
 
 def compose_summary(store: Store, geo: dict, fine_levels: list[int], sid_ndim: int,
-                    *results: dict) -> int:
+                    shard_shape, *results: dict) -> int:
     """Reduce the composition tasks' written cells into the ``±N`` family
     documents (written by the commit module) on the cluster; returns the
-    number of records."""
+    number of records.  ``results``: one per fine run (``fine_levels``),
+    then the shard writers' (waited for only)."""
     from . import commit as cm
     families: dict[tuple[int, int], cm.LinkFamily] = {}
+
+    def family(level, delta):
+        return families.setdefault((level, delta), cm.LinkFamily(
+            level, delta, *geo[level]["grid"], shard_shape=shard_shape))
     for f, res in zip(fine_levels, results):
         for n, written in res["plus"].items():
-            families.setdefault((f, n), cm.LinkFamily(f, n, *geo[f]["grid"])).add(written)
+            family(f, n).add(written)
         for n, written in res["minus"].items():
-            families.setdefault((f + n, -n), cm.LinkFamily(f + n, -n, *geo[f + n]["grid"])).add(written)
+            family(f + n, -n).add(written)
     cm.write_families(store, list(families.values()), sid_ndim=sid_ndim)
     return sum(fam.num_links for fam in families.values())

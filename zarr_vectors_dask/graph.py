@@ -30,7 +30,7 @@ STAGE_OF = {
     "pick": "routing", "join": "routing",
     "context_refs": "sparsity context", "fragment_summaries": "sparsity context",
     "object_context": "sparsity context", "fragment_points": "sparsity context",
-    "object_points": "sparsity context",
+    "object_points": "sparsity context", "write_shards": "shards",
 }
 
 
@@ -153,6 +153,16 @@ def _attributes(g: Graph, tok: str, spec, n_rows: int, attrs: list[str], objects
             for name in attrs for j in range(n)]
 
 
+def shard_writers(g: Graph, tok: str, store, routes, writers) -> list:
+    """Sharded levels: once every writer has sent its cells, one task per
+    run of shards writes them whole (no shard is written by two tasks)."""
+    if not routes:
+        return []
+    done = g.add(tok, st.join, "cells", *writers)
+    return [g.add(tok, st.write_shards, f"{r.level}:{k}", store, r, k, done)
+            for r in routes for k in range(len(r.pack_starts))]
+
+
 def step_graph(spec, layout: StepLayout, *, n_rows: int, sparsity: tuple,
                attribute_names: list[str], token: str) -> Graph:
     """The whole step: its one output is ``level_summary``'s counts."""
@@ -171,7 +181,8 @@ def step_graph(spec, layout: StepLayout, *, n_rows: int, sparsity: tuple,
     manifests = _manifests(g, token, spec, n_rows, refs, links)
     attrs = _attributes(g, token, spec, n_rows, attribute_names, objects) \
         if spec.has_objects else []
+    shards = shard_writers(g, token, spec.store, spec.shard_routes, [*writes.values(), *links])
     g.output = g.add(token, st.level_summary, 0, spec, objects, len(writes), len(links),
                      len(manifests),
-                     *writes.values(), *links, *manifests, *attrs)
+                     *writes.values(), *links, *manifests, *attrs, *shards)
     return g

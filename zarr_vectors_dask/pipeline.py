@@ -23,7 +23,7 @@ from . import graph as gr
 from .errors import BuildError, cleanup
 from . import stages as st
 from . import vertex_attributes as va
-from .plan import LevelPlan, grid_layout, ravel, step_layout
+from .plan import LevelPlan, grid_layout, ravel, run_cap, shard_runs, step_layout
 from .store import Store
 
 
@@ -257,6 +257,7 @@ def plan_step(store: Store, lv: LevelPlan, src: SourceLevel, root_meta, *,
                          n_workers=lv.n_workers)
     root_chunk = tuple(root_meta.chunk_shape)
     strip = dict(chunks=())  # the chunk lists stay with the driver
+    routes = step_shard_routes(lv, numbers, weights) if lv.shard_shape else ()
     spec = st.StepSpec(
         store=store, source_level=lv.source_level, target_level=lv.target_level, ndim=ndim,
         bin_shape=lv.bin_shape, chunk_shape=lv.chunk_shape, source_origin=tuple(s_origin),
@@ -272,10 +273,32 @@ def plan_step(store: Store, lv: LevelPlan, src: SourceLevel, root_meta, *,
         manifests_path=f"{lv.source_level}/{fmt.OBJECT_INDEX}/manifests" if src.has_objects else None,
         links=lv.cross_level_storage,
         vertex_attributes=va.resolve(store, lv.source_level, vertex_attributes,
-                                     attribute_aggregation))
+                                     attribute_aggregation),
+        shard_shape=lv.shard_shape, shard_routes=routes)
     sparsity = (lv.sparsity_factor, sparsity_strategy, sparsity_seed, tuple(lv.source_bin),
                 selection_function(sparsity_strategy))
     return spec, layout, sparsity
+
+
+def step_shard_routes(lv: LevelPlan, numbers, weights) -> tuple:
+    """Routes of a sharded step's cells: the target level (vertices, ``-1``
+    links), weighted by the vertices whose source chunk starts in each
+    target chunk, and the source level (``+1`` links), by source chunk."""
+    s_origin, s_grid = lv.source_grid
+    t_origin, t_grid = lv.target_grid
+    coords = np.stack(np.unravel_index(np.asarray(numbers, dtype=np.int64), tuple(s_grid)),
+                      axis=1).reshape(-1, len(s_grid)) + np.asarray(s_origin, dtype=np.int64)
+    cap = run_cap(float(np.sum(weights)), lv.max_block_vertices, lv.n_workers)
+    home = np.floor(coords * np.asarray(lv.source_chunk_shape, dtype=np.float64) /
+                    np.asarray(lv.chunk_shape, dtype=np.float64)).astype(np.int64)
+    routes = [st.ShardRoute(lv.target_level, tuple(t_origin), tuple(t_grid), lv.shard_shape,
+                            shard_runs(home, weights, t_origin, t_grid, lv.shard_shape, cap),
+                            lv.target_level)]
+    if lv.cross_level_storage != "none":
+        routes.append(st.ShardRoute(
+            lv.source_level, tuple(s_origin), tuple(s_grid), lv.shard_shape,
+            shard_runs(coords, weights, s_origin, s_grid, lv.shard_shape, cap), lv.target_level))
+    return tuple(routes)
 
 
 def step_graph(store: Store, lv: LevelPlan, src: SourceLevel, root_meta, *,
@@ -401,7 +424,7 @@ def _write_empty_level(store: Store, lv: LevelPlan, src: SourceLevel, n: int, ro
 # ---------------------------------------------------------------- composition
 def compose_links(client, store: Store, *, root_meta, depth: int, storage: str,
                   n_workers: int, progress: Callable | None = None,
-                  max_block_vertices: int = 2_000_000) -> tuple[list, dict]:
+                  max_block_vertices: int = 2_000_000, shard_shape=None) -> tuple[list, dict]:
     """The closing stage, one graph: ``±N`` families (N >= 2) composed
     from the published ``+1`` families by one task per run of fine
     chunks; their documents are written on the cluster by its last task.
@@ -415,43 +438,77 @@ def compose_links(client, store: Store, *, root_meta, depth: int, storage: str,
     if max_delta < 2:
         return [], report.stage_seconds
     token = uuid.uuid4().hex[:12]
-    graph, _ = compose_graph(store, levels, max_delta, root_meta=root_meta, storage=storage,
-                             n_workers=n_workers, max_block_vertices=max_block_vertices,
-                             token=token)
-    if graph is not None:
-        execute(client, graph, token, report, name="compose", progress=progress)
+    _drop_exchange(store, COMPOSE_SCOPE)  # leftovers of an interrupted attempt
+    try:
+        graph, _ = compose_graph(store, levels, max_delta, root_meta=root_meta, storage=storage,
+                                 n_workers=n_workers, max_block_vertices=max_block_vertices,
+                                 token=token, shard_shape=shard_shape)
+        if graph is not None:
+            execute(client, graph, token, report, name="compose", progress=progress)
+    finally:
+        cleanup(lambda: _drop_exchange(store, COMPOSE_SCOPE),
+                what="removing the exchange files of the composition")
     return [], report.stage_seconds
 
 
+#: Exchange scope of the composition graph (a step's is its target level).
+COMPOSE_SCOPE = "compose"
+
+
+def _plus_one_arrays(store: Store, level: int) -> dict:
+    """The offset arrays of a level's ``+1`` family, as read cells need them
+    (plain, compressed or sharded), without their chunk lists."""
+    fam = fmt.links_family_path(level, 1)
+    out = {}
+    for seg in store.listdir(fam):
+        if seg == "zarr.json":
+            continue
+        info = fmt.vlen_array_info(store, f"{fam}/{seg}")
+        if info is None:
+            raise fmt.FormatError(f"{store.describe(f'{fam}/{seg}')}: link array has no "
+                                  f"readable zarr.json")
+        out[seg] = fmt.VlenArrayInfo(**{**info.__dict__, "chunks": ()})
+    return out
+
+
 def compose_graph(store: Store, levels: list[int], max_delta: int, *, root_meta, storage: str,
-                  n_workers: int, max_block_vertices: int, token: str):
+                  n_workers: int, max_block_vertices: int, token: str, shard_shape=None):
     """The composition graph: per fine level, runs of its vertex chunks
-    sized by the vertex budget, then one summary task."""
+    sized by the vertex budget, then (sharded) the shard writers, then one
+    summary task."""
     from .compose import compose_block, compose_summary, level_geometry
-    from .plan import run_cap, weighted_runs
+    from .plan import weighted_runs
     geo = {lv: level_geometry(store, lv, root_meta) for lv in levels}
-    segs = {lv: [s_ for s_ in store.listdir(fmt.links_family_path(lv, 1)) if s_ != "zarr.json"]
-            for lv in levels}
-    ctx = {"geo": geo, "segs": segs}
+    segs = {lv: _plus_one_arrays(store, lv) for lv in levels}
     g = gr.Graph({})
-    tasks, owners = [], []
+    tasks, owners, routes = [], [], []
     ndim = root_meta.sid_ndim
-    for f in levels[:-1]:
-        steps = [n for n in range(2, max_delta + 1) if f + n in geo]
+    plans = []
+    for f in levels:
         info = fmt.vlen_array_info(store, f"{f}/{fmt.VERTICES}")
-        if not steps or not segs[f] or info is None or not info.chunks:
+        if info is None or not info.chunks:
             continue
         origin, grid = geo[f]["grid"]
         numbers, weights = chunk_table(store, info, origin, grid, ndim, geo[f]["vertex_count"])
         coords = np.stack(np.unravel_index(numbers, tuple(grid)), axis=1).reshape(-1, ndim) + \
             np.asarray(origin, dtype=np.int64)
-        starts = weighted_runs(weights, run_cap(float(weights.sum()), max_block_vertices,
-                                                n_workers))
-        for a, b in zip(starts.tolist(), np.r_[starts[1:], numbers.size].tolist()):
+        cap = run_cap(float(weights.sum()), max_block_vertices, n_workers)
+        if shard_shape is not None:  # any level may receive a +N or -N family
+            routes.append(st.ShardRoute(f, tuple(origin), tuple(grid), tuple(shard_shape),
+                                        shard_runs(coords, weights, origin, grid, shard_shape,
+                                                   cap), COMPOSE_SCOPE))
+        steps = [n for n in range(2, max_delta + 1) if f + n in geo]
+        if steps and segs[f]:
+            plans.append((f, steps, coords, weighted_runs(weights, cap)))
+    ctx = {"geo": geo, "segs": segs, "routes": tuple(routes)}
+    for f, steps, coords, starts in plans:
+        for a, b in zip(starts.tolist(), np.r_[starts[1:], coords.shape[0]].tolist()):
             tasks.append(g.add(token, compose_block, f"{f}:{a}", store, ctx, f, coords[a:b],
-                               steps, storage))
+                               steps, storage, f"{f}.{a}"))
             owners.append(f)
     if not tasks:
         return None, geo
-    g.output = g.add(token, compose_summary, 0, store, geo, owners, ndim, *tasks)
+    shards = gr.shard_writers(g, token, store, ctx["routes"], tasks)
+    g.output = g.add(token, compose_summary, 0, store, geo, owners, ndim, shard_shape,
+                     *tasks, *shards)
     return g, geo

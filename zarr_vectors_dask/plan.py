@@ -148,6 +148,7 @@ class LevelPlan:
     max_block_vertices: int = 2_000_000  # the per-task vertex budget
     n_workers: int = 2
     sparsity_strategy: str = "random"
+    shard_shape: tuple[int, ...] | None = None  # cells per storage object (None: one)
 
     #: Tasks per task function of the step's real graph, when the source
     #: level exists (``api.plan_pyramid`` builds the graph for the first
@@ -296,9 +297,15 @@ def plan_pyramid_from_meta(*, store: str, ndim: int, root_chunk_shape, root_bin,
                            level0_vertices: int, n_objects: int, start_level: int = 0,
                            factors, chunk_scale_factors=None, cross_level_depth: int = 1,
                            cross_level_storage: str = "explicit", sparsity_strategy: str = "random",
-                           n_workers: int = 2, max_block_vertices: int = 2_000_000) -> PyramidPlan:
+                           n_workers: int = 2, max_block_vertices: int = 2_000_000,
+                           shard_shape=None) -> PyramidPlan:
     """The whole pyramid from the source level's shapes: pure, no I/O."""
     facs = validate_factors(factors)
+    from .format import normalize_shard_shape
+    try:
+        shards = normalize_shard_shape(shard_shape, ndim)
+    except ValueError as exc:
+        raise PlanError(str(exc)) from None
     validate_options(cross_level_storage=cross_level_storage, cross_level_depth=cross_level_depth,
                      sparsity_strategy=sparsity_strategy)
     if chunk_scale_factors is not None:
@@ -319,6 +326,7 @@ def plan_pyramid_from_meta(*, store: str, ndim: int, root_chunk_shape, root_bin,
                         n_workers=n_workers, max_block_vertices=max_block_vertices,
                         cross_level_storage=cross_level_storage)
         lv.sparsity_strategy = sparsity_strategy
+        lv.shard_shape = shards
         levels.append(lv)
         sbin, schunk = lv.bin_shape, lv.chunk_shape
         chunks = min(chunks, math.prod(lv.target_grid[1]))
@@ -355,6 +363,28 @@ def run_cap(total: float, budget: int, n_workers: int) -> float:
     """Largest run: the memory budget, or less so every worker gets about
     two runs to work on."""
     return max(1.0, min(float(budget), math.ceil(total / max(1, 2 * n_workers))))
+
+
+def shard_runs(coords, weights, origin, grid, shard_shape, cap: float) -> tuple[int, ...]:
+    """Runs of a level's shards (row-major shard numbers) for the tasks
+    that write them: each run's estimated weight at most ``cap`` (a heavier
+    shard is a run of its own; it cannot be split).  ``coords``/``weights``:
+    chunks expected to hold data and their weights; shards holding none
+    join the run before them.  Returns each run's first shard number."""
+    import numpy as np
+    ss = np.asarray(shard_shape, dtype=np.int64)
+    shard_grid = -(-np.asarray(grid, dtype=np.int64) // ss)
+    rel = np.clip(np.asarray(coords, dtype=np.int64).reshape(-1, len(ss)) - np.asarray(origin),
+                  0, np.asarray(grid, dtype=np.int64) - 1) // ss
+    if rel.shape[0] == 0:
+        return (0,)
+    number = np.ravel_multi_index(tuple(rel.T), tuple(shard_grid.tolist()))
+    uniq, inv = np.unique(number, return_inverse=True)
+    w = np.bincount(inv.reshape(-1), weights=np.asarray(weights, dtype=np.float64),
+                    minlength=uniq.size)
+    starts = uniq[weighted_runs(w, cap)]
+    starts[0] = 0
+    return tuple(int(x) for x in starts)
 
 
 def ravel(coords, origin, shape):

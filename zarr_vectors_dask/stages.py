@@ -18,6 +18,8 @@ or writes the store itself and returns only what later stages need.
                        per-fragment metavertex sequences for manifests
     write_manifests    per bucket: object_index rows of the coarse level
     write_attributes   per attribute bucket: masked object attributes
+    write_shards       (sharded) per run of shards: the cells the writers
+                       above sent there, encoded into whole shards
 
 Exchanges between stages are dicts keyed by destination; the executor
 routes only non-empty (source, destination) pairs.
@@ -67,6 +69,10 @@ class StepSpec:
     links: str  # none | implicit | explicit
     #: Per-vertex attributes aggregated into the metavertices (opt-in).
     vertex_attributes: tuple = ()
+    #: Cells per storage object of every array the step writes (None:
+    #: one object per cell), and the routes of its sharded levels' cells.
+    shard_shape: tuple[int, ...] | None = None
+    shard_routes: tuple = ()
 
     def __repr__(self) -> str:
         return f"StepSpec({self.store!r}, {self.source_level}->{self.target_level})"
@@ -147,6 +153,89 @@ def received(spec: StepSpec, kind: str, receiver: int) -> list[tuple[int, dict]]
     senders = sorted(int(s) for s in spec.store.listdir(folder) if s.isdigit())
     keys = [fmt.exchange_key(spec.target_level, kind, receiver, s) for s in senders]
     return list(zip(senders, read_exchange(spec.store, keys)))
+
+
+# ------------------------------------------------------------- cells and shards
+@dataclass(frozen=True)
+class ShardRoute:
+    """How the cells one graph writes into a sharded level reach their
+    shards.  A shard must be written whole by one task, but its cells come
+    from several writers (a ``-1`` cell's records come from whichever
+    source block holds its fine chunk), so writers send cells to the
+    ``write_shards`` task owning their shard (runs of shard numbers,
+    ``pack_starts``), as exchange files; that task encodes and writes each
+    of its shards once."""
+
+    level: int
+    origin: tuple[int, ...]
+    grid: tuple[int, ...]
+    shard_shape: tuple[int, ...]
+    pack_starts: tuple[int, ...]  # first shard number of each write_shards task
+    scope: Any  # the graph's exchange scope (a step's target level, or "compose")
+
+    @property
+    def shard_grid(self) -> tuple[int, ...]:
+        return tuple(-(-g // s) for g, s in zip(self.grid, self.shard_shape))
+
+    def packs_of(self, where: np.ndarray) -> np.ndarray:
+        """``write_shards`` task of cells at grid indices ``where``."""
+        shard = np.asarray(where, dtype=np.int64) // np.asarray(self.shard_shape, dtype=np.int64)
+        number = np.ravel_multi_index(tuple(shard.T), self.shard_grid)
+        return np.searchsorted(np.asarray(self.pack_starts, dtype=np.int64), number,
+                               side="right") - 1
+
+    def folder(self, pack: int) -> str:
+        return fmt.exchange_key(self.scope, f"cells-{self.level}", pack, "").rstrip("/")
+
+
+def route_to(routes, level: int) -> ShardRoute | None:
+    for r in routes:
+        if r.level == level:
+            return r
+    return None
+
+
+def put_cells(store: Store, cells: dict[tuple[str, tuple], bytes], *, origin,
+              route: ShardRoute | None, sender: str) -> None:
+    """Write framed cells ``{(array path, chunk): bytes}`` of one level: as
+    objects of their own, or (sharded) to the tasks that write their
+    shards.  Nothing is visible until the commit writes the documents."""
+    if not cells:
+        return
+    if route is None:
+        store.put_many({fmt.cell_path(a, c, origin): b for (a, c), b in cells.items()},
+                       atomic=False)
+        return
+    items = list(cells.items())
+    where = np.asarray([c for (_, c), _ in items], dtype=np.int64).reshape(len(items), -1) - \
+        np.asarray(origin, dtype=np.int64)
+    packs = route.packs_of(where)
+    files = {}
+    for k in np.unique(packs).tolist():
+        sel = np.flatnonzero(packs == k).tolist()
+        files[fmt.exchange_key(route.scope, f"cells-{route.level}", k, sender)] = fmt.pack_cells(
+            [items[i][0][0] for i in sel], where[sel], [items[i][1] for i in sel])
+    store.put_many(files)
+
+
+def write_shards(store: Store, route: ShardRoute, pack: int, *_done) -> int:
+    """Encode and write every shard of one run that received cells (after
+    every writer of the graph has finished); returns how many."""
+    folder = route.folder(pack)
+    keys = [f"{folder}/{s}" for s in sorted(store.listdir(folder))]
+    raw = store.get_many(keys)
+    shards: dict[tuple[str, tuple], list] = {}
+    ss = route.shard_shape
+    for k in keys:
+        if raw[k] is None:
+            raise fmt.CorruptChunkError(f"{store.describe(k)}: exchange file is missing")
+        for path, where, blob in fmt.unpack_cells(raw[k], what=store.describe(k)):
+            shard = tuple(w // s for w, s in zip(where, ss))
+            shards.setdefault((path, shard), []).append(
+                (tuple(w % s for w, s in zip(where, ss)), blob))
+    store.put_many({fmt.shard_key(path, shard): fmt.encode_shard(ss, cells)
+                    for (path, shard), cells in shards.items()}, atomic=False)
+    return len(shards)
 
 
 def join(*_done) -> None:
@@ -741,22 +830,22 @@ def write_metavertices(spec: StepSpec, target_block: int, partitions: list[int],
         else np.empty(0, dtype=np.int64)
     starts, stops = np.r_[0, cuts], np.r_[cuts, chunk.shape[0]]
     frag = np.empty(chunk.shape[0], dtype=np.int64)
-    cells: dict[str, bytes] = {}
+    cells: dict[tuple[str, tuple], bytes] = {}
     written = []
     for lo, hi in zip(starts.tolist(), stops.tolist()):
         cc = tuple(int(c) for c in chunk[lo])
         frag[lo:hi] = np.arange(hi - lo)
         v, f = fmt.encode_metavertex_cell(centroid[lo:hi])
-        cells[fmt.cell_path(f"{spec.target_level}/{fmt.VERTICES}", cc, spec.target_origin)] = fmt.frame_cell(v)
-        cells[fmt.cell_path(f"{spec.target_level}/{fmt.VERTEX_FRAGMENTS}", cc, spec.target_origin)] = \
-            fmt.frame_cell(f)
+        cells[(f"{spec.target_level}/{fmt.VERTICES}", cc)] = fmt.frame_cell(v)
+        cells[(f"{spec.target_level}/{fmt.VERTEX_FRAGMENTS}", cc)] = fmt.frame_cell(f)
         for a, vals in zip(spec.vertex_attributes, attr_vals):
             # One row per metavertex, in the vertices cell's order.
-            cells[fmt.cell_path(f"{spec.target_level}/{a.path_in_level}", cc,
-                                spec.target_origin)] = \
+            cells[(f"{spec.target_level}/{a.path_in_level}", cc)] = \
                 fmt.frame_cell(np.ascontiguousarray(vals[lo:hi]).tobytes())
         written.append((cc, hi - lo))
-    spec.store.put_many(cells, atomic=False)  # the level is published at commit
+    # The level is published at commit.
+    put_cells(spec.store, cells, origin=spec.target_origin,
+              route=route_to(spec.shard_routes, spec.target_level), sender=f"v{target_block}")
     # Back to each partition, aligned with the part it sent.
     unsorted_frag = np.empty_like(frag)
     unsorted_frag[order] = frag
@@ -868,8 +957,11 @@ def _partition_links(src_chunks, src_vi, trg_chunks, trg_vi, scale_src, scale_tr
     return LinkCells(rows, np.r_[starts, n], src_chunks[starts], offsets[starts])
 
 
-def write_link_cells(store: Store, level: int, delta: int, origin, links: LinkCells) -> dict:
-    """Write link cells; returns ``{offset string: [(chunk, n_records)]}``."""
+def write_link_cells(store: Store, level: int, delta: int, origin, links: LinkCells, *,
+                     route: ShardRoute | None = None, sender: str = "") -> dict:
+    """Write link cells; returns ``{offset string: [(chunk, n_records)]}``.
+    ``sender`` names the calling task (unique per call) when ``route``
+    sends the cells on to their shards."""
     from zarr_vectors.spatial.boundary import format_offsets
     fam = fmt.links_family_path(level, delta)
     bounds = links.bounds.tolist()
@@ -882,9 +974,10 @@ def write_link_cells(store: Store, level: int, delta: int, origin, links: LinkCe
         seg = segs.get(off)
         if seg is None:
             seg = segs[off] = format_offsets((off,))
-        cells[fmt.cell_path(f"{fam}/{seg}", chunk, origin)] = payload
+        cells[(f"{fam}/{seg}", chunk)] = payload
         written.setdefault(seg, []).append((chunk, b - a))
-    store.put_many(cells, atomic=False)  # the family is published at commit
+    # The family is published at commit.
+    put_cells(store, cells, origin=origin, route=route, sender=sender)
     return written
 
 
@@ -928,11 +1021,14 @@ def links_and_sequences(spec: StepSpec, block: int, partials: dict,
         fine_cc = chunk_coords(spec, inst_chunk[ok])
         links = _partition_links(fine_cc, inst_local[ok], par_chunk[ok], par_frag[ok],
                                  spec.scale_source, spec.scale_target)
-        result["plus"] = write_link_cells(spec.store, spec.source_level, +1, spec.source_origin, links)
+        result["plus"] = write_link_cells(
+            spec.store, spec.source_level, +1, spec.source_origin, links,
+            route=route_to(spec.shard_routes, spec.source_level), sender=f"l{block}+")
         if spec.links == "explicit":
             result["minus"] = write_link_cells(
                 spec.store, spec.target_level, -1, spec.target_origin,
-                links.mirrored(spec.scale_source, spec.scale_target))
+                links.mirrored(spec.scale_source, spec.scale_target),
+                route=route_to(spec.shard_routes, spec.target_level), sender=f"l{block}-")
     if spec.has_objects and ref_parts:
         # Instances are grouped by fragment, chunks and fragments ascending,
         # so the pair keys of the flat order are sorted.
@@ -1049,8 +1145,10 @@ def level_summary(spec: StepSpec, objects_kept: int | None, n_vertex_writers: in
     n_meta = int(sum(n for _, n in vertex_chunks))
     families = []
     if spec.links != "none":
-        plus = cm.LinkFamily(spec.source_level, +1, spec.source_origin, spec.source_grid_shape)
-        minus = cm.LinkFamily(spec.target_level, -1, spec.target_origin, spec.target_grid_shape)
+        plus = cm.LinkFamily(spec.source_level, +1, spec.source_origin, spec.source_grid_shape,
+                             shard_shape=spec.shard_shape)
+        minus = cm.LinkFamily(spec.target_level, -1, spec.target_origin, spec.target_grid_shape,
+                              shard_shape=spec.shard_shape)
         for r in links:
             plus.add(r["plus"])
             minus.add(r["minus"])
@@ -1066,7 +1164,7 @@ def level_summary(spec: StepSpec, objects_kept: int | None, n_vertex_writers: in
     if n_meta:
         cm.write_level_arrays(spec.store, spec.target_level, spec.target_origin,
                               spec.target_grid_shape, vertex_chunks, families, sid_ndim=spec.ndim,
-                              vertex_attributes=vertex_attrs)
+                              vertex_attributes=vertex_attrs, shard_shape=spec.shard_shape)
     return {"vertex_count": n_meta, "chunks": len(vertex_chunks), "objects_kept": objects_kept,
             "num_present": int(sum(present)),
             "links": sum(f.num_links for f in families),
