@@ -431,8 +431,9 @@ def shard_supported() -> bool:
 
 
 def parse_shard(text: str):
-    """``4`` -> 4; ``4,4,2`` -> [4, 4, 2] (per axis, in chunks)."""
-    vals = [int(v) for v in text.split(",") if v.strip()]
+    """``4`` -> 4; ``4x4x2`` (the CLI's spelling) or ``4,4,2`` -> [4, 4, 2]
+    (per axis, in chunks)."""
+    vals = [int(v) for v in re.split(r"[x,]", text.lower()) if v.strip()]
     return vals[0] if len(vals) == 1 else vals
 
 
@@ -612,8 +613,8 @@ def main(argv=None) -> int:
     ap.add_argument("--root", default="/tmp/zvs3bench",
                     help="local folder for level 0 and the SeaweedFS server's data")
     ap.add_argument("--shard-shape", action="append", type=parse_shard, default=[],
-                    help="also build sharded with this shard_shape (int, or per axis: 4,4,2; "
-                         "in chunks); repeat for several")
+                    help="also build sharded with this shard_shape (N, or per axis 4x4x2 or 4,4,2; "
+                         "in chunks); repeat the flag for several sharded rows")
     ap.add_argument("--workers", type=int, default=2, help="LocalCluster worker processes")
     ap.add_argument("--threads-per-worker", type=int, default=1)
     ap.add_argument("--reference-timeout", type=float, default=900.0,
