@@ -151,7 +151,8 @@ def install_tracer() -> None:
                 waiting = waiting or (f.f_code.co_name == "sync" and path.endswith(
                     ("fsspec/asyn.py", "zarr/core/sync.py")))
                 for pkg in ("/zarr_vectors_dask/", "/zarr_vectors/"):
-                    if waiting and pkg in path:
+                    # the caller of the I/O layer (store.py), not the layer itself
+                    if waiting and pkg in path and not path.endswith("/store.py"):
                         return f"{pkg.strip('/')}/{path.rsplit(pkg, 1)[1]}:{f.f_code.co_name}"
                 f = f.f_back
         return "?"
@@ -382,10 +383,12 @@ def list_keys(fs, bucket: str) -> list[str]:
 
 
 def measure_build(server: Server, level0: Path, label: str, mode: str, args_: list,
-                  timeout: float | None, trace: bool = False) -> dict:
+                  timeout: float | None, trace: bool = False,
+                  extra_options: dict | None = None) -> dict:
     """Upload level 0 to a fresh bucket, then run one build with the
     server's counters and the audit window around it."""
     srv = server.srv
+    extra_options = extra_options or {}
     bucket = srv.new_bucket("zvs3")
     fs = srv.fs()
     fs.put(str(level0), f"{bucket}/{STORE}", recursive=True)
@@ -394,7 +397,7 @@ def measure_build(server: Server, level0: Path, label: str, mode: str, args_: li
     load_before = os.getloadavg()
     c0 = server.scrape()
     server.audit.start_window()
-    env = {"ZVBENCH_STORAGE_OPTIONS": json.dumps(srv.storage_options),
+    env = {"ZVBENCH_STORAGE_OPTIONS": json.dumps({**srv.storage_options, **extra_options}),
            "ZVBENCH_TRACE": "1" if trace else ""}
     t0 = time.perf_counter()
     out = run_child(mode, f"s3://{bucket}/{STORE}", *args_, env=env, timeout=timeout)
@@ -437,6 +440,15 @@ def parse_shard(text: str):
     return vals[0] if len(vals) == 1 else vals
 
 
+def parse_option(text: str) -> dict:
+    """``key=value`` (value read as JSON when it parses: 1, true, "x")."""
+    key, _, value = text.partition("=")
+    try:
+        return {key: json.loads(value)}
+    except ValueError:
+        return {key: value}
+
+
 def fetch_store(fs, bucket: str, dest: Path) -> Path:
     fs.get(f"{bucket}/{STORE}", str(dest), recursive=True)
     return dest
@@ -455,14 +467,15 @@ def bench_size(server: Server, root: Path, vertices: int, args) -> list[dict]:
     ref = None
     if args.no_reference_above is None or vertices <= args.no_reference_above:
         ref = measure_build(server, level0, f"reference {vertices:,}", "reference", [],
-                            args.reference_timeout, args.trace)
+                            args.reference_timeout, args.trace, args.storage_option)
         ref["build"] = "reference"
     else:
         ref = {"label": f"reference {vertices:,}", "build": "reference", "skipped": True}
     rows.append(ref)
     cluster = [args.workers, args.threads_per_worker]
     proj = measure_build(server, level0, f"project {vertices:,}", "project",
-                         cluster + [json.dumps(None)], None, args.trace)
+                         cluster + [json.dumps(None)], None, args.trace,
+                         args.storage_option)
     proj["build"] = "project"
     rows.append(proj)
     for shard in args.shard_shape:
@@ -471,7 +484,8 @@ def bench_size(server: Server, root: Path, vertices: int, args) -> list[dict]:
             rows.append({"label": label, "build": "project", "shard_shape": shard,
                          "unsupported": True})
             continue
-        r = measure_build(server, level0, label, "project", cluster + [json.dumps(shard)], None, args.trace)
+        r = measure_build(server, level0, label, "project", cluster + [json.dumps(shard)], None,
+                          args.trace, args.storage_option)
         r["build"], r["shard_shape"] = "project", shard
         r["unsupported"] = "unsupported" in r["child"]
         rows.append(r)
@@ -615,6 +629,9 @@ def main(argv=None) -> int:
     ap.add_argument("--shard-shape", action="append", type=parse_shard, default=[],
                     help="also build sharded with this shard_shape (N, or per axis 4x4x2 or 4,4,2; "
                          "in chunks); repeat the flag for several sharded rows")
+    ap.add_argument("--storage-option", action="append", type=parse_option, default=[],
+                    help="an extra s3fs option for every build, both sides (e.g. "
+                         "max_concurrency=1); repeatable")
     ap.add_argument("--workers", type=int, default=2, help="LocalCluster worker processes")
     ap.add_argument("--threads-per-worker", type=int, default=1)
     ap.add_argument("--reference-timeout", type=float, default=900.0,
@@ -633,6 +650,7 @@ def main(argv=None) -> int:
     ap.add_argument("--markdown", default=None, help="write the table as Markdown here")
     args = ap.parse_args(argv)
 
+    args.storage_option = {k: v for d in args.storage_option for k, v in d.items()}
     sizes = [int(float(s)) for s in args.vertices.split(",") if s.strip()]
     root = Path(args.root)
     root.mkdir(parents=True, exist_ok=True)
@@ -653,7 +671,9 @@ def main(argv=None) -> int:
                  f"random-walk streamlines, factors {bp.FACTORS}, cross_level_storage="
                  f"{bp.CROSS_LEVEL_STORAGE!r}, cross_level_depth={bp.CROSS_LEVEL_DEPTH}; "
                  f"project on LocalCluster({args.workers} workers x {args.threads_per_worker} "
-                 f"thread(s)); wall s = the build call (the reference's includes `open_store`); "
+                 f"thread(s)); s3fs options beyond the endpoint and keys: "
+                 f"{json.dumps(args.storage_option) if args.storage_option else 'none'} "
+                 f"(both sides); wall s = the build call (the reference's includes `open_store`); "
                  f"requests counted by the server (Prometheus `SeaweedFS_s3_request_total`, "
                  f"HEAD split out of GET by the S3 audit log); objects = keys added to the "
                  f"bucket (`.zvdask/` bookkeeping included)."),
