@@ -612,7 +612,7 @@ def trace_lines(rows: list[dict], top: int = 12) -> list[str]:
 
 def report(rows: list[dict], meta: dict) -> str:
     return "\n".join([
-        f"`{meta['command']}`", "",
+        f"`{meta['command']}` (at `{meta['commit']}`)", "",
         f"{meta['what']}", "",
         bp.md_table(HEADER, table_rows(rows)), "",
         "Where the requests went (audit records; `*` = numeric key components):", "",
@@ -664,7 +664,11 @@ def main(argv=None) -> int:
         if not args.keep:
             import shutil
             shutil.rmtree(root / "weed-data", ignore_errors=True)
+    here = Path(__file__).resolve().parent.parent
+    commit = subprocess.run(["git", "-C", str(here), "log", "-1", "--format=%h %cs"],
+                            capture_output=True, text=True).stdout.strip()
     meta = {
+        "commit": commit,
         "command": "python " + " ".join(shlex.quote(a) for a in
                                         ["benchmarks/bench_s3.py", *(argv or sys.argv[1:])]),
         "what": (f"One SeaweedFS `weed mini` on 127.0.0.1 (same machine, {os.cpu_count()} cores); "
