@@ -261,3 +261,36 @@ def test_worker_killed_during_sharded_build(private_dask_cluster, tmp_path):
     assert out["result"]["levels_created"] == 3
     assert_equivalent(ref, ours)
     _assert_one_object_per_shard(ours, (2, 2, 2))
+
+
+@pytest.mark.parametrize("shard", [None, (2, 3)])
+def test_present_cells_from_listings(tmp_path, shard):
+    """The composition's cell probe: chunks whose cell (or shard) exists,
+    found by listing slabs, for plain and sharded arrays, origin applied."""
+    from zarr_vectors_dask.store import Store
+    st = Store.from_url(str(tmp_path))
+    origin, grid = (-2, 1), (6, 9)
+    present = [(-2, 1), (0, 4), (3, 9), (3, 5)]
+    doc = fmt.vlen_array_doc(grid, fmt.vlen_attributes(origin, present, {}), shard)
+    docs = {"a/zarr.json": doc}
+    if shard is None:
+        docs.update({fmt.cell_path("a", c, origin): fmt.frame_cell(b"x") for c in present})
+    else:
+        by_shard: dict = {}
+        for c in present:
+            rel = [x - o for x, o in zip(c, origin)]
+            by_shard.setdefault(tuple(r // s for r, s in zip(rel, shard)), []).append(
+                (tuple(r % s for r, s in zip(rel, shard)), fmt.frame_cell(b"x")))
+        docs.update({fmt.shard_key("a", k): fmt.encode_shard(shard, v)
+                     for k, v in by_shard.items()})
+    st.put_many(docs)
+    info = fmt.vlen_array_info(st, "a")
+    asked = np.array([(-2, 1), (-1, 1), (0, 4), (3, 9), (2, 2), (3, 6), (1, 8)])
+    mask = fmt.present_cells(st, info, asked)
+    if shard is None:
+        assert mask.tolist() == [True, False, True, True, False, False, False]
+    else:  # a chunk is kept when its shard exists: (-1,1) shares (-2,1)'s, (3,6) (3,5)'s
+        assert mask.tolist() == [True, True, True, True, False, True, False]
+    got = fmt.read_cells(st, info, [tuple(c) for c in asked[mask]])
+    assert sorted(c for c, v in got.items() if v is not None) == sorted(
+        c for c in present if c in {tuple(x) for x in asked.tolist()})

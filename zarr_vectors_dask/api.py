@@ -162,11 +162,17 @@ def plan_pyramid(store, *, factors, chunk_scale_factors=None, sparsity_strategy=
         raise PlanError(f"method={method!r} is a strategy registered by another package; "
                         f"only the 'per_object' pyramid can be planned here")
     with _opened(store, storage_options, writable=False) as st:  # reads metadata only
-        return _plan_pyramid(st, factors=factors, chunk_scale_factors=chunk_scale_factors,
+        plan = _plan_pyramid(st, factors=factors, chunk_scale_factors=chunk_scale_factors,
                              sparsity_strategy=sparsity_strategy,
                              cross_level_depth=cross_level_depth,
                              cross_level_storage=cross_level_storage, n_workers=n_workers,
                              max_block_vertices=max_block_vertices, shard_shape=shard_shape)
+        if _ignored.get("vertex_attributes"):  # aggregated arrays count in the request estimate
+            n_va = len(va.resolve(st, plan.levels[0].source_level, _ignored["vertex_attributes"],
+                                  _ignored.get("attribute_aggregation")))
+            for lv in plan.levels:
+                lv.n_vertex_attributes = n_va
+        return plan
 
 
 def _plan_pyramid(st: Store, *, factors, chunk_scale_factors, sparsity_strategy,
@@ -180,6 +186,15 @@ def _plan_pyramid(st: Store, *, factors, chunk_scale_factors, sparsity_strategy,
     # report its task counts and blocks.
     first = plan.levels[0]
     src = pl.read_source_level(st, first.source_level, plan.ndim)
+    # What the request estimate needs: the source's present chunks (in its
+    # metadata), how its cells are stored, its object attribute columns.
+    plan.source_chunk_coords = src.vertices.chunks
+    if not src.vertices.raw_cells and src.vertices.codecs_doc is not None:
+        key = tuple(int(k) for k in fmt.key_layout(src.vertices).key_shape)
+        plan.source_key_shape = key if any(k > 1 for k in key) else None
+    plan.source_links_group = fmt.node_attrs(st, f"{first.source_level}/{fmt.LINKS}") is not None
+    for lv in plan.levels:
+        lv.n_object_attributes = len(src.attribute_names) if src.has_objects else 0
     if src.vertices.chunks:
         graph, layout = pl.step_graph(st, first, src, _root_meta(st),
                                       sparsity_strategy=sparsity_strategy, sparsity_seed=None,

@@ -37,9 +37,12 @@ def _read_parent_maps(store: Store, level: int, chunks, segs: dict, geo: dict) -
     rs = np.asarray(geo[level]["scale"], dtype=np.int64)
     rt = np.asarray(geo[level + 1]["scale"], dtype=np.int64)
     per_chunk: dict[tuple, list] = {}
+    coords = np.asarray(chunks, dtype=np.int64).reshape(len(chunks), -1)
     for seg, info in segs.items():
         off = np.asarray(fmt.parse_chunk_key(seg), dtype=np.int64)
-        for c, payload in fmt.read_cells(store, info, chunks).items():
+        # Read only cells whose object (cell or shard) a listing shows.
+        asked = [chunks[i] for i in np.flatnonzero(fmt.present_cells(store, info, coords))]
+        for c, payload in fmt.read_cells(store, info, asked).items():
             if payload is None:
                 continue
             rows = fmt.decode_link_cell(payload)

@@ -593,6 +593,42 @@ def read_cells(store: Store, info: VlenArrayInfo, coords: Sequence[Sequence[int]
     return out
 
 
+def present_cells(store: Store, info: VlenArrayInfo, coords: np.ndarray) -> np.ndarray:
+    """Which chunks ``coords`` (n, d) may have a cell, as a mask, from one
+    listing per leading index of the storage keys they fall in: a reader
+    probing cells it cannot know exist (a chunk's links may sit in any of
+    ~3^d offset arrays) pays a listing per slab, not a request per cell
+    (plain arrays) or a shard-index read per shard (sharded ones: a chunk
+    whose shard exists is kept; its index says the rest)."""
+    rel = np.asarray(coords, dtype=np.int64).reshape(len(coords), -1) - \
+        np.asarray(info.origin, dtype=np.int64)
+    n, ndim = rel.shape
+    if n == 0:
+        return np.zeros(0, dtype=bool)
+    if not info.raw_cells:
+        rel = rel // np.asarray(key_layout(info).key_shape, dtype=np.int64)
+    found: list[list[int]] = []
+    leads = [None] if ndim == 1 else np.unique(rel[:, 0]).tolist()
+    for lead in leads:
+        if lead is not None and lead < 0:
+            continue
+        under = f"{info.path}/c" if lead is None else f"{info.path}/c/{lead}"
+        for key in store.keys_under(under):
+            parts = key.split("/")
+            if len(parts) == ndim - (lead is not None) and all(p.isdigit() for p in parts):
+                found.append(([] if lead is None else [lead]) + [int(p) for p in parts])
+    if not found:
+        return np.zeros(n, dtype=bool)
+    both = np.vstack([rel, np.asarray(found, dtype=np.int64)])
+    both -= both.min(axis=0)
+    spans = both.max(axis=0) + 1
+    if float(np.prod(spans.astype(np.float64))) < 2.0 ** 62:
+        key = np.ravel_multi_index(tuple(both.T), tuple(spans.tolist()))
+    else:  # a huge sparse grid: rank the rows instead
+        key = np.unique(both, axis=0, return_inverse=True)[1].reshape(-1)
+    return np.isin(key[:n], key[n:])
+
+
 def _where(store: Store, info: VlenArrayInfo, cells, key: str | None = None) -> str:
     """``<array> chunk(s) <keys> (key <storage key>)`` for messages."""
     names = ", ".join(chunk_key(c) for c, _ in cells[:3]) + (" ..." if len(cells) > 3 else "")

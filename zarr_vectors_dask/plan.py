@@ -154,6 +154,10 @@ class LevelPlan:
     #: level exists (``api.plan_pyramid`` builds the graph for the first
     #: step); ``None`` for later steps, whose source is not written yet.
     graph_tasks: dict | None = None
+    #: Object attribute columns and per-vertex attribute arrays the step
+    #: writes (they count in its objects and requests).
+    n_object_attributes: int = 0
+    n_vertex_attributes: int = 0
 
     @property
     def tasks(self) -> dict[str, int]:
@@ -167,6 +171,11 @@ class LevelPlan:
                "links_and_sequences": b, "write_manifests": k,
                "pick": 2 * b * 2 + 2 * tb * 2, "answer_for": 2 * b,
                "join": 2 * int(k > 0), "level_summary": 1}
+        if self.shard_shape is not None:
+            # One run of shards per target block and level written (the
+            # target level; the source level's +1 family too).
+            levels = 1 + int(self.cross_level_storage != "none")
+            out.update(write_shards=levels * tb, join=out["join"] + 1)
         if self.sparsity_strategy != "random" and self.sparsity_factor > 1.0 \
                 and self.n_objects > 1:
             # Per-object context before object_table (stages.needs_context).
@@ -204,6 +213,10 @@ def _fmt_bytes(n: int) -> str:
     return str(n)  # pragma: no cover
 
 
+def _fmt_count(x: float) -> str:
+    return f"{int(round(x)):,}"
+
+
 @dataclass
 class PyramidPlan:
     store: str
@@ -215,6 +228,15 @@ class PyramidPlan:
     cross_level_storage: str
     n_workers: int
     extra: dict = field(default_factory=dict)
+    #: The first source level's present chunks (its ``nonempty_chunks``)
+    #: and, when its cells are sharded, chunks per storage key: they make
+    #: the first step's request estimate exact where geometry decides.
+    source_chunk_coords: Any = None
+    source_key_shape: tuple | None = None
+    #: The data's ``(lower, upper)`` corners (the root's ``bounds``).
+    bounds: Any = None
+    #: Whether the first source level has a ``links`` group already.
+    source_links_group: bool = True
 
     @property
     def total_tasks(self) -> int:
@@ -243,7 +265,42 @@ class PyramidPlan:
         lines.append(f"  total tasks: {self.total_tasks}" + (
             "" if exact else " (~: estimated; a step's graph is built once its source level "
                              "exists)"))
+        lines.extend(self._bill_lines())
         return "\n".join(lines)
+
+    def requests(self, shard_shape=None):
+        """The estimated objects and requests of this build
+        (:func:`bill.request_plan`)."""
+        from .bill import request_plan
+        return request_plan(self, shard_shape=shard_shape)
+
+    def _bill_lines(self) -> list[str]:
+        from .bill import _bills, _chain
+        shard = self.levels[0].shard_shape if self.levels else None
+        chain = _chain(self, shard)  # one pass: the unsharded bill reads the same estimates
+        bills = [("unsharded", _bills(self, chain, None))]
+        if shard is not None:
+            bills.append((f"sharded {_fmt_tuple(shard)}", _bills(self, chain, shard)))
+        lines = ["  objects written and requests to an object store (estimated: which chunks "
+                 "hold cells depends on the data)"]
+        for name, rp in bills:
+            lines.append(f"  {name + ':':<18} {'objects':>9} {'PUT':>9} {'GET':>9} {'HEAD':>9} "
+                         f"{'LIST':>9} {'DELETE':>7}")
+            for part in [*rp.parts, rp.total]:
+                lines.append(f"    {part.name:<16} {_fmt_count(part.n_objects):>9} "
+                             f"{_fmt_count(part.put):>9} {_fmt_count(part.get):>9} "
+                             f"{_fmt_count(part.head):>9} {_fmt_count(part.list):>9} "
+                             f"{_fmt_count(part.delete):>7}")
+        for part in bills[-1][1].parts:
+            kinds = ", ".join(f"{k} {_fmt_count(v)}" for k, v in part.objects.items())
+            if kinds:
+                lines.append(f"  objects {part.name}: {kinds}")
+        if len(bills) == 2:
+            plain, sharded = bills[0][1].total, bills[1][1].total
+            lines.append(f"  sharded: {plain.n_objects / max(1.0, sharded.n_objects):.1f}x fewer "
+                         f"objects, {plain.requests / max(1.0, sharded.requests):.1f}x fewer "
+                         f"requests")
+        return lines
 
     __str__ = __repr__
 
@@ -334,7 +391,8 @@ def plan_pyramid_from_meta(*, store: str, ndim: int, root_chunk_shape, root_bin,
     return PyramidPlan(store=store, ndim=ndim, root_chunk_shape=tuple(root_chunk_shape),
                        root_bin=tuple(root_bin), levels=levels,
                        cross_level_depth=cross_level_depth,
-                       cross_level_storage=cross_level_storage, n_workers=n_workers)
+                       cross_level_storage=cross_level_storage, n_workers=n_workers,
+                       bounds=bounds)
 
 
 # ------------------------------------------------------------ blocks and routes

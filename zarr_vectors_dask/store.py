@@ -357,6 +357,25 @@ class Store:
                     if v.get("type") != "directory" and p.startswith(top + "/")}
         return with_retries(_find, what=self.describe(key))
 
+    def keys_under(self, key: str) -> list[str]:
+        """Every object under ``key``, by path relative to it: one listing,
+        names only (no per-object stat)."""
+        top = self.path(key).rstrip("/")
+        if self.is_local:
+            out = []
+            for d, _, files in os.walk(top):
+                rel = os.path.relpath(d, top)
+                out.extend(files if rel == "." else [f"{rel}/{f}" for f in files])
+            return out
+
+        def _find():
+            try:
+                found = self.fs.find(top)
+            except FileNotFoundError:
+                return []
+            return [p[len(top) + 1:] for p in found if p.startswith(top + "/")]
+        return with_retries(_find, what=self.describe(key))
+
     def remove_tree(self, key: str) -> None:
         def _rm():
             try:
