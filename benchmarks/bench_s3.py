@@ -511,6 +511,15 @@ def bench_size(server: Server, root: Path, vertices: int, args) -> list[dict]:
             except AssertionError as e:
                 print(f"  {r['label']}: {e}", file=sys.stderr)
                 r["equivalent"] = "no"
+    if args.floor and proj.get("child", {}).get("seconds") is not None:
+        # What the unsharded output costs this server at best: bench_pyramid's
+        # S3 floor (one process, batches of 256 concurrent requests).
+        fs = server.srv.fs()
+        b = case / "project.zv"
+        if not b.exists():
+            fetch_store(fs, proj["bucket"], b)
+        proj["floor"] = bp.io_floor_s3(fs, f"{proj['bucket']}/{STORE}", level0,
+                                       bp.output_files(level0, b), f"{proj['bucket']}/floor")
     for r in rows:
         r["vertices"] = w["vertices"]
     if not args.keep:
@@ -610,11 +619,18 @@ def trace_lines(rows: list[dict], top: int = 12) -> list[str]:
     return lines
 
 
+def floor_lines(rows: list[dict]) -> list[str]:
+    return [f"- S3 I/O floor at {r['vertices']:,} vertices: {r['floor']['seconds']:.1f} s "
+            f"(GET {r['floor']['read_files']:,} level-0 objects, PUT "
+            f"{r['floor']['write_files']:,} objects of the unsharded output's sizes, one process, "
+            f"batches of 256)" for r in rows if r.get("floor")]
+
+
 def report(rows: list[dict], meta: dict) -> str:
     return "\n".join([
         f"`{meta['command']}` (at `{meta['commit']}`)", "",
         f"{meta['what']}", "",
-        bp.md_table(HEADER, table_rows(rows)), "",
+        bp.md_table(HEADER, table_rows(rows)), "", *floor_lines(rows), "",
         "Where the requests went (audit records; `*` = numeric key components):", "",
         *pattern_lines(rows), "",
         *(["Calls by site (client-side, `--trace`):", "", *trace_lines(rows), ""]
@@ -645,6 +661,9 @@ def main(argv=None) -> int:
     ap.add_argument("--trace", action="store_true",
                     help="also count each build's S3 calls client-side by key pattern and calling "
                          "function (diagnostic; slows the builds a little)")
+    ap.add_argument("--floor", action="store_true",
+                    help="also time the S3 I/O floor of the unsharded output (bench_pyramid's: "
+                         "get level 0, put as many objects of the output's sizes, batches of 256)")
     ap.add_argument("--keep", action="store_true", help="keep level 0 and the server's data")
     ap.add_argument("--json", default=None, help="write raw results as JSON here")
     ap.add_argument("--markdown", default=None, help="write the table as Markdown here")
@@ -685,6 +704,7 @@ def main(argv=None) -> int:
     md = report(rows, meta)
     print(bp.text_table(HEADER, table_rows(rows)))
     print()
+    print("\n".join(floor_lines(rows)))
     print("\n".join(pattern_lines(rows)))
     print("\n".join(trace_lines(rows)))
     if args.json:
