@@ -92,45 +92,65 @@ def _wait(cond, alive, timeout=120.0, interval=0.002) -> bool:
 
 
 class _Sweep:
-    """Kill moments measured on a clean run: the build is the span from
-    the lock's appearance to the end of ``build_pyramid`` (scratch gone)."""
+    """Kill moments placed by phase.  A phase is the number of levels the
+    root lists while the lock is held (1 = building level 1, ..., 4 = the
+    closing composition); its length is measured on a clean run.  A moment
+    is (phase, offset): wait for the phase to begin, then ``offset`` s.
+    Placing moments by phase rather than by a fraction of the whole span
+    keeps every phase swept when a loaded machine slows a kill run down."""
 
-    def __init__(self, exists, poll: float = 0.002):
+    def __init__(self, exists, phase, poll: float = 0.002):
         self.exists = exists  # exists(relative key) on the store
+        self.phase = phase  # levels the root lists now
         self.poll = poll  # s between probes (an S3 probe is a request)
 
-    def clean_run(self, start_driver) -> tuple[float, float]:
+    def clean_run(self, start_driver) -> dict[int, float]:
+        """Length in seconds of every phase of a clean build."""
         p = start_driver()
+        begun: dict[int, float] = {}
         try:
             assert _wait(lambda: self.exists(LOCK_KEY), alive=lambda: p.poll() is None,
                          interval=self.poll), p.stderr.read()[-2000:]
-            t0 = time.monotonic()
-            assert _wait(lambda: not self.exists(".zvdask"), alive=lambda: p.poll() is None,
-                         timeout=900, interval=max(self.poll, 0.01))
-            t1 = time.monotonic()
+
+            def done() -> bool:
+                begun.setdefault(self.phase(), time.monotonic())
+                return not self.exists(".zvdask")
+            assert _wait(done, alive=lambda: p.poll() is None, timeout=900,
+                         interval=max(self.poll, 0.01))
+            end = time.monotonic()
             assert p.wait(timeout=120) == 0, p.stderr.read()[-2000:]
         finally:
             if p.poll() is None:
                 p.kill()
                 p.wait()
-        return t0, t1
+        starts = sorted(begun.items())
+        return {k: (starts[i + 1][1] if i + 1 < len(starts) else end) - t
+                for i, (k, t) in enumerate(starts)}
 
-    def kill_at(self, start_driver, delay: float | None, probe) -> dict:
-        """Start a driver; SIGKILL it ``delay`` s after its lock appears
-        (None: right after its build returned).  What it saw at the kill."""
+    def moments(self, lengths: dict[int, float], per_phase: int) -> list[tuple[int, float]]:
+        """``per_phase`` moments spread over each phase, the first at its start."""
+        return [(k, length * j / per_phase) for k, length in sorted(lengths.items())
+                for j in range(per_phase)]
+
+    def kill_at(self, start_driver, moment: tuple[int, float] | None, probe) -> dict:
+        """Start a driver; SIGKILL it at ``moment`` (None: right after its
+        build returned).  What it saw at the kill."""
         p = start_driver()
         seen: dict = {}
         try:
             assert _wait(lambda: self.exists(LOCK_KEY), alive=lambda: p.poll() is None,
                          interval=self.poll), p.stderr.read()[-2000:]
-            if delay is None:
+            if moment is None:
                 _wait(lambda: not self.exists(".zvdask"), alive=lambda: p.poll() is None,
                       interval=self.poll / 2)
             else:
-                time.sleep(delay)
+                phase, offset = moment
+                _wait(lambda: self.phase() >= phase, alive=lambda: p.poll() is None,
+                      timeout=900, interval=self.poll)
+                time.sleep(offset)
             seen = probe()
             seen["alive"] = p.poll() is None
-            seen["delay"] = delay
+            seen["moment"] = moment
             # A late moment can fall just after the driver exited: then it
             # is a kill after the build returned, still a moment to resume from.
             with contextlib.suppress(ProcessLookupError):
@@ -165,45 +185,46 @@ def small_sweep_inputs(tmp_path_factory):
 
 @pytest.mark.integration
 def test_crash_sweep_local(dask_cluster, sweep_inputs, tmp_path):
-    """SIGKILL the driver at 14 moments spread over the build and once
-    after it returned; each time ``resume`` finishes with the reference's
-    pyramid, no scratch and level 0 untouched.  Resume on the finished
-    pyramid rewrites nothing; the CLI's ``--resume`` on it succeeds."""
+    """SIGKILL the driver at three moments in each phase of the build (each
+    level, the composition) and once after it returned; each time
+    ``resume`` finishes with the reference's pyramid, no scratch and level 0
+    untouched.  Resume on the finished pyramid rewrites nothing; the CLI's
+    ``--resume`` on it succeeds."""
     base, ref = sweep_inputs
     address = dask_cluster.address
     clean = tmp_path / "clean.zv"
     shutil.copytree(base, clean)
-    sweep = _Sweep(lambda key: os.path.exists(os.path.join(clean, key)))
-    t0, t1 = sweep.clean_run(lambda: _driver(clean, address))
-    span = t1 - t0
+    sweep = _Sweep(lambda key: os.path.exists(os.path.join(clean, key)),
+                   phase=lambda: _listed(clean))
+    lengths = sweep.clean_run(lambda: _driver(clean, address))
+    assert sorted(lengths) == [1, 2, 3, 4], lengths
     assert compare_raw_files(ref, clean).identical
     level0 = _level0(base)
 
-    fractions = [0.02 + 0.93 * i / 13 for i in range(14)]
+    moments = sweep.moments(lengths, per_phase=3)
     seen = []
     with dask_cluster.client() as client:
-        for i, f in enumerate([*fractions, None]):
+        for i, m in enumerate([*moments, None]):
             store = tmp_path / f"kill-{i}.zv"
             shutil.copytree(base, store)
             sweep.exists = lambda key, s=store: os.path.exists(os.path.join(s, key))
-            s = sweep.kill_at(lambda s=store: _driver(s, address),
-                              None if f is None else f * span,
+            sweep.phase = lambda s=store: _listed(s)
+            s = sweep.kill_at(lambda s=store: _driver(s, address), m,
                               lambda s=store: {"lock": os.path.exists(os.path.join(s, LOCK_KEY)),
                                                "listed": _listed(s)})
-            s["fraction"] = f
             seen.append(s)
             zd.build_pyramid(str(store), client=client, resume=True, **KW)
             diff = compare_raw_files(ref, store)
-            assert diff.identical, f"kill {i} (fraction {f}, saw {s}):\n{diff.summary()}"
+            assert diff.identical, f"kill {i} (moment {m}, saw {s}):\n{diff.summary()}"
             assert not os.path.exists(os.path.join(store, ".zvdask")), f"kill {i}: scratch left"
             assert _level0(store) == level0
-            if i < len(fractions):
+            if i < len(moments):
                 shutil.rmtree(store)
     # The kills really landed inside the build, in every phase of it.
-    print(f"clean build {span:.2f} s; kills saw {seen}")
+    print(f"clean build phases {lengths}; kills saw {seen}")
     mid = [s for s in seen[:-1] if s["lock"] and s["alive"]]
-    assert len(mid) >= 12, (span, seen)
-    assert len({s["listed"] for s in mid}) >= 3, (span, seen)  # before, between, after levels
+    assert len(mid) >= len(moments) - 2, (lengths, seen)
+    assert {s["listed"] for s in mid} == {1, 2, 3, 4}, (lengths, seen)
     assert seen[-1]["alive"] and not seen[-1]["lock"], seen[-1]
 
     # Resume on a finished pyramid: a no-op (nothing rewritten), in process
@@ -242,29 +263,39 @@ def test_crash_sweep_s3(dask_cluster, s3_server, small_sweep_inputs, tmp_path):
             return fs.exists(f"{bucket}/x.zv/{key}")
         return exists
 
+    def listed_in(bucket):
+        def listed():
+            try:
+                meta = json.loads(fs.cat(f"{bucket}/x.zv/zarr.json"))
+            except (OSError, ValueError):
+                return -1
+            ms = meta["attributes"].get("multiscales") or [{}]
+            return len(ms[0].get("datasets") or [])
+        return listed
+
     bucket, url = upload()
-    sweep = _Sweep(exists_in(bucket), poll=0.05)
-    t0, t1 = sweep.clean_run(lambda: _driver(url, address, *cli_opts))
-    span = t1 - t0
+    sweep = _Sweep(exists_in(bucket), listed_in(bucket), poll=0.05)
+    lengths = sweep.clean_run(lambda: _driver(url, address, *cli_opts))
+    assert sorted(lengths) == [1, 2, 3, 4], lengths
+    # Into level 1, at the start of level 3, into the composition.
+    moments = [(1, lengths[1] / 2), (3, 0.0), (4, lengths[4] / 2)]
     seen = []
     with dask_cluster.client() as client:
-        for i, f in enumerate([0.15, 0.5, 0.85, None]):
+        for i, m in enumerate([*moments, None]):
             bucket, url = upload()
-            sweep.exists = exists_in(bucket)
-            s = sweep.kill_at(lambda u=url: _driver(u, address, *cli_opts),
-                              None if f is None else f * span,
+            sweep.exists, sweep.phase = exists_in(bucket), listed_in(bucket)
+            s = sweep.kill_at(lambda u=url: _driver(u, address, *cli_opts), m,
                               lambda b=bucket: {"lock": exists_in(b)(LOCK_KEY)})
-            s["fraction"] = f
             seen.append(s)
             zd.build_pyramid(url, client=client, resume=True, storage_options=opts, **KW)
             fs.invalidate_cache()
             names = [p.rsplit("/", 1)[-1] for p in fs.ls(f"{bucket}/x.zv", refresh=True)]
-            assert ".zvdask" not in names, f"kill {i} (fraction {f}): scratch left"
+            assert ".zvdask" not in names, f"kill {i} (moment {m}): scratch left"
             local = tmp_path / f"s3-{i}.zv"
             fs.get(f"{bucket}/x.zv", str(local), recursive=True)
             diff = compare_raw_files(ref, local)
-            assert diff.identical, f"kill {i} (fraction {f}, saw {s}):\n{diff.summary()}"
-        assert sum(1 for s in seen[:-1] if s["lock"] and s["alive"]) >= 2, (span, seen)
+            assert diff.identical, f"kill {i} (moment {m}, saw {s}):\n{diff.summary()}"
+        assert sum(1 for s in seen[:-1] if s["lock"] and s["alive"]) >= 2, (lengths, seen)
         # no-op on the finished pyramid
         keys = {p: fs.info(p)["LastModified"] for p in fs.find(f"{bucket}/x.zv")}
         zd.build_pyramid(url, client=client, resume=True, storage_options=opts, **KW)
