@@ -369,3 +369,31 @@ def test_sharded_pyramid_on_s3(s3_server, level0, local_client, tmp_path):
     ours = _download(s3_server, bucket, tmp_path / "ours.zv")
     assert_equivalent(ref, ours)
     assert _assert_one_object_per_shard(ours, (2, 2, 2)) < _cell_objects(ref)
+
+
+@pytest.mark.integration
+def test_reads_are_one_request_per_object(s3_server, monkeypatch):
+    """A whole-object read on S3 is one GET: no HEAD before it (s3fs's
+    default, to split large objects) and no listing after a 404.  Requests
+    are counted as the client sends them."""
+    import collections
+    import aiobotocore.client as ac
+    sent = collections.Counter()
+    real = ac.AioBaseClient._make_api_call
+
+    async def counting(self, operation, params):
+        sent[operation] += 1
+        return await real(self, operation, params)
+    monkeypatch.setattr(ac.AioBaseClient, "_make_api_call", counting)
+    store = Store.from_url(s3_server.url(s3_server.new_bucket(), "s.zv"),
+                           s3_server.storage_options)
+    sent.clear()  # the bucket's creation
+    store.put_many({f"c/{i}": b"x" * (i + 1) for i in range(100)})
+    assert sent == {"PutObject": 100}
+    sent.clear()
+    got = store.get_many([f"c/{i}" for i in range(100)] + ["c/missing"])
+    assert got["c/missing"] is None and all(got[f"c/{i}"] == b"x" * (i + 1) for i in range(100))
+    assert sent == {"GetObject": 101}, sent
+    sent.clear()
+    assert store.get("c/7") == b"x" * 8 and store.get("nothing") is None
+    assert sent == {"GetObject": 2}, sent
