@@ -397,3 +397,8 @@ def test_reads_are_one_request_per_object(s3_server, monkeypatch):
     sent.clear()
     assert store.get("c/7") == b"x" * 8 and store.get("nothing") is None
     assert sent == {"GetObject": 2}, sent
+    # A listing is one request, found or empty (no HEAD after an empty one).
+    sent.clear()
+    assert sorted(store.keys_under("c"), key=int) == [str(i) for i in range(100)]
+    assert store.keys_under("d") == [] and store.keys_under("c/1") == []
+    assert sent == {"ListObjectsV2": 3}, sent

@@ -390,9 +390,18 @@ class Store:
                 out.extend(files if rel == "." else [f"{rel}/{f}" for f in files])
             return out
 
+        if self._whole_read_kw and "/" in top:
+            # s3fs follows an empty listing with a HEAD (is ``top`` a file?)
+            # unless a prefix is given: list the parent with ``top``'s name
+            # as the prefix, the same one request.
+            parent, name = top.rsplit("/", 1)
+            args, kw = (parent,), {"prefix": f"{name}/"}
+        else:
+            args, kw = (top,), {}
+
         def _find():
             try:
-                found = self.fs.find(top)
+                found = self.fs.find(*args, **kw)
             except FileNotFoundError:
                 return []
             return [p[len(top) + 1:] for p in found if p.startswith(top + "/")]
