@@ -64,13 +64,21 @@ def _mtimes(root) -> dict[str, int]:
             for d, _, fs in os.walk(root) for f in fs}
 
 
-def _listed(store) -> int:
+def _levels_listed(read_root_doc) -> int:
+    """How many levels the root's multiscales lists (-1: no readable root
+    document); ``read_root_doc()`` returns its bytes."""
     try:
-        with open(os.path.join(store, "zarr.json")) as fh:
-            ms = json.load(fh)["attributes"].get("multiscales") or [{}]
+        ms = json.loads(read_root_doc())["attributes"].get("multiscales") or [{}]
         return len(ms[0].get("datasets") or [])
     except (OSError, ValueError):
         return -1
+
+
+def _listed(store) -> int:
+    def read():
+        with open(os.path.join(store, "zarr.json"), "rb") as fh:
+            return fh.read()
+    return _levels_listed(read)
 
 
 def _driver(store, address, *extra_args, env_extra=None) -> subprocess.Popen:
@@ -265,14 +273,7 @@ def test_crash_sweep_s3(dask_cluster, s3_server, small_sweep_inputs, tmp_path):
         return exists
 
     def listed_in(bucket):
-        def listed():
-            try:
-                meta = json.loads(fs.cat(f"{bucket}/x.zv/zarr.json"))
-            except (OSError, ValueError):
-                return -1
-            ms = meta["attributes"].get("multiscales") or [{}]
-            return len(ms[0].get("datasets") or [])
-        return listed
+        return lambda: _levels_listed(lambda: fs.cat(f"{bucket}/x.zv/zarr.json"))
 
     bucket, url = upload()
     sweep = _Sweep(exists_in(bucket), listed_in(bucket), poll=0.05)

@@ -20,7 +20,7 @@ from zarr_vectors.exceptions import StoreError
 
 T = TypeVar("T")
 
-BATCH_SIZE = 64  # requests in flight per batched call (see Store._batch_kw)
+BATCH_SIZE = 64  # requests in flight per batched call (see _Opened.of)
 
 #: Keys in ``storage_options`` whose values must never be printed.
 _SECRET_KEYS = ("secret", "key", "token", "password", "session_token",
@@ -153,39 +153,21 @@ class Store:
         return cls(url.rstrip("/"), dict(storage_options or {}))
 
     # ------------------------------------------------------------------ fs
-    @property
-    def fs(self):
+    def _opened(self) -> "_Opened":
+        """This process's filesystem for the store, made once."""
         cached = _FS_CACHE.get(self._cache_key())
         if cached is None:
             fs, root = fsspec.core.url_to_fs(self.url, **self.storage_options)
-            cached = (fs, root.rstrip("/"))
-            _FS_CACHE[self._cache_key()] = cached
-        return cached[0]
+            cached = _FS_CACHE[self._cache_key()] = _Opened.of(fs, root.rstrip("/"))
+        return cached
 
     @property
-    def _whole_read_kw(self) -> dict:
-        """Arguments for reading whole objects in one request.  s3fs
-        otherwise sends a HEAD before every whole-object GET (to split large
-        objects into concurrent ranges) and, on a 404, a listing: three
-        requests for a missing cell.  Our objects are cells and shards, far
-        below the size where ranges pay."""
-        fs = self.fs
-        protocols = fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)
-        return {"max_concurrency": 1} if {"s3", "s3a"} & set(protocols) else {}
-
-    @property
-    def _batch_kw(self) -> dict:
-        """Requests in flight per batched call on an async filesystem.
-        fsspec's default (thousands) makes every completion re-scan the
-        pending set; 64 measured 20-25% less client CPU per request on
-        SeaweedFS (3,000 PUTs and GETs of 400 B, benchmarks/README.md)."""
-        from fsspec.asyn import AsyncFileSystem
-        return {"batch_size": BATCH_SIZE} if isinstance(self.fs, AsyncFileSystem) else {}
+    def fs(self):
+        return self._opened().fs
 
     @property
     def root(self) -> str:
-        self.fs  # noqa: B018 - populate cache
-        return _FS_CACHE[self._cache_key()][1]
+        return self._opened().root
 
     def _cache_key(self):
         key = self.__dict__.get("_key")
@@ -211,7 +193,7 @@ class Store:
         """The bytes at ``key``, or None when there is no such object."""
         def _get():
             try:
-                return self.fs.cat_file(self.path(key), **self._whole_read_kw)
+                return self.fs.cat_file(self.path(key), **self._opened().whole_read_kw)
             except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
                 return None
         return with_retries(_get, what=self.describe(key))
@@ -227,7 +209,8 @@ class Store:
         paths = [self.path(k) for k in keys]
 
         def _cat():
-            return self.fs.cat(paths, on_error="return", **self._whole_read_kw, **self._batch_kw)
+            o = self._opened()
+            return o.fs.cat(paths, on_error="return", **o.whole_read_kw, **o.batch_kw)
         raw = with_retries(_cat, what=self.describe(keys[0]))
         result: dict[str, bytes | None] = {}
         for k, p in zip(keys, paths):
@@ -257,7 +240,7 @@ class Store:
         def _cat():
             return self.fs.cat_ranges(paths, [s for _, s, _ in requests],
                                       [e for _, _, e in requests], on_error="return",
-                                      **self._batch_kw)
+                                      **self._opened().batch_kw)
         raw = with_retries(_cat, what=self.describe(requests[0][0]))
         out: list[bytes | None] = []
         for (k, s, e), p, v in zip(requests, paths, raw):
@@ -314,7 +297,8 @@ class Store:
             self._put_local(items, atomic)
             return
         payload = {self.path(k): v for k, v in items.items()}
-        with_retries(lambda: self.fs.pipe(payload, **self._batch_kw), what=self.describe(next(iter(items))))
+        with_retries(lambda: self.fs.pipe(payload, **self._opened().batch_kw),
+                     what=self.describe(next(iter(items))))
 
     def _put_local(self, items: dict[str, bytes], atomic: bool) -> None:
         # os-level calls: Python's buffered ``open`` costs as much again
@@ -390,7 +374,7 @@ class Store:
                 out.extend(files if rel == "." else [f"{rel}/{f}" for f in files])
             return out
 
-        if self._whole_read_kw and "/" in top:
+        if self._opened().s3 and "/" in top:
             # s3fs follows an empty listing with a HEAD (is ``top`` a file?)
             # unless a prefix is given: list the parent with ``top``'s name
             # as the prefix, the same one request.
@@ -448,6 +432,34 @@ class Store:
             raise StoreAccessError(f"{self.url}: zarr needs an async fsspec filesystem")
         afs = type(fs)(**{**self.storage_options, "asynchronous": True})
         return _retrying_zarr_store(zarr.storage.FsspecStore(afs, path=self.root))
+
+
+@dataclass(frozen=True)
+class _Opened:
+    """A filesystem, the store's root in it, and the call arguments that
+    suit it, worked out once per process."""
+
+    fs: Any
+    root: str
+    s3: bool
+    whole_read_kw: dict  # for reading a whole object
+    batch_kw: dict  # for a batched call (several objects)
+
+    @classmethod
+    def of(cls, fs, root: str) -> "_Opened":
+        from fsspec.asyn import AsyncFileSystem
+        protocols = fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)
+        s3 = bool({"s3", "s3a"} & set(protocols))
+        # s3fs sends a HEAD before every whole-object GET (to split large
+        # objects into concurrent ranges) and, on a 404, a listing: three
+        # requests for a missing cell.  Our objects are cells and shards,
+        # far below the size where ranges pay.
+        whole = {"max_concurrency": 1} if s3 else {}
+        # fsspec's default batch (thousands) makes every completion re-scan
+        # the pending set; 64 measured 20-25% less client CPU per request
+        # on SeaweedFS (3,000 PUTs and GETs of 400 B, benchmarks/README.md).
+        batch = {"batch_size": BATCH_SIZE} if isinstance(fs, AsyncFileSystem) else {}
+        return cls(fs, root, s3, whole, batch)
 
 
 _FS_CACHE: dict = {}
