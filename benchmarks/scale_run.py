@@ -171,7 +171,15 @@ class _Sampler(threading.Thread):
             self.stop.wait(self.interval)
 
 
-def child_build(path: str, n_workers: int, memory_limit: str) -> dict:
+def _shard_shape(text: str):
+    """``"4"`` -> 4, ``"4x4x2"`` -> (4, 4, 2), ``""`` -> None (unsharded)."""
+    if not text:
+        return None
+    parts = [int(x) for x in text.lower().split("x")]
+    return parts[0] if len(parts) == 1 else tuple(parts)
+
+
+def child_build(path: str, n_workers: int, memory_limit: str, shard_shape: str = "") -> dict:
     import warnings
     warnings.filterwarnings("ignore")
     from distributed import Client, LocalCluster
@@ -211,7 +219,8 @@ def child_build(path: str, n_workers: int, memory_limit: str) -> dict:
         try:
             zvd.build_pyramid(path, factors=FACTORS, sparsity_seed=SEED, cross_level_depth=-1,
                               cross_level_storage="explicit", client=client,
-                              _reports=reports, progress=progress)
+                              _reports=reports, progress=progress,
+                              shard_shape=_shard_shape(shard_shape))
         except Exception as exc:  # report what happened, with the measurements so far
             error = f"{type(exc).__name__}: {str(exc)[:2000]}"
         seconds = time.perf_counter() - t0
@@ -454,7 +463,7 @@ def main(argv=None) -> int:
                               *([int(rest[4]), float(rest[5]), float(rest[6])]
                                 if len(rest) > 4 else []))
         elif mode == "build":
-            out = child_build(rest[0], int(rest[1]), rest[2])
+            out = child_build(rest[0], int(rest[1]), rest[2], *rest[3:4])
         else:
             out = child_validate(rest[0], int(rest[1]))
         print(json.dumps(out))

@@ -64,6 +64,10 @@ def command(args, shape: str, vertices: int) -> str:
            f"--root {args.root}")
     if args.no_reference_above is not None and vertices > args.no_reference_above:
         cmd += f" --no-reference-above {args.no_reference_above}"
+    if args.shard_shape:
+        cmd += f" --shard-shape {args.shard_shape}"
+    if args.floor:
+        cmd += " --floor"
     return cmd
 
 
@@ -75,7 +79,7 @@ def run_case(args, shape: str, vertices: int) -> dict:
     level0, ref_dir, proj_dir = case / "level0.zv", case / "reference.zv", case / "project.zv"
     tag = f"[{time.strftime('%H:%M:%S')} {shape} {vertices:,}]"
     out = {"shape": shape, "vertices": vertices, "load_before": load(),
-           "command": command(args, shape, vertices)}
+           "command": command(args, shape, vertices), "shard_shape": args.shard_shape}
     try:
         w = sr.run_child("write", level0, vertices, args.seed, args.step, points, chunk, corner)
         out["write"] = w
@@ -85,12 +89,22 @@ def run_case(args, shape: str, vertices: int) -> dict:
         if run_ref:
             shutil.copytree(level0, ref_dir)
         shutil.copytree(level0, proj_dir)
-        shutil.rmtree(level0)
+        if not args.floor:
+            shutil.rmtree(level0)
         b = sr.run_child("build", proj_dir, args.workers, args.memory_limit,
-                         timeout=args.build_timeout)
+                         args.shard_shape or "", timeout=args.build_timeout)
         out["build"] = b
         print(f"{tag} project {b['seconds']:.1f} s, driver {b['driver_rss_mib']:.0f} MiB, "
               f"worker {b['worker_rss_mib']:.0f} MiB, error {b['error']}", flush=True)
+        if args.floor and not b["error"]:
+            # The file-system floor of this shape: read level 0 and write
+            # every file the build wrote (same paths and sizes), one thread.
+            out["floor"] = bp.io_floor(level0, bp.output_files(level0, proj_dir),
+                                       case / "floor-scratch")
+            shutil.rmtree(level0)
+            f = out["floor"]
+            print(f"{tag} I/O floor {f['seconds']:.1f} s (read {f['read_files']:,} files, "
+                  f"write {f['write_files']:,})", flush=True)
         ref = None
         if run_ref:
             try:
@@ -102,7 +116,8 @@ def run_case(args, shape: str, vertices: int) -> dict:
         else:
             out["reference_skipped"] = f"not run (> {args.no_reference_above:,} vertices)"
         out["reference"] = ref
-        out["equivalent"] = bp._verdict(ref, ref_dir, proj_dir) if ref and not b["error"] \
+        out["equivalent"] = "n/a (sharded)" if args.shard_shape else \
+            bp._verdict(ref, ref_dir, proj_dir) if ref and not b["error"] \
             else "n/a"
         out["load_after"] = load()
     finally:
@@ -114,7 +129,8 @@ def run_case(args, shape: str, vertices: int) -> dict:
 # ------------------------------------------------------------------ table
 COLUMNS = ["shape", "vertices", "objects", "chunks", "project s", "x base", "reference s",
            "reference / project", "CPU s: project (workers + driver) / reference",
-           "x base (CPU)", "driver peak RSS MiB", "largest worker peak RSS MiB",
+           "x base (CPU)", "I/O floor s (1 thread; files written)", "floor / 2x base",
+           "driver peak RSS MiB", "largest worker peak RSS MiB",
            "tasks (graph / finished)", "driver round trips", "equivalent", "load before / after",
            "command"]
 
@@ -128,8 +144,11 @@ def cpu(build: dict) -> float:
 def rows(results: list[dict]) -> list[list[str]]:
     ok_base = [r for r in results
                if r["shape"] == "base" and "build" in r and not r["build"]["error"]]
-    base = {r["vertices"]: r["build"]["seconds"] for r in ok_base}
-    base_cpu = {r["vertices"]: cpu(r["build"]) for r in ok_base}
+    # Each row against the base shape built the same way (sharded or not).
+    def case(r):
+        return r["vertices"], r.get("shard_shape")
+    base = {case(r): r["build"]["seconds"] for r in ok_base}
+    base_cpu = {case(r): cpu(r["build"]) for r in ok_base}
     out = []
     for r in results:
         b, w, ref = r.get("build"), r.get("write") or {}, r.get("reference")
@@ -139,16 +158,22 @@ def rows(results: list[dict]) -> list[list[str]]:
         # worker's own ru_maxrss, whichever is larger.
         worker = max(b["worker_rss_mib"], b.get("worker_maxrss_final_mib", 0.0))
         secs = f"{b['seconds']:.1f}" + (" FAILED" if b["error"] else "")
-        xb = f"{b['seconds'] / base[r['vertices']]:.2f}" if r["vertices"] in base else "-"
-        xc = f"{cpu(b) / base_cpu[r['vertices']]:.2f}" if r["vertices"] in base_cpu else "-"
+        xb = f"{b['seconds'] / base[case(r)]:.2f}" if case(r) in base else "-"
+        xc = f"{cpu(b) / base_cpu[case(r)]:.2f}" if case(r) in base_cpu else "-"
         ref_cpu = f"{ref['cpu_seconds']:.1f}" if ref and "cpu_seconds" in ref else "-"
+        fl = r.get("floor")
+        floor = f"{fl['seconds']:.1f} ({fl['write_files']:,})" if fl else "-"
+        # Above 1: the shape's file I/O alone, on one core, takes longer
+        # than twice the base shape's whole build.
+        over = f"{fl['seconds'] / (2 * base[case(r)]):.2f}" if fl and case(r) in base else "-"
+        shape = r["shape"] + (f" (shard {r['shard_shape']})" if r.get("shard_shape") else "")
         out.append([
-            r["shape"], f"{r['vertices']:,}", f"{w.get('polyline_count', 0):,}",
+            shape, f"{r['vertices']:,}", f"{w.get('polyline_count', 0):,}",
             f"{w.get('chunk_count', 0):,}", secs, xb,
             f"{ref['seconds']:.1f}" if ref else r.get("reference_skipped", "-"),
             f"{ref['seconds'] / b['seconds']:.1f}x" if ref else "-",
             f"{cpu(b):.1f} ({b['worker_cpu_seconds']:.1f} + {b['driver_cpu_seconds']:.1f}) "
-            f"/ {ref_cpu}", xc,
+            f"/ {ref_cpu}", xc, floor, over,
             f"{b['driver_rss_mib']:.0f}", f"{worker:.0f}",
             f"{b['tasks']:,} / {b['scheduler_tasks']:,}", str(b.get("round_trips", "-")),
             r.get("equivalent", "n/a"), f"{r['load_before']} / {r.get('load_after', '-')}",
@@ -184,6 +209,11 @@ def main(argv=None) -> int:
     ap.add_argument("--from-json", help="only print/write the table of an earlier --json")
     ap.add_argument("--markdown")
     ap.add_argument("--keep", action="store_true")
+    ap.add_argument("--floor", action="store_true",
+                    help="also time the shape's file-system floor (bench_pyramid.io_floor): "
+                         "read level 0 and write the build's files, one thread")
+    ap.add_argument("--shard-shape", default=None,
+                    help="build with shard_shape (e.g. 4 or 4x4x2); the reference is unsharded")
     args = ap.parse_args(argv)
 
     shapes = [s.strip() for s in args.shapes.split(",") if s.strip()]

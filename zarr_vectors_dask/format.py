@@ -8,6 +8,7 @@ stages call these; they never build paths or bytes themselves.
 
 from __future__ import annotations
 
+import functools
 import json
 import struct
 import warnings
@@ -464,6 +465,7 @@ class KeyLayout:
         sharding = meta.codecs[0] if len(meta.codecs) == 1 and isinstance(
             meta.codecs[0], ShardingCodec) else None
         self.sharded = sharding is not None
+        self.index_direct = None
         if sharding is None:
             self.inner_shape = self.key_shape
             self.inner = pipeline.from_codecs(meta.codecs)
@@ -479,6 +481,14 @@ class KeyLayout:
                 16 * int(np.prod(self.per_shard)), self.index_spec))
             self.index_at_end = str(getattr(sharding.index_location, "value",
                                             sharding.index_location)) == "end"
+            # zarr's default index codecs (little-endian bytes, crc32c), as
+            # zarr-vectors and we write them: numcodecs' CRC32C, which zarr
+            # wraps, in this thread (zarr's pipeline costs ~60 us an index).
+            index_names = [c.to_dict() for c in sharding.index_codecs]
+            if index_names == [{"name": "bytes", "configuration": {"endian": "little"}},
+                               {"name": "crc32c"}]:
+                import numcodecs
+                self.index_direct = numcodecs.CRC32C()
         self.inner_spec = ArraySpec(shape=self.inner_shape, dtype=meta.data_type,
                                     fill_value=meta.fill_value, config=config, prototype=proto)
         # zarr's pipeline hops threads per chunk (~0.5 ms a cell); for the
@@ -491,6 +501,25 @@ class KeyLayout:
             import numcodecs
             self.direct = (numcodecs.VLenBytes(),
                            [getattr(numcodecs, _DIRECT[n])() for n in reversed(names[1:])])
+
+    def decode_indexes(self, heads: list[bytes]) -> list[np.ndarray]:
+        """Shard indexes (per_shard + (2,) uint64) from their stored bytes;
+        a checksum mismatch raises."""
+        if self.index_direct is None:
+            return self.decode_chunks(self.index, self.index_spec, heads)
+        return [np.frombuffer(self.index_direct.decode(h), dtype="<u8").reshape(
+            self.per_shard + (2,)) for h in heads]
+
+    def encode_indexes(self, indexes: list[np.ndarray]) -> list[bytes]:
+        """Stored bytes of shard indexes (per_shard + (2,) uint64)."""
+        if self.index_direct is not None:
+            return [bytes(self.index_direct.encode(np.ascontiguousarray(i, dtype="<u8")))
+                    for i in indexes]
+        from zarr.core.buffer import default_buffer_prototype
+        from zarr.core.sync import sync
+        make = default_buffer_prototype().nd_buffer.from_numpy_array
+        heads = sync(self.index.encode([(make(i), self.index_spec) for i in indexes]))
+        return [h.to_bytes() for h in heads]
 
     def key(self, array_path: str, key_coords: Sequence[int]) -> str:
         return f"{array_path}/{self.meta.encode_chunk_key(tuple(int(c) for c in key_coords))}"
@@ -676,20 +705,19 @@ def _read_sharded(store, info, lay, groups, out) -> None:
     keys = [lay.key(info.path, kc) for kc in kcs]
     span = (-lay.index_size, None) if lay.index_at_end else (0, lay.index_size)
     heads = store.get_ranges([(k, *span) for k in keys])
-    wanted: list[tuple] = []  # (shard key, cells, inner chunk coords, start, stop)
+    present = []  # (shard coords, key, index bytes) of the shards that exist
     for kc, key, head in zip(kcs, keys, heads):
-        cells = groups[kc]
         if head is None:
             continue  # no shard: its cells are absent
         if len(head) != lay.index_size:
             raise CorruptChunkError(
-                f"{_where(store, info, cells, key)}: shard is truncated ({len(head)} bytes, "
+                f"{_where(store, info, groups[kc], key)}: shard is truncated ({len(head)} bytes, "
                 f"shorter than its {lay.index_size}-byte index)")
-        try:
-            (index,) = lay.decode_chunks(lay.index, lay.index_spec, [head])
-        except Exception as exc:  # noqa: BLE001
-            raise CorruptChunkError(f"{_where(store, info, cells, key)}: shard index cannot be "
-                                    f"decoded ({type(exc).__name__}: {exc})") from None
+        present.append((kc, key, head))
+    indexes = _decode_indexes(store, info, lay, groups, present)
+    wanted: list[tuple] = []  # (shard key, cells, inner chunk coords, start, stop)
+    for (kc, key, _), index in zip(present, indexes):
+        cells = groups[kc]
         index = np.asarray(index, dtype=np.uint64).reshape(lay.per_shard + (2,))
         by_inner: dict[tuple, list] = {}
         for c, local in cells:
@@ -734,6 +762,27 @@ def _read_sharded(store, info, lay, groups, out) -> None:
             out[c] = None if arr is None else _cell_value(arr[within])
 
 
+def _decode_indexes(store, info, lay, groups, present) -> list:
+    """Every shard index of ``present`` (shard coords, key, bytes), decoded
+    in one call to zarr's codecs; when that fails, one by one, to name the
+    damaged shard."""
+    if lay.index_direct is None:
+        try:
+            return lay.decode_chunks(lay.index, lay.index_spec, [h for _, _, h in present]) \
+                if present else []
+        except Exception:  # noqa: BLE001 - find which shard, below
+            pass
+    out = []
+    for kc, key, head in present:
+        try:
+            (index,) = lay.decode_indexes([head])
+        except Exception as exc:  # noqa: BLE001
+            raise CorruptChunkError(f"{_where(store, info, groups[kc], key)}: shard index cannot "
+                                    f"be decoded ({type(exc).__name__}: {exc})") from None
+        out.append(index)
+    return out
+
+
 # ------------------------------------------------------------ writing shards
 def normalize_shard_shape(shard_shape, ndim: int) -> tuple[int, ...] | None:
     """``None``, an int (every axis) or one int per axis, in chunks."""
@@ -758,9 +807,11 @@ def shard_key(array_path: str, shard: Sequence[int]) -> str:
     return f"{array_path}/c/" + "/".join(str(int(i)) for i in shard)
 
 
+@functools.lru_cache(maxsize=16)
 def _shard_layout(shard_shape: tuple[int, ...]) -> KeyLayout:
     """The codecs of a sharded per-chunk array as :func:`vlen_array_doc`
-    declares them (they do not depend on the grid's size)."""
+    declares them (they do not depend on the grid's size).  Cached: zarr
+    builds an array to render them, ~1 ms, and a task encodes thousands."""
     doc = json.loads(vlen_array_doc(shard_shape, {}, shard_shape))
     return key_layout(VlenArrayInfo("(shard layout)", (0,) * len(shard_shape), (), False,
                                     json.dumps({k: v for k, v in doc.items()
@@ -768,26 +819,33 @@ def _shard_layout(shard_shape: tuple[int, ...]) -> KeyLayout:
 
 
 def encode_shard(shard_shape: tuple[int, ...], cells: Sequence[tuple[tuple, bytes]]) -> bytes:
-    """One shard of a sharded per-chunk array: each present cell's inner
+    """One shard of a sharded per-chunk array (see :func:`encode_shards`)."""
+    return encode_shards(shard_shape, [cells])[0]
+
+
+def encode_shards(shard_shape: tuple[int, ...],
+                  shards: Sequence[Sequence[tuple[tuple, bytes]]]) -> list[bytes]:
+    """Shards of a sharded per-chunk array: each present cell's inner
     chunk (one vlen-bytes element: exactly :func:`frame_cell`), back to
     back, then the index of (offset, length) per inner chunk, encoded by
     the array's own index codecs (zarr's: bytes + crc32c) and placed where
-    its ``index_location`` says.  ``cells``: (position in the shard, framed
-    payload)."""
-    from zarr.core.buffer import default_buffer_prototype
-    from zarr.core.sync import sync
-    lay = _shard_layout(tuple(shard_shape))
-    index = np.full(tuple(shard_shape) + (2,), _EMPTY_SLOT, dtype=np.uint64)
-    at = lay.index_size if not lay.index_at_end else 0
-    parts = []
-    for local, blob in sorted(cells, key=lambda c: tuple(c[0])):
-        index[tuple(int(i) for i in local)] = (at, len(blob))
-        parts.append(blob)
-        at += len(blob)
-    nd = default_buffer_prototype().nd_buffer.from_numpy_array(index)
-    (head,) = sync(lay.index.encode([(nd, lay.index_spec)]))
-    head = head.to_bytes()
-    return b"".join(parts) + head if lay.index_at_end else head + b"".join(parts)
+    its ``index_location`` says.  ``shards``: per shard, its cells as
+    (position in the shard, framed payload)."""
+    lay = _shard_layout(tuple(int(s) for s in shard_shape))
+    indexes, bodies = [], []
+    for cells in shards:
+        index = np.full(tuple(shard_shape) + (2,), _EMPTY_SLOT, dtype=np.uint64)
+        at = lay.index_size if not lay.index_at_end else 0
+        parts = []
+        for local, blob in sorted(cells, key=lambda c: tuple(c[0])):
+            index[tuple(int(i) for i in local)] = (at, len(blob))
+            parts.append(blob)
+            at += len(blob)
+        indexes.append(index)
+        bodies.append(b"".join(parts))
+    heads = lay.encode_indexes(indexes)
+    return [body + head if lay.index_at_end else head + body
+            for body, head in zip(bodies, heads)]
 
 
 def pack_cells(paths: Sequence[str], where: np.ndarray, payloads: Sequence[bytes]) -> bytes:

@@ -233,8 +233,9 @@ def write_shards(store: Store, route: ShardRoute, pack: int, *_done) -> int:
             shard = tuple(w // s for w, s in zip(where, ss))
             shards.setdefault((path, shard), []).append(
                 (tuple(w % s for w, s in zip(where, ss)), blob))
-    store.put_many({fmt.shard_key(path, shard): fmt.encode_shard(ss, cells)
-                    for (path, shard), cells in shards.items()}, atomic=False)
+    blobs = fmt.encode_shards(ss, list(shards.values()))
+    store.put_many({fmt.shard_key(path, shard): blob
+                    for (path, shard), blob in zip(shards, blobs)}, atomic=False)
     return len(shards)
 
 
