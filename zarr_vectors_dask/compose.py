@@ -8,6 +8,8 @@ of the coarser chunks its vertices' ancestors live in.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from . import format as fmt
@@ -26,38 +28,65 @@ def level_geometry(store: Store, level: int, root_meta) -> dict:
     return {"grid": grid, "scale": scale, "vertex_count": int(attrs.get("vertex_count") or 0)}
 
 
-def _read_parent_maps(store: Store, level: int, chunks, segs: dict, geo: dict) -> dict:
-    """``{chunk: (parent_chunk (n, d), parent_vi (n,))}`` from the ``+1``
-    cells of ``chunks``; vertices without a record get parent_vi -1.
+@dataclass
+class ParentMaps:
+    """Parent of every vertex of some chunks (from their ``+1`` cells), back
+    to back: chunk ``i``'s vertex ``v`` is row ``starts[i] + v`` when
+    ``v < sizes[i]``; a vertex without a record has parent_vi -1."""
+    sizes: np.ndarray        # (n_chunks,) vertices per chunk (highest named + 1)
+    starts: np.ndarray       # (n_chunks,)
+    parent_chunk: np.ndarray  # (N, d)
+    parent_vi: np.ndarray     # (N,)
+
+
+def _read_parent_maps(store: Store, level: int, chunks: list[tuple], segs: dict,
+                      geo: dict) -> ParentMaps:
+    """The parent maps of ``chunks`` from the ``+1`` family of ``level``.
 
     Each chunk's cells are looked up in the family's few offset arrays
     (``segs``: offset string -> array info without its chunk list; absent
     cells read as None), so the work follows the chunks asked for, not the
-    family's presence lists."""
+    family's presence lists; the records are gathered with one numpy call
+    per block, not per chunk."""
     rs = np.asarray(geo[level]["scale"], dtype=np.int64)
     rt = np.asarray(geo[level + 1]["scale"], dtype=np.int64)
-    per_chunk: dict[tuple, list] = {}
-    coords = np.asarray(chunks, dtype=np.int64).reshape(len(chunks), -1)
+    d = len(rs)
+    coords = np.asarray(chunks, dtype=np.int64).reshape(len(chunks), d)
+    index = {c: i for i, c in enumerate(chunks)}
+    owners, offsets, counts, records = [], [], [], []
     for seg, info in segs.items():
-        off = np.asarray(fmt.parse_chunk_key(seg), dtype=np.int64)
+        off = fmt.parse_chunk_key(seg)
         # Read only cells whose object (cell or shard) a listing shows.
         asked = [chunks[i] for i in np.flatnonzero(fmt.present_cells(store, info, coords))]
         for c, payload in fmt.read_cells(store, info, asked).items():
             if payload is None:
                 continue
             rows = fmt.decode_link_cell(payload)
-            anchor = (np.asarray(c, dtype=np.int64) * rs) // rt
-            per_chunk.setdefault(c, []).append((rows, anchor + off))
-    out = {}
-    for c, items in per_chunk.items():
-        n = max(int(r[:, 0].max()) + 1 for r, _ in items if r.size) if any(r.size for r, _ in items) else 0
-        pc = np.zeros((n, len(c)), dtype=np.int64)
-        pv = np.full(n, -1, dtype=np.int64)
-        for rows, cc in items:
-            pc[rows[:, 0]] = cc
-            pv[rows[:, 0]] = rows[:, 1]
-        out[c] = (pc, pv)
-    return out
+            owners.append(index[c])
+            offsets.append(off)
+            counts.append(rows.shape[0])
+            records.append(rows)
+    n = len(chunks)
+    if not records:
+        return ParentMaps(np.zeros(n, np.int64), np.zeros(n, np.int64),
+                          np.empty((0, d), np.int64), np.empty(0, np.int64))
+    counts = np.asarray(counts, dtype=np.int64)
+    owner = np.repeat(np.asarray(owners, dtype=np.int64), counts)
+    rows = np.concatenate(records)
+    # Parent chunk: the fine chunk's anchor on the coarse grid plus the
+    # cell's offset.
+    anchor = (coords * rs) // rt
+    parent_chunk = anchor[owner] + np.repeat(np.asarray(offsets, dtype=np.int64).reshape(-1, d),
+                                             counts, axis=0)
+    sizes = np.zeros(n, dtype=np.int64)
+    np.maximum.at(sizes, owner, rows[:, 0] + 1)
+    starts = np.cumsum(sizes) - sizes
+    at = starts[owner] + rows[:, 0]
+    pc = np.zeros((int(sizes.sum()), d), dtype=np.int64)
+    pv = np.full(pc.shape[0], -1, dtype=np.int64)
+    pc[at] = parent_chunk
+    pv[at] = rows[:, 1]
+    return ParentMaps(sizes, starts, pc, pv)
 
 
 def compose_block(store: Store, ctx: dict, fine_level: int, fine_cc: np.ndarray,
@@ -68,24 +97,15 @@ def compose_block(store: Store, ctx: dict, fine_level: int, fine_cc: np.ndarray,
     the routes of each level's cells to the tasks writing its shards."""
     geo, segs = ctx["geo"], ctx["segs"]
     mine = [tuple(c) for c in np.asarray(fine_cc).tolist()]
-    base = _read_parent_maps(store, fine_level, mine, segs[fine_level], geo)
-    # Flatten: one row per fine vertex that has a +1 parent.
-    f_id, f_vi, p_chunk, p_vi = [], [], [], []
-    for i, c in enumerate(mine):
-        if c not in base:
-            continue
-        pc, pv = base[c]
-        ok = np.flatnonzero(pv >= 0)
-        f_id.append(np.full(ok.size, i, dtype=np.int64))
-        f_vi.append(ok)
-        p_chunk.append(pc[ok])
-        p_vi.append(pv[ok])
     nd = len(mine[0]) if mine else 0
     fine_cc = np.asarray(fine_cc, dtype=np.int64).reshape(-1, nd)
-    f_id = np.concatenate(f_id) if f_id else np.empty(0, np.int64)
-    f_vi = np.concatenate(f_vi) if f_vi else np.empty(0, np.int64)
-    cur_c = np.concatenate(p_chunk) if p_chunk else np.empty((0, nd), np.int64)
-    cur_v = np.concatenate(p_vi) if p_vi else np.empty(0, np.int64)
+    base = _read_parent_maps(store, fine_level, mine, segs[fine_level], geo)
+    # One row per fine vertex that has a +1 parent.
+    f_id = np.repeat(np.arange(len(mine), dtype=np.int64), base.sizes)
+    f_vi = np.arange(f_id.size, dtype=np.int64) - np.repeat(base.starts, base.sizes)
+    ok = base.parent_vi >= 0
+    f_id, f_vi = f_id[ok], f_vi[ok]
+    cur_c, cur_v = base.parent_chunk[ok], base.parent_vi[ok]
     out = {"plus": {}, "minus": {}}
     level = fine_level + 1
     for n in steps:
@@ -99,18 +119,12 @@ def compose_block(store: Store, ctx: dict, fine_level: int, fine_cc: np.ndarray,
         inv = inv.reshape(-1)
         keys = [tuple(c) for c in cur_c[first].tolist()]
         maps = _read_parent_maps(store, inter, keys, segs[inter], geo)
-        # The ancestors' parent maps back to back: one gather for all vertices.
-        sizes = np.array([maps[k][1].size if k in maps else 0 for k in keys], dtype=np.int64)
-        starts = np.cumsum(sizes) - sizes
-        all_c = np.concatenate([maps[k][0] for k in keys if k in maps] or
-                               [np.empty((0, cur_c.shape[1]), np.int64)])
-        all_v = np.concatenate([maps[k][1] for k in keys if k in maps] or [np.empty(0, np.int64)])
         nxt_c = np.zeros_like(cur_c)
         nxt_v = np.full(cur_v.shape, -1, dtype=np.int64)
-        inside = np.flatnonzero(cur_v < sizes[inv])
-        at = starts[inv[inside]] + cur_v[inside]
-        nxt_c[inside] = all_c[at]
-        nxt_v[inside] = all_v[at]
+        inside = np.flatnonzero(cur_v < maps.sizes[inv])
+        at = maps.starts[inv[inside]] + cur_v[inside]
+        nxt_c[inside] = maps.parent_chunk[at]
+        nxt_v[inside] = maps.parent_vi[at]
         ok = nxt_v >= 0
         f_id, f_vi, cur_c, cur_v = f_id[ok], f_vi[ok], nxt_c[ok], nxt_v[ok]
         level = fine_level + n

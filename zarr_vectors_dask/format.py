@@ -79,8 +79,16 @@ def links_family_path(level: int, delta: int) -> str:
 def cell_path(array_path: str, coords: Sequence[int], origin: Sequence[int]) -> str:
     """Storage key of one cell of a per-chunk vlen array (default
     ``/``-separated chunk key encoding, indices relative to the origin)."""
+    if not any(origin):  # the common case, and a pyramid names ~10^5 cells
+        return f"{array_path}/c/" + "/".join(map(str, map(int, coords)))
     idx = "/".join(str(int(c) - int(o)) for c, o in zip(coords, origin))
     return f"{array_path}/c/{idx}"
+
+
+def _named(what) -> str:
+    """A message's subject: given as text, or as a callable that builds it
+    (per-cell names are only needed when something is wrong)."""
+    return what() if callable(what) else what
 
 
 # ------------------------------------------------------------ cell framing
@@ -89,13 +97,13 @@ def frame_cell(payload: bytes) -> bytes:
     return struct.pack("<II", 1, len(payload)) + payload
 
 
-def unframe_cell(raw: bytes, *, what: str) -> bytes:
+def unframe_cell(raw: bytes, *, what) -> bytes:
     if len(raw) < 8:
-        raise CorruptChunkError(f"{what}: truncated cell ({len(raw)} bytes)")
+        raise CorruptChunkError(f"{_named(what)}: truncated cell ({len(raw)} bytes)")
     n, length = struct.unpack_from("<II", raw, 0)
     if n != 1 or len(raw) != 8 + length:
         raise CorruptChunkError(
-            f"{what}: corrupt cell (declares {n} item(s) of {length} bytes, "
+            f"{_named(what)}: corrupt cell (declares {n} item(s) of {length} bytes, "
             f"holds {len(raw) - 8})")
     return raw[8:]
 
@@ -111,20 +119,21 @@ def encode_metavertex_cell(centroids: np.ndarray) -> tuple[bytes, bytes]:
 
 
 def decode_vertex_cell(vert_payload: bytes, frag_payload: bytes, *, dtype: np.dtype,
-                       ndim: int, what: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                       ndim: int, what) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Rows of a chunk and its fragments in CSR form: ``members`` holds the
     row indices of every fragment back to back, ``lengths`` how many each
     fragment names (fragment order)."""
     itemsize = np.dtype(dtype).itemsize
     if len(vert_payload) % (itemsize * ndim):
         raise CorruptChunkError(
-            f"{what}: vertices payload of {len(vert_payload)} bytes is not a "
+            f"{_named(what)}: vertices payload of {len(vert_payload)} bytes is not a "
             f"whole number of {ndim}-D {np.dtype(dtype)} rows")
     rows = np.frombuffer(vert_payload, dtype=dtype).reshape(-1, ndim)
     try:
         fi = decode_fragments(frag_payload)
     except Exception as exc:  # noqa: BLE001
-        raise CorruptChunkError(f"{what}: vertex_fragments cannot be decoded: {exc}") from None
+        raise CorruptChunkError(f"{_named(what)}: vertex_fragments cannot be decoded: "
+                                f"{exc}") from None
     table = fi.ranges()
     if table is not None:  # every fragment a (start, count) range: no per-fragment loop
         starts = np.asarray(table[:, 0], dtype=np.int64)
@@ -139,7 +148,7 @@ def decode_vertex_cell(vert_payload: bytes, frag_payload: bytes, *, dtype: np.dt
                                   int(np.flatnonzero((members < 0) | (members >= rows.shape[0]))[0]),
                                   side="right"))
         raise CorruptChunkError(
-            f"{what}: fragment {bad} names rows beyond the chunk's {rows.shape[0]}")
+            f"{_named(what)}: fragment {bad} names rows beyond the chunk's {rows.shape[0]}")
     return rows, members, lengths
 
 
@@ -168,7 +177,15 @@ def framed_link_cells(rows: np.ndarray, starts, stops) -> list[bytes]:
             for a, b in zip(starts, stops)]
 
 
+_ONE_GROUP = struct.Struct("<qq")
+
+
 def decode_link_cell(payload: bytes) -> np.ndarray:
+    """A link cell's records, (n, 2) int64 (read-only when it is one group)."""
+    if len(payload) >= 16 and len(payload) % 16 == 0 and _ONE_GROUP.unpack_from(payload) == (1, 0):
+        # One group from byte 0 (what both writers emit): the records are
+        # the rest of the payload.
+        return np.frombuffer(payload, dtype="<i8", offset=16).reshape(-1, 2)
     groups = decode_ragged_blob(payload, np.dtype(np.int64), ncols=2)
     if not groups:
         return np.empty((0, 2), dtype=np.int64)
@@ -599,7 +616,7 @@ def read_cells(store: Store, info: VlenArrayInfo, coords: Sequence[Sequence[int]
         for c, k in keys.items():
             v = raw[k]
             out[c] = None if v is None else unframe_cell(
-                v, what=f"{store.describe(info.path)} chunk {chunk_key(c)}")
+                v, what=lambda c=c: f"{store.describe(info.path)} chunk {chunk_key(c)}")
         return out
     lay = key_layout(info)
     out = {c: None for c in coords}

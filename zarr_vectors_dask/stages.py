@@ -263,10 +263,11 @@ def _read_source_chunks(spec: StepSpec, numbers: np.ndarray):
     frags = fmt.read_cells(spec.store, spec.fragments, coords)
     dtype = np.dtype(spec.source_dtype)
     for num, cc in zip(np.asarray(numbers).tolist(), coords):
-        what = f"{spec.store.describe(spec.vertices.path)} chunk {fmt.chunk_key(cc)}"
+        def what(cc=cc):  # built only for a message
+            return f"{spec.store.describe(spec.vertices.path)} chunk {fmt.chunk_key(cc)}"
         v, f = verts[cc], frags[cc]
         if v is None or f is None:
-            raise fmt.CorruptChunkError(f"{what}: listed as present but its cell is missing")
+            raise fmt.CorruptChunkError(f"{what()}: listed as present but its cell is missing")
         rows, members, lengths = fmt.decode_vertex_cell(v, f, dtype=dtype, ndim=spec.ndim,
                                                         what=what)
         yield int(num), cc, rows, members, lengths
@@ -676,8 +677,9 @@ def bin_partials(spec: StepSpec, block: int, numbers: np.ndarray, partitions: li
                             minlength=mkeys.size).astype(np.int64)
     else:
         mkeys = mvals = np.empty(0, dtype=np.int64)
-    chunk_rows = []  # per chunk: (chunk id, n instances, frag id per instance)
-    all_pos, all_w = [], []
+    # Per chunk only the decode and the gather; the rest is one numpy call
+    # per block (a fine grid has tens of thousands of small chunks).
+    cids, n_inst, frag_lengths, all_pos = [], [], [], []
     attr_cells = _read_attribute_cells(spec, numbers)
     all_vals: list[list[np.ndarray]] = [[] for _ in spec.vertex_attributes]
     for cid, cc, rows, members, lengths in _read_source_chunks(spec, numbers):
@@ -685,21 +687,26 @@ def bin_partials(spec: StepSpec, block: int, numbers: np.ndarray, partitions: li
             what = f"{spec.store.describe(attr.source.path)} chunk {fmt.chunk_key(cc)}"
             all_vals[i].append(va.decode_cell(attr, attr_cells[i][cc], rows.shape[0],
                                               what=what)[members])
-        frag_ids = np.arange(lengths.size, dtype=np.int64)
-        if spec.has_objects:
-            w_frag = _lookup(mkeys, mvals, _pair_key(np.full(lengths.size, cid), frag_ids))
-        else:
-            w_frag = np.ones(lengths.size, dtype=np.int64)
-        inst_frag = np.repeat(frag_ids, lengths)
+        cids.append(cid)
+        n_inst.append(int(members.size))
+        frag_lengths.append(lengths)
         all_pos.append(rows[members])
-        all_w.append(w_frag[inst_frag])
-        chunk_rows.append((cid, int(members.size), inst_frag))
+    cids_a = np.asarray(cids, dtype=np.int64)
+    n_frags = np.fromiter((f.size for f in frag_lengths), dtype=np.int64, count=len(cids))
+    lengths = np.concatenate(frag_lengths) if cids else np.empty(0, np.int64)
+    # Each fragment's chunk and index in it; each instance's fragment.
+    frag_chunk = np.repeat(cids_a, n_frags)
+    frag_local = np.arange(lengths.size, dtype=np.int64) - np.repeat(np.cumsum(n_frags) - n_frags,
+                                                                     n_frags)
+    inst_global = np.repeat(np.arange(lengths.size, dtype=np.int64), lengths)
+    w_frag = _lookup(mkeys, mvals, _pair_key(frag_chunk, frag_local)) if spec.has_objects \
+        else np.ones(lengths.size, dtype=np.int64)
+    w = w_frag[inst_global]
+    inst_frag = frag_local[inst_global]
     if all_pos:
         pos = np.concatenate(all_pos).astype(np.float32, copy=False)
-        w = np.concatenate(all_w)
     else:
         pos = np.empty((0, spec.ndim), dtype=np.float32)
-        w = np.empty(0, dtype=np.int64)
     keys = np.floor(pos / bin_arr).astype(np.int64)
     if keys.shape[0]:
         # Any order of the distinct keys will do here (write_metavertices
@@ -749,7 +756,10 @@ def bin_partials(spec: StepSpec, block: int, numbers: np.ndarray, partitions: li
     for i, routed in pair_parts:
         for p, cols in routed.items():
             exchange[p].update({f"va{i}:{k}": v for k, v in cols.items()})
-    state = {"chunks": chunk_rows, "inverse": inverse, "partition": part, "slot": slot,
+    # Instances in the reference's flat order: chunk by chunk, each chunk's
+    # fragments in order; per chunk its id and instance count.
+    state = {"chunk_ids": cids_a, "chunk_instances": np.asarray(n_inst, dtype=np.int64),
+             "inst_frag": inst_frag, "inverse": inverse, "partition": part, "slot": slot,
              "ref_parts": ref_parts}
     return {"exchange": exchange, "state": state}
 
@@ -1013,10 +1023,10 @@ def links_and_sequences(spec: StepSpec, block: int, partials: dict,
     par_chunk, par_frag = loc_chunk[inverse], loc_frag[inverse]
     result: dict[str, Any] = {"plus": {}, "minus": {}, "sequences": []}
     # Instance order within a chunk is the reference's "flat" vertex order.
-    inst_chunk = np.concatenate([np.full(n, cid, dtype=np.int64) for cid, n, _ in state["chunks"]]) \
-        if state["chunks"] else np.empty(0, np.int64)
-    inst_local = np.concatenate([np.arange(n, dtype=np.int64) for _, n, _ in state["chunks"]]) \
-        if state["chunks"] else np.empty(0, np.int64)
+    sizes = state["chunk_instances"]
+    inst_chunk = np.repeat(state["chunk_ids"], sizes)
+    inst_local = np.arange(inst_chunk.size, dtype=np.int64) - np.repeat(np.cumsum(sizes) - sizes,
+                                                                        sizes)
     if spec.links != "none":
         ok = par_frag >= 0
         fine_cc = chunk_coords(spec, inst_chunk[ok])
@@ -1033,7 +1043,7 @@ def links_and_sequences(spec: StepSpec, block: int, partials: dict,
     if spec.has_objects and ref_parts:
         # Instances are grouped by fragment, chunks and fragments ascending,
         # so the pair keys of the flat order are sorted.
-        inst_key = _pair_key(inst_chunk, np.concatenate([f for _, _, f in state["chunks"]]))
+        inst_key = _pair_key(inst_chunk, state["inst_frag"])
         # A fragment's metavertex sequence drops consecutive repeats.
         same = np.zeros(inst_key.size, dtype=bool)
         same[1:] = (inst_key[1:] == inst_key[:-1]) & (par_frag[1:] == par_frag[:-1]) & \
