@@ -16,3 +16,15 @@ def test_framed_link_cells_match_the_ragged_blob_encoder():
         assert cell == want
         back = fmt.decode_link_cell(fmt.unframe_cell(cell, what="cell"))
         np.testing.assert_array_equal(back, rows[a:b])
+
+
+def test_link_cells_of_several_groups_decode_as_one_table():
+    """A cell another writer split into several ragged groups (or an empty
+    one) decodes to the same records, in order, as the one-group form."""
+    rng = np.random.default_rng(4)
+    rows = rng.integers(0, 10**6, size=(20, 2)).astype(np.int64)
+    split = encode_ragged_blob([rows[:5], rows[5:5], rows[5:]], np.dtype(np.int64))
+    one = encode_ragged_blob([rows], np.dtype(np.int64))
+    np.testing.assert_array_equal(fmt.decode_link_cell(split), rows)
+    np.testing.assert_array_equal(fmt.decode_link_cell(one), rows)
+    assert fmt.decode_link_cell(encode_ragged_blob([], np.dtype(np.int64))).shape == (0, 2)
