@@ -96,15 +96,8 @@ def run_case(args, shape: str, vertices: int) -> dict:
         out["build"] = b
         print(f"{tag} project {b['seconds']:.1f} s, driver {b['driver_rss_mib']:.0f} MiB, "
               f"worker {b['worker_rss_mib']:.0f} MiB, error {b['error']}", flush=True)
-        if args.floor and not b["error"]:
-            # The file-system floor of this shape: read level 0 and write
-            # every file the build wrote (same paths and sizes), one thread.
-            out["floor"] = bp.io_floor(level0, bp.output_files(level0, proj_dir),
-                                       case / "floor-scratch")
-            shutil.rmtree(level0)
-            f = out["floor"]
-            print(f"{tag} I/O floor {f['seconds']:.1f} s (read {f['read_files']:,} files, "
-                  f"write {f['write_files']:,})", flush=True)
+        floor_files = bp.output_files(level0, proj_dir) \
+            if args.floor and not b["error"] else None
         ref = None
         if run_ref:
             try:
@@ -119,6 +112,16 @@ def run_case(args, shape: str, vertices: int) -> dict:
         out["equivalent"] = "n/a (sharded)" if args.shard_shape else \
             bp._verdict(ref, ref_dir, proj_dir) if ref and not b["error"] \
             else "n/a"
+        if floor_files is not None:
+            # The file-system floor of this shape: read level 0 and write
+            # every file the build wrote (same paths and sizes), one thread;
+            # the built trees go first, so the disk holds one copy at a time.
+            for d in (ref_dir, proj_dir):
+                if not args.keep:
+                    shutil.rmtree(d, ignore_errors=True)
+            out["floor"] = f = bp.io_floor(level0, floor_files, case / "floor-scratch")
+            print(f"{tag} I/O floor {f['seconds']:.1f} s (read {f['read_files']:,} files, "
+                  f"write {f['write_files']:,})", flush=True)
         out["load_after"] = load()
     finally:
         if not args.keep:
