@@ -619,24 +619,55 @@ def read_cells(store: Store, info: VlenArrayInfo, coords: Sequence[Sequence[int]
                 v, what=lambda c=c: f"{store.describe(info.path)} chunk {chunk_key(c)}")
         return out
     lay = key_layout(info)
-    out = {c: None for c in coords}
+    out = dict.fromkeys(coords)
     if not coords:
         return out
     origin = np.asarray(info.origin, dtype=np.int64)
     idx = np.asarray(coords, dtype=np.int64).reshape(len(coords), -1) - origin
     shape = np.asarray(lay.meta.shape, dtype=np.int64)
-    inside = np.all((idx >= 0) & (idx < shape), axis=1)
-    groups: dict[tuple, list[tuple[tuple, tuple]]] = {}
-    for c, i, ok in zip(coords, idx.tolist(), inside.tolist()):
-        if ok:  # cells outside the array's grid are absent, as for plain cells
-            kc = tuple(a // k for a, k in zip(i, lay.key_shape))
-            local = tuple(a % k for a, k in zip(i, lay.key_shape))
-            groups.setdefault(kc, []).append((c, local))
+    # Cells outside the array's grid are absent, as for plain cells.
+    ok = np.flatnonzero(np.all((idx >= 0) & (idx < shape), axis=1))
+    if ok.size == 0:
+        return out
+    # Group the cells by storage key with numpy: a reader may ask for
+    # ~10^6 candidate cells, most of them absent (see present_cells).
+    ks = np.asarray(lay.key_shape, dtype=np.int64)
+    kc, loc = idx[ok] // ks, idx[ok] % ks
+    kid = np.ravel_multi_index(tuple(kc.T), tuple((-(-shape // ks)).tolist()))
+    order = np.argsort(kid, kind="stable")
+    cuts = np.flatnonzero(np.diff(kid[order])) + 1
+    groups: dict[tuple, _Cells] = {}
+    for lo, hi in zip(np.r_[0, cuts].tolist(), np.r_[cuts, order.size].tolist()):
+        sel = order[lo:hi]
+        groups[tuple(kc[sel[0]].tolist())] = _Cells(coords, ok[sel], loc[sel])
     if lay.sharded:
         _read_sharded(store, info, lay, groups, out)
     else:
         _read_chunked(store, info, lay, groups, out)
     return out
+
+
+class _Cells:
+    """Cells asked for in one storage key: positions in the caller's
+    coordinate list and positions within the key, as arrays; iterating
+    gives ``(chunk coords, local index)`` pairs."""
+
+    def __init__(self, coords: list, pos: np.ndarray, loc: np.ndarray):
+        self.coords, self.pos, self.loc = coords, pos, loc
+
+    def __len__(self) -> int:
+        return int(self.pos.size)
+
+    def __iter__(self):
+        coords = self.coords
+        return iter([(coords[p], tuple(l)) for p, l in zip(self.pos.tolist(),
+                                                           self.loc.tolist())])
+
+    def __getitem__(self, item: slice) -> list:
+        return list(_Cells(self.coords, self.pos[item], self.loc[item]))
+
+    def subset(self, mask: np.ndarray) -> "_Cells":
+        return _Cells(self.coords, self.pos[mask], self.loc[mask])
 
 
 def present_cells(store: Store, info: VlenArrayInfo, coords: np.ndarray) -> np.ndarray:
@@ -721,7 +752,11 @@ def _read_sharded(store, info, lay, groups, out) -> None:
     kcs = list(groups)
     keys = [lay.key(info.path, kc) for kc in kcs]
     span = (-lay.index_size, None) if lay.index_at_end else (0, lay.index_size)
-    heads = store.get_ranges([(k, *span) for k in keys])
+    # On a local disk a whole shard is one open and read, cheaper than its
+    # index and then its ranges; on an object store, ranged reads.
+    whole = store.get_many(keys) if store.is_local else None
+    heads = [None if whole[k] is None else whole[k][slice(*span)] for k in keys] \
+        if whole is not None else store.get_ranges([(k, *span) for k in keys])
     present = []  # (shard coords, key, index bytes) of the shards that exist
     for kc, key, head in zip(kcs, keys, heads):
         if head is None:
@@ -733,9 +768,14 @@ def _read_sharded(store, info, lay, groups, out) -> None:
         present.append((kc, key, head))
     indexes = _decode_indexes(store, info, lay, groups, present)
     wanted: list[tuple] = []  # (shard key, cells, inner chunk coords, start, stop)
+    inner_shape = np.asarray(lay.inner_shape, dtype=np.int64)
     for (kc, key, _), index in zip(present, indexes):
-        cells = groups[kc]
         index = np.asarray(index, dtype=np.uint64).reshape(lay.per_shard + (2,))
+        # Drop the cells whose inner chunk the index says is absent, all at
+        # once; only the present ones go through the loop below.
+        asked = groups[kc]
+        entry = index[tuple((asked.loc // inner_shape).T)]
+        cells = asked.subset((entry[:, 0] != _EMPTY_SLOT) | (entry[:, 1] != _EMPTY_SLOT))
         by_inner: dict[tuple, list] = {}
         for c, local in cells:
             ic = tuple(a // i for a, i in zip(local, lay.inner_shape))
@@ -762,7 +802,8 @@ def _read_sharded(store, info, lay, groups, out) -> None:
         else:
             reads.append([key, a, b])
         at.append(len(reads) - 1)
-    got = store.get_ranges([tuple(r) for r in reads])
+    got = [whole[k][a:b] for k, a, b in reads] if whole is not None \
+        else store.get_ranges([tuple(r) for r in reads])
     blobs = []
     for (key, members, _ic, a, b), r in zip(wanted, at):
         data, (_, ra, rb) = got[r], reads[r]
