@@ -822,14 +822,11 @@ def _read_sharded(store, info, lay, groups, out) -> None:
 
 def _decode_indexes(store, info, lay, groups, present) -> list:
     """Every shard index of ``present`` (shard coords, key, bytes), decoded
-    in one call to zarr's codecs; when that fails, one by one, to name the
-    damaged shard."""
-    if lay.index_direct is None:
-        try:
-            return lay.decode_chunks(lay.index, lay.index_spec, [h for _, _, h in present]) \
-                if present else []
-        except Exception:  # noqa: BLE001 - find which shard, below
-            pass
+    in one call; when that fails, one by one, to name the damaged shard."""
+    try:
+        return lay.decode_indexes([h for _, _, h in present]) if present else []
+    except Exception:  # noqa: BLE001 - find which shard, below
+        pass
     out = []
     for kc, key, head in present:
         try:
