@@ -171,19 +171,12 @@ class _Sampler(threading.Thread):
             self.stop.wait(self.interval)
 
 
-def _shard_shape(text: str):
-    """``"4"`` -> 4, ``"4x4x2"`` -> (4, 4, 2), ``""`` -> None (unsharded)."""
-    if not text:
-        return None
-    parts = [int(x) for x in text.lower().split("x")]
-    return parts[0] if len(parts) == 1 else tuple(parts)
-
-
 def child_build(path: str, n_workers: int, memory_limit: str, shard_shape: str = "") -> dict:
     import warnings
     warnings.filterwarnings("ignore")
     from distributed import Client, LocalCluster
     import zarr_vectors_dask as zvd
+    from zarr_vectors_dask.cli import parse_shard_shape  # the CLI's spelling: 4 or 4x4x2
 
     progress_log: list = []
     t_start = [0.0]
@@ -220,7 +213,8 @@ def child_build(path: str, n_workers: int, memory_limit: str, shard_shape: str =
             zvd.build_pyramid(path, factors=FACTORS, sparsity_seed=SEED, cross_level_depth=-1,
                               cross_level_storage="explicit", client=client,
                               _reports=reports, progress=progress,
-                              shard_shape=_shard_shape(shard_shape))
+                              shard_shape=parse_shard_shape(shard_shape) if shard_shape
+                              else None)
         except Exception as exc:  # report what happened, with the measurements so far
             error = f"{type(exc).__name__}: {str(exc)[:2000]}"
         seconds = time.perf_counter() - t0
