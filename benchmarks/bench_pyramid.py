@@ -186,10 +186,10 @@ def child_project_cold(path: str, n_workers: int) -> dict:
     warnings.filterwarnings("ignore")
     from distributed import Client, LocalCluster
     import zarr_vectors_dask as zvd
-    from zarr_vectors_dask.api import _open
+    from zarr_vectors_dask.format.documents import open_zarr_vectors
     phases = {"imports (driver)": time.perf_counter() - t0}
     t = time.perf_counter()
-    _open(path, {})  # the CLI checks the store before starting a cluster
+    open_zarr_vectors(path, {})  # the CLI checks the store before starting a cluster
     phases["open store"] = time.perf_counter() - t
     t = time.perf_counter()
     cluster = LocalCluster(n_workers=n_workers, threads_per_worker=1, memory_limit="auto",

@@ -225,7 +225,7 @@ from distributed import Client, LocalCluster, progress
 
 import zarr_vectors_dask as zd
 from zarr_vectors_dask.sample import write_sample
-from zarr_vectors_dask.store import redact
+from zarr_vectors_dask.storage.store import redact
 """),
     md("""
 ## 1. Where the store lives

@@ -10,9 +10,7 @@ import pytest
 
 import zarr_vectors_dask as zd
 from stores import make_streamlines
-from zarr_vectors_dask.api import BuildError
-from zarr_vectors_dask.format import FormatError
-from zarr_vectors_dask.plan import PlanError
+from zarr_vectors_dask.errors import BuildError, FormatError, PlanError
 
 
 def _digest(root) -> dict:
@@ -92,8 +90,8 @@ def test_resume_rejects_changed_parameters(store, local_client):
 
 
 def test_concurrent_build_is_refused(store, local_client):
-    from zarr_vectors_dask.lock import LOCK_KEY
-    from zarr_vectors_dask.store import Store
+    from zarr_vectors_dask.storage.lock import LOCK_KEY
+    from zarr_vectors_dask.storage.store import Store
     import json
     import time
     lock = {"owner": "otherhost:1", "host": "otherhost", "pid": 1, "token": "t",

@@ -25,8 +25,8 @@ import zarr_vectors_dask as zd
 from equivalence import compare_raw_files
 from servers import subprocess_env
 from stores import make_streamlines
-from zarr_vectors_dask.api import BuildError
-from zarr_vectors_dask.lock import LOCK_KEY
+from zarr_vectors_dask.errors import BuildError
+from zarr_vectors_dask.storage.lock import LOCK_KEY
 
 pytestmark = pytest.mark.integration
 
@@ -215,7 +215,7 @@ class _DriverKilled(BaseException):
 def test_crash_inside_a_level_commit_is_resumed(local_client, twin_stores, monkeypatch):
     """The driver dies after level 2's group document is written but before
     the root lists it: resume rebuilds level 2 instead of refusing it."""
-    from zarr_vectors_dask import commit as cm
+    from zarr_vectors_dask.format import commit as cm
     _, ref, store = twin_stores(make_streamlines, seed=8)
     kw = dict(factors=[(2, 1), (2, 2)], sparsity_seed=2, cross_level_depth=-1,
               cross_level_storage="explicit")
@@ -239,12 +239,12 @@ def test_crash_inside_a_level_commit_is_resumed(local_client, twin_stores, monke
 def test_resume_waits_for_a_killed_drivers_running_tasks(local_client):
     """Tasks already running when their driver died go on running (and
     writing); resume must not start discarding before they end."""
-    from zarr_vectors_dask.api import _wait_for_orphans
-    from zarr_vectors_dask.pipeline import _live_tasks
+    from zarr_vectors_dask.resume import wait_for_orphans
+    from zarr_vectors_dask.runtime import _live_tasks
 
     def orphans():
         return sum(local_client.run(_live_tasks, "", ("cancelled",)).values())
-    from zarr_vectors_dask.store import Store
+    from zarr_vectors_dask.storage.store import Store
     code = ("import sys, time\nfrom distributed import Client\n"
             f"c = Client({local_client.scheduler.address!r})\n"
             "fs = [c.submit(time.sleep, 3, pure=False) for _ in range(2)]\n"
@@ -259,7 +259,7 @@ def test_resume_waits_for_a_killed_drivers_running_tasks(local_client):
         p.wait(timeout=30)
     assert _wait_for(lambda: orphans() > 0,
                      alive=lambda: True, timeout=10), "no orphaned task seen"
-    _wait_for_orphans(local_client, Store.from_url("memory://unused"))
+    wait_for_orphans(local_client, Store.from_url("memory://unused"))
     assert orphans() == 0
 
 

@@ -206,22 +206,22 @@ def test_coarsen_level_zero_to_two_alone_equals_reference(local_client, tmp_path
 def test_failed_skip_step_removes_its_family(local_client, tmp_path, monkeypatch):
     """A step 0 -> 2 that fails removes what it wrote: the level and the
     ``+2`` family under level 0 (the cleanup used to assume ``+1``)."""
-    from zarr_vectors_dask import pipeline as pl
-    from zarr_vectors_dask import format as fmt
-    from zarr_vectors_dask.store import Store
+    from zarr_vectors_dask.format import naming as nm
+    from zarr_vectors_dask.step import run as step_run
+    from zarr_vectors_dask.storage.store import Store
 
     path = _points_store(tmp_path / "p.zv", n=500)
     st = Store.from_url(path)
 
     def boom(*a, **k):  # the step writes some cells, then fails
-        st.put(f"{fmt.links_family_path(0, 2)}/x", b"left by the failed step")
+        st.put(f"{nm.links_family_path(0, 2)}/x", b"left by the failed step")
         st.put("2/vertices/c/0/0/0", b"partial")
         raise RuntimeError("injected failure")
-    monkeypatch.setattr(pl, "_run_step", boom)
+    monkeypatch.setattr(step_run, "_run_step", boom)
     with pytest.raises(RuntimeError, match="injected"):
         zd.coarsen_level(path, 0, 2, coarsen_factor=4.0)
     assert not os.path.exists(os.path.join(path, "2"))
-    assert not st.listdir(fmt.links_family_path(0, 2))
+    assert not st.listdir(nm.links_family_path(0, 2))
     assert os.path.exists(os.path.join(path, "0", "vertices", "zarr.json"))
 
 

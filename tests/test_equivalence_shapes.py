@@ -13,9 +13,10 @@ from zarr_vectors.types.points import write_points
 from zarr_vectors.types.polylines import write_polylines
 
 import zarr_vectors_dask as zd
-from zarr_vectors_dask import api
-from zarr_vectors_dask.pipeline import plan_step, read_source_level
-from zarr_vectors_dask.store import Store
+from zarr_vectors_dask.planning import levels
+from zarr_vectors_dask.step.run import plan_step
+from zarr_vectors_dask.step.source import read_source_level
+from zarr_vectors_dask.storage.store import Store
 from equivalence import twin_copies, assert_equivalent, compare_raw_files
 
 KW = dict(factors=[(2, 1), (2, 3)], sparsity_seed=7, cross_level_depth=-1,
@@ -94,7 +95,7 @@ def test_one_dense_chunk_is_split_off(local_client, tmp_path):
     plan = zd.plan_pyramid(str(ours), factors=KW["factors"], max_block_vertices=2_000)
     st = Store.from_url(str(ours))
     lv = plan.levels[0]
-    _, layout, _ = plan_step(st, lv, read_source_level(st, 0, 3), api._root_meta(st),
+    _, layout, _ = plan_step(st, lv, read_source_level(st, 0, 3), levels.read_root_meta(st),
                              sparsity_strategy="random", sparsity_seed=None)
     # Sized from cell sizes, not the mean: the dense chunk (number 0) is a
     # block alone, the sparse rest shares a block.

@@ -3,18 +3,18 @@
 import numpy as np
 from zarr_vectors.encoding.ragged import encode_ragged_blob
 
-from zarr_vectors_dask import format as fmt
+from zarr_vectors_dask.format import codecs as cdc
 
 
 def test_framed_link_cells_match_the_ragged_blob_encoder():
     rng = np.random.default_rng(3)
     rows = rng.integers(0, 10**6, size=(50, 2))
     cuts = [(0, 1), (1, 17), (17, 50)]
-    got = fmt.framed_link_cells(rows, [a for a, _ in cuts], [b for _, b in cuts])
+    got = cdc.framed_link_cells(rows, [a for a, _ in cuts], [b for _, b in cuts])
     for (a, b), cell in zip(cuts, got):
-        want = fmt.frame_cell(encode_ragged_blob([rows[a:b].astype(np.int64)], np.dtype(np.int64)))
+        want = cdc.frame_cell(encode_ragged_blob([rows[a:b].astype(np.int64)], np.dtype(np.int64)))
         assert cell == want
-        back = fmt.decode_link_cell(fmt.unframe_cell(cell, what="cell"))
+        back = cdc.decode_link_cell(cdc.unframe_cell(cell, what="cell"))
         np.testing.assert_array_equal(back, rows[a:b])
 
 
@@ -25,6 +25,6 @@ def test_link_cells_of_several_groups_decode_as_one_table():
     rows = rng.integers(0, 10**6, size=(20, 2)).astype(np.int64)
     split = encode_ragged_blob([rows[:5], rows[5:5], rows[5:]], np.dtype(np.int64))
     one = encode_ragged_blob([rows], np.dtype(np.int64))
-    np.testing.assert_array_equal(fmt.decode_link_cell(split), rows)
-    np.testing.assert_array_equal(fmt.decode_link_cell(one), rows)
-    assert fmt.decode_link_cell(encode_ragged_blob([], np.dtype(np.int64))).shape == (0, 2)
+    np.testing.assert_array_equal(cdc.decode_link_cell(split), rows)
+    np.testing.assert_array_equal(cdc.decode_link_cell(one), rows)
+    assert cdc.decode_link_cell(encode_ragged_blob([], np.dtype(np.int64))).shape == (0, 2)

@@ -16,8 +16,9 @@ import pytest
 from zarr_vectors.multiresolution.coarsen import build_pyramid as reference_build_pyramid
 
 import zarr_vectors_dask as zd
-from zarr_vectors_dask import pipeline as pl, stages
-from zarr_vectors_dask.plan import step_layout, weighted_runs
+from zarr_vectors_dask import runtime
+from zarr_vectors_dask.step import shuffle
+from zarr_vectors_dask.planning.runs import step_layout, weighted_runs
 from equivalence import compare_raw_files
 from stores import make_streamlines
 
@@ -116,7 +117,7 @@ def test_plan_counts_are_the_graphs_and_one_round_trip_per_step(local_client, tm
     reports: list = []
     zd.build_pyramid(str(base), client=local_client, max_block_vertices=300, _reports=reports,
                      **KW)
-    steps = [r for r in reports if isinstance(r, pl.StepReport)]
+    steps = [r for r in reports if isinstance(r, runtime.StepReport)]
     assert steps[0].stage_tasks == plan.levels[0].tasks
     assert steps[0].tasks == sum(plan.levels[0].tasks.values())
     assert plan.levels[0].n_blocks > 1
@@ -132,7 +133,7 @@ def test_failing_task_stops_its_siblings_before_the_error_returns(tmp_path, monk
     from distributed import Client, LocalCluster
     base = tmp_path / "b.zv"
     make_streamlines(str(base), seed=5, n_objects=80)
-    real = stages.bin_partials
+    real = shuffle.bin_partials
     late = tmp_path / "late-write"
 
     def flaky(spec, block, *args, **kwargs):
@@ -143,7 +144,7 @@ def test_failing_task_stops_its_siblings_before_the_error_returns(tmp_path, monk
         late.write_text("written")  # the write an unfinished sibling makes
         return out
 
-    monkeypatch.setattr(stages, "bin_partials", flaky)
+    monkeypatch.setattr(shuffle, "bin_partials", flaky)
     with LocalCluster(n_workers=1, threads_per_worker=4, processes=False,
                       dashboard_address=":0", silence_logs=50) as cluster, Client(cluster) as c:
         with pytest.raises(RuntimeError, match="block 0 is broken"):

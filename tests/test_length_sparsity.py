@@ -26,7 +26,7 @@ from zarr_vectors.types.polylines import write_polylines
 import zarr_vectors_dask as zd
 from equivalence import twin_copies, assert_equivalent, compare_raw_files
 from stores import make_points_sparse_ids, make_streamlines
-from zarr_vectors_dask.plan import PlanError
+from zarr_vectors_dask.errors import PlanError
 
 
 # ----------------------------------------------------------- brute force
@@ -321,7 +321,7 @@ def test_plan_shows_the_context_tasks(tmp_path):
 
 
 def test_kept_rows_ranks_by_length_then_row():
-    from zarr_vectors_dask.stages import kept_rows
+    from zarr_vectors_dask.planning.sparsity import kept_rows
     lengths = np.array([3.0, 5.0, 5.0, 0.0, 5.0, 1.0, 3.0])
     keep = kept_rows(7, 2.0, "length", None, (1.0,), lengths=lengths)
     assert np.flatnonzero(keep).tolist() == [0, 1, 2, 4]  # 4 kept: three 5.0s, then row 0's 3.0

@@ -6,9 +6,11 @@ import math
 
 import pytest
 
-from zarr_vectors_dask.plan import (
-    PlanError, bin_ratio, chunks_per_block, grid_layout, normalize_chunk_scale,
-    plan_pyramid_from_meta, split_runs, target_bin, validate_factors, validate_options)
+from zarr_vectors_dask.errors import PlanError
+from zarr_vectors_dask.planning.plan import (bin_ratio, grid_layout, normalize_chunk_scale,
+                                             plan_pyramid_from_meta, target_bin, validate_factors,
+                                             validate_options)
+from zarr_vectors_dask.planning.runs import chunks_per_block, split_runs
 
 BASE = dict(store="mem://x", ndim=3, root_chunk_shape=(125.0,) * 3, root_bin=(5.0,) * 3,
             bounds=([0.0] * 3, [999.0] * 3), level0_chunks=512, level0_vertices=1_000_000,

@@ -15,9 +15,9 @@ import pytest
 import zarr_vectors_dask as zd
 from stores import make_streamlines
 from zarr_vectors_dask.errors import PlanError
-from zarr_vectors_dask.bill import (
-    _axis_groups, chunk_candidates, expected_shards, link_estimate, request_plan)
-from zarr_vectors_dask.plan import plan_pyramid_from_meta
+from zarr_vectors_dask.planning.bill import (_axis_groups, chunk_candidates, expected_shards,
+                                             link_estimate, request_plan)
+from zarr_vectors_dask.planning.plan import plan_pyramid_from_meta
 
 # A 2-D store of 4x2 chunks of 10, bins of 5: every bin inside one chunk.
 TINY = dict(store="mem://tiny", ndim=2, root_chunk_shape=(10.0, 10.0), root_bin=(5.0, 5.0),

@@ -19,7 +19,7 @@ import zarr_vectors_dask as zd
 from equivalence import assert_equivalent, compare_raw_files
 from servers import subprocess_env
 from stores import make_streamlines
-from zarr_vectors_dask.store import Store, StoreAccessError, _is_transient
+from zarr_vectors_dask.storage.store import Store, StoreAccessError, is_transient
 
 pytestmark = pytest.mark.integration
 
@@ -121,7 +121,7 @@ def test_pyramid_built_on_s3_matches_reference(s3_server, level0, local_client, 
     done = threading.Event()
 
     def watch():
-        from zarr_vectors_dask import format as fmt
+        from zarr_vectors_dask.format import cells as fcells, naming as nm
         reader = Store.from_url(url, s3_server.storage_options)
         while not done.is_set() and "missing" not in published:
             if reader.get("1/zarr.json") is None:
@@ -129,12 +129,12 @@ def test_pyramid_built_on_s3_matches_reference(s3_server, level0, local_client, 
                 continue
             missing = []
             for name in ("vertices", "vertex_fragments"):
-                info = fmt.vlen_array_info(reader, f"1/{name}")
+                info = fcells.vlen_array_info(reader, f"1/{name}")
                 if info is None:
                     missing.append(f"1/{name}/zarr.json")
                     continue
-                missing += [fmt.cell_path(info.path, c, info.origin) for c in info.chunks
-                            if reader.get(fmt.cell_path(info.path, c, info.origin)) is None]
+                missing += [nm.cell_path(info.path, c, info.origin) for c in info.chunks
+                            if reader.get(nm.cell_path(info.path, c, info.origin)) is None]
             published["missing"] = missing
 
     watcher = threading.Thread(target=watch, daemon=True)
@@ -341,7 +341,7 @@ def test_connection_failures_are_transient_and_auth_failures_are_not(private_s3_
                          {**srv.storage_options, "secret": "wrong", **fast})
     with pytest.raises(PermissionError) as denied:
         bad.fs.cat_file(bad.path("0/zarr.json"))
-    assert not _is_transient(denied.value)
+    assert not is_transient(denied.value)
 
     srv.stop()
     down = Store.from_url(srv.url(bucket, "x.zv"), {**srv.storage_options, **fast})
@@ -351,7 +351,7 @@ def test_connection_failures_are_transient_and_auth_failures_are_not(private_s3_
         with pytest.raises(Exception) as refused:
             down.fs.cat_file(down.path(key))
         assert "EndpointConnectionError" in type(refused.value).__name__, repr(refused.value)
-        assert _is_transient(refused.value), repr(refused.value)
+        assert is_transient(refused.value), repr(refused.value)
 
 
 def test_sharded_pyramid_on_s3(s3_server, level0, local_client, tmp_path):

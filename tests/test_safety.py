@@ -32,9 +32,10 @@ import zarr_vectors_dask as zd
 from equivalence import compare_raw_files
 from servers import subprocess_env
 from stores import make_streamlines
-from zarr_vectors_dask import format as fmt
-from zarr_vectors_dask.lock import LOCK_KEY, BuildLock
-from zarr_vectors_dask.store import Store
+from zarr_vectors_dask.errors import CorruptChunkError
+from zarr_vectors_dask.format import cells as fcells
+from zarr_vectors_dask.storage.lock import BuildLock, LOCK_KEY
+from zarr_vectors_dask.storage.store import Store
 
 KW = dict(factors=[(2, 1), (2, 2), (2, 2)], sparsity_seed=0, cross_level_depth=-1,
           cross_level_storage="explicit")
@@ -455,7 +456,7 @@ def test_truncated_index_cell_fails_naming_array_and_chunk(local_client, twin_st
         fh.truncate(max(1, os.path.getsize(cell) // 2))
     level0 = _level0(store)
     root = open(os.path.join(store, "zarr.json"), "rb").read()
-    with pytest.raises(fmt.CorruptChunkError,
+    with pytest.raises(CorruptChunkError,
                        match=rf"0/object_index/{array} chunk 0: cannot be read or decoded"):
         zd.build_pyramid(store, factors=[(2, 1)], client=local_client)
     assert _level0(store) == level0
@@ -465,8 +466,8 @@ def test_truncated_index_cell_fails_naming_array_and_chunk(local_client, twin_st
 
 
 def test_only_a_missing_id_array_means_rows_are_ids(twin_stores):
-    from zarr_vectors_dask.pipeline import read_source_level
-    from zarr_vectors_dask.stages import read_object_ids
+    from zarr_vectors_dask.step.source import read_source_level
+    from zarr_vectors_dask.step.objects import read_object_ids
     _, _, store = twin_stores(make_streamlines, seed=4, n_objects=40)
     st = Store.from_url(store)
     shutil.rmtree(os.path.join(store, "0", "object_index", "object_ids"))
@@ -475,7 +476,7 @@ def test_only_a_missing_id_array_means_rows_are_ids(twin_stores):
 
 
 def test_transient_read_errors_are_retried_not_called_corruption(monkeypatch):
-    import zarr_vectors_dask.store as store_mod
+    import zarr_vectors_dask.storage.store as store_mod
     monkeypatch.setattr(store_mod, "_backoff", lambda attempt: 0.0)
     local = Store.from_url("/tmp")
     calls = []
@@ -485,18 +486,18 @@ def test_transient_read_errors_are_retried_not_called_corruption(monkeypatch):
         if len(calls) < 3:
             raise ConnectionResetError("connection reset by peer")
         return b"ok"
-    assert fmt.read_chunk_checked(local, "0/x", "chunk 0", flaky) == b"ok"
+    assert fcells.read_chunk_checked(local, "0/x", "chunk 0", flaky) == b"ok"
     remote = Store.from_url("memory://zv")  # object stores retry inside the zarr store
 
     def down():
         raise ConnectionResetError("connection reset by peer")
     with pytest.raises(ConnectionResetError):
-        fmt.read_chunk_checked(remote, "0/x", "chunk 0", down)
+        fcells.read_chunk_checked(remote, "0/x", "chunk 0", down)
 
     def garbage():
         raise ValueError("zstd: corrupted block")
-    with pytest.raises(fmt.CorruptChunkError, match="0/x chunk 3: cannot be read"):
-        fmt.read_chunk_checked(local, "0/x", "chunk 3", garbage)
+    with pytest.raises(CorruptChunkError, match="0/x chunk 3: cannot be read"):
+        fcells.read_chunk_checked(local, "0/x", "chunk 3", garbage)
 
 
 def test_failing_cleanup_never_masks_the_error(local_client, twin_stores, monkeypatch):
@@ -508,7 +509,7 @@ def test_failing_cleanup_never_masks_the_error(local_client, twin_stores, monkey
     def broken_release(self):
         raise OSError("store went away during cleanup")
     monkeypatch.setattr(BuildLock, "release", broken_release)
-    with pytest.raises(fmt.CorruptChunkError) as info:
+    with pytest.raises(CorruptChunkError) as info:
         zd.build_pyramid(store, factors=[(2, 1)], client=local_client)
     assert "store went away during cleanup" in "".join(getattr(info.value, "__notes__", []))
 

@@ -21,10 +21,11 @@ from zarr_vectors.multiresolution.coarsen import build_pyramid as reference_buil
 import zarr_vectors_dask as zd
 from equivalence import assert_equivalent
 from stores import make_graphs, make_points_with_ids, make_streamlines, make_streamlines_2d
-from zarr_vectors_dask import format as fmt
+from zarr_vectors_dask.errors import CorruptChunkError, PlanError
+from zarr_vectors_dask.format import (cells as fcells, codecs as cdc, documents as fdoc,
+                                      naming as nm, shards as fshards)
 from zarr_vectors_dask.cli import parse_shard_shape
-from zarr_vectors_dask.errors import PlanError
-from zarr_vectors_dask.plan import shard_runs
+from zarr_vectors_dask.planning.runs import shard_runs
 
 KW = dict(factors=[(2, 1), (2, 2), (2, 2)], sparsity_seed=3, cross_level_depth=-1,
           cross_level_storage="explicit")
@@ -36,7 +37,7 @@ def test_encoded_shard_reads_back_through_zarr(tmp_path):
     positions absent, under the document zarr itself renders."""
     rng = np.random.default_rng(0)
     grid, ss = (5, 7, 3), (2, 3, 2)
-    doc = fmt.vlen_array_doc(grid, {}, ss)
+    doc = fdoc.vlen_array_doc(grid, {}, ss)
     root = tmp_path / "a"
     (root / "c").mkdir(parents=True)
     (root / "zarr.json").write_bytes(doc)
@@ -47,11 +48,11 @@ def test_encoded_shard_reads_back_through_zarr(tmp_path):
             payload = rng.bytes(int(rng.integers(0, 40))) + b"\x00"  # NUL-ended, as floats are
             expected[idx] = payload
             shards.setdefault(tuple(i // s for i, s in zip(idx, ss)), []).append(
-                (tuple(i % s for i, s in zip(idx, ss)), fmt.frame_cell(payload)))
+                (tuple(i % s for i, s in zip(idx, ss)), cdc.frame_cell(payload)))
     for shard, cells in shards.items():
-        path = root / fmt.shard_key("", shard)[1:]
+        path = root / fshards.shard_key("", shard)[1:]
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(fmt.encode_shard(ss, cells))
+        path.write_bytes(fshards.encode_shard(ss, cells))
     got = zarr.open_array(str(root), mode="r")[...]
     assert [bytes(v) for v in got.ravel()] == [bytes(v) for v in expected.ravel()]
 
@@ -60,7 +61,7 @@ def test_shard_indexes_encode_as_zarrs_own_codecs():
     """The index bytes we write in the task's thread (numcodecs' CRC32C)
     are the ones zarr's codec pipeline produces for the same index, and a
     flipped bit is caught by the checksum."""
-    lay = fmt._shard_layout((2, 3, 2))
+    lay = fshards.shard_layout((2, 3, 2))
     assert lay.index_direct is not None
     rng = np.random.default_rng(1)
     indexes = [rng.integers(0, 2**40, size=(2, 3, 2, 2)).astype(np.uint64) for _ in range(3)]
@@ -80,13 +81,13 @@ def test_shard_indexes_encode_as_zarrs_own_codecs():
 
 def test_exchanged_cells_round_trip():
     where = np.array([[0, 1], [5, 2], [3, 3]])
-    raw = fmt.pack_cells(["1/vertices", "1/links/-1/0.0", "1/vertices"], where,
+    raw = fshards.pack_cells(["1/vertices", "1/links/-1/0.0", "1/vertices"], where,
                          [b"abc", b"", b"\x00\x01"])
-    assert fmt.unpack_cells(raw, what="t") == [("1/vertices", (0, 1), b"abc"),
+    assert fshards.unpack_cells(raw, what="t") == [("1/vertices", (0, 1), b"abc"),
                                               ("1/links/-1/0.0", (5, 2), b""),
                                               ("1/vertices", (3, 3), b"\x00\x01")]
-    with pytest.raises(fmt.CorruptChunkError, match="exchange file"):
-        fmt.unpack_cells(raw[:-1], what="t")
+    with pytest.raises(CorruptChunkError, match="exchange file"):
+        fshards.unpack_cells(raw[:-1], what="t")
 
 
 def test_shard_runs_cover_every_shard_and_keep_shards_whole():
@@ -110,12 +111,12 @@ def test_shard_runs_cover_every_shard_and_keep_shards_whole():
 
 
 def test_shard_shape_arguments_are_checked():
-    assert fmt.normalize_shard_shape(4, 3) == (4, 4, 4)
-    assert fmt.normalize_shard_shape((1, 2, 3), 3) == (1, 2, 3)
-    assert fmt.normalize_shard_shape(None, 3) is None
+    assert fshards.normalize_shard_shape(4, 3) == (4, 4, 4)
+    assert fshards.normalize_shard_shape((1, 2, 3), 3) == (1, 2, 3)
+    assert fshards.normalize_shard_shape(None, 3) is None
     for bad, what in [((2, 2), "2 axes"), (0, ">= 1"), ((2, 2.5, 2), ">= 1"), (True, ">= 1")]:
         with pytest.raises(ValueError, match=what):
-            fmt.normalize_shard_shape(bad, 3)
+            fshards.normalize_shard_shape(bad, 3)
     assert parse_shard_shape("4") == 4 and parse_shard_shape("4x2x1") == (4, 2, 1)
     import argparse
     for bad in ("0", "4x", "ax2"):
@@ -159,7 +160,7 @@ def _assert_one_object_per_shard(store, shard_shape) -> int:
     assert any("/links/" in a for a in arrays) and any(a.endswith("vertices") for a in arrays)
     total = 0
     for a in arrays:
-        info = fmt.vlen_array_info(fmt_store(store), a)
+        info = fcells.vlen_array_info(fmt_store(store), a)
         doc = json.load(open(os.path.join(store, a, "zarr.json")))
         (codec,) = doc["codecs"]
         assert codec["name"] == "sharding_indexed", a
@@ -174,7 +175,7 @@ def _assert_one_object_per_shard(store, shard_shape) -> int:
 
 
 def fmt_store(path):
-    from zarr_vectors_dask.store import Store
+    from zarr_vectors_dask.storage.store import Store
     return Store.from_url(str(path))
 
 
@@ -196,7 +197,7 @@ def test_sharded_pyramid_reads_as_the_reference(twin_stores, local_client, make,
     assert got == expected
     assert_equivalent(ref, ours)  # through zarr-vectors' reader; validate(level=3) too
     ndim = len(json.load(open(os.path.join(ours, "0", "vertices", "zarr.json")))["shape"])
-    objects = _assert_one_object_per_shard(ours, fmt.normalize_shard_shape(shard, ndim))
+    objects = _assert_one_object_per_shard(ours, fshards.normalize_shard_shape(shard, ndim))
     assert objects < _cell_objects(ref)
     # Build scratch is gone.
     assert not os.path.exists(os.path.join(ours, ".zvdask"))
@@ -289,30 +290,30 @@ def test_worker_killed_during_sharded_build(private_dask_cluster, tmp_path):
 def test_present_cells_from_listings(tmp_path, shard):
     """The composition's cell probe: chunks whose cell (or shard) exists,
     found by listing slabs, for plain and sharded arrays, origin applied."""
-    from zarr_vectors_dask.store import Store
+    from zarr_vectors_dask.storage.store import Store
     st = Store.from_url(str(tmp_path))
     origin, grid = (-2, 1), (6, 9)
     present = [(-2, 1), (0, 4), (3, 9), (3, 5)]
-    doc = fmt.vlen_array_doc(grid, fmt.vlen_attributes(origin, present, {}), shard)
+    doc = fdoc.vlen_array_doc(grid, fdoc.vlen_attributes(origin, present, {}), shard)
     docs = {"a/zarr.json": doc}
     if shard is None:
-        docs.update({fmt.cell_path("a", c, origin): fmt.frame_cell(b"x") for c in present})
+        docs.update({nm.cell_path("a", c, origin): cdc.frame_cell(b"x") for c in present})
     else:
         by_shard: dict = {}
         for c in present:
             rel = [x - o for x, o in zip(c, origin)]
             by_shard.setdefault(tuple(r // s for r, s in zip(rel, shard)), []).append(
-                (tuple(r % s for r, s in zip(rel, shard)), fmt.frame_cell(b"x")))
-        docs.update({fmt.shard_key("a", k): fmt.encode_shard(shard, v)
+                (tuple(r % s for r, s in zip(rel, shard)), cdc.frame_cell(b"x")))
+        docs.update({fshards.shard_key("a", k): fshards.encode_shard(shard, v)
                      for k, v in by_shard.items()})
     st.put_many(docs)
-    info = fmt.vlen_array_info(st, "a")
+    info = fcells.vlen_array_info(st, "a")
     asked = np.array([(-2, 1), (-1, 1), (0, 4), (3, 9), (2, 2), (3, 6), (1, 8)])
-    mask = fmt.present_cells(st, info, asked)
+    mask = fcells.present_cells(st, info, asked)
     if shard is None:
         assert mask.tolist() == [True, False, True, True, False, False, False]
     else:  # a chunk is kept when its shard exists: (-1,1) shares (-2,1)'s, (3,6) (3,5)'s
         assert mask.tolist() == [True, True, True, True, False, True, False]
-    got = fmt.read_cells(st, info, [tuple(c) for c in asked[mask]])
+    got = fcells.read_cells(st, info, [tuple(c) for c in asked[mask]])
     assert sorted(c for c, v in got.items() if v is not None) == sorted(
         c for c in present if c in {tuple(x) for x in asked.tolist()})

@@ -23,9 +23,10 @@ from zarr_vectors.multiresolution.coarsen import build_pyramid as reference_buil
 import zarr_vectors_dask as zd
 from equivalence import assert_equivalent, compare_raw_files
 from stores import make_graphs, make_points, make_points_with_ids, make_streamlines
-from zarr_vectors_dask import format as fmt
-from zarr_vectors_dask.lock import LOCK_KEY
-from zarr_vectors_dask.store import Store
+from zarr_vectors_dask import errors
+from zarr_vectors_dask.format import cells as fcells, naming as nm, shards as fshards
+from zarr_vectors_dask.storage.lock import LOCK_KEY
+from zarr_vectors_dask.storage.store import Store
 
 KW = dict(factors=[(2, 1), (2, 3)], sparsity_seed=7, cross_level_depth=-1,
           cross_level_storage="explicit")
@@ -94,7 +95,7 @@ def test_sharded_many_chunks_small_blocks(local_client, tmp_path):
     only part of a shard, and several tasks read the same one."""
     ref, ours = _twins(tmp_path, make_streamlines, seed=11, n_objects=150, chunk_shape=12.5,
                        bin_shape=2.5, writer_kw={"shard_shape": 3, "compressor": "zstd"})
-    info = fmt.vlen_array_info(Store.from_url(str(ours)), "0/vertices")
+    info = fcells.vlen_array_info(Store.from_url(str(ours)), "0/vertices")
     assert len(info.chunks) > 300
     _check(ref, ours, local_client, max_block_vertices=1_500)
 
@@ -119,8 +120,8 @@ def _reencode(store, array: str, *, chunks, codecs, inner=None, index_location="
     path = os.path.join(store, *array.split("/"))
     old = zarr.open_array(path, mode="r")
     attrs = dict(old.attrs)
-    origin = attrs.get(fmt.ORIGIN, [0] * len(old.shape))
-    cells = {k: bytes(level.read_bytes(name, k)) for k in attrs[fmt.NONEMPTY]}
+    origin = attrs.get(nm.ORIGIN, [0] * len(old.shape))
+    cells = {k: bytes(level.read_bytes(name, k)) for k in attrs[nm.NONEMPTY]}
     if inner is not None:
         kw = dict(serializer=ShardingCodec(chunk_shape=inner, codecs=[VLenBytesCodec(), *codecs],
                                            index_location=index_location), compressors=None)
@@ -181,15 +182,15 @@ def test_a_shard_is_read_once_per_call(tmp_path):
                                                                  "compressor": "zstd"})
     st = _CountingStore(str(path))
     level = get_resolution_level(open_store(str(path), mode="r"), 0)
-    for array in (fmt.VERTICES, fmt.VERTEX_FRAGMENTS):
-        info = fmt.vlen_array_info(st, f"0/{array}")
+    for array in (nm.VERTICES, nm.VERTEX_FRAGMENTS):
+        info = fcells.vlen_array_info(st, f"0/{array}")
         _READS.clear()
-        got = fmt.read_cells(st, info, info.chunks)
+        got = fcells.read_cells(st, info, info.chunks)
         shards = {tuple((np.asarray(c) - info.origin) // 3) for c in info.chunks}
         assert len(info.chunks) > 2 * len(shards)
-        assert sorted(_READS) == sorted({fmt.shard_key(f"0/{array}", s) for s in shards})
+        assert sorted(_READS) == sorted({fshards.shard_key(f"0/{array}", s) for s in shards})
         for c in info.chunks:
-            assert got[c] == bytes(level.read_bytes(array, fmt.chunk_key(c)))
+            assert got[c] == bytes(level.read_bytes(array, nm.chunk_key(c)))
 
 
 # --------------------------------------------------------------- damage
@@ -231,7 +232,7 @@ def test_damaged_shard_fails_naming_array_and_chunk(local_client, tmp_path, dama
     # of the store (level 0, the root document) is as it was.
     before = _digest(ours)
     what = "shard index cannot be decoded" if damage == "truncate" else "cannot be decoded"
-    with pytest.raises(fmt.CorruptChunkError) as info:
+    with pytest.raises(errors.CorruptChunkError) as info:
         zd.build_pyramid(str(ours), client=local_client, **KW)
     msg = str(info.value)
     assert "0/vertices chunk" in msg and f"(key {key})" in msg and what in msg, msg
@@ -253,9 +254,9 @@ def test_short_inner_chunk_fails(tmp_path):
     with open(shard, "r+b") as fh:
         fh.truncate(os.path.getsize(shard) - 3)
     st = Store.from_url(str(path))
-    info = fmt.vlen_array_info(st, "0/vertices")
-    with pytest.raises(fmt.CorruptChunkError, match=r"0/vertices chunks? .*shard is truncated"):
-        fmt.read_cells(st, info, info.chunks)
+    info = fcells.vlen_array_info(st, "0/vertices")
+    with pytest.raises(errors.CorruptChunkError, match=r"0/vertices chunks? .*shard is truncated"):
+        fcells.read_cells(st, info, info.chunks)
 
 
 # --------------------------------------------------------------- S3

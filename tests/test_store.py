@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from zarr_vectors_dask.store import Store
+from zarr_vectors_dask.storage.store import Store
 
 
 def test_keys_under_lists_every_file_below_by_relative_path(tmp_path):

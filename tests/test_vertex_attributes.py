@@ -29,8 +29,8 @@ from zarr_vectors.types.polylines import read_polylines, write_polylines
 from zarr_vectors.validate import validate
 
 import zarr_vectors_dask as zd
-from zarr_vectors_dask.plan import PlanError
-from zarr_vectors_dask.vertex_attributes import MODES
+from zarr_vectors_dask.errors import PlanError
+from zarr_vectors_dask.step.attributes import MODES
 from equivalence import compare_raw_files, link_records
 from stores import BIN, CHUNK, _blobs, _streamlines
 

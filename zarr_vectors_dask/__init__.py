@@ -1,9 +1,10 @@
 """Build zarr-vectors multi-resolution pyramids on Dask, chunk by chunk."""
 
-from .api import BuildError, build_pyramid, coarsen_level, plan_pyramid
+from .api import build_pyramid, coarsen_level, plan_pyramid
 from .dropin import patch_zarr_vectors
-from .plan import PlanError, PyramidPlan
-from .store import Store, StoreAccessError
+from .errors import BuildError, PlanError
+from .planning.plan import PyramidPlan
+from .storage.store import Store, StoreAccessError
 
 __version__ = "0.1.0"
 __all__ = ["build_pyramid", "coarsen_level", "plan_pyramid", "patch_zarr_vectors", "PyramidPlan", "PlanError",

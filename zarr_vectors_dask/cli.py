@@ -9,6 +9,10 @@ import time
 
 from . import __version__
 
+__all__ = ["parse_factors", "parse_chunk_scale", "parse_aggregation", "parse_storage_options",
+           "parse_shard_shape", "cmd_pyramid", "cmd_sample", "cmd_demo", "cmd_info", "cmd_validate",
+           "build_parser", "main"]
+
 
 def parse_factors(text: str) -> list[tuple[float, float]]:
     """``2:1,2:2,2.5:2`` -> [(2, 1), (2, 2), (2.5, 2)]; a bare ``2`` means ``2:1``."""
@@ -43,7 +47,7 @@ def parse_chunk_scale(text: str) -> list:
 
 def parse_aggregation(text: str) -> dict[str, str]:
     """``fa=mean,label=mode`` -> {"fa": "mean", "label": "mode"}."""
-    from .vertex_attributes import MODES
+    from .step.attributes import MODES
     out = {}
     for item in text.split(","):
         name, sep, mode = item.strip().partition("=")
@@ -133,9 +137,9 @@ def cmd_pyramid(args) -> int:
         return 0
     # Unreachable store, bad credentials, not a zarr-vectors store: say so
     # before starting (or connecting to) a cluster.
-    from .api import _open
-    from .plan import validate_options
-    _open(args.store, opts)
+    from .format.documents import open_zarr_vectors
+    from .planning.plan import validate_options
+    open_zarr_vectors(args.store, opts)
     validate_options(cross_level_storage=args.cross_level_storage,
                      cross_level_depth=args.cross_level_depth,
                      sparsity_strategy=args.sparsity_strategy)
@@ -205,19 +209,20 @@ def cmd_demo(args) -> int:
 
 
 def cmd_info(args) -> int:
-    from . import commit as cm
-    from .api import _open
-    store = _open(args.store, parse_storage_options(args.storage_option))
+    from .format import commit as cm
+    from .format.documents import open_zarr_vectors
+    store = open_zarr_vectors(args.store, parse_storage_options(args.storage_option))
     root = cm.read_root_attrs(store).get("zarr_vectors", {})
     print(f"store: {store.url}")
     for k in ("chunk_shape", "base_bin_shape", "bounds", "geometry_types", "format_capabilities",
               "cross_level_depth", "cross_level_storage"):
         if k in root:
             print(f"  {k}: {root[k]}")
-    from . import format as fmt
+    from .format.cells import vlen_array_info
+    from .format.documents import node_attrs
     for lv in cm.published_levels(store):
-        attrs = (fmt.node_attrs(store, str(lv)) or {}).get("zarr_vectors_level", {})
-        info = fmt.vlen_array_info(store, f"{lv}/vertices")
+        attrs = (node_attrs(store, str(lv)) or {}).get("zarr_vectors_level", {})
+        info = vlen_array_info(store, f"{lv}/vertices")
         deltas = [d for d in store.listdir(f"{lv}/links") if d != "zarr.json"]
         print(f"  level {lv}: {attrs.get('vertex_count')} vertices, "
               f"{len(info.chunks) if info else 0} chunks, sparsity {attrs.get('object_sparsity')}, "
@@ -235,7 +240,7 @@ def cmd_validate(args) -> int:
         # downloaded.
         from zarr_vectors.core.store import open_store
 
-        from .store import Store, check_access
+        from .storage.store import Store, check_access
         st = Store.from_url(args.store, opts)
         check_access(st)
         target = open_store(st.zarr_store(), mode="r", require_zv=False)

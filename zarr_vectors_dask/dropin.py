@@ -12,6 +12,10 @@ from typing import Callable
 
 from . import api
 
+__all__ = ["patch_zarr_vectors"]
+
+
+
 _NAMES = ("build_pyramid", "coarsen_level")
 
 

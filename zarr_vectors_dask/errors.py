@@ -9,15 +9,16 @@ import logging
 import sys
 from typing import Callable
 
-from zarr_vectors.exceptions import CoarseningError, MetadataError, StoreError
+from zarr_vectors.exceptions import ArrayError, CoarseningError, MetadataError, StoreError
+
+__all__ = ["BuildError", "PlanError", "PlanMetadataError", "LevelNotFoundError",
+           "StoreNotFoundError", "ReadOnlyStoreError", "UnsupportedStoreError", "FormatError",
+           "CorruptChunkError", "NotAZarrVectorsStoreError", "EXPECTED_ERRORS", "cleanup",
+           "QuietExpectedErrors", "quiet_expected_task_errors"]
+
+
 
 log = logging.getLogger("zarr_vectors_dask")
-
-# Code written against zarr-vectors catches its exception classes
-# (``zarr_vectors.exceptions``).  Each of ours that stands for a failure
-# zarr-vectors reports with one of them is also an instance of that class,
-# so ``except CoarseningError`` (or ``MetadataError``, ``StoreError``) keeps
-# working when the builder is swapped.
 
 
 class BuildError(RuntimeError, CoarseningError):
@@ -52,6 +53,19 @@ class ReadOnlyStoreError(BuildError, StoreError):
 
 class UnsupportedStoreError(PlanError, StoreError):
     """A store handle this package cannot hand to its workers."""
+
+
+class FormatError(ValueError):
+    """The store does not look like what zarr-vectors writes."""
+
+
+class CorruptChunkError(FormatError, ArrayError):
+    """A chunk cell could not be decoded; names the array and chunk."""
+
+
+# ------------------------------------------------------------ store facts
+class NotAZarrVectorsStoreError(FormatError, StoreError):
+    """The path holds no zarr-vectors store (zarr-vectors: ``StoreError``)."""
 
 
 #: Exception class names a task raises on purpose, with a message that

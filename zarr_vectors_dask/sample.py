@@ -15,7 +15,11 @@ from typing import Any
 
 import numpy as np
 
-from .store import Store, StoreAccessError, _iter_secret_values
+from .storage.store import Store, StoreAccessError, iter_secret_values
+
+__all__ = ["KINDS", "DOMAIN", "CHUNK_SHAPE", "BIN_SHAPE", "sample_streamlines", "write_sample"]
+
+
 
 KINDS = ("streamlines", "points")
 
@@ -99,7 +103,7 @@ def write_sample(url: str, *, kind: str = "streamlines", objects: int = 50,
         exists = os.path.exists(store.root) if store.is_local else bool(store.listdir(""))
     except Exception as exc:  # noqa: BLE001 - reported with the URL, without secrets
         msg = str(exc)
-        for secret in _iter_secret_values(store.storage_options):
+        for secret in iter_secret_values(store.storage_options):
             msg = msg.replace(secret, "***")
         raise StoreAccessError(f"{store.url}: cannot access: {type(exc).__name__}: {msg}") from None
     if exists:

@@ -14,8 +14,14 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import format as fmt
-from .store import Store
+from ..errors import FormatError
+from ..storage.store import Store
+from . import documents as fdoc
+from . import naming as nm
+
+__all__ = ["LinkFamily", "LevelCommit", "family_docs", "read_root_attrs", "write_root_attrs",
+           "refresh_ome_nodes", "published_levels", "write_level_arrays", "write_families",
+           "publish_level", "commit_level", "commit_cross_level", "read_family", "dumps"]
 
 
 @dataclass
@@ -61,17 +67,17 @@ def _parse_offset(seg: str) -> tuple[int, ...]:
 
 def family_docs(store: Store, fam: LinkFamily, sid_ndim: int) -> dict[str, bytes]:
     docs: dict[str, bytes] = {}
-    base = fmt.links_family_path(fam.level, fam.delta)
+    base = nm.links_family_path(fam.level, fam.delta)
     for seg, items in sorted(fam.cells.items()):
-        attrs = fmt.vlen_attributes(fam.origin, [c for c, _ in items],
-                                    fmt.link_array_attrs(_parse_offset(seg), fam.delta))
-        docs[f"{base}/{seg}/zarr.json"] = fmt.vlen_array_doc(fam.grid, attrs, fam.shard_shape)
+        attrs = fdoc.vlen_attributes(fam.origin, [c for c, _ in items],
+                                    fdoc.link_array_attrs(_parse_offset(seg), fam.delta))
+        docs[f"{base}/{seg}/zarr.json"] = fdoc.vlen_array_doc(fam.grid, attrs, fam.shard_shape)
     if fam.cells:
-        links_group = f"{fam.level}/{fmt.LINKS}/zarr.json"
+        links_group = f"{fam.level}/{nm.LINKS}/zarr.json"
         if store.get(links_group) is None:
-            docs[links_group] = fmt.group_doc({})
-        docs[f"{base}/zarr.json"] = fmt.group_doc(
-            fmt.link_family_attrs(fam.delta, sid_ndim, fam.num_links))
+            docs[links_group] = fdoc.group_doc({})
+        docs[f"{base}/zarr.json"] = fdoc.group_doc(
+            fdoc.link_family_attrs(fam.delta, sid_ndim, fam.num_links))
     return docs
 
 
@@ -82,14 +88,14 @@ def _put_in_order(store: Store, docs: dict[str, bytes]) -> None:
 
 
 def read_root_attrs(store: Store) -> dict:
-    attrs = fmt.node_attrs(store, "")
+    attrs = fdoc.node_attrs(store, "")
     if attrs is None:
-        raise fmt.FormatError(f"{store.url}: no zarr.json at the store root")
+        raise FormatError(f"{store.url}: no zarr.json at the store root")
     return attrs
 
 
 def write_root_attrs(store: Store, attrs: dict) -> None:
-    store.put("zarr.json", fmt.group_doc(attrs))
+    store.put("zarr.json", fdoc.group_doc(attrs))
 
 
 def _upsert_multiscale(attrs: dict, level: int, scale, translation) -> None:
@@ -107,7 +113,7 @@ def _upsert_multiscale(attrs: dict, level: int, scale, translation) -> None:
     attrs["multiscales"] = [entry] + list(ms[1:])
 
 
-def _refresh_ome_nodes(attrs: dict, levels: list[int]) -> None:
+def refresh_ome_nodes(attrs: dict, levels: list[int]) -> None:
     node = attrs.get("ome")
     if not isinstance(node, dict):
         return
@@ -140,15 +146,15 @@ def write_level_arrays(store: Store, level: int, origin, grid, vertex_chunks, fa
     (a cell in every vertex chunk), and their group."""
     chunks = [cc for cc, _ in vertex_chunks]
     docs: dict[str, bytes] = {
-        f"{level}/{fmt.VERTICES}/zarr.json": fmt.vlen_array_doc(
-            grid, fmt.vlen_attributes(origin, chunks, fmt.vertices_attrs()), shard_shape),
-        f"{level}/{fmt.VERTEX_FRAGMENTS}/zarr.json": fmt.vlen_array_doc(
-            grid, fmt.vlen_attributes(origin, chunks, fmt.vertex_fragments_attrs()), shard_shape)}
+        f"{level}/{nm.VERTICES}/zarr.json": fdoc.vlen_array_doc(
+            grid, fdoc.vlen_attributes(origin, chunks, fdoc.vertices_attrs()), shard_shape),
+        f"{level}/{nm.VERTEX_FRAGMENTS}/zarr.json": fdoc.vlen_array_doc(
+            grid, fdoc.vlen_attributes(origin, chunks, fdoc.vertex_fragments_attrs()), shard_shape)}
     for name, attrs in (vertex_attributes or {}).items():
-        docs[f"{level}/{fmt.VERTEX_ATTRIBUTES}/{name}/zarr.json"] = fmt.vlen_array_doc(
-            grid, fmt.vlen_attributes(origin, chunks, attrs), shard_shape)
+        docs[f"{level}/{nm.VERTEX_ATTRIBUTES}/{name}/zarr.json"] = fdoc.vlen_array_doc(
+            grid, fdoc.vlen_attributes(origin, chunks, attrs), shard_shape)
     if vertex_attributes:
-        docs[f"{level}/{fmt.VERTEX_ATTRIBUTES}/zarr.json"] = fmt.group_doc({})
+        docs[f"{level}/{nm.VERTEX_ATTRIBUTES}/zarr.json"] = fdoc.group_doc({})
     _put_in_order(store, docs)
     write_families(store, families, sid_ndim=sid_ndim)
 
@@ -168,11 +174,11 @@ def publish_level(store: Store, c: LevelCommit, *, root_bin) -> None:
     t = c.target_level
     docs: dict[str, bytes] = {}
     if c.object_index is not None:
-        docs[f"{t}/{fmt.OBJECT_INDEX}/zarr.json"] = fmt.group_doc(c.object_index)
+        docs[f"{t}/{nm.OBJECT_INDEX}/zarr.json"] = fdoc.group_doc(c.object_index)
     if c.has_attributes:
-        docs[f"{t}/{fmt.OBJECT_ATTRIBUTES}/zarr.json"] = fmt.group_doc({})
+        docs[f"{t}/{nm.OBJECT_ATTRIBUTES}/zarr.json"] = fdoc.group_doc({})
     _put_in_order(store, docs)
-    store.put(f"{t}/zarr.json", fmt.group_doc({"zarr_vectors_level": c.level_attrs}))
+    store.put(f"{t}/zarr.json", fdoc.group_doc({"zarr_vectors_level": c.level_attrs}))
 
     attrs = read_root_attrs(store)
     zv = dict(attrs.get("zarr_vectors") or {})
@@ -184,7 +190,7 @@ def publish_level(store: Store, c: LevelCommit, *, root_bin) -> None:
     attrs["zarr_vectors"] = zv
     scale = [float(b) / float(r) if r else 1.0 for b, r in zip(c.bin_shape, root_bin)]
     _upsert_multiscale(attrs, t, scale, [b / 2.0 for b in c.bin_shape])
-    _refresh_ome_nodes(attrs, sorted(set(published_levels(store)) | {t}))
+    refresh_ome_nodes(attrs, sorted(set(published_levels(store)) | {t}))
     write_root_attrs(store, attrs)
 
 
@@ -208,8 +214,8 @@ def commit_cross_level(store: Store, families: list[LinkFamily], *, sid_ndim: in
     zv["cross_level_storage"] = storage
     if links_capability:
         caps = list(zv.get("format_capabilities") or [])
-        if fmt.CAP_MULTISCALE_LINKS not in caps:
-            caps.append(fmt.CAP_MULTISCALE_LINKS)
+        if nm.CAP_MULTISCALE_LINKS not in caps:
+            caps.append(nm.CAP_MULTISCALE_LINKS)
         zv["format_capabilities"] = caps
     attrs["zarr_vectors"] = zv
     write_root_attrs(store, attrs)
@@ -217,18 +223,18 @@ def commit_cross_level(store: Store, families: list[LinkFamily], *, sid_ndim: in
 
 def read_family(store: Store, level: int, delta: int) -> dict[str, tuple[tuple[int, ...], list]]:
     """Published arrays of a links family: ``{offset: (origin, chunks)}``."""
-    base = fmt.links_family_path(level, delta)
+    base = nm.links_family_path(level, delta)
     if store.get(f"{base}/zarr.json") is None:
         return {}
     out = {}
     for seg in store.listdir(base):
-        doc = fmt.read_json(store, f"{base}/{seg}/zarr.json")
+        doc = fdoc.read_json(store, f"{base}/{seg}/zarr.json")
         if not doc or doc.get("node_type") != "array":
             continue
         attrs = doc.get("attributes") or {}
         nd = len(doc.get("shape") or [])
-        origin = tuple(int(o) for o in attrs.get(fmt.ORIGIN, [0] * nd))
-        out[seg] = (origin, [fmt.parse_chunk_key(k) for k in attrs.get(fmt.NONEMPTY, [])])
+        origin = tuple(int(o) for o in attrs.get(nm.ORIGIN, [0] * nd))
+        out[seg] = (origin, [nm.parse_chunk_key(k) for k in attrs.get(nm.NONEMPTY, [])])
     return out
 
 

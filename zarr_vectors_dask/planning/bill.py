@@ -8,21 +8,24 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .errors import PlanError
-from .plan import LevelPlan, PyramidPlan, run_cap
+from ..errors import PlanError
+from .runs import run_cap
+from .text import fmt_bytes, fmt_count, fmt_tuple
 
-# What a build costs an object store, before it runs: the objects it leaves
-# (cells or shards, documents, buckets) and its requests by kind.  Which
-# chunks end up holding cells depends on the data, so present chunks are
-# followed level by level with a probability each (exact at level 0, whose
-# chunk list is in its metadata), vertices are taken as spread evenly
-# inside a chunk (and the data's bounds), a bin's centroid as near its
-# middle, and each request as ``Store`` makes it through s3fs (``Bill``).
+if TYPE_CHECKING:  # the plan imports this module (its repr is the bill's render)
+    from .plan import LevelPlan, PyramidPlan
+
+__all__ = ["LIST_PAGE", "MODEL_CHUNKS", "expected_shards", "ChunkSet", "chunk_candidates",
+           "LinkEstimate", "link_estimate", "Bill", "step_bill", "compose_bill", "build_bill",
+           "RequestPlan", "request_plan", "render"]
+
 
 #: Keys per page of an object store listing (S3's ListObjectsV2).
 LIST_PAGE = 1000
+
+
 #: A level with more possible chunks than this (and no chunk list) is
 #: modelled on a box of about this many chunks, and the counts scaled.
 MODEL_CHUNKS = 1 << 20
@@ -754,7 +757,7 @@ def request_plan(plan: "PyramidPlan", *, shard_shape=None, level0_chunks=None) -
 
 
 def _shard_tuple(shard_shape, ndim: int):
-    from .format import normalize_shard_shape
+    from ..format.shards import normalize_shard_shape
     try:
         return normalize_shard_shape(shard_shape, ndim)
     except ValueError as exc:
@@ -856,3 +859,59 @@ def _bills(plan: "PyramidPlan", chain: _Chain, shard) -> RequestPlan:
     compose = compose_bill(sets, chain.deep, plus_one=chain.fams, blocks=blocks, shard=shard,
                            packs=packs, storage=plan.cross_level_storage)
     return RequestPlan(steps, compose, build_bill(len(plan.levels), start_level=s0), shard)
+
+
+def render(plan: "PyramidPlan") -> str:
+    """The plan as ``print(plan)`` shows it: levels, task counts, then the bill."""
+    lines = [
+        f"PyramidPlan for {plan.store}",
+        f"  {plan.ndim}-D, root chunk {fmt_tuple(plan.root_chunk_shape)}, "
+        f"root bin {fmt_tuple(plan.root_bin)}, {plan.n_workers} worker(s)",
+        f"  cross-level links: {plan.cross_level_storage}, depth {plan.cross_level_depth}",
+        "  level  bin            chunk          ratio    src chunks  tgt grid      blocks  tgt blocks  buckets  tasks  est. size",
+    ]
+    for lv in plan.levels:
+        t = f"{sum(lv.tasks.values())}" + ("" if lv.graph_tasks is not None else "~")
+        grid = fmt_tuple(lv.target_grid[1])
+        lines.append(
+            f"  {lv.source_level}->{lv.target_level}   {fmt_tuple(lv.bin_shape):<14} "
+            f"{fmt_tuple(lv.chunk_shape):<14} {fmt_tuple(lv.bin_ratio):<8} "
+            f"{lv.source_chunks:<11} {grid:<13} {lv.n_blocks:<7} {lv.n_target_blocks:<11} "
+            f"{lv.n_buckets:<8} {t:<6} {fmt_bytes(lv.estimated_bytes)}")
+    for lv in plan.levels:
+        stages = ", ".join(f"{k} {v}" for k, v in lv.tasks.items() if v)
+        lines.append(f"  tasks {lv.source_level}->{lv.target_level}: {stages}")
+    exact = all(lv.graph_tasks is not None for lv in plan.levels)
+    lines.append(f"  total tasks: {plan.total_tasks}" + (
+        "" if exact else " (~: estimated; a step's graph is built once its source level "
+                         "exists)"))
+    lines.extend(_bill_lines(plan))
+    return "\n".join(lines)
+
+
+def _bill_lines(plan: "PyramidPlan") -> list[str]:
+    shard = plan.levels[0].shard_shape if plan.levels else None
+    chain = _chain(plan, shard)  # one pass: the unsharded bill reads the same estimates
+    bills = [("unsharded", _bills(plan, chain, None))]
+    if shard is not None:
+        bills.append((f"sharded {fmt_tuple(shard)}", _bills(plan, chain, shard)))
+    lines = ["  objects written and requests to an object store (estimated: which chunks "
+             "hold cells depends on the data)"]
+    for name, rp in bills:
+        lines.append(f"  {name + ':':<18} {'objects':>9} {'PUT':>9} {'GET':>9} {'HEAD':>9} "
+                     f"{'LIST':>9} {'DELETE':>7}")
+        for part in [*rp.parts, rp.total]:
+            lines.append(f"    {part.name:<16} {fmt_count(part.n_objects):>9} "
+                         f"{fmt_count(part.put):>9} {fmt_count(part.get):>9} "
+                         f"{fmt_count(part.head):>9} {fmt_count(part.list):>9} "
+                         f"{fmt_count(part.delete):>7}")
+    for part in bills[-1][1].parts:
+        kinds = ", ".join(f"{k} {fmt_count(v)}" for k, v in part.objects.items())
+        if kinds:
+            lines.append(f"  objects {part.name}: {kinds}")
+    if len(bills) == 2:
+        plain, sharded = bills[0][1].total, bills[1][1].total
+        lines.append(f"  sharded: {plain.n_objects / max(1.0, sharded.n_objects):.1f}x fewer "
+                     f"objects, {plain.requests / max(1.0, sharded.requests):.1f}x fewer "
+                     f"requests")
+    return lines

@@ -7,8 +7,8 @@ the driver's process (open files, clients) travels in the graph.
 
 from __future__ import annotations
 
-import errno
 import contextlib
+import errno
 import os
 import random
 import time
@@ -18,9 +18,16 @@ from typing import Any, Callable, Iterable, TypeVar
 import fsspec
 from zarr_vectors.exceptions import StoreError
 
+__all__ = ["BATCH_SIZE", "StoreAccessError", "redact", "is_transient", "with_retries", "Store",
+           "check_access", "iter_secret_values"]
+
+
+
 T = TypeVar("T")
 
+
 BATCH_SIZE = 64  # requests in flight per batched call (see _Opened.of)
+
 
 #: Keys in ``storage_options`` whose values must never be printed.
 _SECRET_KEYS = ("secret", "key", "token", "password", "session_token",
@@ -82,12 +89,16 @@ _TRANSIENT_TYPES = frozenset({
     "ResponseParserError", "FSTimeoutError", "ClientConnectorError", "ClientOSError",
     "ServerDisconnectedError", "ServerTimeoutError", "ClientPayloadError",
 })
+
+
 #: S3 error codes worth another try.
 _TRANSIENT_CODES = frozenset({
     "InternalError", "ServiceUnavailable", "SlowDown", "Throttling", "ThrottlingException",
     "RequestTimeout", "RequestTimeoutException", "TooManyRequestsException",
     "RequestLimitExceeded", "BandwidthLimitExceeded", "OperationAborted",
 })
+
+
 _TRANSIENT_ERRNOS = frozenset(getattr(errno, n) for n in (
     "ECONNRESET", "ECONNREFUSED", "ECONNABORTED", "ETIMEDOUT", "EPIPE", "EAGAIN", "EBUSY",
     "EREMOTEIO", "EHOSTUNREACH", "ENETUNREACH", "ENETDOWN") if hasattr(errno, n))
@@ -106,7 +117,7 @@ def _s3_response(exc: BaseException) -> dict | None:
     return None
 
 
-def _is_transient(exc: BaseException) -> bool:
+def is_transient(exc: BaseException) -> bool:
     """Connection failures, timeouts, 5xx and throttling: worth another try.
     Bad credentials, missing buckets and objects, denied access: not."""
     if isinstance(exc, (StoreAccessError, FileNotFoundError, PermissionError,
@@ -155,7 +166,7 @@ def with_retries(fn: Callable[[], T], *, what: str, attempts: int = 8) -> T:
         try:
             return fn()
         except Exception as exc:  # noqa: BLE001 - classified below
-            if not _is_transient(exc) or attempt == attempts - 1:
+            if not is_transient(exc) or attempt == attempts - 1:
                 raise
             time.sleep(_backoff(attempt))
     raise AssertionError("unreachable")  # pragma: no cover
@@ -516,7 +527,7 @@ def _make_retrying_store_cls():
                 try:
                     return await call()
                 except Exception as exc:  # noqa: BLE001 - classified below
-                    if not _is_transient(exc) or attempt == attempts - 1:
+                    if not is_transient(exc) or attempt == attempts - 1:
                         raise
                     await asyncio.sleep(_backoff(attempt))
 
@@ -554,16 +565,16 @@ def check_access(store: Store) -> None:
             f"credentials in storage_options or the AWS environment") from None
     except Exception as exc:  # noqa: BLE001
         msg = str(exc)
-        for opt in _iter_secret_values(store.storage_options):
+        for opt in iter_secret_values(store.storage_options):
             msg = msg.replace(opt, "***")
         raise StoreAccessError(f"{store.url}: cannot access store: "
                                f"{type(exc).__name__}: {msg}") from None
 
 
-def _iter_secret_values(options: Any) -> Iterable[str]:
+def iter_secret_values(options: Any) -> Iterable[str]:
     if isinstance(options, dict):
         for k, v in options.items():
             if k.lower() in _SECRET_KEYS and isinstance(v, str) and v:
                 yield v
             else:
-                yield from _iter_secret_values(v)
+                yield from iter_secret_values(v)

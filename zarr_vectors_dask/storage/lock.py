@@ -32,11 +32,18 @@ import threading
 import time
 import uuid
 
-from .errors import BuildError
+from ..errors import BuildError
 from .store import Store, with_retries
 
+__all__ = ["LOCK_KEY", "SCRATCH_DIR", "default_lease", "BuildLock", "remove_empty_scratch"]
+
+
+
 LOCK_KEY = ".zvdask/lock.json"
+
+
 SCRATCH_DIR = ".zvdask"
+
 
 log = logging.getLogger(__name__)
 

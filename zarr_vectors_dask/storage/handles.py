@@ -21,13 +21,21 @@ from typing import Any, Iterator
 
 from fsspec import AbstractFileSystem, register_implementation
 
-from .errors import ReadOnlyStoreError, UnsupportedStoreError
+from ..errors import ReadOnlyStoreError, UnsupportedStoreError
+
+__all__ = ["MEMORY_PROTOCOL", "is_memory_url", "memory_store_for", "opened", "ZarrMemoryFileSystem"]
+
+
 
 MEMORY_PROTOCOL = "zvdask-memory"
 
+
 #: token -> zarr MemoryStore, for the duration of a build (:func:`opened`).
 _MEMORY: dict[str, Any] = {}
+
+
 _MEMORY_LOCK = threading.Lock()
+
 
 #: fsspec options that describe a filesystem instance, not how to reach
 #: the data; a worker makes its own instance.

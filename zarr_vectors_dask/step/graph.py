@@ -14,43 +14,21 @@ tests); ``pipeline.execute`` runs it on a distributed cluster.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from ..format import naming as nm
+from ..planning.runs import StepLayout, split_runs
+from ..planning.sparsity import needs_context
+from ..runtime import Graph
+from . import cells as scells
+from . import context as ctxs
+from . import exchange as xch
+from . import links as lnk
+from . import manifests as mans
+from . import objects as objs
+from . import shuffle
+from . import summary as smy
+from . import vertices as verts
 
-from . import format as fmt
-from . import stages as st
-from .plan import StepLayout, split_runs
-
-#: Stage label of each task function, as the plan and benchmarks name them.
-STAGE_OF = {
-    "object_table": "object table", "object_refs": "object refs", "bin_partials": "bin partials",
-    "reduce_metavertices": "shuffle", "write_metavertices": "write vertices",
-    "resolve_parents": "resolve parents", "links_and_sequences": "links + sequences",
-    "write_manifests": "manifests", "write_attributes": "attributes",
-    "level_summary": "summary", "compose_block": "compose", "compose_summary": "summary",
-    "pick": "routing", "join": "routing",
-    "context_refs": "sparsity context", "fragment_summaries": "sparsity context",
-    "object_context": "sparsity context", "fragment_points": "sparsity context",
-    "object_points": "sparsity context", "write_shards": "shards",
-}
-
-
-@dataclass
-class Graph:
-    dsk: dict
-    output: tuple | None = None
-    stages: dict[str, int] = field(default_factory=dict)  # task function -> tasks
-
-    @property
-    def tasks(self) -> int:
-        return len(self.dsk)
-
-    def add(self, token: str, fn, index, *args) -> tuple:
-        """One task; keys are ``(function-token, index)`` so the dashboard
-        and progress bars group them by stage."""
-        key = (f"{fn.__name__}-{token}", index)
-        self.dsk[key] = (fn, *args)
-        self.stages[fn.__name__] = self.stages.get(fn.__name__, 0) + 1
-        return key
+__all__ = ["shard_writers", "step_graph"]
 
 
 # ---------------------------------------------------------------- one step
@@ -60,43 +38,43 @@ def _sparsity_context(g: Graph, tok: str, spec, layout: StepLayout, n_rows: int,
     a strategy other than ``random``: buckets ask blocks about their
     fragments and sum the answers, so no task sees a whole level.
     Returns the tasks ``object_table`` waits for (none for ``random``)."""
-    if not st.needs_context(sparsity, n_rows):
+    if not needs_context(sparsity, n_rows):
         return []
     want_points = sparsity[1] != "length"
-    buckets = range(len(split_runs(n_rows, fmt.MANIFEST_BUCKET)))
-    refs = [g.add(tok, st.context_refs, k, spec, k, n_rows) for k in buckets]
-    asked = g.add(tok, st.join, "context_refs", *refs)
-    summaries = [g.add(tok, st.fragment_summaries, b, spec, b, layout.block_chunks[b], asked)
+    buckets = range(len(split_runs(n_rows, nm.MANIFEST_BUCKET)))
+    refs = [g.add(tok, ctxs.context_refs, k, spec, k, n_rows) for k in buckets]
+    asked = g.add(tok, xch.join, "context_refs", *refs)
+    summaries = [g.add(tok, ctxs.fragment_summaries, b, spec, b, layout.block_chunks[b], asked)
                  for b in range(layout.n_blocks)]
-    answered = g.add(tok, st.join, "context_frags", *summaries)
-    ctx = [g.add(tok, st.object_context, k, spec, k, refs[k], want_points, answered)
+    answered = g.add(tok, xch.join, "context_frags", *summaries)
+    ctx = [g.add(tok, ctxs.object_context, k, spec, k, refs[k], want_points, answered)
            for k in buckets]
     if not want_points:
         return ctx
-    asked = g.add(tok, st.join, "context_points", *ctx)
-    points = [g.add(tok, st.fragment_points, b, spec, b, layout.block_chunks[b], asked)
+    asked = g.add(tok, xch.join, "context_points", *ctx)
+    points = [g.add(tok, ctxs.fragment_points, b, spec, b, layout.block_chunks[b], asked)
               for b in range(layout.n_blocks)]
-    answered = g.add(tok, st.join, "context_pointvals", *points)
-    return [g.add(tok, st.object_points, k, spec, k, ctx[k], answered) for k in buckets]
+    answered = g.add(tok, xch.join, "context_pointvals", *points)
+    return [g.add(tok, ctxs.object_points, k, spec, k, ctx[k], answered) for k in buckets]
 
 
 def _objects(g: Graph, tok: str, spec, n_rows: int, sparsity: tuple, attrs: list[str],
              context: list):
-    return g.add(tok, st.object_table, 0, spec, n_rows, sparsity, attrs, *context)
+    return g.add(tok, objs.object_table, 0, spec, n_rows, sparsity, attrs, *context)
 
 
 def _object_refs(g: Graph, tok: str, spec, n_buckets: int, objects):
-    refs = [g.add(tok, st.object_refs, k, spec, k, objects) for k in range(n_buckets)]
-    return refs, (g.add(tok, st.join, "refs", *refs) if refs else None)
+    refs = [g.add(tok, objs.object_refs, k, spec, k, objects) for k in range(n_buckets)]
+    return refs, (g.add(tok, xch.join, "refs", *refs) if refs else None)
 
 
 def _bin_partials(g: Graph, tok: str, spec, layout: StepLayout, refs_done):
-    return [g.add(tok, st.bin_partials, b, spec, b, layout.block_chunks[b],
+    return [g.add(tok, shuffle.bin_partials, b, spec, b, layout.block_chunks[b],
                   layout.block_partitions[b], refs_done) for b in range(layout.n_blocks)]
 
 
 def _pick(g: Graph, tok: str, src, *path):
-    return g.add(tok, st.pick, f"{src[1]}:{':'.join(map(str, path))}-{src[0]}", src, *path)
+    return g.add(tok, xch.pick, f"{src[1]}:{':'.join(map(str, path))}-{src[0]}", src, *path)
 
 
 def _reduce(g: Graph, tok: str, spec, layout: StepLayout, partials):
@@ -104,7 +82,7 @@ def _reduce(g: Graph, tok: str, spec, layout: StepLayout, partials):
     for b, parts in enumerate(layout.block_partitions):
         for p in parts:
             senders.setdefault(p, []).append(b)
-    return {p: g.add(tok, st.reduce_metavertices, p, spec, p, blocks,
+    return {p: g.add(tok, shuffle.reduce_metavertices, p, spec, p, blocks,
                      *[_pick(g, tok, partials[b], "exchange", p) for b in blocks])
             for p, blocks in sorted(senders.items())}
 
@@ -115,7 +93,7 @@ def _write_vertices(g: Graph, tok: str, spec, layout: StepLayout, reduced):
         lo, hi = layout.partition_targets[p]
         for tb in range(lo, hi + 1):
             receivers.setdefault(tb, []).append(p)
-    return {tb: g.add(tok, st.write_metavertices, tb, spec, tb, parts,
+    return {tb: g.add(tok, verts.write_metavertices, tb, spec, tb, parts,
                       *[_pick(g, tok, reduced[p], "to_target", tb) for p in parts])
             for tb, parts in sorted(receivers.items())}
 
@@ -126,30 +104,30 @@ def _resolve(g: Graph, tok: str, spec, layout: StepLayout, reduced, writes):
         lo, hi = layout.partition_targets[p]
         located = [_pick(g, tok, writes[tb], "located", p) for tb in range(lo, hi + 1)
                    if tb in writes]
-        out[p] = g.add(tok, st.resolve_parents, p, spec, p, rkey, *located)
+        out[p] = g.add(tok, verts.resolve_parents, p, spec, p, rkey, *located)
     return out
 
 
 def _links(g: Graph, tok: str, spec, layout: StepLayout, partials, resolved):
     links = []
     for b, parts in enumerate(layout.block_partitions):
-        answers = [g.add(tok, st.answer_for, f"{b}:{p}", resolved[p], b, p)
+        answers = [g.add(tok, lnk.answer_for, f"{b}:{p}", resolved[p], b, p)
                    for p in parts if p in resolved]
-        links.append(g.add(tok, st.links_and_sequences, b, spec, b, partials[b], *answers))
+        links.append(g.add(tok, lnk.links_and_sequences, b, spec, b, partials[b], *answers))
     return links
 
 
 def _manifests(g: Graph, tok: str, spec, n_rows: int, refs, links):
     if not refs:
         return []
-    done = g.add(tok, st.join, "sequences", *links)
-    return [g.add(tok, st.write_manifests, k, spec, k, refs[k], run, done)
-            for k, run in enumerate(split_runs(n_rows, fmt.MANIFEST_BUCKET))]
+    done = g.add(tok, xch.join, "sequences", *links)
+    return [g.add(tok, mans.write_manifests, k, spec, k, refs[k], run, done)
+            for k, run in enumerate(split_runs(n_rows, nm.MANIFEST_BUCKET))]
 
 
 def _attributes(g: Graph, tok: str, spec, n_rows: int, attrs: list[str], objects):
-    n = len(split_runs(n_rows, fmt.ATTRIBUTE_BUCKET))
-    return [g.add(tok, st.write_attributes, f"{name}:{j}", spec, name, j, objects)
+    n = len(split_runs(n_rows, nm.ATTRIBUTE_BUCKET))
+    return [g.add(tok, mans.write_attributes, f"{name}:{j}", spec, name, j, objects)
             for name in attrs for j in range(n)]
 
 
@@ -158,8 +136,8 @@ def shard_writers(g: Graph, tok: str, store, routes, writers) -> list:
     run of shards writes them whole (no shard is written by two tasks)."""
     if not routes:
         return []
-    done = g.add(tok, st.join, "cells", *writers)
-    return [g.add(tok, st.write_shards, f"{r.level}:{k}", store, r, k, done)
+    done = g.add(tok, xch.join, "cells", *writers)
+    return [g.add(tok, scells.write_shards, f"{r.level}:{k}", store, r, k, done)
             for r in routes for k in range(len(r.pack_starts))]
 
 
@@ -171,7 +149,7 @@ def step_graph(spec, layout: StepLayout, *, n_rows: int, sparsity: tuple,
         if spec.has_objects else []
     objects = _objects(g, token, spec, n_rows, sparsity, attribute_names, context) \
         if spec.has_objects else None
-    n_buckets = len(split_runs(n_rows, fmt.MANIFEST_BUCKET)) if spec.has_objects else 0
+    n_buckets = len(split_runs(n_rows, nm.MANIFEST_BUCKET)) if spec.has_objects else 0
     refs, refs_done = _object_refs(g, token, spec, n_buckets, objects)
     partials = _bin_partials(g, token, spec, layout, refs_done)
     reduced = _reduce(g, token, spec, layout, partials)
@@ -182,7 +160,7 @@ def step_graph(spec, layout: StepLayout, *, n_rows: int, sparsity: tuple,
     attrs = _attributes(g, token, spec, n_rows, attribute_names, objects) \
         if spec.has_objects else []
     shards = shard_writers(g, token, spec.store, spec.shard_routes, [*writes.values(), *links])
-    g.output = g.add(token, st.level_summary, 0, spec, objects, len(writes), len(links),
+    g.output = g.add(token, smy.level_summary, 0, spec, objects, len(writes), len(links),
                      len(manifests),
                      *writes.values(), *links, *manifests, *attrs, *shards)
     return g

@@ -12,17 +12,24 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import format as fmt
-from . import stages as st
-from .store import Store
+from ..format import cells as fcells
+from ..format import codecs as cdc
+from ..format import commit as cm
+from ..format import documents as fdoc
+from ..format import naming as nm
+from ..step.cells import route_to
+from ..step.links import partition_links, row_ids, write_link_cells
+from ..storage.store import Store
+
+__all__ = ["level_geometry", "ParentMaps", "compose_block", "compose_summary"]
 
 
 def level_geometry(store: Store, level: int, root_meta) -> dict:
     """Chunk grid, chunk scale (multiple of root's) and vertex count of a
     published level."""
-    attrs = (fmt.node_attrs(store, str(level)) or {}).get("zarr_vectors_level") or {}
+    attrs = (fdoc.node_attrs(store, str(level)) or {}).get("zarr_vectors_level") or {}
     chunk = attrs.get("chunk_shape") or list(root_meta.chunk_shape)
-    from .plan import grid_layout
+    from ..planning.plan import grid_layout
     grid = grid_layout(root_meta.bounds, chunk)
     scale = tuple(int(round(float(c) / float(r))) for c, r in zip(chunk, root_meta.chunk_shape))
     return {"grid": grid, "scale": scale, "vertex_count": int(attrs.get("vertex_count") or 0)}
@@ -55,13 +62,13 @@ def _read_parent_maps(store: Store, level: int, chunks: list[tuple], segs: dict,
     index = {c: i for i, c in enumerate(chunks)}
     owners, offsets, counts, records = [], [], [], []
     for seg, info in segs.items():
-        off = fmt.parse_chunk_key(seg)
+        off = nm.parse_chunk_key(seg)
         # Read only cells whose object (cell or shard) a listing shows.
-        asked = [chunks[i] for i in np.flatnonzero(fmt.present_cells(store, info, coords))]
-        for c, payload in fmt.read_cells(store, info, asked).items():
+        asked = [chunks[i] for i in np.flatnonzero(fcells.present_cells(store, info, coords))]
+        for c, payload in fcells.read_cells(store, info, asked).items():
             if payload is None:
                 continue
-            rows = fmt.decode_link_cell(payload)
+            rows = cdc.decode_link_cell(payload)
             owners.append(index[c])
             offsets.append(off)
             counts.append(rows.shape[0])
@@ -115,7 +122,7 @@ def compose_block(store: Store, ctx: dict, fine_level: int, fine_cc: np.ndarray,
         # One more hop: the parent of each current ancestor at ``inter``.
         if cur_c.shape[0] == 0:
             break
-        _, first, inv = np.unique(st.row_ids(cur_c), return_index=True, return_inverse=True)
+        _, first, inv = np.unique(row_ids(cur_c), return_index=True, return_inverse=True)
         inv = inv.reshape(-1)
         keys = [tuple(c) for c in cur_c[first].tolist()]
         maps = _read_parent_maps(store, inter, keys, segs[inter], geo)
@@ -130,18 +137,18 @@ def compose_block(store: Store, ctx: dict, fine_level: int, fine_cc: np.ndarray,
         level = fine_level + n
         if f_id.size == 0:
             break
-        links = st._partition_links(fine_cc[f_id], f_vi, cur_c, cur_v,
+        links = partition_links(fine_cc[f_id], f_vi, cur_c, cur_v,
                                     geo[fine_level]["scale"], geo[level]["scale"])
         routes = ctx.get("routes", ())
-        out["plus"][n] = st.write_link_cells(
+        out["plus"][n] = write_link_cells(
             store, fine_level, n, geo[fine_level]["grid"][0], links,
-            route=st.route_to(routes, fine_level), sender=f"c{block}+{n}")
+            route=route_to(routes, fine_level), sender=f"c{block}+{n}")
         if storage == "explicit":
             # Every -N cell's records come from one fine chunk of this run.
-            out["minus"][n] = st.write_link_cells(
+            out["minus"][n] = write_link_cells(
                 store, level, -n, geo[level]["grid"][0],
                 links.mirrored(geo[fine_level]["scale"], geo[level]["scale"]),
-                route=st.route_to(routes, level), sender=f"c{block}-{n}")
+                route=route_to(routes, level), sender=f"c{block}-{n}")
     return out
 
 
@@ -151,7 +158,6 @@ def compose_summary(store: Store, geo: dict, fine_levels: list[int], sid_ndim: i
     documents (written by the commit module) on the cluster; returns the
     number of records.  ``results``: one per fine run (``fine_levels``),
     then the shard writers' (waited for only)."""
-    from . import commit as cm
     families: dict[tuple[int, int], cm.LinkFamily] = {}
 
     def family(level, delta):

@@ -30,9 +30,20 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import format as fmt
+from ..errors import CorruptChunkError, FormatError
+from ..format import cells as fcells
+from ..format import documents as fdoc
+from ..format import naming as nm
 
-VERTEX_ATTRIBUTES = fmt.VERTEX_ATTRIBUTES
+__all__ = ["VERTEX_ATTRIBUTES", "MODES", "VertexAttribute", "default_mode", "output_dtype",
+           "names_in_level", "check_request", "resolve", "decode_cell", "partials", "concat_rows",
+           "reduce", "array_attributes"]
+
+
+
+VERTEX_ATTRIBUTES = nm.VERTEX_ATTRIBUTES
+
+
 #: zarr-vectors' aggregation vocabulary (``constants.VALID_AGGREGATIONS``).
 MODES = ("mean", "sum", "mode", "count", "min", "max")
 
@@ -47,7 +58,7 @@ class VertexAttribute:
     dtype: str             # source element dtype
     out_dtype: str         # coarse element dtype
     declared_width: int    # columns the source array declares (row_shape)
-    source: fmt.VlenArrayInfo  # without its chunk list
+    source: fcells.VlenArrayInfo  # without its chunk list
     source_is_count: bool  # the source column is itself a ``count`` aggregate
     channel_names: tuple[str, ...] | None = None
 
@@ -79,7 +90,7 @@ def names_in_level(store, level: int) -> list[str]:
     for name in sorted(store.listdir(base)):
         if name == "zarr.json":
             continue
-        doc = fmt.read_json(store, f"{base}/{name}/zarr.json")
+        doc = fdoc.read_json(store, f"{base}/{name}/zarr.json")
         if doc and doc.get("node_type") == "array":
             out.append(name)
     return out
@@ -87,7 +98,7 @@ def names_in_level(store, level: int) -> list[str]:
 
 def check_request(vertex_attributes, attribute_aggregation) -> dict[str, str]:
     """Validate the user's arguments (before anything is read)."""
-    from .plan import PlanError
+    from ..errors import PlanError
     if vertex_attributes not in (None, "aggregate"):
         raise PlanError(f"vertex_attributes must be 'aggregate' or None; got "
                         f"{vertex_attributes!r}")
@@ -107,7 +118,7 @@ def resolve(store, level: int, vertex_attributes, attribute_aggregation
     """The attributes one step aggregates, from the source level's
     metadata only.  A name in ``attribute_aggregation`` the level does not
     carry is an error naming the ones it does."""
-    from .plan import PlanError
+    from ..errors import PlanError
     agg = check_request(vertex_attributes, attribute_aggregation)
     if vertex_attributes is None:
         return ()
@@ -120,15 +131,15 @@ def resolve(store, level: int, vertex_attributes, attribute_aggregation
     out = []
     for name in names:
         path = f"{level}/{VERTEX_ATTRIBUTES}/{name}"
-        info = fmt.vlen_array_info(store, path)
-        attrs = (fmt.read_json(store, f"{path}/zarr.json") or {}).get("attributes") or {}
+        info = fcells.vlen_array_info(store, path)
+        attrs = (fdoc.read_json(store, f"{path}/zarr.json") or {}).get("attributes") or {}
         try:
             dtype = np.dtype(attrs.get("dtype", "float32"))
         except TypeError:
-            raise fmt.FormatError(f"{store.describe(path)}: dtype {attrs.get('dtype')!r} is "
+            raise FormatError(f"{store.describe(path)}: dtype {attrs.get('dtype')!r} is "
                                   f"not a numeric dtype") from None
         if dtype.kind not in "biuf":
-            raise fmt.FormatError(f"{store.describe(path)}: dtype {dtype} cannot be "
+            raise FormatError(f"{store.describe(path)}: dtype {dtype} cannot be "
                                   f"aggregated (numeric attributes only)")
         row_shape = attrs.get("row_shape")
         channels = attrs.get("channel_names")
@@ -136,7 +147,7 @@ def resolve(store, level: int, vertex_attributes, attribute_aggregation
         mode = agg.get(name, default_mode(dtype))
         out.append(VertexAttribute(
             name=name, mode=mode, dtype=dtype.str, out_dtype=output_dtype(mode, dtype).str,
-            declared_width=width, source=fmt.VlenArrayInfo(**{**info.__dict__, "chunks": ()}),
+            declared_width=width, source=fcells.VlenArrayInfo(**{**info.__dict__, "chunks": ()}),
             source_is_count=attrs.get("aggregation") == "count",
             channel_names=tuple(channels) if channels else None))
     return tuple(out)
@@ -152,11 +163,11 @@ def decode_cell(attr: VertexAttribute, payload: bytes | None, n_rows: int, *, wh
     if payload is None:
         if n_rows == 0:
             return np.empty((0, attr.declared_width), dtype=dtype)
-        raise fmt.CorruptChunkError(f"{what}: the chunk holds {n_rows} vertices but its "
+        raise CorruptChunkError(f"{what}: the chunk holds {n_rows} vertices but its "
                                     f"attribute cell is missing")
     n_el, rem = divmod(len(payload), dtype.itemsize)
     if rem or (n_rows and n_el % n_rows) or (not n_rows and n_el):
-        raise fmt.CorruptChunkError(f"{what}: {len(payload)} bytes are not whole {dtype} rows "
+        raise CorruptChunkError(f"{what}: {len(payload)} bytes are not whole {dtype} rows "
                                     f"for the chunk's {n_rows} vertices")
     width = n_el // n_rows if n_rows else attr.declared_width
     return np.frombuffer(payload, dtype=dtype).reshape(n_rows, width)
@@ -256,7 +267,7 @@ def concat_rows(attr: VertexAttribute, arrays: list[np.ndarray], *, what: str) -
     """Concatenate partials of several blocks; their widths must agree."""
     widths = {a.shape[1] for a in arrays if a.shape[0]}
     if len(widths) > 1:
-        raise fmt.FormatError(f"{what}: per-vertex attribute {attr.name!r} has rows of "
+        raise FormatError(f"{what}: per-vertex attribute {attr.name!r} has rows of "
                               f"{sorted(widths)} columns in different chunks")
     width = widths.pop() if widths else (arrays[0].shape[1] if arrays else attr.declared_width)
     return np.concatenate([a.reshape(-1, width) for a in arrays]) if arrays else \

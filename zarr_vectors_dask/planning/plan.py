@@ -12,9 +12,19 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
-from .errors import PlanError, PlanMetadataError
+from ..errors import PlanError, PlanMetadataError
+from . import bill
+from .runs import chunks_per_block
+from .text import fmt_tuple
+
+__all__ = ["VALID_CROSS_LEVEL_STORAGE", "validate_factors", "normalize_chunk_scale",
+           "validate_options", "check_method", "registered_strategy", "target_bin", "bin_ratio",
+           "grid_layout", "LevelPlan", "PyramidPlan", "plan_level", "plan_pyramid_from_meta"]
+
+
 
 VALID_CROSS_LEVEL_STORAGE = ("none", "implicit", "explicit")
+
 
 # ------------------------------------------------------------ validation
 def validate_factors(factors: Any) -> list[tuple[float, float]]:
@@ -81,6 +91,31 @@ def validate_options(*, cross_level_storage: str, cross_level_depth: Any,
                 f"more on import)")
 
 
+def check_method(method, options) -> None:
+    """``method``/``options`` as zarr-vectors takes them.  Only the built-in
+    ``"per_object"`` pyramid is built here, and it takes no options; any
+    other name is looked up in zarr-vectors' strategy registry, which
+    raises zarr-vectors' own error (naming the method and the package that
+    provides it) when nothing registered it -- before the store is touched."""
+    if method == "per_object":
+        if options:
+            raise PlanError(f"method='per_object' takes no extra options; got {sorted(options)}. "
+                            f"Those keywords belong to a registered strategy -- pass method= "
+                            f"as well.")
+        return
+    from zarr_vectors.multiresolution.registry import require_coarsen_strategy
+    require_coarsen_strategy(method)
+
+
+def registered_strategy(method):
+    """The strategy another package registered under ``method`` (its own
+    serial code, not this package's pyramid), or None for ``per_object``."""
+    if method == "per_object":
+        return None
+    from zarr_vectors.multiresolution.registry import require_coarsen_strategy
+    return require_coarsen_strategy(method)
+
+
 # ------------------------------------------------------------ geometry
 def target_bin(source_bin: Sequence[float], coarsen_factor: float) -> tuple[float, ...]:
     """Bins compound: the target bin is the *source level's* bin times the factor."""
@@ -96,28 +131,6 @@ def grid_layout(bounds, chunk_shape) -> tuple[tuple[int, ...], tuple[int, ...]]:
     origin = tuple(int(math.floor(float(lo) / float(c))) for lo, c in zip(bounds[0], chunk_shape))
     upper = tuple(int(math.floor(float(hi) / float(c))) for hi, c in zip(bounds[1], chunk_shape))
     return origin, tuple(u - o + 1 for u, o in zip(upper, origin))
-
-
-def split_runs(n_items: int, per_run: int) -> list[tuple[int, int]]:
-    """Contiguous ``[start, stop)`` runs of at most ``per_run`` items."""
-    per_run = max(1, int(per_run))
-    return [(a, min(a + per_run, n_items)) for a in range(0, n_items, per_run)]
-
-
-def chunks_per_block(n_chunks: int, n_vertices: int, n_workers: int,
-                     max_block_vertices: int) -> int:
-    """How many consecutive source chunks one task reads.
-
-    Enough blocks to keep every worker busy, few enough that scheduler
-    overhead stays small, and never more than ``max_block_vertices`` per
-    task so memory per task is bounded whatever the level's size.
-    """
-    if n_chunks <= 0:
-        return 1
-    per_chunk = max(1.0, n_vertices / n_chunks)
-    by_memory = max(1, int(max_block_vertices // per_chunk))
-    by_parallelism = max(1, math.ceil(n_chunks / max(1, 2 * n_workers)))
-    return max(1, min(by_memory, by_parallelism))
 
 
 # ------------------------------------------------------------ plan objects
@@ -201,22 +214,6 @@ class LevelPlan:
         return v * per_vertex + self.source_vertices * links
 
 
-def _fmt_tuple(t) -> str:
-    return "x".join(f"{x:g}" if isinstance(x, float) else str(x) for x in t)
-
-
-def _fmt_bytes(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)  # pragma: no cover
-
-
-def _fmt_count(x: float) -> str:
-    return f"{int(round(x)):,}"
-
-
 @dataclass
 class PyramidPlan:
     store: str
@@ -243,64 +240,12 @@ class PyramidPlan:
         return sum(sum(lv.tasks.values()) for lv in self.levels)
 
     def __repr__(self) -> str:
-        lines = [
-            f"PyramidPlan for {self.store}",
-            f"  {self.ndim}-D, root chunk {_fmt_tuple(self.root_chunk_shape)}, "
-            f"root bin {_fmt_tuple(self.root_bin)}, {self.n_workers} worker(s)",
-            f"  cross-level links: {self.cross_level_storage}, depth {self.cross_level_depth}",
-            "  level  bin            chunk          ratio    src chunks  tgt grid      blocks  tgt blocks  buckets  tasks  est. size",
-        ]
-        for lv in self.levels:
-            t = f"{sum(lv.tasks.values())}" + ("" if lv.graph_tasks is not None else "~")
-            grid = _fmt_tuple(lv.target_grid[1])
-            lines.append(
-                f"  {lv.source_level}->{lv.target_level}   {_fmt_tuple(lv.bin_shape):<14} "
-                f"{_fmt_tuple(lv.chunk_shape):<14} {_fmt_tuple(lv.bin_ratio):<8} "
-                f"{lv.source_chunks:<11} {grid:<13} {lv.n_blocks:<7} {lv.n_target_blocks:<11} "
-                f"{lv.n_buckets:<8} {t:<6} {_fmt_bytes(lv.estimated_bytes)}")
-        for lv in self.levels:
-            stages = ", ".join(f"{k} {v}" for k, v in lv.tasks.items() if v)
-            lines.append(f"  tasks {lv.source_level}->{lv.target_level}: {stages}")
-        exact = all(lv.graph_tasks is not None for lv in self.levels)
-        lines.append(f"  total tasks: {self.total_tasks}" + (
-            "" if exact else " (~: estimated; a step's graph is built once its source level "
-                             "exists)"))
-        lines.extend(self._bill_lines())
-        return "\n".join(lines)
+        return bill.render(self)
 
     def requests(self, shard_shape=None):
         """The estimated objects and requests of this build
         (:func:`bill.request_plan`)."""
-        from .bill import request_plan
-        return request_plan(self, shard_shape=shard_shape)
-
-    def _bill_lines(self) -> list[str]:
-        from .bill import _bills, _chain
-        shard = self.levels[0].shard_shape if self.levels else None
-        chain = _chain(self, shard)  # one pass: the unsharded bill reads the same estimates
-        bills = [("unsharded", _bills(self, chain, None))]
-        if shard is not None:
-            bills.append((f"sharded {_fmt_tuple(shard)}", _bills(self, chain, shard)))
-        lines = ["  objects written and requests to an object store (estimated: which chunks "
-                 "hold cells depends on the data)"]
-        for name, rp in bills:
-            lines.append(f"  {name + ':':<18} {'objects':>9} {'PUT':>9} {'GET':>9} {'HEAD':>9} "
-                         f"{'LIST':>9} {'DELETE':>7}")
-            for part in [*rp.parts, rp.total]:
-                lines.append(f"    {part.name:<16} {_fmt_count(part.n_objects):>9} "
-                             f"{_fmt_count(part.put):>9} {_fmt_count(part.get):>9} "
-                             f"{_fmt_count(part.head):>9} {_fmt_count(part.list):>9} "
-                             f"{_fmt_count(part.delete):>7}")
-        for part in bills[-1][1].parts:
-            kinds = ", ".join(f"{k} {_fmt_count(v)}" for k, v in part.objects.items())
-            if kinds:
-                lines.append(f"  objects {part.name}: {kinds}")
-        if len(bills) == 2:
-            plain, sharded = bills[0][1].total, bills[1][1].total
-            lines.append(f"  sharded: {plain.n_objects / max(1.0, sharded.n_objects):.1f}x fewer "
-                         f"objects, {plain.requests / max(1.0, sharded.requests):.1f}x fewer "
-                         f"requests")
-        return lines
+        return bill.request_plan(self, shard_shape=shard_shape)
 
     __str__ = __repr__
 
@@ -319,9 +264,9 @@ def plan_level(*, source_level: int, coarsen_factor: float, sparsity_factor: flo
             q = c / b
             if abs(q - round(q)) > 1e-9:
                 raise PlanMetadataError(
-                    f"level {source_level + 1}: chunk_shape {_fmt_tuple(tchunk)} (chunk_scale_factor "
-                    f"{_fmt_tuple(chunk_scale)}) is not divisible by the target bin_shape "
-                    f"{_fmt_tuple(tbin)} on axis {axis}; bins must tile an overridden chunk_shape")
+                    f"level {source_level + 1}: chunk_shape {fmt_tuple(tchunk)} (chunk_scale_factor "
+                    f"{fmt_tuple(chunk_scale)}) is not divisible by the target bin_shape "
+                    f"{fmt_tuple(tbin)} on axis {axis}; bins must tile an overridden chunk_shape")
     sgrid = grid_layout(bounds, source_chunk_shape)
     tgrid = grid_layout(bounds, tchunk)
     cpb = chunks_per_block(source_chunks, source_vertices, n_workers, max_block_vertices)
@@ -358,7 +303,7 @@ def plan_pyramid_from_meta(*, store: str, ndim: int, root_chunk_shape, root_bin,
                            shard_shape=None) -> PyramidPlan:
     """The whole pyramid from the source level's shapes: pure, no I/O."""
     facs = validate_factors(factors)
-    from .format import normalize_shard_shape
+    from ..format.shards import normalize_shard_shape
     try:
         shards = normalize_shard_shape(shard_shape, ndim)
     except ValueError as exc:
@@ -393,166 +338,3 @@ def plan_pyramid_from_meta(*, store: str, ndim: int, root_chunk_shape, root_bin,
                        cross_level_depth=cross_level_depth,
                        cross_level_storage=cross_level_storage, n_workers=n_workers,
                        bounds=bounds)
-
-
-# ------------------------------------------------------------ blocks and routes
-# A step's tasks are sized from what each chunk really holds (one listing of
-# cell sizes), so a dense region is split instead of overshooting the budget,
-# and its exchanges are routed from geometry alone, before anything runs.
-
-def weighted_runs(weights, cap: float):
-    """Starts of runs of consecutive items, each run's weight at most
-    ``cap`` (an item heavier than ``cap`` is a run of its own)."""
-    import numpy as np
-    w = np.asarray(weights, dtype=np.float64)
-    if w.size == 0:
-        return np.zeros(1, dtype=np.int64)
-    cum = np.cumsum(w)
-    starts, at, before = [], 0, 0.0
-    while at < w.size:
-        starts.append(at)
-        nxt = int(np.searchsorted(cum, before + cap, side="right"))
-        at = max(nxt, at + 1)
-        before = float(cum[at - 1])
-    return np.asarray(starts, dtype=np.int64)
-
-
-def run_cap(total: float, budget: int, n_workers: int) -> float:
-    """Largest run: the memory budget, or less so every worker gets about
-    two runs to work on."""
-    return max(1.0, min(float(budget), math.ceil(total / max(1, 2 * n_workers))))
-
-
-def shard_runs(coords, weights, origin, grid, shard_shape, cap: float) -> tuple[int, ...]:
-    """Runs of a level's shards (row-major shard numbers) for the tasks
-    that write them: each run's estimated weight at most ``cap`` (a heavier
-    shard is a run of its own; it cannot be split).  ``coords``/``weights``:
-    chunks expected to hold data and their weights; shards holding none
-    join the run before them.  Returns each run's first shard number."""
-    import numpy as np
-    ss = np.asarray(shard_shape, dtype=np.int64)
-    shard_grid = -(-np.asarray(grid, dtype=np.int64) // ss)
-    rel = np.clip(np.asarray(coords, dtype=np.int64).reshape(-1, len(ss)) - np.asarray(origin),
-                  0, np.asarray(grid, dtype=np.int64) - 1) // ss
-    if rel.shape[0] == 0:
-        return (0,)
-    number = np.ravel_multi_index(tuple(rel.T), tuple(shard_grid.tolist()))
-    uniq, inv = np.unique(number, return_inverse=True)
-    w = np.bincount(inv.reshape(-1), weights=np.asarray(weights, dtype=np.float64),
-                    minlength=uniq.size)
-    starts = uniq[weighted_runs(w, cap)]
-    starts[0] = 0
-    return tuple(int(x) for x in starts)
-
-
-def ravel(coords, origin, shape):
-    """Row-major index of chunk coordinates in a grid (coordinates clipped
-    into it)."""
-    import numpy as np
-    shape = np.asarray(shape, dtype=np.int64)
-    rel = np.clip(np.asarray(coords, dtype=np.int64).reshape(-1, len(shape)) - np.asarray(origin),
-                  0, shape - 1)
-    return np.ravel_multi_index(tuple(rel.T), tuple(shape.tolist())) if rel.shape[0] else \
-        np.empty(0, dtype=np.int64)
-
-
-@dataclass
-class StepLayout:
-    """How one step's work is cut: source blocks (runs of present source
-    chunks), target blocks (runs of the target grid, also the shuffle's
-    partitions), and the routes geometry allows between them."""
-    block_starts: Any           # chunk number of each source block's first chunk (first is 0)
-    block_chunks: list          # per source block: its chunk numbers
-    target_block_starts: Any    # target-grid index of each target block's first chunk
-    block_partitions: list      # per source block: the partitions its keys can reach (sorted)
-    partition_targets: list     # per partition: (first, last) target block its centroids reach
-
-    @property
-    def n_blocks(self) -> int:
-        return len(self.block_chunks)
-
-    @property
-    def n_target_blocks(self) -> int:
-        return len(self.target_block_starts)
-
-
-#: Source chunks whose target boxes are expanded at once in ``step_layout``:
-#: each expands to ~125 cells x 3 int64 coordinates (plus masks), so the
-#: driver's transient memory stays ~25 MiB however many chunks a level has
-#: (all 60,000 chunks at once took ~770 MiB).
-ROUTE_BATCH_CHUNKS = 4_096
-
-
-def step_layout(*, numbers, weights, source_origin, source_grid, source_chunk_shape,
-                target_origin, target_grid, chunk_shape, bin_shape, budget: int,
-                n_workers: int, route_batch: int = ROUTE_BATCH_CHUNKS) -> StepLayout:
-    """Blocks, target blocks and routes of a step from the source level's
-    present chunks (``numbers``: sorted row-major chunk numbers) and their
-    estimated vertex counts; pure."""
-    import numpy as np
-    numbers = np.asarray(numbers, dtype=np.int64)
-    weights = np.asarray(weights, dtype=np.float64)
-    nd = len(source_grid)
-    if math.prod(source_grid) >= 2 ** 31 or math.prod(target_grid) >= 2 ** 62:
-        raise PlanError(f"chunk grid {_fmt_tuple(source_grid)} has too many chunks to number "
-                        f"(at most 2^31)")
-    total = float(weights.sum())
-    starts = weighted_runs(weights, run_cap(total, budget, n_workers))
-    block_chunks = [numbers[a:b] for a, b in zip(starts, np.r_[starts[1:], numbers.size])] \
-        if numbers.size else [numbers]
-    block_starts = numbers[starts] if numbers.size else np.zeros(1, np.int64)
-    block_starts[0] = 0
-    # Where a source chunk's vertices can land in the target grid: its box
-    # widened by one bin below and a chunk of margin each way (rounding).
-    coords = np.stack(np.unravel_index(numbers, tuple(source_grid)), axis=1).reshape(-1, nd) + \
-        np.asarray(source_origin, dtype=np.int64)
-    cs = np.asarray(source_chunk_shape, dtype=np.float64)
-    ct = np.asarray(chunk_shape, dtype=np.float64)
-    b = np.asarray(bin_shape, dtype=np.float64)
-    lower = np.floor((coords * cs - b) / ct).astype(np.int64) - 1
-    upper = np.floor((coords + 1) * cs / ct).astype(np.int64) + 1
-    # Target blocks: runs of the target grid, weighted by the vertices
-    # whose chunk starts in each target chunk.
-    home = ravel(np.floor(coords * cs / ct).astype(np.int64), target_origin, target_grid)
-    tlin, tinv = np.unique(home, return_inverse=True)
-    tw = np.bincount(tinv.reshape(-1), weights=weights, minlength=tlin.size)
-    tstarts = weighted_runs(tw, run_cap(total, budget, n_workers))
-    target_block_starts = tlin[tstarts] if tlin.size else np.zeros(1, np.int64)
-    target_block_starts[0] = 0
-    n_tb = target_block_starts.size
-
-    def tb(lin):
-        return np.searchsorted(target_block_starts, lin, side="right") - 1
-
-    # Every target chunk of each source chunk's box, as (source chunk,
-    # partition) pairs: exact sets, so a block is wired only to the
-    # partitions around its own chunks, however the grid is numbered.
-    span = upper - lower + 1
-    n_off = int(np.prod(span.max(axis=0))) if numbers.size else 0
-    offsets = np.stack(np.unravel_index(np.arange(n_off), tuple(span.max(axis=0).tolist())),
-                       axis=1) if n_off else np.empty((0, nd), np.int64)
-    block_of_chunk = np.searchsorted(starts, np.arange(numbers.size), side="right") - 1
-    found = []
-    for lo in range(0, numbers.size, max(1, route_batch)):
-        hi = min(numbers.size, lo + max(1, route_batch))
-        cells = lower[lo:hi, None, :] + offsets[None, :, :]
-        inside_box = np.all(cells <= upper[lo:hi, None, :], axis=2).ravel()
-        owner = np.repeat(np.arange(lo, hi), n_off)[inside_box]
-        part = tb(ravel(cells.reshape(-1, nd)[inside_box], target_origin, target_grid))
-        found.append(np.unique(block_of_chunk[owner] * n_tb + part))
-        del cells, inside_box, owner, part
-    pairs = np.unique(np.concatenate(found)) if found else np.empty(0, np.int64)
-    block_partitions = [[] for _ in block_chunks]
-    for bp in pairs.tolist():
-        block_partitions[bp // n_tb].append(bp % n_tb)
-    # A centroid lies in its bin: from the bin's lower-corner chunk up to a
-    # bin further, plus a chunk of margin each way.
-    strides = np.cumprod([1, *list(target_grid)[::-1]])[:-1][::-1]
-    reach = np.ceil(b / ct).astype(np.int64) + 1
-    down, up = int(strides.sum()), int((strides * reach).sum())
-    last = int(math.prod(target_grid)) - 1
-    stops = np.r_[target_block_starts[1:], last + 1]
-    partition_targets = [(int(tb(max(0, s - down))), int(tb(min(last, e - 1 + up))))
-                         for s, e in zip(target_block_starts.tolist(), stops.tolist())]
-    return StepLayout(block_starts, block_chunks, target_block_starts, block_partitions,
-                      partition_targets)

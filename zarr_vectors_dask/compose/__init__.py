@@ -1,0 +1,1 @@
+"""Link composition: the ``+-N`` families built from the published ``+1`` cells."""

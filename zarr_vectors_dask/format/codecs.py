@@ -1,0 +1,236 @@
+"""Cell payloads, byte-identical to zarr-vectors': cell framing, metavertex
+and vertex cells, link cells, the columnar manifest table, and the columns
+of an exchange file."""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+from zarr_vectors.encoding.fragments import (decode_fragments, decode_object_manifests_many,
+                                             encode_fragments, encode_object_manifest_blocks)
+from zarr_vectors.encoding.ragged import decode_ragged_blob
+
+from ..errors import CorruptChunkError
+
+__all__ = ["frame_cell", "unframe_cell", "encode_metavertex_cell", "decode_vertex_cell",
+           "expand_ranges", "framed_link_cells", "decode_link_cell", "ManifestTable",
+           "encode_manifest_table", "empty_manifest", "decode_manifest_table", "pack_columns",
+           "unpack_columns"]
+
+
+def _named(what) -> str:
+    """A message's subject: given as text, or as a callable that builds it
+    (per-cell names are only needed when something is wrong)."""
+    return what() if callable(what) else what
+
+
+# ------------------------------------------------------------ cell framing
+def frame_cell(payload: bytes) -> bytes:
+    """One element of zarr's ``vlen-bytes`` codec: count, length, bytes."""
+    return struct.pack("<II", 1, len(payload)) + payload
+
+
+def unframe_cell(raw: bytes, *, what) -> bytes:
+    if len(raw) < 8:
+        raise CorruptChunkError(f"{_named(what)}: truncated cell ({len(raw)} bytes)")
+    n, length = struct.unpack_from("<II", raw, 0)
+    if n != 1 or len(raw) != 8 + length:
+        raise CorruptChunkError(
+            f"{_named(what)}: corrupt cell (declares {n} item(s) of {length} bytes, "
+            f"holds {len(raw) - 8})")
+    return raw[8:]
+
+
+# ------------------------------------------------------------ payloads
+def encode_metavertex_cell(centroids: np.ndarray) -> tuple[bytes, bytes]:
+    """``vertices`` and ``vertex_fragments`` payloads of a coarse chunk:
+    one single-vertex fragment per metavertex, in the given order."""
+    verts = np.ascontiguousarray(centroids, dtype=np.float32).tobytes()
+    n = int(centroids.shape[0])
+    frags = encode_fragments([(i, 1) for i in range(n)])
+    return verts, frags
+
+
+def decode_vertex_cell(vert_payload: bytes, frag_payload: bytes, *, dtype: np.dtype,
+                       ndim: int, what) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Rows of a chunk and its fragments in CSR form: ``members`` holds the
+    row indices of every fragment back to back, ``lengths`` how many each
+    fragment names (fragment order)."""
+    itemsize = np.dtype(dtype).itemsize
+    if len(vert_payload) % (itemsize * ndim):
+        raise CorruptChunkError(
+            f"{_named(what)}: vertices payload of {len(vert_payload)} bytes is not a "
+            f"whole number of {ndim}-D {np.dtype(dtype)} rows")
+    rows = np.frombuffer(vert_payload, dtype=dtype).reshape(-1, ndim)
+    try:
+        fi = decode_fragments(frag_payload)
+    except Exception as exc:  # noqa: BLE001
+        raise CorruptChunkError(f"{_named(what)}: vertex_fragments cannot be decoded: "
+                                f"{exc}") from None
+    table = fi.ranges()
+    if table is not None:  # every fragment a (start, count) range: no per-fragment loop
+        starts = np.asarray(table[:, 0], dtype=np.int64)
+        lengths = np.asarray(table[:, 1], dtype=np.int64)
+        members = expand_ranges(starts, lengths)
+    else:
+        parts = [np.asarray(fi.indices(f), dtype=np.int64) for f in range(fi.num_fragments)]
+        lengths = np.fromiter((p.size for p in parts), dtype=np.int64, count=len(parts))
+        members = np.concatenate(parts) if parts else np.empty(0, np.int64)
+    if members.size and (members.min() < 0 or members.max() >= rows.shape[0]):
+        bad = int(np.searchsorted(np.cumsum(lengths),
+                                  int(np.flatnonzero((members < 0) | (members >= rows.shape[0]))[0]),
+                                  side="right"))
+        raise CorruptChunkError(
+            f"{_named(what)}: fragment {bad} names rows beyond the chunk's {rows.shape[0]}")
+    return rows, members, lengths
+
+
+def expand_ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """``concatenate([arange(s, s + n) for s, n in zip(starts, lengths)])``
+    without the Python loop."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    total = int(lengths.sum())
+    if total == 0:
+        return np.empty(0, dtype=np.int64)
+    first = np.cumsum(lengths) - lengths
+    return np.repeat(np.asarray(starts, dtype=np.int64) - first, lengths) + np.arange(total)
+
+
+# A framed link cell: vlen count and length, then the ragged blob of one
+# group (group count 1, byte offset 0) and its int64 (vertex, vertex) rows.
+_LINK_CELL_HEAD = struct.Struct("<IIqq")
+
+
+def framed_link_cells(rows: np.ndarray, starts, stops) -> list[bytes]:
+    """``frame_cell(encode_ragged_blob([rows[a:b]], int64))`` for each
+    ``(a, b)``, from one buffer: a pyramid has tens of thousands of these."""
+    buf = np.ascontiguousarray(rows, dtype=np.int64).tobytes()
+    pack = _LINK_CELL_HEAD.pack
+    return [pack(1, 16 + 16 * (b - a), 1, 0) + buf[16 * a:16 * b]
+            for a, b in zip(starts, stops)]
+
+
+_ONE_GROUP = struct.Struct("<qq")
+
+
+def decode_link_cell(payload: bytes) -> np.ndarray:
+    """A link cell's records, (n, 2) int64 (read-only when it is one group)."""
+    if len(payload) >= 16 and len(payload) % 16 == 0 and _ONE_GROUP.unpack_from(payload) == (1, 0):
+        # One group from byte 0 (what both writers emit): the records are
+        # the rest of the payload.
+        return np.frombuffer(payload, dtype="<i8", offset=16).reshape(-1, 2)
+    groups = decode_ragged_blob(payload, np.dtype(np.int64), ncols=2)
+    if not groups:
+        return np.empty((0, 2), dtype=np.int64)
+    return np.concatenate([np.asarray(g).reshape(-1, 2) for g in groups]).astype(np.int64)
+
+
+@dataclass
+class ManifestTable:
+    """Many objects' manifests as columns: object ``i`` names
+    ``counts[i]`` (chunk coords, fragment index) references, stored back to
+    back in ``coords``/``frags`` (the mode-0 blocks bulk writers emit)."""
+
+    counts: np.ndarray  # (n,) int64
+    coords: np.ndarray  # (T, sid_ndim) int64
+    frags: np.ndarray   # (T,) int64
+
+
+_MODE_SINGLE = 0  # zarr-vectors' manifest block mode for one fragment index
+
+
+def encode_manifest_table(table: ManifestTable, sid_ndim: int) -> list[bytes]:
+    """One manifest blob per object, byte for byte what zarr-vectors'
+    encoder writes for single-fragment blocks: a little-endian uint32
+    block count, then per block the int64 chunk coords, the mode byte and
+    the int64 fragment index."""
+    counts = np.asarray(table.counts, dtype=np.int64)
+    n = counts.size
+    if n == 0:
+        return []
+    block = sid_ndim * 8 + 9
+    sizes = 4 + counts * block
+    ends = np.cumsum(sizes)
+    starts = ends - sizes
+    buf = np.zeros(int(ends[-1]), dtype=np.uint8)
+    buf[starts[:, None] + np.arange(4)] = counts.astype("<u4").view(np.uint8).reshape(n, 4)
+    total = int(counts.sum())
+    if total:
+        obj = np.repeat(np.arange(n), counts)
+        within = np.arange(total) - np.repeat(np.cumsum(counts) - counts, counts)
+        at = starts[obj] + 4 + within * block
+        rows = np.empty((total, block), dtype=np.uint8)
+        rows[:, :sid_ndim * 8] = np.ascontiguousarray(table.coords, dtype="<i8").view(
+            np.uint8).reshape(total, sid_ndim * 8)
+        rows[:, sid_ndim * 8] = _MODE_SINGLE
+        rows[:, sid_ndim * 8 + 1:] = np.ascontiguousarray(table.frags, dtype="<i8").view(
+            np.uint8).reshape(total, 8)
+        buf[at[:, None] + np.arange(block)] = rows
+    raw = buf.tobytes()
+    return [raw[a:b] for a, b in zip(starts.tolist(), ends.tolist())]
+
+
+def empty_manifest(sid_ndim: int) -> bytes:
+    return encode_object_manifest_blocks([], sid_ndim=sid_ndim)
+
+
+def decode_manifest_table(blobs: Sequence[bytes], sid_ndim: int) -> ManifestTable:
+    """Columns of many manifest blobs.  Range and explicit-list blocks are
+    expanded to one reference per fragment, as zarr-vectors' reader does."""
+    n = len(blobs)
+    block = sid_ndim * 8 + 9
+    lengths = np.fromiter((len(b) for b in blobs), dtype=np.int64, count=n)
+    if n and int(lengths.min()) >= 4 and not np.any((lengths - 4) % block):
+        buf = np.frombuffer(b"".join(blobs), dtype=np.uint8)
+        starts = np.cumsum(lengths) - lengths
+        counts = buf[starts[:, None] + np.arange(4)].copy().view("<u4").reshape(n).astype(np.int64)
+        if np.array_equal(counts, (lengths - 4) // block):
+            total = int(counts.sum())
+            obj = np.repeat(np.arange(n), counts)
+            within = np.arange(total) - np.repeat(np.cumsum(counts) - counts, counts)
+            at = starts[obj] + 4 + within * block
+            if not np.any(buf[at + sid_ndim * 8] != _MODE_SINGLE):
+                coords = buf[at[:, None] + np.arange(sid_ndim * 8)].copy().view("<i8").reshape(
+                    total, sid_ndim).astype(np.int64)
+                frags = buf[at[:, None] + (sid_ndim * 8 + 1) + np.arange(8)].copy().view(
+                    "<i8").reshape(total).astype(np.int64)
+                return ManifestTable(counts, coords, frags)
+    # Anything else (ranges, explicit lists): zarr-vectors' general decoder.
+    from zarr_vectors.core.arrays import expand_manifest_blocks
+    decoded, uniform = decode_object_manifests_many(list(blobs), sid_ndim=sid_ndim)
+    refs = decoded if uniform else [expand_manifest_blocks(b) for b in decoded]
+    counts = np.fromiter((len(m) for m in refs), dtype=np.int64, count=n)
+    flat = [r for m in refs for r in m]
+    coords = np.array([c for c, _ in flat], dtype=np.int64).reshape(len(flat), sid_ndim)
+    frags = np.array([f for _, f in flat], dtype=np.int64).reshape(len(flat))
+    return ManifestTable(counts, coords, frags)
+
+
+def pack_columns(columns: dict[str, np.ndarray]) -> bytes:
+    """Named numeric arrays as one deterministic blob: a JSON header
+    (name, dtype, shape) then the raw bytes, in order."""
+    arrays = {k: np.ascontiguousarray(v) for k, v in columns.items()}
+    header = json.dumps([[k, a.dtype.str, list(a.shape)] for k, a in arrays.items()]).encode()
+    return struct.pack("<I", len(header)) + header + b"".join(a.tobytes() for a in arrays.values())
+
+
+def unpack_columns(raw: bytes, *, what: str) -> dict[str, np.ndarray]:
+    try:
+        (n,) = struct.unpack_from("<I", raw, 0)
+        spec = json.loads(raw[4:4 + n])
+        out, at = {}, 4 + n
+        for name, dtype, shape in spec:
+            dt = np.dtype(dtype)
+            size = int(np.prod(shape, dtype=np.int64)) * dt.itemsize
+            out[name] = np.frombuffer(raw, dtype=dt, count=size // dt.itemsize if dt.itemsize else 0,
+                                      offset=at).reshape(shape)
+            at += size
+        if at != len(raw):
+            raise ValueError(f"{len(raw) - at} trailing bytes")
+        return out
+    except Exception as exc:  # noqa: BLE001
+        raise CorruptChunkError(f"{what}: exchange file cannot be decoded: {exc}") from None

@@ -1,0 +1,95 @@
+"""The format's names: array and group names, capabilities, bucket sizes,
+chunk keys, link family paths, cell paths and exchange-file keys."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+__all__ = ["VERTICES", "VERTEX_FRAGMENTS", "VERTEX_ATTRIBUTES", "OBJECT_INDEX", "OBJECT_ATTRIBUTES",
+           "LINKS", "NONEMPTY", "ORIGIN", "MANIFEST_BUCKET", "ATTRIBUTE_BUCKET",
+           "CAP_PRESERVED_OBJECT_IDS", "CAP_SHARED_FRAGMENTS", "CAP_MULTISCALE_LINKS", "chunk_key",
+           "parse_chunk_key", "format_delta", "format_offsets", "links_family_path", "cell_path",
+           "EXCHANGE_DIR", "exchange_key"]
+
+
+
+VERTICES = "vertices"
+
+
+VERTEX_FRAGMENTS = "vertex_fragments"
+
+
+VERTEX_ATTRIBUTES = "vertex_attributes"
+
+
+OBJECT_INDEX = "object_index"
+
+
+OBJECT_ATTRIBUTES = "object_attributes"
+
+
+LINKS = "links"
+
+
+NONEMPTY = "nonempty_chunks"
+
+
+ORIGIN = "chunk_grid_origin"
+
+
+#: Rows per zarr chunk of ``object_index/manifests`` (zarr-vectors' bucket).
+MANIFEST_BUCKET = 16_384
+
+
+#: Rows per zarr chunk of an object attribute column.
+ATTRIBUTE_BUCKET = 65_536
+
+
+CAP_PRESERVED_OBJECT_IDS = "preserved_object_ids"
+
+
+CAP_SHARED_FRAGMENTS = "shared_fragments"
+
+
+CAP_MULTISCALE_LINKS = "multiscale_links"
+
+
+# ----------------------------------------------------------------- naming
+def chunk_key(coords: Sequence[int]) -> str:
+    return ".".join(str(int(c)) for c in coords)
+
+
+def parse_chunk_key(key: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in key.split("."))
+
+
+def format_delta(delta: int) -> str:
+    return "0" if delta == 0 else f"{delta:+d}"
+
+
+def format_offsets(offset: Sequence[int]) -> str:
+    return ".".join("0" if int(o) == 0 else f"{int(o):+d}" for o in offset)
+
+
+def links_family_path(level: int, delta: int) -> str:
+    return f"{level}/{LINKS}/{format_delta(delta)}"
+
+
+def cell_path(array_path: str, coords: Sequence[int], origin: Sequence[int]) -> str:
+    """Storage key of one cell of a per-chunk vlen array (default
+    ``/``-separated chunk key encoding, indices relative to the origin)."""
+    if not any(origin):  # the common case, and a pyramid names ~10^5 cells
+        return f"{array_path}/c/" + "/".join(map(str, map(int, coords)))
+    idx = "/".join(str(int(c) - int(o)) for c, o in zip(coords, origin))
+    return f"{array_path}/c/{idx}"
+
+
+# ------------------------------------------------------------ exchange files
+#: Scratch of a running build: stage-to-stage exchanges that would cost a
+#: Dask task per (sender, receiver) pair travel as files here instead.
+EXCHANGE_DIR = ".zvdask/exchange"
+
+
+def exchange_key(scope, kind: str, receiver: int, sender) -> str:
+    """``scope``: the target level of a step, or ``compose``."""
+    return f"{EXCHANGE_DIR}/{scope}/{kind}/{int(receiver)}/{sender}"

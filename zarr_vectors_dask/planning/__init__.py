@@ -1,0 +1,1 @@
+"""Pure planning: levels, blocks and routes, sparsity, and the request bill."""

@@ -1,0 +1,177 @@
+"""Running graphs on ``distributed``: the graph as data, handing it to the
+scheduler once (``execute``), waiting until a graph's tasks have ended,
+and the client a build runs on (``client_for``)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+from .errors import BuildError, PlanError
+from .storage import handles
+from .storage.store import Store
+
+__all__ = ["STAGE_OF", "Graph", "StepReport", "RUNNING", "wait_until_idle", "execute",
+           "count_workers", "workers_in_this_process", "client_for"]
+
+
+
+#: Stage label of each task function, as the plan and benchmarks name them.
+STAGE_OF = {
+    "object_table": "object table", "object_refs": "object refs", "bin_partials": "bin partials",
+    "reduce_metavertices": "shuffle", "write_metavertices": "write vertices",
+    "resolve_parents": "resolve parents", "links_and_sequences": "links + sequences",
+    "write_manifests": "manifests", "write_attributes": "attributes",
+    "level_summary": "summary", "compose_block": "compose", "compose_summary": "summary",
+    "pick": "routing", "join": "routing",
+    "context_refs": "sparsity context", "fragment_summaries": "sparsity context",
+    "object_context": "sparsity context", "fragment_points": "sparsity context",
+    "object_points": "sparsity context", "write_shards": "shards",
+}
+
+
+@dataclass
+class Graph:
+    dsk: dict
+    output: tuple | None = None
+    stages: dict[str, int] = field(default_factory=dict)  # task function -> tasks
+
+    @property
+    def tasks(self) -> int:
+        return len(self.dsk)
+
+    def add(self, token: str, fn, index, *args) -> tuple:
+        """One task; keys are ``(function-token, index)`` so the dashboard
+        and progress bars group them by stage."""
+        key = (f"{fn.__name__}-{token}", index)
+        self.dsk[key] = (fn, *args)
+        self.stages[fn.__name__] = self.stages.get(fn.__name__, 0) + 1
+        return key
+
+
+@dataclass
+class StepReport:
+    target_level: int
+    vertex_count: int = 0
+    objects_kept: int = 0
+    source_objects: int = 0
+    chunks: int = 0
+    seconds: float = 0.0
+    tasks: int = 0
+    round_trips: int = 0  # graphs handed to the scheduler (one per step)
+    stage_tasks: dict = field(default_factory=dict)  # task function -> tasks
+    stage_seconds: dict = field(default_factory=dict)
+    summary: dict = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------- executor
+#: Task states in which a worker thread may still be running a task (a
+#: cancelled task keeps running until it returns: Dask cannot stop a thread).
+RUNNING = ("executing", "long-running", "cancelled", "resumed")
+
+
+def _live_tasks(token: str, states: tuple, dask_worker=None) -> int:
+    return sum(1 for key, ts in dask_worker.state.tasks.items()
+               if ts.state in states and token in str(key))
+
+
+def wait_until_idle(client, *, token: str = "", states: tuple = RUNNING,
+                    timeout: float = 300.0, what: str) -> None:
+    """Wait until no worker runs a task whose key contains ``token`` (in
+    one of ``states``); ``what`` names them in the timeout error."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            n = sum(client.run(_live_tasks, token, states).values())
+        except Exception:  # noqa: BLE001 - no worker state to ask: nothing to wait for
+            return
+        if n == 0:
+            return
+        if time.monotonic() > deadline:
+            raise BuildError(f"{n} task(s) of {what} are still running on the cluster after "
+                             f"{timeout:.0f} s")
+        time.sleep(0.1)
+
+
+def execute(client, graph: Graph, token: str, report: StepReport, *, name: str,
+            progress: Callable | None = None):
+    """Hand ``graph`` to the scheduler once and return its output.  Only
+    the output is held, so every intermediate is released as soon as its
+    consumers have finished.  On any failure the graph's tasks are
+    cancelled and waited for, so nothing writes after the error returns."""
+    t0 = time.perf_counter()
+    report.tasks += graph.tasks
+    report.round_trips += 1
+    for k, n in graph.stages.items():
+        report.stage_tasks[k] = report.stage_tasks.get(k, 0) + n
+    fut = client.get(graph.dsk, graph.output, sync=False)
+    try:
+        if progress is not None:
+            progress(name, [fut])
+        return fut.result()  # the future's own client: it need not be the default
+    except BaseException:
+        fut.cancel()
+        wait_until_idle(client, token=token, what="the failed step")
+        raise
+    finally:
+        fut.release()
+        report.stage_seconds[name] = report.stage_seconds.get(name, 0.0) + \
+            time.perf_counter() - t0
+
+
+def count_workers(client) -> int:
+    try:
+        return max(1, len(client.scheduler_info()["workers"]))
+    except Exception:  # noqa: BLE001
+        return 2
+
+
+# ------------------------------------------------------------ client
+def workers_in_this_process(client) -> bool:
+    pids = client.run(os.getpid)
+    return bool(pids) and all(p == os.getpid() for p in pids.values())
+
+
+@contextlib.contextmanager
+def client_for(client, store: Store | None = None):
+    """The client to build on: ``client``, else the default client, else a
+    LocalCluster of worker processes for the duration of the build.
+
+    A zarr MemoryStore lives in this process, so its build needs workers
+    in this process: the caller's client if its workers are, else (no
+    client given) a threads-only cluster here, made for the build."""
+    in_memory = store is not None and handles.is_memory_url(store.url)
+    from distributed import Client, LocalCluster
+    if client is not None:
+        if in_memory and not workers_in_this_process(client):
+            raise PlanError(
+                "an in-memory store (zarr MemoryStore) cannot be read by worker processes: "
+                "pass a client whose workers run in this process "
+                "(LocalCluster(processes=False)), or no client, or write the store to a path "
+                "or URL")
+        yield client
+        return
+    from distributed import get_client
+    try:
+        default = get_client()
+    except ValueError:  # no default client
+        default = None
+    # Decided before yielding: the caller's errors must not be caught here.
+    if default is not None and (not in_memory or workers_in_this_process(default)):
+        yield default
+        return
+    if in_memory:
+        cluster = LocalCluster(n_workers=1, threads_per_worker=2, processes=False,
+                               dashboard_address=":0", silence_logs=40)
+    else:
+        cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                               dashboard_address=":0", silence_logs=40)
+    c = Client(cluster, set_as_default=False)
+    try:
+        yield c
+    finally:
+        c.close()
+        cluster.close()

@@ -1,0 +1,197 @@
+"""Stage 5: the ``+1`` link cells (and ``-1`` mirrors) and the per-fragment
+metavertex sequences for the manifests."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ..format import codecs as cdc
+from ..format import naming as nm
+from ..storage.store import Store
+from .cells import ShardRoute, put_cells, route_to
+from .exchange import send_exchange
+from .spec import StepSpec, _pair_key, chunk_coords
+
+__all__ = ["row_ids", "LinkCells", "partition_links", "write_link_cells", "links_and_sequences",
+           "answer_for"]
+
+
+# ------------------------------------------------------------- stage 5
+def row_ids(rows: np.ndarray) -> np.ndarray:
+    """One int64 per row of small int coordinates, equal iff the rows are
+    equal: 1-D keys sort and group far faster than ``unique(axis=0)``."""
+    rows = np.asarray(rows, dtype=np.int64)
+    if rows.shape[0] == 0:
+        return np.empty(0, dtype=np.int64)
+    return _linear_key([rows[:, j] for j in range(rows.shape[1])])
+
+
+def _linear_key(columns: list[np.ndarray]) -> np.ndarray:
+    """Mixed-radix number of each row of int columns (row-major over their
+    bounding box); falls back to ranks when the box exceeds int64."""
+    lows = [int(c.min()) for c in columns]
+    spans = [int(c.max()) - lo + 1 for c, lo in zip(columns, lows)]
+    if float(np.prod(np.asarray(spans, dtype=np.float64))) >= 2.0 ** 62:
+        stacked = np.stack(columns, axis=1)
+        return np.unique(stacked, axis=0, return_inverse=True)[1].reshape(-1).astype(np.int64)
+    key = columns[0] - lows[0]
+    for c, lo, span in zip(columns[1:], lows[1:], spans[1:]):
+        key = key * span + (c - lo)
+    return np.asarray(key, dtype=np.int64)
+
+
+def _anchor(chunks: np.ndarray, scale_own, scale_other) -> np.ndarray:
+    """Chunk of the other level's grid a chunk's links are anchored at:
+    ``floor(c * r_own / r_other)`` per axis (a multiply when it divides)."""
+    out = np.empty_like(chunks)
+    for j, (ro, rt) in enumerate(zip(scale_own, scale_other)):
+        ro, rt = int(ro), int(rt)
+        out[:, j] = chunks[:, j] * (ro // rt) if ro % rt == 0 else (chunks[:, j] * ro) // rt
+    return out
+
+
+@dataclass
+class LinkCells:
+    """Link records of one family grouped into cells: cell ``i`` holds
+    ``rows[bounds[i]:bounds[i + 1]]`` ([own vertex, other vertex]) and is
+    keyed by its own ``chunk[i]`` and the other end's chunk minus that
+    chunk's anchor, ``offset[i]`` (which names the segment array)."""
+    rows: np.ndarray
+    bounds: np.ndarray
+    chunk: np.ndarray
+    offset: np.ndarray
+
+    def mirrored(self, scale_own, scale_other) -> "LinkCells":
+        """The same cells seen from the other end (the ``-delta`` family of a
+        ``+delta`` one).  A cell's records share both chunks, so each cell
+        maps to exactly one mirror cell; its rows keep their order (by own
+        vertex), which is the reference's order for the mirror too."""
+        other = _anchor(self.chunk, scale_own, scale_other) + self.offset
+        back = self.chunk - _anchor(other, scale_other, scale_own)
+        return LinkCells(np.ascontiguousarray(self.rows[:, ::-1]), self.bounds, other, back)
+
+
+def partition_links(src_chunks, src_vi, trg_chunks, trg_vi, scale_src, scale_trg) -> LinkCells:
+    """Group link records into cells: by (source chunk, target chunk's
+    offset from the source's anchor), input order kept inside a cell (the
+    reference's layout)."""
+    src_chunks = np.asarray(src_chunks, dtype=np.int64)
+    n = src_chunks.shape[0]
+    d = src_chunks.shape[1] if src_chunks.ndim == 2 else 0
+    if n == 0:
+        return LinkCells(np.empty((0, 2), np.int64), np.zeros(1, np.int64),
+                         np.empty((0, d), np.int64), np.empty((0, d), np.int64))
+    offsets = np.asarray(trg_chunks, dtype=np.int64) - _anchor(src_chunks, scale_src, scale_trg)
+    gid = _linear_key([src_chunks[:, j] for j in range(d)] + [offsets[:, j] for j in range(d)])
+    rows = np.stack([np.asarray(src_vi, dtype=np.int64), np.asarray(trg_vi, dtype=np.int64)],
+                    axis=1)
+    # Records usually arrive grouped already: then skip the sort.
+    if not np.all(gid[1:] >= gid[:-1]):
+        order = np.argsort(gid, kind="stable")
+        gid, rows, src_chunks, offsets = gid[order], rows[order], src_chunks[order], offsets[order]
+    starts = np.flatnonzero(np.r_[True, gid[1:] != gid[:-1]])
+    return LinkCells(rows, np.r_[starts, n], src_chunks[starts], offsets[starts])
+
+
+def write_link_cells(store: Store, level: int, delta: int, origin, links: LinkCells, *,
+                     route: ShardRoute | None = None, sender: str = "") -> dict:
+    """Write link cells; returns ``{offset string: [(chunk, n_records)]}``.
+    ``sender`` names the calling task (unique per call) when ``route``
+    sends the cells on to their shards."""
+    from zarr_vectors.spatial.boundary import format_offsets
+    fam = nm.links_family_path(level, delta)
+    bounds = links.bounds.tolist()
+    payloads = cdc.framed_link_cells(links.rows, bounds[:-1], bounds[1:])
+    segs: dict[tuple, str] = {}
+    cells, written = {}, {}
+    for chunk, off, a, b, payload in zip(map(tuple, links.chunk.tolist()),
+                                         map(tuple, links.offset.tolist()),
+                                         bounds[:-1], bounds[1:], payloads):
+        seg = segs.get(off)
+        if seg is None:
+            seg = segs[off] = format_offsets((off,))
+        cells[(f"{fam}/{seg}", chunk)] = payload
+        written.setdefault(seg, []).append((chunk, b - a))
+    # The family is published at commit.
+    put_cells(store, cells, origin=origin, route=route, sender=sender)
+    return written
+
+
+def links_and_sequences(spec: StepSpec, block: int, partials: dict,
+                        *answers: dict | None) -> dict:
+    """Per source block, once every key has its metavertex:
+
+    * ``+1`` link records (fine vertex -> parent metavertex) written as cells,
+      and (explicit) their ``-1`` mirror cells at the coarse level: a
+      ``-1`` cell's records all come from one fine chunk, so the block
+      owning that chunk holds all of them;
+    * per named fragment, its metavertex sequence (consecutive repeats
+      dropped) routed to the manifest buckets that name it.
+    """
+    state = partials["state"]
+    ref_parts = state["ref_parts"]
+    n_u = state["partition"].shape[0]
+    loc_chunk = np.zeros((n_u, spec.ndim), dtype=np.int64)
+    loc_frag = np.full(n_u, -1, dtype=np.int64)
+    by_part: dict[int, np.ndarray] = {}
+    for p in np.unique(state["partition"]).tolist():
+        by_part[p] = np.flatnonzero(state["partition"] == p)
+    for ans in answers:
+        if ans is None:
+            continue
+        p = ans["partition"]
+        idx = by_part[p]
+        slots = state["slot"][idx]
+        loc_chunk[idx] = ans["chunk"][slots]
+        loc_frag[idx] = ans["frag"][slots]
+    inverse = state["inverse"]
+    par_chunk, par_frag = loc_chunk[inverse], loc_frag[inverse]
+    result: dict[str, Any] = {"plus": {}, "minus": {}, "sequences": []}
+    # Instance order within a chunk is the reference's "flat" vertex order.
+    sizes = state["chunk_instances"]
+    inst_chunk = np.repeat(state["chunk_ids"], sizes)
+    inst_local = np.arange(inst_chunk.size, dtype=np.int64) - np.repeat(np.cumsum(sizes) - sizes,
+                                                                        sizes)
+    if spec.links != "none":
+        ok = par_frag >= 0
+        fine_cc = chunk_coords(spec, inst_chunk[ok])
+        links = partition_links(fine_cc, inst_local[ok], par_chunk[ok], par_frag[ok],
+                                 spec.scale_source, spec.scale_target)
+        result["plus"] = write_link_cells(
+            spec.store, spec.source_level, +1, spec.source_origin, links,
+            route=route_to(spec.shard_routes, spec.source_level), sender=f"l{block}+")
+        if spec.links == "explicit":
+            result["minus"] = write_link_cells(
+                spec.store, spec.target_level, -1, spec.target_origin,
+                links.mirrored(spec.scale_source, spec.scale_target),
+                route=route_to(spec.shard_routes, spec.target_level), sender=f"l{block}-")
+    if spec.has_objects and ref_parts:
+        # Instances are grouped by fragment, chunks and fragments ascending,
+        # so the pair keys of the flat order are sorted.
+        inst_key = _pair_key(inst_chunk, state["inst_frag"])
+        # A fragment's metavertex sequence drops consecutive repeats.
+        same = np.zeros(inst_key.size, dtype=bool)
+        same[1:] = (inst_key[1:] == inst_key[:-1]) & (par_frag[1:] == par_frag[:-1]) & \
+            np.all(par_chunk[1:] == par_chunk[:-1], axis=1)
+        kept_pos = np.flatnonzero(~same)
+        kept_key = inst_key[kept_pos]
+        sequences = {}
+        for bucket, part in ref_parts:
+            want = _pair_key(part["chunk"], part["frag"])
+            lo = np.searchsorted(kept_key, want, side="left")
+            n = np.searchsorted(kept_key, want, side="right") - lo  # 0: missing or empty
+            idx = kept_pos[cdc.expand_ranges(lo, n)]
+            sequences[bucket] = {
+                "chunk": part["chunk"], "frag": part["frag"], "ptr": np.r_[0, np.cumsum(n)],
+                "seq_chunk": par_chunk[idx], "seq_frag": par_frag[idx]}
+        send_exchange(spec.store, sequences, spec.target_level, "sequences", block)
+        result["sequences"] = sorted(sequences)
+    return result
+
+
+def answer_for(resolved: dict, block: int, partition: int) -> dict | None:
+    ans = resolved.get(block)
+    return None if ans is None else {"partition": partition, **ans}

@@ -1,0 +1,84 @@
+"""Stages 7-8: the coarse level's object manifests and object attributes."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+
+from ..format import cells as fcells
+from ..format import codecs as cdc
+from ..format import naming as nm
+from .exchange import read_exchange, received
+from .spec import StepSpec, _lookup, _pair_key
+
+__all__ = ["write_manifests", "write_attributes"]
+
+
+# ------------------------------------------------------------- stage 7
+def write_manifests(spec: StepSpec, bucket: int, refs: dict, target_rows: tuple[int, int],
+                    _sequences_done=None) -> int:
+    """Assemble and write one bucket of the coarse level's object_index
+    manifests; returns how many rows are non-empty."""
+    parts = [p for _, p in received(spec, "sequences", bucket)]
+    # Every named fragment's metavertex sequence, as a slice of seq_*.
+    seq_c = np.concatenate([p["seq_chunk"] for p in parts]) if parts else \
+        np.empty((0, spec.ndim), np.int64)
+    seq_f = np.concatenate([p["seq_frag"] for p in parts]) if parts else np.empty(0, np.int64)
+    base = np.cumsum([0] + [int(p["ptr"][-1]) for p in parts])
+    frag_key = np.concatenate([_pair_key(p["chunk"], p["frag"]) for p in parts]) if parts else \
+        np.empty(0, np.int64)
+    frag_start = np.concatenate([p["ptr"][:-1] + base[i] for i, p in enumerate(parts)]) if parts \
+        else np.empty(0, np.int64)
+    frag_len = np.concatenate([np.diff(p["ptr"]) for p in parts]) if parts else np.empty(0, np.int64)
+    order = np.argsort(frag_key, kind="stable")
+    frag_key, frag_start, frag_len = frag_key[order], frag_start[order], frag_len[order]
+    # Each kept object's references, in manifest order, expanded to the
+    # metavertex sequences of their fragments (missing fragments: none).
+    kept, counts = refs["kept"], refs["counts"]
+    ref_key = _pair_key(refs["ref_chunk"], refs["ref_frag"])
+    n_ref = _lookup(frag_key, frag_len, ref_key)
+    start = _lookup(frag_key, frag_start, ref_key)
+    entry = cdc.expand_ranges(start, n_ref)
+    owner = np.repeat(np.repeat(np.arange(counts.size), counts), n_ref)
+    ec, ef = seq_c[entry], seq_f[entry]
+    # Metavertices shared by consecutive fragments appear once.
+    keep = np.ones(entry.size, dtype=bool)
+    keep[1:] = (owner[1:] != owner[:-1]) | (ef[1:] != ef[:-1]) | np.any(ec[1:] != ec[:-1], axis=1)
+    row_counts = np.zeros(kept.size, dtype=np.int64)
+    row_counts[np.flatnonzero(kept)] = np.bincount(owner[keep], minlength=counts.size)
+    blobs = cdc.encode_manifest_table(cdc.ManifestTable(row_counts, ec[keep], ef[keep]), spec.ndim)
+    import zarr
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        arr = zarr.open_array(spec.store.zarr_store(),
+                              path=f"{spec.target_level}/{nm.OBJECT_INDEX}/manifests", mode="r+")
+        obj = np.empty(len(blobs), dtype=object)
+        obj[:] = blobs
+        arr[target_rows[0]:target_rows[1]] = obj
+    return int(np.count_nonzero(row_counts))
+
+
+# ------------------------------------------------------------- stage 8
+def write_attributes(spec: StepSpec, name: str, bucket: int, _objects_done=None) -> None:
+    """Copy the kept rows of one object-attribute bucket; the rest become
+    the column's fill value (absent)."""
+    import zarr
+    (mine,) = read_exchange(spec.store, [nm.exchange_key(spec.target_level, "keep", bucket, 0)])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        zs = spec.store.zarr_store()
+        src = zarr.open_array(zs, path=f"{spec.source_level}/{nm.OBJECT_ATTRIBUTES}/{name}",
+                              mode="r")
+        dst = zarr.open_array(zs, path=f"{spec.target_level}/{nm.OBJECT_ATTRIBUTES}/{name}",
+                              mode="r+")
+        lo = bucket * nm.ATTRIBUTE_BUCKET
+        hi = min(lo + nm.ATTRIBUTE_BUCKET, src.shape[0])
+        path = f"{spec.source_level}/{nm.OBJECT_ATTRIBUTES}/{name}"
+        data = np.asarray(fcells.read_rows_checked(spec.store, src, path, lo, hi)) if hi > lo \
+            else np.empty((0, *src.shape[1:]), src.dtype)
+        out = np.zeros_like(data)
+        k = mine["kept"][: data.shape[0]]
+        out[k] = data[k]
+        out[~k] = dst.fill_value
+        dst[lo:hi] = out

@@ -1,0 +1,136 @@
+"""Stage 0: the object table (survivors of sparsity, the coarse id table,
+each bucket's rows) and the fragments each bucket's kept objects name."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+
+from ..errors import FormatError
+from ..format import cells as fcells
+from ..format import codecs as cdc
+from ..format import documents as fdoc
+from ..format import naming as nm
+from ..planning.sparsity import kept_rows, needs_context
+from ..storage.store import Store
+from .exchange import read_exchange, send_exchange
+from .spec import StepSpec, _pair_key, _split_by, block_of, chunk_numbers
+
+__all__ = ["read_object_ids", "object_table", "object_refs"]
+
+
+def read_object_ids(store: Store, level: int, n_rows: int) -> np.ndarray:
+    """A level's object id table.  Only an index written without one (the
+    format's first layout, where rows are ids) falls back to ``0..n-1``; a
+    table that exists but cannot be read is an error, never a fallback."""
+    import zarr
+    path = f"{level}/{nm.OBJECT_INDEX}/object_ids"
+    if fdoc.read_json(store, f"{path}/zarr.json") is None:
+        return np.arange(n_rows, dtype=np.int64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        arr = zarr.open_array(store.zarr_store(), path=path, mode="r")
+        if tuple(arr.shape) != (n_rows,):
+            raise FormatError(f"{store.describe(path)}: {tuple(arr.shape)} ids for "
+                                  f"{n_rows} manifest rows")
+        return np.asarray(fcells.read_rows_checked(store, arr, path, 0, n_rows), dtype=np.int64)
+
+
+def object_table(spec: StepSpec, n_rows: int, sparsity: tuple, attribute_names: list[str],
+                 *_context_done) -> int:
+    """The one task that sees every object row: reads the id table, picks
+    the survivors of sparsity, writes the coarse level's id table and array
+    documents, and hands each manifest bucket its source rows and kept
+    flags (and each attribute bucket its kept flags) as exchange files.
+
+    ``sparsity`` is ``(factor, strategy, seed, source_bin, select)``; a
+    strategy that needs per-object context reads it from the ``context``
+    exchange files the ``object_context`` tasks wrote (source row order).
+    Returns the number of kept objects."""
+    import zarr
+    ids = read_object_ids(spec.store, spec.source_level, n_rows)
+    factor, strategy, seed, source_bin, select = sparsity
+    lengths = points = None
+    if needs_context(sparsity, n_rows):
+        n_buckets = -(-n_rows // nm.MANIFEST_BUCKET)
+        parts = read_exchange(spec.store, [nm.exchange_key(spec.target_level, "context", k, 0)
+                                           for k in range(n_buckets)])
+        lengths = np.concatenate([p["lengths"] for p in parts])
+        if all("points" in p for p in parts):
+            points = np.concatenate([p["points"] for p in parts])
+    keep = kept_rows(n_rows, factor, strategy, seed, source_bin, lengths=lengths, points=points,
+                     select=select)
+    # Coarse rows are in id order: row r comes from source row perm[r].
+    perm = np.argsort(ids, kind="stable")
+    t = spec.target_level
+    docs = {f"{t}/{nm.OBJECT_INDEX}/manifests/zarr.json": fdoc.manifests_doc(n_rows),
+            f"{t}/{nm.OBJECT_INDEX}/object_ids/zarr.json":
+                fdoc.dense_array_doc((n_rows,), (n_rows,), np.int64)}
+    from zarr_vectors.core.arrays import _default_fill_value_for_dtype
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        zs = spec.store.zarr_store()
+        for name in attribute_names:
+            sarr = zarr.open_array(zs, path=f"{spec.source_level}/{nm.OBJECT_ATTRIBUTES}/{name}",
+                                   mode="r")
+            dtype, shape = np.dtype(sarr.dtype), tuple(sarr.shape)
+            docs[f"{t}/{nm.OBJECT_ATTRIBUTES}/{name}/zarr.json"] = fdoc.dense_array_doc(
+                shape, (nm.ATTRIBUTE_BUCKET, *shape[1:]), dtype,
+                fill_value=_default_fill_value_for_dtype(dtype),
+                attributes={"zv_array": "object_attribute", "name": name, "dtype": str(dtype),
+                            "shape": list(shape), "fill_sentinel_meaning": "absent"})
+        spec.store.put_many(docs)
+        zarr.open_array(zs, path=f"{t}/{nm.OBJECT_INDEX}/object_ids", mode="r+")[:] = ids[perm]
+    for k, a in enumerate(range(0, n_rows, nm.MANIFEST_BUCKET)):
+        rows = perm[a:a + nm.MANIFEST_BUCKET]
+        send_exchange(spec.store, {k: {"src_rows": rows, "kept": keep[rows]}}, t, "objects", 0)
+    if attribute_names:
+        for j, a in enumerate(range(0, n_rows, nm.ATTRIBUTE_BUCKET)):
+            send_exchange(spec.store, {j: {"kept": keep[a:a + nm.ATTRIBUTE_BUCKET]}}, t,
+                          "keep", 0)
+    return int(keep.sum())
+
+
+def object_refs(spec: StepSpec, bucket: int, _objects_done=None) -> dict:
+    """Decode one bucket of source manifests.
+
+    The bucket's rows (coarse rows, in id order) come from the source rows
+    ``object_table`` sent it, with their kept flags.  Returns the kept rows'
+    fragment references (for manifest assembly) and sends, per source
+    block, how many times each fragment is named (its weight in the
+    centroids).
+    """
+    import zarr
+    (mine,) = read_exchange(spec.store, [nm.exchange_key(spec.target_level, "objects",
+                                                               bucket, 0)])
+    src_rows, kept = mine["src_rows"], mine["kept"]
+    wanted = src_rows[kept]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        arr = zarr.open_array(spec.store.zarr_store(), path=spec.manifests_path, mode="r")
+        blobs = [b""] * wanted.size
+        # Chunk by chunk (rows of unsorted ids can be anywhere), each read
+        # through the checked reader so a damaged chunk is named.
+        step = int(arr.chunks[0]) or 1
+        which = wanted // step
+        for c in np.unique(which).tolist():
+            lo, hi = c * step, min((c + 1) * step, int(arr.shape[0]))
+            rows = fcells.read_rows_checked(spec.store, arr, spec.manifests_path, lo, hi)
+            for i in np.flatnonzero(which == c).tolist():
+                blobs[i] = bytes(rows[int(wanted[i]) - lo])
+    table = cdc.decode_manifest_table(blobs, spec.ndim)
+    counts, ref_frag = table.counts, table.frags
+    # References to chunks outside the grid are skipped, as the reference
+    # skips missing fragments (absent chunks inside it simply have none).
+    ref_chunk = chunk_numbers(spec, table.coords)
+    ok = ref_chunk >= 0
+    by_block: dict[int, dict[str, np.ndarray]] = {}
+    if ok.any():
+        uniq, mult = np.unique(_pair_key(ref_chunk[ok], ref_frag[ok]), return_counts=True)
+        chunk, frag = uniq >> 32, uniq & 0xFFFFFFFF
+        by_block = _split_by(block_of(spec, chunk), chunk=chunk, frag=frag,
+                             mult=mult.astype(np.int64))
+    # Each block's share goes to an exchange file, not a task per pair.
+    send_exchange(spec.store, by_block, spec.target_level, "refs", bucket)
+    return {"kept": kept, "counts": counts, "ref_chunk": ref_chunk, "ref_frag": ref_frag}

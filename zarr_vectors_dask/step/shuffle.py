@@ -1,0 +1,170 @@
+"""Stages 1-2: bin partials per source block, and the shuffle that routes
+them by bin key to a partition and reduces them into metavertices."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..errors import FormatError
+from ..format import naming as nm
+from . import attributes as va
+from .exchange import received
+from .links import row_ids
+from .spec import (StepSpec, _lookup, _pair_key, _partition_of, _read_attribute_cells,
+                   _read_source_chunks, _split_by, _target_block)
+
+__all__ = ["bin_partials", "reduce_metavertices"]
+
+
+# ------------------------------------------------------------- stage 1
+def bin_partials(spec: StepSpec, block: int, numbers: np.ndarray, partitions: list[int],
+                 _refs_done=None) -> dict:
+    """Bin every vertex of a block of source chunks.
+
+    Each fragment instance's vertices get its bin key; a fragment's weight
+    is the number of kept objects naming it (1 for an implicit object).
+    Sends, per partition, the block's distinct keys with float64 partial
+    sums and counts — weight-0 keys too, so their vertices can still find
+    a parent — and keeps the per-vertex key index for later stages.
+    ``partitions`` are the partitions the plan routes this block to (from
+    geometry alone); a key outside them is an error.
+    """
+    bin_arr = np.asarray(spec.bin_shape, dtype=np.float64)
+    # Weight of each named fragment: summed over the buckets naming it.
+    ref_parts = received(spec, "refs", block) if spec.has_objects else []
+    parts = [p for _, p in ref_parts]
+    if parts:
+        mkeys, inv = np.unique(np.concatenate([_pair_key(p["chunk"], p["frag"]) for p in parts]),
+                               return_inverse=True)
+        mvals = np.bincount(inv.reshape(-1), weights=np.concatenate([p["mult"] for p in parts]),
+                            minlength=mkeys.size).astype(np.int64)
+    else:
+        mkeys = mvals = np.empty(0, dtype=np.int64)
+    # Per chunk only the decode and the gather; the rest is one numpy call
+    # per block (a fine grid has tens of thousands of small chunks).
+    cids, n_inst, frag_lengths, all_pos = [], [], [], []
+    attr_cells = _read_attribute_cells(spec, numbers)
+    all_vals: list[list[np.ndarray]] = [[] for _ in spec.vertex_attributes]
+    for cid, cc, rows, members, lengths in _read_source_chunks(spec, numbers):
+        for i, attr in enumerate(spec.vertex_attributes):
+            what = f"{spec.store.describe(attr.source.path)} chunk {nm.chunk_key(cc)}"
+            all_vals[i].append(va.decode_cell(attr, attr_cells[i][cc], rows.shape[0],
+                                              what=what)[members])
+        cids.append(cid)
+        n_inst.append(int(members.size))
+        frag_lengths.append(lengths)
+        all_pos.append(rows[members])
+    cids_a = np.asarray(cids, dtype=np.int64)
+    n_frags = np.fromiter((f.size for f in frag_lengths), dtype=np.int64, count=len(cids))
+    lengths = np.concatenate(frag_lengths) if cids else np.empty(0, np.int64)
+    # Each fragment's chunk and index in it; each instance's fragment.
+    frag_chunk = np.repeat(cids_a, n_frags)
+    frag_local = np.arange(lengths.size, dtype=np.int64) - np.repeat(np.cumsum(n_frags) - n_frags,
+                                                                     n_frags)
+    inst_global = np.repeat(np.arange(lengths.size, dtype=np.int64), lengths)
+    w_frag = _lookup(mkeys, mvals, _pair_key(frag_chunk, frag_local)) if spec.has_objects \
+        else np.ones(lengths.size, dtype=np.int64)
+    w = w_frag[inst_global]
+    inst_frag = frag_local[inst_global]
+    if all_pos:
+        pos = np.concatenate(all_pos).astype(np.float32, copy=False)
+    else:
+        pos = np.empty((0, spec.ndim), dtype=np.float32)
+    keys = np.floor(pos / bin_arr).astype(np.int64)
+    if keys.shape[0]:
+        # Any order of the distinct keys will do here (write_metavertices
+        # sorts them by bytes); one int64 per key sorts far faster than rows.
+        _, first, inverse = np.unique(row_ids(keys), return_index=True, return_inverse=True)
+        inverse = inverse.reshape(-1)
+        ukeys = keys[first]
+    else:
+        ukeys = np.empty((0, spec.ndim), dtype=np.int64)
+        inverse = np.empty(0, dtype=np.int64)
+    n_u = ukeys.shape[0]
+    sums = np.empty((n_u, spec.ndim), dtype=np.float64)
+    wf = w.astype(np.float64)
+    for a in range(spec.ndim):
+        sums[:, a] = np.bincount(inverse, weights=pos[:, a].astype(np.float64) * wf, minlength=n_u)
+    counts = np.bincount(inverse, weights=w, minlength=n_u).astype(np.int64)
+    part = _partition_of(spec, ukeys)
+    stray = ~np.isin(part, np.asarray(partitions, dtype=np.int64))
+    if stray.any():
+        bad = int(np.flatnonzero(stray)[0])
+        raise FormatError(
+            f"{spec.store.describe(spec.vertices.path)}: block {block} has a vertex in bin "
+            f"{ukeys[bad].tolist()}, outside the chunks it is stored in (more than one target "
+            f"chunk away); the level's chunk assignment is inconsistent")
+    # Position of each unique key inside the part sent to its partition.
+    order = np.argsort(part, kind="stable")
+    slot = np.empty(n_u, dtype=np.int64)
+    if n_u:
+        sp = part[order]
+        starts = np.r_[0, np.flatnonzero(np.diff(sp)) + 1]
+        first = np.repeat(starts, np.diff(np.r_[starts, n_u]))
+        slot[order] = np.arange(n_u) - first
+    columns = {"keys": ukeys, "sums": sums, "counts": counts}
+    pair_parts: list[tuple[int, dict]] = []
+    for i, attr in enumerate(spec.vertex_attributes):
+        what = spec.store.describe(attr.source.path)
+        vals = va.concat_rows(attr, all_vals[i], what=what).astype(np.dtype(attr.dtype),
+                                                                   copy=False)
+        per_key, pairs = va.partials(attr, vals, w, inverse, n_u)
+        columns.update({f"va{i}:{k}": v for k, v in per_key.items()})
+        if pairs:
+            # Histogram entries go to their key's partition, naming the
+            # key by its slot in the part sent there.
+            pk = pairs.pop("pk")
+            pair_parts.append((i, _split_by(part[pk], pk=slot[pk], **pairs)))
+    exchange = _split_by(part, **columns)
+    for i, routed in pair_parts:
+        for p, cols in routed.items():
+            exchange[p].update({f"va{i}:{k}": v for k, v in cols.items()})
+    # Instances in the reference's flat order: chunk by chunk, each chunk's
+    # fragments in order; per chunk its id and instance count.
+    state = {"chunk_ids": cids_a, "chunk_instances": np.asarray(n_inst, dtype=np.int64),
+             "inst_frag": inst_frag, "inverse": inverse, "partition": part, "slot": slot,
+             "ref_parts": ref_parts}
+    return {"exchange": exchange, "state": state}
+
+
+# ------------------------------------------------------------- stage 2
+def reduce_metavertices(spec: StepSpec, partition: int, sources: list[int], *parts: dict) -> dict:
+    """Sum the partials of one partition into metavertices (centroid, count)
+    and route each to the target block of the chunk its centroid falls in."""
+    # Planned routes are a superset of the real ones: drop empty senders.
+    sources = [s_ for s_, p in zip(sources, parts) if p is not None]
+    parts = tuple(p for p in parts if p is not None)
+    keys = np.concatenate([p["keys"] for p in parts]) if parts else np.empty((0, spec.ndim), np.int64)
+    sums = np.concatenate([p["sums"] for p in parts]) if parts else np.empty((0, spec.ndim))
+    counts = np.concatenate([p["counts"] for p in parts]) if parts else np.empty(0, np.int64)
+    if keys.shape[0]:
+        # Metavertex ids are internal to the partition: any key order works.
+        _, first, inv = np.unique(row_ids(keys), return_index=True, return_inverse=True)
+        inv = inv.reshape(-1)
+        ukeys = keys[first]
+    else:
+        ukeys, inv = keys, np.empty(0, np.int64)
+    n_u = ukeys.shape[0]
+    total = np.bincount(inv, weights=counts, minlength=n_u).astype(np.int64)
+    centroid = np.empty((n_u, spec.ndim), dtype=np.float32)
+    for a in range(spec.ndim):
+        centroid[:, a] = np.bincount(inv, weights=sums[:, a], minlength=n_u) / np.maximum(total, 1)
+    exists = np.flatnonzero(total > 0)
+    chunks = np.floor(centroid[exists] / np.asarray(spec.chunk_shape, dtype=np.float64)).astype(np.int64)
+    tb = _target_block(spec, chunks)
+    offsets = np.cumsum([0] + [p["keys"].shape[0] for p in parts])
+    attrs = {}
+    for i, attr in enumerate(spec.vertex_attributes):
+        pre = f"va{i}:"
+        per_key = [{k[len(pre):]: v for k, v in p.items() if k.startswith(pre) and
+                    not k.startswith(pre + "p")} for p in parts]
+        pairs = [{k[len(pre):]: v for k, v in p.items() if k.startswith(pre + "p")}
+                 for p in parts]
+        rows = [np.arange(offsets[j], offsets[j + 1]) for j in range(len(parts))]
+        vals = va.reduce(attr, per_key, pairs, rows, inv, n_u, total,
+                         what=f"{spec.store.describe(attr.source.path)} (partition {partition})")
+        attrs[f"va{i}"] = vals[exists]
+    out = _split_by(tb, mv=exists, chunk=chunks, key=ukeys[exists], centroid=centroid[exists],
+                    **attrs)
+    return {"to_target": out, "inverse": inv, "n_unique": n_u,
+            "source_slices": {s: (int(offsets[i]), int(offsets[i + 1])) for i, s in enumerate(sources)}}

@@ -1,0 +1,1 @@
+"""Store access (fsspec, with retries), open handles, the build lock."""
