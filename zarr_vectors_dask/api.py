@@ -63,9 +63,9 @@ def _plan_pyramid(st: Store, *, factors, chunk_scale_factors, sparsity_strategy,
                   cross_level_depth, cross_level_storage, n_workers,
                   max_block_vertices, shard_shape=None) -> PyramidPlan:
     plan = make_plan(st, factors=factors, chunk_scale_factors=chunk_scale_factors,
-                      cross_level_depth=cross_level_depth, cross_level_storage=cross_level_storage,
-                      sparsity_strategy=sparsity_strategy, n_workers=n_workers,
-                      max_block_vertices=max_block_vertices, shard_shape=shard_shape)
+                     cross_level_depth=cross_level_depth, cross_level_storage=cross_level_storage,
+                     sparsity_strategy=sparsity_strategy, n_workers=n_workers,
+                     max_block_vertices=max_block_vertices, shard_shape=shard_shape)
     # The first step's source exists: build its real graph (not run) and
     # report its task counts and blocks.
     first = plan.levels[0]
@@ -148,101 +148,119 @@ def _build_pyramid(st: Store, *, factors, chunk_scale_factors, sparsity_strategy
                    cross_level_depth, cross_level_storage, client, resume, overwrite, progress,
                    max_block_vertices, vertex_attributes, attribute_aggregation,
                    shard_shape, _reports) -> dict:
+    request = dict(sparsity_strategy=sparsity_strategy, sparsity_seed=sparsity_seed,
+                   cross_level_depth=cross_level_depth, cross_level_storage=cross_level_storage,
+                   max_block_vertices=max_block_vertices, vertex_attributes=vertex_attributes,
+                   attribute_aggregation=attribute_aggregation)
+    planned = dict(factors=factors, chunk_scale_factors=chunk_scale_factors,
+                   cross_level_depth=cross_level_depth, cross_level_storage=cross_level_storage,
+                   sparsity_strategy=sparsity_strategy, max_block_vertices=max_block_vertices)
     # Validate the whole request before touching anything.
-    plan = make_plan(st, factors=factors, chunk_scale_factors=chunk_scale_factors,
-                      cross_level_depth=cross_level_depth, cross_level_storage=cross_level_storage,
-                      sparsity_strategy=sparsity_strategy, n_workers=2,
-                      max_block_vertices=max_block_vertices, shard_shape=shard_shape)
+    plan = make_plan(st, n_workers=2, shard_shape=shard_shape, **planned)
     shard_shape = plan.levels[0].shard_shape  # normalised: one int per axis
     va.resolve(st, plan.levels[0].source_level, vertex_attributes, attribute_aggregation)
-    # Only an opt-in changes the records, so builds without it resume as before.
-    va_record = {} if vertex_attributes is None else {
-        "vertex_attributes": vertex_attributes,
-        "attribute_aggregation": dict(sorted((attribute_aggregation or {}).items()))}
-    if shard_shape is not None:
-        va_record["shard_shape"] = list(shard_shape)
     with client_for(client, st) as c:
         n_workers = count_workers(c)
-        plan = make_plan(st, factors=factors, chunk_scale_factors=chunk_scale_factors,
-                          cross_level_depth=cross_level_depth,
-                          cross_level_storage=cross_level_storage,
-                          sparsity_strategy=sparsity_strategy, n_workers=n_workers,
-                          max_block_vertices=max_block_vertices, shard_shape=shard_shape)
-        records = [{**level_record(lv, sparsity_strategy=sparsity_strategy,
-                              sparsity_seed=sparsity_seed,
-                              cross_level_storage=cross_level_storage), **va_record}
-                   for lv in plan.levels]
+        plan = make_plan(st, n_workers=n_workers, shard_shape=shard_shape, **planned)
+        records, build_record = _records(plan, request, shard_shape)
         quiet_expected_task_errors(c)
         with build_lock(st, resume=resume) as lock:
             if resume:
                 wait_for_orphans(c, st)
-            targets = prepare_targets(
-                st, plan, resume=resume, overwrite=overwrite, records=records,
-                build_record={**build_record_for(plan, sparsity_strategy=sparsity_strategy,
-                                              sparsity_seed=sparsity_seed,
-                                              cross_level_depth=cross_level_depth,
-                                              cross_level_storage=cross_level_storage),
-                              **va_record},
-                sparsity_strategy=sparsity_strategy, sparsity_seed=sparsity_seed,
-                cross_level_depth=cross_level_depth, cross_level_storage=cross_level_storage,
-                max_block_vertices=max_block_vertices, vertex_attributes=vertex_attributes,
-                attribute_aggregation=attribute_aggregation)
-            kept = targets.keep
-            summaries, reports = [], []
+            targets = prepare_targets(st, plan, resume=resume, overwrite=overwrite,
+                                      records=records, build_record=build_record, **request)
             root_meta = read_root_meta(st)
-            for lv, rec in zip(plan.levels, records):
-                if lv.target_level in kept:
-                    summaries.append(targets.summaries.get(lv.target_level, {}))
-                    continue
-                lock.check()
-                # Later levels' shapes depend on what the earlier ones
-                # really produced: re-plan from the published source.
-                lv = make_plan(st, factors=[(lv.coarsen_factor, lv.sparsity_factor)],
-                                chunk_scale_factors=[lv.chunk_scale],
-                                cross_level_depth=cross_level_depth,
-                                cross_level_storage=cross_level_storage,
-                                sparsity_strategy=sparsity_strategy, n_workers=n_workers,
-                                start_level=lv.source_level,
-                                max_block_vertices=max_block_vertices,
-                                shard_shape=shard_shape).levels[0]
-                st.put(f"{RECORD_DIR}/{lv.target_level}.json", json.dumps(rec).encode())
-                rep = run_step(c, st, lv, root_meta=root_meta,
-                                  sparsity_strategy=sparsity_strategy,
-                                  sparsity_seed=sparsity_seed, progress=progress,
-                                  vertex_attributes=vertex_attributes,
-                                  attribute_aggregation=attribute_aggregation)
-                reports.append(rep)
-                summaries.append(rep.summary)
-                st.put(f"{RECORD_DIR}/{lv.target_level}.json.summary",
-                       json.dumps(rep.summary).encode())
+            summaries, reports = _build_levels(c, st, plan, records, targets, lock,
+                                               root_meta=root_meta, n_workers=n_workers,
+                                               progress=progress, shard_shape=shard_shape,
+                                               request=request)
             if targets.finished:  # nothing to do: rewrite nothing
-                return {"levels_created": len(summaries), "level_specs": summaries,
-                        "method": "per_object", "cross_level_depth": cross_level_depth,
-                        "cross_level_storage": cross_level_storage}
-            lock.check()
-            t0 = time.perf_counter()
-            fams, stage_s = compose_links(c, st, root_meta=root_meta, depth=cross_level_depth,
-                                             storage=cross_level_storage, n_workers=n_workers,
-                                             progress=progress,
-                                             max_block_vertices=max_block_vertices,
-                                             shard_shape=shard_shape)
-            levels = cm.published_levels(st)
-            lock.check()
-            cm.commit_cross_level(
-                st, fams, sid_ndim=root_meta.sid_ndim, depth=cross_level_depth,
-                storage=cross_level_storage,
-                links_capability=(cross_level_storage != "none" and cross_level_depth != 0
-                                  and len(levels) >= 2))
-            stage_s["composition+commit"] = time.perf_counter() - t0
-            sweep_temporaries(st, plan.levels[0].source_level)
-            # Published and complete: the build records have served their
-            # purpose (resume), and readers should see a clean hierarchy.
-            finish_records(st)
+                return _result(summaries, cross_level_depth, cross_level_storage)
+            stage_s = _close(c, st, lock, plan, root_meta=root_meta, n_workers=n_workers,
+                             progress=progress, shard_shape=shard_shape, request=request)
             if _reports is not None:
                 _reports.extend(reports)
                 _reports.append(stage_s)
+    return _result(summaries, cross_level_depth, cross_level_storage)
+
+
+def _result(summaries: list, cross_level_depth, cross_level_storage) -> dict:
     return {"levels_created": len(summaries), "level_specs": summaries, "method": "per_object",
             "cross_level_depth": cross_level_depth, "cross_level_storage": cross_level_storage}
+
+
+def _records(plan: PyramidPlan, request: dict, shard_shape) -> tuple[list[dict], dict]:
+    """Each level's record and the build's (``resume.py`` compares them)."""
+    vertex_attributes = request["vertex_attributes"]
+    # Only an opt-in changes the records, so builds without it resume as before.
+    va_record = {} if vertex_attributes is None else {
+        "vertex_attributes": vertex_attributes,
+        "attribute_aggregation": dict(sorted((request["attribute_aggregation"] or {}).items()))}
+    if shard_shape is not None:
+        va_record["shard_shape"] = list(shard_shape)
+    strategy = dict(sparsity_strategy=request["sparsity_strategy"],
+                    sparsity_seed=request["sparsity_seed"],
+                    cross_level_storage=request["cross_level_storage"])
+    records = [{**level_record(lv, **strategy), **va_record} for lv in plan.levels]
+    build = {**build_record_for(plan, cross_level_depth=request["cross_level_depth"], **strategy),
+             **va_record}
+    return records, build
+
+
+def _build_levels(c, st: Store, plan: PyramidPlan, records: list[dict], targets, lock, *,
+                  root_meta, n_workers: int, progress, shard_shape, request: dict):
+    """Run the steps of the levels not kept, in order; each level's record
+    goes before its step and its summary after its commit."""
+    summaries, reports = [], []
+    for lv, rec in zip(plan.levels, records):
+        if lv.target_level in targets.keep:
+            summaries.append(targets.summaries.get(lv.target_level, {}))
+            continue
+        lock.check()
+        # Later levels' shapes depend on what the earlier ones
+        # really produced: re-plan from the published source.
+        lv = make_plan(st, factors=[(lv.coarsen_factor, lv.sparsity_factor)],
+                       chunk_scale_factors=[lv.chunk_scale],
+                       cross_level_depth=request["cross_level_depth"],
+                       cross_level_storage=request["cross_level_storage"],
+                       sparsity_strategy=request["sparsity_strategy"], n_workers=n_workers,
+                       start_level=lv.source_level,
+                       max_block_vertices=request["max_block_vertices"],
+                       shard_shape=shard_shape).levels[0]
+        st.put(f"{RECORD_DIR}/{lv.target_level}.json", json.dumps(rec).encode())
+        rep = run_step(c, st, lv, root_meta=root_meta,
+                       sparsity_strategy=request["sparsity_strategy"],
+                       sparsity_seed=request["sparsity_seed"], progress=progress,
+                       vertex_attributes=request["vertex_attributes"],
+                       attribute_aggregation=request["attribute_aggregation"])
+        reports.append(rep)
+        summaries.append(rep.summary)
+        st.put(f"{RECORD_DIR}/{lv.target_level}.json.summary", json.dumps(rep.summary).encode())
+    return summaries, reports
+
+
+def _close(c, st: Store, lock, plan: PyramidPlan, *, root_meta, n_workers: int, progress,
+           shard_shape, request: dict) -> dict:
+    """The closing stage: compose the link families, commit them, sweep
+    temporaries, drop the build records; returns the stage timings."""
+    depth, storage = request["cross_level_depth"], request["cross_level_storage"]
+    lock.check()
+    t0 = time.perf_counter()
+    fams, stage_s = compose_links(c, st, root_meta=root_meta, depth=depth, storage=storage,
+                                  n_workers=n_workers, progress=progress,
+                                  max_block_vertices=request["max_block_vertices"],
+                                  shard_shape=shard_shape)
+    levels = cm.published_levels(st)
+    lock.check()
+    cm.commit_cross_level(
+        st, fams, sid_ndim=root_meta.sid_ndim, depth=depth, storage=storage,
+        links_capability=(storage != "none" and depth != 0 and len(levels) >= 2))
+    stage_s["composition+commit"] = time.perf_counter() - t0
+    sweep_temporaries(st, plan.levels[0].source_level)
+    # Published and complete: the build records have served their
+    # purpose (resume), and readers should see a clean hierarchy.
+    finish_records(st)
+    return stage_s
 
 
 def coarsen_level(store, source_level: int, target_level: int, *, coarsen_factor=1.0,
@@ -289,10 +307,10 @@ def coarsen_level(store, source_level: int, target_level: int, *, coarsen_factor
         with client_for(client, st) as c:
             try:
                 plan = make_plan(st, factors=[(coarsen_factor, sparsity_factor)],
-                                  chunk_scale_factors=[chunk_scale_factor], cross_level_depth=1,
-                                  cross_level_storage=cross_level_storage,
-                                  sparsity_strategy=sparsity_strategy, n_workers=count_workers(c),
-                                  start_level=source_level, shard_shape=shard_shape)
+                                 chunk_scale_factors=[chunk_scale_factor], cross_level_depth=1,
+                                 cross_level_storage=cross_level_storage,
+                                 sparsity_strategy=sparsity_strategy, n_workers=count_workers(c),
+                                 start_level=source_level, shard_shape=shard_shape)
             except PlanError as exc:  # name this call's arguments, not build_pyramid's
                 msg = str(exc).replace("chunk_scale_factors[0]", "chunk_scale_factor")
                 msg = msg.replace("factors[0] ", "").replace(

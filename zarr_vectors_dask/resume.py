@@ -38,7 +38,7 @@ BUILD_RECORD = ".zvdask/build.json"
 # ------------------------------------------------------------ lock & records
 @contextlib.contextmanager
 def build_lock(store: Store, *, resume: bool):
-    """Hold the store's build lock (``lock.py``) for the block.  Released
+    """Hold the store's build lock (``storage/lock.py``) for the block.  Released
     on success and on failure alike; a release that fails while an error
     is on its way out never replaces that error."""
     lock = BuildLock(store)
@@ -57,7 +57,7 @@ def level_record(lv, *, sparsity_strategy, sparsity_seed, cross_level_storage) -
 
 
 def build_record_for(plan: PyramidPlan, *, sparsity_strategy, sparsity_seed, cross_level_depth,
-                  cross_level_storage) -> dict:
+                     cross_level_storage) -> dict:
     """Everything that decides the finished pyramid, normalised (JSON
     round trip) so a stored record compares equal to a new request."""
     rec = {"start_level": plan.levels[0].source_level,
@@ -77,15 +77,7 @@ def _record_differences(stored: dict, asked: dict) -> list[str]:
 
 
 def _existing_coarse(store: Store, start_level: int) -> list[int]:
-    out = []
-    for name in store.listdir(""):
-        try:
-            lv = int(name)
-        except ValueError:
-            continue
-        if lv > start_level:
-            out.append(lv)
-    return sorted(out)
+    return sorted(lv for lv, _ in cm.level_dirs(store) if lv > start_level)
 
 
 def _discard_level(store: Store, level: int) -> None:
@@ -108,11 +100,7 @@ def _discard_level(store: Store, level: int) -> None:
             attrs["multiscales"] = [entry] + list(ms[1:])
         cm.refresh_ome_nodes(attrs, [lv for lv in cm.published_levels(store) if lv != level])
         cm.write_root_attrs(store, attrs)
-    for other in store.listdir(""):
-        try:
-            o = int(other)
-        except ValueError:
-            continue
+    for o, _ in cm.level_dirs(store):
         delta = level - o
         if delta != 0:
             store.remove_tree(nm.links_family_path(o, delta))
@@ -250,11 +238,11 @@ class Targets:
 
 
 def prepare_targets(store: Store, plan: PyramidPlan, *, resume: bool, overwrite: bool,
-                     records: list[dict], build_record: dict | None = None,
-                     sparsity_strategy="random", sparsity_seed=None,
-                     cross_level_depth=1, cross_level_storage="explicit",
-                     max_block_vertices: int = 2_000_000, vertex_attributes=None,
-                     attribute_aggregation=None) -> Targets:
+                    records: list[dict], build_record: dict | None = None,
+                    sparsity_strategy="random", sparsity_seed=None,
+                    cross_level_depth=1, cross_level_storage="explicit",
+                    max_block_vertices: int = 2_000_000, vertex_attributes=None,
+                    attribute_aggregation=None) -> Targets:
     """Decide what of the store's coarse levels this build keeps, refuse
     what it must not touch, record the build, then discard the rest.
 
@@ -271,39 +259,66 @@ def prepare_targets(store: Store, plan: PyramidPlan, *, resume: bool, overwrite:
     the difference named."""
     start = plan.levels[0].source_level
     existing = _existing_coarse(store, start)
-    out = Targets()
     raw = store.get(BUILD_RECORD)
     if overwrite:
-        if build_record is not None:
-            store.put(BUILD_RECORD, json.dumps(build_record).encode())
-        for lv in sorted(existing, reverse=True):
-            _discard_level(store, lv)
-        return out
+        _discard_rest(store, build_record, existing, keep=set(), start=None)
+        return Targets()
     targets = {lv.target_level: rec for lv, rec in zip(plan.levels, records)}
     if existing and not resume:
         lv = existing[0]
         raise BuildError(f"{store.describe(str(lv))}: level {lv} already exists; pass "
                          f"overwrite=True (--overwrite) to rebuild the pyramid or resume=True "
                          f"(--resume) to finish an interrupted build")
-    redo = "; use overwrite=True (--overwrite) to rebuild"
-    stored = None
-    if raw is not None and build_record is not None:
-        try:
-            stored = json.loads(raw)
-        except ValueError:
-            stored = None
-        if isinstance(stored, dict):
-            diff = _record_differences(stored, build_record)
-            if diff:
-                raise BuildError(f"{store.url}: the interrupted build used other arguments: "
-                                 f"{'; '.join(diff)}{redo}")
+    stored = _check_interrupted(store, raw, build_record)
     level_records = {lv: store.get(f"{RECORD_DIR}/{lv}.json") for lv in targets}
     interrupted = stored is not None or any(r is not None for r in level_records.values())
+    request = dict(sparsity_strategy=sparsity_strategy, sparsity_seed=sparsity_seed,
+                   cross_level_depth=cross_level_depth, cross_level_storage=cross_level_storage,
+                   max_block_vertices=max_block_vertices, vertex_attributes=vertex_attributes,
+                   attribute_aggregation=attribute_aggregation)
+    out = _kept_levels(store, plan, targets, existing, level_records,
+                       interrupted=interrupted, request=request)
+    if not interrupted and existing:
+        _check_finished(store, targets, existing, out.keep, cross_level_depth=cross_level_depth,
+                        cross_level_storage=cross_level_storage)
+        out.finished = True
+        return out
+    _discard_rest(store, build_record, existing, keep=out.keep, start=start)
+    return out
+
+
+#: How a refusal ends: the way past it.
+_REDO = "; use overwrite=True (--overwrite) to rebuild"
+
+
+def _check_interrupted(store: Store, raw: bytes | None, build_record: dict | None):
+    """The interrupted build's record (None if there is none, or it cannot
+    be read); refused if it asked for other arguments than this build."""
+    if raw is None or build_record is None:
+        return None
+    try:
+        stored = json.loads(raw)
+    except ValueError:
+        return None
+    if isinstance(stored, dict):
+        diff = _record_differences(stored, build_record)
+        if diff:
+            raise BuildError(f"{store.url}: the interrupted build used other arguments: "
+                             f"{'; '.join(diff)}{_REDO}")
+    return stored
+
+
+def _kept_levels(store: Store, plan: PyramidPlan, targets: dict, existing: list[int],
+                 level_records: dict, *, interrupted: bool, request: dict) -> Targets:
+    """The run of target levels from the start that is kept as it is: each
+    finished by this build's records, or (no record) already what this
+    request would write there."""
+    start = plan.levels[0].source_level
     listed = _listed_levels(store) if existing else set()
     root_meta = read_root_meta(store) if existing else None
-    run: set[int] = set()
+    out = Targets()
     for t in sorted(targets):
-        if t not in existing or (t - 1 not in run and t - 1 != start):
+        if t not in existing or (t - 1 not in out.keep and t - 1 != start):
             break
         rec_raw = level_records[t]
         if rec_raw is not None:
@@ -311,12 +326,12 @@ def prepare_targets(store: Store, plan: PyramidPlan, *, resume: bool, overwrite:
             if rec != targets[t]:
                 raise BuildError(
                     f"{store.describe(str(t))}: level {t} was committed with parameters "
-                    f"{rec} but this build asks for {targets[t]}{redo}")
+                    f"{rec} but this build asks for {targets[t]}{_REDO}")
             # The record is written before the step and the summary after
             # it: a crash inside the commit leaves a level to rebuild.
             summary = store.get(f"{RECORD_DIR}/{t}.json.summary")
             if t in listed and summary is not None:
-                run.add(t)
+                out.keep.add(t)
                 out.summaries[t] = json.loads(summary)
                 continue
             break
@@ -324,61 +339,75 @@ def prepare_targets(store: Store, plan: PyramidPlan, *, resume: bool, overwrite:
             break
         # No record: the build that wrote it has finished (or it is
         # someone else's level); keep it only if it is what we would write.
-        src = t - 1
-        lv = make_plan(store, factors=[(plan.levels[t - start - 1].coarsen_factor,
-                                         plan.levels[t - start - 1].sparsity_factor)],
-                        chunk_scale_factors=[plan.levels[t - start - 1].chunk_scale],
-                        cross_level_depth=cross_level_depth,
-                        cross_level_storage=cross_level_storage,
-                        sparsity_strategy=sparsity_strategy, n_workers=1, start_level=src,
-                        max_block_vertices=max_block_vertices).levels[0]
-        diffs, summary = _finished_level(store, lv, root_meta=root_meta,
-                                         sparsity_strategy=sparsity_strategy,
-                                         sparsity_seed=sparsity_seed,
-                                         cross_level_storage=cross_level_storage,
-                                         vertex_attributes=vertex_attributes,
-                                         attribute_aggregation=attribute_aggregation)
+        diffs, summary = _unrecorded_level(store, plan.levels[t - start - 1], t, root_meta,
+                                           request)
         if diffs:
             if interrupted:
                 break  # a level the interrupted (overwriting) build replaces
             raise BuildError(f"{store.describe(str(t))}: level {t} exists but was built with "
-                             f"other arguments: {'; '.join(diffs)}{redo}")
-        run.add(t)
+                             f"other arguments: {'; '.join(diffs)}{_REDO}")
+        out.keep.add(t)
         out.summaries[t] = summary
-    if not interrupted and existing:
-        # A finished pyramid (or levels someone else wrote): nothing to
-        # resume, so everything must already be what was asked.
-        extra = [lv for lv in existing if lv not in targets]
-        missing = [t for t in sorted(targets) if t not in run]
-        zv = cm.read_root_attrs(store).get("zarr_vectors") or {}
-        diffs = []
-        if extra:
-            diffs.append(f"the store has level(s) {extra} beyond the {len(targets)} asked")
-        if missing:
-            diffs.append(f"level(s) {missing} are missing or incomplete, yet no build of them "
-                         f"was interrupted")
-        for key, want in (("cross_level_depth", cross_level_depth),
-                          ("cross_level_storage", cross_level_storage)):
-            if zv.get(key) != want:
-                diffs.append(f"{key}: {zv.get(key)!r} in the store, {want!r} asked")
-        if diffs:
-            raise BuildError(f"{store.url}: nothing to resume, and the pyramid in the store is "
-                             f"not the one asked for: {'; '.join(diffs)}{redo}")
-        out.keep, out.finished = run, True
-        return out
+    return out
+
+
+def _unrecorded_level(store: Store, asked, t: int, root_meta, request: dict):
+    """How published level ``t`` (no build record) differs from the level
+    ``asked`` plans there, re-planned from its published source, and its
+    summary (:func:`_finished_level`)."""
+    lv = make_plan(store, factors=[(asked.coarsen_factor, asked.sparsity_factor)],
+                   chunk_scale_factors=[asked.chunk_scale],
+                   cross_level_depth=request["cross_level_depth"],
+                   cross_level_storage=request["cross_level_storage"],
+                   sparsity_strategy=request["sparsity_strategy"], n_workers=1, start_level=t - 1,
+                   max_block_vertices=request["max_block_vertices"]).levels[0]
+    return _finished_level(store, lv, root_meta=root_meta,
+                           sparsity_strategy=request["sparsity_strategy"],
+                           sparsity_seed=request["sparsity_seed"],
+                           cross_level_storage=request["cross_level_storage"],
+                           vertex_attributes=request["vertex_attributes"],
+                           attribute_aggregation=request["attribute_aggregation"])
+
+
+def _check_finished(store: Store, targets: dict, existing: list[int], kept: set[int], *,
+                    cross_level_depth, cross_level_storage) -> None:
+    """A finished pyramid (or levels someone else wrote): nothing to
+    resume, so everything must already be what was asked."""
+    extra = [lv for lv in existing if lv not in targets]
+    missing = [t for t in sorted(targets) if t not in kept]
+    zv = cm.read_root_attrs(store).get("zarr_vectors") or {}
+    diffs = []
+    if extra:
+        diffs.append(f"the store has level(s) {extra} beyond the {len(targets)} asked")
+    if missing:
+        diffs.append(f"level(s) {missing} are missing or incomplete, yet no build of them "
+                     f"was interrupted")
+    for key, want in (("cross_level_depth", cross_level_depth),
+                      ("cross_level_storage", cross_level_storage)):
+        if zv.get(key) != want:
+            diffs.append(f"{key}: {zv.get(key)!r} in the store, {want!r} asked")
+    if diffs:
+        raise BuildError(f"{store.url}: nothing to resume, and the pyramid in the store is "
+                         f"not the one asked for: {'; '.join(diffs)}{_REDO}")
+
+
+def _discard_rest(store: Store, build_record: dict | None, existing: list[int], *,
+                  keep: set[int], start: int | None) -> None:
+    """Record the build, then remove every coarse level it does not keep
+    (highest first) and, below ``start`` and the kept levels, the cells
+    of link families that were never published (a crash mid-step)."""
     if build_record is not None:
         store.put(BUILD_RECORD, json.dumps(build_record).encode())
     for lv in sorted(existing, reverse=True):
-        if lv not in run:
+        if lv not in keep:
             _discard_level(store, lv)
-    # Cells of families that were never published (a crash mid-step).
-    for lv in [start, *sorted(run)]:
+    if start is None:  # overwrite: every coarse level went, nothing to sweep
+        return
+    for lv in [start, *sorted(keep)]:
         for name in store.listdir(f"{lv}/{nm.LINKS}"):
             if name not in ("0", "zarr.json") and store.get(
                     f"{lv}/{nm.LINKS}/{name}/zarr.json") is None:
                 store.remove_tree(f"{lv}/{nm.LINKS}/{name}")
-    out.keep = run
-    return out
 
 
 def finish_records(store: Store) -> None:

@@ -20,8 +20,9 @@ from . import documents as fdoc
 from . import naming as nm
 
 __all__ = ["LinkFamily", "LevelCommit", "family_docs", "read_root_attrs", "write_root_attrs",
-           "refresh_ome_nodes", "published_levels", "write_level_arrays", "write_families",
-           "publish_level", "commit_level", "commit_cross_level", "read_family", "dumps"]
+           "refresh_ome_nodes", "level_dirs", "published_levels", "write_level_arrays",
+           "write_families", "publish_level", "commit_level", "commit_cross_level", "read_family",
+           "dumps"]
 
 
 @dataclass
@@ -122,17 +123,22 @@ def refresh_ome_nodes(attrs: dict, levels: list[int]) -> None:
     attrs["ome"] = node
 
 
-def published_levels(store: Store) -> list[int]:
-    """Levels a reader can see: integer-named children with a zarr.json."""
+def level_dirs(store: Store) -> list[tuple[int, str]]:
+    """The root's integer-named children (levels, published or not) as
+    (number, name), in listing order."""
     out = []
     for name in store.listdir(""):
         try:
-            lv = int(name)
+            out.append((int(name), name))
         except ValueError:
             continue
-        if store.get(f"{name}/zarr.json") is not None:
-            out.append(lv)
-    return sorted(out)
+    return out
+
+
+def published_levels(store: Store) -> list[int]:
+    """Levels a reader can see: integer-named children with a zarr.json."""
+    return sorted(lv for lv, name in level_dirs(store)
+                  if store.get(f"{name}/zarr.json") is not None)
 
 
 def write_level_arrays(store: Store, level: int, origin, grid, vertex_chunks, families,

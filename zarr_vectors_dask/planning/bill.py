@@ -314,11 +314,43 @@ def link_estimate(fine: ChunkSet, *, active, fine_chunk, bin_shape, coarse_chunk
     if coords.shape[0] == 0 or not np.any(active > 0):
         return LinkEstimate(0.0, 0.0, 0.0, landed=ChunkSet(np.empty((0, nd), np.int64),
                                                             np.empty(0), w))
-    # Per axis, the distinct behaviours of the coordinates that occur
-    # (they repeat with the period of chunk, bin and coarse chunk).
+    cls, tables = _axis_classes(coords, fine_chunk, bin_shape, coarse_chunk, bounds, spread)
+    ukeys, first, cls_of = np.unique(_row_keys(cls), return_index=True, return_inverse=True)
+    cls_of = cls_of.reshape(-1)
+    per_target = math.prod(t[2].shape[2] for t in tables)
+    per_class = per_target * math.prod(t[2].shape[1] for t in tables)
+    there = np.concatenate([
+        _landing(tables, cls[first[i:i + max(1, _BATCH_CELLS // per_class)]], m)
+        .reshape(-1, per_target)
+        for i in range(0, first.size, max(1, _BATCH_CELLS // per_class))])
+    shard_arr = None if shard is None else np.asarray(shard, dtype=np.int64)
+    cells, sums = _link_sums(coords, cls, cls_of, there, active, tables,
+                             fine_chunk=fine_chunk, coarse_chunk=coarse_chunk,
+                             coarse_grid=coarse_grid, shard_arr=shard_arr,
+                             target_shards=target_shards, landed=landed)
+    est = LinkEstimate(cells * w, sums["arrays"].expected(w), sums["mirrors"].expected(w))
+    # A box stands for w ** (1/nd) more slabs.
+    est.slabs = sums["slabs"].expected() * w ** (1.0 / nd)
+    if shard_arr is not None:
+        est.shards = sums["plus_sh"].expected() * w
+        est.mirror_shards = sums["minus_sh"].expected() * w
+    if landed:
+        got = sums["got"]
+        got._flush()
+        p = -np.expm1(got.sums)
+        keep = p > 0
+        est.landed = ChunkSet(got.rows[keep], p[keep], w)
+    return est
+
+
+def _axis_classes(coords, fine_chunk, bin_shape, coarse_chunk, bounds, spread):
+    """Per axis, the distinct behaviours of the coordinates that occur
+    (they repeat with the period of chunk, bin and coarse chunk): each
+    chunk's class per axis, and each axis's tables (``_axis_tables``)."""
+    import numpy as np
     cls = np.empty_like(coords)
     tables = []
-    for a in range(nd):
+    for a in range(coords.shape[1]):
         vals, inv = np.unique(coords[:, a], return_inverse=True)
         ids: dict = {}
         extent = (-math.inf, math.inf) if bounds is None else \
@@ -329,21 +361,22 @@ def link_estimate(fine: ChunkSet, *, active, fine_chunk, bin_shape, coarse_chunk
                    for v in vals.tolist()]
         cls[:, a] = np.asarray(per_val, dtype=np.int64)[inv.reshape(-1)]
         tables.append(_axis_tables(list(ids)))
-    ukeys, first, cls_of = np.unique(_row_keys(cls), return_index=True, return_inverse=True)
-    cls_of = cls_of.reshape(-1)
-    per_target = math.prod(t[2].shape[2] for t in tables)
-    per_class = per_target * math.prod(t[2].shape[1] for t in tables)
-    there = np.concatenate([
-        _landing(tables, cls[first[i:i + max(1, _BATCH_CELLS // per_class)]], m)
-        .reshape(-1, per_target)
-        for i in range(0, first.size, max(1, _BATCH_CELLS // per_class))])
+    return cls, tables
+
+
+def _link_sums(coords, cls, cls_of, there, active, tables, *, fine_chunk, coarse_chunk,
+               coarse_grid, shard_arr, target_shards: bool, landed: bool):
+    """Expected link cells, and the log-sums of the offset arrays, mirror
+    arrays, slabs, shards and landed chunks, over batches of the fine
+    chunks' (chunk, target) pairs that can happen."""
+    import numpy as np
+    nd = coords.shape[1]
     anchor = np.floor(coords * (np.asarray(fine_chunk, dtype=np.float64) /
                                 np.asarray(coarse_chunk, dtype=np.float64)) + 1e-9
                       ).astype(np.int64)
-    shard_arr = None if shard is None else np.asarray(shard, dtype=np.int64)
     cells = 0.0
-    arrays, mirrors, got = _LogSums(), _LogSums(), _LogSums()
-    plus_sh, minus_sh, slabs = _LogSums(), _LogSums(), _LogSums()
+    sums = {k: _LogSums() for k in ("arrays", "mirrors", "got", "plus_sh", "minus_sh", "slabs")}
+    per_target = there.shape[1]
     step = max(1, _BATCH_CELLS // per_target)
     tshape = tuple(t[3].shape[1] for t in tables)
     ratio = np.asarray(coarse_chunk, dtype=np.float64) / np.asarray(fine_chunk, dtype=np.float64)
@@ -362,26 +395,17 @@ def link_estimate(fine: ChunkSet, *, active, fine_chunk, bin_shape, coarse_chunk
             coarse = np.clip(coarse, lo_c, lo_c + np.asarray(coarse_grid[1], dtype=np.int64) - 1)
             off = coarse - anchor[ci]
             back = coords[ci] - np.floor(coarse * ratio + 1e-9).astype(np.int64)
-        arrays.add_rows(off, logs)
-        mirrors.add_rows(back, logs)
-        slabs.add_rows(np.concatenate([off, coords[ci, :1]], axis=1), logs)
+        sums["arrays"].add_rows(off, logs)
+        sums["mirrors"].add_rows(back, logs)
+        sums["slabs"].add_rows(np.concatenate([off, coords[ci, :1]], axis=1), logs)
         if landed:
-            got.add_rows(coarse, logs)
+            sums["got"].add_rows(coarse, logs)
         if shard_arr is not None:
-            plus_sh.add_rows(np.concatenate([off, coords[ci] // shard_arr], axis=1), logs)
+            sums["plus_sh"].add_rows(np.concatenate([off, coords[ci] // shard_arr], axis=1), logs)
             if target_shards:
-                minus_sh.add_rows(np.concatenate([back, coarse // shard_arr], axis=1), logs)
-    est = LinkEstimate(cells * w, arrays.expected(w), mirrors.expected(w))
-    est.slabs = slabs.expected() * w ** (1.0 / nd)  # a box stands for w ** (1/nd) more slabs
-    if shard_arr is not None:
-        est.shards = plus_sh.expected() * w
-        est.mirror_shards = minus_sh.expected() * w
-    if landed:
-        got._flush()
-        p = -np.expm1(got.sums)
-        keep = p > 0
-        est.landed = ChunkSet(got.rows[keep], p[keep], w)
-    return est
+                sums["minus_sh"].add_rows(np.concatenate([back, coarse // shard_arr], axis=1),
+                                          logs)
+    return cells, sums
 
 
 def _pages(n_keys: float) -> float:
@@ -520,60 +544,101 @@ def step_bill(lv: LevelPlan, *, source: ChunkSet, target: ChunkSet, links: LinkE
     ``write_shards`` task per run of shards, which writes each shard whole:
     about one file per (writer, run) the writer's cells fall in."""
     b = Bill(f"{lv.source_level}->{lv.target_level}")
-    s, t = lv.source_level, lv.target_level
-    has_obj = lv.n_objects > 0
-    k = lv.n_buckets if has_obj else 0
-    n_attr = lv.n_object_attributes if has_obj else 0
-    k_attr = math.ceil(lv.n_objects / 65_536) if n_attr else 0
-    n_va = lv.n_vertex_attributes
-    blocks = lv.n_blocks
-    # Exchange files buckets -> blocks (fragment references) and back
-    # (metavertex sequences): at most one per (bucket, block) pair, the
-    # number when every bucket has objects in every block.
-    pairs = k * blocks
-    ranked = has_obj and lv.sparsity_strategy != "random" and lv.sparsity_factor > 1.0 \
-        and lv.n_objects > 1
-    rounds = (1 if lv.sparsity_strategy == "length" else 2) if ranked else 0
-    links_on = links is not None and lv.cross_level_storage != "none"
-    explicit = links_on and lv.cross_level_storage == "explicit"
+    c = _StepCounts.of(lv, links)
+    per_array = _step_objects(b, c, lv, target, links, shard, source_links_group)
+    exchange, folders, packs = _step_exchange(b, c, lv, source, shard, per_array,
+                                              source_vertices)
+    _step_driver(b, c, source, source_key, exchange, folders)
+    _step_tasks(b, c, source, source_key, source_links_group, exchange, packs)
+    return b
 
-    # ---- objects left in the store
+
+@dataclass(frozen=True)
+class _StepCounts:
+    """What a step's bill is counted from, derived once from its plan."""
+    s: int  # source level
+    t: int  # target level
+    has_obj: bool
+    k: int  # manifest buckets
+    n_attr: int  # object attribute columns
+    k_attr: int  # attribute buckets
+    n_va: int  # aggregated per-vertex attributes
+    blocks: int
+    pairs: int  # (bucket, block) pairs
+    ranked: bool  # survivors need per-object context
+    rounds: int  # context exchange rounds
+    links_on: bool
+    explicit: bool
+
+    @classmethod
+    def of(cls, lv: LevelPlan, links) -> "_StepCounts":
+        has_obj = lv.n_objects > 0
+        k = lv.n_buckets if has_obj else 0
+        n_attr = lv.n_object_attributes if has_obj else 0
+        # Exchange files buckets -> blocks (fragment references) and back
+        # (metavertex sequences): at most one per (bucket, block) pair, the
+        # number when every bucket has objects in every block.
+        ranked = has_obj and lv.sparsity_strategy != "random" and lv.sparsity_factor > 1.0 \
+            and lv.n_objects > 1
+        links_on = links is not None and lv.cross_level_storage != "none"
+        return cls(s=lv.source_level, t=lv.target_level, has_obj=has_obj, k=k, n_attr=n_attr,
+                   k_attr=math.ceil(lv.n_objects / 65_536) if n_attr else 0,
+                   n_va=lv.n_vertex_attributes, blocks=lv.n_blocks, pairs=k * lv.n_blocks,
+                   ranked=ranked,
+                   rounds=(1 if lv.sparsity_strategy == "length" else 2) if ranked else 0,
+                   links_on=links_on,
+                   explicit=links_on and lv.cross_level_storage == "explicit")
+
+
+def _step_objects(b: Bill, c: _StepCounts, lv: LevelPlan, target: ChunkSet, links, shard,
+                  source_links_group: bool) -> float:
+    """Objects left in the store; returns the objects per vertex array."""
     kind = "shards" if shard is not None else "cells"
     per_array = target.shards(shard) if shard is not None else target.expected
     b.write(f"vertex {kind}", 2 * per_array)
-    b.write(f"vertex attribute {kind}", n_va * per_array)
-    if links_on:
+    b.write(f"vertex attribute {kind}", c.n_va * per_array)
+    if c.links_on:
         b.write(f"+1 link {kind}", links.shards if shard is not None else links.cells)
-        if explicit:
+        if c.explicit:
             b.write(f"-1 link {kind}", links.mirror_shards if shard is not None else links.cells)
-    b.write("manifest buckets", k)
-    b.write("object id table", 1 if has_obj else 0)
-    b.write("attribute buckets", n_attr * k_attr)
-    docs = 2 + (n_va + 1 if n_va else 0) + (3 if has_obj else 0) + (1 + n_attr if n_attr else 0)
+    b.write("manifest buckets", c.k)
+    b.write("object id table", 1 if c.has_obj else 0)
+    b.write("attribute buckets", c.n_attr * c.k_attr)
+    docs = 2 + (c.n_va + 1 if c.n_va else 0) + (3 if c.has_obj else 0) + \
+        (1 + c.n_attr if c.n_attr else 0)
     docs += 1  # the level's zarr.json
-    if links_on:
+    if c.links_on:
         # Offset arrays and family groups; a links group where there is none.
         docs += links.arrays + 1 + (0 if source_links_group else 1)
-        if explicit:
+        if c.explicit:
             docs += links.mirror_arrays + 1 + 1
     b.write("documents", docs)
     b.put += 1  # the root document, rewritten
+    return per_array
 
-    # ---- scratch: exchange files (one folder per kind and receiver) and
-    # the level's two build records
-    exchange = k + k_attr + 2 * pairs + rounds * 2 * pairs + (k if ranked else 0)
-    folders = 1 + (2 if has_obj else 0) + (1 if k_attr else 0) + (1 if pairs else 0) + \
-        2 * k + k_attr + (blocks if pairs else 0)
-    if ranked:
-        folders += 1 + 2 * rounds + rounds * (blocks + k) + 1
+
+def _task_exchange(c: _StepCounts) -> float:
+    """Exchange files of the tasks (unsharded): buckets, pairs, context."""
+    return c.k + c.k_attr + 2 * c.pairs + c.rounds * 2 * c.pairs + (c.k if c.ranked else 0)
+
+
+def _step_exchange(b: Bill, c: _StepCounts, lv: LevelPlan, source: ChunkSet, shard,
+                   per_array: float, source_vertices) -> tuple[float, float, float]:
+    """Scratch: exchange files (one folder per kind and receiver) and the
+    level's two build records; returns (files, folders, shard packs)."""
+    exchange = _task_exchange(c)
+    folders = 1 + (2 if c.has_obj else 0) + (1 if c.k_attr else 0) + (1 if c.pairs else 0) + \
+        2 * c.k + c.k_attr + (c.blocks if c.pairs else 0)
+    if c.ranked:
+        folders += 1 + 2 * c.rounds + c.rounds * (c.blocks + c.k) + 1
     packs = 0.0
     if shard is not None:
         weight = float(lv.source_vertices if source_vertices is None else source_vertices)
         routes = [(_packs(weight, per_array, lv.max_block_vertices, lv.n_workers),
-                   lv.n_target_blocks + (blocks if explicit else 0))]
-        if links_on:
+                   lv.n_target_blocks + (c.blocks if c.explicit else 0))]
+        if c.links_on:
             routes.append((_packs(weight, source.shards(shard), lv.max_block_vertices,
-                                  lv.n_workers), blocks))
+                                  lv.n_workers), c.blocks))
         for n_packs, senders in routes:
             # Writers and runs both follow the grid's order, so a writer's
             # cells reach a run or two: about writers + runs files.
@@ -581,51 +646,58 @@ def step_bill(lv: LevelPlan, *, source: ChunkSet, target: ChunkSet, links: LinkE
             folders += 1 + n_packs
             packs += n_packs
     b.scratch(exchange + 2)
+    return exchange, folders, packs
 
-    # ---- the driver: re-plan from the published source, its shapes and
-    # one listing of its cells, then the commit (root, published levels)
-    b.read(5 + (s > 0) + 5 + n_attr + (1 if has_obj else 0) + (1 if n_attr else 0) + 1 + (t + 1))
-    b.miss((0 if has_obj else 2) + (0 if n_attr else 1) + n_va)
+
+def _step_driver(b: Bill, c: _StepCounts, source: ChunkSet, source_key, exchange: float,
+                 folders: float) -> None:
+    """The driver: re-plan from the published source, its shapes and one
+    listing of its cells, then the commit (root, published levels)."""
+    b.read(5 + (c.s > 0) + 5 + c.n_attr + (1 if c.has_obj else 0) + (1 if c.n_attr else 0) + 1
+           + (c.t + 1))
+    b.miss((0 if c.has_obj else 2) + (0 if c.n_attr else 1) + c.n_va)
     b.list += _pages(source.expected if source_key is None else source.shards(source_key))
-    b.list += (1 if n_attr else 0) + 1
+    b.list += (1 if c.n_attr else 0) + 1
     # Exchange cleared before the step and removed after: s3fs lists it,
     # then walks and removes each folder.
     b.list += 4 + _pages(exchange) + 2 * folders
-    # ---- the tasks
+
+
+def _step_tasks(b: Bill, c: _StepCounts, source: ChunkSet, source_key,
+                source_links_group: bool, exchange: float, packs: float) -> None:
+    """The tasks' reads, opens and listings."""
     cells = source.expected
     if source_key is None:
-        b.read((2 + n_va) * cells)                    # bin_partials: each cell
+        b.read((2 + c.n_va) * cells)                  # bin_partials: each cell
     else:  # each shard a block touches: its index, then the cells' bytes
-        b.ranged((2 + n_va) * 2 * (source.shards(source_key) + blocks - 1))
-    if has_obj:
+        b.ranged((2 + c.n_va) * 2 * (source.shards(source_key) + c.blocks - 1))
+    if c.has_obj:
         b.read(1 + 1)                                 # object_table: ids document, ids
-        b.open_array(2 + n_attr)                      # ... ids, attributes, the new ids
-        b.read(2 * k)                                 # object_refs: its rows, manifests
-        b.open_array(2 * k)                           # ... and write_manifests
-        b.read(2 * pairs, listed=True)                # refs and sequences, found by listing
-        b.list += blocks + k                          # ... their folders
-        b.read(2 * n_attr * k_attr)                   # write_attributes: flags, rows
-        b.open_array(2 * n_attr * k_attr)
-    if links_on:
+        b.open_array(2 + c.n_attr)                    # ... ids, attributes, the new ids
+        b.read(2 * c.k)                               # object_refs: its rows, manifests
+        b.open_array(2 * c.k)                         # ... and write_manifests
+        b.read(2 * c.pairs, listed=True)              # refs and sequences, found by listing
+        b.list += c.blocks + c.k                      # ... their folders
+        b.read(2 * c.n_attr * c.k_attr)               # write_attributes: flags, rows
+        b.open_array(2 * c.n_attr * c.k_attr)
+    if c.links_on:
         # Does each family's level have a links group yet?
         b.read(1 if source_links_group else 0)
-        b.miss((0 if source_links_group else 1) + int(explicit))
+        b.miss((0 if source_links_group else 1) + int(c.explicit))
     if packs:
         # write_shards: list its folder, read what the writers sent.
         b.list += packs
-        b.read(exchange - (k + k_attr + 2 * pairs + rounds * 2 * pairs + (k if ranked else 0)),
-               listed=True)
-    if ranked:
-        b.read(k)                                     # object_table reads the context
-        b.read(k)                                     # context_refs: manifest rows
-        b.open_array(k)
-        b.read(rounds * 2 * pairs, listed=True)
-        b.list += rounds * (blocks + k)
+        b.read(exchange - _task_exchange(c), listed=True)
+    if c.ranked:
+        b.read(c.k)                                   # object_table reads the context
+        b.read(c.k)                                   # context_refs: manifest rows
+        b.open_array(c.k)
+        b.read(c.rounds * 2 * c.pairs, listed=True)
+        b.list += c.rounds * (c.blocks + c.k)
         if source_key is None:
-            b.read(rounds * 2 * cells)
+            b.read(c.rounds * 2 * cells)
         else:
-            b.ranged(rounds * 2 * 2 * (source.shards(source_key) + blocks - 1))
-    return b
+            b.ranged(c.rounds * 2 * 2 * (source.shards(source_key) + c.blocks - 1))
 
 
 def compose_bill(sets: dict, links: dict, *, plus_one: dict, blocks: dict, shard=None,

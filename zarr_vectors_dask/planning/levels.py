@@ -37,8 +37,8 @@ def level_shapes(store: Store, level: int, root_meta) -> tuple[tuple, tuple]:
 
 
 def make_plan(store: Store, *, factors, chunk_scale_factors, cross_level_depth,
-               cross_level_storage, sparsity_strategy, n_workers, start_level=0,
-               max_block_vertices=2_000_000, shard_shape=None) -> PyramidPlan:
+              cross_level_storage, sparsity_strategy, n_workers, start_level=0,
+              max_block_vertices=2_000_000, shard_shape=None) -> PyramidPlan:
     validate_factors(factors)
     root_meta = read_root_meta(store)
     sbin, schunk = level_shapes(store, start_level, root_meta)

@@ -9,7 +9,7 @@ through exchange files behind a ``join`` barrier, so the receivers list
 their own folder instead of being told who wrote to them.
 
 ``dask.get(graph.dsk, graph.output)`` runs a graph serially in-process (unit
-tests); ``pipeline.execute`` runs it on a distributed cluster.
+tests); ``runtime.execute`` runs it on a distributed cluster.
 """
 
 from __future__ import annotations

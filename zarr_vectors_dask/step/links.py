@@ -159,7 +159,7 @@ def links_and_sequences(spec: StepSpec, block: int, partials: dict,
         ok = par_frag >= 0
         fine_cc = chunk_coords(spec, inst_chunk[ok])
         links = partition_links(fine_cc, inst_local[ok], par_chunk[ok], par_frag[ok],
-                                 spec.scale_source, spec.scale_target)
+                                spec.scale_source, spec.scale_target)
         result["plus"] = write_link_cells(
             spec.store, spec.source_level, +1, spec.source_origin, links,
             route=route_to(spec.shard_routes, spec.source_level), sender=f"l{block}+")

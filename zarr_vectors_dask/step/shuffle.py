@@ -29,8 +29,21 @@ def bin_partials(spec: StepSpec, block: int, numbers: np.ndarray, partitions: li
     ``partitions`` are the partitions the plan routes this block to (from
     geometry alone); a key outside them is an error.
     """
-    bin_arr = np.asarray(spec.bin_shape, dtype=np.float64)
-    # Weight of each named fragment: summed over the buckets naming it.
+    ref_parts, mkeys, mvals = _fragment_weights(spec, block)
+    g = _gather(spec, numbers, mkeys, mvals)
+    ukeys, inverse, sums, counts = _bin_sums(spec, g["pos"], g["w"])
+    exchange, part, slot = _route(spec, block, partitions, ukeys, sums, counts, inverse, g)
+    # Instances in the reference's flat order: chunk by chunk, each chunk's
+    # fragments in order; per chunk its id and instance count.
+    state = {"chunk_ids": g["chunk_ids"], "chunk_instances": g["chunk_instances"],
+             "inst_frag": g["inst_frag"], "inverse": inverse, "partition": part, "slot": slot,
+             "ref_parts": ref_parts}
+    return {"exchange": exchange, "state": state}
+
+
+def _fragment_weights(spec: StepSpec, block: int):
+    """The ``refs`` parts the buckets sent this block, and the weight of
+    each named fragment (by pair key): summed over the buckets naming it."""
     ref_parts = received(spec, "refs", block) if spec.has_objects else []
     parts = [p for _, p in ref_parts]
     if parts:
@@ -40,6 +53,12 @@ def bin_partials(spec: StepSpec, block: int, numbers: np.ndarray, partitions: li
                             minlength=mkeys.size).astype(np.int64)
     else:
         mkeys = mvals = np.empty(0, dtype=np.int64)
+    return ref_parts, mkeys, mvals
+
+
+def _gather(spec: StepSpec, numbers: np.ndarray, mkeys: np.ndarray, mvals: np.ndarray) -> dict:
+    """The block's fragment instances: positions, weights, fragment index
+    and (asked for) attribute values, in the reference's flat order."""
     # Per chunk only the decode and the gather; the rest is one numpy call
     # per block (a fine grid has tens of thousands of small chunks).
     cids, n_inst, frag_lengths, all_pos = [], [], [], []
@@ -64,12 +83,19 @@ def bin_partials(spec: StepSpec, block: int, numbers: np.ndarray, partitions: li
     inst_global = np.repeat(np.arange(lengths.size, dtype=np.int64), lengths)
     w_frag = _lookup(mkeys, mvals, _pair_key(frag_chunk, frag_local)) if spec.has_objects \
         else np.ones(lengths.size, dtype=np.int64)
-    w = w_frag[inst_global]
-    inst_frag = frag_local[inst_global]
     if all_pos:
         pos = np.concatenate(all_pos).astype(np.float32, copy=False)
     else:
         pos = np.empty((0, spec.ndim), dtype=np.float32)
+    return {"chunk_ids": cids_a, "chunk_instances": np.asarray(n_inst, dtype=np.int64),
+            "w": w_frag[inst_global], "inst_frag": frag_local[inst_global], "pos": pos,
+            "values": all_vals}
+
+
+def _bin_sums(spec: StepSpec, pos: np.ndarray, w: np.ndarray):
+    """The block's distinct bin keys, each vertex's key index, and per key
+    the float64 weighted position sums and the weights' total."""
+    bin_arr = np.asarray(spec.bin_shape, dtype=np.float64)
     keys = np.floor(pos / bin_arr).astype(np.int64)
     if keys.shape[0]:
         # Any order of the distinct keys will do here (write_metavertices
@@ -86,6 +112,15 @@ def bin_partials(spec: StepSpec, block: int, numbers: np.ndarray, partitions: li
     for a in range(spec.ndim):
         sums[:, a] = np.bincount(inverse, weights=pos[:, a].astype(np.float64) * wf, minlength=n_u)
     counts = np.bincount(inverse, weights=w, minlength=n_u).astype(np.int64)
+    return ukeys, inverse, sums, counts
+
+
+def _route(spec: StepSpec, block: int, partitions: list[int], ukeys, sums, counts, inverse,
+           g: dict):
+    """Split the keys' partials (and attribute partials) by partition:
+    the exchange, each key's partition and its slot in the part sent
+    there.  A key outside the planned ``partitions`` is an error."""
+    n_u = ukeys.shape[0]
     part = _partition_of(spec, ukeys)
     stray = ~np.isin(part, np.asarray(partitions, dtype=np.int64))
     if stray.any():
@@ -106,9 +141,9 @@ def bin_partials(spec: StepSpec, block: int, numbers: np.ndarray, partitions: li
     pair_parts: list[tuple[int, dict]] = []
     for i, attr in enumerate(spec.vertex_attributes):
         what = spec.store.describe(attr.source.path)
-        vals = va.concat_rows(attr, all_vals[i], what=what).astype(np.dtype(attr.dtype),
-                                                                   copy=False)
-        per_key, pairs = va.partials(attr, vals, w, inverse, n_u)
+        vals = va.concat_rows(attr, g["values"][i], what=what).astype(np.dtype(attr.dtype),
+                                                                      copy=False)
+        per_key, pairs = va.partials(attr, vals, g["w"], inverse, n_u)
         columns.update({f"va{i}:{k}": v for k, v in per_key.items()})
         if pairs:
             # Histogram entries go to their key's partition, naming the
@@ -119,12 +154,7 @@ def bin_partials(spec: StepSpec, block: int, numbers: np.ndarray, partitions: li
     for i, routed in pair_parts:
         for p, cols in routed.items():
             exchange[p].update({f"va{i}:{k}": v for k, v in cols.items()})
-    # Instances in the reference's flat order: chunk by chunk, each chunk's
-    # fragments in order; per chunk its id and instance count.
-    state = {"chunk_ids": cids_a, "chunk_instances": np.asarray(n_inst, dtype=np.int64),
-             "inst_frag": inst_frag, "inverse": inverse, "partition": part, "slot": slot,
-             "ref_parts": ref_parts}
-    return {"exchange": exchange, "state": state}
+    return exchange, part, slot
 
 
 # ------------------------------------------------------------- stage 2

@@ -8,7 +8,7 @@ A zarr ``MemoryStore`` lives in one process's memory, so it has no URL a
 worker process could open.  It is served to tasks under a process-local
 ``zvdask-memory://<token>`` URL by :class:`ZarrMemoryFileSystem`, which reads
 and writes the store's own dict; such a build must run on workers inside
-this process (see ``api._client_for``).
+this process (see ``runtime.client_for``).
 """
 
 from __future__ import annotations
