@@ -254,3 +254,19 @@ def test_the_checker_sees_relative_and_nested_imports(tmp_path, source, expected
     path = PKG / "format" / "probe.py"  # never written: parsed from the string
     got = [".".join(_target(t, n)[0]) for _, t, n, _ in _imports(path, ast.parse(source))]
     assert got == expected
+
+
+def test_the_checker_flags_private_names_and_upward_imports():
+    """The private-name check sees names imported and attributes reached
+    through an imported module; the rank check sees an upward import."""
+    script = ("from zarr_vectors_dask import api\n"
+              "from zarr_vectors_dask.storage.store import _backoff\n"
+              "import zarr_vectors_dask.step.run as r\n"
+              "api._open(1)\nr._run_step\n")
+    found = list(_private_uses(ROOT / "benchmarks" / "probe.py", ast.parse(script), None))
+    assert sorted(x.split(": ", 1)[1] for x in found) == [
+        "imports zarr_vectors_dask.storage.store._backoff", "uses api._open", "uses r._run_step"]
+    probe = PKG / "storage" / "probe.py"
+    targets = [_unit(_target(t, n)[0]) for _, t, n, _ in
+               _imports(probe, ast.parse("from ..step import run\n"))]
+    assert targets == ["step"] and RANK["step"] > RANK["storage"]

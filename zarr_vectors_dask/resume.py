@@ -14,7 +14,7 @@ from .format import documents as fdoc
 from .format import naming as nm
 from .planning.levels import level_shapes, make_plan, read_root_meta
 from .planning.plan import PyramidPlan
-from .planning.sparsity import kept_rows, target_count
+from .planning.sparsity import kept_rows, ranked, target_count
 from .runtime import wait_until_idle
 from .step import attributes as va
 from .step.objects import read_object_ids
@@ -179,10 +179,10 @@ def _finished_level(store: Store, lv, *, root_meta, sparsity_strategy, sparsity_
                                                    attribute_aggregation))
     src = read_source_level(store, lv.source_level, root_meta.sid_ndim)
     n_src = src.n_rows if src.has_objects else 1
-    ranked = sparsity_strategy != "random" and lv.sparsity_factor > 1.0 and n_src > 1
+    by_rank = ranked(sparsity_strategy, lv.sparsity_factor, n_src)
     if not src.has_objects:
         keep = np.ones(1, bool)
-    elif ranked:
+    elif by_rank:
         # Survivors that depend on geometry need a pass over the source
         # level on the cluster; the driver only knows how many there are.
         # The strategy itself is checked through the build records.
@@ -192,7 +192,7 @@ def _finished_level(store: Store, lv, *, root_meta, sparsity_strategy, sparsity_
         keep = kept_rows(n_src, lv.sparsity_factor, sparsity_strategy,
                                 0 if sparsity_seed is None else sparsity_seed, lv.source_bin)
     if (not diffs and src.has_objects and n_meta and sparsity_seed is not None
-            and not ranked and lv.sparsity_factor > 1.0 and n_src > 1):
+            and not by_rank and lv.sparsity_factor > 1.0 and n_src > 1):
         # Coarse row r is source row perm[r] (coarse ids are sorted).
         ids = read_object_ids(store, lv.source_level, n_src)
         perm = np.argsort(ids, kind="stable")[:nm.MANIFEST_BUCKET]

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import PlanError
 from .runs import run_cap
+from .sparsity import context_rounds, ranked
 from .text import fmt_bytes, fmt_count, fmt_tuple
 
 if TYPE_CHECKING:  # the plan imports this module (its repr is the bill's render)
@@ -578,14 +579,13 @@ class _StepCounts:
         # Exchange files buckets -> blocks (fragment references) and back
         # (metavertex sequences): at most one per (bucket, block) pair, the
         # number when every bucket has objects in every block.
-        ranked = has_obj and lv.sparsity_strategy != "random" and lv.sparsity_factor > 1.0 \
-            and lv.n_objects > 1
+        by_rank = has_obj and ranked(lv.sparsity_strategy, lv.sparsity_factor, lv.n_objects)
         links_on = links is not None and lv.cross_level_storage != "none"
         return cls(s=lv.source_level, t=lv.target_level, has_obj=has_obj, k=k, n_attr=n_attr,
                    k_attr=math.ceil(lv.n_objects / 65_536) if n_attr else 0,
                    n_va=lv.n_vertex_attributes, blocks=lv.n_blocks, pairs=k * lv.n_blocks,
-                   ranked=ranked,
-                   rounds=(1 if lv.sparsity_strategy == "length" else 2) if ranked else 0,
+                   ranked=by_rank,
+                   rounds=context_rounds(lv.sparsity_strategy) if by_rank else 0,
                    links_on=links_on,
                    explicit=links_on and lv.cross_level_storage == "explicit")
 

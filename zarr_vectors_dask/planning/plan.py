@@ -15,6 +15,7 @@ from typing import Any, Sequence
 from ..errors import PlanError, PlanMetadataError
 from . import bill
 from .runs import chunks_per_block
+from .sparsity import context_rounds, ranked
 from .text import fmt_tuple
 
 __all__ = ["VALID_CROSS_LEVEL_STORAGE", "validate_factors", "normalize_chunk_scale",
@@ -189,10 +190,9 @@ class LevelPlan:
             # target level; the source level's +1 family too).
             levels = 1 + int(self.cross_level_storage != "none")
             out.update(write_shards=levels * tb, join=out["join"] + 1)
-        if self.sparsity_strategy != "random" and self.sparsity_factor > 1.0 \
-                and self.n_objects > 1:
-            # Per-object context before object_table (stages.needs_context).
-            rounds = 1 if self.sparsity_strategy == "length" else 2
+        if ranked(self.sparsity_strategy, self.sparsity_factor, self.n_objects):
+            # Per-object context before object_table.
+            rounds = context_rounds(self.sparsity_strategy)
             out.update(context_refs=k, fragment_summaries=b, object_context=k,
                        join=out["join"] + 2 * rounds)
             if rounds == 2:

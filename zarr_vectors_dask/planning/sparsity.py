@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["BUILTIN_STRATEGIES", "target_count", "needs_context", "kept_rows", "selection_function"]
+__all__ = ["BUILTIN_STRATEGIES", "target_count", "ranked", "context_rounds", "needs_context", "kept_rows", "selection_function"]
 
 
 
@@ -22,11 +22,22 @@ def target_count(n_rows: int, sparsity_factor: float) -> int:
     return max(1, round(n_rows * (1.0 / sparsity_factor)))
 
 
+def ranked(strategy: str, sparsity_factor: float, n_rows: int) -> bool:
+    """Whether the survivors depend on the objects' geometry (so
+    per-object lengths / points must be computed before ``object_table``):
+    any strategy but ``random``, when the level drops rows at all."""
+    return strategy != "random" and sparsity_factor > 1.0 and n_rows > 1
+
+
+def context_rounds(strategy: str) -> int:
+    """Exchange rounds of a ranked step's context: lengths only for
+    ``length``; lengths, then points, for a registered strategy."""
+    return 1 if strategy == "length" else 2
+
+
 def needs_context(sparsity: tuple, n_rows: int) -> bool:
-    """Whether this step's survivors depend on the objects' geometry (so
-    per-object lengths / points must be computed before ``object_table``)."""
-    factor, strategy = sparsity[0], sparsity[1]
-    return strategy != "random" and factor > 1.0 and n_rows > 1
+    """:func:`ranked`, for a step's sparsity tuple."""
+    return ranked(sparsity[1], sparsity[0], n_rows)
 
 
 def kept_rows(n_rows: int, sparsity_factor: float, strategy: str, seed, base_bin, *,

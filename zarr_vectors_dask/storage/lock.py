@@ -45,7 +45,7 @@ LOCK_KEY = ".zvdask/lock.json"
 SCRATCH_DIR = ".zvdask"
 
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("zarr_vectors_dask.lock")  # its name before the layout (issue 23)
 
 
 def default_lease() -> float:
