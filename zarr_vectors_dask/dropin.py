@@ -15,7 +15,6 @@ from . import api
 __all__ = ["patch_zarr_vectors"]
 
 
-
 _NAMES = ("build_pyramid", "coarsen_level")
 
 

@@ -17,7 +17,6 @@ __all__ = ["BuildError", "PlanError", "PlanMetadataError", "LevelNotFoundError",
            "QuietExpectedErrors", "quiet_expected_task_errors"]
 
 
-
 log = logging.getLogger("zarr_vectors_dask")
 
 

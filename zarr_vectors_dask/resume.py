@@ -26,7 +26,6 @@ __all__ = ["RECORD_DIR", "BUILD_RECORD", "build_lock", "level_record", "build_re
            "Targets", "prepare_targets", "finish_records", "sweep_temporaries", "wait_for_orphans"]
 
 
-
 RECORD_DIR = ".zvdask/levels"
 
 

@@ -18,7 +18,6 @@ __all__ = ["STAGE_OF", "Graph", "StepReport", "RUNNING", "wait_until_idle", "exe
            "count_workers", "workers_in_this_process", "client_for"]
 
 
-
 #: Stage label of each task function, as the plan and benchmarks name them.
 STAGE_OF = {
     "object_table": "object table", "object_refs": "object refs", "bin_partials": "bin partials",

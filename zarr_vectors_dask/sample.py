@@ -20,7 +20,6 @@ from .storage.store import Store, StoreAccessError, iter_secret_values
 __all__ = ["KINDS", "DOMAIN", "CHUNK_SHAPE", "BIN_SHAPE", "sample_streamlines", "write_sample"]
 
 
-
 KINDS = ("streamlines", "points")
 
 #: Domain, chunk and bin of every sample store (the demo's layout).

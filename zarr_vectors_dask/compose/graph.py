@@ -18,7 +18,6 @@ from ..storage.store import Store
 __all__ = ["COMPOSE_SCOPE", "compose_graph"]
 
 
-
 #: Exchange scope of the composition graph (a step's is its target level).
 COMPOSE_SCOPE = "compose"
 

@@ -12,7 +12,6 @@ __all__ = ["VERTICES", "VERTEX_FRAGMENTS", "VERTEX_ATTRIBUTES", "OBJECT_INDEX", 
            "EXCHANGE_DIR", "exchange_key"]
 
 
-
 VERTICES = "vertices"
 
 

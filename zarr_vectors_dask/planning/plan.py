@@ -23,7 +23,6 @@ __all__ = ["VALID_CROSS_LEVEL_STORAGE", "validate_factors", "normalize_chunk_sca
            "grid_layout", "LevelPlan", "PyramidPlan", "plan_level", "plan_pyramid_from_meta"]
 
 
-
 VALID_CROSS_LEVEL_STORAGE = ("none", "implicit", "explicit")
 
 

@@ -9,7 +9,6 @@ import numpy as np
 __all__ = ["BUILTIN_STRATEGIES", "target_count", "ranked", "context_rounds", "needs_context", "kept_rows", "selection_function"]
 
 
-
 # ------------------------------------------------------------- stage 0
 #: Strategies this project implements itself; any other name except the
 #: reference's "random" is looked up in zarr-vectors' selection registry.

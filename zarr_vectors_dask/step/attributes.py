@@ -40,7 +40,6 @@ __all__ = ["VERTEX_ATTRIBUTES", "MODES", "VertexAttribute", "default_mode", "out
            "reduce", "array_attributes"]
 
 
-
 VERTEX_ATTRIBUTES = nm.VERTEX_ATTRIBUTES
 
 

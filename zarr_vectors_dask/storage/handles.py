@@ -26,7 +26,6 @@ from ..errors import ReadOnlyStoreError, UnsupportedStoreError
 __all__ = ["MEMORY_PROTOCOL", "is_memory_url", "memory_store_for", "opened", "ZarrMemoryFileSystem"]
 
 
-
 MEMORY_PROTOCOL = "zvdask-memory"
 
 

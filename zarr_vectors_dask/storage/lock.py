@@ -38,7 +38,6 @@ from .store import Store, with_retries
 __all__ = ["LOCK_KEY", "SCRATCH_DIR", "default_lease", "BuildLock", "remove_empty_scratch"]
 
 
-
 LOCK_KEY = ".zvdask/lock.json"
 
 

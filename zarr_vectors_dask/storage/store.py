@@ -22,7 +22,6 @@ __all__ = ["BATCH_SIZE", "StoreAccessError", "redact", "is_transient", "with_ret
            "check_access", "iter_secret_values"]
 
 
-
 T = TypeVar("T")
 
 
