@@ -27,7 +27,7 @@ RANK = {
     "storage": 1,
     "format": 2,
     "planning": 3,
-    "runtime": 4,
+    "cluster": 4, "runtime": 4,
     "step": 5,
     "compose": 6,
     "resume": 7,
