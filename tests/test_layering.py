@@ -33,7 +33,7 @@ RANK = {
     "resume": 7,
     "api": 8,
     "sample": 9, "dropin": 9,
-    "cli": 10, "__init__": 10,
+    "cli": 10, "cli_support": 10, "worker_signals": 10, "__init__": 10,
     "__main__": 11,
 }
 

@@ -1,5 +1,4 @@
-"""The cluster a build makes when it is given no client, and the checks of
-cluster settings that can be refused before anything starts.
+"""The cluster a build makes when it is given no client.
 
 A ``LocalCluster(processes=True)`` starts its workers with multiprocessing's
 ``spawn``, which re-imports the caller's main script in every worker: a
@@ -28,32 +27,6 @@ log = logging.getLogger(__name__)
 #: The default cluster: two worker processes of one thread each.
 DEFAULT_WORKERS = 2
 DEFAULT_THREADS = 1
-
-
-class ClusterSettingsError(ValueError):
-    """Cluster settings no cluster can have (no workers, no threads, a
-    memory limit that does not parse)."""
-
-
-def check_settings(n_workers=None, threads_per_worker=None, memory_limit=None) -> None:
-    """Refuse settings that would start a cluster that never runs a task
-    (0 workers waits forever) or fails inside a worker process."""
-    if n_workers is not None and n_workers < 1:
-        raise ClusterSettingsError(f"--n-workers {n_workers}: a build needs at least 1 worker")
-    if threads_per_worker is not None and threads_per_worker < 1:
-        raise ClusterSettingsError(
-            f"--threads-per-worker {threads_per_worker}: a worker needs at least 1 thread")
-    if memory_limit is None or str(memory_limit).lower() in ("auto", "0", "none"):
-        return
-    from dask.utils import parse_bytes
-    try:
-        value = parse_bytes(str(memory_limit))
-    except (ValueError, TypeError):
-        value = None
-    if value is None or value < 0:
-        raise ClusterSettingsError(
-            f"--memory-limit {memory_limit!r}: expected a size such as 2GiB or 500MB, "
-            f"a fraction of this machine's memory such as 0.5, 0 (no limit) or auto")
 
 
 def _subprocess_cluster(scratch: str):
