@@ -50,11 +50,12 @@ def memory_limit(text: str) -> str:
     return text
 
 
-_VALUE_MAY_START_WITH_MINUS = ("--factors", "--chunk-scale")
+_VALUE_MAY_START_WITH_MINUS = ("--factors", "--chunk-scale", "--memory-limit")
 
 
 def join_dash_values(argv: list[str]) -> list[str]:
-    """``--factors -2:1`` -> ``--factors=-2:1``: argparse takes a value that
+    """``--factors -2:1`` -> ``--factors=-2:1`` (and ``--chunk-scale``,
+    ``--memory-limit``): argparse takes a value that
     starts with ``-`` and is not a plain number for an option, so the
     factor check would never see it.  The ``=`` form is argparse's own."""
     out: list[str] = []
