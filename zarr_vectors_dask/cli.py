@@ -262,6 +262,10 @@ def cmd_validate(args) -> int:
     return 0 if report.ok else 1
 
 
+#: Every option's help ends with its default.
+_HELP = argparse.ArgumentDefaultsHelpFormatter
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="zvdask", description=__doc__)
     p.add_argument("--version", action="version", version=__version__)
@@ -272,7 +276,9 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
                         help="on failure, print the traceback too")
 
-    py = sub.add_parser("pyramid", parents=[common], formatter_class=argparse.ArgumentDefaultsHelpFormatter, help="build coarser levels of a store on Dask")
+    py = sub.add_parser("pyramid", parents=[common],
+                        formatter_class=_HELP,
+                        help="build coarser levels of a store on Dask")
     py.add_argument("store", help="local path or fsspec URL (s3://bucket/store.zv)")
     py.add_argument("--factors", required=True, type=parse_factors, default=argparse.SUPPRESS,
                     help="COARSEN:SPARSITY per level, e.g. 2:1,2:2,2:2 (level 1 bins 2x "
@@ -328,7 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "axis): far fewer objects and requests on S3")
     py.set_defaults(func=cmd_pyramid)
 
-    de = sub.add_parser("demo", parents=[common], formatter_class=argparse.ArgumentDefaultsHelpFormatter, 
+    de = sub.add_parser("demo", parents=[common], formatter_class=_HELP,
                         help="write a sample streamline store and build its pyramid")
     de.add_argument("dir", nargs="?", default="zvdask-demo",
                     help="folder for demo.zv (replaced if it exists)")
@@ -339,7 +345,7 @@ def build_parser() -> argparse.ArgumentParser:
     de.add_argument("--seed", type=int, default=0, help="seed of the sample's random walks")
     de.set_defaults(func=cmd_demo)
 
-    sa = sub.add_parser("sample", parents=[common], formatter_class=argparse.ArgumentDefaultsHelpFormatter, 
+    sa = sub.add_parser("sample", parents=[common], formatter_class=_HELP,
                         help="write a small level-0 sample store (zarr-vectors writers)")
     sa.add_argument("url", help="local path or fsspec URL (s3://bucket/demo.zv)")
     sa.add_argument("--kind", choices=["streamlines", "points"], default="streamlines",
@@ -352,14 +358,14 @@ def build_parser() -> argparse.ArgumentParser:
                     help="fsspec storage option, repeatable (as for pyramid)")
     sa.set_defaults(func=cmd_sample)
 
-    info = sub.add_parser("info", parents=[common], formatter_class=argparse.ArgumentDefaultsHelpFormatter, 
+    info = sub.add_parser("info", parents=[common], formatter_class=_HELP,
                           help="list levels and their metadata")
     info.add_argument("store", help="local path or fsspec URL")
     info.add_argument("--storage-option", action="append", metavar="KEY=VALUE",
                       help="fsspec storage option, repeatable (as for pyramid)")
     info.set_defaults(func=cmd_info)
 
-    va = sub.add_parser("validate", parents=[common], formatter_class=argparse.ArgumentDefaultsHelpFormatter, 
+    va = sub.add_parser("validate", parents=[common], formatter_class=_HELP,
                         help="run zarr-vectors' validator")
     va.add_argument("store", help="local path or fsspec URL")
     va.add_argument("--level", type=int, choices=range(1, 6), default=3, metavar="1..5",
