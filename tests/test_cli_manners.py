@@ -28,7 +28,7 @@ from servers import subprocess_env
 from stores import make_streamlines
 from test_crash import _files_digest, _level0_arrays, _wait_for
 from zarr_vectors_dask.cli import build_parser
-from zarr_vectors_dask.lock import LOCK_KEY
+from zarr_vectors_dask.storage.lock import LOCK_KEY
 
 KW = dict(factors=[(2, 1), (2, 2), (2, 2)], sparsity_seed=0, cross_level_depth=-1,
           cross_level_storage="explicit")

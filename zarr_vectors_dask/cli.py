@@ -266,16 +266,8 @@ def cmd_validate(args) -> int:
 _HELP = argparse.ArgumentDefaultsHelpFormatter
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="zvdask", description=__doc__)
-    p.add_argument("--version", action="version", version=__version__)
-    p.add_argument("-v", "--verbose", action="store_true",
-                   help="on failure, print the traceback too")
-    sub = p.add_subparsers(dest="command", required=True)
-    common = argparse.ArgumentParser(add_help=False)  # ``--verbose`` after the command too
-    common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
-                        help="on failure, print the traceback too")
-
+def _add_pyramid(sub, common) -> None:
+    """``zvdask pyramid`` and its options."""
     py = sub.add_parser("pyramid", parents=[common],
                         formatter_class=_HELP,
                         help="build coarser levels of a store on Dask")
@@ -333,6 +325,19 @@ def build_parser() -> argparse.ArgumentParser:
                          "chunks per storage object (one number for every axis, or one per "
                          "axis): far fewer objects and requests on S3")
     py.set_defaults(func=cmd_pyramid)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="zvdask", description=__doc__)
+    p.add_argument("--version", action="version", version=__version__)
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="on failure, print the traceback too")
+    sub = p.add_subparsers(dest="command", required=True)
+    common = argparse.ArgumentParser(add_help=False)  # ``--verbose`` after the command too
+    common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                        help="on failure, print the traceback too")
+
+    _add_pyramid(sub, common)
 
     de = sub.add_parser("demo", parents=[common], formatter_class=_HELP,
                         help="write a sample streamline store and build its pyramid")
