@@ -91,3 +91,22 @@ def test_python_dash_c(reference, tmp_path):
                        timeout=300, env=subprocess_env(), cwd=str(tmp_path))
     _check(r, reference, store, counter)
 
+
+
+def test_no_worker_processes_falls_back_to_threads_in_one_line(monkeypatch, caplog):
+    """Where SubprocessCluster cannot start (Windows), the build runs on
+    threads here and says so in one log line, not a traceback."""
+    import os
+
+    from zarr_vectors_dask import cluster
+
+    def refuse(scratch):
+        raise RuntimeError("SubprocessCluster does not support Windows.")
+    monkeypatch.setattr(cluster, "_subprocess_cluster", refuse)
+    with caplog.at_level("WARNING", logger=cluster.__name__):
+        with cluster.default_client() as client:
+            assert set(client.run(os.getpid).values()) == {os.getpid()}
+    said = [r for r in caplog.records if r.name == cluster.__name__]
+    assert len(said) == 1 and "\n" not in said[0].getMessage(), said
+    assert "building on threads in this process" in said[0].getMessage()
+    assert said[0].exc_info is None
