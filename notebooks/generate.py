@@ -340,7 +340,8 @@ from zarr_vectors_dask.sample import write_sample
 
 30 streamlines written by zarr-vectors (`write_sample`), then three coarser
 levels with links between every pair of levels.  Without a `client`,
-`build_pyramid` starts and stops its own LocalCluster.
+`build_pyramid` starts and stops its own cluster (worker processes that do not
+import this notebook: see the README, "The default cluster").
 """),
     code("""
 store = "links.zv"

@@ -392,6 +392,8 @@ def test_slurm_script_drives_build_pyramid_with_cluster_client(monkeypatch, tmp_
         "--storage-option", "client_kwargs.endpoint_url=http://h:1",
         "--log-directory", str(tmp_path / "logs"),
     ])
+    assert calls["sparsity_strategy"] == "random" and calls["shard_shape"] is None
+    assert calls["vertex_attributes"] is None and calls["attribute_aggregation"] is None
     assert rc == 0
     assert 3 in made["scale_calls"]
     kw = made["kwargs"]
@@ -401,6 +403,33 @@ def test_slurm_script_drives_build_pyramid_with_cluster_client(monkeypatch, tmp_
     assert calls["sparsity_seed"] == 7
     assert calls["storage_options"] == {"client_kwargs": {"endpoint_url": "http://h:1"}}
     assert calls["resume"] is False and calls["overwrite"] is False
+
+
+def test_slurm_script_passes_shards_attributes_and_strategy(monkeypatch, tmp_path):
+    """The options zvdask has for what is built reach build_pyramid, parsed
+    by zvdask's own parsers."""
+    from distributed import LocalCluster
+
+    class FakeSLURMCluster(LocalCluster):
+        def __init__(self, **kwargs):
+            super().__init__(n_workers=0, processes=False, dashboard_address=":0")
+
+        def scale(self, n=None, jobs=0, **kw):
+            return super().scale(1 if jobs else 0)
+
+    calls: dict[str, Any] = {}
+    monkeypatch.setitem(sys.modules, "dask_jobqueue", types.SimpleNamespace(SLURMCluster=FakeSLURMCluster))
+    import zarr_vectors_dask
+    monkeypatch.setattr(zarr_vectors_dask, "build_pyramid",
+                        lambda store, **kw: calls.update(kw) or {"levels_created": 1})
+    mod = _load_slurm_module()
+    assert mod.main(["x.zv", "--factors", "2:1", "--shard-shape", "4x4x2", "--vertex-attributes",
+                     "--aggregate", "fa=max", "--sparsity-strategy", "length",
+                     "--log-directory", str(tmp_path / "logs")]) == 0
+    assert calls["shard_shape"] == (4, 4, 2) and calls["sparsity_strategy"] == "length"
+    assert calls["vertex_attributes"] == "aggregate" and calls["attribute_aggregation"] == {"fa": "max"}
+    with pytest.raises(SystemExit):
+        mod.build_parser().parse_args(["x.zv", "--factors", "2:1", "--shard-shape", "0"])
 
 
 def test_sbatch_script():

@@ -27,13 +27,13 @@ RANK = {
     "storage": 1,
     "format": 2,
     "planning": 3,
-    "runtime": 4,
+    "cluster": 4, "runtime": 4,
     "step": 5,
     "compose": 6,
     "resume": 7,
     "api": 8,
     "sample": 9, "dropin": 9,
-    "cli": 10, "__init__": 10,
+    "cli": 10, "cli_support": 10, "worker_signals": 10, "__init__": 10,
     "__main__": 11,
 }
 

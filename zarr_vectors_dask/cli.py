@@ -8,6 +8,7 @@ import sys
 import time
 
 from . import __version__
+from . import cli_support as manners
 
 __all__ = ["parse_factors", "parse_chunk_scale", "parse_aggregation", "parse_storage_options",
            "parse_shard_shape", "cmd_pyramid", "cmd_sample", "cmd_demo", "cmd_info", "cmd_validate",
@@ -95,15 +96,9 @@ def _client(args):
         return Client(args.scheduler), None
     cluster = LocalCluster(n_workers=args.n_workers, threads_per_worker=args.threads_per_worker,
                            memory_limit=args.memory_limit, processes=True,
-                           dashboard_address=":0", silence_logs=40)
+                           dashboard_address=":0", silence_logs=40,
+                           preload=manners.WORKER_PRELOAD)
     return Client(cluster), cluster
-
-
-def _progress(name, futures):
-    from distributed import progress
-    print(f"  {name}:", flush=True)
-    progress(futures, notebook=False)
-    print(flush=True)
 
 
 def _print_table(rows, headers):
@@ -111,6 +106,24 @@ def _print_table(rows, headers):
     print("  ".join(str(h).ljust(w) for h, w in zip(headers, widths)))
     for r in rows:
         print("  ".join(str(v).ljust(w) for v, w in zip(r, widths)))
+
+
+def _check_before_cluster(args, opts, kw) -> None:
+    """Unreachable store, bad credentials, not a zarr-vectors store, a target
+    that cannot be written, a request the plan refuses: said before a
+    cluster starts (or is connected to)."""
+    from .format.documents import open_zarr_vectors
+    from .planning.levels import make_plan
+    from .step import attributes as va
+    st = open_zarr_vectors(args.store, opts)
+    manners.check_writable(st)
+    plan = make_plan(st, factors=kw["factors"], chunk_scale_factors=kw["chunk_scale_factors"],
+                     cross_level_depth=kw["cross_level_depth"],
+                     cross_level_storage=kw["cross_level_storage"],
+                     sparsity_strategy=kw["sparsity_strategy"], n_workers=args.n_workers,
+                     shard_shape=kw.get("shard_shape"))
+    va.resolve(st, plan.levels[0].source_level, kw.get("vertex_attributes"),
+               kw.get("attribute_aggregation"))
 
 
 def cmd_pyramid(args) -> int:
@@ -135,14 +148,7 @@ def cmd_pyramid(args) -> int:
     if args.dry_run:
         print(plan_pyramid(args.store, n_workers=args.n_workers, **kw))
         return 0
-    # Unreachable store, bad credentials, not a zarr-vectors store: say so
-    # before starting (or connecting to) a cluster.
-    from .format.documents import open_zarr_vectors
-    from .planning.plan import validate_options
-    open_zarr_vectors(args.store, opts)
-    validate_options(cross_level_storage=args.cross_level_storage,
-                     cross_level_depth=args.cross_level_depth,
-                     sparsity_strategy=args.sparsity_strategy)
+    _check_before_cluster(args, opts, kw)
     client, cluster = _client(args)
     try:
         print(f"dashboard: {client.dashboard_link}")
@@ -150,13 +156,17 @@ def cmd_pyramid(args) -> int:
         t0 = time.perf_counter()
         summary = build_pyramid(args.store, client=client, resume=args.resume,
                                 overwrite=args.overwrite, _reports=reports,
-                                progress=None if args.no_progress else _progress, **kw)
+                                progress=None if args.no_progress else manners.progress, **kw)
         total = time.perf_counter() - t0
     finally:
         from .errors import cleanup
         cleanup(client.close, what="closing the Dask client")
         if cluster is not None:
             cleanup(cluster.close, what="closing the LocalCluster")
+    if not reports:  # the finished-pyramid path: no step ran, nothing composed
+        print(f"nothing left to build: the {summary['levels_created']} level(s) asked for "
+              f"are already built")
+        return 0
     rows = []
     steps = [r for r in reports if hasattr(r, "target_level")]
     for spec, rep in zip(summary["level_specs"][-len(steps):] if steps else [], steps):
@@ -193,7 +203,8 @@ def cmd_demo(args) -> int:
     print(plan_pyramid(path, factors=factors, cross_level_depth=-1))
     from distributed import Client, LocalCluster
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0",
-                      silence_logs=40) as cluster, Client(cluster) as client:
+                      silence_logs=40, preload=manners.WORKER_PRELOAD) as cluster, \
+            Client(cluster) as client:
         print(f"LocalCluster with 2 workers; dashboard: {client.dashboard_link}")
         t0 = time.perf_counter()
         summary = build_pyramid(path, factors=factors, sparsity_seed=0, cross_level_depth=-1,
@@ -251,39 +262,58 @@ def cmd_validate(args) -> int:
     return 0 if report.ok else 1
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="zvdask", description=__doc__)
-    p.add_argument("--version", action="version", version=__version__)
-    p.add_argument("-v", "--verbose", action="store_true",
-                   help="on failure, print the traceback too")
-    sub = p.add_subparsers(dest="command", required=True)
-    common = argparse.ArgumentParser(add_help=False)  # ``--verbose`` after the command too
-    common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
-                        help="on failure, print the traceback too")
+#: Every option's help ends with its default.
+_HELP = argparse.ArgumentDefaultsHelpFormatter
 
-    py = sub.add_parser("pyramid", parents=[common], help="build coarser levels of a store on Dask")
+
+def _add_pyramid(sub, common) -> None:
+    """``zvdask pyramid`` and its options."""
+    py = sub.add_parser("pyramid", parents=[common],
+                        formatter_class=_HELP,
+                        help="build coarser levels of a store on Dask")
     py.add_argument("store", help="local path or fsspec URL (s3://bucket/store.zv)")
-    py.add_argument("--factors", required=True, type=parse_factors,
-                    help="COARSEN:SPARSITY per level, e.g. 2:1,2:2,2:2")
+    py.add_argument("--factors", required=True, type=parse_factors, default=argparse.SUPPRESS,
+                    help="COARSEN:SPARSITY per level, e.g. 2:1,2:2,2:2 (level 1 bins 2x "
+                         "coarser, all objects; level 2 again 2x coarser, half the objects)")
     py.add_argument("--chunk-scale", type=parse_chunk_scale, default=None,
-                    help="per-level chunk scale, e.g. 1,2,2x2x1")
+                    help="per-level chunk scale, e.g. 1,2,2x2x1 (none: zarr-vectors' default, "
+                         "chunks as at level 0)")
     py.add_argument("--sparsity-strategy", default="random",
                     help="which objects a sparsified level keeps: random (the reference's, "
                          "seeded), length (the longest polylines) or a name registered in "
                          "zarr-vectors' selection registry")
-    py.add_argument("--sparsity-seed", type=int, default=None)
-    py.add_argument("--cross-level-depth", type=int, default=1)
+    py.add_argument("--sparsity-seed", type=int, default=None,
+                    help="seed of the random draw of kept objects (none: a fresh draw each "
+                         "run, as in zarr-vectors)")
+    py.add_argument("--cross-level-depth", type=int, default=1,
+                    help="link levels this many apart (-1: every pair of levels, 0: none); 1 is "
+                         "zarr_vectors.build_pyramid's default, so the same arguments give its "
+                         "pyramid; the demo uses -1 to show every link family")
     py.add_argument("--cross-level-storage", choices=["explicit", "implicit", "none"],
-                    default="explicit")
-    py.add_argument("--scheduler", default=None, help="address of a running Dask scheduler")
-    py.add_argument("--n-workers", type=int, default=2)
-    py.add_argument("--threads-per-worker", type=int, default=1)
-    py.add_argument("--memory-limit", default="auto")
-    py.add_argument("--storage-option", action="append", metavar="KEY=VALUE")
-    py.add_argument("--dry-run", action="store_true", help="print the plan and exit")
-    py.add_argument("--resume", action="store_true")
-    py.add_argument("--overwrite", action="store_true")
-    py.add_argument("--no-progress", action="store_true")
+                    default="explicit",
+                    help="how cross-level links are stored (as zarr-vectors' argument)")
+    py.add_argument("--scheduler", default=None,
+                    help="address of a running Dask scheduler (none: a LocalCluster made "
+                         "with the next three options, closed after the build)")
+    py.add_argument("--n-workers", type=manners.at_least_one, default=2,
+                    help="worker processes of the LocalCluster")
+    py.add_argument("--threads-per-worker", type=manners.at_least_one, default=1,
+                    help="threads per worker process")
+    py.add_argument("--memory-limit", type=manners.memory_limit, default="auto",
+                    help="memory limit per worker: a size (2GiB), a fraction of this "
+                         "machine's memory (0.5), auto (an equal share) or 0 (none)")
+    py.add_argument("--storage-option", action="append", metavar="KEY=VALUE",
+                    help="fsspec storage option, repeatable; dotted keys nest "
+                         "(client_kwargs.endpoint_url=...), values are JSON when they parse")
+    py.add_argument("--dry-run", action="store_true",
+                    help="print the plan (levels, tasks, memory bill) and exit")
+    py.add_argument("--resume", action="store_true",
+                    help="finish a build that stopped: keep the levels it finished, rebuild "
+                         "the rest")
+    py.add_argument("--overwrite", action="store_true",
+                    help="replace existing coarse levels (level 0 is never touched)")
+    py.add_argument("--no-progress", action="store_true",
+                    help="no progress bars (off a terminal they are plain lines)")
     py.add_argument("--vertex-attributes", action="store_true",
                     help="also write every per-vertex attribute at each coarse level, "
                          "aggregated per metavertex (mean for floats, mode for integers)")
@@ -296,32 +326,58 @@ def build_parser() -> argparse.ArgumentParser:
                          "axis): far fewer objects and requests on S3")
     py.set_defaults(func=cmd_pyramid)
 
-    de = sub.add_parser("demo", parents=[common], help="write a sample streamline store and build its pyramid")
-    de.add_argument("dir", nargs="?", default="zvdask-demo")
-    de.add_argument("--lines", type=int, default=2000)
-    de.add_argument("--points", type=int, default=100)
-    de.add_argument("--seed", type=int, default=0)
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="zvdask", description=__doc__)
+    p.add_argument("--version", action="version", version=__version__)
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="on failure, print the traceback too")
+    sub = p.add_subparsers(dest="command", required=True)
+    common = argparse.ArgumentParser(add_help=False)  # ``--verbose`` after the command too
+    common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                        help="on failure, print the traceback too")
+
+    _add_pyramid(sub, common)
+
+    de = sub.add_parser("demo", parents=[common], formatter_class=_HELP,
+                        help="write a sample streamline store and build its pyramid")
+    de.add_argument("dir", nargs="?", default="zvdask-demo",
+                    help="folder for demo.zv (replaced if it exists)")
+    de.add_argument("--lines", type=manners.at_least_one, default=2000,
+                    help="number of streamlines")
+    de.add_argument("--points", type=manners.at_least_one, default=100,
+                    help="points per streamline")
+    de.add_argument("--seed", type=int, default=0, help="seed of the sample's random walks")
     de.set_defaults(func=cmd_demo)
 
-    sa = sub.add_parser("sample", parents=[common], help="write a small level-0 sample store (zarr-vectors writers)")
+    sa = sub.add_parser("sample", parents=[common], formatter_class=_HELP,
+                        help="write a small level-0 sample store (zarr-vectors writers)")
     sa.add_argument("url", help="local path or fsspec URL (s3://bucket/demo.zv)")
-    sa.add_argument("--kind", choices=["streamlines", "points"], default="streamlines")
+    sa.add_argument("--kind", choices=["streamlines", "points"], default="streamlines",
+                    help="what the sample holds")
     sa.add_argument("--objects", type=int, default=50, help="number of objects")
     sa.add_argument("--vertices", type=int, default=5000, help="total number of vertices")
-    sa.add_argument("--seed", type=int, default=0)
+    sa.add_argument("--seed", type=int, default=0, help="seed of the sample's positions")
     sa.add_argument("--overwrite", action="store_true", help="replace an existing store")
-    sa.add_argument("--storage-option", action="append", metavar="KEY=VALUE")
+    sa.add_argument("--storage-option", action="append", metavar="KEY=VALUE",
+                    help="fsspec storage option, repeatable (as for pyramid)")
     sa.set_defaults(func=cmd_sample)
 
-    info = sub.add_parser("info", parents=[common], help="list levels and their metadata")
-    info.add_argument("store")
-    info.add_argument("--storage-option", action="append", metavar="KEY=VALUE")
+    info = sub.add_parser("info", parents=[common], formatter_class=_HELP,
+                          help="list levels and their metadata")
+    info.add_argument("store", help="local path or fsspec URL")
+    info.add_argument("--storage-option", action="append", metavar="KEY=VALUE",
+                      help="fsspec storage option, repeatable (as for pyramid)")
     info.set_defaults(func=cmd_info)
 
-    va = sub.add_parser("validate", parents=[common], help="run zarr-vectors' validator")
-    va.add_argument("store")
-    va.add_argument("--level", type=int, default=3)
-    va.add_argument("--storage-option", action="append", metavar="KEY=VALUE")
+    va = sub.add_parser("validate", parents=[common], formatter_class=_HELP,
+                        help="run zarr-vectors' validator")
+    va.add_argument("store", help="local path or fsspec URL")
+    va.add_argument("--level", type=int, choices=range(1, 6), default=3, metavar="1..5",
+                    help="zarr-vectors' conformance level to check up to (its validator's "
+                         "level argument), not a pyramid level")
+    va.add_argument("--storage-option", action="append", metavar="KEY=VALUE",
+                    help="fsspec storage option, repeatable (as for pyramid)")
     va.set_defaults(func=cmd_validate)
     return p
 
@@ -343,13 +399,19 @@ def _one_line(exc: BaseException) -> str:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser().parse_args(manners.join_dash_values(argv))
     verbose = bool(getattr(args, "verbose", False))
     try:
-        return args.func(args)
-    except KeyboardInterrupt:
-        print("zvdask: interrupted", file=sys.stderr)
-        return 130
+        with manners.signals_stop_the_build():
+            return args.func(args)
+    except KeyboardInterrupt as exc:
+        import signal
+        name = str(exc) or "SIGINT"
+        done = ("; its tasks were cancelled and its build lock released (--resume finishes "
+                "it)" if args.command == "pyramid" else "")
+        print(f"zvdask: interrupted ({name}){done}", file=sys.stderr)
+        return 128 + getattr(signal, name, signal.SIGINT)
     except Exception as exc:  # noqa: BLE001 - one readable line, see --verbose
         if verbose:
             import traceback

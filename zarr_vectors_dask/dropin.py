@@ -2,7 +2,8 @@
 ``build_pyramid``/``coarsen_level`` ours, so ``zarr_vectors.open(url,
 mode="r+").build_pyramid(...)``, ``rebuild_pyramid_from_level`` and
 ``from zarr_vectors.multiresolution.coarsen import build_pyramid`` all build
-on Dask (on the default client, or a LocalCluster made for each call).
+on Dask (on the default client, or a cluster made for each call: see
+``cluster.py``).
 """
 
 from __future__ import annotations

@@ -10,6 +10,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
+from .cluster import default_client
 from .errors import BuildError, PlanError
 from .storage import handles
 from .storage.store import Store
@@ -137,13 +138,13 @@ def workers_in_this_process(client) -> bool:
 @contextlib.contextmanager
 def client_for(client, store: Store | None = None):
     """The client to build on: ``client``, else the default client, else a
-    LocalCluster of worker processes for the duration of the build.
+    cluster of worker processes made for the duration of the build
+    (``cluster.default_client``: they never import the caller's main).
 
     A zarr MemoryStore lives in this process, so its build needs workers
     in this process: the caller's client if its workers are, else (no
     client given) a threads-only cluster here, made for the build."""
     in_memory = store is not None and handles.is_memory_url(store.url)
-    from distributed import Client, LocalCluster
     if client is not None:
         if in_memory and not workers_in_this_process(client):
             raise PlanError(
@@ -162,15 +163,6 @@ def client_for(client, store: Store | None = None):
     if default is not None and (not in_memory or workers_in_this_process(default)):
         yield default
         return
-    if in_memory:
-        cluster = LocalCluster(n_workers=1, threads_per_worker=2, processes=False,
-                               dashboard_address=":0", silence_logs=40)
-    else:
-        cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
-                               dashboard_address=":0", silence_logs=40)
-    c = Client(cluster, set_as_default=False)
-    try:
+    # Worker processes that never import the caller's __main__ (cluster.py).
+    with default_client(in_this_process=in_memory) as c:
         yield c
-    finally:
-        c.close()
-        cluster.close()

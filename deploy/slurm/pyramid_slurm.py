@@ -71,17 +71,38 @@ def parse_storage_options(items: Sequence[str]) -> dict[str, Any]:
     return opts
 
 
+def parse_shard_shape(text: str):
+    """``4`` or ``4x4x2`` (chunks per shard), parsed as ``zvdask --shard-shape``."""
+    from zarr_vectors_dask.cli import parse_shard_shape as parse
+    return parse(text)
+
+
+def parse_aggregation(text: str) -> dict[str, str]:
+    """``fa=mean,label=mode``, parsed as ``zvdask --aggregate``."""
+    from zarr_vectors_dask.cli import parse_aggregation as parse
+    return parse(text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("store", help="store path or URL (shared filesystem or object storage)")
     p.add_argument("--factors", required=True, type=parse_factors,
                    help="per level COARSEN:SPARSITY, comma separated, e.g. 2:1,2:2,2:2")
+    p.add_argument("--sparsity-strategy", default="random",
+                   help="which objects a sparsified level keeps: random (zarr-vectors'), "
+                        "length (the longest polylines) or a name in zarr-vectors' registry")
     p.add_argument("--sparsity-seed", type=int, default=None)
     p.add_argument("--cross-level-depth", type=int, default=1)
     p.add_argument("--cross-level-storage", choices=["explicit", "implicit", "none"], default="explicit")
     p.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--resume", action="store_true")
     p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--vertex-attributes", action="store_true",
+                   help="also write every per-vertex attribute at each coarse level")
+    p.add_argument("--aggregate", type=parse_aggregation, default=None, metavar="NAME=MODE,...",
+                   help="aggregation per attribute with --vertex-attributes, e.g. fa=mean")
+    p.add_argument("--shard-shape", type=parse_shard_shape, default=None, metavar="N|NxNxN",
+                   help="Zarr v3 sharding of every array the build writes, chunks per shard")
     g = p.add_argument_group("SLURM / dask-jobqueue")
     g.add_argument("--jobs", type=int, default=2, help="number of SLURM worker jobs")
     g.add_argument("--cores", type=int, default=4, help="cores per job")
@@ -140,6 +161,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     import zarr_vectors_dask
 
+    if args.aggregate and not args.vertex_attributes:
+        raise SystemExit("--aggregate needs --vertex-attributes")
+    if args.sparsity_strategy not in ("random", "length"):
+        # Other names are registered by zarr-vectors-tools on import (as zvdask does).
+        import importlib.util
+        if importlib.util.find_spec("zarr_vectors_tools") is not None:
+            import zarr_vectors_tools  # noqa: F401
     cluster = make_cluster(args)
     if args.print_job_script:
         print(cluster.job_script())
@@ -153,6 +181,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             return zarr_vectors_dask.build_pyramid(
                 args.store,
                 factors=args.factors,
+                sparsity_strategy=args.sparsity_strategy,
                 sparsity_seed=args.sparsity_seed,
                 cross_level_depth=args.cross_level_depth,
                 cross_level_storage=args.cross_level_storage,
@@ -160,6 +189,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 storage_options=parse_storage_options(args.storage_option) or None,
                 resume=args.resume,
                 overwrite=args.overwrite,
+                vertex_attributes="aggregate" if args.vertex_attributes else None,
+                attribute_aggregation=args.aggregate,
+                shard_shape=args.shard_shape,
             )
     finally:
         cluster.close()

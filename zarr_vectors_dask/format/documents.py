@@ -33,11 +33,21 @@ def open_zarr_vectors(store_arg, storage_options) -> Store:
     check_access(store)
     attrs = node_attrs(store, "")
     if attrs is None or "zarr_vectors" not in attrs:
-        raise NotAZarrVectorsStoreError(f"{store.url}: not a zarr-vectors store (no "
-                                        f"zarr_vectors root metadata in zarr.json)")
+        raise NotAZarrVectorsStoreError(_not_a_store(store, attrs))
     if node_attrs(store, "0") is None:
         raise NotAZarrVectorsStoreError(f"{store.url}: zarr-vectors store has no level 0")
     return store
+
+
+def _not_a_store(store: Store, attrs) -> str:
+    """What is there instead: a file, a folder with no Zarr root document,
+    or a Zarr node without zarr-vectors' root metadata."""
+    if store.is_local and os.path.isfile(store.root):
+        return f"{store.url}: a file, not a zarr-vectors store (a store is a folder)"
+    if attrs is None:
+        return f"{store.url}: not a zarr-vectors store (no zarr.json: not a Zarr group)"
+    return (f"{store.url}: not a zarr-vectors store (its zarr.json has no zarr_vectors "
+            f"root metadata)")
 
 
 @contextlib.contextmanager

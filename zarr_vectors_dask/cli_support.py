@@ -1,0 +1,139 @@
+"""Manners of the ``zvdask`` command: cluster settings refused while
+parsing, checks made before a cluster starts, signals that stop a build
+cleanly, and progress written as plain lines where output is not a
+terminal."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import os
+import re
+import signal
+import sys
+import time
+
+
+__all__ = ["MIN_MEMORY_LIMIT", "WORKER_PRELOAD", "at_least_one", "memory_limit",
+           "join_dash_values", "check_writable", "Interrupted", "signals_stop_the_build",
+           "progress"]
+
+#: A worker process alone needs about this much; less never runs a task.
+MIN_MEMORY_LIMIT = 100 * 2**20
+
+
+# ------------------------------------------------------------ cluster settings
+def at_least_one(text: str) -> int:
+    """argparse type: a whole number >= 1 (0 workers or threads wait forever)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value}: must be at least 1")
+    return value
+
+
+def memory_limit(text: str) -> str:
+    """argparse type: a worker memory limit as distributed parses it (a size,
+    a fraction of this machine's memory, ``auto``, or ``0`` for none)."""
+    from distributed.worker_memory import parse_memory_limit
+    try:
+        value = parse_memory_limit(text, 1, 1, logger=logging.getLogger(__name__))
+    except (ValueError, TypeError):
+        value = -1
+    if value is not None and value < MIN_MEMORY_LIMIT:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: expected a size of at least 100MiB (e.g. 2GiB), a fraction of this "
+            f"machine's memory (e.g. 0.5), auto, or 0 for no limit")
+    return text
+
+
+_VALUE_MAY_START_WITH_MINUS = ("--factors", "--chunk-scale", "--memory-limit")
+
+
+def join_dash_values(argv: list[str]) -> list[str]:
+    """``--factors -2:1`` -> ``--factors=-2:1`` (and ``--chunk-scale``,
+    ``--memory-limit``): argparse takes a value that
+    starts with ``-`` and is not a plain number for an option, so the
+    factor check would never see it.  The ``=`` form is argparse's own."""
+    out: list[str] = []
+    it = iter(argv)
+    for arg in it:
+        if arg in _VALUE_MAY_START_WITH_MINUS:
+            nxt = next(it, None)
+            if nxt is not None and re.match(r"-\.?\d", nxt):
+                out.append(f"{arg}={nxt}")
+                continue
+            out.append(arg)
+            if nxt is not None:
+                out.append(nxt)
+            continue
+        out.append(arg)
+    return out
+
+
+# ------------------------------------------------------------ before a cluster
+def check_writable(store) -> None:
+    """A local target that cannot be written: say which path and why
+    before a cluster starts (the build writes its lock and levels there)."""
+    from .storage.store import StoreAccessError
+    if not store.is_local:
+        return  # object stores: the lock's conditional put is the first write
+    path = store.root
+    scratch = os.path.join(path, ".zvdask")
+    if os.path.isdir(scratch):
+        path = scratch
+    if os.access(path, os.W_OK):
+        return
+    try:
+        read_only = bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    except OSError:
+        read_only = False
+    why = "a read-only file system" if read_only else "permission denied"
+    raise StoreAccessError(f"{path} cannot be written ({why}): a build writes its lock and "
+                           f"its levels into the store")
+
+
+# ------------------------------------------------------------ signals
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM arrived; its name is the message."""
+
+
+@contextlib.contextmanager
+def signals_stop_the_build():
+    """SIGTERM and SIGINT raise :class:`Interrupted` in the main thread, so
+    the build's own cleanup runs (its graph cancelled, its lock released,
+    its cluster closed).  A second signal ends the process at once."""
+    def handler(signum, frame):
+        for s in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(s, signal.SIG_DFL)
+        raise Interrupted(signal.Signals(signum).name)
+
+    old = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+#: distributed preload for the workers the command starts (SIGINT ignored).
+WORKER_PRELOAD = ["zarr_vectors_dask.worker_signals"]
+
+
+# ------------------------------------------------------------ progress
+def progress(name, futures) -> None:
+    """distributed's text bar on a terminal; elsewhere (a log, a pipe) one
+    line when a stage starts and one when it ends, with no carriage returns."""
+    from distributed import progress as bar, wait
+    if sys.stdout.isatty():
+        print(f"  {name}:", flush=True)
+        bar(futures, notebook=False)
+        print(flush=True)
+        return
+    print(f"  {name}: started", flush=True)
+    t0 = time.perf_counter()
+    wait(futures)
+    print(f"  {name}: done in {time.perf_counter() - t0:.2f} s", flush=True)
