@@ -27,14 +27,16 @@ Every failure raises ``AssertionError`` naming the level / chunk / object /
 attribute / delta that differs.  A reader that raises on the *actual* store
 is also reported as ``AssertionError``.
 
-``compare_raw_files(expected, actual)`` is a debugging helper for
-bit-for-bit comparison of the two directory trees.
+``compare_raw_files(expected, actual)`` compares the two directory trees
+byte for byte, every file and every ``zarr.json`` included; what it leaves
+out is named by the caller with its reason (``exclude=``).
 """
 
 from __future__ import annotations
 
-import shutil
+import fnmatch
 import json
+import shutil
 import math
 import os
 from collections import Counter
@@ -71,6 +73,7 @@ __all__ = [
     "assert_equivalent",
     "compare_raw_files",
     "RawDiff",
+    "SIDECAR",
     "link_records",
 ]
 
@@ -544,8 +547,14 @@ def _assert_equivalent_open(exp_root, act_root, expected_path, actual_path, *,
 
 
 # ---------------------------------------------------------------------------
-# raw file comparison (debugging aid)
+# raw file comparison: every file's bytes
 # ---------------------------------------------------------------------------
+
+#: The project's own build records (``.zvdask/``): deliberately ours, the
+#: reference writes none.  A finished build removes them, so pass this
+#: only where a test leaves the records on purpose (an interrupted build).
+SIDECAR = {".zvdask/*": "the project's own build records, not part of the format"}
+
 
 @dataclass
 class RawDiff:
@@ -554,8 +563,11 @@ class RawDiff:
     only_in_expected: list[str] = field(default_factory=list)
     only_in_actual: list[str] = field(default_factory=list)
     differing: list[str] = field(default_factory=list)
-    #: For differing ``zarr.json`` files: path -> list of JSON-path diffs.
+    #: For differing ``zarr.json`` files: what differs, to read (parsed
+    #: JSON paths, or that only the formatting / key order does).
     json_diffs: dict[str, list[str]] = field(default_factory=dict)
+    #: Paths left out on request: reason -> paths (either tree).
+    excluded: dict[str, list[str]] = field(default_factory=dict)
 
     @property
     def identical(self) -> bool:
@@ -565,9 +577,7 @@ class RawDiff:
         return not self.identical
 
     def summary(self, limit: int = 20) -> str:
-        if self.identical:
-            return "stores are file-for-file identical"
-        lines = []
+        lines = ["stores are file-for-file identical" if self.identical else ""]
         for title, items in (("only in expected", self.only_in_expected),
                              ("only in actual", self.only_in_actual),
                              ("bytes differ", self.differing)):
@@ -580,72 +590,91 @@ class RawDiff:
                     lines.append(f"  {p}{extra}")
                 if len(items) > limit:
                     lines.append(f"  ... {len(items) - limit} more")
-        return "\n".join(lines)
+        for reason, paths in self.excluded.items():
+            lines.append(f"not compared ({len(paths)} file(s)): {reason}")
+        return "\n".join(line for line in lines if line)
 
 
 def _list_files(root: Path) -> set[str]:
     out = set()
     for dirpath, _dirs, files in os.walk(root):
         for f in files:
-            out.add(os.path.relpath(os.path.join(dirpath, f), root))
+            out.add(Path(os.path.relpath(os.path.join(dirpath, f), root)).as_posix())
     return out
 
 
-def _strip_zv_version(x: Any) -> Any:
+def _explain_json(eb: bytes, ab: bytes) -> list[str]:
+    """Why two differing ``zarr.json`` files differ, for the message."""
+    try:
+        ej, aj = json.loads(eb), json.loads(ab)
+    except ValueError:
+        return ["not valid JSON"]
+    diffs = _diff_values(ej, aj, rel=0.0)
+    if diffs:
+        return diffs
+    if json.dumps(ej) == json.dumps(aj):  # keeps key order and 1 vs 1.0
+        return [f"same JSON, other whitespace: expected {eb[:50]!r}..., "
+                f"actual {ab[:50]!r}..."]
+    if list(_key_paths(ej)) != list(_key_paths(aj)):
+        return ["same JSON, other key order"]
+    return ["same JSON, other number spelling (such as 1 vs 1.0)"]
+
+
+def _key_paths(x: Any, at: str = ""):
+    """Every key of a parsed document, in document order."""
     if isinstance(x, dict):
-        return {k: _strip_zv_version(v) for k, v in x.items() if k != "zv_version"}
-    if isinstance(x, list):
-        return [_strip_zv_version(v) for v in x]
-    return x
+        for k, v in x.items():
+            yield f"{at}.{k}"
+            yield from _key_paths(v, f"{at}.{k}")
+    elif isinstance(x, list):
+        for i, v in enumerate(x):
+            yield from _key_paths(v, f"{at}[{i}]")
 
 
-def _normalise_json(doc: Any, store: Path, *, ignore_ome_name: bool) -> Any:
-    doc = _strip_zv_version(doc)
-    if ignore_ome_name and isinstance(doc, dict):
-        ome = doc.get("attributes", {}).get("ome") if isinstance(
-            doc.get("attributes"), dict) else None
-        if isinstance(ome, dict) and ome.get("name") == _store_stem(store):
-            ome["name"] = "<store name>"
-    return doc
+def _store_name_bytes(root: Path) -> bytes | None:
+    stem = _store_stem(root)
+    return None if stem is None else json.dumps({"name": stem})[1:-1].encode()
 
 
-def compare_raw_files(expected, actual, *, ignore_ome_name: bool = True,
-                      ignore: Callable[[str], bool] | None = None) -> RawDiff:
-    """Compare two store directory trees file by file.
+def compare_raw_files(expected, actual, *, exclude: dict[str, str] | None = None,
+                      other_store_name: bool = False) -> RawDiff:
+    """Compare two store directory trees byte for byte, every file
+    (``zarr.json`` documents included: whitespace, key order and number
+    spelling count, as they do for checksums, rsync and caches).
 
-    Lists files present in only one tree and files whose bytes differ.
-    ``zarr.json`` files are compared as parsed JSON with every
-    ``zv_version`` key removed (and, when ``ignore_ome_name``, an ``ome``
-    ``name`` that merely echoes the store's own directory stem
-    normalised), so they differ only on semantic content; key order and
-    whitespace are ignored.  ``ignore(relpath) -> bool`` skips paths.
+    ``exclude`` maps glob patterns (``fnmatch``, relative posix paths;
+    ``*`` crosses ``/``) to the reason those paths are deliberately
+    different; excluded paths are not compared and are listed under their
+    reason in :attr:`RawDiff.excluded`.  :data:`SIDECAR` is one such entry.
+
+    ``other_store_name``: the two stores' level 0 were written under
+    different directory names, which zarr-vectors records as the root's
+    RFC-8 ``ome.name``; the actual root's ``"name": "<its stem>"`` is read
+    as the expected's before the byte comparison.  Nothing else is
+    normalised.
     """
+    exclude = dict(exclude or {})
     e_root, a_root = Path(expected), Path(actual)
     e_files, a_files = _list_files(e_root), _list_files(a_root)
-    if ignore is not None:
-        e_files = {p for p in e_files if not ignore(p)}
-        a_files = {p for p in a_files if not ignore(p)}
-    diff = RawDiff(
-        only_in_expected=sorted(e_files - a_files),
-        only_in_actual=sorted(a_files - e_files),
-    )
+    diff = RawDiff()
+    for pattern, reason in exclude.items():
+        hit = sorted(p for p in e_files | a_files if fnmatch.fnmatchcase(p, pattern))
+        diff.excluded.setdefault(reason, []).extend(hit)
+        e_files -= set(hit)
+        a_files -= set(hit)
+    diff.only_in_expected = sorted(e_files - a_files)
+    diff.only_in_actual = sorted(a_files - e_files)
     for rel in sorted(e_files & a_files):
         eb = (e_root / rel).read_bytes()
         ab = (a_root / rel).read_bytes()
+        if rel == "zarr.json" and other_store_name:
+            e_name, a_name = _store_name_bytes(e_root), _store_name_bytes(a_root)
+            if e_name is not None and a_name is not None:
+                ab = ab.replace(a_name, e_name, 1)
         if eb == ab:
             continue
         if os.path.basename(rel) == "zarr.json":
-            try:
-                ej = _normalise_json(json.loads(eb), e_root,
-                                     ignore_ome_name=ignore_ome_name)
-                aj = _normalise_json(json.loads(ab), a_root,
-                                     ignore_ome_name=ignore_ome_name)
-            except ValueError:
-                diff.differing.append(rel)
-                continue
-            if ej == aj:
-                continue
-            diff.json_diffs[rel] = _diff_values(ej, aj, rel=0.0)
+            diff.json_diffs[rel] = _explain_json(eb, ab)
         diff.differing.append(rel)
     return diff
 

@@ -8,6 +8,7 @@ tests/stores.py, using only zarr-vectors' reference ``build_pyramid``.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import sys
@@ -19,7 +20,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from equivalence import assert_equivalent, compare_raw_files  # noqa: E402
+from equivalence import SIDECAR, assert_equivalent, compare_raw_files  # noqa: E402
 from stores import KINDS  # noqa: E402
 
 from zarr_vectors.core.arrays import (  # noqa: E402
@@ -131,11 +132,14 @@ def test_copy_is_equivalent(kind, reference, copy_of):
 @pytest.mark.parametrize("kind", ["meshes"])
 def test_rebuild_under_other_name_is_bit_identical(kind, reference, tmp_path):
     """The reference is deterministic; the store name (RFC-8 ome.name, derived
-    from the path at level-0 write time) is normalised by both helpers."""
+    from the path at level-0 write time) is normalised by both helpers, by
+    the raw one only when asked to."""
     other = _build(kind, tmp_path / "other_name.zv")
     assert_equivalent(reference(kind), other, check_validate=False)
-    diff = compare_raw_files(reference(kind), other)
+    diff = compare_raw_files(reference(kind), other, other_store_name=True)
     assert diff.identical, diff.summary()
+    strict = compare_raw_files(reference(kind), other)
+    assert strict.differing == ["zarr.json"], strict.summary()
 
 
 def test_implicit_object_store_ignores_sparsity_seed(reference, tmp_path):
@@ -143,6 +147,7 @@ def test_implicit_object_store_ignores_sparsity_seed(reference, tmp_path):
     sparsity never applies and the seed cannot matter."""
     other = _build("points_2d", tmp_path / "ref.zv", sparsity_seed=123)
     assert_equivalent(reference("points_2d"), other, check_validate=False)
+    assert compare_raw_files(reference("points_2d"), other).identical
 
 
 def test_empty_level_copy_is_equivalent(tmp_path):
@@ -161,6 +166,7 @@ def test_empty_level_copy_is_equivalent(tmp_path):
     cp = tmp_path / "b" / "ref.zv"
     shutil.copytree(ref, cp)
     assert_equivalent(ref, cp)
+    assert compare_raw_files(ref, cp).identical
     # and a non-empty level in its place is caught
     other = tmp_path / "c" / "ref.zv"
     KINDS["streamlines"](other, seed=1, n_objects=6)
@@ -204,6 +210,63 @@ def test_capability_order_is_ignored(reference, copy_of):
     zv["zv_version"] = "0.0.0-other"
     root.attrs.update({"zarr_vectors": zv})
     assert_equivalent(reference("points_ids"), cp, check_validate=False)
+    # The files are not the reference's, and the raw comparison says so.
+    assert compare_raw_files(reference("points_ids"), cp).differing == ["zarr.json"]
+
+
+# ---------------------------------------------------------------------------
+# the raw comparison is byte for byte
+# ---------------------------------------------------------------------------
+
+def _rewrite_json(path: Path, **dumps_kw) -> bytes:
+    """Rewrite a ``zarr.json`` as the same JSON in other bytes."""
+    doc = json.loads(path.read_bytes())
+    new = json.dumps(doc, **dumps_kw).encode()
+    path.write_bytes(new)
+    return new
+
+
+@pytest.mark.parametrize("how", [
+    dict(indent=2), dict(separators=(",", ":")), dict(sort_keys=True)])
+def test_same_json_in_other_bytes_differs(how, reference, copy_of):
+    """Whitespace and key order of a metadata document count: the same
+    parsed JSON in other bytes is a difference, named with its reason."""
+    cp = copy_of("streamlines")
+    fam = "0/links/+1/zarr.json"
+    before = (cp / fam).read_bytes()
+    assert _rewrite_json(cp / fam, **how) != before  # the premise
+    diff = compare_raw_files(reference("streamlines"), cp)
+    assert diff.differing == [fam], diff.summary()
+    assert diff.json_diffs[fam][0].startswith("same JSON, other")
+
+
+def test_number_spelling_differs(reference, copy_of):
+    """``1`` and ``1.0`` read equal as JSON; as bytes they are not."""
+    cp = copy_of("points")
+    doc = cp / "1" / "zarr.json"
+    raw = doc.read_bytes()
+    level = json.loads(raw)
+    assert json.dumps(level, indent=2).encode() == raw  # rewriting alone keeps the bytes
+    block = level["attributes"]["zarr_vectors_level"]
+    block["level"] = float(block["level"])
+    doc.write_bytes(json.dumps(level, indent=2).encode())
+    assert json.loads(doc.read_bytes()) == json.loads(raw)  # the premise
+    diff = compare_raw_files(reference("points"), cp)
+    assert diff.differing == ["1/zarr.json"], diff.summary()
+    assert "number spelling" in diff.json_diffs["1/zarr.json"][0]
+
+
+def test_exclusions_are_named(reference, copy_of):
+    """Excluded paths are not compared, and the summary says why."""
+    cp = copy_of("points_ids")
+    (cp / ".zvdask").mkdir()
+    (cp / ".zvdask" / "build.json").write_text("{}")
+    assert compare_raw_files(reference("points_ids"), cp).only_in_actual == [
+        ".zvdask/build.json"]
+    diff = compare_raw_files(reference("points_ids"), cp, exclude=SIDECAR)
+    assert diff.identical and diff.excluded == {
+        SIDECAR[".zvdask/*"]: [".zvdask/build.json"]}
+    assert SIDECAR[".zvdask/*"] in diff.summary()
 
 
 # ---------------------------------------------------------------------------

@@ -77,7 +77,8 @@ def family_docs(store: Store, fam: LinkFamily, sid_ndim: int) -> dict[str, bytes
         links_group = f"{fam.level}/{nm.LINKS}/zarr.json"
         if store.get(links_group) is None:
             docs[links_group] = fdoc.group_doc({})
-        docs[f"{base}/zarr.json"] = fdoc.group_doc(
+        # zarr-vectors queues family groups in its batch writer (compact JSON).
+        docs[f"{base}/zarr.json"] = fdoc.batched_group_doc(
             fdoc.link_family_attrs(fam.delta, sid_ndim, fam.num_links))
     return docs
 

@@ -17,7 +17,8 @@ from ..storage.store import Store, check_access
 from .naming import MANIFEST_BUCKET, NONEMPTY, ORIGIN, VERTEX_FRAGMENTS, chunk_key
 
 __all__ = ["open_zarr_vectors", "opened_zarr_vectors", "vlen_array_doc", "manifests_doc",
-           "dense_array_doc", "group_doc", "read_json", "node_attrs", "vlen_attributes",
+           "dense_array_doc", "group_doc", "batched_group_doc", "read_json", "node_attrs",
+           "vlen_attributes",
            "vertices_attrs", "vertex_fragments_attrs", "link_array_attrs", "link_family_attrs"]
 
 
@@ -121,6 +122,15 @@ def group_doc(attributes: dict) -> bytes:
     def create(zarr, mem):
         zarr.create_group(mem, path="n", attributes=attributes, zarr_format=3)
     return _render(create)
+
+
+def batched_group_doc(attributes: dict) -> bytes:
+    """A group ``zarr.json`` as zarr-vectors' batch writer PUTs it (compact,
+    its own key order), not as zarr renders one: what the reference writes
+    for a ``links/<delta>`` family group.  Its own function, so the bytes
+    follow the installed zarr-vectors."""
+    from zarr_vectors.core._batch_writer import _group_zarr_json_bytes
+    return _group_zarr_json_bytes(attributes)
 
 
 def read_json(store: Store, key: str) -> dict | None:
