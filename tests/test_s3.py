@@ -177,7 +177,7 @@ def test_plan_repr_and_errors_hide_credentials(s3_server, level0, local_client, 
     wrong_key = dict(s3_server.storage_options, key="no-such-key-77c1")
     # Bad credentials fail at the first answer: no retry waits (a retry
     # would sleep _backoff(attempt); recorded instead, and not slept).
-    import zarr_vectors_dask.store as store_module
+    import zarr_vectors_dask.storage.store as store_module
     retries: list[int] = []
     monkeypatch.setattr(store_module, "_backoff", lambda attempt, *a, **k: retries.append(attempt)
                         or 0.0)
