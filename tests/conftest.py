@@ -3,11 +3,38 @@ and (via conftest_servers) SeaweedFS and dask scheduler/worker processes."""
 
 from __future__ import annotations
 
+import importlib
+import os
 import shutil
+from types import ModuleType
+from typing import NoReturn
 
 import pytest
 
 pytest_plugins = ["conftest_servers"]
+
+
+def in_ci() -> bool:
+    return os.environ.get("CI", "").strip().lower() in ("true", "1")
+
+
+def missing_component(reason: str) -> NoReturn:
+    """A component a test needs (the ``weed`` binary, the ``dask`` CLI, an
+    optional package) is absent: a skip on a developer's machine, a failure
+    in CI (``CI=true``), where a broken set-up must not pass as green
+    skips -- as the peer suite fails when it cannot fetch its sdist."""
+    if in_ci():
+        pytest.fail(f"{reason} (CI=true: a missing test component is a failure)",
+                    pytrace=False)
+    pytest.skip(reason, allow_module_level=True)
+
+
+def import_or_missing(name: str) -> ModuleType:
+    """``pytest.importorskip`` that fails in CI (see :func:`missing_component`)."""
+    try:
+        return importlib.import_module(name)
+    except ImportError as exc:
+        missing_component(f"could not import {name!r}: {exc}")
 
 
 @pytest.fixture(scope="session")

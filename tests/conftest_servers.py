@@ -31,8 +31,8 @@ Fixtures
 ``private_dask_cluster`` (function)
     A cluster of its own, for tests that kill workers.
 
-All of them skip (not fail) when the ``weed`` binary / ``dask`` CLI is
-missing.
+All of them skip when the ``weed`` binary / ``dask`` CLI is missing, and
+fail instead in CI (``CI=true``; ``conftest.missing_component``).
 """
 
 from __future__ import annotations
@@ -40,8 +40,10 @@ from __future__ import annotations
 import pytest
 
 try:  # tests/ on sys.path (pytest "prepend" import mode, no __init__.py)
+    from conftest import import_or_missing, missing_component
     from servers import dask_executable, start_dask_cluster, start_seaweedfs, weed_binary
 except ImportError:  # tests/ as a package
+    from tests.conftest import import_or_missing, missing_component
     from tests.servers import dask_executable, start_dask_cluster, start_seaweedfs, weed_binary
 
 __all__ = [
@@ -58,16 +60,16 @@ def _require_weed() -> None:
     try:
         weed_binary()
     except FileNotFoundError as e:
-        pytest.skip(str(e))
-    pytest.importorskip("s3fs")
+        missing_component(str(e))
+    import_or_missing("s3fs")
 
 
 def _require_dask() -> None:
     try:
         dask_executable()
     except FileNotFoundError as e:
-        pytest.skip(str(e))
-    pytest.importorskip("distributed")
+        missing_component(str(e))
+    import_or_missing("distributed")
 
 
 @pytest.fixture(scope="session")

@@ -71,6 +71,8 @@ from zarr_vectors.validate import validate
 
 __all__ = [
     "assert_equivalent",
+    "assert_sharded_matches",
+    "sharded_arrays",
     "compare_raw_files",
     "RawDiff",
     "SIDECAR",
@@ -677,6 +679,86 @@ def compare_raw_files(expected, actual, *, exclude: dict[str, str] | None = None
             diff.json_diffs[rel] = _explain_json(eb, ab)
         diff.differing.append(rel)
     return diff
+
+
+# ---------------------------------------------------------------------------
+# sharded pyramids against the reference's unsharded one
+# ---------------------------------------------------------------------------
+
+_SHARDING = "sharding_indexed"
+
+
+def _array_doc(store: Path, array: str) -> dict:
+    with open(store / array / "zarr.json", "rb") as fh:
+        return json.loads(fh.read())
+
+
+def sharded_arrays(store) -> list[str]:
+    """Every array of ``store`` written with Zarr v3's sharding codec."""
+    root = Path(store)
+    out = []
+    for dirpath, _dirs, files in os.walk(root):
+        if "zarr.json" in files:
+            rel = Path(dirpath).relative_to(root).as_posix()
+            doc = _array_doc(root, rel)
+            if doc.get("node_type") == "array" and any(
+                    c.get("name") == _SHARDING for c in doc.get("codecs", [])):
+                out.append(rel)
+    return sorted(out)
+
+
+def _unsharded_doc(doc: dict) -> dict:
+    """The document a sharded array has as one cell per chunk: the inner
+    chunk shape for the grid, the inner codecs for the codecs."""
+    (codec,) = doc["codecs"]
+    conf = codec["configuration"]
+    assert codec["name"] == _SHARDING and set(conf["chunk_shape"]) == {1}, codec
+    return {**doc, "chunk_grid": {**doc["chunk_grid"], "configuration": {
+        **doc["chunk_grid"]["configuration"], "chunk_shape": conf["chunk_shape"]}},
+        "codecs": conf["codecs"]}
+
+
+def _cells(store: Path, array: str) -> list[bytes]:
+    import zarr
+    return [bytes(v) for v in zarr.open_array(str(store / array), mode="r")[...].ravel()]
+
+
+def assert_sharded_matches(expected, actual) -> list[str]:
+    """A pyramid built with ``shard_shape`` against the reference's (which
+    is unsharded), byte for byte wherever sharding does not change bytes.
+
+    The files that legitimately differ are, for each array the build wrote
+    with the sharding codec (coarse levels' ``vertices`` and
+    ``vertex_fragments``, every link segment array of a delta other than 0,
+    level 0's ``+N`` too), its ``c/`` tree and its ``zarr.json``.  Every
+    other file -- level 0's arrays, root and level documents, link family
+    groups, object index (ids, manifests), object attributes and present
+    masks -- must be byte-identical.  A sharded array's document must be
+    the reference's except for the grid's chunk shape (the shard shape) and
+    the codecs (one ``sharding_indexed`` wrapping the reference's codecs).
+    Its cells, decoded by zarr, must be the reference's cells byte for byte:
+    positions exactly, not within a tolerance, and link records in the
+    reference's order within every cell.  Returns the sharded arrays.
+    """
+    e_root, a_root = Path(expected), Path(actual)
+    arrays = sharded_arrays(a_root)
+    assert arrays, f"{actual}: no array is sharded"
+    assert not sharded_arrays(e_root), f"{expected}: the reference is sharded"
+
+    def legitimately_different(rel: str) -> bool:
+        return any(rel == f"{a}/zarr.json" or rel.startswith(f"{a}/c/") for a in arrays)
+
+    rest = compare_raw_files(e_root, a_root, ignore=legitimately_different)
+    assert rest.identical, f"files sharding does not touch differ:\n{rest.summary()}"
+    for a in arrays:
+        assert (e_root / a / "zarr.json").is_file(), f"{a}: not an array of the reference"
+        want, got = _array_doc(e_root, a), _unsharded_doc(_array_doc(a_root, a))
+        assert got == want, f"{a}/zarr.json: {_diff_values(want, got, rel=0.0)[:4]}"
+        e_cells, a_cells = _cells(e_root, a), _cells(a_root, a)
+        bad = [i for i, (x, y) in enumerate(zip(e_cells, a_cells)) if x != y]
+        assert len(e_cells) == len(a_cells) and not bad, \
+            f"{a}: {len(bad)} cell(s) differ from the reference's, first at flat index {bad[:1]}"
+    return arrays
 
 
 def twin_copies(tmp_path, write):

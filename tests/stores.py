@@ -355,21 +355,23 @@ def _uv_sphere(n_lat: int, n_lon: int) -> tuple[np.ndarray, np.ndarray]:
 
 def make_meshes(path, *, seed: int = 0, n_objects: int = 5,
                 min_radius: float = 6.0, max_radius: float = 20.0,
-                with_attributes: bool = True,
+                with_attributes: bool = True, n_lat=(6, 14), n_lon=(8, 20),
                 chunk_shape=CHUNK, bin_shape=BIN):
     """Triangle meshes: ``n_objects`` noisy ellipsoids (UV spheres), 3-D.
 
     ``object_ids`` are ``0..n_objects-1``; big radii make objects straddle
     chunk edges.  Object attributes as in :func:`make_streamlines` when
-    ``with_attributes``.
+    ``with_attributes``.  ``n_lat`` / ``n_lon``: half-open ranges of the
+    spheres' latitude rings and meridians (``(2, 3)``, ``(3, 4)``: five
+    vertices, six triangles, for stores of many small objects).
     """
     rng = np.random.default_rng(seed)
     verts, faces, oids = [], [], []
     offset = 0
     for o in range(n_objects):
-        n_lat = int(rng.integers(6, 14))
-        n_lon = int(rng.integers(8, 20))
-        v, f = _uv_sphere(n_lat, n_lon)
+        lat = int(rng.integers(*n_lat))
+        lon = int(rng.integers(*n_lon))
+        v, f = _uv_sphere(lat, lon)
         radii = rng.uniform(min_radius, max_radius, size=3)
         centre = rng.uniform(LO + max_radius / 2, HI - max_radius / 2, size=3)
         v = centre + v * radii * (1 + rng.normal(0, 0.05, size=(len(v), 1)))

@@ -61,14 +61,22 @@ def test_rejected_before_anything_is_written(store, kw, exc, match):
 
 
 def test_divisibility_error_matches_the_reference(store, tmp_path):
-    """zarr-vectors raises for the same request."""
+    """A bin that does not divide a level's chunk: zarr-vectors raises for
+    the request (after writing level 1); ours raises an instance of the same
+    class, naming the level, before writing anything."""
     import shutil
 
     from zarr_vectors.multiresolution.coarsen import build_pyramid as ref
     copy = tmp_path / "ref.zv"
     shutil.copytree(store, copy)
-    with pytest.raises(Exception, match="does not divide"):
-        ref(str(copy), factors=[(2, 1), (3, 1)], chunk_scale_factors=[1, 2])
+    kw = dict(factors=[(2, 1), (3, 1)], chunk_scale_factors=[1, 2])
+    with pytest.raises(Exception, match="does not divide") as theirs:
+        ref(str(copy), **kw)
+    before = _digest(store)
+    with pytest.raises(PlanError, match="level 2.*not divisible") as ours:
+        zd.build_pyramid(store, **kw)
+    assert isinstance(ours.value, type(theirs.value)), (type(theirs.value), type(ours.value))
+    assert _digest(store) == before
 
 
 def test_existing_level_needs_a_flag(store, local_client):

@@ -29,8 +29,9 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import pytest
+from conftest import import_or_missing, missing_component
 
-yaml = pytest.importorskip("yaml")
+yaml = import_or_missing("yaml")
 
 from servers import (  # noqa: E402
     REPO_ROOT,
@@ -356,8 +357,16 @@ def test_slurm_script_compiles_and_imports_jobqueue_lazily(tmp_path):
 
 
 def test_slurm_script_drives_build_pyramid_with_cluster_client(monkeypatch, tmp_path):
-    """Run main() with a stand-in SLURMCluster (a LocalCluster) and build_pyramid."""
+    """Run main() with a stand-in SLURMCluster (a LocalCluster) and
+    build_pyramid; the stand-in takes its arguments as the real
+    ``build_pyramid`` does (``inspect.signature(...).bind``), so a keyword
+    the real API rejects fails here."""
+    import inspect
+
     from distributed import LocalCluster
+
+    from zarr_vectors_dask import build_pyramid as real_build_pyramid
+    real_signature = inspect.signature(real_build_pyramid)
 
     made: dict[str, Any] = {}
 
@@ -375,12 +384,14 @@ def test_slurm_script_drives_build_pyramid_with_cluster_client(monkeypatch, tmp_
 
     calls: dict[str, Any] = {}
 
-    def fake_build_pyramid(store, **kw):
+    def fake_build_pyramid(*args, **kwargs):
         from distributed import Client
 
+        bound = real_signature.bind(*args, **kwargs)  # TypeError as the real one would raise
+        kw = dict(bound.arguments)
         assert isinstance(kw["client"], Client)
         assert kw["client"].submit(lambda: 41 + 1).result() == 42
-        calls.update(store=store, **kw)
+        calls.update(kw)
         return {"levels_created": len(kw["factors"])}
 
     monkeypatch.setitem(sys.modules, "dask_jobqueue", types.SimpleNamespace(SLURMCluster=FakeSLURMCluster))
@@ -523,14 +534,26 @@ def _run_job(name: str, argv: list[str], env: dict[str, str], cwd: Path, timeout
     return out
 
 
-def _scheduler_transitions(address: str) -> int | None:
+def _scheduler_transitions(address: str) -> int:
+    """How many task transitions the scheduler has made.  A failure here is
+    the test's failure: without it the cluster check would be skipped."""
     from distributed import Client
 
     with Client(address, timeout=30) as c:
-        try:
-            return int(c.run_on_scheduler(lambda dask_scheduler: dask_scheduler.transition_counter))
-        except Exception:  # noqa: BLE001 - attribute is an implementation detail
-            return None
+        return int(c.run_on_scheduler(lambda dask_scheduler: dask_scheduler.transition_counter))
+
+
+def _reference_kwargs(pyramid_argv: list[str]) -> dict:
+    """What the compose ``pyramid`` job asks of ``build_pyramid``, read with
+    the CLI's own parser, as arguments of zarr-vectors' ``build_pyramid``."""
+    from zarr_vectors_dask.cli import build_parser
+
+    args = build_parser().parse_args(pyramid_argv[1:])
+    assert args.command == "pyramid" and not args.vertex_attributes and args.shard_shape is None
+    return dict(factors=args.factors, chunk_scale_factors=args.chunk_scale,
+                sparsity_strategy=args.sparsity_strategy, sparsity_seed=args.sparsity_seed,
+                cross_level_depth=args.cross_level_depth,
+                cross_level_storage=args.cross_level_storage)
 
 
 @pytest.mark.integration
@@ -539,8 +562,8 @@ def test_compose_topology_runs_locally(tmp_path):
         weed_binary()
         dask_executable()
     except FileNotFoundError as e:
-        pytest.skip(str(e))
-    s3fs = pytest.importorskip("s3fs")
+        missing_component(str(e))
+    s3fs = import_or_missing("s3fs")
     from distributed import Client
 
     svcs = load_compose()["services"]  # compose defaults, not the caller's env
@@ -597,19 +620,24 @@ def test_compose_topology_runs_locally(tmp_path):
         seed_argv = loc.argv(as_argv(svcs["seed"]["command"]))
         _run_job("seed", seed_argv, loc.env(service_env(svcs["seed"])), tmp_path, timeout=600)
         pyr_argv = loc.argv(as_argv(svcs["pyramid"]["command"]))
-        _run_job("pyramid", pyr_argv, loc.env(service_env(svcs["pyramid"])), tmp_path, timeout=1800)
-
-        # --- the pyramid was computed on the cluster
-        after = _scheduler_transitions(address)
-        if before is not None and after is not None:
-            assert after > before, "the pyramid job ran no tasks on the scheduler"
-
-        # --- the pyramid exists and is valid
         store_url = pyr_argv[pyr_argv.index("pyramid") + 1]
         assert store_url.startswith("s3://")
         so = parse_storage_options(option_values(pyr_argv, "--storage-option"))
         assert so["client_kwargs"]["endpoint_url"] == srv.endpoint_url
         fs = s3fs.S3FileSystem(**so, skip_instance_cache=True, use_listings_cache=False)
+        # The reference's pyramid of the seeded level 0, built here from a
+        # copy under the store's own name (the root document records it).
+        ref = tmp_path / "reference" / store_url.rstrip("/").rsplit("/", 1)[-1]
+        fs.get(store_url.rstrip("/") + "/", str(ref) + "/", recursive=True)
+        from zarr_vectors.multiresolution.coarsen import build_pyramid as reference_build_pyramid
+        reference_build_pyramid(str(ref), **_reference_kwargs(as_argv(svcs["pyramid"]["command"])))
+        _run_job("pyramid", pyr_argv, loc.env(service_env(svcs["pyramid"])), tmp_path, timeout=1800)
+
+        # --- the pyramid was computed on the cluster
+        after = _scheduler_transitions(address)
+        assert after > before, "the pyramid job ran no tasks on the scheduler"
+
+        # --- the pyramid exists and is valid
         assert fs.exists(store_url.rstrip("/") + "/zarr.json")
         n_levels = len(option_values(pyr_argv, "--factors")[0].split(",")) + 1
 
@@ -627,6 +655,10 @@ def test_compose_topology_runs_locally(tmp_path):
         res = validate(str(local), level=3)
         assert res.ok, res.summary()
         assert sorted(list_resolution_levels(open_store(str(local)))) == list(range(n_levels))
+        # ... and it is the reference's pyramid, file for file.
+        from equivalence import compare_raw_files
+        diff = compare_raw_files(ref, local)
+        assert diff.identical, diff.summary()
     finally:
         for p in reversed(procs):
             stop_process_group(p, sig=signal.SIGTERM, timeout=10)

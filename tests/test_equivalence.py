@@ -121,7 +121,19 @@ def test_empty_coarse_level_matches_reference(tmp_path, local_client):
     exp = reference_build_pyramid(str(ref), factors=[(2, 1)], cross_level_depth=1)
     got = zd.build_pyramid(str(ours), factors=[(2, 1)], cross_level_depth=1, client=local_client)
     assert got == exp
-    assert compare_raw_files(ref, ours).identical
+    diff = compare_raw_files(ref, ours)
+    assert diff.identical, diff.summary()
+    # The level really is empty (in both): no vertex cells, no vertex
+    # count, every object kept by id with an empty manifest.
+    from zarr_vectors.core.arrays import list_chunk_keys, read_object_manifest_rows
+    from zarr_vectors.core.store import get_resolution_level, open_store
+    for root in (ref, ours):
+        lg = get_resolution_level(open_store(str(root), mode="r"), 1)
+        assert lg.attrs.to_dict()["zarr_vectors_level"]["vertex_count"] == 0, root
+        assert list(list_chunk_keys(lg, "vertices")) == [], root
+        ids, manifests = read_object_manifest_rows(lg)
+        assert sorted(np.asarray(ids).tolist()) == list(range(5)), root
+        assert all(len(m) == 0 for m in manifests), root
 
 
 def test_every_file_is_the_references_byte_for_byte(twin_stores, local_client):

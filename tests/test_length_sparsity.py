@@ -269,16 +269,19 @@ def test_resume_with_length(local_client, tmp_path):
                      for d, _, fs in os.walk(broken) for f in fs}
 
 
-def test_cli_sparsity_strategy(local_client, tmp_path, capsys):
-    """``zvdask pyramid --sparsity-strategy length`` on a running scheduler."""
+def test_cli_sparsity_strategy(local_client, tmp_path, capsys, strategy_name):
+    """``zvdask pyramid --sparsity-strategy length`` on a running scheduler:
+    the reference's pyramid with the brute-force survivors, built with the
+    CLI's defaults (depth 1, explicit links, no seed)."""
     from zarr_vectors_dask.cli import main
     ref, ours = twin_copies(tmp_path, lambda p: make_streamlines(p, seed=9, n_objects=60))
-    zd.build_pyramid(str(ref), factors=[(2, 2)], sparsity_strategy="length",
-                     client=local_client, cross_level_depth=1)
+    _reference(ref, [(2, 2)], strategy_name, cross_level_depth=1,
+               cross_level_storage="explicit")
     rc = main(["pyramid", str(ours), "--factors", "2:2", "--sparsity-strategy", "length",
                "--scheduler", local_client.scheduler.address, "--no-progress"])
     assert rc == 0
-    assert compare_raw_files(ref, ours).identical
+    diff = compare_raw_files(ref, ours)
+    assert diff.identical, diff.summary()
     assert main(["pyramid", str(ours), "--factors", "2:2", "--sparsity-strategy", "nope",
                  "--overwrite"]) != 0
     assert "unknown sparsity_strategy 'nope'" in capsys.readouterr().err

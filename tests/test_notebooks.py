@@ -17,11 +17,12 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import import_or_missing
 
-nbformat = pytest.importorskip("nbformat")
-nbclient = pytest.importorskip("nbclient")
-pytest.importorskip("ipykernel")
-pytest.importorskip("matplotlib")
+nbformat = import_or_missing("nbformat")
+nbclient = import_or_missing("nbclient")
+import_or_missing("ipykernel")
+import_or_missing("matplotlib")
 
 from servers import REPO_ROOT  # noqa: E402
 

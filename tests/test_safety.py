@@ -349,6 +349,22 @@ def _store_dir(tmp_path) -> Store:
     return Store.from_url(str(tmp_path / "s.zv"))
 
 
+def _take_over_once_expired(store, timeout: float = 60.0) -> BuildLock:
+    """A resuming build's lock, taken as soon as the holder's lease has
+    expired as the lock itself judges it (retrying its "within its lease"
+    refusal), not after a guessed sleep."""
+    b = BuildLock(store)
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            b.acquire(resume=True)
+            return b
+        except zd.BuildError as exc:
+            if "within its" not in str(exc) or time.monotonic() > deadline:
+                raise
+        time.sleep(0.05)
+
+
 def test_release_never_removes_a_successors_lock(tmp_path, monkeypatch):
     monkeypatch.setenv("ZVDASK_LOCK_LEASE", "1")
     store = _store_dir(tmp_path)
@@ -357,9 +373,7 @@ def test_release_never_removes_a_successors_lock(tmp_path, monkeypatch):
     a._stop.set()  # A hangs: no more heartbeats
     a._thread.join()
     a._stop.clear()
-    time.sleep(1.3)
-    b = BuildLock(store)
-    b.acquire(resume=True)  # A's lease has expired: B takes over
+    b = _take_over_once_expired(store)  # A's lease has expired: B takes over
     assert b.took_over["token"] == a.token
     assert not a.renew() and "taken over" in a.lost
     with pytest.raises(zd.BuildError, match="taken over"):
@@ -374,9 +388,20 @@ def test_resume_refuses_a_live_lease_and_takes_over_a_dead_owner(tmp_path, monke
     monkeypatch.setenv("ZVDASK_LOCK_LEASE", "2")
     store = _store_dir(tmp_path)
     a = BuildLock(store)
+    renewed = threading.Event()
+    beat = a.renew
+
+    def renew():  # the heartbeat thread looks ``renew`` up on the instance
+        ok = beat()
+        if time.time() - a._started > a.lease:
+            renewed.set()
+        return ok
+
+    a.renew = renew
     a.acquire(resume=False)
     try:
-        time.sleep(2.5)  # longer than the lease, but A keeps renewing it
+        # Longer than the lease since A took the lock, but A has renewed it.
+        assert renewed.wait(60), "A's heartbeat never ran past its first lease"
         with pytest.raises(zd.BuildError, match=r"holds the lock \(.+:\d+\) and its last "
                                                 r"heartbeat is \d+ s old, within its 2 s lease"):
             BuildLock(store).acquire(resume=True)

@@ -2,8 +2,11 @@
 every array the build adds -- coarse levels' vertex arrays and every link
 family, level 0's ``+N`` ones too -- with Zarr v3's sharding codec, each
 shard written whole by one task.  Read through zarr-vectors, the result is
-the reference's pyramid; on disk, each array is exactly one object per
-shard that holds a present cell."""
+the reference's pyramid; byte for byte, every file sharding does not touch
+is the reference's and every sharded cell decodes to the reference's cell
+(``equivalence.assert_sharded_matches`` names the files that may differ);
+on disk, each array is exactly one object per shard that holds a present
+cell."""
 
 from __future__ import annotations
 
@@ -19,7 +22,7 @@ import zarr
 from zarr_vectors.multiresolution.coarsen import build_pyramid as reference_build_pyramid
 
 import zarr_vectors_dask as zd
-from equivalence import assert_equivalent
+from equivalence import assert_equivalent, assert_sharded_matches
 from stores import make_graphs, make_points_with_ids, make_streamlines, make_streamlines_2d
 from zarr_vectors_dask.errors import CorruptChunkError, PlanError
 from zarr_vectors_dask.format import (cells as fcells, codecs as cdc, documents as fdoc,
@@ -196,6 +199,8 @@ def test_sharded_pyramid_reads_as_the_reference(twin_stores, local_client, make,
     got = zd.build_pyramid(ours, client=local_client, shard_shape=shard, **KW)
     assert got == expected
     assert_equivalent(ref, ours)  # through zarr-vectors' reader; validate(level=3) too
+    sharded = assert_sharded_matches(ref, ours)  # the rest byte for byte
+    assert sharded == _written_arrays(ours)
     ndim = len(json.load(open(os.path.join(ours, "0", "vertices", "zarr.json")))["shape"])
     objects = _assert_one_object_per_shard(ours, fshards.normalize_shard_shape(shard, ndim))
     assert objects < _cell_objects(ref)
@@ -218,6 +223,7 @@ def test_sharded_level_is_a_source_for_the_next(tmp_path, local_client):
     zd.coarsen_level(str(ours), 1, 2, coarsen_factor=2.0, sparsity_factor=2.0, sparsity_seed=4,
                      client=local_client, shard_shape=2)
     assert_equivalent(ref, ours)
+    assert {"2/vertices", "2/vertex_fragments"} <= set(assert_sharded_matches(ref, ours))
 
 
 class _Stop(Exception):
@@ -246,6 +252,7 @@ def test_resume_keeps_the_shard_shape(tmp_path, local_client):
         zd.build_pyramid(str(ours), client=local_client, resume=True, **KW)
     zd.build_pyramid(str(ours), client=local_client, resume=True, shard_shape=(2, 2, 2), **KW)
     assert_equivalent(ref, ours)
+    assert assert_sharded_matches(ref, ours) == _written_arrays(ours)
     _assert_one_object_per_shard(ours, (2, 2, 2))
 
 
@@ -283,6 +290,7 @@ def test_worker_killed_during_sharded_build(private_dask_cluster, tmp_path):
             raise out["error"]
     assert out["result"]["levels_created"] == 3
     assert_equivalent(ref, ours)
+    assert assert_sharded_matches(ref, ours) == _written_arrays(ours)
     _assert_one_object_per_shard(ours, (2, 2, 2))
 
 

@@ -198,10 +198,9 @@ def default_modes(path):
     return {n: "mean" if _attr_dtype(lg, n).kind == "f" else "mode" for n in _attr_names(lg)}
 
 
-def check_pyramid(base, ref, ours, modes):
+def check_pyramid(base, ref, ours, modes, levels=len(FACTORS)):
     """Every coarse level: same vertices as the reference, attributes equal
     to the brute force, declared and readable by zarr-vectors' readers."""
-    levels = len(FACTORS)
     for level in range(1, levels + 1):
         ref_lg, our_lg = _level(ref, level), _level(ours, level)
         chunks = [tuple(int(c) for c in cc) for cc in list_chunk_keys(ref_lg)]
@@ -369,12 +368,29 @@ def test_compressed_source(tmp_path, local_client):
 
 def test_coarsen_level_writes_the_same_attributes(stores, tmp_path, local_client):
     """``coarsen_level`` takes the same options and writes the same
-    attribute cells and documents as the first step of ``build_pyramid``."""
+    attribute cells and documents as the first step of ``build_pyramid``;
+    they hold the brute-force aggregates over the reference's
+    ``coarsen_level``, and every other file is the reference's."""
+    import json
     import os
+
+    from zarr_vectors.multiresolution.coarsen import coarsen_level as reference_coarsen_level
     base, one, two = stores("streamlines", seed=11)
+    ref = str(tmp_path / "reference.zv")
+    shutil.copytree(base, ref)
+    reference_coarsen_level(ref, 0, 1, coarsen_factor=2.0, cross_level_storage="explicit")
     asked = dict(vertex_attributes="aggregate", attribute_aggregation={"label": "max"})
     zd.coarsen_level(one, 0, 1, coarsen_factor=2.0, cross_level_storage="explicit",
                      client=local_client, **asked)
+    check_pyramid(base, ref, one, dict(default_modes(base), label="max"), levels=1)
+    # Besides the attributes, only level 1's document differs: it lists them.
+    diff = compare_raw_files(ref, one, ignore=lambda p: p.startswith("1/vertex_attributes/")
+                             or p == "1/zarr.json")
+    assert diff.identical, diff.summary()
+    docs = [json.load(open(os.path.join(p, "1", "zarr.json"))) for p in (ref, one)]
+    present = docs[1]["attributes"]["zarr_vectors_level"]["arrays_present"]
+    present.remove("vertex_attributes")
+    assert docs[1] == docs[0]
     zd.build_pyramid(two, factors=[(2, 1)], cross_level_storage="explicit",
                      client=local_client, **asked)
     files = []
