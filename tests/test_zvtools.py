@@ -238,7 +238,7 @@ def test_patch_changes_no_zvtools_output(tmp_path, case):
     writes the same bytes with the patch as without it."""
     _require_zvtools()
     if case == "per_object":
-        write, build = (lambda p: make_points_with_ids(str(p), n_objects=12, n_points=400)), \
+        write, build = (lambda p: make_points_with_ids(str(p), n_objects=8, n_points=200)), \
             _zvt_build()
     elif case == "mesh":
         write, build = (lambda p: make_meshes(str(p), n_objects=2)), _zvt_build()

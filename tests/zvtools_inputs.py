@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 
-def write_trk(path, *, seed: int = 0, n_streamlines: int = 40) -> Path:
+def write_trk(path, *, seed: int = 0, n_streamlines: int = 20) -> Path:
     """Smooth random walks in a 100 mm RAS box, saved as TrackVis TRK."""
     from nibabel.streamlines import Tractogram, TrkFile
 
