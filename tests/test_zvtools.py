@@ -37,8 +37,8 @@ import zvtools_inputs as zi
 pytestmark = pytest.mark.integration
 
 DIST = "zarr-vectors-tools"
-#: zvtools' pyramid tests, a few per path so both runs stay short (about
-#: 15 s each on a quiet machine): its per_object, polyline (RDP), skeleton
+#: zvtools' pyramid tests, a few per path (each a few seconds) so both runs
+#: stay short: its per_object, polyline (RDP), skeleton
 #: and mesh coarseners, ``zvtools pyramid``'s cross-level flags, a TRK
 #: ingest then pyramid, and its ``rebuild_pyramid_from_level``.
 TESTS = [
