@@ -609,8 +609,23 @@ def _normalise_json(doc: Any, store: Path, *, ignore_ome_name: bool) -> Any:
     return doc
 
 
+#: The project's own record of a finished build (its arguments and a
+#: fingerprint of level 0, ``refresh.py``): deliberately a file the
+#: reference does not write, in the project's sidecar folder.
+SOURCE_RECORD = ".zvdask/source.json"
+
+
+def scratch_left(root) -> list[str]:
+    """Files a finished build left under ``root/.zvdask`` besides its
+    source record (none expected)."""
+    top = Path(root) / ".zvdask"
+    return sorted(p for p in (_list_files(top) if top.exists() else ())
+                  if f".zvdask/{p}" != SOURCE_RECORD)
+
+
 def compare_raw_files(expected, actual, *, ignore_ome_name: bool = True,
-                      ignore: Callable[[str], bool] | None = None) -> RawDiff:
+                      ignore: Callable[[str], bool] | None = None,
+                      source_record: bool = False) -> RawDiff:
     """Compare two store directory trees file by file.
 
     Lists files present in only one tree and files whose bytes differ.
@@ -618,10 +633,14 @@ def compare_raw_files(expected, actual, *, ignore_ome_name: bool = True,
     ``zv_version`` key removed (and, when ``ignore_ome_name``, an ``ome``
     ``name`` that merely echoes the store's own directory stem
     normalised), so they differ only on semantic content; key order and
-    whitespace are ignored.  ``ignore(relpath) -> bool`` skips paths.
+    whitespace are ignored.  ``ignore(relpath) -> bool`` skips paths;
+    :data:`SOURCE_RECORD` is skipped unless ``source_record``.
     """
     e_root, a_root = Path(expected), Path(actual)
     e_files, a_files = _list_files(e_root), _list_files(a_root)
+    if not source_record:
+        e_files.discard(SOURCE_RECORD)
+        a_files.discard(SOURCE_RECORD)
     if ignore is not None:
         e_files = {p for p in e_files if not ignore(p)}
         a_files = {p for p in a_files if not ignore(p)}

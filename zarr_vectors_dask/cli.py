@@ -169,6 +169,44 @@ def cmd_pyramid(args) -> int:
     return 0
 
 
+def cmd_refresh(args) -> int:
+    from .refresh import refresh_pyramid
+    opts = parse_storage_options(args.storage_option)
+    asked = dict(factors=args.factors, chunk_scale_factors=args.chunk_scale,
+                 sparsity_strategy=args.sparsity_strategy, sparsity_seed=args.sparsity_seed,
+                 cross_level_depth=args.cross_level_depth,
+                 cross_level_storage=args.cross_level_storage, shard_shape=args.shard_shape)
+    if args.dry_run:
+        print(refresh_pyramid(args.store, storage_options=opts, dry_run=True, **asked))
+        return 0
+    from .currency import status_of
+    from .format.documents import open_zarr_vectors
+    if status_of(open_zarr_vectors(args.store, opts)).current:  # no cluster for nothing
+        print(refresh_pyramid(args.store, storage_options=opts, **asked))
+        return 0
+    client, cluster = _client(args)
+    try:
+        print(f"dashboard: {client.dashboard_link}")
+        t0 = time.perf_counter()
+        report = refresh_pyramid(args.store, client=client, storage_options=opts,
+                                 progress=None if args.no_progress else _progress, **asked)
+        total = time.perf_counter() - t0
+    finally:
+        from .errors import cleanup
+        cleanup(client.close, what="closing the Dask client")
+        if cluster is not None:
+            cleanup(cluster.close, what="closing the LocalCluster")
+    print(report)
+    if report.refreshed:
+        print(f"refreshed {report.summary['levels_created']} level(s) in {total:.2f} s")
+    return 0
+
+
+def _currency_line(store) -> str:
+    from .currency import status_of
+    return status_of(store).line(store.url)
+
+
 def cmd_sample(args) -> int:
     from .sample import write_sample
     info = write_sample(args.url, kind=args.kind, objects=args.objects, vertices=args.vertices,
@@ -227,6 +265,7 @@ def cmd_info(args) -> int:
         print(f"  level {lv}: {attrs.get('vertex_count')} vertices, "
               f"{len(info.chunks) if info else 0} chunks, sparsity {attrs.get('object_sparsity')}, "
               f"parent {attrs.get('parent_level')}, links {deltas}")
+    print(f"  {_currency_line(store)}")
     return 0
 
 
@@ -248,7 +287,38 @@ def cmd_validate(args) -> int:
     print(f"{args.store}: {'ok' if report.ok else 'INVALID'}")
     for item in getattr(report, "errors", []) or []:
         print(f"  error: {item}")
+    try:  # a currency line only where there is a pyramid to speak of
+        from .format.documents import open_zarr_vectors
+        print(f"  {_currency_line(open_zarr_vectors(args.store, opts))}")
+    except Exception:  # noqa: BLE001 - the validator has said what is wrong
+        pass
     return 0 if report.ok else 1
+
+
+def _add_refresh_parser(sub, common) -> None:
+    rf = sub.add_parser("refresh", parents=[common],
+                        help="bring a pyramid up to date with its level 0 (the recorded build "
+                             "arguments)")
+    rf.add_argument("store", help="local path or fsspec URL (s3://bucket/store.zv)")
+    rf.add_argument("--dry-run", action="store_true",
+                    help="print what would be rebuilt, per level, and write nothing")
+    rf.add_argument("--factors", type=parse_factors, default=None,
+                    help="only for a pyramid without recorded arguments (or to confirm them): "
+                         "COARSEN:SPARSITY per level")
+    rf.add_argument("--chunk-scale", type=parse_chunk_scale, default=None)
+    rf.add_argument("--sparsity-strategy", default=None)
+    rf.add_argument("--sparsity-seed", type=int, default=None)
+    rf.add_argument("--cross-level-depth", type=int, default=None)
+    rf.add_argument("--cross-level-storage", choices=["explicit", "implicit", "none"],
+                    default=None)
+    rf.add_argument("--shard-shape", type=parse_shard_shape, default=None, metavar="N|NxNxN")
+    rf.add_argument("--scheduler", default=None, help="address of a running Dask scheduler")
+    rf.add_argument("--n-workers", type=int, default=2)
+    rf.add_argument("--threads-per-worker", type=int, default=1)
+    rf.add_argument("--memory-limit", default="auto")
+    rf.add_argument("--storage-option", action="append", metavar="KEY=VALUE")
+    rf.add_argument("--no-progress", action="store_true")
+    rf.set_defaults(func=cmd_refresh)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -295,6 +365,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "chunks per storage object (one number for every axis, or one per "
                          "axis): far fewer objects and requests on S3")
     py.set_defaults(func=cmd_pyramid)
+
+    _add_refresh_parser(sub, common)
 
     de = sub.add_parser("demo", parents=[common], help="write a sample streamline store and build its pyramid")
     de.add_argument("dir", nargs="?", default="zvdask-demo")
