@@ -553,8 +553,9 @@ def _assert_equivalent_open(exp_root, act_root, expected_path, actual_path, *,
 # ---------------------------------------------------------------------------
 
 #: The project's own build records (``.zvdask/``): deliberately ours, the
-#: reference writes none.  A finished build removes them, so pass this
-#: only where a test leaves the records on purpose (an interrupted build).
+#: reference writes none.  A finished build keeps only :data:`SOURCE_RECORD`
+#: (excluded by default), so pass this only where a test leaves the other
+#: records on purpose (an interrupted build).
 SIDECAR = {".zvdask/*": "the project's own build records, not part of the format"}
 
 
@@ -638,8 +639,24 @@ def _store_name_bytes(root: Path) -> bytes | None:
     return None if stem is None else json.dumps({"name": stem})[1:-1].encode()
 
 
+#: The project's own record of a finished build (its arguments and a
+#: fingerprint of level 0, ``currency.py``): deliberately a file the
+#: reference does not write, in the project's sidecar folder.
+SOURCE_RECORD = ".zvdask/source.json"
+_SOURCE_REASON = "the project's record of its finished build (arguments, level-0 fingerprint)"
+
+
+def scratch_left(root) -> list[str]:
+    """Files a finished build left under ``root/.zvdask`` besides its
+    source record (none expected)."""
+    top = Path(root) / ".zvdask"
+    return sorted(p for p in (_list_files(top) if top.exists() else ())
+                  if f".zvdask/{p}" != SOURCE_RECORD)
+
+
 def compare_raw_files(expected, actual, *, exclude: dict[str, str] | None = None,
-                      other_store_name: bool = False) -> RawDiff:
+                      ignore: Callable[[str], bool] | None = None,
+                      other_store_name: bool = False, source_record: bool = False) -> RawDiff:
     """Compare two store directory trees byte for byte, every file
     (``zarr.json`` documents included: whitespace, key order and number
     spelling count, as they do for checksums, rsync and caches).
@@ -647,7 +664,9 @@ def compare_raw_files(expected, actual, *, exclude: dict[str, str] | None = None
     ``exclude`` maps glob patterns (``fnmatch``, relative posix paths;
     ``*`` crosses ``/``) to the reason those paths are deliberately
     different; excluded paths are not compared and are listed under their
-    reason in :attr:`RawDiff.excluded`.  :data:`SIDECAR` is one such entry.
+    reason in :attr:`RawDiff.excluded`.  :data:`SIDECAR` is one such entry;
+    :data:`SOURCE_RECORD` is always one unless ``source_record``.
+    ``ignore(relpath) -> bool`` narrows the comparison to part of a tree.
 
     ``other_store_name``: the two stores' level 0 were written under
     different directory names, which zarr-vectors records as the root's
@@ -656,12 +675,18 @@ def compare_raw_files(expected, actual, *, exclude: dict[str, str] | None = None
     normalised.
     """
     exclude = dict(exclude or {})
+    if not source_record:
+        exclude.setdefault(SOURCE_RECORD, _SOURCE_REASON)
     e_root, a_root = Path(expected), Path(actual)
     e_files, a_files = _list_files(e_root), _list_files(a_root)
+    if ignore is not None:
+        e_files = {p for p in e_files if not ignore(p)}
+        a_files = {p for p in a_files if not ignore(p)}
     diff = RawDiff()
     for pattern, reason in exclude.items():
         hit = sorted(p for p in e_files | a_files if fnmatch.fnmatchcase(p, pattern))
-        diff.excluded.setdefault(reason, []).extend(hit)
+        if hit:
+            diff.excluded.setdefault(reason, []).extend(hit)
         e_files -= set(hit)
         a_files -= set(hit)
     diff.only_in_expected = sorted(e_files - a_files)

@@ -22,7 +22,7 @@ import pytest
 from zarr_vectors.multiresolution.coarsen import build_pyramid as reference_build_pyramid
 
 import zarr_vectors_dask as zd
-from equivalence import compare_raw_files
+from equivalence import compare_raw_files, scratch_left
 from servers import subprocess_env
 from stores import make_streamlines
 from zarr_vectors_dask.errors import BuildError
@@ -203,7 +203,7 @@ def test_driver_killed_mid_level_then_resume(private_dask_cluster, inputs, store
         "committed level 1 was rewritten"
     for rel, ino in kept_cells.items():
         assert os.stat(os.path.join(store, "1", rel)).st_ino == ino, f"1/{rel} was rewritten"
-    assert not os.path.exists(os.path.join(store, ".zvdask"))
+    assert not scratch_left(store)
     _assert_matches_reference(inputs[1], store)
     assert _level0_arrays(store) == level0
 
@@ -317,6 +317,6 @@ def test_during_a_build_readers_see_complete_levels_and_a_second_build_is_refuse
         final = _files_digest(os.path.join(store, level))
         changed = [rel for rel, d in files.items() if final.get(rel) != d]
         assert not changed, f"level {level}: a reader saw content that changed later: {changed[:5]}"
-    assert not os.path.exists(os.path.join(store, ".zvdask"))
+    assert not scratch_left(store)
     _assert_matches_reference(inputs[1], store)
     assert _level0_arrays(store) == level0

@@ -25,14 +25,14 @@ NAME = PKG.name
 RANK = {
     "errors": 0, "options": 0,
     "storage": 1,
-    "format": 2,
+    "format": 2, "fingerprint": 2,
     "planning": 3,
     "cluster": 4, "runtime": 4,
     "step": 5,
     "compose": 6,
-    "resume": 7,
+    "resume": 7, "currency": 7,
     "api": 8,
-    "sample": 9, "dropin": 9,
+    "sample": 9, "dropin": 9, "refresh": 9, "rerun": 9,
     "cli": 10, "cli_support": 10, "worker_signals": 10, "__init__": 10,
     "__main__": 11,
 }

@@ -65,7 +65,7 @@ def pytest_unconfigure(config):
 
 def pytest_sessionstart(session):
     import zarr_vectors.multiresolution.coarsen as coarsen
-    assert coarsen.build_pyramid is zarr_vectors_dask.build_pyramid
+    assert coarsen.build_pyramid is zarr_vectors_dask.rerun.build_pyramid
     assert coarsen.coarsen_level is zarr_vectors_dask.coarsen_level
 '''
 

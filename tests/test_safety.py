@@ -29,7 +29,7 @@ import pytest
 from zarr_vectors.multiresolution.coarsen import build_pyramid as reference_build_pyramid
 
 import zarr_vectors_dask as zd
-from equivalence import compare_raw_files
+from equivalence import SOURCE_RECORD, compare_raw_files, scratch_left
 from servers import subprocess_env
 from stores import make_streamlines
 from zarr_vectors_dask.errors import CorruptChunkError
@@ -123,7 +123,7 @@ class _Sweep:
 
             def done() -> bool:
                 begun.setdefault(self.phase(), time.monotonic())
-                return not self.exists(".zvdask")
+                return not self.exists(LOCK_KEY)
             assert _wait(done, alive=lambda: p.poll() is None, timeout=900,
                          interval=max(self.poll, 0.01))
             end = time.monotonic()
@@ -150,7 +150,7 @@ class _Sweep:
             assert _wait(lambda: self.exists(LOCK_KEY), alive=lambda: p.poll() is None,
                          interval=self.poll), p.stderr.read()[-2000:]
             if moment is None:
-                _wait(lambda: not self.exists(".zvdask"), alive=lambda: p.poll() is None,
+                _wait(lambda: not self.exists(LOCK_KEY), alive=lambda: p.poll() is None,
                       interval=self.poll / 2)
             else:
                 phase, offset = moment
@@ -226,7 +226,7 @@ def test_crash_sweep_local(dask_cluster, sweep_inputs, tmp_path):
             zd.build_pyramid(str(store), client=client, resume=True, **KW)
             diff = compare_raw_files(ref, store)
             assert diff.identical, f"kill {i} (moment {m}, saw {s}):\n{diff.summary()}"
-            assert not os.path.exists(os.path.join(store, ".zvdask")), f"kill {i}: scratch left"
+            assert not scratch_left(store), f"kill {i}: scratch left"
             assert _level0(store) == level0
             if i < len(moments):
                 shutil.rmtree(store)
@@ -248,7 +248,7 @@ def test_crash_sweep_local(dask_cluster, sweep_inputs, tmp_path):
     assert cli.returncode == 0, err
     assert _mtimes(store) == before
     assert compare_raw_files(ref, store).identical
-    assert not os.path.exists(os.path.join(store, ".zvdask"))
+    assert not scratch_left(store)
 
 
 @pytest.mark.integration
@@ -292,8 +292,9 @@ def test_crash_sweep_s3(dask_cluster, s3_server, small_sweep_inputs, tmp_path):
             seen.append(s)
             zd.build_pyramid(url, client=client, resume=True, storage_options=opts, **KW)
             fs.invalidate_cache()
-            names = [p.rsplit("/", 1)[-1] for p in fs.ls(f"{bucket}/x.zv", refresh=True)]
-            assert ".zvdask" not in names, f"kill {i} (moment {m}): scratch left"
+            left = [p for p in fs.find(f"{bucket}/x.zv/.zvdask")
+                    if not p.endswith("/" + SOURCE_RECORD)]
+            assert not left, f"kill {i} (moment {m}): scratch left {left}"
             local = tmp_path / f"s3-{i}.zv"
             fs.get(f"{bucket}/x.zv", str(local), recursive=True)
             diff = compare_raw_files(ref, local)
@@ -452,7 +453,7 @@ def test_two_builds_at_once_one_proceeds(local_client, twin_stores):
     kw = _race_two_builds(store, local_client)
     reference_build_pyramid(ref, **kw)
     assert compare_raw_files(ref, store).identical
-    assert not os.path.exists(os.path.join(store, ".zvdask"))
+    assert not scratch_left(store)
 
 
 @pytest.mark.integration
@@ -469,7 +470,7 @@ def test_two_builds_at_once_on_s3_one_proceeds(local_client, twin_stores, s3_ser
     fs.invalidate_cache()
     fs.get(f"{bucket}/x.zv", str(got), recursive=True)
     assert compare_raw_files(ref, got).identical
-    assert not (got / ".zvdask").exists()
+    assert not scratch_left(got)
 
 
 # ------------------------------------------------------------------ damaged data

@@ -22,7 +22,7 @@ import zarr
 from zarr_vectors.multiresolution.coarsen import build_pyramid as reference_build_pyramid
 
 import zarr_vectors_dask as zd
-from equivalence import assert_equivalent, assert_sharded_matches
+from equivalence import assert_equivalent, assert_sharded_matches, scratch_left
 from stores import make_graphs, make_points_with_ids, make_streamlines, make_streamlines_2d
 from zarr_vectors_dask.errors import CorruptChunkError, PlanError
 from zarr_vectors_dask.format import (cells as fcells, codecs as cdc, documents as fdoc,
@@ -205,7 +205,7 @@ def test_sharded_pyramid_reads_as_the_reference(twin_stores, local_client, make,
     objects = _assert_one_object_per_shard(ours, fshards.normalize_shard_shape(shard, ndim))
     assert objects < _cell_objects(ref)
     # Build scratch is gone.
-    assert not os.path.exists(os.path.join(ours, ".zvdask"))
+    assert not scratch_left(ours)
 
 
 def test_sharded_level_is_a_source_for_the_next(tmp_path, local_client):

@@ -12,6 +12,7 @@ import json
 import time
 from typing import Callable
 
+from . import currency as cur
 from .compose.run import compose_links
 from .errors import (BuildError, LevelNotFoundError, PlanError, PlanMetadataError,
                      quiet_expected_task_errors)
@@ -22,8 +23,8 @@ from .format import naming as nm
 from .format.documents import opened_zarr_vectors
 from .planning.levels import make_plan, read_root_meta
 from .planning.plan import PyramidPlan, check_method, registered_strategy
-from .resume import (RECORD_DIR, build_lock, build_record_for, finish_records, level_record,
-                     prepare_targets, sweep_temporaries, wait_for_orphans)
+from .resume import (BUILD_RECORD, RECORD_DIR, build_lock, build_record_for, finish_records,
+                     level_record, prepare_targets, sweep_temporaries, wait_for_orphans)
 from .runtime import client_for, count_workers
 from .step import attributes as va
 from .step.run import run_step, step_graph
@@ -95,7 +96,7 @@ def build_pyramid(store, *, factors, chunk_scale_factors=None, sparsity_strategy
                   client=None, storage_options=None, resume=False, overwrite=False,
                   progress: Callable | None = None, max_block_vertices: int = 2_000_000,
                   vertex_attributes: str | None = None, attribute_aggregation: dict | None = None,
-                  shard_shape=None, _reports: list | None = None) -> dict:
+                  shard_shape=None, _reports: list | None = None, _refresh: bool = False) -> dict:
     """Build coarser levels 1..len(factors) of ``store`` on Dask; the result
     is the pyramid ``zarr_vectors.build_pyramid`` writes with the same
     arguments, and the same summary dict is returned.
@@ -141,13 +142,13 @@ def build_pyramid(store, *, factors, chunk_scale_factors=None, sparsity_strategy
             client=client, resume=resume, overwrite=overwrite, progress=progress,
             max_block_vertices=max_block_vertices, vertex_attributes=vertex_attributes,
             attribute_aggregation=attribute_aggregation, shard_shape=shard_shape,
-            _reports=_reports)
+            _reports=_reports, _refresh=_refresh)
 
 
 def _build_pyramid(st: Store, *, factors, chunk_scale_factors, sparsity_strategy, sparsity_seed,
                    cross_level_depth, cross_level_storage, client, resume, overwrite, progress,
                    max_block_vertices, vertex_attributes, attribute_aggregation,
-                   shard_shape, _reports) -> dict:
+                   shard_shape, _reports, _refresh=False) -> dict:
     request = dict(sparsity_strategy=sparsity_strategy, sparsity_seed=sparsity_seed,
                    cross_level_depth=cross_level_depth, cross_level_storage=cross_level_storage,
                    max_block_vertices=max_block_vertices, vertex_attributes=vertex_attributes,
@@ -164,11 +165,25 @@ def _build_pyramid(st: Store, *, factors, chunk_scale_factors, sparsity_strategy
         plan = make_plan(st, n_workers=n_workers, shard_shape=shard_shape, **planned)
         records, build_record = _records(plan, request, shard_shape)
         quiet_expected_task_errors(c)
-        with build_lock(st, resume=resume) as lock:
-            if resume:
+        # A refresh takes over the lock of a killed one, as resume does.
+        with build_lock(st, resume=resume or _refresh) as lock:
+            if resume or _refresh:
                 wait_for_orphans(c, st)
+            interrupted = st.get(BUILD_RECORD) is not None
+            if resume and not interrupted:
+                cur.refuse_if_stale(st, build_record)  # never report a stale pyramid finished
+            arguments = cur.arguments_for(plan, request, shard_shape)
+            pending = None
+            if overwrite:  # rebuilds everything: recorded (and marked) before any discard
+                pending = cur.begin(st, arguments=arguments, record=build_record,
+                                    resuming=False, refreshing=_refresh)
             targets = prepare_targets(st, plan, resume=resume, overwrite=overwrite,
                                       records=records, build_record=build_record, **request)
+            if targets.finished:
+                cur.finish_interrupted(st, build_record)
+            elif pending is None:
+                pending = cur.begin(st, arguments=arguments, record=build_record,
+                                    resuming=interrupted)
             root_meta = read_root_meta(st)
             summaries, reports = _build_levels(c, st, plan, records, targets, lock,
                                                root_meta=root_meta, n_workers=n_workers,
@@ -178,6 +193,7 @@ def _build_pyramid(st: Store, *, factors, chunk_scale_factors, sparsity_strategy
                 return _result(summaries, cross_level_depth, cross_level_storage)
             stage_s = _close(c, st, lock, plan, root_meta=root_meta, n_workers=n_workers,
                              progress=progress, shard_shape=shard_shape, request=request)
+            cur.finish(st, pending)  # the record's last write: currency known from here
             if _reports is not None:
                 _reports.extend(reports)
                 _reports.append(stage_s)

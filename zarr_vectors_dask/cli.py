@@ -179,6 +179,46 @@ def cmd_pyramid(args) -> int:
     return 0
 
 
+def cmd_refresh(args) -> int:
+    from .refresh import refresh_pyramid
+    opts = parse_storage_options(args.storage_option)
+    asked = dict(factors=args.factors, chunk_scale_factors=args.chunk_scale,
+                 sparsity_strategy=args.sparsity_strategy, sparsity_seed=args.sparsity_seed,
+                 cross_level_depth=args.cross_level_depth,
+                 cross_level_storage=args.cross_level_storage, shard_shape=args.shard_shape)
+    if args.dry_run:
+        print(refresh_pyramid(args.store, storage_options=opts, dry_run=True, **asked))
+        return 0
+    from .currency import status_of
+    from .format.documents import open_zarr_vectors
+    st = open_zarr_vectors(args.store, opts)
+    if status_of(st).current:  # no cluster for nothing
+        print(refresh_pyramid(args.store, storage_options=opts, **asked))
+        return 0
+    manners.check_writable(st)
+    client, cluster = _client(args)
+    try:
+        print(f"dashboard: {client.dashboard_link}")
+        t0 = time.perf_counter()
+        report = refresh_pyramid(args.store, client=client, storage_options=opts,
+                                 progress=None if args.no_progress else manners.progress, **asked)
+        total = time.perf_counter() - t0
+    finally:
+        from .errors import cleanup
+        cleanup(client.close, what="closing the Dask client")
+        if cluster is not None:
+            cleanup(cluster.close, what="closing the LocalCluster")
+    print(report)
+    if report.refreshed:
+        print(f"refreshed {report.summary['levels_created']} level(s) in {total:.2f} s")
+    return 0
+
+
+def _currency_line(store) -> str:
+    from .currency import status_of
+    return status_of(store).line(store.url)
+
+
 def cmd_sample(args) -> int:
     from .sample import write_sample
     info = write_sample(args.url, kind=args.kind, objects=args.objects, vertices=args.vertices,
@@ -238,6 +278,7 @@ def cmd_info(args) -> int:
         print(f"  level {lv}: {attrs.get('vertex_count')} vertices, "
               f"{len(info.chunks) if info else 0} chunks, sparsity {attrs.get('object_sparsity')}, "
               f"parent {attrs.get('parent_level')}, links {deltas}")
+    print(f"  {_currency_line(store)}")
     return 0
 
 
@@ -259,11 +300,53 @@ def cmd_validate(args) -> int:
     print(f"{args.store}: {'ok' if report.ok else 'INVALID'}")
     for item in getattr(report, "errors", []) or []:
         print(f"  error: {item}")
+    try:  # a currency line only where there is a pyramid to speak of
+        from .format.documents import open_zarr_vectors
+        print(f"  {_currency_line(open_zarr_vectors(args.store, opts))}")
+    except Exception:  # noqa: BLE001 - the validator has said what is wrong
+        pass
     return 0 if report.ok else 1
 
 
 #: Every option's help ends with its default.
 _HELP = argparse.ArgumentDefaultsHelpFormatter
+
+
+def _add_refresh_parser(sub, common) -> None:
+    """``zvdask refresh``: the recorded build arguments, a build's cluster options."""
+    rf = sub.add_parser("refresh", parents=[common], formatter_class=_HELP,
+                        help="bring a pyramid up to date with its level 0 (the recorded build "
+                             "arguments)")
+    rf.add_argument("store", help="local path or fsspec URL (s3://bucket/store.zv)")
+    rf.add_argument("--dry-run", action="store_true",
+                    help="print what would be rebuilt, per level, and write nothing")
+    rf.add_argument("--factors", type=parse_factors, default=None,
+                    help="only for a pyramid without recorded arguments (or to confirm them): "
+                         "COARSEN:SPARSITY per level (none: the recorded ones)")
+    rf.add_argument("--chunk-scale", type=parse_chunk_scale, default=None,
+                    help="per-level chunk scale, as for pyramid (none: the recorded one)")
+    rf.add_argument("--sparsity-strategy", default=None,
+                    help="as for pyramid (none: the recorded one)")
+    rf.add_argument("--sparsity-seed", type=int, default=None,
+                    help="as for pyramid (none: the recorded one)")
+    rf.add_argument("--cross-level-depth", type=int, default=None,
+                    help="as for pyramid (none: the recorded one)")
+    rf.add_argument("--cross-level-storage", choices=["explicit", "implicit", "none"],
+                    default=None, help="as for pyramid (none: the recorded one)")
+    rf.add_argument("--shard-shape", type=parse_shard_shape, default=None, metavar="N|NxNxN",
+                    help="as for pyramid (none: the recorded one)")
+    rf.add_argument("--scheduler", default=None, help="address of a running Dask scheduler "
+                    "(none: a LocalCluster made from the next three options)")
+    rf.add_argument("--n-workers", type=manners.at_least_one, default=2,
+                    help="LocalCluster worker processes")
+    rf.add_argument("--threads-per-worker", type=manners.at_least_one, default=1,
+                    help="threads per LocalCluster worker")
+    rf.add_argument("--memory-limit", type=manners.memory_limit, default="auto",
+                    help="memory limit per LocalCluster worker (a size, or auto)")
+    rf.add_argument("--storage-option", action="append", metavar="KEY=VALUE",
+                    help="fsspec storage option, repeatable (as for pyramid)")
+    rf.add_argument("--no-progress", action="store_true", help="no progress lines")
+    rf.set_defaults(func=cmd_refresh)
 
 
 def _add_pyramid(sub, common) -> None:
@@ -338,6 +421,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="on failure, print the traceback too")
 
     _add_pyramid(sub, common)
+    _add_refresh_parser(sub, common)
 
     de = sub.add_parser("demo", parents=[common], formatter_class=_HELP,
                         help="write a sample streamline store and build its pyramid")

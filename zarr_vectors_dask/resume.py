@@ -23,7 +23,8 @@ from .storage.lock import BuildLock
 from .storage.store import Store
 
 __all__ = ["RECORD_DIR", "BUILD_RECORD", "build_lock", "level_record", "build_record_for",
-           "Targets", "prepare_targets", "finish_records", "sweep_temporaries", "wait_for_orphans"]
+           "Targets", "prepare_targets", "finish_records", "sweep_temporaries", "wait_for_orphans",
+           "record_differences", "existing_coarse"]
 
 
 RECORD_DIR = ".zvdask/levels"
@@ -67,7 +68,7 @@ def build_record_for(plan: PyramidPlan, *, sparsity_strategy, sparsity_seed, cro
     return json.loads(json.dumps(rec))
 
 
-def _record_differences(stored: dict, asked: dict) -> list[str]:
+def record_differences(stored: dict, asked: dict) -> list[str]:
     names = {"factors": "factors (coarsen, sparsity)", "chunk_scale": "chunk scale factors"}
     # Both ways: an opt-in the stored build used and this one omits differs too.
     keys = list(asked) + [k for k in stored if k not in asked]
@@ -75,7 +76,7 @@ def _record_differences(stored: dict, asked: dict) -> list[str]:
             for k in keys if stored.get(k) != asked.get(k)]
 
 
-def _existing_coarse(store: Store, start_level: int) -> list[int]:
+def existing_coarse(store: Store, start_level: int) -> list[int]:
     return sorted(lv for lv, _ in cm.level_dirs(store) if lv > start_level)
 
 
@@ -257,7 +258,7 @@ def prepare_targets(store: Store, plan: PyramidPlan, *, resume: bool, overwrite:
     interrupted build's, or from a finished pyramid's, are refused with
     the difference named."""
     start = plan.levels[0].source_level
-    existing = _existing_coarse(store, start)
+    existing = existing_coarse(store, start)
     raw = store.get(BUILD_RECORD)
     if overwrite:
         _discard_rest(store, build_record, existing, keep=set(), start=None)
@@ -266,8 +267,10 @@ def prepare_targets(store: Store, plan: PyramidPlan, *, resume: bool, overwrite:
     if existing and not resume:
         lv = existing[0]
         raise BuildError(f"{store.describe(str(lv))}: level {lv} already exists; pass "
-                         f"overwrite=True (--overwrite) to rebuild the pyramid or resume=True "
-                         f"(--resume) to finish an interrupted build")
+                         f"overwrite=True (--overwrite) to rebuild the pyramid, resume=True "
+                         f"(--resume) to finish an interrupted build, or call "
+                         f"refresh_pyramid(store) (zvdask refresh) to bring it up to date "
+                         f"with level 0")
     stored = _check_interrupted(store, raw, build_record)
     level_records = {lv: store.get(f"{RECORD_DIR}/{lv}.json") for lv in targets}
     interrupted = stored is not None or any(r is not None for r in level_records.values())
@@ -300,7 +303,7 @@ def _check_interrupted(store: Store, raw: bytes | None, build_record: dict | Non
     except ValueError:
         return None
     if isinstance(stored, dict):
-        diff = _record_differences(stored, build_record)
+        diff = record_differences(stored, build_record)
         if diff:
             raise BuildError(f"{store.url}: the interrupted build used other arguments: "
                              f"{'; '.join(diff)}{_REDO}")
@@ -431,7 +434,7 @@ def sweep_temporaries(store: Store, source_level: int) -> None:
     Object stores write whole objects, so only local stores have them."""
     if not store.is_local:
         return
-    trees = [os.path.join(store.root, str(lv)) for lv in _existing_coarse(store, source_level)]
+    trees = [os.path.join(store.root, str(lv)) for lv in existing_coarse(store, source_level)]
     trees.append(os.path.join(store.root, str(source_level), nm.LINKS))
     with os.scandir(store.root) as it:
         doomed = [e.path for e in it if e.is_file() and _TEMPORARY.search(e.name)]

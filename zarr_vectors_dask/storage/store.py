@@ -405,6 +405,26 @@ class Store:
                     if v.get("type") != "directory" and p.startswith(top + "/")}
         return with_retries(_find, what=self.describe(key))
 
+    def listing(self, key: str) -> dict[str, dict]:
+        """Every object under ``key`` with its listing details (size, ETag,
+        ...), by path relative to it: one recursive listing of an object
+        store (one LIST request per page, no HEAD).  Not for local paths."""
+        top = self.path(key).rstrip("/")
+        if self._opened().s3 and "/" in top:  # as keys_under: a prefix, no HEAD
+            parent, name = top.rsplit("/", 1)
+            args, kw = (parent,), {"prefix": f"{name}/"}
+        else:
+            args, kw = (top,), {}
+
+        def _find():
+            try:
+                return self.fs.find(*args, detail=True, **kw)
+            except FileNotFoundError:
+                return {}
+        found = with_retries(_find, what=self.describe(key))
+        return {p[len(top) + 1:]: info for p, info in found.items()
+                if info.get("type") != "directory" and p.startswith(top + "/")}
+
     def keys_under(self, key: str) -> list[str]:
         """Every object under ``key``, by path relative to it: one listing,
         names only (no per-object stat)."""

@@ -1,0 +1,401 @@
+"""Currency and refresh: a pyramid built by the project knows its level 0;
+after edits by zarr-vectors' own EditSession (atomic and not) or a plain
+zarr write, its status says stale naming the arrays, resume refuses, and
+``refresh_pyramid`` leaves every file byte-identical to
+``build_pyramid(..., overwrite=True)`` on a copy of the edited store.
+An unchanged source is refreshed by rewriting nothing; a refresh killed
+mid-way and run again ends equal too."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import warnings
+
+import numpy as np
+import pytest
+import zarr
+from zarr_vectors.core.store import open_store
+from zarr_vectors.ops.edit import EditSession
+from zarr_vectors.ops.refs import VertexRef
+
+import zarr_vectors_dask as zd
+from equivalence import compare_raw_files
+from servers import subprocess_env
+from stores import make_streamlines
+from zarr_vectors_dask import fingerprint as fpm
+from zarr_vectors_dask.cli import main
+from zarr_vectors_dask.currency import REFRESH_ATTR, SOURCE_RECORD, StaleSourceError
+from zarr_vectors_dask.storage.store import Store
+
+KW = dict(factors=[(2, 1), (2, 2)], sparsity_seed=0, cross_level_depth=-1,
+          cross_level_storage="explicit")
+
+
+def _sidecar(rel: str) -> bool:
+    return rel.split(os.sep)[0] == ".zvdask"
+
+
+def _mtimes(root) -> dict[str, int]:
+    out = {}
+    for d, _, files in os.walk(root):
+        for f in files:
+            p = os.path.join(d, f)
+            out[os.path.relpath(p, root)] = os.stat(p).st_mtime_ns
+    return out
+
+
+def _root_attrs(path) -> dict:
+    with open(os.path.join(path, "zarr.json")) as fh:
+        return json.load(fh)["attributes"]
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory, local_client):
+    """A level-0 store and its pyramid built by the project (copied per test)."""
+    d = tmp_path_factory.mktemp("refresh")
+    path = d / "built.zv"
+    make_streamlines(str(path), seed=5, n_objects=40)
+    zd.build_pyramid(str(path), client=local_client, **KW)
+    return path
+
+
+@pytest.fixture
+def store(built, tmp_path):
+    path = tmp_path / "s.zv"
+    shutil.copytree(built, path)
+    return path
+
+
+def _open(path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # zarr: ".zvdask is not a Zarr component"
+        return open_store(str(path), mode="r+")
+
+
+def _edit(path, kind: str, atomic: bool) -> None:
+    root = _open(path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if kind == "zarr_write":  # a hand-written zarr write of one cell
+            arr = zarr.open_array(str(path / "0" / "object_attributes" / "weight"), mode="r+")
+            arr[0] = arr[0] + 1.5
+            return
+        with EditSession(root, atomic=atomic) as ed:
+            if kind == "edit_vertex":
+                ref = VertexRef.from_object(root, level=0, object_id=3, vertex_index=2)
+                ed.edit_vertex(ref, new_pos=np.array([20.0, 30.0, 40.0]) + ref.local)
+            elif kind == "add_object":
+                ed.add_object(level=0, vertices=np.array([[10.0, 10.0, 10.0],
+                                                          [12.0, 11.0, 10.5]]))
+            elif kind == "remove_object":
+                ed.remove_object(7)
+            else:
+                raise AssertionError(kind)
+
+
+#: The arrays each edit must be reported in (others may come with them).
+EDITS = [("edit_vertex", False, {"vertices"}),
+         ("edit_vertex", True, {"vertices", "object_index/manifests"}),
+         ("add_object", True, {"vertices", "object_index/manifests"}),
+         ("remove_object", False, {"object_index/manifests"}),
+         ("zarr_write", False, {"object_attributes/weight"})]
+
+
+@pytest.mark.parametrize("kind,atomic,arrays", EDITS,
+                         ids=[f"{k}-{'atomic' if a else 'inplace'}" for k, a, _ in EDITS])
+def test_edit_makes_stale_then_refresh_equals_full_rebuild(store, tmp_path, local_client,
+                                                           kind, atomic, arrays):
+    assert zd.pyramid_status(str(store)).state == "current"
+    _edit(store, kind, atomic)
+    st = zd.pyramid_status(str(store))
+    assert st.state == "stale", st
+    assert arrays <= set(st.diff.by_array()), st.diff.by_array()
+    assert not any(a.startswith("links/+") or a.startswith("links/-") for a in st.diff.by_array())
+
+    with pytest.raises(StaleSourceError) as info:
+        zd.build_pyramid(str(store), client=local_client, resume=True, **KW)
+    msg = str(info.value)
+    assert "level 0 changed since the pyramid was built" in msg and "zvdask refresh" in msg
+    for a in arrays:
+        assert a in msg, msg
+    from zarr_vectors.exceptions import CoarseningError
+    assert isinstance(info.value, CoarseningError)
+
+    expected = tmp_path / "full.zv"
+    shutil.copytree(store, expected)
+    zd.build_pyramid(str(expected), client=local_client, overwrite=True, **KW)
+
+    dry = zd.refresh_pyramid(str(store), dry_run=True)
+    assert not dry.refreshed and [lv for lv, _, f in dry.levels] == [1, 2]
+    assert all(f == 1.0 for _, _, f in dry.levels) and dry.dirty_chunks
+    assert zd.pyramid_status(str(store)).state == "stale"  # the dry run wrote nothing
+
+    report = zd.refresh_pyramid(str(store), client=local_client)
+    assert report.refreshed
+    diff = compare_raw_files(expected, store, ignore=_sidecar)
+    assert diff.identical, diff.summary()
+    assert REFRESH_ATTR not in _root_attrs(store)
+    assert zd.pyramid_status(str(store)).state == "current"
+
+
+def test_unchanged_source_refresh_rewrites_nothing(store, local_client):
+    before = _mtimes(store)
+    report = zd.refresh_pyramid(str(store), client=local_client)
+    assert not report.refreshed and report.status.current and not report.levels
+    assert _mtimes(store) == before
+    zd.build_pyramid(str(store), client=local_client, resume=True, **KW)  # finished, current
+    assert _mtimes(store) == before
+
+
+def test_a_differing_request_is_refused_naming_the_argument(store):
+    with pytest.raises(zd.BuildError, match="sparsity_seed: 0 then, 3 now"):
+        zd.refresh_pyramid(str(store), sparsity_seed=3)
+    zd.refresh_pyramid(str(store), sparsity_seed=0)  # the recorded one: fine
+
+
+def test_pyramid_without_a_record_is_unknown_and_first_refresh_records(store, local_client,
+                                                                       capsys):
+    os.remove(store / SOURCE_RECORD)
+    st = zd.pyramid_status(str(store))
+    assert st.state == "unknown" and "no fingerprint" in st.reason
+    with pytest.raises(zd.BuildError, match="no build arguments are recorded"):
+        zd.refresh_pyramid(str(store))
+    assert main(["info", str(store)]) == 0
+    assert "currency: unknown" in capsys.readouterr().out
+    zd.refresh_pyramid(str(store), client=local_client, **KW)
+    assert zd.pyramid_status(str(store)).state == "current"
+    assert main(["validate", str(store)]) == 0
+    out = capsys.readouterr().out
+    assert "currency: current" in out, out
+
+
+def test_cli_refresh_dry_run_and_info_say_stale(store, capsys):
+    _edit(store, "edit_vertex", False)
+    assert main(["info", str(store)]) == 0
+    assert "currency: stale (level 0 changed since" in capsys.readouterr().out
+    assert main(["refresh", str(store), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "level 1: would rebuild the whole level (100% of a full build)" in out, out
+    assert "dirty level-0 chunks:" in out
+
+
+def test_racy_mtime_is_decided_by_hash(tmp_path):
+    """A cell rewritten with other bytes of the same size and the same
+    mtime right after the fingerprint: only its hash tells."""
+    path = tmp_path / "s.zv"
+    make_streamlines(str(path), seed=2, n_objects=8)
+    st = Store.from_url(str(path))
+    cell = next(k for k in fpm.list_source(st).entries if "/vertices/c/" in k)
+    p = os.path.join(str(path), cell)
+    os.utime(p, ns=(time.time_ns(),) * 2)  # as recent as the listing
+    old = fpm.take(st)
+    assert old.entries[cell].sha256 is not None
+    m = os.stat(p).st_mtime_ns
+    data = bytearray(open(p, "rb").read())
+    data[-1] ^= 0xFF
+    open(p, "wb").write(bytes(data))
+    os.utime(p, ns=(m, m))
+    diff = fpm.compare(old, fpm.take(st, like=old))
+    assert diff.changed == (cell,)
+    assert fpm.compare(old, fpm.take(st, like=old)).changed == (cell,)
+
+
+def test_refresh_killed_then_refreshed_again_ends_equal(private_dask_cluster, tmp_path):
+    base = tmp_path / "base.zv"
+    make_streamlines(str(base), seed=11, n_objects=400, max_len=150)
+    store, expected = tmp_path / "s.zv", tmp_path / "full.zv"
+    shutil.copytree(base, store)
+    with private_dask_cluster.client() as client:
+        zd.build_pyramid(str(store), client=client, **KW)
+        _edit(store, "edit_vertex", False)
+        shutil.copytree(store, expected)
+        zd.build_pyramid(str(expected), client=client, overwrite=True, **KW)
+        p = subprocess.Popen([sys.executable, "-m", "zarr_vectors_dask.cli", "refresh",
+                              str(store), "--scheduler", private_dask_cluster.address,
+                              "--no-progress"], env=subprocess_env(),
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        try:
+            def mid_level_2():
+                return (os.path.exists(os.path.join(store, ".zvdask", "levels", "1.json.summary"))
+                        and os.path.isdir(os.path.join(store, "2", "vertices"))
+                        and not os.path.exists(os.path.join(store, "2", "zarr.json")))
+            deadline = time.monotonic() + 120
+            hit = False
+            while time.monotonic() < deadline and p.poll() is None:
+                if mid_level_2():
+                    hit = True
+                    break
+                time.sleep(0.001)
+            os.kill(p.pid, signal.SIGKILL)
+        finally:
+            p.wait(timeout=30)
+        assert hit, p.stderr.read()[-2000:]
+        # What a reader sees now: the root says a refresh is under way.
+        assert REFRESH_ATTR in _root_attrs(store)
+        st = zd.pyramid_status(str(store))
+        assert st.state == "unknown" and st.refreshing and "refresh" in st.reason
+        report = zd.refresh_pyramid(str(store), client=client)
+        assert report.refreshed
+    diff = compare_raw_files(expected, store, ignore=_sidecar)
+    assert diff.identical, diff.summary()
+    assert zd.pyramid_status(str(store)).state == "current"
+
+
+def test_change_detection_costs_about_one_listing(tmp_path, local_client):
+    path = tmp_path / "s.zv"
+    make_streamlines(str(path), seed=3, n_objects=300, max_len=150, chunk_shape=25.0)
+    # Cells written within RACY_NS of the build's listing are hashed when
+    # recorded (and at every check until a build settles them): a store
+    # written well before its build, as usual, has none.
+    time.sleep(fpm.RACY_NS / 1e9 + 0.1)
+    zd.build_pyramid(str(path), client=local_client, **KW)
+    doc = json.load(open(path / SOURCE_RECORD))
+    hashed = [k for k, e in doc["fingerprint"]["entries"].items()
+              if e[2] is not None and not fpm.is_document(k)]
+    assert not hashed, hashed[:3]
+    st = Store.from_url(str(path))
+    n = len(fpm.list_source(st).entries)
+    t0 = time.perf_counter()
+    for _ in range(20):
+        listing = {k: os.stat(os.path.join(str(path), "0", k)).st_size
+                   for k in st.keys_under("0")}
+    t_list = (time.perf_counter() - t0) / 20
+    t0 = time.perf_counter()
+    for _ in range(20):
+        status = zd.pyramid_status(str(path))
+    t_status = (time.perf_counter() - t0) / 20
+    assert status.current
+    print(f"\nchange detection on an unedited pyramid: {t_status * 1e3:.1f} ms; one listing "
+          f"with sizes of level 0 ({len(listing)} objects, {n} in the fingerprint): "
+          f"{t_list * 1e3:.1f} ms")
+
+
+# ------------------------------------------------------------ drop-in re-runs
+@pytest.fixture
+def patched():
+    undo = zd.patch_zarr_vectors()
+    try:
+        yield
+    finally:
+        undo()
+
+
+def _zv_build(path, **kw):
+    import zarr_vectors.multiresolution.coarsen as ref
+    return ref.build_pyramid(str(path), **kw)
+
+
+def test_native_refusal_names_every_choice(store, local_client):
+    with pytest.raises(zd.BuildError) as info:
+        zd.build_pyramid(str(store), client=local_client, **KW)
+    msg = str(info.value)
+    assert "overwrite=True" in msg and "resume=True" in msg and "refresh_pyramid" in msg, msg
+
+
+def test_patched_rerun_same_arguments_unchanged_returns_at_once(store, local_client, patched,
+                                                                caplog):
+    before = _mtimes(store)
+    with caplog.at_level("WARNING", logger="zarr_vectors_dask"):
+        got = _zv_build(store, **KW)
+    assert got["levels_created"] == 2
+    assert _mtimes(store) == before
+    assert not [r for r in caplog.records if r.name == "zarr_vectors_dask"]
+
+
+def test_patched_rerun_after_an_edit_refreshes(store, tmp_path, local_client, patched, caplog):
+    _edit(store, "remove_object", False)
+    expected = tmp_path / "full.zv"
+    shutil.copytree(store, expected)
+    zd.build_pyramid(str(expected), client=local_client, overwrite=True, **KW)
+    with caplog.at_level("WARNING", logger="zarr_vectors_dask"):
+        _zv_build(store, **KW)
+    lines = [r.getMessage() for r in caplog.records if r.name == "zarr_vectors_dask"]
+    assert len(lines) == 1 and "refreshing the pyramid" in lines[0], lines
+    assert "object_index/manifests" in lines[0]
+    diff = compare_raw_files(expected, store, ignore=_sidecar)
+    assert diff.identical, diff.summary()
+
+
+def test_patched_rerun_other_arguments_rebuilds_as_a_fresh_build(store, tmp_path, local_client,
+                                                                  patched, caplog):
+    other = dict(KW, sparsity_seed=4)
+    expected = tmp_path / "fresh.zv"
+    shutil.copytree(store, expected)
+    zd.build_pyramid(str(expected), client=local_client, overwrite=True, **other)
+    with caplog.at_level("WARNING", logger="zarr_vectors_dask"):
+        _zv_build(store, **other)
+    lines = [r.getMessage() for r in caplog.records if r.name == "zarr_vectors_dask"]
+    assert len(lines) == 1 and "rebuilding the pyramid (overwrite=True)" in lines[0], lines
+    assert "sparsity_seed: 0 then, 4 now" in lines[0]
+    diff = compare_raw_files(expected, store, ignore=_sidecar)
+    assert diff.identical, diff.summary()
+
+
+@pytest.mark.parametrize("policy", [True, "batch"])
+def test_patched_edit_session_refreshes_after_its_flush(store, tmp_path, local_client, patched,
+                                                        policy):
+    expected = tmp_path / "full.zv"
+    shutil.copytree(store, expected)
+    _edit(expected, "edit_vertex", False)
+    zd.build_pyramid(str(expected), client=local_client, overwrite=True, **KW)
+    root = _open(store)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with EditSession(root, atomic=False, refresh_pyramid=policy) as ed:
+            ref = VertexRef.from_object(root, level=0, object_id=3, vertex_index=2)
+            ed.edit_vertex(ref, new_pos=np.array([20.0, 30.0, 40.0]) + ref.local)
+    assert zd.pyramid_status(str(store)).state == "current"
+    diff = compare_raw_files(expected, store, ignore=_sidecar)
+    assert diff.identical, diff.summary()
+
+
+def test_patched_rebuild_pyramid_from_level_refreshes(store, tmp_path, local_client, patched):
+    from zarr_vectors.ops.refresh import rebuild_pyramid_from_level
+    _edit(store, "zarr_write", False)
+    expected = tmp_path / "full.zv"
+    shutil.copytree(store, expected)
+    zd.build_pyramid(str(expected), client=local_client, overwrite=True, **KW)
+    specs = rebuild_pyramid_from_level(_open(store), 0)
+    assert len(specs) == 2
+    diff = compare_raw_files(expected, store, ignore=_sidecar)
+    assert diff.identical, diff.summary()
+    before = _mtimes(store)
+    assert rebuild_pyramid_from_level(_open(store), 0) == specs  # current: nothing rewritten
+    assert _mtimes(store) == before
+
+
+@pytest.mark.integration
+def test_on_s3_etags_decide_and_refresh_equals_full_rebuild(s3_server, built, tmp_path,
+                                                             local_client):
+    """On S3 the fingerprint is sizes and ETags from one LIST; a plain
+    write of one cell is found, and the refresh equals a full rebuild."""
+    fs = s3_server.fs()
+    bucket = s3_server.new_bucket()
+    fs.put(str(built), f"{bucket}/x.zv", recursive=True)
+    url, opts = s3_server.url(bucket, "x.zv"), s3_server.storage_options
+    fs.rm(f"{bucket}/x.zv/{SOURCE_RECORD}")
+    zd.refresh_pyramid(url, client=local_client, storage_options=opts, **KW)
+    rec = json.loads(fs.cat(f"{bucket}/x.zv/{SOURCE_RECORD}"))
+    assert rec["fingerprint"]["kind"] == "digest"
+    assert zd.pyramid_status(url, storage_options=opts).state == "current"
+    cell = next(k for k in rec["fingerprint"]["entries"] if "/object_attributes/weight/c/" in k)
+    raw = bytearray(fs.cat(f"{bucket}/x.zv/{cell}"))
+    raw[-1] ^= 0x01
+    fs.pipe(f"{bucket}/x.zv/{cell}", bytes(raw))
+    st = zd.pyramid_status(url, storage_options=opts)
+    assert st.state == "stale" and st.diff.changed == (cell,), st
+    zd.refresh_pyramid(url, client=local_client, storage_options=opts)
+    assert zd.pyramid_status(url, storage_options=opts).state == "current"
+    got, expected = tmp_path / "got.zv", tmp_path / "full.zv"
+    fs.invalidate_cache()
+    fs.get(f"{bucket}/x.zv", str(got), recursive=True)
+    shutil.copytree(got, expected)
+    zd.build_pyramid(str(expected), client=local_client, overwrite=True, **KW)
+    diff = compare_raw_files(expected, got, ignore=_sidecar)
+    assert diff.identical, diff.summary()
