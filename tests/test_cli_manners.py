@@ -26,12 +26,11 @@ from zarr_vectors.multiresolution.coarsen import build_pyramid as reference_buil
 from equivalence import compare_raw_files
 from servers import subprocess_env
 from stores import make_streamlines
-from test_crash import _files_digest, _level0_arrays, _wait_for
+# The crash tests' 800-streamline store and its reference pyramid (fixtures).
+from test_crash import KW, _files_digest, _level0_arrays, _wait_for, inputs, store  # noqa: F401
 from zarr_vectors_dask.cli import build_parser
 from zarr_vectors_dask.storage.lock import LOCK_KEY
 
-KW = dict(factors=[(2, 1), (2, 2), (2, 2)], sparsity_seed=0, cross_level_depth=-1,
-          cross_level_storage="explicit")
 CLI_ARGS = ["--factors", "2:1,2:2,2:2", "--sparsity-seed", "0", "--cross-level-depth", "-1",
             "--cross-level-storage", "explicit"]
 
@@ -56,25 +55,6 @@ def _one_error_line(r, *needles) -> str:
 def small(tmp_path_factory):
     path = tmp_path_factory.mktemp("manners") / "small.zv"
     make_streamlines(str(path), seed=3, n_objects=30)
-    return path
-
-
-@pytest.fixture(scope="module")
-def inputs(tmp_path_factory):
-    """A level-0 store big enough for a build to run some seconds, and the
-    reference's pyramid of it."""
-    d = tmp_path_factory.mktemp("manners-big")
-    base, ref = d / "base.zv", d / "ref.zv"
-    make_streamlines(str(base), seed=11, n_objects=800, max_len=200)
-    shutil.copytree(base, ref)
-    reference_build_pyramid(str(ref), **KW)
-    return base, ref
-
-
-@pytest.fixture
-def store(inputs, tmp_path):
-    path = tmp_path / "ours.zv"
-    shutil.copytree(inputs[0], path)
     return path
 
 

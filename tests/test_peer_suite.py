@@ -14,17 +14,16 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import tarfile
 import textwrap
 import xml.etree.ElementTree as ET
-from pathlib import Path
 
 import pytest
+
+from sdists import extract_tests, fetch_sdist
 
 pytestmark = pytest.mark.integration
 
 VERSION = "0.9.2"
-SDIST = f"zarr_vectors-{VERSION}.tar.gz"
 TEST_FILES = [
     "tests/test_per_object_pyramid.py",
     "tests/test_multiscale_links.py",
@@ -70,51 +69,13 @@ def pytest_sessionstart(session):
 '''
 
 
-def _cache_dir() -> Path:
-    base = os.environ.get("ZVDASK_PEER_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"),
-        "zarr-vectors-dask", "peer-suite")
-    return Path(base)
-
-
-def _fetch_sdist() -> Path:
-    """zarr-vectors' sdist, downloaded once by pip into the cache."""
-    cache = _cache_dir()
-    cache.mkdir(parents=True, exist_ok=True)
-    sdist = cache / SDIST
-    if sdist.exists():
-        return sdist
-    cmd = [sys.executable, "-m", "pip", "download", "--no-binary", ":all:", "--no-deps",
-           f"zarr-vectors=={VERSION}", "-d", str(cache)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    if proc.returncode != 0 or not sdist.exists():
-        # A failure, not a skip: without the sdist the drop-in claim is untested.
-        pytest.fail(f"could not fetch the zarr-vectors {VERSION} sdist with pip "
-                    f"({' '.join(cmd)}; exit {proc.returncode}):\n{proc.stdout[-2000:]}"
-                    f"\n{proc.stderr[-3000:]}")
-    return sdist
-
-
-def _extract_tests(sdist: Path, dest: Path) -> None:
-    """Only the ``tests/`` tree: the package source must not shadow the
-    installed zarr-vectors."""
-    prefix = f"zarr_vectors-{VERSION}/"
-    with tarfile.open(sdist) as tar:
-        members = [m for m in tar.getmembers()
-                   if m.name.startswith(prefix + "tests/") and (m.isfile() or m.isdir())]
-        for m in members:
-            m.name = m.name[len(prefix):]
-        safe = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
-        tar.extractall(dest, members=members, **safe)
-
-
 def test_zarr_vectors_pyramid_tests_pass_with_our_builder(tmp_path):
-    sdist = _fetch_sdist()
+    sdist = fetch_sdist("zarr-vectors", VERSION)
     work = tmp_path / "peer"
     work.mkdir()
-    _extract_tests(sdist, work)
+    extract_tests(sdist, work)
     missing = [f for f in TEST_FILES if not (work / f).exists()]
-    assert not missing, f"{SDIST} lacks {missing}"
+    assert not missing, f"{sdist.name} lacks {missing}"
     (work / "zvdask_peer_plugin.py").write_text(PLUGIN)
     # zarr-vectors' own pytest settings (its pyproject is not extracted).
     (work / "pytest.ini").write_text(textwrap.dedent("""\

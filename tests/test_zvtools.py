@@ -22,7 +22,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tarfile
 import xml.etree.ElementTree as ET
 from importlib import metadata
 from pathlib import Path
@@ -31,7 +30,7 @@ import pytest
 
 from equivalence import assert_equivalent, compare_raw_files
 from stores import make_meshes, make_points_with_ids
-from test_peer_suite import _cache_dir
+from sdists import extract_tests, fetch_sdist
 import zvtools_inputs as zi
 
 pytestmark = pytest.mark.integration
@@ -111,35 +110,6 @@ def _require_nibabel() -> None:
         pytest.skip(why)
 
 
-def _fetch_sdist(version: str) -> Path:
-    """zvtools' sdist, downloaded once by pip into the peer-suite cache."""
-    cache = _cache_dir()
-    cache.mkdir(parents=True, exist_ok=True)
-    sdist = cache / f"zarr_vectors_tools-{version}.tar.gz"
-    if sdist.exists():
-        return sdist
-    cmd = [sys.executable, "-m", "pip", "download", "--no-binary", ":all:", "--no-deps",
-           f"{DIST}=={version}", "-d", str(cache)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    if proc.returncode != 0 or not sdist.exists():
-        pytest.fail(f"could not fetch the {DIST} {version} sdist with pip ({' '.join(cmd)}; "
-                    f"exit {proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
-    return sdist
-
-
-def _extract_tests(sdist: Path, version: str, dest: Path) -> None:
-    """Only ``tests/``: the sdist's package source must not shadow the
-    installed zvtools."""
-    prefix = f"zarr_vectors_tools-{version}/"
-    with tarfile.open(sdist) as tar:
-        members = [m for m in tar.getmembers()
-                   if m.name.startswith(prefix + "tests/") and (m.isfile() or m.isdir())]
-        for m in members:
-            m.name = m.name[len(prefix):]
-        safe = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
-        tar.extractall(dest, members=members, **safe)
-
-
 def _outcomes(report: Path) -> dict[str, str]:
     """``{classname::name: passed|failed|error|skipped}`` from a junit report."""
     out = {}
@@ -166,10 +136,10 @@ def _run_suite(work: Path, tag: str, plugin: bool) -> tuple[dict[str, str], list
 
 def test_zvtools_pyramid_tests_pass_patched_as_unpatched(tmp_path):
     version = _require_zvtools()
-    sdist = _fetch_sdist(version)
+    sdist = fetch_sdist(DIST, version)
     work = tmp_path / "zvt"
     work.mkdir()
-    _extract_tests(sdist, version, work)
+    extract_tests(sdist, work)
     missing = [t for t in TESTS if not (work / t.split("::")[0]).exists()]
     assert not missing, f"{sdist.name} lacks {missing}"
     (work / "zvdask_zvt_plugin.py").write_text(PLUGIN)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
@@ -90,15 +91,30 @@ def parse_shard_shape(text: str):
     return values[0] if len(values) == 1 else tuple(values)
 
 
-def _client(args):
+@contextlib.contextmanager
+def _cluster_client(args):
+    """A client on ``--scheduler``, else on a LocalCluster made from the
+    cluster options; closed (with its cluster) however the block ends."""
     from distributed import Client, LocalCluster
+
+    from .errors import cleanup
+    cluster = None
     if args.scheduler:
-        return Client(args.scheduler), None
-    cluster = LocalCluster(n_workers=args.n_workers, threads_per_worker=args.threads_per_worker,
-                           memory_limit=args.memory_limit, processes=True,
-                           dashboard_address=":0", silence_logs=40,
-                           preload=manners.WORKER_PRELOAD)
-    return Client(cluster), cluster
+        client = Client(args.scheduler)
+    else:
+        cluster = LocalCluster(n_workers=args.n_workers,
+                               threads_per_worker=args.threads_per_worker,
+                               memory_limit=args.memory_limit, processes=True,
+                               dashboard_address=":0", silence_logs=40,
+                               preload=manners.WORKER_PRELOAD)
+        client = Client(cluster)
+    try:
+        print(f"dashboard: {client.dashboard_link}")
+        yield client
+    finally:
+        cleanup(client.close, what="closing the Dask client")
+        if cluster is not None:
+            cleanup(cluster.close, what="closing the LocalCluster")
 
 
 def _print_table(rows, headers):
@@ -149,20 +165,13 @@ def cmd_pyramid(args) -> int:
         print(plan_pyramid(args.store, n_workers=args.n_workers, **kw))
         return 0
     _check_before_cluster(args, opts, kw)
-    client, cluster = _client(args)
-    try:
-        print(f"dashboard: {client.dashboard_link}")
+    with _cluster_client(args) as client:
         reports: list = []
         t0 = time.perf_counter()
         summary = build_pyramid(args.store, client=client, resume=args.resume,
                                 overwrite=args.overwrite, _reports=reports,
                                 progress=None if args.no_progress else manners.progress, **kw)
         total = time.perf_counter() - t0
-    finally:
-        from .errors import cleanup
-        cleanup(client.close, what="closing the Dask client")
-        if cluster is not None:
-            cleanup(cluster.close, what="closing the LocalCluster")
     if not reports:  # the finished-pyramid path: no step ran, nothing composed
         print(f"nothing left to build: the {summary['levels_created']} level(s) asked for "
               f"are already built")
@@ -196,18 +205,11 @@ def cmd_refresh(args) -> int:
         print(refresh_pyramid(args.store, storage_options=opts, **asked))
         return 0
     manners.check_writable(st)
-    client, cluster = _client(args)
-    try:
-        print(f"dashboard: {client.dashboard_link}")
+    with _cluster_client(args) as client:
         t0 = time.perf_counter()
         report = refresh_pyramid(args.store, client=client, storage_options=opts,
                                  progress=None if args.no_progress else manners.progress, **asked)
         total = time.perf_counter() - t0
-    finally:
-        from .errors import cleanup
-        cleanup(client.close, what="closing the Dask client")
-        if cluster is not None:
-            cleanup(cluster.close, what="closing the LocalCluster")
     print(report)
     if report.refreshed:
         print(f"refreshed {report.summary['levels_created']} level(s) in {total:.2f} s")

@@ -405,16 +405,22 @@ class Store:
                     if v.get("type") != "directory" and p.startswith(top + "/")}
         return with_retries(_find, what=self.describe(key))
 
+    def _find_args(self, top: str) -> tuple[tuple, dict]:
+        """``fs.find`` arguments listing everything under ``top``.  s3fs
+        follows an empty listing with a HEAD (is ``top`` a file?) unless a
+        prefix is given: list the parent with ``top``'s name as the prefix,
+        the same one request."""
+        if self._opened().s3 and "/" in top:
+            parent, name = top.rsplit("/", 1)
+            return (parent,), {"prefix": f"{name}/"}
+        return (top,), {}
+
     def listing(self, key: str) -> dict[str, dict]:
         """Every object under ``key`` with its listing details (size, ETag,
         ...), by path relative to it: one recursive listing of an object
         store (one LIST request per page, no HEAD).  Not for local paths."""
         top = self.path(key).rstrip("/")
-        if self._opened().s3 and "/" in top:  # as keys_under: a prefix, no HEAD
-            parent, name = top.rsplit("/", 1)
-            args, kw = (parent,), {"prefix": f"{name}/"}
-        else:
-            args, kw = (top,), {}
+        args, kw = self._find_args(top)
 
         def _find():
             try:
@@ -432,14 +438,7 @@ class Store:
         if self.is_local:
             return _local_names(top)
 
-        if self._opened().s3 and "/" in top:
-            # s3fs follows an empty listing with a HEAD (is ``top`` a file?)
-            # unless a prefix is given: list the parent with ``top``'s name
-            # as the prefix, the same one request.
-            parent, name = top.rsplit("/", 1)
-            args, kw = (parent,), {"prefix": f"{name}/"}
-        else:
-            args, kw = (top,), {}
+        args, kw = self._find_args(top)
 
         def _find():
             try:
