@@ -3,6 +3,7 @@ existing levels are never silently replaced."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 
@@ -58,6 +59,25 @@ def test_rejected_before_anything_is_written(store, kw, exc, match):
     before = _digest(store)
     with pytest.raises(exc, match=match):
         zd.build_pyramid(store, **kw)
+    assert _digest(store) == before
+
+
+@pytest.mark.parametrize("coarsen", [0.5, 0.0, -2.0])
+def test_coarsen_factor_below_one_is_refused_where_the_reference_builds(store, tmp_path,
+                                                                        coarsen):
+    """What zarr-vectors accepts and we refuse, measured: it builds a level
+    with bins finer than (0.5), infinite (0) or mirrored (-2) against its
+    source's; ours refuses before writing anything and says why."""
+    import shutil
+
+    from zarr_vectors.multiresolution.coarsen import build_pyramid as ref
+    copy = tmp_path / "ref.zv"
+    shutil.copytree(store, copy)
+    with pytest.warns() if coarsen == 0 else contextlib.nullcontext():  # its 0-division
+        assert ref(str(copy), factors=[(coarsen, 1)])["levels_created"] == 1
+    before = _digest(store)
+    with pytest.raises(PlanError, match=r"coarsen_factor must be >= 1.*finer than its source"):
+        zd.build_pyramid(store, factors=[(coarsen, 1)])
     assert _digest(store) == before
 
 

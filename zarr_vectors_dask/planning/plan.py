@@ -27,6 +27,13 @@ VALID_CROSS_LEVEL_STORAGE = ("none", "implicit", "explicit")
 
 
 # ------------------------------------------------------------ validation
+#: Why a coarsen factor below 1 is refused, though zarr-vectors builds it.
+_FINER = ("a level's bins are its source level's times this factor, so the level would be "
+          "finer than its source, not coarser (zarr-vectors 0.9.2 writes such a level without "
+          "a word, and with 0 or a negative factor its bins are infinite or mirrored: one "
+          "metavertex for everything, or bins that straddle zero)")
+
+
 def validate_factors(factors: Any) -> list[tuple[float, float]]:
     if not isinstance(factors, (list, tuple)) or len(factors) == 0:
         raise PlanError(f"factors must be a non-empty list of (coarsen, sparsity) pairs; got {factors!r}")
@@ -42,11 +49,13 @@ def validate_factors(factors: Any) -> list[tuple[float, float]]:
                 raise PlanError(f"factors[{i}] {name} must be a number; got {v!r}") from None
             if math.isnan(fv) or math.isinf(fv):
                 raise PlanError(f"factors[{i}] {name} must be finite; got {v!r}")
-            if fv < 1.0:
-                # zarr-vectors rejects a sparsity below 1 as level metadata
+            if fv < 1.0 and name == "sparsity_factor":
+                # zarr-vectors rejects it too, as level metadata
                 # (object_sparsity outside (0, 1]).
-                cls = PlanMetadataError if name == "sparsity_factor" else PlanError
-                raise cls(f"factors[{i}] {name} must be >= 1; got {v!r}")
+                raise PlanMetadataError(f"factors[{i}] {name} must be >= 1; got {v!r}")
+            if fv < 1.0:
+                # zarr-vectors 0.9.2 builds these; we refuse them on purpose.
+                raise PlanError(f"factors[{i}] {name} must be >= 1; got {v!r}: {_FINER}")
             pair.append(fv)
         out.append((pair[0], pair[1]))
     return out
