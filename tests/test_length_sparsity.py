@@ -302,7 +302,7 @@ def test_length_on_s3(s3_server, local_client, tmp_path, strategy_name):
     zd.build_pyramid(s3_server.url(bucket, "x.zv"), factors=factors, sparsity_strategy="length",
                      storage_options=s3_server.storage_options, client=local_client, **KW)
     names = [p.rsplit("/", 1)[-1] for p in fs.ls(f"{bucket}/x.zv", refresh=True)]
-    assert sorted(names) == ["0", "1", "2", "zarr.json"], names
+    assert sorted(names) == [".zvdask", "0", "1", "2", "zarr.json"], names  # .zvdask: the record
     ours = tmp_path / "from-s3.zv"
     fs.get(f"{bucket}/x.zv", str(ours), recursive=True)
     diff = compare_raw_files(ref, ours)

@@ -77,8 +77,12 @@ def _assert_level0_untouched(before: dict[str, bytes], after: dict[str, bytes]) 
 def _assert_no_bookkeeping(srv, bucket: str) -> None:
     """No lock or resume records left, not even as an emptied directory
     (SeaweedFS keeps those, and readers would list them)."""
-    names = [p.rsplit("/", 1)[-1] for p in srv.fs().ls(f"{bucket}/x.zv", refresh=True)]
-    assert sorted(names) == ["0", "1", "2", "zarr.json"], names
+    fs = srv.fs()
+    names = [p.rsplit("/", 1)[-1] for p in fs.ls(f"{bucket}/x.zv", refresh=True)]
+    assert sorted(names) == [".zvdask", "0", "1", "2", "zarr.json"], names
+    # The sidecar holds the finished build's record only (SOURCE_RECORD).
+    kept = [p.rsplit("/", 1)[-1] for p in fs.ls(f"{bucket}/x.zv/.zvdask", refresh=True)]
+    assert kept == ["source.json"], kept
 
 
 def _secrets(srv) -> tuple[str, str]:

@@ -72,7 +72,9 @@ def _check(r: subprocess.CompletedProcess, reference: str, store: str, counter: 
     with open(counter) as fh:
         assert fh.read().count("ran") == 1, "the caller's code ran more than once"
     assert_equivalent(reference, store)
-    assert compare_raw_files(reference, store).identical
+    # Level 0 was written under another directory name (the root records it).
+    diff = compare_raw_files(reference, store, other_store_name=True)
+    assert diff.identical, diff.summary()
 
 
 @pytest.mark.parametrize("build", [PATCHED, NATIVE], ids=["patched", "native"])

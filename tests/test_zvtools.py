@@ -61,6 +61,7 @@ import os
 
 import zarr_vectors_dask
 import zarr_vectors_dask.api as api
+import zarr_vectors_dask.rerun as rerun
 
 _LOG = os.environ["ZVDASK_TRIPWIRE"]
 
@@ -73,16 +74,17 @@ def _tripwire(name, fn):
     return wrapped
 
 
-# The patch installs whatever api holds, so the wrappers are what
-# zarr-vectors' names point to from here on.
-api.build_pyramid = _tripwire("build_pyramid", api.build_pyramid)
+# The patch installs whatever rerun (zarr-vectors' build_pyramid, re-runs
+# included) and api hold, so the wrappers are what zarr-vectors' names
+# point to from here on.
+rerun.build_pyramid = _tripwire("build_pyramid", rerun.build_pyramid)
 api.coarsen_level = _tripwire("coarsen_level", api.coarsen_level)
 zarr_vectors_dask.patch_zarr_vectors()
 
 
 def pytest_sessionstart(session):
     import zarr_vectors.multiresolution.coarsen as coarsen
-    assert coarsen.build_pyramid is api.build_pyramid
+    assert coarsen.build_pyramid is rerun.build_pyramid
     assert coarsen.coarsen_level is api.coarsen_level
 '''
 

@@ -50,9 +50,10 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
-import re
 import time
 from typing import Callable, Iterable, Mapping
+
+from .storage.store import TEMPORARY
 
 __all__ = ["RACY_NS", "Entry", "Fingerprint", "SourceDiff", "is_document", "is_source_key",
            "array_of", "chunk_of", "needs_hash", "keys_to_rehash", "compare", "list_source",
@@ -68,7 +69,6 @@ RACY_NS = 2_000_000_000
 _DIGEST_KEYS = ("ETag", "etag", "md5Hash", "crc32c", "checksum")
 _MTIME_KEYS = ("mtime", "LastModified", "last_modified", "updated", "modified")
 
-_TEMPORARY = re.compile(r"\.tmp-\d+-[0-9a-f]{8}$|\.[0-9a-f]{32}\.partial$")
 _DOCUMENTS = ("zarr.json", ".zarray", ".zattrs", ".zgroup")
 ROOT_DOC = "zarr.json"
 SOURCE_LEVEL = "0"
@@ -122,7 +122,7 @@ def is_document(key: str) -> bool:
 def is_source_key(key: str) -> bool:
     """Whether ``key`` (relative to the root) is part of level 0's source
     (not something a pyramid build writes there, not a temporary)."""
-    if not key.startswith(SOURCE_LEVEL + "/") or _TEMPORARY.search(key):
+    if not key.startswith(SOURCE_LEVEL + "/") or TEMPORARY.search(key):
         return False
     parts = key.split("/")
     if len(parts) >= 2 and parts[1] == "links":

@@ -20,7 +20,7 @@ from .step import attributes as va
 from .step.objects import read_object_ids
 from .step.source import read_source_level
 from .storage.lock import BuildLock
-from .storage.store import Store
+from .storage.store import TEMPORARY, Store
 
 __all__ = ["RECORD_DIR", "BUILD_RECORD", "build_lock", "level_record", "build_record_for",
            "Targets", "prepare_targets", "finish_records", "sweep_temporaries", "wait_for_orphans",
@@ -419,12 +419,6 @@ def finish_records(store: Store) -> None:
     store.remove_tree(BUILD_RECORD)
 
 
-# What a process killed mid-write leaves next to the object it was
-# replacing: ``Store.put_many``'s ``<name>.tmp-<pid>-<hex>`` and zarr
-# LocalStore's ``<name>.<uuid>.partial``.  Never part of the format.
-_TEMPORARY = re.compile(r"\.tmp-\d+-[0-9a-f]{8}$|\.[0-9a-f]{32}\.partial$")
-
-
 _ZARR_WRITTEN = re.compile(rf"/({nm.OBJECT_INDEX}|{nm.OBJECT_ATTRIBUTES})(/|$)")
 
 
@@ -436,11 +430,13 @@ def sweep_temporaries(store: Store, source_level: int) -> None:
         return
     trees = [os.path.join(store.root, str(lv)) for lv in existing_coarse(store, source_level)]
     trees.append(os.path.join(store.root, str(source_level), nm.LINKS))
-    with os.scandir(store.root) as it:
-        doomed = [e.path for e in it if e.is_file() and _TEMPORARY.search(e.name)]
+    doomed = []
+    for top in (store.root, os.path.join(store.root, ".zvdask")):  # the records' own
+        with contextlib.suppress(FileNotFoundError), os.scandir(top) as it:
+            doomed.extend(e.path for e in it if e.is_file() and TEMPORARY.search(e.name))
     for top in trees:
         for d, dirs, files in os.walk(top):
-            doomed.extend(os.path.join(d, f) for f in files if _TEMPORARY.search(f))
+            doomed.extend(os.path.join(d, f) for f in files if TEMPORARY.search(f))
             # Vertex and link cells are written in place (``atomic=False``),
             # so only the cells zarr writes (object index, attributes) can
             # have temporaries: skip the other cell trees, most of the files.

@@ -11,7 +11,7 @@ import numpy as np
 from ..errors import CorruptChunkError
 from ..format import naming as nm
 from ..format import shards as fshards
-from ..storage.store import Store
+from ..storage.store import TEMPORARY, Store
 
 __all__ = ["ShardRoute", "route_to", "put_cells", "write_shards"]
 
@@ -83,7 +83,8 @@ def write_shards(store: Store, route: ShardRoute, pack: int, *_done) -> int:
     """Encode and write every shard of one run that received cells (after
     every writer of the graph has finished); returns how many."""
     folder = route.folder(pack)
-    keys = [f"{folder}/{s}" for s in sorted(store.listdir(folder))]
+    # A writer killed mid-put leaves a temporary beside its rerun's file.
+    keys = [f"{folder}/{s}" for s in sorted(store.listdir(folder)) if not TEMPORARY.search(s)]
     raw = store.get_many(keys)
     shards: dict[tuple[str, tuple], list] = {}
     ss = route.shard_shape

@@ -11,6 +11,7 @@ import contextlib
 import errno
 import os
 import random
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, TypeVar
@@ -18,7 +19,7 @@ from typing import Any, Callable, Iterable, TypeVar
 import fsspec
 from zarr_vectors.exceptions import StoreError
 
-__all__ = ["BATCH_SIZE", "StoreAccessError", "redact", "is_transient", "with_retries", "Store",
+__all__ = ["TEMPORARY", "BATCH_SIZE", "StoreAccessError", "redact", "is_transient", "with_retries", "Store",
            "check_access", "iter_secret_values"]
 
 
@@ -64,6 +65,12 @@ def _local_names(top: str) -> list[str]:
                     out.append(rel + e.name)
     return out
 
+
+
+#: What a process killed mid-write leaves next to the object it was
+#: replacing: ``Store.put_many``'s ``<name>.tmp-<pid>-<hex>`` and zarr
+#: LocalStore's ``<name>.<uuid>.partial``.  Never part of the format.
+TEMPORARY = re.compile(r"\.tmp-\d+-[0-9a-f]{8}$|\.[0-9a-f]{32}\.partial$")
 
 class StoreAccessError(RuntimeError, StoreError):
     """A store operation failed for good (bad credentials, missing bucket,
