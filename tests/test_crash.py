@@ -55,6 +55,14 @@ def store(inputs, tmp_path):
     return path
 
 
+def mid_level_2(store) -> bool:
+    """Level 1 is summarised and level 2's cells are being written, but
+    level 2 is not published yet."""
+    return (os.path.exists(os.path.join(store, ".zvdask", "levels", "1.json.summary"))
+            and os.path.isdir(os.path.join(store, "2", "vertices"))
+            and not os.path.exists(os.path.join(store, "2", "zarr.json")))
+
+
 def _files_digest(root, prune=lambda rel: False) -> dict[str, str]:
     out = {}
     for d, dirs, files in os.walk(root):
@@ -150,11 +158,7 @@ def test_driver_killed_mid_level_then_resume(private_dask_cluster, inputs, store
                           "--scheduler", address, *CLI_ARGS], env=subprocess_env(),
                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
-        def mid_level_2():
-            return (os.path.exists(os.path.join(store, ".zvdask", "levels", "1.json.summary"))
-                    and os.path.isdir(os.path.join(store, "2", "vertices"))
-                    and not os.path.exists(os.path.join(store, "2", "zarr.json")))
-        hit = _wait_for(mid_level_2, alive=lambda: p.poll() is None, interval=0.001)
+        hit = _wait_for(lambda: mid_level_2(store), alive=lambda: p.poll() is None, interval=0.001)
         os.kill(p.pid, signal.SIGKILL)  # the CLI has no children: --scheduler
     finally:
         p.wait(timeout=30)

@@ -28,6 +28,7 @@ import zarr_vectors_dask as zd
 from equivalence import compare_raw_files
 from servers import subprocess_env
 from stores import make_streamlines
+from test_crash import mid_level_2
 from zarr_vectors_dask import fingerprint as fpm
 from zarr_vectors_dask.cli import main
 from zarr_vectors_dask.currency import REFRESH_ATTR, SOURCE_RECORD, StaleSourceError
@@ -221,14 +222,10 @@ def test_refresh_killed_then_refreshed_again_ends_equal(private_dask_cluster, tm
                               "--no-progress"], env=subprocess_env(),
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         try:
-            def mid_level_2():
-                return (os.path.exists(os.path.join(store, ".zvdask", "levels", "1.json.summary"))
-                        and os.path.isdir(os.path.join(store, "2", "vertices"))
-                        and not os.path.exists(os.path.join(store, "2", "zarr.json")))
             deadline = time.monotonic() + 120
             hit = False
             while time.monotonic() < deadline and p.poll() is None:
-                if mid_level_2():
+                if mid_level_2(store):
                     hit = True
                     break
                 time.sleep(0.001)
@@ -308,33 +305,34 @@ def test_patched_rerun_same_arguments_unchanged_returns_at_once(store, local_cli
     assert not [r for r in caplog.records if r.name == "zarr_vectors_dask"]
 
 
-def test_patched_rerun_after_an_edit_refreshes(store, tmp_path, local_client, patched, caplog):
-    _edit(store, "remove_object", False)
-    expected = tmp_path / "full.zv"
+def _patched_rerun_equals_a_full_build(store, tmp_path, client, caplog, kw) -> str:
+    """Re-run zarr-vectors' (patched) build_pyramid on ``store``: it ends with
+    every file of a fresh ``overwrite=True`` build with ``kw``, and says what
+    it did in exactly one log line, returned."""
+    expected = tmp_path / "expected.zv"
     shutil.copytree(store, expected)
-    zd.build_pyramid(str(expected), client=local_client, overwrite=True, **KW)
+    zd.build_pyramid(str(expected), client=client, overwrite=True, **kw)
     with caplog.at_level("WARNING", logger="zarr_vectors_dask"):
-        _zv_build(store, **KW)
+        _zv_build(store, **kw)
     lines = [r.getMessage() for r in caplog.records if r.name == "zarr_vectors_dask"]
-    assert len(lines) == 1 and "refreshing the pyramid" in lines[0], lines
-    assert "object_index/manifests" in lines[0]
+    assert len(lines) == 1, lines
     diff = compare_raw_files(expected, store, ignore=_sidecar)
     assert diff.identical, diff.summary()
+    return lines[0]
+
+
+def test_patched_rerun_after_an_edit_refreshes(store, tmp_path, local_client, patched, caplog):
+    _edit(store, "remove_object", False)
+    line = _patched_rerun_equals_a_full_build(store, tmp_path, local_client, caplog, KW)
+    assert "refreshing the pyramid" in line and "object_index/manifests" in line, line
 
 
 def test_patched_rerun_other_arguments_rebuilds_as_a_fresh_build(store, tmp_path, local_client,
                                                                   patched, caplog):
     other = dict(KW, sparsity_seed=4)
-    expected = tmp_path / "fresh.zv"
-    shutil.copytree(store, expected)
-    zd.build_pyramid(str(expected), client=local_client, overwrite=True, **other)
-    with caplog.at_level("WARNING", logger="zarr_vectors_dask"):
-        _zv_build(store, **other)
-    lines = [r.getMessage() for r in caplog.records if r.name == "zarr_vectors_dask"]
-    assert len(lines) == 1 and "rebuilding the pyramid (overwrite=True)" in lines[0], lines
-    assert "sparsity_seed: 0 then, 4 now" in lines[0]
-    diff = compare_raw_files(expected, store, ignore=_sidecar)
-    assert diff.identical, diff.summary()
+    line = _patched_rerun_equals_a_full_build(store, tmp_path, local_client, caplog, other)
+    assert "rebuilding the pyramid (overwrite=True)" in line, line
+    assert "sparsity_seed: 0 then, 4 now" in line, line
 
 
 @pytest.mark.parametrize("policy", [True, "batch"])
