@@ -422,6 +422,30 @@ def test_resume_refuses_a_live_lease_and_takes_over_a_dead_owner(tmp_path, monke
     c.release()
 
 
+def test_a_killed_owners_lock_temporaries_are_removed_a_live_ones_kept(tmp_path):
+    """A driver killed between renaming its lock aside and unlinking it
+    (the last instant of a release) leaves ``lock.json.old-*``; the next
+    lock holder removes it.  A live contender's ``.new-*`` stays."""
+    store = _store_dir(tmp_path)
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    host = os.uname().nodename
+
+    def doc(pid, token):
+        return json.dumps({"owner": f"{host}:{pid}", "host": host, "pid": pid, "token": token,
+                           "heartbeat": time.time(), "lease": 600}).encode()
+    os.makedirs(store.path(".zvdask"))
+    dead = store.path(".zvdask/lock.json.old-" + "a" * 32)
+    live = store.path(".zvdask/lock.json.new-" + "b" * 32)
+    open(dead, "wb").write(doc(p.pid, "dead"))
+    open(live, "wb").write(doc(os.getpid(), "live"))
+    lock = BuildLock(store)
+    lock.acquire(resume=False)
+    lock.release()
+    assert not os.path.exists(dead)
+    assert os.path.exists(live)
+
+
 def _race_two_builds(url, client, **storage) -> list:
     """Two real builds of one store started at the same instant."""
     kw = dict(factors=[(2, 1), (2, 2)], sparsity_seed=0, cross_level_depth=-1,

@@ -23,10 +23,12 @@ with a warning.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import logging
 import os
+import re
 import socket
 import threading
 import time
@@ -54,6 +56,11 @@ def default_lease() -> float:
         return max(1.0, float(os.environ.get("ZVDASK_LOCK_LEASE", "120")))
     except ValueError:
         return 120.0
+
+
+#: A local lock's own temporaries: the new lock before its link, the old
+#: one renamed aside before its unlink.
+_ASIDE = re.compile(r"lock\.json\.(new|old)-[0-9a-f]{32}")
 
 
 class _Exists(Exception):
@@ -139,6 +146,19 @@ class _Local:
             except FileNotFoundError:
                 pass
         return None
+
+    def leftovers(self) -> list[tuple[str, bytes, float]]:
+        """(path, bytes, mtime) of every ``lock.json.new-*``/``.old-*``
+        beside the lock: a process killed between its rename or link and
+        its unlink leaves one."""
+        out = []
+        folder, base = os.path.split(self.path)
+        with contextlib.suppress(FileNotFoundError), os.scandir(folder) as it:
+            for e in it:
+                if _ASIDE.fullmatch(e.name) and e.name.startswith(base):
+                    with contextlib.suppress(FileNotFoundError), open(e.path, "rb") as fh:
+                        out.append((e.path, fh.read(), os.fstat(fh.fileno()).st_mtime))
+        return out
 
     def renew(self, data: bytes, token: str):
         """The owner's heartbeat: the file's mtime (no rewrite, so no
@@ -419,9 +439,20 @@ class BuildLock:
         else:
             raise BuildError(f"{self.store.url}: could not take the build lock (it kept "
                              f"changing hands); try again")
+        self._sweep_leftovers()
         self._thread = threading.Thread(target=self._renew_loop, daemon=True,
                                         name=f"zvdask-lock-{self.token[:8]}")
         self._thread.start()
+
+    def _sweep_leftovers(self) -> None:
+        """Remove the lock temporaries of builds that have ended (judged as
+        their lock would be); a live contender's are left alone."""
+        if not isinstance(self.backend, _Local):
+            return  # object stores write the lock whole
+        for path, raw, mtime in self.backend.leftovers():
+            if _token(raw) != self.token and self._assess(raw, mtime)[0]:
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(path)
 
     def _renew_loop(self) -> None:
         interval = max(0.2, self.lease / 4)
