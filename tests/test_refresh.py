@@ -134,7 +134,12 @@ def test_edit_makes_stale_then_refresh_equals_full_rebuild(store, tmp_path, loca
 
     dry = zd.refresh_pyramid(str(store), dry_run=True)
     assert not dry.refreshed and [lv for lv, _, f in dry.levels] == [1, 2]
-    assert all(f == 1.0 for _, _, f in dry.levels) and dry.dirty_chunks
+    assert dry.dirty_chunks
+    if kind == "zarr_write":  # object attributes only: their dirty buckets, not whole levels
+        assert dry.region.kind == "attributes" and dry.region.buckets == (("weight", (0,)),)
+        assert all(0 < f < 0.05 for _, _, f in dry.levels), dry.levels
+    else:
+        assert dry.region.kind == "whole" and all(f == 1.0 for _, _, f in dry.levels)
     assert zd.pyramid_status(str(store)).state == "stale"  # the dry run wrote nothing
 
     report = zd.refresh_pyramid(str(store), client=local_client)
@@ -142,6 +147,93 @@ def test_edit_makes_stale_then_refresh_equals_full_rebuild(store, tmp_path, loca
     diff = compare_raw_files(expected, store, ignore=_sidecar)
     assert diff.identical, diff.summary()
     assert REFRESH_ATTR not in _root_attrs(store)
+    assert zd.pyramid_status(str(store)).state == "current"
+
+
+def _rewritten(before: dict, after: dict) -> set[str]:
+    """Files written (mtime moved), added or removed, outside the sidecar."""
+    keys = {*before, *after} - {k for k in {*before, *after} if _sidecar(k)}
+    return {k for k in keys if before.get(k) != after.get(k)}
+
+
+@pytest.mark.parametrize("atomic", [False, True], ids=["inplace", "atomic"])
+def test_attribute_edit_rewrites_only_the_dirty_attribute_buckets(store, tmp_path, local_client,
+                                                                  atomic):
+    """EditSession.edit_attribute on two objects: the refresh reruns the
+    attribute stage on the buckets holding them, at every coarse level,
+    and ends byte-identical to a full rebuild; no other coarse file (and
+    nothing of level 0) is written, and the edited values do reach the
+    coarse levels (level 1 keeps every object)."""
+    from zarr_vectors.ops.refs import AttributeRef, ObjectRef
+    old1 = zarr.open_array(str(store / "1" / "object_attributes" / "weight"), mode="r")[:]
+    root = _open(store)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with EditSession(root, atomic=atomic) as ed:
+            for oid, value in ((4, 123.25), (31, -7.5)):
+                ed.edit_attribute(AttributeRef("object", "weight", ObjectRef(0, oid)), value)
+    expected = tmp_path / "full.zv"
+    shutil.copytree(store, expected)
+    zd.build_pyramid(str(expected), client=local_client, overwrite=True, **KW)
+    before = _mtimes(store)
+    time.sleep(0.01)  # mtimes of rewritten files move past ``before``
+    report = zd.refresh_pyramid(str(store), client=local_client)
+    assert report.refreshed and report.region.kind == "attributes", report
+    diff = compare_raw_files(expected, store, ignore=_sidecar)
+    assert diff.identical, diff.summary()
+    written = _rewritten(before, _mtimes(store))
+    allowed = {"zarr.json"}  # the refresh mark, added then removed: same bytes at the end
+    cells = {k for k in written if k not in allowed}
+    assert cells and all(k.split(os.sep)[0] in ("1", "2") and
+                         os.sep.join(k.split(os.sep)[1:3]) == os.path.join("object_attributes",
+                                                                           "weight")
+                         for k in cells), sorted(written)
+    new1 = zarr.open_array(str(store / "1" / "object_attributes" / "weight"), mode="r")[:]
+    assert not np.array_equal(old1, new1)
+    assert zd.pyramid_status(str(store)).state == "current"
+
+
+@pytest.fixture(scope="module")
+def built_graph(tmp_path_factory, local_client):
+    from stores import make_graphs
+    path = tmp_path_factory.mktemp("refresh-graph") / "g.zv"
+    make_graphs(str(path), seed=1)
+    zd.build_pyramid(str(path), client=local_client, **KW)
+    return path
+
+
+def _remove_one_link(path) -> None:
+    """EditSession.remove_link on the first intra-chunk link record."""
+    from zarr_vectors.ops.refs import LinkRef
+    cells = sorted((path / "0" / "links" / "0" / "0.0.0" / "c").glob("*/*/*"))
+    root = _open(path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with EditSession(root, atomic=False) as ed:
+            cc = tuple(int(x) for x in cells[0].relative_to(cells[0].parents[2]).parts)
+            ed.remove_link(LinkRef(level=0, chunk=cc, fragment=0, row=0, delta=0, offsets=None))
+
+
+def test_intra_level_link_edit_rewrites_no_coarse_file(built_graph, tmp_path, local_client):
+    """No coarsening step reads level 0's own links: after remove_link the
+    refresh writes nothing but its record, and the pyramid equals a full
+    rebuild (which zarr-vectors' own rebuild also leaves unchanged above
+    level 0)."""
+    store = tmp_path / "g.zv"
+    shutil.copytree(built_graph, store)
+    _remove_one_link(store)
+    st = zd.pyramid_status(str(store))
+    assert st.state == "stale" and all(a.startswith(("links/0", "link_")) for a in
+                                       st.diff.by_array()), st.diff.by_array()
+    expected = tmp_path / "full.zv"
+    shutil.copytree(store, expected)
+    zd.build_pyramid(str(expected), client=local_client, overwrite=True, **KW)
+    before = _mtimes(store)
+    report = zd.refresh_pyramid(str(store), client=local_client)
+    assert report.refreshed and report.region.kind == "links" and not report.levels
+    assert _rewritten(before, _mtimes(store)) == set()
+    diff = compare_raw_files(expected, store, ignore=_sidecar)
+    assert diff.identical, diff.summary()
     assert zd.pyramid_status(str(store)).state == "current"
 
 
@@ -241,6 +333,73 @@ def test_refresh_killed_then_refreshed_again_ends_equal(private_dask_cluster, tm
         assert report.refreshed
     diff = compare_raw_files(expected, store, ignore=_sidecar)
     assert diff.identical, diff.summary()
+    assert zd.pyramid_status(str(store)).state == "current"
+
+
+#: A driver that refreshes, SIGKILLed at one moment of an attribute refresh
+#: (the functions it patches are looked up at call time).
+_KILLING_DRIVER = """
+import os, signal, sys, threading, time
+import distributed
+import zarr_vectors_dask as zd
+from zarr_vectors_dask import currency, refresh
+store, address, moment = sys.argv[1:4]
+def die():
+    os.kill(os.getpid(), signal.SIGKILL)
+if moment == "begun":
+    refresh._rewrite_attributes = lambda *a, **k: die()
+elif moment == "writing":
+    real, cell = refresh.execute, os.path.join(store, "1", "object_attributes", "weight", "c", "0")
+    def execute(*a, **k):
+        m = os.stat(cell).st_mtime_ns
+        threading.Thread(target=real, args=a, kwargs=k, daemon=True).start()
+        while os.stat(cell).st_mtime_ns == m:
+            time.sleep(0.0005)
+        die()
+    refresh.execute = execute
+elif moment == "unmarked":
+    real_mark = currency.mark_refreshing
+    def mark(st, on):
+        real_mark(st, on)
+        if not on:
+            die()
+    currency.mark_refreshing = mark
+with distributed.Client(address) as c:
+    zd.refresh_pyramid(store, client=c)
+if moment == "returned":
+    die()
+"""
+
+
+@pytest.mark.parametrize("moment", ["begun", "writing", "unmarked", "returned"])
+def test_attribute_refresh_killed_at_each_moment_then_refreshed_ends_equal(
+        private_dask_cluster, built, tmp_path, moment):
+    """SIGKILL the driver of an attribute refresh after it marked the root,
+    while its graph writes, after it removed the mark but before its
+    record, and after it returned: the next refresh ends equal to a full
+    rebuild (an unfinished one rebuilds every level)."""
+    store, expected = tmp_path / "s.zv", tmp_path / "full.zv"
+    shutil.copytree(built, store)
+    _edit(store, "zarr_write", False)
+    shutil.copytree(store, expected)
+    driver = tmp_path / "driver.py"
+    driver.write_text(_KILLING_DRIVER)
+    with private_dask_cluster.client() as client:
+        zd.build_pyramid(str(expected), client=client, overwrite=True, **KW)
+        p = subprocess.run([sys.executable, str(driver), str(store),
+                            private_dask_cluster.address, moment], env=subprocess_env(),
+                           capture_output=True, text=True, timeout=300)
+        assert p.returncode == -signal.SIGKILL, p.stderr[-2000:]
+        st = zd.pyramid_status(str(store))
+        if moment == "returned":
+            assert st.current, st
+        else:
+            assert st.state == "unknown" and "refresh" in st.reason, st
+            assert st.refreshing == (moment != "unmarked"), st
+        zd.refresh_pyramid(str(store), client=client)
+    diff = compare_raw_files(expected, store, ignore=_sidecar)
+    assert diff.identical, diff.summary()
+    assert REFRESH_ATTR not in _root_attrs(store)
     assert zd.pyramid_status(str(store)).state == "current"
 
 

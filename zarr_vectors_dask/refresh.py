@@ -1,25 +1,43 @@
 """Refresh: bring a pyramid up to date with its level 0 (the record and
 status are ``currency.py``).
 
-:func:`refresh_pyramid` rebuilds what a changed source makes stale --
-today every coarse level, exactly as ``build_pyramid(..., overwrite=True)``
-with the recorded arguments -- and returns at once when nothing changed.
-Its report carries the dirty level-0 chunks per array, which a
-region-restricted refresh will start from.
+:func:`refresh_pyramid` rewrites what a changed source makes stale, and
+returns at once when nothing changed.  The region (``planning/region.py``)
+is decided from the level-0 fingerprint's diff:
+
+* only intra-level links changed: nothing above level 0 is rewritten;
+* only object-attribute cells changed: the attribute stage reruns on the
+  dirty buckets of every coarse level (its survivors drawn as the build
+  draws them), nothing else is read or written;
+* anything else: every coarse level is rebuilt, exactly as
+  ``build_pyramid(..., overwrite=True)`` with the recorded arguments.
+
+Each ends equal to a full rebuild; each records the new fingerprint last.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import uuid
 
 from . import api
+from . import currency as cur
 from .currency import (PyramidStatus, dirty_source_chunks, read_record, request_record,
                        status_of)
 from .errors import BuildError
+from .format import documents as fdoc
+from .format import naming as nm
 from .format.documents import opened_zarr_vectors
-from .resume import record_differences
+from .planning.levels import make_plan
+from .planning.region import ATTRIBUTES, LINKS, WHOLE, RefreshRegion, classify, dirty_buckets
+from .planning.sparsity import selection_function
+from .resume import build_lock, record_differences, wait_for_orphans
+from .runtime import StepReport, client_for, execute
+from .step.exchange import drop_exchange
+from .step.graph import attribute_refresh_graph
+from .step.spec import LevelPair
 
-__all__ = ["pyramid_status", "RefreshReport", "build_keywords", "refresh_pyramid"]
+__all__ = ["pyramid_status", "RefreshReport", "build_keywords", "refresh_pyramid", "region_of"]
 
 
 def pyramid_status(store, storage_options=None) -> PyramidStatus:
@@ -36,10 +54,11 @@ def pyramid_status(store, storage_options=None) -> PyramidStatus:
 class RefreshReport:
     """What :func:`refresh_pyramid` found and did (or, ``dry_run``, would do).
 
-    ``levels``: per coarse level, ``(level, what, fraction of a full
-    build)``; ``dirty_chunks``: the changed level-0 chunks per array (the
-    region a restricted refresh will start from); ``summary``: the
-    build's summary when it ran."""
+    ``region``: what the change reaches (``planning.region``); ``levels``:
+    per coarse level rewritten, ``(level, what, fraction)`` -- the share
+    of the level's files rewritten (1.0: the whole level is rebuilt);
+    ``dirty_chunks``: the changed level-0 chunks per array; ``summary``:
+    the build's summary when it rebuilt levels."""
 
     status: PyramidStatus
     refreshed: bool
@@ -48,17 +67,27 @@ class RefreshReport:
     levels: tuple = ()
     dirty_chunks: dict = dataclasses.field(default_factory=dict)
     summary: dict | None = None
+    region: RefreshRegion | None = None
 
     def __str__(self) -> str:
         lines = [self.status.line()]
-        if not self.levels:
+        if self.status.current:
             lines.append("nothing to refresh: every coarse level is current")
         n = sum(len(v) for v in self.dirty_chunks.values())
         if n:
             lines.append(f"dirty level-0 chunks: {n} in {len(self.dirty_chunks)} array(s)")
-        verb = "would rebuild" if self.dry_run else "rebuilt"
+        if self.region is not None and not self.status.current:
+            lines.append(f"region: {self.region.kind} ({self.region.reason})")
+            if not self.levels:
+                verb = "would record" if self.dry_run else "recorded"
+                lines.append(f"  no coarse level reads it: {verb} the new fingerprint only")
         for level, what, frac in self.levels:
-            lines.append(f"  level {level}: {verb} {what} ({frac:.0%} of a full build)")
+            if frac >= 1.0:
+                verb = "would rebuild" if self.dry_run else "rebuilt"
+                lines.append(f"  level {level}: {verb} {what} (100% of a full build)")
+            else:
+                verb = "would rewrite" if self.dry_run else "rewrote"
+                lines.append(f"  level {level}: {verb} {what} ({frac:.1%} of its files)")
         return "\n".join(lines)
 
 
@@ -102,24 +131,136 @@ def refresh_pyramid(store, client=None, storage_options=None, dry_run: bool = Fa
     arguments its build recorded (``build_arguments`` may repeat them; one
     that differs is refused naming it).
 
-    Unchanged level 0: returns at once, nothing is written.  Changed (or
-    currency unknown): every coarse level is rebuilt exactly as
-    ``build_pyramid(..., overwrite=True)`` with those arguments does --
-    under the build lock, the root marked ``zvdask_refresh`` while it
-    runs, crash-safe (a refresh killed at any moment, then run again, ends
-    equal to a full rebuild) -- and the new fingerprint is recorded.
-    ``dry_run``: report what would be rebuilt, write nothing."""
+    Unchanged level 0: returns at once, nothing is written.  Changed: only
+    what the change reaches is rewritten (see the module's docstring); a
+    change it cannot bound, or an unknown currency, rebuilds every coarse
+    level exactly as ``build_pyramid(..., overwrite=True)`` with those
+    arguments does.  Always under the build lock, the root marked
+    ``zvdask_refresh`` while levels are rewritten, crash-safe (a refresh
+    killed at any moment, then run again, ends equal to a full rebuild),
+    and the new fingerprint is recorded last.  ``dry_run``: report what
+    would be rewritten, write nothing."""
     with opened_zarr_vectors(store, storage_options, writable=not dry_run) as st:
         doc = read_record(st)
         args = _refresh_arguments(st, doc, build_arguments)
         status = status_of(st)
-        levels = () if status.current else tuple(
-            (i + 1, "the whole level", 1.0) for i in range(len(args["factors"])))
-        report = RefreshReport(status, False, dry_run, args, levels,
-                               dirty_source_chunks(status.diff))
-        if status.current or dry_run:
+        report = RefreshReport(status, False, dry_run, args,
+                               dirty_chunks=dirty_source_chunks(status.diff))
+        if status.current:
             return report
-        summary = api.build_pyramid(st, client=client, overwrite=True, progress=progress,
-                                    max_block_vertices=max_block_vertices, _refresh=True,
-                                    **build_keywords(args))
-        return dataclasses.replace(report, refreshed=True, summary=summary)
+        region = region_of(st, status, args)
+        report = dataclasses.replace(report, region=region, levels=_levels(st, region, args))
+        if dry_run:
+            return report
+        if region.kind == WHOLE:
+            summary = api.build_pyramid(st, client=client, overwrite=True, progress=progress,
+                                        max_block_vertices=max_block_vertices, _refresh=True,
+                                        **build_keywords(args))
+            return dataclasses.replace(report, refreshed=True, summary=summary)
+        with client_for(client, st) as c:
+            _refresh_region(st, c, args, region, progress=progress)
+        return dataclasses.replace(report, refreshed=True)
+
+
+# ------------------------------------------------------------ the region
+def region_of(st, status: PyramidStatus, args: dict) -> RefreshRegion:
+    """What a stale pyramid's level-0 change reaches (whole levels unless
+    the diff says otherwise)."""
+    if status.state != "stale" or status.diff is None:
+        return RefreshRegion(WHOLE, status.reason)
+    by_array = status.diff.by_array()
+    kind, reason = classify(by_array, factors=args["factors"],
+                            sparsity_strategy=args["sparsity_strategy"],
+                            sparsity_seed=args["sparsity_seed"],
+                            same_layout=_same_layout(st, by_array))
+    if kind != ATTRIBUTES:
+        return RefreshRegion(kind, reason)
+    buckets = []
+    for array, chunks in sorted(status.diff.dirty_chunks().items()):
+        if array.startswith(f"{nm.OBJECT_ATTRIBUTES}/"):
+            name = array.split("/", 1)[1]
+            n_rows, cell_rows = _attribute_rows(st, 0, name)
+            buckets.append((name, dirty_buckets(chunks, cell_rows, n_rows, nm.ATTRIBUTE_BUCKET)))
+    return RefreshRegion(ATTRIBUTES, reason, tuple(buckets))
+
+
+def _same_layout(st, by_array: dict) -> frozenset:
+    """Object-attribute arrays whose level-0 document changed but whose
+    shape and dtype are still level 1's (the coarse documents' inputs)."""
+    out = set()
+    for array, row in by_array.items():
+        if not (row["documents"] and array.startswith(f"{nm.OBJECT_ATTRIBUTES}/")):
+            continue
+        new = fdoc.read_json(st, f"0/{array}/zarr.json") or {}
+        coarse = fdoc.read_json(st, f"1/{array}/zarr.json") or {}
+        keys = ("shape", "data_type")
+        if new and coarse and all(new.get(k) == coarse.get(k) for k in keys):
+            out.add(array)
+    return frozenset(out)
+
+
+def _attribute_rows(st, level: int, name: str) -> tuple[int, int]:
+    """(rows, rows per stored cell) of a level's object-attribute array
+    (a sharded array's stored cell is its shard: the chunk grid's shape)."""
+    key = f"{level}/{nm.OBJECT_ATTRIBUTES}/{name}/zarr.json"
+    doc = fdoc.read_json(st, key)
+    if not doc:
+        raise BuildError(f"{st.describe(key)}: the object attribute {name!r} has no metadata")
+    return int(doc["shape"][0]), int(doc["chunk_grid"]["configuration"]["chunk_shape"][0])
+
+
+def _levels(st, region: RefreshRegion, args: dict) -> tuple:
+    """The report's per-level lines for ``region``."""
+    n_levels = len(args["factors"])
+    if region.kind == WHOLE:
+        return tuple((t, "the whole level", 1.0) for t in range(1, n_levels + 1))
+    if region.kind == LINKS:
+        return ()
+    names = ", ".join(region.names)
+    what = (f"{region.n_buckets} object-attribute bucket(s) of {names}" if region.n_buckets
+            else f"nothing of {names} (no dirty row)")
+    out = []
+    for t in range(1, n_levels + 1):
+        files = max(1, len(st.sizes(str(t))))
+        out.append((t, what, min(0.999, region.n_buckets / files)))
+    return tuple(out)
+
+
+def _refresh_region(st, c, args: dict, region: RefreshRegion, *, progress=None) -> None:
+    """Rewrite ``region`` (``links`` or ``attributes``) under the build
+    lock, then record the new fingerprint.  A kill before that record
+    leaves the refresh unfinished: the next one rebuilds every level."""
+    record = request_record(st, **build_keywords(args))
+    with build_lock(st, resume=True) as lock:
+        wait_for_orphans(c, st)
+        pending = cur.begin(st, arguments=args, record=record, resuming=False,
+                            refreshing=region.kind == ATTRIBUTES)
+        if region.kind == ATTRIBUTES and region.n_buckets:
+            lock.check()
+            _rewrite_attributes(st, c, args, region, progress=progress)
+        lock.check()
+        cur.finish(st, pending)
+
+
+def _rewrite_attributes(st, c, args: dict, region: RefreshRegion, *, progress=None) -> None:
+    """One graph: every coarse level's dirty attribute buckets, in order."""
+    kw = build_keywords(args)
+    plan = make_plan(st, factors=kw["factors"], chunk_scale_factors=kw["chunk_scale_factors"],
+                     cross_level_depth=kw["cross_level_depth"],
+                     cross_level_storage=kw["cross_level_storage"],
+                     sparsity_strategy=kw["sparsity_strategy"], n_workers=1,
+                     shard_shape=kw.get("shard_shape"))
+    strategy, seed = kw["sparsity_strategy"], kw["sparsity_seed"]
+    pairs = [LevelPair(st, lv.source_level, lv.target_level) for lv in plan.levels]
+    sparsities = [(lv.sparsity_factor, strategy, seed, tuple(lv.source_bin),
+                   selection_function(strategy)) for lv in plan.levels]
+    n_rows, _ = _attribute_rows(st, 0, region.names[0])
+    token = f"refresh-{uuid.uuid4().hex[:8]}"
+    graph = attribute_refresh_graph(pairs, sparsities, n_rows=n_rows,
+                                    region=dict(region.buckets), token=token)
+    try:
+        execute(c, graph, token, StepReport(target_level=pairs[-1].target_level),
+                name="object attributes", progress=progress)
+    finally:
+        for p in pairs:
+            drop_exchange(st, p.target_level)

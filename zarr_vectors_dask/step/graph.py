@@ -28,7 +28,7 @@ from . import shuffle
 from . import summary as smy
 from . import vertices as verts
 
-__all__ = ["shard_writers", "step_graph"]
+__all__ = ["shard_writers", "step_graph", "attribute_refresh_graph"]
 
 
 # ---------------------------------------------------------------- one step
@@ -125,10 +125,13 @@ def _manifests(g: Graph, tok: str, spec, n_rows: int, refs, links):
             for k, run in enumerate(split_runs(n_rows, nm.MANIFEST_BUCKET))]
 
 
-def _attributes(g: Graph, tok: str, spec, n_rows: int, attrs: list[str], objects):
-    n = len(split_runs(n_rows, nm.ATTRIBUTE_BUCKET))
+def _attributes(g: Graph, tok: str, spec, n_rows: int, attrs: list[str], objects,
+                region: dict | None = None):
+    """Every bucket of every attribute, or (a refresh) ``region``'s:
+    ``{name: buckets}``."""
+    every = range(len(split_runs(n_rows, nm.ATTRIBUTE_BUCKET)))
     return [g.add(tok, mans.write_attributes, f"{name}:{j}", spec, name, j, objects)
-            for name in attrs for j in range(n)]
+            for name in attrs for j in (every if region is None else region[name])]
 
 
 def shard_writers(g: Graph, tok: str, store, routes, writers) -> list:
@@ -163,4 +166,23 @@ def step_graph(spec, layout: StepLayout, *, n_rows: int, sparsity: tuple,
     g.output = g.add(token, smy.level_summary, 0, spec, objects, len(writes), len(links),
                      len(manifests),
                      *writes.values(), *links, *manifests, *attrs, *shards)
+    return g
+
+
+# ------------------------------------------------ a refresh of attributes
+def attribute_refresh_graph(pairs, sparsities, *, n_rows: int, region: dict[str, tuple],
+                            token: str) -> Graph:
+    """The steps restricted to a region of object-attribute buckets
+    (``{name: buckets}``): per coarse level, in order, the survivors as
+    ``object_table`` draws them and the attribute stage on those buckets
+    only; each level's writes wait for its source level's."""
+    g = Graph({})
+    wanted = tuple(sorted({b for bs in region.values() for b in bs}))
+    done: tuple = ()
+    for pair, sparsity in zip(pairs, sparsities):
+        tok = f"{token}-{pair.target_level}"
+        kept = g.add(tok, objs.attribute_survivors, 0, pair, n_rows, sparsity, wanted, *done)
+        writes = _attributes(g, tok, pair, n_rows, list(region), kept, region)
+        done = (g.add(tok, xch.join, "attributes", kept, *writes),)
+    g.output = done[0] if done else None
     return g

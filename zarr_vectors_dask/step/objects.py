@@ -17,7 +17,7 @@ from ..storage.store import Store
 from .exchange import read_exchange, send_exchange
 from .spec import StepSpec, _pair_key, _split_by, block_of, chunk_numbers
 
-__all__ = ["read_object_ids", "object_table", "object_refs"]
+__all__ = ["read_object_ids", "object_table", "send_keep_flags", "attribute_survivors", "object_refs"]
 
 
 def read_object_ids(store: Store, level: int, n_rows: int) -> np.ndarray:
@@ -86,9 +86,29 @@ def object_table(spec: StepSpec, n_rows: int, sparsity: tuple, attribute_names: 
         rows = perm[a:a + nm.MANIFEST_BUCKET]
         send_exchange(spec.store, {k: {"src_rows": rows, "kept": keep[rows]}}, t, "objects", 0)
     if attribute_names:
-        for j, a in enumerate(range(0, n_rows, nm.ATTRIBUTE_BUCKET)):
-            send_exchange(spec.store, {j: {"kept": keep[a:a + nm.ATTRIBUTE_BUCKET]}}, t,
-                          "keep", 0)
+        send_keep_flags(spec.store, t, keep, range(-(-n_rows // nm.ATTRIBUTE_BUCKET)))
+    return int(keep.sum())
+
+
+def send_keep_flags(store: Store, target_level: int, keep: np.ndarray, buckets) -> None:
+    """Each object-attribute bucket's kept flags, for ``write_attributes``."""
+    B = nm.ATTRIBUTE_BUCKET
+    for j in buckets:
+        send_exchange(store, {int(j): {"kept": keep[j * B:(j + 1) * B]}}, target_level, "keep", 0)
+
+
+def attribute_survivors(spec, n_rows: int, sparsity: tuple, buckets: tuple,
+                        *_source_done) -> int:
+    """A refresh's stand-in for ``object_table`` when only object
+    attributes changed: the same survivors (drawn without per-object
+    context, so from the row count and seed alone), sent to the attribute
+    buckets being rewritten; nothing else of the level is written."""
+    if needs_context(sparsity, n_rows):
+        raise FormatError(f"level {spec.target_level}: survivors of sparsity "
+                          f"{sparsity[1]!r} need per-object context; rebuild the level")
+    factor, strategy, seed, source_bin, select = sparsity
+    keep = kept_rows(n_rows, factor, strategy, seed, source_bin, select=select)
+    send_keep_flags(spec.store, spec.target_level, keep, buckets)
     return int(keep.sum())
 
 

@@ -14,7 +14,7 @@ from ..format import codecs as cdc
 from ..format import naming as nm
 from ..storage.store import Store
 
-__all__ = ["StepSpec", "chunk_numbers", "chunk_coords", "block_of"]
+__all__ = ["StepSpec", "LevelPair", "chunk_numbers", "chunk_coords", "block_of"]
 
 
 @dataclass(frozen=True)
@@ -55,6 +55,17 @@ class StepSpec:
 
     def __repr__(self) -> str:
         return f"StepSpec({self.store!r}, {self.source_level}->{self.target_level})"
+
+
+@dataclass(frozen=True)
+class LevelPair:
+    """What the object-level stages a refresh reruns alone
+    (``attribute_survivors``, ``write_attributes``) read of a step: its
+    store and its two levels -- a ``StepSpec`` without the vertex layout."""
+
+    store: Store
+    source_level: int
+    target_level: int
 
 
 # ------------------------------------------------------------- helpers
