@@ -7,6 +7,7 @@ from __future__ import annotations
 
 
 import numpy as np
+import pytest
 import zarr
 from zarr_vectors.multiresolution.coarsen import build_pyramid as reference_build_pyramid
 from zarr_vectors.types.points import write_points
@@ -47,6 +48,7 @@ def _shuffle_object_rows(path, rng, id_range=2**40):
         arr[:] = arr[:][perm]
 
 
+@pytest.mark.slow  # 20k-object scale run (76 s); test_equivalence_many covers several buckets in CI
 def test_many_objects_sparse_unsorted_ids_skewed_chunks(local_client, tmp_path):
     """70,000 short streamlines (five manifest buckets, two attribute
     buckets) with sparse ids in an unsorted id table, 80% of them in one

@@ -288,6 +288,7 @@ def test_cli_sparsity_strategy(local_client, tmp_path, capsys, strategy_name):
 
 
 @pytest.mark.integration
+@pytest.mark.slow  # the S3 variant; length on local stores and S3 builds run in CI
 def test_length_on_s3(s3_server, local_client, tmp_path, strategy_name):
     """Built straight on S3 (SeaweedFS): the exchange files of the context
     stages travel through the bucket; equal to the reference with the

@@ -371,7 +371,9 @@ if moment == "returned":
 """
 
 
-@pytest.mark.parametrize("moment", ["begun", "writing", "unmarked", "returned"])
+@pytest.mark.parametrize("moment", [
+    pytest.param("begun", marks=pytest.mark.slow),  # ends as "unmarked" does: unknown, rebuilt
+    "writing", pytest.param("unmarked", marks=pytest.mark.slow), "returned"])
 def test_attribute_refresh_killed_at_each_moment_then_refreshed_ends_equal(
         private_dask_cluster, built, tmp_path, moment):
     """SIGKILL the driver of an attribute refresh after it marked the root,

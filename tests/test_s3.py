@@ -280,6 +280,7 @@ def test_cli_pyramid_info_validate_on_s3(s3_server, level0, tmp_path):
 # ---------------------------------------------------------------- outage
 
 
+@pytest.mark.slow  # a minute of outage and retries; transient/permanent classification runs in CI
 def test_build_survives_s3_outage(private_s3_server, level0, local_client, tmp_path):
     srv = private_s3_server
     base, ref, expected_summary = level0
@@ -362,6 +363,7 @@ def test_connection_failures_are_transient_and_auth_failures_are_not(private_s3_
         assert is_transient(refused.value), repr(refused.value)
 
 
+@pytest.mark.slow  # sharding on S3: sharded pyramids run locally in CI, S3 builds too
 def test_sharded_pyramid_on_s3(s3_server, level0, local_client, tmp_path):
     """``shard_shape`` on S3: level 0 untouched, no scratch left, the
     pyramid reads as the reference's, every file sharding does not touch

@@ -481,6 +481,7 @@ def test_two_builds_at_once_one_proceeds(local_client, twin_stores):
 
 
 @pytest.mark.integration
+@pytest.mark.slow  # S3 variant; the local race and test_lock_is_exclusive_on_s3 run in CI
 def test_two_builds_at_once_on_s3_one_proceeds(local_client, twin_stores, s3_server, tmp_path):
     """The same race on S3 (SeaweedFS): the conditional put lets one in."""
     base, ref, _ = twin_stores(make_streamlines, seed=3, n_objects=60)

@@ -257,6 +257,7 @@ def test_resume_keeps_the_shard_shape(tmp_path, local_client):
 
 
 @pytest.mark.integration
+@pytest.mark.slow  # kill run (56 s); unsharded worker kills (test_crash) run in CI
 def test_worker_killed_during_sharded_build(private_dask_cluster, tmp_path):
     """A worker SIGKILLed once cells are on their way to the shard writers:
     Dask reruns what it held, each shard is rewritten whole, and the

@@ -89,6 +89,7 @@ def test_sharded_source(local_client, tmp_path, kind, shard, compressor):
     _check(ref, ours, local_client)
 
 
+@pytest.mark.slow  # scale run
 def test_sharded_many_chunks_small_blocks(local_client, tmp_path):
     """A few hundred chunks in 3x3x3 shards and a per-task budget far below
     a level: blocks (runs of chunks) cut through shards, so a task reads

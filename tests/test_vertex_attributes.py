@@ -255,12 +255,13 @@ def check_readers(ours, kind, modes):
 
 # ------------------------------------------------------------------ tests
 def _kind_mode_params():
-    """Every mode on streamlines in CI; on points the defaults and ``mode``
-    (the histogram), the other modes in the slow run."""
+    """The defaults, ``mean`` and ``mode`` (the histogram) in CI, on
+    streamlines and points; the other modes in the slow run (each is
+    also in ``test_mixed_modes_and_default``'s one build)."""
     out = []
     for kind in sorted(KINDS):
         for mode in [None, *MODES]:
-            quick = kind == "streamlines" or mode in (None, "mode")
+            quick = mode in (None, "mode") or (kind == "streamlines" and mode == "mean")
             out.append(pytest.param(kind, mode, marks=() if quick else pytest.mark.slow))
     return out
 
@@ -280,13 +281,18 @@ def test_aggregates_equal_brute_force(kind, mode, stores, local_client):
         check_readers(ours, kind, modes)
 
 
-def test_mixed_modes_and_default(stores, local_client):
-    """A mapping for some attributes; the rest get the dtype default."""
+@pytest.mark.parametrize("asked, modes", [
+    ({"fa": "max", "label": "count"}, {"fa": "max", "label": "count", "dir": "mean"}),
+    ({"fa": "min", "label": "sum", "dir": "sum"}, {"fa": "min", "label": "sum", "dir": "sum"}),
+])
+def test_mixed_modes_and_default(stores, local_client, asked, modes):
+    """A mapping for some attributes; the rest get the dtype default.
+    Between them, every mode the quick brute-force runs leave out."""
     base, ref, ours = stores("streamlines", seed=7)
     reference_build_pyramid(ref, **KW)
     zd.build_pyramid(ours, client=local_client, vertex_attributes="aggregate",
-                     attribute_aggregation={"fa": "max", "label": "count"}, **KW)
-    check_pyramid(base, ref, ours, {"fa": "max", "label": "count", "dir": "mean"})
+                     attribute_aggregation=asked, **KW)
+    check_pyramid(base, ref, ours, modes)
 
 
 def test_option_off_is_the_reference(stores, local_client):
@@ -406,6 +412,7 @@ def test_coarsen_level_writes_the_same_attributes(stores, tmp_path, local_client
 
 
 @pytest.mark.integration
+@pytest.mark.slow  # S3 variant; per-vertex attributes on local stores run in CI
 def test_on_s3(s3_server, stores, tmp_path, local_client):
     """Built straight on S3 (SeaweedFS): the same aggregates."""
     base, ref, _ = stores("streamlines", seed=13)
