@@ -30,7 +30,7 @@ from .format import naming as nm
 from .format.documents import opened_zarr_vectors
 from .planning.levels import make_plan
 from .planning.region import ATTRIBUTES, LINKS, WHOLE, RefreshRegion, classify, dirty_buckets
-from .planning.sparsity import selection_function
+from .planning.sparsity import Sparsity
 from .resume import build_lock, record_differences, wait_for_orphans
 from .runtime import StepReport, client_for, execute
 from .step.exchange import drop_exchange
@@ -252,8 +252,7 @@ def _rewrite_attributes(st, c, args: dict, region: RefreshRegion, *, progress=No
                      shard_shape=kw.get("shard_shape"))
     strategy, seed = kw["sparsity_strategy"], kw["sparsity_seed"]
     pairs = [LevelPair(st, lv.source_level, lv.target_level) for lv in plan.levels]
-    sparsities = [(lv.sparsity_factor, strategy, seed, tuple(lv.source_bin),
-                   selection_function(strategy)) for lv in plan.levels]
+    sparsities = [Sparsity.of_level(lv, strategy, seed) for lv in plan.levels]
     n_rows, _ = _attribute_rows(st, 0, region.names[0])
     token = f"refresh-{uuid.uuid4().hex[:8]}"
     graph = attribute_refresh_graph(pairs, sparsities, n_rows=n_rows,

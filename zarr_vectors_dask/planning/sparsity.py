@@ -4,9 +4,13 @@ registered selection function shipped to the workers."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Callable
+
 import numpy as np
 
-__all__ = ["BUILTIN_STRATEGIES", "target_count", "ranked", "context_rounds", "needs_context", "kept_rows", "selection_function"]
+__all__ = ["BUILTIN_STRATEGIES", "Sparsity", "target_count", "ranked", "context_rounds",
+           "kept_rows", "selection_function"]
 
 
 # ------------------------------------------------------------- stage 0
@@ -34,9 +38,38 @@ def context_rounds(strategy: str) -> int:
     return 1 if strategy == "length" else 2
 
 
-def needs_context(sparsity: tuple, n_rows: int) -> bool:
-    """:func:`ranked`, for a step's sparsity tuple."""
-    return ranked(sparsity[1], sparsity[0], n_rows)
+@dataclass(frozen=True)
+class Sparsity:
+    """One step's sparsity, as its tasks receive it: the factor, the
+    strategy and seed, the source level's bin (the reference passes it to
+    the strategies) and a registered strategy's function, resolved on the
+    driver (:func:`selection_function`)."""
+
+    factor: float
+    strategy: str = "random"
+    seed: int | None = None
+    source_bin: tuple[float, ...] = ()
+    select: Callable | None = None
+
+    @classmethod
+    def of_level(cls, lv, strategy: str, seed) -> "Sparsity":
+        """The sparsity of a planned level (``LevelPlan``)."""
+        return cls(float(lv.sparsity_factor), strategy, seed, tuple(lv.source_bin),
+                   selection_function(strategy))
+
+    def needs_context(self, n_rows: int) -> bool:
+        """:func:`ranked`: per-object context comes before the survivors."""
+        return ranked(self.strategy, self.factor, n_rows)
+
+    @property
+    def wants_points(self) -> bool:
+        """The context includes midpoints (a registered strategy's)."""
+        return self.strategy != "length"
+
+    def kept(self, n_rows: int, *, lengths=None, points=None) -> np.ndarray:
+        """:func:`kept_rows` with this sparsity."""
+        return kept_rows(n_rows, self.factor, self.strategy, self.seed, self.source_bin,
+                         lengths=lengths, points=points, select=self.select)
 
 
 def kept_rows(n_rows: int, sparsity_factor: float, strategy: str, seed, base_bin, *,

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from ..format import naming as nm
 from ..planning.runs import StepLayout, split_runs
-from ..planning.sparsity import needs_context
+from ..planning.sparsity import Sparsity
 from ..runtime import Graph
 from . import cells as scells
 from . import context as ctxs
@@ -33,14 +33,14 @@ __all__ = ["shard_writers", "step_graph", "attribute_refresh_graph"]
 
 # ---------------------------------------------------------------- one step
 def _sparsity_context(g: Graph, tok: str, spec, layout: StepLayout, n_rows: int,
-                      sparsity: tuple) -> list:
+                      sparsity: Sparsity) -> list:
     """Per-object lengths (and, for registered strategies, midpoints) for
     a strategy other than ``random``: buckets ask blocks about their
     fragments and sum the answers, so no task sees a whole level.
     Returns the tasks ``object_table`` waits for (none for ``random``)."""
-    if not needs_context(sparsity, n_rows):
+    if not sparsity.needs_context(n_rows):
         return []
-    want_points = sparsity[1] != "length"
+    want_points = sparsity.wants_points
     buckets = range(len(split_runs(n_rows, nm.MANIFEST_BUCKET)))
     refs = [g.add(tok, ctxs.context_refs, k, spec, k, n_rows) for k in buckets]
     asked = g.add(tok, xch.join, "context_refs", *refs)
@@ -58,7 +58,7 @@ def _sparsity_context(g: Graph, tok: str, spec, layout: StepLayout, n_rows: int,
     return [g.add(tok, ctxs.object_points, k, spec, k, ctx[k], answered) for k in buckets]
 
 
-def _objects(g: Graph, tok: str, spec, n_rows: int, sparsity: tuple, attrs: list[str],
+def _objects(g: Graph, tok: str, spec, n_rows: int, sparsity: Sparsity, attrs: list[str],
              context: list):
     return g.add(tok, objs.object_table, 0, spec, n_rows, sparsity, attrs, *context)
 
@@ -144,7 +144,7 @@ def shard_writers(g: Graph, tok: str, store, routes, writers) -> list:
             for r in routes for k in range(len(r.pack_starts))]
 
 
-def step_graph(spec, layout: StepLayout, *, n_rows: int, sparsity: tuple,
+def step_graph(spec, layout: StepLayout, *, n_rows: int, sparsity: Sparsity,
                attribute_names: list[str], token: str) -> Graph:
     """The whole step: its one output is ``level_summary``'s counts."""
     g = Graph({})

@@ -12,7 +12,7 @@ from ..format import cells as fcells
 from ..format import codecs as cdc
 from ..format import documents as fdoc
 from ..format import naming as nm
-from ..planning.sparsity import kept_rows, needs_context
+from ..planning.sparsity import Sparsity
 from ..storage.store import Store
 from .exchange import read_exchange, send_exchange
 from .spec import StepSpec, _pair_key, _split_by, block_of, chunk_numbers
@@ -37,30 +37,28 @@ def read_object_ids(store: Store, level: int, n_rows: int) -> np.ndarray:
         return np.asarray(fcells.read_rows_checked(store, arr, path, 0, n_rows), dtype=np.int64)
 
 
-def object_table(spec: StepSpec, n_rows: int, sparsity: tuple, attribute_names: list[str],
+def object_table(spec: StepSpec, n_rows: int, sparsity: Sparsity, attribute_names: list[str],
                  *_context_done) -> int:
     """The one task that sees every object row: reads the id table, picks
     the survivors of sparsity, writes the coarse level's id table and array
     documents, and hands each manifest bucket its source rows and kept
     flags (and each attribute bucket its kept flags) as exchange files.
 
-    ``sparsity`` is ``(factor, strategy, seed, source_bin, select)``; a
-    strategy that needs per-object context reads it from the ``context``
-    exchange files the ``object_context`` tasks wrote (source row order).
+    A strategy that needs per-object context reads it from the
+    ``context`` exchange files the ``object_context`` tasks wrote (source
+    row order).
     Returns the number of kept objects."""
     import zarr
     ids = read_object_ids(spec.store, spec.source_level, n_rows)
-    factor, strategy, seed, source_bin, select = sparsity
     lengths = points = None
-    if needs_context(sparsity, n_rows):
+    if sparsity.needs_context(n_rows):
         n_buckets = -(-n_rows // nm.MANIFEST_BUCKET)
         parts = read_exchange(spec.store, [nm.exchange_key(spec.target_level, "context", k, 0)
                                            for k in range(n_buckets)])
         lengths = np.concatenate([p["lengths"] for p in parts])
         if all("points" in p for p in parts):
             points = np.concatenate([p["points"] for p in parts])
-    keep = kept_rows(n_rows, factor, strategy, seed, source_bin, lengths=lengths, points=points,
-                     select=select)
+    keep = sparsity.kept(n_rows, lengths=lengths, points=points)
     # Coarse rows are in id order: row r comes from source row perm[r].
     perm = np.argsort(ids, kind="stable")
     t = spec.target_level
@@ -97,17 +95,16 @@ def send_keep_flags(store: Store, target_level: int, keep: np.ndarray, buckets) 
         send_exchange(store, {int(j): {"kept": keep[j * B:(j + 1) * B]}}, target_level, "keep", 0)
 
 
-def attribute_survivors(spec, n_rows: int, sparsity: tuple, buckets: tuple,
+def attribute_survivors(spec, n_rows: int, sparsity: Sparsity, buckets: tuple,
                         *_source_done) -> int:
     """A refresh's stand-in for ``object_table`` when only object
     attributes changed: the same survivors (drawn without per-object
     context, so from the row count and seed alone), sent to the attribute
     buckets being rewritten; nothing else of the level is written."""
-    if needs_context(sparsity, n_rows):
+    if sparsity.needs_context(n_rows):
         raise FormatError(f"level {spec.target_level}: survivors of sparsity "
-                          f"{sparsity[1]!r} need per-object context; rebuild the level")
-    factor, strategy, seed, source_bin, select = sparsity
-    keep = kept_rows(n_rows, factor, strategy, seed, source_bin, select=select)
+                          f"{sparsity.strategy!r} need per-object context; rebuild the level")
+    keep = sparsity.kept(n_rows)
     send_keep_flags(spec.store, spec.target_level, keep, buckets)
     return int(keep.sum())
 

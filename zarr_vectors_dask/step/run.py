@@ -18,7 +18,7 @@ from ..format import documents as fdoc
 from ..format import naming as nm
 from ..planning.plan import LevelPlan, grid_layout
 from ..planning.runs import run_cap, shard_runs, step_layout
-from ..planning.sparsity import selection_function
+from ..planning.sparsity import Sparsity
 from ..runtime import StepReport, execute
 from ..storage.store import Store
 from . import attributes as va
@@ -94,8 +94,7 @@ def plan_step(store: Store, lv: LevelPlan, src: SourceLevel, root_meta, *,
         vertex_attributes=va.resolve(store, lv.source_level, vertex_attributes,
                                      attribute_aggregation),
         shard_shape=lv.shard_shape, shard_routes=routes)
-    sparsity = (lv.sparsity_factor, sparsity_strategy, sparsity_seed, tuple(lv.source_bin),
-                selection_function(sparsity_strategy))
+    sparsity = Sparsity.of_level(lv, sparsity_strategy, sparsity_seed)
     return spec, layout, sparsity
 
 
