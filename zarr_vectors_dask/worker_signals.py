@@ -5,12 +5,20 @@ while each worker that got it would print a page of traceback."""
 
 from __future__ import annotations
 
+import logging
 import signal
 import threading
 
 __all__ = ["dask_setup"]
 
 
+def _closing_soon(_signum, _frame) -> None:
+    """Ctrl-C reached this worker too: the command is closing the cluster,
+    and a heartbeat that meets the closed scheduler meanwhile would log
+    an error with its traceback (seen under load).  Keep quiet."""
+    logging.getLogger("distributed").setLevel(logging.CRITICAL)
+
+
 def dask_setup(worker) -> None:  # distributed's preload hook
     if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, _closing_soon)
