@@ -26,7 +26,7 @@ from stores import make_graphs, make_points, make_points_with_ids, make_streamli
 from zarr_vectors_dask import errors
 from zarr_vectors_dask.format import cells as fcells, naming as nm, shards as fshards
 from zarr_vectors_dask.storage.lock import LOCK_KEY
-from zarr_vectors_dask.storage.store import Store
+from zarr_vectors_dask.storage.store import LocalStore, Store
 
 KW = dict(factors=[(2, 1), (2, 3)], sparsity_seed=7, cross_level_depth=-1,
           cross_level_storage="explicit")
@@ -157,7 +157,7 @@ def test_other_zarr_layouts(local_client, tmp_path):
 
 
 # --------------------------------------------------------------- reads
-class _CountingStore(Store):
+class _CountingStore(LocalStore):
     """A local Store that records every storage key it reads."""
 
     def get_many(self, keys):

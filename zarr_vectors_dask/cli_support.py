@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
-import os
 import re
 import signal
 import sys
@@ -79,19 +78,10 @@ def check_writable(store) -> None:
     """A local target that cannot be written: say which path and why
     before a cluster starts (the build writes its lock and levels there)."""
     from .storage.store import StoreAccessError
-    if not store.is_local:
-        return  # object stores: the lock's conditional put is the first write
-    path = store.root
-    scratch = os.path.join(path, ".zvdask")
-    if os.path.isdir(scratch):
-        path = scratch
-    if os.access(path, os.W_OK):
-        return
-    try:
-        read_only = bool(os.statvfs(path).f_flag & os.ST_RDONLY)
-    except OSError:
-        read_only = False
-    why = "a read-only file system" if read_only else "permission denied"
+    refused = store.write_refusal(".zvdask")
+    if refused is None:
+        return  # writable, or an object store: the lock's conditional put is the first write
+    path, why = refused
     raise StoreAccessError(f"{path} cannot be written ({why}): a build writes its lock and "
                            f"its levels into the store")
 

@@ -303,7 +303,7 @@ def _remote_listing(store, key: str) -> tuple[dict[str, Entry], str]:
 
 def list_source(store) -> Fingerprint:
     """Level 0's source objects, from one listing (no hashes yet)."""
-    if store.is_local:
+    if store.lists_mtimes:
         listed_at = time.time_ns()
         raw = _local_listing(os.path.join(store.root, SOURCE_LEVEL), SOURCE_LEVEL + "/")
         entries = {k: e for k, e in raw.items() if is_source_key(k)}

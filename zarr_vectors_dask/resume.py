@@ -426,7 +426,7 @@ def sweep_temporaries(store: Store, source_level: int) -> None:
     """Remove temporaries a killed worker or driver left where this build
     wrote: the root, the source level's links and every coarser level.
     Object stores write whole objects, so only local stores have them."""
-    if not store.is_local:
+    if not store.leaves_temporaries:
         return
     trees = [os.path.join(store.root, str(lv)) for lv in existing_coarse(store, source_level)]
     trees.append(os.path.join(store.root, str(source_level), nm.LINKS))

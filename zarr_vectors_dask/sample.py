@@ -9,7 +9,6 @@ the root ``zarr.json`` goes last so a reader never sees half a store.
 from __future__ import annotations
 
 import os
-import shutil
 import tempfile
 from typing import Any
 
@@ -99,7 +98,7 @@ def write_sample(url: str, *, kind: str = "streamlines", objects: int = 50,
                          f"(got objects={objects}, vertices={vertices})")
     store = Store.from_url(url, storage_options)
     try:
-        exists = os.path.exists(store.root) if store.is_local else bool(store.listdir(""))
+        exists = store.root_exists()
     except Exception as exc:  # noqa: BLE001 - reported with the URL, without secrets
         msg = str(exc)
         for secret in iter_secret_values(store.storage_options):
@@ -109,10 +108,9 @@ def write_sample(url: str, *, kind: str = "streamlines", objects: int = 50,
         if not overwrite:
             raise FileExistsError(f"{store.url}: already exists; pass overwrite=True "
                                   f"(--overwrite) to replace it")
-        if store.is_local:
-            shutil.rmtree(store.root)
-        else:
-            store.remove_tree("")
+        store.remove_root()
+    # Not a store behaviour: zarr-vectors' writers take a path on this
+    # machine, so a local store is written in place, others by upload.
     if store.is_local:
         os.makedirs(os.path.dirname(store.root) or ".", exist_ok=True)
         _write_local(store.root, kind, objects, vertices, seed)

@@ -362,7 +362,7 @@ def _read_sharded(store, info, lay, groups, out) -> None:
     span = (-lay.index_size, None) if lay.index_at_end else (0, lay.index_size)
     # On a local disk a whole shard is one open and read, cheaper than its
     # index and then its ranges; on an object store, ranged reads.
-    whole = store.get_many(keys) if store.is_local else None
+    whole = store.get_many(keys) if store.prefers_whole_reads else None
     heads = [None if whole[k] is None else whole[k][slice(*span)] for k in keys] \
         if whole is not None else store.get_ranges([(k, *span) for k in keys])
     present = []  # (shard coords, key, index bytes) of the shards that exist
@@ -456,7 +456,7 @@ def read_chunk_checked(store: Store, path: str, where: str, read):
     from ..storage.store import StoreAccessError, is_transient, with_retries
     try:
         return with_retries(read, what=store.describe(path),
-                            attempts=8 if store.is_local else 1)
+                            attempts=store.zarr_read_attempts)
     except (StoreAccessError, PermissionError, MemoryError):
         raise
     except Exception as exc:  # noqa: BLE001 - classified here

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import warnings
 from typing import Any, Sequence
 
@@ -29,7 +28,7 @@ def open_zarr_vectors(store_arg, storage_options) -> Store:
         store = store_arg
     else:
         store = Store.from_url(store_arg, storage_options)
-    if store.is_local and not os.path.exists(store.root):
+    if store.root_known_absent():
         raise StoreNotFoundError(f"{store.url}: no such path")
     check_access(store)
     attrs = node_attrs(store, "")
@@ -43,7 +42,7 @@ def open_zarr_vectors(store_arg, storage_options) -> Store:
 def _not_a_store(store: Store, attrs) -> str:
     """What is there instead: a file, a folder with no Zarr root document,
     or a Zarr node without zarr-vectors' root metadata."""
-    if store.is_local and os.path.isfile(store.root):
+    if store.root_is_file():
         return f"{store.url}: a file, not a zarr-vectors store (a store is a folder)"
     if attrs is None:
         return f"{store.url}: not a zarr-vectors store (no zarr.json: not a Zarr group)"

@@ -24,7 +24,6 @@ with a warning.
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import logging
 import os
@@ -35,7 +34,7 @@ import time
 import uuid
 
 from ..errors import BuildError
-from .store import Store, with_retries
+from .store import LocalStore, S3Store, Store, with_retries
 
 __all__ = ["LOCK_KEY", "SCRATCH_DIR", "default_lease", "BuildLock", "remove_empty_scratch"]
 
@@ -334,9 +333,10 @@ class _Generic:
 
 
 def _backend(store: Store):
-    if store.is_local:
+    """The exclusive create the store's kind offers."""
+    if isinstance(store, LocalStore):
         return _Local(store)
-    if store.url.startswith(("s3://", "s3a://")):
+    if isinstance(store, S3Store):
         return _S3(store)
     return _Generic(store)
 
@@ -499,18 +499,4 @@ class BuildLock:
 def remove_empty_scratch(store: Store) -> None:
     """Remove ``.zvdask`` if empty, without a recursive delete (a build
     starting right now may be creating its lock there)."""
-    if store.is_local:
-        try:
-            os.rmdir(store.path(SCRATCH_DIR))
-        except OSError as exc:
-            if exc.errno not in (errno.ENOENT, errno.ENOTEMPTY, errno.EEXIST):
-                raise
-        return
-    if store.listdir(SCRATCH_DIR):
-        return
-    fs = store.fs
-    try:
-        fs.rm(store.path(SCRATCH_DIR))  # not recursive: never takes objects with it
-    except (FileNotFoundError, OSError):
-        pass
-    fs.invalidate_cache()
+    store.remove_empty_dir(SCRATCH_DIR)

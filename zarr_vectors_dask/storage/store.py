@@ -1,26 +1,32 @@
 """Where bytes live: a picklable handle on a store root (local path or any
 fsspec URL), with retries for the failures object stores throw at random.
 
+One class per kind of store: :class:`LocalStore` (plain ``os`` calls),
+:class:`ObjectStore` (fsspec, batched and retried) and its
+:class:`S3Store`; :meth:`Store.from_url` picks the class from the URL.
+
 Workers rebuild the filesystem from ``(url, storage_options)``; nothing of
 the driver's process (open files, clients) travels in the graph.
 """
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import errno
 import os
 import random
 import re
+import shutil
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, TypeVar
+from typing import Any, Callable, ClassVar, Iterable, TypeVar
 
 import fsspec
 from zarr_vectors.exceptions import StoreError
 
 __all__ = ["TEMPORARY", "BATCH_SIZE", "StoreAccessError", "redact", "is_transient", "with_retries", "Store",
-           "check_access", "iter_secret_values"]
+           "LocalStore", "ObjectStore", "S3Store", "check_access", "iter_secret_values"]
 
 
 T = TypeVar("T")
@@ -178,16 +184,45 @@ def with_retries(fn: Callable[[], T], *, what: str, attempts: int = 8) -> T:
     raise AssertionError("unreachable")  # pragma: no cover
 
 
+def _kind(url: str) -> type["Store"]:
+    """The class for a store URL: a local path (or ``file://``), S3, or
+    any other fsspec store."""
+    if "://" not in url or url.startswith("file://"):
+        return LocalStore
+    if url.startswith(("s3://", "s3a://")):
+        return S3Store
+    return ObjectStore
+
+
 @dataclass(frozen=True)
-class Store:
+class Store(abc.ABC):
     """A store root: ``url`` plus fsspec ``storage_options``.
 
     Small and picklable, so it rides in task arguments; each process makes
-    (and caches) its own filesystem object from it.
+    (and caches) its own filesystem object from it.  ``Store(url)`` and
+    :meth:`from_url` make the class for the URL's kind (:class:`LocalStore`,
+    :class:`S3Store`, :class:`ObjectStore`): what differs between kinds is
+    in their methods and in the attributes below, never in a caller's test
+    of the kind.
     """
 
     url: str
     storage_options: dict = field(default_factory=dict, compare=False)
+
+    #: A whole object is cheaper to read than its index and then ranges of it.
+    prefers_whole_reads: ClassVar[bool]
+    #: A writer killed mid-write can leave temporaries (:data:`TEMPORARY`) here.
+    leaves_temporaries: ClassVar[bool]
+    #: Tries of a read through :meth:`zarr_store` (:func:`with_retries`' ``attempts``).
+    zarr_read_attempts: ClassVar[int]
+    #: A listing's change stamp is each file's mtime (else the object's digest).
+    lists_mtimes: ClassVar[bool]
+
+    def __new__(cls, url: Any = None, storage_options: dict | None = None):
+        # ``Store(url)`` is the kind's class; unpickling passes no url.
+        if cls is Store and url is not None:
+            cls = _kind(str(url))
+        return super().__new__(cls)
 
     def __repr__(self) -> str:  # credentials never reach logs or task reprs
         return f"Store({self.url!r})"
@@ -219,6 +254,7 @@ class Store:
         return self._opened().root
 
     def _cache_key(self):
+        # The URL decides the kind, so the class need not be part of the key.
         key = self.__dict__.get("_key")
         if key is None:  # computed once per process: every cell path asks for it
             import json
@@ -228,7 +264,8 @@ class Store:
 
     @property
     def is_local(self) -> bool:
-        return "://" not in self.url or self.url.startswith("file://")
+        """For callers outside the package; inside it, ask for the behaviour."""
+        return False
 
     def path(self, key: str) -> str:
         return f"{self.root}/{key}" if key else self.root
@@ -247,91 +284,22 @@ class Store:
                 return None
         return with_retries(_get, what=self.describe(key))
 
+    @abc.abstractmethod
     def get_many(self, keys: list[str]) -> dict[str, bytes | None]:
         """Several objects in one call (concurrent on object stores)."""
-        if not keys:
-            return {}
-        if self.is_local:
-            # Plain reads: fsspec's per-path bookkeeping costs more than
-            # reading a small cell from the page cache.
-            return {k: self._read_local(self.path(k)) for k in keys}
-        paths = [self.path(k) for k in keys]
 
-        def _cat():
-            o = self._opened()
-            return o.fs.cat(paths, on_error="return", **o.whole_read_kw, **o.batch_kw)
-        raw = with_retries(_cat, what=self.describe(keys[0]))
-        result: dict[str, bytes | None] = {}
-        for k, p in zip(keys, paths):
-            v = raw.get(p)
-            if isinstance(v, FileNotFoundError) or v is None:
-                result[k] = None
-            elif isinstance(v, BaseException):
-                # One failed member: retry it alone so the classification
-                # (transient or not) applies to it.
-                result[k] = self.get(k)
-            else:
-                result[k] = v
-        return result
-
+    @abc.abstractmethod
     def get_ranges(self, requests: list[tuple[str, int, int | None]]) -> list[bytes | None]:
         """Byte ranges ``(key, start, end)`` of several objects, in one call
         (concurrent on object stores).  ``start < 0`` with ``end=None`` is
         the last ``-start`` bytes (a shard index at the end).  None where
         the object does not exist; a range past the object's end comes
         back short, as a plain read does (the caller checks lengths)."""
-        if not requests:
-            return []
-        if self.is_local:
-            return [self._read_local_range(self.path(k), s, e) for k, s, e in requests]
-        paths = [self.path(k) for k, _, _ in requests]
-
-        def _cat():
-            return self.fs.cat_ranges(paths, [s for _, s, _ in requests],
-                                      [e for _, _, e in requests], on_error="return",
-                                      **self._opened().batch_kw)
-        raw = with_retries(_cat, what=self.describe(requests[0][0]))
-        out: list[bytes | None] = []
-        for (k, s, e), p, v in zip(requests, paths, raw):
-            if isinstance(v, FileNotFoundError) or v is None:
-                out.append(None)
-            elif isinstance(v, BaseException):
-                # One failed member: retry it alone so the classification
-                # (transient or not) applies to it.
-                def _one(p=p, s=s, e=e):
-                    try:
-                        return self.fs.cat_file(p, start=s, end=e)
-                    except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
-                        return None
-                out.append(with_retries(_one, what=self.describe(k)))
-            else:
-                out.append(bytes(v))
-        return out
-
-    @staticmethod
-    def _read_local_range(path: str, start: int, end: int | None) -> bytes | None:
-        try:
-            with open(path, "rb") as fh:
-                if start < 0:
-                    size = os.fstat(fh.fileno()).st_size
-                    fh.seek(max(0, size + start))
-                    return fh.read() if end is None else fh.read(max(0, end - fh.tell()))
-                fh.seek(start)
-                return fh.read() if end is None else fh.read(max(0, end - start))
-        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
-            return None
-
-    @staticmethod
-    def _read_local(path: str) -> bytes | None:
-        try:
-            with open(path, "rb") as fh:
-                return fh.read()
-        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
-            return None
 
     def put(self, key: str, data: bytes) -> None:
         self.put_many({key: data})
 
+    @abc.abstractmethod
     def put_many(self, items: dict[str, bytes], *, atomic: bool = True) -> None:
         """Write several objects; idempotent (same key, same bytes).
 
@@ -340,37 +308,6 @@ class Store:
         a torn cell that the task's retry rewrites before anything is
         published, and skipping the temporary and rename halves the cost
         of the tens of thousands of small files a pyramid has."""
-        if not items:
-            return
-        if self.is_local:
-            self._put_local(items, atomic)
-            return
-        payload = {self.path(k): v for k, v in items.items()}
-        with_retries(lambda: self.fs.pipe(payload, **self._opened().batch_kw),
-                     what=self.describe(next(iter(items))))
-
-    def _put_local(self, items: dict[str, bytes], atomic: bool) -> None:
-        # os-level calls: Python's buffered ``open`` costs as much again
-        # as the system calls for a cell of a few hundred bytes.
-        made = set()
-        suffix = f".tmp-{os.getpid()}-{random.getrandbits(32):08x}"
-        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
-        for k, v in items.items():
-            p = self.path(k)
-            parent = p.rpartition("/")[0]
-            if parent not in made:
-                _make_dir(parent)
-                made.add(parent)
-            target = p + suffix if atomic else p
-            fd = os.open(target, flags, 0o644)
-            try:
-                view = memoryview(v)
-                while view:
-                    view = view[os.write(fd, view):]
-            finally:
-                os.close(fd)
-            if atomic:
-                os.replace(target, p)  # a reader never sees a torn object
 
     def exists(self, key: str) -> bool:
         return with_retries(lambda: self.fs.exists(self.path(key)), what=self.describe(key))
@@ -379,8 +316,7 @@ class Store:
         """Immediate child names under ``key`` (empty when absent)."""
         def _ls():
             try:
-                entries = self.fs.ls(self.path(key), detail=False, refresh=True) \
-                    if not self.is_local else self.fs.ls(self.path(key), detail=False)
+                entries = self._ls(self.path(key))
             except FileNotFoundError:
                 return []
             # An emptied directory on a filer-backed store lists itself.
@@ -389,28 +325,14 @@ class Store:
                            if e.rstrip("/") != here})
         return with_retries(_ls, what=self.describe(key))
 
+    @abc.abstractmethod
+    def _ls(self, path: str) -> list[str]:
+        """``fs.ls`` of ``path``, names only, as this kind needs it."""
+
+    @abc.abstractmethod
     def sizes(self, key: str) -> dict[str, int]:
         """Byte size of every object under ``key``, by path relative to it:
         one listing (a walk locally, a recursive find on object stores)."""
-        top = self.path(key).rstrip("/")
-        if self.is_local:
-            out = {}
-            for d, _, files in os.walk(top):
-                rel = os.path.relpath(d, top)
-                for f in files:
-                    p = os.path.join(d, f)
-                    with contextlib.suppress(FileNotFoundError):
-                        out[f if rel == "." else f"{rel}/{f}"] = os.stat(p).st_size
-            return out
-
-        def _find():
-            try:
-                found = self.fs.find(top, detail=True)
-            except FileNotFoundError:
-                return {}
-            return {p[len(top) + 1:]: int(v.get("size") or 0) for p, v in found.items()
-                    if v.get("type") != "directory" and p.startswith(top + "/")}
-        return with_retries(_find, what=self.describe(key))
 
     def _find_args(self, top: str) -> tuple[tuple, dict]:
         """``fs.find`` arguments listing everything under ``top``.  s3fs
@@ -438,13 +360,264 @@ class Store:
         return {p[len(top) + 1:]: info for p, info in found.items()
                 if info.get("type") != "directory" and p.startswith(top + "/")}
 
+    @abc.abstractmethod
     def keys_under(self, key: str) -> list[str]:
         """Every object under ``key``, by path relative to it: one listing,
         names only (no per-object stat)."""
-        top = self.path(key).rstrip("/")
-        if self.is_local:
-            return _local_names(top)
 
+    def remove_tree(self, key: str) -> None:
+        def _rm():
+            try:
+                self.fs.rm(self.path(key), recursive=True)
+            except FileNotFoundError:
+                pass
+        with_retries(_rm, what=self.describe(key))
+
+    @abc.abstractmethod
+    def remove_empty_dir(self, key: str) -> None:
+        """Remove the folder ``key`` if it is empty, never recursively (a
+        process may be writing into it right now)."""
+
+    @abc.abstractmethod
+    def zarr_store(self):
+        """A zarr v3 store on the same root (for arrays zarr must encode)."""
+
+    # ------------------------------------------------------------- the root
+    @abc.abstractmethod
+    def root_exists(self) -> bool:
+        """Whether anything is at the root (a listing on object stores)."""
+
+    @abc.abstractmethod
+    def root_known_absent(self) -> bool:
+        """True when the root is known to be missing without a request."""
+
+    @abc.abstractmethod
+    def root_is_file(self) -> bool:
+        """True when the root is a file (so no store can be there)."""
+
+    @abc.abstractmethod
+    def remove_root(self) -> None:
+        """Remove everything at the root."""
+
+    @abc.abstractmethod
+    def write_refusal(self, key: str) -> tuple[str, str] | None:
+        """``(path, why)`` when writing into the folder ``key`` (the root if
+        there is no such folder) is known to be refused before any write;
+        None otherwise."""
+
+
+@dataclass(frozen=True, repr=False)
+class LocalStore(Store):
+    """A folder on this machine (a path or ``file://`` URL): plain ``os``
+    calls, which cost less than fsspec's bookkeeping per small file."""
+
+    prefers_whole_reads = True  # one open and read of a whole shard
+    leaves_temporaries = True  # put_many's and zarr LocalStore's temporary + rename
+    zarr_read_attempts = 8  # zarr's LocalStore does not retry
+    lists_mtimes = True
+
+    @property
+    def is_local(self) -> bool:
+        return True
+
+    def get_many(self, keys: list[str]) -> dict[str, bytes | None]:
+        if not keys:
+            return {}
+        # Plain reads: fsspec's per-path bookkeeping costs more than
+        # reading a small cell from the page cache.
+        return {k: self._read_local(self.path(k)) for k in keys}
+
+    def get_ranges(self, requests: list[tuple[str, int, int | None]]) -> list[bytes | None]:
+        if not requests:
+            return []
+        return [self._read_local_range(self.path(k), s, e) for k, s, e in requests]
+
+    @staticmethod
+    def _read_local_range(path: str, start: int, end: int | None) -> bytes | None:
+        try:
+            with open(path, "rb") as fh:
+                if start < 0:
+                    size = os.fstat(fh.fileno()).st_size
+                    fh.seek(max(0, size + start))
+                    return fh.read() if end is None else fh.read(max(0, end - fh.tell()))
+                fh.seek(start)
+                return fh.read() if end is None else fh.read(max(0, end - start))
+        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+            return None
+
+    @staticmethod
+    def _read_local(path: str) -> bytes | None:
+        try:
+            with open(path, "rb") as fh:
+                return fh.read()
+        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+            return None
+
+    def put_many(self, items: dict[str, bytes], *, atomic: bool = True) -> None:
+        if not items:
+            return
+        # os-level calls: Python's buffered ``open`` costs as much again
+        # as the system calls for a cell of a few hundred bytes.
+        made = set()
+        suffix = f".tmp-{os.getpid()}-{random.getrandbits(32):08x}"
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+        for k, v in items.items():
+            p = self.path(k)
+            parent = p.rpartition("/")[0]
+            if parent not in made:
+                _make_dir(parent)
+                made.add(parent)
+            target = p + suffix if atomic else p
+            fd = os.open(target, flags, 0o644)
+            try:
+                view = memoryview(v)
+                while view:
+                    view = view[os.write(fd, view):]
+            finally:
+                os.close(fd)
+            if atomic:
+                os.replace(target, p)  # a reader never sees a torn object
+
+    def _ls(self, path: str) -> list[str]:
+        return self.fs.ls(path, detail=False)
+
+    def sizes(self, key: str) -> dict[str, int]:
+        top = self.path(key).rstrip("/")
+        out = {}
+        for d, _, files in os.walk(top):
+            rel = os.path.relpath(d, top)
+            for f in files:
+                p = os.path.join(d, f)
+                with contextlib.suppress(FileNotFoundError):
+                    out[f if rel == "." else f"{rel}/{f}"] = os.stat(p).st_size
+        return out
+
+    def keys_under(self, key: str) -> list[str]:
+        return _local_names(self.path(key).rstrip("/"))
+
+    def remove_empty_dir(self, key: str) -> None:
+        try:
+            os.rmdir(self.path(key))
+        except OSError as exc:
+            if exc.errno not in (errno.ENOENT, errno.ENOTEMPTY, errno.EEXIST):
+                raise
+
+    def zarr_store(self):
+        import zarr.storage
+        return zarr.storage.LocalStore(self.root)
+
+    def root_exists(self) -> bool:
+        return os.path.exists(self.root)
+
+    def root_known_absent(self) -> bool:
+        return not os.path.exists(self.root)
+
+    def root_is_file(self) -> bool:
+        return os.path.isfile(self.root)
+
+    def remove_root(self) -> None:
+        shutil.rmtree(self.root)
+
+    def write_refusal(self, key: str) -> tuple[str, str] | None:
+        # The file system's permissions say it before anything is written.
+        path = self.root
+        folder = os.path.join(path, key)
+        if os.path.isdir(folder):
+            path = folder
+        if os.access(path, os.W_OK):
+            return None
+        try:
+            read_only = bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+        except OSError:
+            read_only = False
+        return path, ("a read-only file system" if read_only else "permission denied")
+
+
+@dataclass(frozen=True, repr=False)
+class ObjectStore(Store):
+    """Any other fsspec store (object stores, memory): batched concurrent
+    calls, and every call retried."""
+
+    prefers_whole_reads = False  # ranged reads: the index, then just the parts asked for
+    leaves_temporaries = False  # objects are written whole
+    zarr_read_attempts = 1  # zarr_store() retries inside (_retrying_zarr_store)
+    lists_mtimes = False  # ETags (digests) instead
+
+    def get_many(self, keys: list[str]) -> dict[str, bytes | None]:
+        if not keys:
+            return {}
+        paths = [self.path(k) for k in keys]
+
+        def _cat():
+            o = self._opened()
+            return o.fs.cat(paths, on_error="return", **o.whole_read_kw, **o.batch_kw)
+        raw = with_retries(_cat, what=self.describe(keys[0]))
+        result: dict[str, bytes | None] = {}
+        for k, p in zip(keys, paths):
+            v = raw.get(p)
+            if isinstance(v, FileNotFoundError) or v is None:
+                result[k] = None
+            elif isinstance(v, BaseException):
+                # One failed member: retry it alone so the classification
+                # (transient or not) applies to it.
+                result[k] = self.get(k)
+            else:
+                result[k] = v
+        return result
+
+    def get_ranges(self, requests: list[tuple[str, int, int | None]]) -> list[bytes | None]:
+        if not requests:
+            return []
+        paths = [self.path(k) for k, _, _ in requests]
+
+        def _cat():
+            return self.fs.cat_ranges(paths, [s for _, s, _ in requests],
+                                      [e for _, _, e in requests], on_error="return",
+                                      **self._opened().batch_kw)
+        raw = with_retries(_cat, what=self.describe(requests[0][0]))
+        out: list[bytes | None] = []
+        for (k, s, e), p, v in zip(requests, paths, raw):
+            if isinstance(v, FileNotFoundError) or v is None:
+                out.append(None)
+            elif isinstance(v, BaseException):
+                # One failed member: retry it alone so the classification
+                # (transient or not) applies to it.
+                def _one(p=p, s=s, e=e):
+                    try:
+                        return self.fs.cat_file(p, start=s, end=e)
+                    except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+                        return None
+                out.append(with_retries(_one, what=self.describe(k)))
+            else:
+                out.append(bytes(v))
+        return out
+
+    def put_many(self, items: dict[str, bytes], *, atomic: bool = True) -> None:
+        if not items:
+            return
+        # Objects are written whole: ``atomic`` needs nothing more here.
+        payload = {self.path(k): v for k, v in items.items()}
+        with_retries(lambda: self.fs.pipe(payload, **self._opened().batch_kw),
+                     what=self.describe(next(iter(items))))
+
+    def _ls(self, path: str) -> list[str]:
+        # Not fsspec's cached listing: other processes write here.
+        return self.fs.ls(path, detail=False, refresh=True)
+
+    def sizes(self, key: str) -> dict[str, int]:
+        top = self.path(key).rstrip("/")
+
+        def _find():
+            try:
+                found = self.fs.find(top, detail=True)
+            except FileNotFoundError:
+                return {}
+            return {p[len(top) + 1:]: int(v.get("size") or 0) for p, v in found.items()
+                    if v.get("type") != "directory" and p.startswith(top + "/")}
+        return with_retries(_find, what=self.describe(key))
+
+    def keys_under(self, key: str) -> list[str]:
+        top = self.path(key).rstrip("/")
         args, kw = self._find_args(top)
 
         def _find():
@@ -456,15 +629,9 @@ class Store:
         return with_retries(_find, what=self.describe(key))
 
     def remove_tree(self, key: str) -> None:
-        def _rm():
-            try:
-                self.fs.rm(self.path(key), recursive=True)
-            except FileNotFoundError:
-                pass
-        with_retries(_rm, what=self.describe(key))
-        if not self.is_local:
-            self.fs.invalidate_cache()
-            with_retries(lambda: self._prune_empty_dirs(key), what=self.describe(key))
+        super().remove_tree(key)
+        self.fs.invalidate_cache()
+        with_retries(lambda: self._prune_empty_dirs(key), what=self.describe(key))
 
     def _prune_empty_dirs(self, key: str) -> None:
         """Object stores with real directories (SeaweedFS's filer) keep the
@@ -483,11 +650,18 @@ class Store:
                 pass
         self.fs.invalidate_cache()
 
+    def remove_empty_dir(self, key: str) -> None:
+        if self.listdir(key):
+            return
+        fs = self.fs
+        try:
+            fs.rm(self.path(key))  # not recursive: never takes objects with it
+        except (FileNotFoundError, OSError):
+            pass
+        fs.invalidate_cache()
+
     def zarr_store(self):
-        """A zarr v3 store on the same root (for arrays zarr must encode)."""
         import zarr.storage
-        if self.is_local:
-            return zarr.storage.LocalStore(self.root)
         from .handles import is_memory_url, memory_store_for
         if is_memory_url(self.url):  # the caller's own MemoryStore (handles.py)
             return memory_store_for(self.url)
@@ -496,6 +670,28 @@ class Store:
             raise StoreAccessError(f"{self.url}: zarr needs an async fsspec filesystem")
         afs = type(fs)(**{**self.storage_options, "asynchronous": True})
         return _retrying_zarr_store(zarr.storage.FsspecStore(afs, path=self.root))
+
+    def root_exists(self) -> bool:
+        return bool(self.listdir(""))
+
+    def root_known_absent(self) -> bool:
+        return False  # told by check_access's listing ("no such path or bucket")
+
+    def root_is_file(self) -> bool:
+        return False  # the root is a prefix, whatever objects share its name
+
+    def remove_root(self) -> None:
+        self.remove_tree("")
+
+    def write_refusal(self, key: str) -> tuple[str, str] | None:
+        return None  # told at the first write: the build lock's conditional put
+
+
+@dataclass(frozen=True, repr=False)
+class S3Store(ObjectStore):
+    """An S3 (or S3-compatible) store: its conditional requests
+    (``If-None-Match``, ``If-Match``) make the build lock exclusive
+    (``lock.py``)."""
 
 
 @dataclass(frozen=True)
