@@ -314,6 +314,25 @@ def cmd_validate(args) -> int:
 _HELP = argparse.ArgumentDefaultsHelpFormatter
 
 
+def _cluster_options(parser) -> None:
+    """Where the work runs: a scheduler, or the LocalCluster made for it."""
+    parser.add_argument("--scheduler", default=None,
+                        help="address of a running Dask scheduler (none: a LocalCluster made "
+                             "with the next three options, closed afterwards)")
+    parser.add_argument("--n-workers", type=manners.at_least_one, default=2,
+                        help="worker processes of the LocalCluster")
+    parser.add_argument("--threads-per-worker", type=manners.at_least_one, default=1,
+                        help="threads per worker process")
+    parser.add_argument("--memory-limit", type=manners.memory_limit, default="auto",
+                        help="memory limit per worker: a size (2GiB), a fraction of this "
+                             "machine's memory (0.5), auto (an equal share) or 0 (none)")
+
+
+def _storage_option(parser) -> None:
+    parser.add_argument("--storage-option", action="append", metavar="KEY=VALUE",
+                        help="fsspec storage option, repeatable (as for pyramid)")
+
+
 def _add_refresh_parser(sub, common) -> None:
     """``zvdask refresh``: the recorded build arguments, a build's cluster options."""
     rf = sub.add_parser("refresh", parents=[common], formatter_class=_HELP,
@@ -337,16 +356,8 @@ def _add_refresh_parser(sub, common) -> None:
                     default=None, help="as for pyramid (none: the recorded one)")
     rf.add_argument("--shard-shape", type=parse_shard_shape, default=None, metavar="N|NxNxN",
                     help="as for pyramid (none: the recorded one)")
-    rf.add_argument("--scheduler", default=None, help="address of a running Dask scheduler "
-                    "(none: a LocalCluster made from the next three options)")
-    rf.add_argument("--n-workers", type=manners.at_least_one, default=2,
-                    help="LocalCluster worker processes")
-    rf.add_argument("--threads-per-worker", type=manners.at_least_one, default=1,
-                    help="threads per LocalCluster worker")
-    rf.add_argument("--memory-limit", type=manners.memory_limit, default="auto",
-                    help="memory limit per LocalCluster worker (a size, or auto)")
-    rf.add_argument("--storage-option", action="append", metavar="KEY=VALUE",
-                    help="fsspec storage option, repeatable (as for pyramid)")
+    _cluster_options(rf)
+    _storage_option(rf)
     rf.add_argument("--no-progress", action="store_true", help="no progress lines")
     rf.set_defaults(func=cmd_refresh)
 
@@ -377,16 +388,7 @@ def _add_pyramid(sub, common) -> None:
     py.add_argument("--cross-level-storage", choices=["explicit", "implicit", "none"],
                     default="explicit",
                     help="how cross-level links are stored (as zarr-vectors' argument)")
-    py.add_argument("--scheduler", default=None,
-                    help="address of a running Dask scheduler (none: a LocalCluster made "
-                         "with the next three options, closed after the build)")
-    py.add_argument("--n-workers", type=manners.at_least_one, default=2,
-                    help="worker processes of the LocalCluster")
-    py.add_argument("--threads-per-worker", type=manners.at_least_one, default=1,
-                    help="threads per worker process")
-    py.add_argument("--memory-limit", type=manners.memory_limit, default="auto",
-                    help="memory limit per worker: a size (2GiB), a fraction of this "
-                         "machine's memory (0.5), auto (an equal share) or 0 (none)")
+    _cluster_options(py)
     py.add_argument("--storage-option", action="append", metavar="KEY=VALUE",
                     help="fsspec storage option, repeatable; dotted keys nest "
                          "(client_kwargs.endpoint_url=...), values are JSON when they parse")
@@ -445,15 +447,13 @@ def build_parser() -> argparse.ArgumentParser:
     sa.add_argument("--vertices", type=int, default=5000, help="total number of vertices")
     sa.add_argument("--seed", type=int, default=0, help="seed of the sample's positions")
     sa.add_argument("--overwrite", action="store_true", help="replace an existing store")
-    sa.add_argument("--storage-option", action="append", metavar="KEY=VALUE",
-                    help="fsspec storage option, repeatable (as for pyramid)")
+    _storage_option(sa)
     sa.set_defaults(func=cmd_sample)
 
     info = sub.add_parser("info", parents=[common], formatter_class=_HELP,
                           help="list levels and their metadata")
     info.add_argument("store", help="local path or fsspec URL")
-    info.add_argument("--storage-option", action="append", metavar="KEY=VALUE",
-                      help="fsspec storage option, repeatable (as for pyramid)")
+    _storage_option(info)
     info.set_defaults(func=cmd_info)
 
     va = sub.add_parser("validate", parents=[common], formatter_class=_HELP,
@@ -462,8 +462,7 @@ def build_parser() -> argparse.ArgumentParser:
     va.add_argument("--level", type=int, choices=range(1, 6), default=3, metavar="1..5",
                     help="zarr-vectors' conformance level to check up to (its validator's "
                          "level argument), not a pyramid level")
-    va.add_argument("--storage-option", action="append", metavar="KEY=VALUE",
-                    help="fsspec storage option, repeatable (as for pyramid)")
+    _storage_option(va)
     va.set_defaults(func=cmd_validate)
     return p
 
