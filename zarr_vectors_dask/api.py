@@ -21,6 +21,7 @@ from .format import commit as cm
 from .format import documents as fdoc
 from .format import naming as nm
 from .format.documents import opened_zarr_vectors
+from .options import BuildOptions
 from .planning.levels import make_plan, read_root_meta
 from .planning.plan import PyramidPlan, check_method, registered_strategy
 from .resume import (BUILD_RECORD, RECORD_DIR, build_lock, build_record_for, finish_records,
@@ -149,10 +150,12 @@ def _build_pyramid(st: Store, *, factors, chunk_scale_factors, sparsity_strategy
                    cross_level_depth, cross_level_storage, client, resume, overwrite, progress,
                    max_block_vertices, vertex_attributes, attribute_aggregation,
                    shard_shape, _reports, _refresh=False) -> dict:
-    request = dict(sparsity_strategy=sparsity_strategy, sparsity_seed=sparsity_seed,
-                   cross_level_depth=cross_level_depth, cross_level_storage=cross_level_storage,
-                   max_block_vertices=max_block_vertices, vertex_attributes=vertex_attributes,
-                   attribute_aggregation=attribute_aggregation)
+    request = BuildOptions(sparsity_strategy=sparsity_strategy, sparsity_seed=sparsity_seed,
+                           cross_level_depth=cross_level_depth,
+                           cross_level_storage=cross_level_storage,
+                           max_block_vertices=max_block_vertices,
+                           vertex_attributes=vertex_attributes,
+                           attribute_aggregation=attribute_aggregation)
     planned = dict(factors=factors, chunk_scale_factors=chunk_scale_factors,
                    cross_level_depth=cross_level_depth, cross_level_storage=cross_level_storage,
                    sparsity_strategy=sparsity_strategy, max_block_vertices=max_block_vertices)
@@ -178,7 +181,7 @@ def _build_pyramid(st: Store, *, factors, chunk_scale_factors, sparsity_strategy
                 pending = cur.begin(st, arguments=arguments, record=build_record,
                                     resuming=False, refreshing=_refresh)
             targets = prepare_targets(st, plan, resume=resume, overwrite=overwrite,
-                                      records=records, build_record=build_record, **request)
+                                      records=records, build_record=build_record, options=request)
             if targets.finished:
                 cur.finish_interrupted(st, build_record)
             elif pending is None:
@@ -205,26 +208,24 @@ def _result(summaries: list, cross_level_depth, cross_level_storage) -> dict:
             "cross_level_depth": cross_level_depth, "cross_level_storage": cross_level_storage}
 
 
-def _records(plan: PyramidPlan, request: dict, shard_shape) -> tuple[list[dict], dict]:
+def _records(plan: PyramidPlan, request: BuildOptions, shard_shape) -> tuple[list[dict], dict]:
     """Each level's record and the build's (``resume.py`` compares them)."""
-    vertex_attributes = request["vertex_attributes"]
+    vertex_attributes = request.vertex_attributes
     # Only an opt-in changes the records, so builds without it resume as before.
     va_record = {} if vertex_attributes is None else {
         "vertex_attributes": vertex_attributes,
-        "attribute_aggregation": dict(sorted((request["attribute_aggregation"] or {}).items()))}
+        "attribute_aggregation": dict(sorted((request.attribute_aggregation or {}).items()))}
     if shard_shape is not None:
         va_record["shard_shape"] = list(shard_shape)
-    strategy = dict(sparsity_strategy=request["sparsity_strategy"],
-                    sparsity_seed=request["sparsity_seed"],
-                    cross_level_storage=request["cross_level_storage"])
+    strategy = request.strategy_record
     records = [{**level_record(lv, **strategy), **va_record} for lv in plan.levels]
-    build = {**build_record_for(plan, cross_level_depth=request["cross_level_depth"], **strategy),
+    build = {**build_record_for(plan, cross_level_depth=request.cross_level_depth, **strategy),
              **va_record}
     return records, build
 
 
 def _build_levels(c, st: Store, plan: PyramidPlan, records: list[dict], targets, lock, *,
-                  root_meta, n_workers: int, progress, shard_shape, request: dict):
+                  root_meta, n_workers: int, progress, shard_shape, request: BuildOptions):
     """Run the steps of the levels not kept, in order; each level's record
     goes before its step and its summary after its commit."""
     summaries, reports = [], []
@@ -237,18 +238,18 @@ def _build_levels(c, st: Store, plan: PyramidPlan, records: list[dict], targets,
         # really produced: re-plan from the published source.
         lv = make_plan(st, factors=[(lv.coarsen_factor, lv.sparsity_factor)],
                        chunk_scale_factors=[lv.chunk_scale],
-                       cross_level_depth=request["cross_level_depth"],
-                       cross_level_storage=request["cross_level_storage"],
-                       sparsity_strategy=request["sparsity_strategy"], n_workers=n_workers,
+                       cross_level_depth=request.cross_level_depth,
+                       cross_level_storage=request.cross_level_storage,
+                       sparsity_strategy=request.sparsity_strategy, n_workers=n_workers,
                        start_level=lv.source_level,
-                       max_block_vertices=request["max_block_vertices"],
+                       max_block_vertices=request.max_block_vertices,
                        shard_shape=shard_shape).levels[0]
         st.put(f"{RECORD_DIR}/{lv.target_level}.json", json.dumps(rec).encode())
         rep = run_step(c, st, lv, root_meta=root_meta,
-                       sparsity_strategy=request["sparsity_strategy"],
-                       sparsity_seed=request["sparsity_seed"], progress=progress,
-                       vertex_attributes=request["vertex_attributes"],
-                       attribute_aggregation=request["attribute_aggregation"])
+                       sparsity_strategy=request.sparsity_strategy,
+                       sparsity_seed=request.sparsity_seed, progress=progress,
+                       vertex_attributes=request.vertex_attributes,
+                       attribute_aggregation=request.attribute_aggregation)
         reports.append(rep)
         summaries.append(rep.summary)
         st.put(f"{RECORD_DIR}/{lv.target_level}.json.summary", json.dumps(rep.summary).encode())
@@ -256,15 +257,15 @@ def _build_levels(c, st: Store, plan: PyramidPlan, records: list[dict], targets,
 
 
 def _close(c, st: Store, lock, plan: PyramidPlan, *, root_meta, n_workers: int, progress,
-           shard_shape, request: dict) -> dict:
+           shard_shape, request: BuildOptions) -> dict:
     """The closing stage: compose the link families, commit them, sweep
     temporaries, drop the build records; returns the stage timings."""
-    depth, storage = request["cross_level_depth"], request["cross_level_storage"]
+    depth, storage = request.cross_level_depth, request.cross_level_storage
     lock.check()
     t0 = time.perf_counter()
     fams, stage_s = compose_links(c, st, root_meta=root_meta, depth=depth, storage=storage,
                                   n_workers=n_workers, progress=progress,
-                                  max_block_vertices=request["max_block_vertices"],
+                                  max_block_vertices=request.max_block_vertices,
                                   shard_shape=shard_shape)
     levels = cm.published_levels(st)
     lock.check()

@@ -223,18 +223,18 @@ def dirty_source_chunks(diff: fpm.SourceDiff | None) -> dict[str, set[tuple[int,
 
 
 
-def arguments_for(plan, request: dict, shard_shape) -> dict:
+def arguments_for(plan, request, shard_shape) -> dict:
     """The keywords of ``build_pyramid`` that rebuild this pyramid
     (recorded for ``refresh_pyramid``), normalised as the plan has them."""
     return json.loads(json.dumps({
         "factors": [[lv.coarsen_factor, lv.sparsity_factor] for lv in plan.levels],
         "chunk_scale_factors": [list(lv.chunk_scale) for lv in plan.levels],
-        "sparsity_strategy": request["sparsity_strategy"],
-        "sparsity_seed": request["sparsity_seed"],
-        "cross_level_depth": request["cross_level_depth"],
-        "cross_level_storage": request["cross_level_storage"],
-        "vertex_attributes": request["vertex_attributes"],
-        "attribute_aggregation": request["attribute_aggregation"],
+        "sparsity_strategy": request.sparsity_strategy,
+        "sparsity_seed": request.sparsity_seed,
+        "cross_level_depth": request.cross_level_depth,
+        "cross_level_storage": request.cross_level_storage,
+        "vertex_attributes": request.vertex_attributes,
+        "attribute_aggregation": request.attribute_aggregation,
         "shard_shape": None if shard_shape is None else list(shard_shape)}))
 
 

@@ -12,6 +12,7 @@ from .errors import BuildError, cleanup
 from .format import commit as cm
 from .format import documents as fdoc
 from .format import naming as nm
+from .options import BuildOptions
 from .planning.levels import level_shapes, make_plan, read_root_meta
 from .planning.plan import PyramidPlan
 from .planning.sparsity import kept_rows, ranked, target_count
@@ -239,10 +240,7 @@ class Targets:
 
 def prepare_targets(store: Store, plan: PyramidPlan, *, resume: bool, overwrite: bool,
                     records: list[dict], build_record: dict | None = None,
-                    sparsity_strategy="random", sparsity_seed=None,
-                    cross_level_depth=1, cross_level_storage="explicit",
-                    max_block_vertices: int = 2_000_000, vertex_attributes=None,
-                    attribute_aggregation=None) -> Targets:
+                    options: BuildOptions = BuildOptions()) -> Targets:
     """Decide what of the store's coarse levels this build keeps, refuse
     what it must not touch, record the build, then discard the rest.
 
@@ -274,15 +272,12 @@ def prepare_targets(store: Store, plan: PyramidPlan, *, resume: bool, overwrite:
     stored = _check_interrupted(store, raw, build_record)
     level_records = {lv: store.get(f"{RECORD_DIR}/{lv}.json") for lv in targets}
     interrupted = stored is not None or any(r is not None for r in level_records.values())
-    request = dict(sparsity_strategy=sparsity_strategy, sparsity_seed=sparsity_seed,
-                   cross_level_depth=cross_level_depth, cross_level_storage=cross_level_storage,
-                   max_block_vertices=max_block_vertices, vertex_attributes=vertex_attributes,
-                   attribute_aggregation=attribute_aggregation)
     out = _kept_levels(store, plan, targets, existing, level_records,
-                       interrupted=interrupted, request=request)
+                       interrupted=interrupted, request=options)
     if not interrupted and existing:
-        _check_finished(store, targets, existing, out.keep, cross_level_depth=cross_level_depth,
-                        cross_level_storage=cross_level_storage)
+        _check_finished(store, targets, existing, out.keep,
+                        cross_level_depth=options.cross_level_depth,
+                        cross_level_storage=options.cross_level_storage)
         out.finished = True
         return out
     _discard_rest(store, build_record, existing, keep=out.keep, start=start)
@@ -311,7 +306,7 @@ def _check_interrupted(store: Store, raw: bytes | None, build_record: dict | Non
 
 
 def _kept_levels(store: Store, plan: PyramidPlan, targets: dict, existing: list[int],
-                 level_records: dict, *, interrupted: bool, request: dict) -> Targets:
+                 level_records: dict, *, interrupted: bool, request: BuildOptions) -> Targets:
     """The run of target levels from the start that is kept as it is: each
     finished by this build's records, or (no record) already what this
     request would write there."""
@@ -353,22 +348,22 @@ def _kept_levels(store: Store, plan: PyramidPlan, targets: dict, existing: list[
     return out
 
 
-def _unrecorded_level(store: Store, asked, t: int, root_meta, request: dict):
+def _unrecorded_level(store: Store, asked, t: int, root_meta, request: BuildOptions):
     """How published level ``t`` (no build record) differs from the level
     ``asked`` plans there, re-planned from its published source, and its
     summary (:func:`_finished_level`)."""
     lv = make_plan(store, factors=[(asked.coarsen_factor, asked.sparsity_factor)],
                    chunk_scale_factors=[asked.chunk_scale],
-                   cross_level_depth=request["cross_level_depth"],
-                   cross_level_storage=request["cross_level_storage"],
-                   sparsity_strategy=request["sparsity_strategy"], n_workers=1, start_level=t - 1,
-                   max_block_vertices=request["max_block_vertices"]).levels[0]
+                   cross_level_depth=request.cross_level_depth,
+                   cross_level_storage=request.cross_level_storage,
+                   sparsity_strategy=request.sparsity_strategy, n_workers=1, start_level=t - 1,
+                   max_block_vertices=request.max_block_vertices).levels[0]
     return _finished_level(store, lv, root_meta=root_meta,
-                           sparsity_strategy=request["sparsity_strategy"],
-                           sparsity_seed=request["sparsity_seed"],
-                           cross_level_storage=request["cross_level_storage"],
-                           vertex_attributes=request["vertex_attributes"],
-                           attribute_aggregation=request["attribute_aggregation"])
+                           sparsity_strategy=request.sparsity_strategy,
+                           sparsity_seed=request.sparsity_seed,
+                           cross_level_storage=request.cross_level_storage,
+                           vertex_attributes=request.vertex_attributes,
+                           attribute_aggregation=request.attribute_aggregation)
 
 
 def _check_finished(store: Store, targets: dict, existing: list[int], kept: set[int], *,
