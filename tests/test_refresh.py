@@ -533,7 +533,8 @@ def test_patched_rebuild_pyramid_from_level_refreshes(store, tmp_path, local_cli
 def test_on_s3_etags_decide_and_refresh_equals_full_rebuild(s3_server, built, tmp_path,
                                                              local_client):
     """On S3 the fingerprint is sizes and ETags from one LIST; a plain
-    write of one cell is found, and the refresh equals a full rebuild."""
+    write of one attribute cell is found, and the refresh (of that
+    attribute's buckets) equals a full rebuild."""
     fs = s3_server.fs()
     bucket = s3_server.new_bucket()
     fs.put(str(built), f"{bucket}/x.zv", recursive=True)
@@ -549,7 +550,8 @@ def test_on_s3_etags_decide_and_refresh_equals_full_rebuild(s3_server, built, tm
     fs.pipe(f"{bucket}/x.zv/{cell}", bytes(raw))
     st = zd.pyramid_status(url, storage_options=opts)
     assert st.state == "stale" and st.diff.changed == (cell,), st
-    zd.refresh_pyramid(url, client=local_client, storage_options=opts)
+    report = zd.refresh_pyramid(url, client=local_client, storage_options=opts)
+    assert report.region.kind == "attributes", report  # its buckets only, on S3 too
     assert zd.pyramid_status(url, storage_options=opts).state == "current"
     got, expected = tmp_path / "got.zv", tmp_path / "full.zv"
     fs.invalidate_cache()
