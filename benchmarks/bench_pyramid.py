@@ -66,17 +66,32 @@ def child_write(path: str, vertices: int, seed: int, step: float) -> dict:
 
 def child_reference(path: str) -> dict:
     from zarr_vectors.multiresolution.coarsen import build_pyramid
-    t0 = time.perf_counter()
+    c0, t0 = _cpu_seconds(), time.perf_counter()
     build_pyramid(path, factors=FACTORS, sparsity_seed=SEED, cross_level_depth=CROSS_LEVEL_DEPTH,
                   cross_level_storage=CROSS_LEVEL_STORAGE)
+    # cpu_seconds: the whole process (interpreter start and imports too);
+    # build_cpu_seconds: around the call only, as the project's is counted.
     return {"seconds": time.perf_counter() - t0, "rss_mib": _maxrss_mib(),
-            "cpu_seconds": _cpu_seconds()}
+            "cpu_seconds": _cpu_seconds(), "build_cpu_seconds": _cpu_seconds() - c0}
 
 
 def workers_maxrss_mib(client) -> dict:
     """Peak RSS (MiB) of every worker process, as the worker itself saw it."""
     return client.run(lambda: __import__("resource").getrusage(
         __import__("resource").RUSAGE_SELF).ru_maxrss / 1024.0)
+
+
+def cluster_cpu_seconds(client) -> dict[int, float]:
+    """User + system CPU seconds so far of the driver, the scheduler and every
+    worker, by pid: each process's own ``getrusage``.  LocalCluster runs the
+    scheduler (and the nannies) inside the driver process; the pid keys count
+    it once."""
+    def own():
+        import os
+        import resource
+        ru = resource.getrusage(resource.RUSAGE_SELF)
+        return os.getpid(), ru.ru_utime + ru.ru_stime
+    return dict([own(), client.run_on_scheduler(own), *client.run(own).values()])
 
 
 def task_cpu_seconds(client) -> dict[str, float]:
@@ -130,6 +145,7 @@ def child_project(path: str, n_workers: int, profile_html: str | None = None) ->
         client.wait_for_workers(n_workers)
         client.run(lambda: __import__("zarr_vectors_dask"))  # warm imports, not timed
         reports: list = []
+        cpu0 = cluster_cpu_seconds(client)
         t0 = time.perf_counter()
         if profile_html:
             from distributed import performance_report
@@ -146,8 +162,10 @@ def child_project(path: str, n_workers: int, profile_html: str | None = None) ->
                               client=client, _reports=reports,
                               storage_options=storage_options)
         seconds = time.perf_counter() - t0
+        cpu = {pid: v - cpu0.get(pid, 0.0) for pid, v in cluster_cpu_seconds(client).items()}
         worker_rss = workers_maxrss_mib(client)
         task_cpu = task_cpu_seconds(client)
+    driver_cpu = cpu.pop(os.getpid())
     steps, stages = stage_totals(reports)
     # "composition+commit" is measured around compose as well: keep only
     # its own remainder (the cross-level metadata commit).
@@ -160,6 +178,8 @@ def child_project(path: str, n_workers: int, profile_html: str | None = None) ->
     return {"seconds": seconds, "driver_rss_mib": _maxrss_mib(),
             "worker_rss_mib": max(worker_rss.values()) if worker_rss else 0.0,
             "tasks": sum(r.tasks for r in steps), "stages": stages, "task_cpu": task_cpu,
+            "cpu_seconds": driver_cpu + sum(cpu.values()),
+            "cpu_split": {"driver+scheduler": driver_cpu, "workers": sum(cpu.values())},
             "levels": [{"level": r.target_level, "vertices": r.vertex_count, "chunks": r.chunks,
                         "seconds": r.seconds, "tasks": r.tasks} for r in steps]}
 
@@ -346,7 +366,7 @@ def io_floor(level0: Path, out_files: list[tuple[str, int]], scratch: Path) -> d
         shutil.rmtree(scratch)
     biggest = max((s for _, s in out_files), default=0)
     payload = memoryview(os.urandom(min(biggest, 1 << 20)) * (biggest // (1 << 20) + 1))
-    t0 = time.perf_counter()
+    c0, t0 = _cpu_seconds(), time.perf_counter()
     n_read = 0
     for p in in_files:
         with open(p, "rb") as fh:
@@ -359,9 +379,10 @@ def io_floor(level0: Path, out_files: list[tuple[str, int]], scratch: Path) -> d
             made.add(d)
         with open(scratch / rel, "wb") as fh:
             fh.write(payload[:size])
-    seconds = time.perf_counter() - t0
+    seconds, cpu = time.perf_counter() - t0, _cpu_seconds() - c0
     shutil.rmtree(scratch)
-    return {"seconds": seconds, "read_files": len(in_files), "read_bytes": n_read,
+    return {"seconds": seconds, "cpu_seconds": cpu, "read_files": len(in_files),
+            "read_bytes": n_read,
             "write_files": len(out_files), "write_bytes": sum(s for _, s in out_files)}
 
 
@@ -373,20 +394,22 @@ def io_floor_s3(fs, store: str, level0: Path, out_files: list[tuple[str, int]],
     in_keys = [f"{store}/{rel}" for rel in list_files(level0) if rel.split(os.sep)[0] == "0"]
     biggest = max((sz for _, sz in out_files), default=0)
     payload = os.urandom(biggest)
-    t0 = time.perf_counter()
+    c0, t0 = _cpu_seconds(), time.perf_counter()
     n_read = 0
     for i in range(0, len(in_keys), batch):
         n_read += sum(len(v) for v in fs.cat(in_keys[i:i + batch]).values())
     for i in range(0, len(out_files), batch):
         fs.pipe({f"{scratch}/{rel}": payload[:sz] for rel, sz in out_files[i:i + batch]})
-    seconds = time.perf_counter() - t0
+    seconds, cpu = time.perf_counter() - t0, _cpu_seconds() - c0  # s3fs's IO thread included
     fs.rm(scratch, recursive=True)
-    return {"seconds": seconds, "read_files": len(in_keys), "read_bytes": n_read,
+    return {"seconds": seconds, "cpu_seconds": cpu, "read_files": len(in_keys),
+            "read_bytes": n_read,
             "write_files": len(out_files), "write_bytes": sum(sz for _, sz in out_files)}
 
 
 # ------------------------------------------------------------------ tables
-COLUMNS = ["root", "vertices", "reference s", "project s", "speed ratio", "I/O floor s",
+COLUMNS = ["root", "vertices", "reference s", "project s", "speed ratio", "CPU ratio",
+           "CPU-s / M vertices (ref | project | floor)", "I/O floor s",
            "project/floor", "driver RSS MiB", "max worker RSS MiB", "tasks", "equivalent"]
 STAGE_ORDER = ["object refs", "bin partials", "shuffle", "write vertices + links", "manifests",
                "commit", "compose", "cross-level commit", "other (driver)"]
@@ -406,8 +429,16 @@ def result_rows(results: list[dict]) -> list[list[str]]:
         ref, proj = r.get("reference"), r["project"]
         ratio = ref["seconds"] / proj["seconds"] if ref else None
         floor = (r.get("floor") or {}).get("seconds")
+        # CPU around the build call only: the reference's process; the
+        # project's driver + scheduler + workers; the floor's one thread.
+        cpus = [(ref or {}).get("build_cpu_seconds"), proj.get("cpu_seconds"),
+                (r.get("floor") or {}).get("cpu_seconds")]
+        cpu_ratio = cpus[0] / cpus[1] if cpus[0] and cpus[1] else None
+        per_m = " | ".join(_fmt(c * 1e6 / r["vertices"] if c is not None else None)
+                           for c in cpus)
         rows.append([r["root"], f"{r['vertices']:,}", _fmt(ref["seconds"] if ref else None),
                      _fmt(proj["seconds"]), _fmt(ratio) + ("x" if ratio else ""),
+                     _fmt(cpu_ratio) + ("x" if cpu_ratio else ""), per_m,
                      _fmt(floor), _fmt(proj["seconds"] / floor, 1) + "x" if floor else "-",
                      _fmt(proj["driver_rss_mib"], 0), _fmt(proj["worker_rss_mib"], 0),
                      str(proj["tasks"]), r["equivalent"]])
@@ -454,8 +485,10 @@ def text_table(header, rows) -> str:
 
 
 def md_table(header, rows) -> str:
-    out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    out += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    cell = lambda c: str(c).replace("|", "\\|")  # noqa: E731  (a "|" inside a cell)
+    out = ["| " + " | ".join(map(cell, header)) + " |",
+           "|" + "|".join("---" for _ in header) + "|"]
+    out += ["| " + " | ".join(map(cell, r)) + " |" for r in rows]
     return "\n".join(out)
 
 
@@ -508,7 +541,10 @@ def bench_one(root: Path, vertices: int, args) -> dict:
         ref = run_child("reference", ref_dir)
         print(f"[{root} {vertices:,}] reference {ref['seconds']:.2f}s", file=sys.stderr)
     proj = run_child("project", proj_dir, args.workers, args.profile_html or "")
-    print(f"[{root} {vertices:,}] project {proj['seconds']:.2f}s", file=sys.stderr)
+    cs = proj["cpu_split"]
+    print(f"[{root} {vertices:,}] project {proj['seconds']:.2f}s, CPU {proj['cpu_seconds']:.2f}s "
+          f"(driver+scheduler {cs['driver+scheduler']:.2f}, workers {cs['workers']:.2f})",
+          file=sys.stderr)
     outs = output_files(level0, proj_dir)
     floor = io_floor(level0, outs, case / "floor-scratch")
     equivalent = _verdict(ref, ref_dir, proj_dir)
