@@ -18,7 +18,7 @@ from ..format import commit as cm
 from ..format import documents as fdoc
 from ..format import naming as nm
 from ..step.cells import route_to
-from ..step.links import partition_links, row_ids, write_link_cells
+from ..step.links import distinct_rows, partition_links, write_link_cells
 from ..storage.store import Store
 
 __all__ = ["level_geometry", "ParentMaps", "compose_block", "compose_summary"]
@@ -122,9 +122,8 @@ def compose_block(store: Store, ctx: dict, fine_level: int, fine_cc: np.ndarray,
         # One more hop: the parent of each current ancestor at ``inter``.
         if cur_c.shape[0] == 0:
             break
-        _, first, inv = np.unique(row_ids(cur_c), return_index=True, return_inverse=True)
-        inv = inv.reshape(-1)
-        keys = [tuple(c) for c in cur_c[first].tolist()]
+        one, inv = distinct_rows(cur_c)
+        keys = [tuple(c) for c in cur_c[one].tolist()]
         maps = _read_parent_maps(store, inter, keys, segs[inter], geo)
         nxt_c = np.zeros_like(cur_c)
         nxt_v = np.full(cur_v.shape, -1, dtype=np.int64)
@@ -137,8 +136,8 @@ def compose_block(store: Store, ctx: dict, fine_level: int, fine_cc: np.ndarray,
         level = fine_level + n
         if f_id.size == 0:
             break
-        links = partition_links(fine_cc[f_id], f_vi, cur_c, cur_v,
-                                    geo[fine_level]["scale"], geo[level]["scale"])
+        links = partition_links(f_id, fine_cc, f_vi, cur_c, cur_v,
+                                geo[fine_level]["scale"], geo[level]["scale"])
         routes = ctx.get("routes", ())
         out["plus"][n] = write_link_cells(
             store, fine_level, n, geo[fine_level]["grid"][0], links,

@@ -15,8 +15,8 @@ from .cells import ShardRoute, put_cells, route_to
 from .exchange import send_exchange
 from .spec import StepSpec, _pair_key, chunk_coords
 
-__all__ = ["row_ids", "LinkCells", "partition_links", "write_link_cells", "links_and_sequences",
-           "answer_for"]
+__all__ = ["row_ids", "LinkCells", "partition_links", "distinct_rows", "write_link_cells",
+           "links_and_sequences", "answer_for"]
 
 
 # ------------------------------------------------------------- stage 5
@@ -74,26 +74,58 @@ class LinkCells:
         return LinkCells(np.ascontiguousarray(self.rows[:, ::-1]), self.bounds, other, back)
 
 
-def partition_links(src_chunks, src_vi, trg_chunks, trg_vi, scale_src, scale_trg) -> LinkCells:
+def partition_links(owner, owner_chunks, src_vi, trg_chunks, trg_vi, scale_src,
+                    scale_trg) -> LinkCells:
     """Group link records into cells: by (source chunk, target chunk's
-    offset from the source's anchor), input order kept inside a cell (the
-    reference's layout)."""
-    src_chunks = np.asarray(src_chunks, dtype=np.int64)
-    n = src_chunks.shape[0]
-    d = src_chunks.shape[1] if src_chunks.ndim == 2 else 0
+    offset from the source's anchor), cells in row-major order of those,
+    input order kept inside a cell (the reference's layout).  Record ``i``
+    starts in chunk ``owner_chunks[owner[i]]``: the callers' records come
+    grouped by a few source chunks, so anchors are computed per chunk and
+    the group key has one column for the chunk, not one per axis."""
+    owner = np.asarray(owner, dtype=np.int64)
+    n = owner.size
+    owner_chunks = np.asarray(owner_chunks, dtype=np.int64)
+    d = owner_chunks.shape[1] if owner_chunks.ndim == 2 else 0
     if n == 0:
         return LinkCells(np.empty((0, 2), np.int64), np.zeros(1, np.int64),
                          np.empty((0, d), np.int64), np.empty((0, d), np.int64))
-    offsets = np.asarray(trg_chunks, dtype=np.int64) - _anchor(src_chunks, scale_src, scale_trg)
-    gid = _linear_key([src_chunks[:, j] for j in range(d)] + [offsets[:, j] for j in range(d)])
-    rows = np.stack([np.asarray(src_vi, dtype=np.int64), np.asarray(trg_vi, dtype=np.int64)],
-                    axis=1)
+    # A chunk's rank among the owners, in row-major order (equal chunks, equal rank).
+    rank = np.unique(row_ids(owner_chunks), return_inverse=True)[1].reshape(-1)[owner]
+    offsets = np.asarray(trg_chunks, dtype=np.int64) - \
+        _anchor(owner_chunks, scale_src, scale_trg)[owner]
+    gid = _linear_key([rank] + [offsets[:, j] for j in range(d)])
+    src_vi, trg_vi = np.asarray(src_vi, dtype=np.int64), np.asarray(trg_vi, dtype=np.int64)
     # Records usually arrive grouped already: then skip the sort.
     if not np.all(gid[1:] >= gid[:-1]):
         order = np.argsort(gid, kind="stable")
-        gid, rows, src_chunks, offsets = gid[order], rows[order], src_chunks[order], offsets[order]
+        gid, owner, src_vi, trg_vi = gid[order], owner[order], src_vi[order], trg_vi[order]
+        offsets = offsets[order]
     starts = np.flatnonzero(np.r_[True, gid[1:] != gid[:-1]])
-    return LinkCells(rows, np.r_[starts, n], src_chunks[starts], offsets[starts])
+    rows = np.stack([src_vi, trg_vi], axis=1)
+    return LinkCells(rows, np.r_[starts, n], owner_chunks[owner[starts]], offsets[starts])
+
+
+def distinct_rows(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(one, inverse)``: the index of one row of each distinct row, in
+    ``row_ids`` order, and each row's distinct-row number -- what
+    ``np.unique(row_ids(rows), return_index=True, return_inverse=True)``
+    gives (but any one row of each, not the first), by counting instead of
+    sorting when the ids span little (chunk coordinates of one level)."""
+    ids = row_ids(rows)
+    if ids.size == 0:
+        return np.empty(0, np.int64), np.empty(0, np.int64)
+    lo = int(ids.min())
+    span = int(ids.max()) - lo + 1
+    if span > 4 * ids.size + (1 << 20):
+        _, one, inverse = np.unique(ids, return_index=True, return_inverse=True)
+        return one, inverse.reshape(-1)
+    rel = ids - lo
+    present = np.zeros(span, dtype=bool)
+    present[rel] = True
+    inverse = (np.cumsum(present) - 1)[rel]
+    one = np.empty(int(present.sum()), dtype=np.int64)
+    one[inverse] = np.arange(ids.size, dtype=np.int64)
+    return one, inverse
 
 
 def write_link_cells(store: Store, level: int, delta: int, origin, links: LinkCells, *,
@@ -157,9 +189,11 @@ def links_and_sequences(spec: StepSpec, block: int, partials: dict,
                                                                         sizes)
     if spec.links != "none":
         ok = par_frag >= 0
-        fine_cc = chunk_coords(spec, inst_chunk[ok])
-        links = partition_links(fine_cc, inst_local[ok], par_chunk[ok], par_frag[ok],
-                                spec.scale_source, spec.scale_target)
+        chunk_ids = state["chunk_ids"]
+        owner = np.repeat(np.arange(chunk_ids.size, dtype=np.int64), sizes)[ok]
+        links = partition_links(owner, chunk_coords(spec, chunk_ids), inst_local[ok],
+                                par_chunk[ok], par_frag[ok], spec.scale_source,
+                                spec.scale_target)
         result["plus"] = write_link_cells(
             spec.store, spec.source_level, +1, spec.source_origin, links,
             route=route_to(spec.shard_routes, spec.source_level), sender=f"l{block}+")
