@@ -96,13 +96,14 @@ def partition_links(owner, owner_chunks, src_vi, trg_chunks, trg_vi, scale_src,
     gid = _linear_key([rank] + [offsets[:, j] for j in range(d)])
     src_vi, trg_vi = np.asarray(src_vi, dtype=np.int64), np.asarray(trg_vi, dtype=np.int64)
     # Records usually arrive grouped already: then skip the sort.
+    order = None
     if not np.all(gid[1:] >= gid[:-1]):
         order = np.argsort(gid, kind="stable")
-        gid, owner, src_vi, trg_vi = gid[order], owner[order], src_vi[order], trg_vi[order]
-        offsets = offsets[order]
+        gid, src_vi, trg_vi = gid[order], src_vi[order], trg_vi[order]
     starts = np.flatnonzero(np.r_[True, gid[1:] != gid[:-1]])
+    first = starts if order is None else order[starts]  # a cell's first record, as given
     rows = np.stack([src_vi, trg_vi], axis=1)
-    return LinkCells(rows, np.r_[starts, n], owner_chunks[owner[starts]], offsets[starts])
+    return LinkCells(rows, np.r_[starts, n], owner_chunks[owner[first]], offsets[first])
 
 
 def distinct_rows(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
