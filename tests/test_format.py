@@ -28,3 +28,25 @@ def test_link_cells_of_several_groups_decode_as_one_table():
     np.testing.assert_array_equal(cdc.decode_link_cell(split), rows)
     np.testing.assert_array_equal(cdc.decode_link_cell(one), rows)
     assert cdc.decode_link_cell(encode_ragged_blob([], np.dtype(np.int64))).shape == (0, 2)
+
+
+def test_manifest_table_encodes_as_zarr_vectors_does_and_decodes_back():
+    """Each blob equals zarr-vectors' own encoder's for the same blocks
+    (empty objects, one block, many; 2-D and 3-D; negative coordinates)."""
+    from zarr_vectors.encoding.fragments import encode_object_manifest_blocks
+    rng = np.random.default_rng(7)
+    for ndim in (2, 3):
+        counts = rng.integers(0, 6, size=50)
+        counts[:3] = (0, 1, 0)
+        total = int(counts.sum())
+        coords = rng.integers(-3, 40, size=(total, ndim))
+        frags = rng.integers(0, 1 << 40, size=total)
+        blobs = cdc.encode_manifest_table(cdc.ManifestTable(counts, coords, frags), ndim)
+        at = np.r_[0, np.cumsum(counts)]
+        for i, blob in enumerate(blobs):
+            blocks = [(tuple(int(x) for x in coords[j]), int(frags[j]))
+                      for j in range(at[i], at[i + 1])]
+            assert blob == encode_object_manifest_blocks(blocks, sid_ndim=ndim), (ndim, i)
+        back = cdc.decode_manifest_table(blobs, ndim)
+        assert np.array_equal(back.counts, counts) and np.array_equal(back.coords, coords)
+        assert np.array_equal(back.frags, frags)

@@ -153,25 +153,21 @@ def encode_manifest_table(table: ManifestTable, sid_ndim: int) -> list[bytes]:
     if n == 0:
         return []
     block = sid_ndim * 8 + 9
-    sizes = 4 + counts * block
-    ends = np.cumsum(sizes)
-    starts = ends - sizes
-    buf = np.zeros(int(ends[-1]), dtype=np.uint8)
-    buf[starts[:, None] + np.arange(4)] = counts.astype("<u4").view(np.uint8).reshape(n, 4)
     total = int(counts.sum())
+    # Every block's bytes back to back (column writes, no per-byte
+    # scatter), then each object's 4-byte count inserted before its first.
+    rows = np.empty((total, block), dtype=np.uint8)
     if total:
-        obj = np.repeat(np.arange(n), counts)
-        within = np.arange(total) - np.repeat(np.cumsum(counts) - counts, counts)
-        at = starts[obj] + 4 + within * block
-        rows = np.empty((total, block), dtype=np.uint8)
         rows[:, :sid_ndim * 8] = np.ascontiguousarray(table.coords, dtype="<i8").view(
             np.uint8).reshape(total, sid_ndim * 8)
         rows[:, sid_ndim * 8] = _MODE_SINGLE
         rows[:, sid_ndim * 8 + 1:] = np.ascontiguousarray(table.frags, dtype="<i8").view(
             np.uint8).reshape(total, 8)
-        buf[at[:, None] + np.arange(block)] = rows
-    raw = buf.tobytes()
-    return [raw[a:b] for a, b in zip(starts.tolist(), ends.tolist())]
+    first = (np.cumsum(counts) - counts) * block
+    heads = counts.astype("<u4").view(np.uint8)
+    raw = np.insert(rows.reshape(-1), np.repeat(first, 4), heads).tobytes()
+    ends = np.cumsum(4 + counts * block)
+    return [raw[a:b] for a, b in zip((ends - 4 - counts * block).tolist(), ends.tolist())]
 
 
 def empty_manifest(sid_ndim: int) -> bytes:
