@@ -43,20 +43,25 @@ def _cpu_seconds(who=resource.RUSAGE_SELF) -> float:
 
 
 # ------------------------------------------------------------------ child modes
-def child_write(path: str, vertices: int, seed: int, step: float) -> dict:
+def random_walk_lines(rng, n_lines: int, step: float):
+    """The standard case's lines, ``(n_lines, POINTS_PER_LINE, 3)`` float32,
+    drawn from ``rng`` (callers may go on drawing from it)."""
     import numpy as np
-    from zarr_vectors.types.polylines import write_polylines
-
-    n_lines = max(1, vertices // POINTS_PER_LINE)
-    rng = np.random.default_rng(seed)
     start = rng.uniform(0.0, BOX, size=(n_lines, 1, 3))
     steps = rng.normal(0.0, step, size=(n_lines, POINTS_PER_LINE - 1, 3))
     walk = np.concatenate([start, start + np.cumsum(steps, axis=1)], axis=1)
     # Reflect into the box so every vertex is inside [0, BOX).
     walk = np.abs(walk) % (2 * BOX)
     walk = np.where(walk >= BOX, 2 * BOX - walk, walk)
-    walk = np.clip(walk, 0.0, np.nextafter(np.float32(BOX), np.float32(0))).astype(np.float32)
-    lines = list(walk)
+    return np.clip(walk, 0.0, np.nextafter(np.float32(BOX), np.float32(0))).astype(np.float32)
+
+
+def child_write(path: str, vertices: int, seed: int, step: float) -> dict:
+    import numpy as np
+    from zarr_vectors.types.polylines import write_polylines
+
+    n_lines = max(1, vertices // POINTS_PER_LINE)
+    lines = list(random_walk_lines(np.random.default_rng(seed), n_lines, step))
     t0 = time.perf_counter()
     write_polylines(path, lines, chunk_shape=CHUNK_SHAPE, bin_shape=BIN_SHAPE,
                     bounds=([0.0, 0.0, 0.0], [BOX, BOX, BOX]))

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import resource
 import shutil
 import sys
 import time
@@ -26,51 +25,34 @@ from pathlib import Path
 
 import numpy as np
 
-FACTORS = [(2, 1), (2, 2), (2, 2)]
-KW = dict(factors=FACTORS, sparsity_seed=0, cross_level_depth=-1,
-          cross_level_storage="explicit")
-CHUNK, BIN, BOX, POINTS = 125.0, 5.0, 1000.0, 100
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_pyramid import (BIN_SHAPE, BOX, CHUNK_SHAPE, CROSS_LEVEL_DEPTH,  # noqa: E402
+                           CROSS_LEVEL_STORAGE, FACTORS, POINTS_PER_LINE, SEED,
+                           cluster_cpu_seconds, md_table, random_walk_lines)
+
+KW = dict(factors=FACTORS, sparsity_seed=SEED, cross_level_depth=CROSS_LEVEL_DEPTH,
+          cross_level_storage=CROSS_LEVEL_STORAGE)
+CHUNK = CHUNK_SHAPE[0]
 SIDECAR = ".zvdask"
 
 
 def write_level0(path: Path, vertices: int, seed: int) -> int:
+    """bench_pyramid's lines (step 2.0) with an object attribute ``weight``."""
     from zarr_vectors.types.polylines import write_polylines
-    n = max(1, vertices // POINTS)
+    n = max(1, vertices // POINTS_PER_LINE)
     rng = np.random.default_rng(seed)
-    start = rng.uniform(0.0, BOX, size=(n, 1, 3))
-    walk = np.concatenate([start, start + np.cumsum(rng.normal(0, 2.0, (n, POINTS - 1, 3)),
-                                                    axis=1)], axis=1)
-    walk = np.abs(walk) % (2 * BOX)
-    walk = np.where(walk >= BOX, 2 * BOX - walk, walk)
-    walk = np.clip(walk, 0.0, np.nextafter(np.float32(BOX), np.float32(0))).astype(np.float32)
-    write_polylines(str(path), list(walk), chunk_shape=(CHUNK,) * 3, bin_shape=(BIN,) * 3,
+    lines = list(random_walk_lines(rng, n, 2.0))
+    write_polylines(str(path), lines, chunk_shape=CHUNK_SHAPE, bin_shape=BIN_SHAPE,
                     bounds=([0.0] * 3, [BOX] * 3),
                     object_attributes={"weight": rng.random(n).astype(np.float32)})
     return n
 
 
-# ------------------------------------------------------------------ counters
-def _own_cpu() -> float:
-    ru = resource.getrusage(resource.RUSAGE_SELF)
-    return ru.ru_utime + ru.ru_stime
-
-
-def _process_cpu() -> float:
-    import psutil
-    t = psutil.Process().cpu_times()
-    return t.user + t.system
-
-
-def cluster_cpu(client) -> float:
-    """CPU seconds so far of this driver, the scheduler and every worker."""
-    return (_own_cpu() + sum(client.run(_process_cpu).values())
-            + client.run_on_scheduler(_process_cpu))
-
-
 def timed(client, fn) -> tuple[float, float]:
-    c0, t0 = cluster_cpu(client), time.perf_counter()
+    """Wall and CPU seconds (driver, scheduler, workers) of ``fn()``."""
+    c0, t0 = sum(cluster_cpu_seconds(client).values()), time.perf_counter()
     fn()
-    return time.perf_counter() - t0, cluster_cpu(client) - c0
+    return time.perf_counter() - t0, sum(cluster_cpu_seconds(client).values()) - c0
 
 
 # ------------------------------------------------------------------ files
@@ -186,14 +168,11 @@ def detection(client, built: Path) -> dict:
 def table(rows: list[dict]) -> str:
     head = ("case", "edit", "region", "refresh s (cpu)", "full rebuild s (cpu)", "ratio",
             "files rewritten / differ / total", "equal")
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in rows:
-        lines.append(
-            f"| {r['case']} | {r['edit']} | {r['region']} | {r['refresh_s']:.2f} "
-            f"({r['refresh_cpu']:.2f}) | {r['full_s']:.2f} ({r['full_cpu']:.2f}) | "
-            f"{r['refresh_s'] / r['full_s']:.1%} | {r['rewritten']} / {r['differ']} / "
-            f"{r['files']} | {'yes' if r['equal'] else 'NO'} |")
-    return "\n".join(lines)
+    return md_table(head, [
+        (r["case"], r["edit"], r["region"], f"{r['refresh_s']:.2f} ({r['refresh_cpu']:.2f})",
+         f"{r['full_s']:.2f} ({r['full_cpu']:.2f})", f"{r['refresh_s'] / r['full_s']:.1%}",
+         f"{r['rewritten']} / {r['differ']} / {r['files']}", "yes" if r["equal"] else "NO")
+        for r in rows])
 
 
 def main(argv=None) -> int:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_pyramid import (CROSS_LEVEL_DEPTH, CROSS_LEVEL_STORAGE, FACTORS, SEED,  # noqa: E402
-                           child_write, cluster_cpu_seconds)
+                           child_write, cluster_cpu_seconds, md_table)
 
 
 def build_on(path: Path, n_workers: int) -> dict:
@@ -46,14 +46,14 @@ def build_on(path: Path, n_workers: int) -> dict:
 
 def table(rows: list[dict], vertices: int) -> str:
     base = rows[0]
-    lines = ["| workers | wall s | CPU-s | CPU-s / M vertices | speed-up | efficiency |",
-             "|---|---|---|---|---|---|"]
-    for r in rows:
+
+    def line(r):
         speedup = base["seconds"] / r["seconds"]
-        eff = speedup * base["workers"] / r["workers"]
-        lines.append(f"| {r['workers']} | {r['seconds']:.2f} | {r['cpu']:.2f} | "
-                     f"{r['cpu'] / (vertices / 1e6):.2f} | {speedup:.2f}x | {eff:.0%} |")
-    return "\n".join(lines)
+        return (r["workers"], f"{r['seconds']:.2f}", f"{r['cpu']:.2f}",
+                f"{r['cpu'] / (vertices / 1e6):.2f}", f"{speedup:.2f}x",
+                f"{speedup * base['workers'] / r['workers']:.0%}")
+    return md_table(("workers", "wall s", "CPU-s", "CPU-s / M vertices", "speed-up",
+                     "efficiency"), [line(r) for r in rows])
 
 
 def main(argv=None) -> int:

@@ -60,8 +60,7 @@ class RefreshRegion:
 
 
 def _is_intra_level_link(array: str) -> bool:
-    return any(array == a or array.startswith(a + "/") or array.startswith(a + ".")
-               for a in INTRA_LEVEL_LINK_ARRAYS)
+    return any(array == a or array.startswith(a + "/") for a in INTRA_LEVEL_LINK_ARRAYS)
 
 
 def classify(by_array: dict[str, dict[str, int]], *, factors, sparsity_strategy: str,
