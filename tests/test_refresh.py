@@ -28,10 +28,10 @@ import zarr_vectors_dask as zd
 from equivalence import compare_raw_files
 from servers import subprocess_env
 from stores import make_streamlines
-from test_crash import mid_level_2
 from zarr_vectors_dask import fingerprint as fpm
 from zarr_vectors_dask.cli import main
 from zarr_vectors_dask.currency import REFRESH_ATTR, SOURCE_RECORD, StaleSourceError
+from zarr_vectors_dask.resume import REWRITE_LOG
 from zarr_vectors_dask.storage.store import Store
 
 KW = dict(factors=[(2, 1), (2, 2)], sparsity_seed=0, cross_level_depth=-1,
@@ -299,6 +299,24 @@ def test_racy_mtime_is_decided_by_hash(tmp_path):
     assert fpm.compare(old, fpm.take(st, like=old)).changed == (cell,)
 
 
+def rewritten_keys(store) -> list[str]:
+    """The keys an in-place refresh logged so far (``resume.REWRITE_LOG``)."""
+    out = []
+    log = os.path.join(str(store), REWRITE_LOG)
+    for name in (os.listdir(log) if os.path.isdir(log) else []):
+        try:
+            with open(os.path.join(log, name)) as fh:
+                out.extend(fh.read().split("\n"))
+        except FileNotFoundError:
+            pass
+    return out
+
+
+def rewriting(store, prefix: str) -> bool:
+    """An in-place refresh has started writing keys under ``prefix``."""
+    return any(k.startswith(prefix) for k in rewritten_keys(store))
+
+
 def test_refresh_killed_then_refreshed_again_ends_equal(private_dask_cluster, tmp_path):
     base = tmp_path / "base.zv"
     make_streamlines(str(base), seed=11, n_objects=400, max_len=150)
@@ -317,7 +335,7 @@ def test_refresh_killed_then_refreshed_again_ends_equal(private_dask_cluster, tm
             deadline = time.monotonic() + 120
             hit = False
             while time.monotonic() < deadline and p.poll() is None:
-                if mid_level_2(store):
+                if rewriting(store, "2/vertices/"):
                     hit = True
                     break
                 time.sleep(0.001)
@@ -560,3 +578,158 @@ def test_on_s3_etags_decide_and_refresh_equals_full_rebuild(s3_server, built, tm
     zd.build_pyramid(str(expected), client=local_client, overwrite=True, **KW)
     diff = compare_raw_files(expected, got, ignore=_sidecar)
     assert diff.identical, diff.summary()
+
+
+# ------------------------------------------------------------ whole levels, in place
+def _digests(root) -> dict[str, tuple[bytes, int, int]]:
+    """Every file's bytes, inode and mtime, by path relative to ``root``."""
+    out = {}
+    for d, _, files in os.walk(root):
+        for f in files:
+            p = os.path.join(d, f)
+            stt = os.stat(p)
+            with open(p, "rb") as fh:
+                out[os.path.relpath(p, root)] = (fh.read(), stt.st_ino, stt.st_mtime_ns)
+    return out
+
+
+def _remove_most_objects(path):
+    """EditSession in place: every object but two emptied (coarse cells vanish)."""
+    root = _open(path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ids = zarr.open_array(str(path / "0" / "object_index" / "object_ids"), mode="r")[:]
+        with EditSession(root, atomic=False) as ed:
+            for oid in ids[2:]:
+                ed.remove_object(int(oid))
+
+
+@pytest.mark.parametrize("kind", ["edit_vertex", "remove_most"])
+def test_whole_level_refresh_rewrites_only_the_files_that_differ(store, tmp_path, local_client,
+                                                                 kind):
+    """A refresh that recomputes whole levels writes a file only where its
+    bytes change and removes the files a full rebuild does not have: an
+    unchanged file keeps its inode and mtime."""
+    if kind == "remove_most":
+        _remove_most_objects(store)
+    else:
+        _edit(store, kind, False)
+    expected = tmp_path / "full.zv"
+    shutil.copytree(store, expected)
+    zd.build_pyramid(str(expected), client=local_client, overwrite=True, **KW)
+    before = {k: v for k, v in _digests(store).items() if not _sidecar(k)}
+    time.sleep(0.01)
+    report = zd.refresh_pyramid(str(store), client=local_client)
+    assert report.refreshed and report.region.kind == "whole"
+    diff = compare_raw_files(expected, store, ignore=_sidecar)
+    assert diff.identical, diff.summary()
+    after = {k: v for k, v in _digests(store).items() if not _sidecar(k)}
+    rewritten = {k for k in after if k in before and after[k][1:] != before[k][1:]}
+    differing = {k for k in after if k in before and after[k][0] != before[k][0]}
+    removed, added = set(before) - set(after), set(after) - set(before)
+    # The root alone is written with its own bytes: the refresh mark on, then off.
+    assert rewritten - differing == {"zarr.json"}, sorted(rewritten - differing)[:10]
+    assert differing <= rewritten
+    assert differing and len(rewritten) < len(after) / 4, (len(rewritten), len(after))
+    if kind == "remove_most":
+        assert any("/vertices/c/" in k for k in removed), sorted(removed)[:5]
+    assert not any(k.startswith("0/") and "/links/" not in k for k in removed | added)
+    assert zd.pyramid_status(str(store)).state == "current"
+
+
+#: A driver that refreshes whole levels in place, SIGKILLed at one moment
+#: (``api``'s names are looked up at call time, so patching them reaches it).
+_IN_PLACE_KILLER = """
+import os, signal, sys, threading, time
+import distributed
+import zarr_vectors_dask as zd
+from zarr_vectors_dask import api, currency
+from zarr_vectors_dask.resume import REWRITE_LOG
+store, address, moment = sys.argv[1:4]
+def die():
+    os.kill(os.getpid(), signal.SIGKILL)
+def logged(prefix):
+    log = os.path.join(store, REWRITE_LOG)
+    for name in (os.listdir(log) if os.path.isdir(log) else []):
+        try:
+            if any(k.startswith(prefix) for k in open(os.path.join(log, name)).read().split()):
+                return True
+        except FileNotFoundError:
+            pass
+    return False
+def kill_when(prefix):
+    def watch():
+        while not logged(prefix):
+            time.sleep(0.0005)
+        die()
+    threading.Thread(target=watch, daemon=True).start()
+def after_call(name, n):
+    real, calls = getattr(api, name), []
+    def wrapper(*a, **k):
+        out = real(*a, **k)
+        calls.append(1)
+        if len(calls) == n:
+            die()
+        return out
+    setattr(api, name, wrapper)
+if moment.startswith("writing-"):
+    kill_when(moment.split("-")[1] + "/vertices/")
+elif moment == "swept-1":
+    after_call("discard_unwritten", 1)
+elif moment == "composed":
+    after_call("compose_links", 1)
+elif moment == "swept-all":
+    after_call("discard_unwritten", 3)
+elif moment == "unmarked":
+    real_mark = currency.mark_refreshing
+    def mark(st, on):
+        real_mark(st, on)
+        if not on:
+            die()
+    currency.mark_refreshing = mark
+with distributed.Client(address) as c:
+    zd.refresh_pyramid(store, client=c)
+if moment == "returned":
+    die()
+"""
+
+
+@pytest.mark.parametrize("moment,then", [
+    ("writing-1", "refresh"), ("swept-1", "resume"),
+    pytest.param("writing-2", "resume", marks=pytest.mark.slow),
+    ("composed", "resume"), pytest.param("swept-all", "refresh", marks=pytest.mark.slow),
+    ("unmarked", "refresh"), ("returned", "refresh")])
+def test_in_place_refresh_killed_at_each_moment_then_finished_ends_equal(
+        private_dask_cluster, built, tmp_path, moment, then):
+    """SIGKILL the driver of a whole-level refresh while level 1 or 2 is
+    rewritten, after a step's sweep, after the composition, after the last
+    sweep, after the mark is removed and after it returned; then
+    ``refresh_pyramid`` or ``build_pyramid(resume=True)`` ends equal to a
+    full rebuild (resume redoes the refresh: its levels are half rewritten)."""
+    store, expected = tmp_path / "s.zv", tmp_path / "full.zv"
+    shutil.copytree(built, store)
+    _edit(store, "edit_vertex", False)
+    shutil.copytree(store, expected)
+    driver = tmp_path / "driver.py"
+    driver.write_text(_IN_PLACE_KILLER)
+    with private_dask_cluster.client() as client:
+        zd.build_pyramid(str(expected), client=client, overwrite=True, **KW)
+        p = subprocess.run([sys.executable, str(driver), str(store),
+                            private_dask_cluster.address, moment], env=subprocess_env(),
+                           capture_output=True, text=True, timeout=300)
+        assert p.returncode == -signal.SIGKILL, p.stderr[-2000:]
+        st = zd.pyramid_status(str(store))
+        if moment == "returned":
+            assert st.current, st
+        else:
+            assert st.state == "unknown" and "refresh" in st.reason, st
+            assert st.refreshing == (moment != "unmarked"), st
+        if then == "resume":
+            zd.build_pyramid(str(store), client=client, resume=True, **KW)
+        else:
+            zd.refresh_pyramid(str(store), client=client)
+    diff = compare_raw_files(expected, store, ignore=_sidecar)
+    assert diff.identical, diff.summary()
+    assert REFRESH_ATTR not in _root_attrs(store)
+    assert not os.path.exists(os.path.join(store, REWRITE_LOG))
+    assert zd.pyramid_status(str(store)).state == "current"

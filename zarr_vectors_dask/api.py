@@ -24,8 +24,9 @@ from .format.documents import opened_zarr_vectors
 from .options import BuildOptions
 from .planning.levels import make_plan, read_root_meta
 from .planning.plan import PyramidPlan, check_method, registered_strategy
-from .resume import (BUILD_RECORD, RECORD_DIR, build_lock, build_record_for, finish_records,
-                     level_record, prepare_targets, sweep_temporaries, wait_for_orphans)
+from .resume import (BUILD_RECORD, RECORD_DIR, REWRITE_LOG, Targets, build_lock, build_record_for,
+                     discard_unwritten, finish_records, level_record, prepare_targets,
+                     pyramid_trees, step_trees, sweep_temporaries, wait_for_orphans)
 from .runtime import client_for, count_workers
 from .step import attributes as va
 from .step.run import run_step, step_graph
@@ -175,11 +176,19 @@ def _build_pyramid(st: Store, *, factors, chunk_scale_factors, sparsity_strategy
             interrupted = st.get(BUILD_RECORD) is not None
             if resume and not interrupted:
                 cur.refuse_if_stale(st, build_record)  # never report a stale pyramid finished
+                # A killed refresh left levels half rewritten: redo it.
+                _refresh = cur.interrupted_refresh(st, build_record)
             arguments = cur.arguments_for(plan, request, shard_shape)
+            if _refresh:
+                summaries = _rewrite_in_place(
+                    c, st, lock, plan, records, arguments=arguments, build_record=build_record,
+                    n_workers=n_workers, progress=progress, shard_shape=shard_shape,
+                    request=request, reports=_reports)
+                return _result(summaries, cross_level_depth, cross_level_storage)
             pending = None
-            if overwrite:  # rebuilds everything: recorded (and marked) before any discard
+            if overwrite:  # rebuilds everything: recorded before any discard
                 pending = cur.begin(st, arguments=arguments, record=build_record,
-                                    resuming=False, refreshing=_refresh)
+                                    resuming=False)
             targets = prepare_targets(st, plan, resume=resume, overwrite=overwrite,
                                       records=records, build_record=build_record, options=request)
             if targets.finished:
@@ -224,10 +233,43 @@ def _records(plan: PyramidPlan, request: BuildOptions, shard_shape) -> tuple[lis
     return records, build
 
 
+def _rewrite_in_place(c, st: Store, lock, plan: PyramidPlan, records: list[dict], *,
+                      arguments: dict, build_record: dict, n_workers: int, progress,
+                      shard_shape, request: BuildOptions, reports: list | None) -> list:
+    """A refresh of whole levels: the build's steps and composition run
+    over the published pyramid, writing only the objects whose bytes
+    differ (``Store.changes_only``); after each step, and at the end, what
+    the rewrite did not write is removed.  The root is marked and the
+    record says ``refreshing`` throughout: a kill at any instant leaves a
+    pyramid whose next refresh (or ``resume=True``) does this again."""
+    pending = cur.begin(st, arguments=arguments, record=build_record, resuming=False,
+                        refreshing=True)
+    st.remove_tree(REWRITE_LOG)  # a killed attempt's: this one writes all again
+    wst = st.changes_only(REWRITE_LOG)
+    root_meta = read_root_meta(st)
+    summaries, step_reports = _build_levels(c, wst, plan, records, Targets(), lock,
+                                            root_meta=root_meta, n_workers=n_workers,
+                                            progress=progress, shard_shape=shard_shape,
+                                            request=request, in_place=True)
+    stage_s = _close(c, wst, lock, plan, root_meta=root_meta, n_workers=n_workers,
+                     progress=progress, shard_shape=shard_shape, request=request)
+    lock.check()
+    discard_unwritten(st, pyramid_trees(st, plan.levels[0].source_level), wst.logged_keys())
+    st.remove_tree(REWRITE_LOG)
+    cur.finish(st, pending)
+    if reports is not None:
+        reports.extend(step_reports)
+        reports.append(stage_s)
+    return summaries
+
+
 def _build_levels(c, st: Store, plan: PyramidPlan, records: list[dict], targets, lock, *,
-                  root_meta, n_workers: int, progress, shard_shape, request: BuildOptions):
+                  root_meta, n_workers: int, progress, shard_shape, request: BuildOptions,
+                  in_place: bool = False):
     """Run the steps of the levels not kept, in order; each level's record
-    goes before its step and its summary after its commit."""
+    goes before its step and its summary after its commit.  ``in_place``
+    (a rewrite, ``_rewrite_in_place``): no records; after each step, what
+    it did not write of its trees is removed (the next step lists them)."""
     summaries, reports = [], []
     for lv, rec in zip(plan.levels, records):
         if lv.target_level in targets.keep:
@@ -244,7 +286,8 @@ def _build_levels(c, st: Store, plan: PyramidPlan, records: list[dict], targets,
                        start_level=lv.source_level,
                        max_block_vertices=request.max_block_vertices,
                        shard_shape=shard_shape).levels[0]
-        st.put(f"{RECORD_DIR}/{lv.target_level}.json", json.dumps(rec).encode())
+        if not in_place:
+            st.put(f"{RECORD_DIR}/{lv.target_level}.json", json.dumps(rec).encode())
         rep = run_step(c, st, lv, root_meta=root_meta,
                        sparsity_strategy=request.sparsity_strategy,
                        sparsity_seed=request.sparsity_seed, progress=progress,
@@ -252,6 +295,11 @@ def _build_levels(c, st: Store, plan: PyramidPlan, records: list[dict], targets,
                        attribute_aggregation=request.attribute_aggregation)
         reports.append(rep)
         summaries.append(rep.summary)
+        if in_place:
+            lock.check()
+            discard_unwritten(st, step_trees(lv.source_level, lv.target_level),
+                              st.logged_keys())
+            continue
         st.put(f"{RECORD_DIR}/{lv.target_level}.json.summary", json.dumps(rep.summary).encode())
     return summaries, reports
 

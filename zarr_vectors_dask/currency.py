@@ -39,10 +39,10 @@ from . import fingerprint as fpm
 from .errors import BuildError
 from .format import commit as cm
 from .planning.levels import make_plan
-from .resume import BUILD_RECORD, build_record_for
+from .resume import BUILD_RECORD, build_record_for, record_differences
 
 __all__ = ["SOURCE_RECORD", "REFRESH_ATTR", "StaleSourceError", "PyramidStatus", "read_record",
-           "begin", "finish", "finish_interrupted", "mark_refreshing", "status_of",
+           "begin", "finish", "finish_interrupted", "interrupted_refresh", "mark_refreshing", "status_of",
            "current_diff", "refuse_if_stale", "dirty_source_chunks", "arguments_for",
            "request_record"]
 
@@ -214,6 +214,20 @@ def refuse_if_stale(store, record: dict) -> None:
         raise StaleSourceError(f"{store.url}: {st.reason}; nothing to resume, the pyramid is "
                                f"stale: refresh it with `zvdask refresh {store.url}` "
                                f"(refresh_pyramid(store)) or rebuild it with overwrite=True")
+
+
+def interrupted_refresh(store, record: dict) -> bool:
+    """Whether a refresh with ``record``'s arguments started and did not
+    end (``resume`` then redoes it); one with other arguments is refused,
+    naming them."""
+    doc = read_record(store)
+    if doc is None or doc.get("state") != "refreshing":
+        return False
+    diff = record_differences(doc.get("record") or {}, record)
+    if diff:
+        raise BuildError(f"{store.url}: the interrupted refresh used other arguments: "
+                         f"{'; '.join(diff)}; use overwrite=True (--overwrite) to rebuild")
+    return True
 
 
 def dirty_source_chunks(diff: fpm.SourceDiff | None) -> dict[str, set[tuple[int, ...]]]:

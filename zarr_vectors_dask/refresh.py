@@ -31,7 +31,7 @@ from .format.documents import opened_zarr_vectors
 from .planning.levels import make_plan
 from .planning.region import ATTRIBUTES, LINKS, WHOLE, RefreshRegion, classify, dirty_buckets
 from .planning.sparsity import Sparsity
-from .resume import build_lock, record_differences, wait_for_orphans
+from .resume import REWRITE_LOG, build_lock, record_differences, wait_for_orphans
 from .runtime import StepReport, client_for, execute
 from .step.exchange import drop_exchange
 from .step.graph import attribute_refresh_graph
@@ -153,7 +153,7 @@ def refresh_pyramid(store, client=None, storage_options=None, dry_run: bool = Fa
         if dry_run:
             return report
         if region.kind == WHOLE:
-            summary = api.build_pyramid(st, client=client, overwrite=True, progress=progress,
+            summary = api.build_pyramid(st, client=client, progress=progress,
                                         max_block_vertices=max_block_vertices, _refresh=True,
                                         **build_keywords(args))
             return dataclasses.replace(report, refreshed=True, summary=summary)
@@ -251,7 +251,10 @@ def _rewrite_attributes(st, c, args: dict, region: RefreshRegion, *, progress=No
                      sparsity_strategy=kw["sparsity_strategy"], n_workers=1,
                      shard_shape=kw.get("shard_shape"))
     strategy, seed = kw["sparsity_strategy"], kw["sparsity_seed"]
-    pairs = [LevelPair(st, lv.source_level, lv.target_level) for lv in plan.levels]
+    # Only the buckets whose bytes differ are written (the rest are logged, unused).
+    st.remove_tree(REWRITE_LOG)
+    wst = st.changes_only(REWRITE_LOG)
+    pairs = [LevelPair(wst, lv.source_level, lv.target_level) for lv in plan.levels]
     sparsities = [Sparsity.of_level(lv, strategy, seed) for lv in plan.levels]
     n_rows, _ = _attribute_rows(st, 0, region.names[0])
     token = f"refresh-{uuid.uuid4().hex[:8]}"
@@ -263,3 +266,4 @@ def _rewrite_attributes(st, c, args: dict, region: RefreshRegion, *, progress=No
     finally:
         for p in pairs:
             drop_exchange(st, p.target_level)
+        st.remove_tree(REWRITE_LOG)

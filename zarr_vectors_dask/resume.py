@@ -23,7 +23,8 @@ from .step.source import read_source_level
 from .storage.lock import BuildLock
 from .storage.store import TEMPORARY, Store
 
-__all__ = ["RECORD_DIR", "BUILD_RECORD", "build_lock", "level_record", "build_record_for",
+__all__ = ["RECORD_DIR", "BUILD_RECORD", "REWRITE_LOG", "build_lock", "step_trees", "pyramid_trees",
+           "discard_unwritten", "level_record", "build_record_for",
            "Targets", "prepare_targets", "finish_records", "sweep_temporaries", "wait_for_orphans",
            "record_differences", "existing_coarse"]
 
@@ -405,6 +406,84 @@ def _discard_rest(store: Store, build_record: dict | None, existing: list[int], 
             if name not in ("0", "zarr.json") and store.get(
                     f"{lv}/{nm.LINKS}/{name}/zarr.json") is None:
                 store.remove_tree(f"{lv}/{nm.LINKS}/{name}")
+
+
+# ------------------------------------------------------------ rewrite in place
+#: Where a rewrite in place (a refresh) logs every key it writes or finds
+#: equal (``Store.changes_only``); what it did not log is stale.
+REWRITE_LOG = ".zvdask/refresh/written"
+
+
+def step_trees(source_level: int, target_level: int) -> list[tuple[str, tuple[str, ...]]]:
+    """What a coarsening step writes, as ``(tree, excluded subtrees)``: the
+    target level but for the link families other stages write there, its
+    ``-1`` family, and the source level's ``+1`` family."""
+    t = str(target_level)
+    return [(t, (f"{t}/{nm.LINKS}/",)), (nm.links_family_path(target_level, -1), ()),
+            (nm.links_family_path(source_level, 1), ())]
+
+
+def pyramid_trees(store: Store, start_level: int) -> list[tuple[str, tuple[str, ...]]]:
+    """Everything a build writes: every coarse level, and the start level's
+    link families but its own intra-level ``links/0``."""
+    out = [(str(lv), ()) for lv in existing_coarse(store, start_level)]
+    out += [(f"{start_level}/{nm.LINKS}/{name}", ())
+            for name in store.listdir(f"{start_level}/{nm.LINKS}")
+            if name not in ("0", "zarr.json")]
+    return out
+
+
+def discard_unwritten(store: Store, trees, logged: set[str]) -> int:
+    """Remove what a rewrite in place did not write in ``trees`` (see
+    :func:`step_trees`): objects whose key ``logged`` lacks, and then the
+    unlogged documents left with nothing beside them (an array or family
+    that is gone).  A coarse level of which nothing was written (its
+    source came out empty) is discarded whole, unlisted first.  Returns
+    the number of objects removed."""
+    removed = 0
+    for tree, excluded in trees:
+        level = tree.split("/", 1)[0]
+        if "/" not in tree and not any(k.startswith(f"{tree}/") for k in logged):
+            if store.get(f"{tree}/zarr.json") is not None:
+                _discard_level(store, int(level))
+            continue
+        keys = [f"{tree}/{k}" for k in store.keys_under(tree)]
+        keys = [k for k in keys if not k.startswith(excluded) and k not in logged]
+        for k in keys:
+            if k.rsplit("/", 1)[-1] != "zarr.json":
+                store.remove_tree(k)
+                removed += 1
+        removed += _discard_lone_documents(store, tree, excluded,
+                                           [k for k in keys if k.endswith("zarr.json")])
+        _remove_emptied_folders(store, tree, keys)
+    return removed
+
+
+def _remove_emptied_folders(store: Store, tree: str, keys: list[str]) -> None:
+    """The folders of removed ``keys`` (below ``tree``) left empty, deepest
+    first: a reader lists an array's folder as the array."""
+    folders = set()
+    for k in keys:
+        parts = k.split("/")[:-1]
+        while len(parts) > tree.count("/") + 1:
+            folders.add("/".join(parts))
+            parts.pop()
+    for f in sorted(folders, key=lambda d: -d.count("/")):
+        store.remove_empty_dir(f)
+
+
+def _discard_lone_documents(store: Store, tree: str, excluded, docs: list[str]) -> int:
+    """The unlogged ``zarr.json`` of ``docs`` whose folder holds nothing
+    else any more, deepest first (a group emptied by the ones below)."""
+    left = {f"{tree}/{k}" for k in store.keys_under(tree)}
+    removed = 0
+    for doc in sorted(docs, key=lambda d: -d.count("/")):
+        folder = doc[:-len("zarr.json")]
+        if not any(k.startswith(folder) and k != doc for k in left):
+            store.remove_tree(doc)
+            left.discard(doc)
+            removed += 1
+    return removed
 
 
 def finish_records(store: Store) -> None:

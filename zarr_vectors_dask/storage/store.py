@@ -19,13 +19,13 @@ import random
 import re
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, ClassVar, Iterable, TypeVar
 
 import fsspec
 from zarr_vectors.exceptions import StoreError
 
-__all__ = ["TEMPORARY", "BATCH_SIZE", "StoreAccessError", "redact", "is_transient", "with_retries", "Store",
+__all__ = ["TEMPORARY", "BATCH_SIZE", "SIDECAR_PREFIX", "StoreAccessError", "redact", "is_transient", "with_retries", "Store",
            "LocalStore", "ObjectStore", "S3Store", "check_access", "iter_secret_values"]
 
 
@@ -33,6 +33,9 @@ T = TypeVar("T")
 
 
 BATCH_SIZE = 64  # requests in flight per batched call (see _Opened.of)
+
+#: The project's own folder in a store (records, scratch): never part of a pyramid.
+SIDECAR_PREFIX = ".zvdask/"
 
 
 #: Keys in ``storage_options`` whose values must never be printed.
@@ -208,6 +211,8 @@ class Store(abc.ABC):
 
     url: str
     storage_options: dict = field(default_factory=dict, compare=False)
+    #: Set by :meth:`changes_only`: the folder where each write logs its keys.
+    write_log: str | None = field(default=None, compare=False)
 
     #: A whole object is cheaper to read than its index and then ranges of it.
     prefers_whole_reads: ClassVar[bool]
@@ -218,7 +223,7 @@ class Store(abc.ABC):
     #: A listing's change stamp is each file's mtime (else the object's digest).
     lists_mtimes: ClassVar[bool]
 
-    def __new__(cls, url: Any = None, storage_options: dict | None = None):
+    def __new__(cls, url: Any = None, storage_options: dict | None = None, write_log=None):
         # ``Store(url)`` is the kind's class; unpickling passes no url.
         if cls is Store and url is not None:
             cls = _kind(str(url))
@@ -299,7 +304,6 @@ class Store(abc.ABC):
     def put(self, key: str, data: bytes) -> None:
         self.put_many({key: data})
 
-    @abc.abstractmethod
     def put_many(self, items: dict[str, bytes], *, atomic: bool = True) -> None:
         """Write several objects; idempotent (same key, same bytes).
 
@@ -307,7 +311,50 @@ class Store(abc.ABC):
         unpublished level or link family): a writer killed mid-file leaves
         a torn cell that the task's retry rewrites before anything is
         published, and skipping the temporary and rename halves the cost
-        of the tens of thousands of small files a pyramid has."""
+        of the tens of thousands of small files a pyramid has.
+
+        On a :meth:`changes_only` store, the keys are logged first and
+        only objects whose bytes differ from the stored ones are written,
+        atomically (the level is published: readers may be looking)."""
+        if not items:
+            return
+        if self.write_log is not None:
+            items, atomic = self._changed(items), True
+        if items:
+            self._write(items, atomic=atomic)
+
+    @abc.abstractmethod
+    def _write(self, items: dict[str, bytes], *, atomic: bool) -> None:
+        """Write the objects, as this kind does (see :meth:`put_many`)."""
+
+    # ------------------------------------------------- in-place rewrites
+    def changes_only(self, write_log: str) -> "Store":
+        """This store, writing only what differs and logging every key
+        written (or found equal) under ``write_log``: a rewrite in place
+        (a refresh) then leaves unchanged objects untouched, and the keys
+        it did not log are what it must remove (:func:`logged_keys`)."""
+        return replace(self, write_log=write_log.rstrip("/"))
+
+    def _changed(self, items: dict[str, bytes]) -> dict[str, bytes]:
+        """Log ``items``' keys (before writing: a log lists at least what
+        was written), then keep the items whose bytes differ.  The
+        project's own sidecar (scratch, records) is neither logged nor
+        compared."""
+        logged = [k for k in items if not k.startswith(SIDECAR_PREFIX)]
+        if not logged:
+            return items
+        name = f"{self.write_log}/{os.getpid()}-{random.getrandbits(64):016x}"
+        self._write({name: "\n".join(logged).encode()}, atomic=True)
+        old = self.get_many(logged)
+        return {k: v for k, v in items.items()
+                if k not in old or old[k] is None or old[k] != bytes(v)}
+
+    def logged_keys(self) -> set[str]:
+        """Every key the writes through :meth:`changes_only` stores with
+        this ``write_log`` logged."""
+        names = self.keys_under(self.write_log)
+        blobs = self.get_many([f"{self.write_log}/{n}" for n in names])
+        return {k for b in blobs.values() if b for k in b.decode().split("\n") if k}
 
     def exists(self, key: str) -> bool:
         return with_retries(lambda: self.fs.exists(self.path(key)), what=self.describe(key))
@@ -378,9 +425,17 @@ class Store(abc.ABC):
         """Remove the folder ``key`` if it is empty, never recursively (a
         process may be writing into it right now)."""
 
-    @abc.abstractmethod
     def zarr_store(self):
-        """A zarr v3 store on the same root (for arrays zarr must encode)."""
+        """A zarr v3 store on the same root (for arrays zarr must encode);
+        on a :meth:`changes_only` store, one that writes as it does."""
+        inner = self._zarr_store()
+        if self.write_log is None:
+            return inner
+        return _changes_only_zarr_store(inner, self.write_log)
+
+    @abc.abstractmethod
+    def _zarr_store(self):
+        """zarr's own store for this kind, on the same root."""
 
     # ------------------------------------------------------------- the root
     @abc.abstractmethod
@@ -453,9 +508,7 @@ class LocalStore(Store):
         except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
             return None
 
-    def put_many(self, items: dict[str, bytes], *, atomic: bool = True) -> None:
-        if not items:
-            return
+    def _write(self, items: dict[str, bytes], *, atomic: bool) -> None:
         # os-level calls: Python's buffered ``open`` costs as much again
         # as the system calls for a cell of a few hundred bytes.
         made = set()
@@ -502,7 +555,7 @@ class LocalStore(Store):
             if exc.errno not in (errno.ENOENT, errno.ENOTEMPTY, errno.EEXIST):
                 raise
 
-    def zarr_store(self):
+    def _zarr_store(self):
         import zarr.storage
         return zarr.storage.LocalStore(self.root)
 
@@ -592,9 +645,7 @@ class ObjectStore(Store):
                 out.append(bytes(v))
         return out
 
-    def put_many(self, items: dict[str, bytes], *, atomic: bool = True) -> None:
-        if not items:
-            return
+    def _write(self, items: dict[str, bytes], *, atomic: bool) -> None:
         # Objects are written whole: ``atomic`` needs nothing more here.
         payload = {self.path(k): v for k, v in items.items()}
         with_retries(lambda: self.fs.pipe(payload, **self._opened().batch_kw),
@@ -660,7 +711,7 @@ class ObjectStore(Store):
             pass
         fs.invalidate_cache()
 
-    def zarr_store(self):
+    def _zarr_store(self):
         import zarr.storage
         from .handles import is_memory_url, memory_store_for
         if is_memory_url(self.url):  # the caller's own MemoryStore (handles.py)
@@ -770,6 +821,47 @@ def _make_retrying_store_cls():
             await self._retry(lambda: self._store.delete(key))
 
     return RetryingStore
+
+
+_CHANGES_ONLY_CLS: list = []
+
+
+def _changes_only_zarr_store(inner, write_log: str):
+    """``inner`` logging each key it is asked to set under ``write_log``
+    and leaving a stored object with the same bytes untouched, as
+    :meth:`Store.put_many` does on a ``changes_only`` store."""
+    if not _CHANGES_ONLY_CLS:
+        _CHANGES_ONLY_CLS.append(_make_changes_only_cls())
+    return _CHANGES_ONLY_CLS[0](inner, write_log)
+
+
+def _make_changes_only_cls():
+    from zarr.core.buffer import default_buffer_prototype
+    from zarr.storage import WrapperStore
+
+    class ChangesOnlyStore(WrapperStore):
+        def __init__(self, store, write_log: str):
+            super().__init__(store)
+            self._log = write_log
+
+        def _with_store(self, store):
+            return type(self)(store, self._log)
+
+        async def set(self, key, value):
+            proto = default_buffer_prototype()
+            if not key.startswith(SIDECAR_PREFIX):
+                name = f"{self._log}/{os.getpid()}-{random.getrandbits(64):016x}"
+                await self._store.set(name, proto.buffer.from_bytes(key.encode()))
+                old = await self._store.get(key, proto)
+                if old is not None and old.to_bytes() == value.to_bytes():
+                    return
+            await self._store.set(key, value)
+
+        async def _set_many(self, values):
+            for key, value in values:
+                await self.set(key, value)
+
+    return ChangesOnlyStore
 
 
 def check_access(store: Store) -> None:
