@@ -95,9 +95,10 @@ def edit_attributes(path: Path, fraction: float, clustered: bool, rng) -> str:
     return f"{k} rows"
 
 
-def edit_vertices(path: Path, fraction: float, clustered: bool, rng) -> str:
+def edit_vertices(path: Path, fraction: float, clustered: bool, rng, atomic=False) -> str:
     """EditSession(atomic=False).edit_vertex of one vertex in each edited
-    chunk, moved by a small step within its chunk (no row-count change)."""
+    chunk, moved by a small step within its chunk (no row-count change;
+    ``atomic``: copy-on-write, each edited object appended as a new row)."""
     from zarr_vectors.core.store import open_store
     from zarr_vectors.ops.edit import EditSession
     from zarr_vectors.ops.refs import VertexRef
@@ -114,7 +115,7 @@ def edit_vertices(path: Path, fraction: float, clustered: bool, rng) -> str:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         root = open_store(str(path), mode="r+")
-        with EditSession(root, atomic=False) as ed:
+        with EditSession(root, atomic=atomic) as ed:
             for cc in chosen:
                 ref = VertexRef(level=0, chunk=cc, fragment=0, local=0)
                 lo = np.asarray(cc, dtype=np.float64) * CHUNK
@@ -122,7 +123,13 @@ def edit_vertices(path: Path, fraction: float, clustered: bool, rng) -> str:
     return f"{k} chunks"
 
 
-CASES = {"attributes": edit_attributes, "vertices": edit_vertices}
+def edit_vertices_atomic(path: Path, fraction: float, clustered: bool, rng) -> str:
+    """As :func:`edit_vertices`, copy-on-write: the row count changes."""
+    return edit_vertices(path, fraction, clustered, rng, atomic=True) + ", atomic"
+
+
+CASES = {"attributes": edit_attributes, "vertices": edit_vertices,
+         "vertices-atomic": edit_vertices_atomic}
 
 
 # ------------------------------------------------------------------ run

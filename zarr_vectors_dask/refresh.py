@@ -9,8 +9,11 @@ is decided from the level-0 fingerprint's diff:
 * only object-attribute cells changed: the attribute stage reruns on the
   dirty buckets of every coarse level (its survivors drawn as the build
   draws them), nothing else is read or written;
-* anything else: every coarse level is rebuilt, exactly as
-  ``build_pyramid(..., overwrite=True)`` with the recorded arguments.
+* anything else: every coarse level is recomputed as
+  ``build_pyramid(..., overwrite=True)`` with the recorded arguments
+  computes it, in place: only files whose bytes differ are written, and
+  the files a full rebuild would not have are removed
+  (``api._rewrite_in_place``).
 
 Each ends equal to a full rebuild; each records the new fingerprint last.
 """
