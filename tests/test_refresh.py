@@ -389,26 +389,21 @@ if moment == "returned":
 """
 
 
-@pytest.mark.parametrize("moment", [
-    pytest.param("begun", marks=pytest.mark.slow),  # ends as "unmarked" does: unknown, rebuilt
-    "writing", pytest.param("unmarked", marks=pytest.mark.slow), "returned"])
-def test_attribute_refresh_killed_at_each_moment_then_refreshed_ends_equal(
-        private_dask_cluster, built, tmp_path, moment):
-    """SIGKILL the driver of an attribute refresh after it marked the root,
-    while its graph writes, after it removed the mark but before its
-    record, and after it returned: the next refresh ends equal to a full
-    rebuild (an unfinished one rebuilds every level)."""
+def _kill_then_finish(cluster, built, tmp_path, *, edit: str, driver_src: str, moment: str,
+                      then: str) -> None:
+    """Edit a copy of ``built``, run ``driver_src`` (a refresh that SIGKILLs
+    itself at ``moment``), check what a reader sees, finish with ``then``
+    (``refresh`` or ``resume``) and compare with a full rebuild."""
     store, expected = tmp_path / "s.zv", tmp_path / "full.zv"
     shutil.copytree(built, store)
-    _edit(store, "zarr_write", False)
+    _edit(store, edit, False)
     shutil.copytree(store, expected)
     driver = tmp_path / "driver.py"
-    driver.write_text(_KILLING_DRIVER)
-    with private_dask_cluster.client() as client:
+    driver.write_text(driver_src)
+    with cluster.client() as client:
         zd.build_pyramid(str(expected), client=client, overwrite=True, **KW)
-        p = subprocess.run([sys.executable, str(driver), str(store),
-                            private_dask_cluster.address, moment], env=subprocess_env(),
-                           capture_output=True, text=True, timeout=300)
+        p = subprocess.run([sys.executable, str(driver), str(store), cluster.address, moment],
+                           env=subprocess_env(), capture_output=True, text=True, timeout=300)
         assert p.returncode == -signal.SIGKILL, p.stderr[-2000:]
         st = zd.pyramid_status(str(store))
         if moment == "returned":
@@ -416,11 +411,29 @@ def test_attribute_refresh_killed_at_each_moment_then_refreshed_ends_equal(
         else:
             assert st.state == "unknown" and "refresh" in st.reason, st
             assert st.refreshing == (moment != "unmarked"), st
-        zd.refresh_pyramid(str(store), client=client)
+        if then == "resume":  # redoes the refresh: never keeps half-rewritten levels
+            zd.build_pyramid(str(store), client=client, resume=True, **KW)
+        else:
+            zd.refresh_pyramid(str(store), client=client)
     diff = compare_raw_files(expected, store, ignore=_sidecar)
     assert diff.identical, diff.summary()
     assert REFRESH_ATTR not in _root_attrs(store)
+    assert not os.path.exists(os.path.join(store, REWRITE_LOG))
     assert zd.pyramid_status(str(store)).state == "current"
+
+
+@pytest.mark.parametrize("moment,then", [
+    pytest.param("begun", "refresh", marks=pytest.mark.slow),  # as "unmarked": unknown, redone
+    ("writing", "resume"), pytest.param("unmarked", "refresh", marks=pytest.mark.slow),
+    ("returned", "refresh")])
+def test_attribute_refresh_killed_at_each_moment_then_finished_ends_equal(
+        private_dask_cluster, built, tmp_path, moment, then):
+    """SIGKILL the driver of an attribute refresh after it marked the root,
+    while its graph writes, after it removed the mark but before its
+    record, and after it returned: the next refresh (or resume) ends equal
+    to a full rebuild (an unfinished one rewrites every level)."""
+    _kill_then_finish(private_dask_cluster, built, tmp_path, edit="zarr_write",
+                      driver_src=_KILLING_DRIVER, moment=moment, then=then)
 
 
 def test_change_detection_costs_about_one_listing(tmp_path, local_client):
@@ -705,31 +718,6 @@ def test_in_place_refresh_killed_at_each_moment_then_finished_ends_equal(
     rewritten, after a step's sweep, after the composition, after the last
     sweep, after the mark is removed and after it returned; then
     ``refresh_pyramid`` or ``build_pyramid(resume=True)`` ends equal to a
-    full rebuild (resume redoes the refresh: its levels are half rewritten)."""
-    store, expected = tmp_path / "s.zv", tmp_path / "full.zv"
-    shutil.copytree(built, store)
-    _edit(store, "edit_vertex", False)
-    shutil.copytree(store, expected)
-    driver = tmp_path / "driver.py"
-    driver.write_text(_IN_PLACE_KILLER)
-    with private_dask_cluster.client() as client:
-        zd.build_pyramid(str(expected), client=client, overwrite=True, **KW)
-        p = subprocess.run([sys.executable, str(driver), str(store),
-                            private_dask_cluster.address, moment], env=subprocess_env(),
-                           capture_output=True, text=True, timeout=300)
-        assert p.returncode == -signal.SIGKILL, p.stderr[-2000:]
-        st = zd.pyramid_status(str(store))
-        if moment == "returned":
-            assert st.current, st
-        else:
-            assert st.state == "unknown" and "refresh" in st.reason, st
-            assert st.refreshing == (moment != "unmarked"), st
-        if then == "resume":
-            zd.build_pyramid(str(store), client=client, resume=True, **KW)
-        else:
-            zd.refresh_pyramid(str(store), client=client)
-    diff = compare_raw_files(expected, store, ignore=_sidecar)
-    assert diff.identical, diff.summary()
-    assert REFRESH_ATTR not in _root_attrs(store)
-    assert not os.path.exists(os.path.join(store, REWRITE_LOG))
-    assert zd.pyramid_status(str(store)).state == "current"
+    full rebuild."""
+    _kill_then_finish(private_dask_cluster, built, tmp_path, edit="edit_vertex",
+                      driver_src=_IN_PLACE_KILLER, moment=moment, then=then)
