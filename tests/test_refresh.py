@@ -650,6 +650,23 @@ def test_whole_level_refresh_rewrites_only_the_files_that_differ(store, tmp_path
     assert zd.pyramid_status(str(store)).state == "current"
 
 
+def test_sharded_pyramid_refreshed_in_place_equals_full_rebuild(tmp_path, local_client):
+    """A pyramid built with ``shard_shape``: the in-place refresh compares
+    and writes whole shards, and removes the ones that vanish."""
+    store, expected = tmp_path / "s.zv", tmp_path / "full.zv"
+    make_streamlines(str(store), seed=21, n_objects=60, max_len=120)
+    kw = dict(KW, shard_shape=2)
+    zd.build_pyramid(str(store), client=local_client, **kw)
+    _remove_most_objects(store)
+    shutil.copytree(store, expected)
+    zd.build_pyramid(str(expected), client=local_client, overwrite=True, **kw)
+    report = zd.refresh_pyramid(str(store), client=local_client)
+    assert report.region.kind == "whole"
+    diff = compare_raw_files(expected, store, ignore=_sidecar)
+    assert diff.identical, diff.summary()
+    assert zd.pyramid_status(str(store)).state == "current"
+
+
 #: A driver that refreshes whole levels in place, SIGKILLed at one moment
 #: (``api``'s names are looked up at call time, so patching them reaches it).
 _IN_PLACE_KILLER = """
