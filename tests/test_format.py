@@ -1,6 +1,7 @@
 """Codecs in ``format.py`` against zarr-vectors' own encoders (no I/O)."""
 
 import numpy as np
+import pytest
 from zarr_vectors.encoding.ragged import encode_ragged_blob
 
 from zarr_vectors_dask.format import codecs as cdc
@@ -50,3 +51,11 @@ def test_manifest_table_encodes_as_zarr_vectors_does_and_decodes_back():
         back = cdc.decode_manifest_table(blobs, ndim)
         assert np.array_equal(back.counts, counts) and np.array_equal(back.coords, coords)
         assert np.array_equal(back.frags, frags)
+
+
+@pytest.mark.parametrize("n", [0, 1, 7, 8, 9, 63, 64, 65, 1000, 4097])
+def test_single_vertex_fragments_are_zarr_vectors_bytes(n):
+    from zarr_vectors.encoding.fragments import decode_fragments, encode_fragments
+    got = cdc.single_vertex_fragments(n)
+    assert got == encode_fragments([(i, 1) for i in range(n)])
+    assert decode_fragments(got).num_fragments == n

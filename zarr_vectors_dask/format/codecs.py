@@ -10,13 +10,15 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
-from zarr_vectors.encoding.fragments import (decode_fragments, decode_object_manifests_many,
+from zarr_vectors.encoding.fragments import (FRAGMENT_INDEX_MAGIC, FRAGMENT_INDEX_VERSION,
+                                             decode_fragments, decode_object_manifests_many,
                                              encode_fragments, encode_object_manifest_blocks)
 from zarr_vectors.encoding.ragged import decode_ragged_blob
 
 from ..errors import CorruptChunkError
 
-__all__ = ["frame_cell", "unframe_cell", "encode_metavertex_cell", "decode_vertex_cell",
+__all__ = ["frame_cell", "unframe_cell", "encode_metavertex_cell", "single_vertex_fragments",
+           "decode_vertex_cell",
            "expand_ranges", "framed_link_cells", "decode_link_cell", "ManifestTable",
            "encode_manifest_table", "empty_manifest", "decode_manifest_table", "pack_columns",
            "unpack_columns"]
@@ -50,9 +52,29 @@ def encode_metavertex_cell(centroids: np.ndarray) -> tuple[bytes, bytes]:
     """``vertices`` and ``vertex_fragments`` payloads of a coarse chunk:
     one single-vertex fragment per metavertex, in the given order."""
     verts = np.ascontiguousarray(centroids, dtype=np.float32).tobytes()
-    n = int(centroids.shape[0])
-    frags = encode_fragments([(i, 1) for i in range(n)])
-    return verts, frags
+    return verts, single_vertex_fragments(int(centroids.shape[0]))
+
+
+#: zarr-vectors' fragment-index header: magic, version, flags, fragments, range fragments.
+_FRAGMENT_HEADER = struct.Struct("<IHHII")
+
+
+def single_vertex_fragments(n: int) -> bytes:
+    """The ``vertex_fragments`` payload of ``n`` fragments ``(i, 1)``: the
+    bytes zarr-vectors' ``encode_fragments`` writes for them (all ranges:
+    the bitmap all ones, padded to 8 bytes, then the int64 table and one
+    zero CSR offset), built by numpy instead of from a list of tuples."""
+    if n == 0:
+        return encode_fragments([])
+    bitmap = np.zeros(((n + 7) // 8 + 7) & ~7, dtype=np.uint8)
+    full, rem = divmod(n, 8)
+    bitmap[:full] = 0xFF
+    if rem:
+        bitmap[full] = (1 << rem) - 1
+    table = np.ones((n, 2), dtype="<i8")
+    table[:, 0] = np.arange(n)
+    return b"".join([_FRAGMENT_HEADER.pack(FRAGMENT_INDEX_MAGIC, FRAGMENT_INDEX_VERSION, 0, n, n),
+                     bitmap.tobytes(), table.tobytes(), bytes(4)])
 
 
 def decode_vertex_cell(vert_payload: bytes, frag_payload: bytes, *, dtype: np.dtype,
