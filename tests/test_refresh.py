@@ -302,7 +302,7 @@ def test_racy_mtime_is_decided_by_hash(tmp_path):
 def rewritten_keys(store) -> list[str]:
     """The keys an in-place refresh logged so far (``resume.REWRITE_LOG``)."""
     out = []
-    log = os.path.join(str(store), REWRITE_LOG)
+    log = os.path.join(str(store), REWRITE_LOG, "written")
     for name in (os.listdir(log) if os.path.isdir(log) else []):
         try:
             with open(os.path.join(log, name)) as fh:
@@ -679,7 +679,7 @@ store, address, moment = sys.argv[1:4]
 def die():
     os.kill(os.getpid(), signal.SIGKILL)
 def logged(prefix):
-    log = os.path.join(store, REWRITE_LOG)
+    log = os.path.join(store, REWRITE_LOG, "written")
     for name in (os.listdir(log) if os.path.isdir(log) else []):
         try:
             if any(k.startswith(prefix) for k in open(os.path.join(log, name)).read().split()):

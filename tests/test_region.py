@@ -72,3 +72,15 @@ def test_no_rows_dropped_needs_no_seed_or_rank():
 def test_dirty_buckets_cover_exactly_the_rows_of_the_cells(chunks, cell_rows, n_rows, bucket,
                                                           expected):
     assert dirty_buckets(chunks, cell_rows, n_rows, bucket) == expected
+
+
+def test_recompose_chunks_follow_the_parent_chains_down():
+    from zarr_vectors_dask.planning.region import recompose_chunks
+    parents = {0: {(0,): {(0,)}, (1,): {(0,)}, (2,): {(1,)}, (3,): {(1,)}},
+               1: {(0,): {(0,)}, (1,): {(0,)}}}
+    # A +1 cell of level 1 changed: every level-0 chunk under it recomposes.
+    assert recompose_chunks({1: {(1,)}}, parents) == {1: {(1,)}, 0: {(2,), (3,)}}
+    # A level-0 +1 cell changed: only that chunk (its parents above are unchanged).
+    assert recompose_chunks({0: {(2,)}}, parents) == {1: set(), 0: {(2,)}}
+    # Nothing changed: nothing recomposes.
+    assert recompose_chunks({}, parents) == {1: set(), 0: set()}

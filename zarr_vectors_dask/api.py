@@ -13,7 +13,8 @@ import time
 from typing import Callable
 
 from . import currency as cur
-from .compose.run import compose_links
+from .compose.run import (compose_links, composed_families, discard_recomposed,
+                          recompose_region)
 from .errors import (BuildError, LevelNotFoundError, PlanError, PlanMetadataError,
                      quiet_expected_task_errors)
 from .format import cells as fcells
@@ -242,19 +243,27 @@ def _rewrite_in_place(c, st: Store, lock, plan: PyramidPlan, records: list[dict]
     the rewrite did not write is removed.  The root is marked and the
     record says ``refreshing`` throughout: a kill at any instant leaves a
     pyramid whose next refresh (or ``resume=True``) does this again."""
+    composed_current = _composed_current(st)
     pending = cur.begin(st, arguments=arguments, record=build_record, resuming=False,
                         refreshing=True)
-    st.remove_tree(REWRITE_LOG)  # a killed attempt's: this one writes all again
+    # A killed attempt's written keys go (this one writes all again); the
+    # keys it changed stay: this attempt finds them equal, yet they changed.
+    st.remove_tree(f"{REWRITE_LOG}/written")
     wst = st.changes_only(REWRITE_LOG)
     root_meta = read_root_meta(st)
     summaries, step_reports = _build_levels(c, wst, plan, records, Targets(), lock,
                                             root_meta=root_meta, n_workers=n_workers,
                                             progress=progress, shard_shape=shard_shape,
-                                            request=request, in_place=True)
+                                            request=request, removed=[])
+    # Only the chunks whose +1 chains changed are composed again, when the
+    # composed families matched the +1 cells before (sharded: all of them).
+    only = None if shard_shape is not None or not composed_current else \
+        recompose_region(st, root_meta, wst.logged_keys("changed"))
     stage_s = _close(c, wst, lock, plan, root_meta=root_meta, n_workers=n_workers,
-                     progress=progress, shard_shape=shard_shape, request=request)
+                     progress=progress, shard_shape=shard_shape, request=request, only=only)
     lock.check()
-    discard_unwritten(st, pyramid_trees(st, plan.levels[0].source_level), wst.logged_keys())
+    discard_unwritten(st, pyramid_trees(st, plan.levels[0].source_level, composed=only is None),
+                      wst.logged_keys())
     st.remove_tree(REWRITE_LOG)
     cur.finish(st, pending)
     if reports is not None:
@@ -263,13 +272,31 @@ def _rewrite_in_place(c, st: Store, lock, plan: PyramidPlan, records: list[dict]
     return summaries
 
 
+def _composed_current(st: Store) -> bool:
+    """Whether the pyramid's composed ``±N`` families match its ``+1`` cells
+    as a rewrite in place starts: a finished build's or refresh's do.  The
+    answer is recorded with the rewrite's logs, so a killed rewrite's rerun
+    (which finds a started record) keeps its first attempt's answer."""
+    key = f"{REWRITE_LOG}/base.json"
+    raw = st.get(key)
+    if raw is not None:
+        return bool(json.loads(raw).get("composed_current"))
+    doc = cur.read_record(st)
+    ok = bool(doc and doc.get("state") == "finished" and st.get(BUILD_RECORD) is None)
+    st.remove_tree(REWRITE_LOG)  # an attribute refresh's leftovers: not this rewrite's
+    st.put(key, json.dumps({"composed_current": ok}).encode())
+    return ok
+
+
 def _build_levels(c, st: Store, plan: PyramidPlan, records: list[dict], targets, lock, *,
                   root_meta, n_workers: int, progress, shard_shape, request: BuildOptions,
-                  in_place: bool = False):
+                  removed: list | None = None):
     """Run the steps of the levels not kept, in order; each level's record
-    goes before its step and its summary after its commit.  ``in_place``
-    (a rewrite, ``_rewrite_in_place``): no records; after each step, what
-    it did not write of its trees is removed (the next step lists them)."""
+    goes before its step and its summary after its commit.  ``removed``
+    (a rewrite in place, ``_rewrite_in_place``): no records; after each
+    step, what it did not write of its trees is removed (the next step
+    lists them), and the removed keys are added to ``removed``."""
+    in_place = removed is not None
     summaries, reports = [], []
     for lv, rec in zip(plan.levels, records):
         if lv.target_level in targets.keep:
@@ -297,24 +324,32 @@ def _build_levels(c, st: Store, plan: PyramidPlan, records: list[dict], targets,
         summaries.append(rep.summary)
         if in_place:
             lock.check()
-            discard_unwritten(st, step_trees(lv.source_level, lv.target_level),
-                              st.logged_keys())
+            gone = discard_unwritten(st, step_trees(lv.source_level, lv.target_level),
+                                     st.logged_keys())
+            st.note_changed(gone)
+            removed.extend(gone)
             continue
         st.put(f"{RECORD_DIR}/{lv.target_level}.json.summary", json.dumps(rep.summary).encode())
     return summaries, reports
 
 
 def _close(c, st: Store, lock, plan: PyramidPlan, *, root_meta, n_workers: int, progress,
-           shard_shape, request: BuildOptions) -> dict:
+           shard_shape, request: BuildOptions, only: dict | None = None) -> dict:
     """The closing stage: compose the link families, commit them, sweep
-    temporaries, drop the build records; returns the stage timings."""
+    temporaries, drop the build records; returns the stage timings.
+    ``only`` (a rewrite in place): compose those chunks, remove their
+    cells it did not write, and commit every family as it is on disk."""
     depth, storage = request.cross_level_depth, request.cross_level_storage
     lock.check()
     t0 = time.perf_counter()
     fams, stage_s = compose_links(c, st, root_meta=root_meta, depth=depth, storage=storage,
                                   n_workers=n_workers, progress=progress,
                                   max_block_vertices=request.max_block_vertices,
-                                  shard_shape=shard_shape)
+                                  shard_shape=shard_shape, only=only)
+    if only is not None:
+        lock.check()
+        discard_recomposed(st, root_meta, only, st.logged_keys())
+        fams = composed_families(st, root_meta)
     levels = cm.published_levels(st)
     lock.check()
     cm.commit_cross_level(

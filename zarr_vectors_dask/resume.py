@@ -410,8 +410,9 @@ def _discard_rest(store: Store, build_record: dict | None, existing: list[int], 
 
 # ------------------------------------------------------------ rewrite in place
 #: Where a rewrite in place (a refresh) logs every key it writes or finds
-#: equal (``Store.changes_only``); what it did not log is stale.
-REWRITE_LOG = ".zvdask/refresh/written"
+#: equal, and every key it changed (``Store.changes_only``); what it did
+#: not log is stale.
+REWRITE_LOG = ".zvdask/refresh"
 
 
 def step_trees(source_level: int, target_level: int) -> list[tuple[str, tuple[str, ...]]]:
@@ -423,24 +424,30 @@ def step_trees(source_level: int, target_level: int) -> list[tuple[str, tuple[st
             (nm.links_family_path(source_level, 1), ())]
 
 
-def pyramid_trees(store: Store, start_level: int) -> list[tuple[str, tuple[str, ...]]]:
+def pyramid_trees(store: Store, start_level: int, *,
+                  composed: bool = True) -> list[tuple[str, tuple[str, ...]]]:
     """Everything a build writes: every coarse level, and the start level's
-    link families but its own intra-level ``links/0``."""
-    out = [(str(lv), ()) for lv in existing_coarse(store, start_level)]
+    link families but its own intra-level ``links/0``; without the
+    composed ``±N`` families (N >= 2) unless ``composed``."""
+    levels = [start_level, *existing_coarse(store, start_level)]
+    deep = () if composed else tuple(
+        f"{lv}/{nm.LINKS}/{name}/" for lv in levels for name in store.listdir(f"{lv}/{nm.LINKS}")
+        if name not in ("0", "+1", "-1", "zarr.json"))
+    out = [(str(lv), deep) for lv in levels[1:]]
     out += [(f"{start_level}/{nm.LINKS}/{name}", ())
             for name in store.listdir(f"{start_level}/{nm.LINKS}")
-            if name not in ("0", "zarr.json")]
+            if name not in ("0", "zarr.json") and f"{start_level}/{nm.LINKS}/{name}/" not in deep]
     return out
 
 
-def discard_unwritten(store: Store, trees, logged: set[str]) -> int:
+def discard_unwritten(store: Store, trees, logged: set[str]) -> list[str]:
     """Remove what a rewrite in place did not write in ``trees`` (see
     :func:`step_trees`): objects whose key ``logged`` lacks, and then the
     unlogged documents left with nothing beside them (an array or family
     that is gone).  A coarse level of which nothing was written (its
     source came out empty) is discarded whole, unlisted first.  Returns
-    the number of objects removed."""
-    removed = 0
+    the cell keys removed."""
+    removed = []
     for tree, excluded in trees:
         level = tree.split("/", 1)[0]
         if "/" not in tree and not any(k.startswith(f"{tree}/") for k in logged):
@@ -452,9 +459,8 @@ def discard_unwritten(store: Store, trees, logged: set[str]) -> int:
         for k in keys:
             if k.rsplit("/", 1)[-1] != "zarr.json":
                 store.remove_tree(k)
-                removed += 1
-        removed += _discard_lone_documents(store, tree, excluded,
-                                           [k for k in keys if k.endswith("zarr.json")])
+                removed.append(k)
+        _discard_lone_documents(store, tree, [k for k in keys if k.endswith("zarr.json")])
         _remove_emptied_folders(store, tree, keys)
     return removed
 
@@ -472,18 +478,15 @@ def _remove_emptied_folders(store: Store, tree: str, keys: list[str]) -> None:
         store.remove_empty_dir(f)
 
 
-def _discard_lone_documents(store: Store, tree: str, excluded, docs: list[str]) -> int:
+def _discard_lone_documents(store: Store, tree: str, docs: list[str]) -> None:
     """The unlogged ``zarr.json`` of ``docs`` whose folder holds nothing
     else any more, deepest first (a group emptied by the ones below)."""
     left = {f"{tree}/{k}" for k in store.keys_under(tree)}
-    removed = 0
     for doc in sorted(docs, key=lambda d: -d.count("/")):
         folder = doc[:-len("zarr.json")]
         if not any(k.startswith(folder) and k != doc for k in left):
             store.remove_tree(doc)
             left.discard(doc)
-            removed += 1
-    return removed
 
 
 def finish_records(store: Store) -> None:

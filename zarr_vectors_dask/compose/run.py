@@ -3,28 +3,37 @@
 
 from __future__ import annotations
 
+import re
 import uuid
 from typing import Callable
 
 from ..errors import cleanup
 from ..format import commit as cm
+from ..format import naming as nm
+from ..planning.region import recompose_chunks
 from ..runtime import StepReport, execute
 from ..step.exchange import drop_exchange
 from ..storage.store import Store
 from .graph import COMPOSE_SCOPE, compose_graph
+from .tasks import level_geometry
 
-__all__ = ["compose_links"]
+_PLUS_ONE_CELL = re.compile(r"^(\d+)/links/\+1/([^/]+)/c/(.+)$")
+
+__all__ = ["compose_links", "recompose_region", "discard_recomposed", "composed_families"]
 
 
 # ---------------------------------------------------------------- composition
 def compose_links(client, store: Store, *, root_meta, depth: int, storage: str,
                   n_workers: int, progress: Callable | None = None,
-                  max_block_vertices: int = 2_000_000, shard_shape=None) -> tuple[list, dict]:
+                  max_block_vertices: int = 2_000_000, shard_shape=None,
+                  only: dict | None = None) -> tuple[list, dict]:
     """The closing stage, one graph: ``±N`` families (N >= 2) composed
     from the published ``+1`` families by one task per run of fine
     chunks; their documents are written on the cluster by its last task.
     Returns the families left for the driver to commit (none) and the
-    stage timings."""
+    stage timings.  ``only`` (a refresh, :func:`recompose_region`): the
+    chunks to compose per level; their families' documents are then left
+    to the caller (:func:`composed_families`)."""
     report = StepReport(target_level=-1)
     levels = cm.published_levels(store)
     if storage == "none" or depth == 0 or len(levels) < 2:
@@ -37,10 +46,94 @@ def compose_links(client, store: Store, *, root_meta, depth: int, storage: str,
     try:
         graph, _ = compose_graph(store, levels, max_delta, root_meta=root_meta, storage=storage,
                                  n_workers=n_workers, max_block_vertices=max_block_vertices,
-                                 token=token, shard_shape=shard_shape)
+                                 token=token, shard_shape=shard_shape, only=only)
         if graph is not None:
             execute(client, graph, token, report, name="compose", progress=progress)
     finally:
         cleanup(lambda: drop_exchange(store, COMPOSE_SCOPE),
                 what="removing the exchange files of the composition")
     return [], report.stage_seconds
+
+
+# ---------------------------------------------------------- a refresh in place
+def _cell_chunk(cell: str, origin) -> tuple[int, ...]:
+    """A cell's chunk from its key below ``c/`` (indices from the origin)."""
+    return tuple(int(i) + int(o) for i, o in zip(cell.split("/"), origin))
+
+
+def _anchor(chunk, scale_from, scale_to) -> tuple[int, ...]:
+    """A chunk's anchor on another level's grid (as the link cells key it)."""
+    return tuple((int(c) * int(a)) // int(b) for c, a, b in zip(chunk, scale_from, scale_to))
+
+
+def _geometry(store: Store, root_meta) -> dict:
+    return {lv: level_geometry(store, lv, root_meta) for lv in cm.published_levels(store)}
+
+
+def recompose_region(store: Store, root_meta, changed: set[str]) -> dict:
+    """Per level, the chunks whose composed cells can differ, given the
+    keys of the ``+1`` cells a rewrite changed or removed (``changed``):
+    the chains come from the ``+1`` families' documents, no cell is read
+    (``planning.region.recompose_chunks``)."""
+    geo = _geometry(store, root_meta)
+    dirty: dict[int, set] = {}
+    for key in changed:
+        m = _PLUS_ONE_CELL.match(key)
+        if m and int(m.group(1)) in geo:
+            lv = int(m.group(1))
+            dirty.setdefault(lv, set()).add(_cell_chunk(m.group(3), geo[lv]["grid"][0]))
+    parents: dict[int, dict] = {}
+    for lv in geo:
+        if lv + 1 not in geo:
+            continue
+        mine = parents.setdefault(lv, {})
+        for seg, (_, chunks) in cm.read_family(store, lv, 1).items():
+            off = nm.parse_chunk_key(seg)
+            for ch in chunks:
+                anchor = _anchor(ch, geo[lv]["scale"], geo[lv + 1]["scale"])
+                mine.setdefault(tuple(ch), set()).add(tuple(a + o for a, o in zip(anchor, off)))
+    return recompose_chunks(dirty, parents)
+
+
+def _composed_family_names(store: Store, level: int) -> list[str]:
+    return [n for n in store.listdir(f"{level}/{nm.LINKS}")
+            if n not in ("0", "+1", "-1", "zarr.json")]
+
+
+def discard_recomposed(store: Store, root_meta, only: dict, logged: set[str]) -> None:
+    """Remove the composed cells of the recomposed chunks that the rewrite
+    did not write (a ``-N`` cell belongs to the fine chunk it mirrors),
+    then the offset arrays and families left without cells."""
+    geo = _geometry(store, root_meta)
+    for level in geo:
+        for name in _composed_family_names(store, level):
+            delta = int(name)  # "+2", "-3"
+            fine = level if delta > 0 else level + delta
+            base = nm.links_family_path(level, delta)
+            segs_left = set()
+            for rel in store.keys_under(base):
+                seg, _, cell = rel.partition("/c/")
+                if not cell:
+                    continue
+                chunk = _cell_chunk(cell, geo[level]["grid"][0])
+                if delta < 0:
+                    back = nm.parse_chunk_key(seg)
+                    anchor = _anchor(chunk, geo[level]["scale"], geo[fine]["scale"])
+                    chunk = tuple(a + b for a, b in zip(anchor, back))
+                if chunk in only.get(fine, ()) and f"{base}/{rel}" not in logged:
+                    store.remove_tree(f"{base}/{rel}")
+                else:
+                    segs_left.add(seg)
+            for seg in store.listdir(base):
+                if seg != "zarr.json" and seg not in segs_left:
+                    store.remove_tree(f"{base}/{seg}")
+            if not segs_left:
+                store.remove_tree(base)
+
+
+def composed_families(store: Store, root_meta) -> list:
+    """Every composed family as its cells on disk say it (the documents a
+    partial composition cannot sum up itself)."""
+    geo = _geometry(store, root_meta)
+    return [cm.family_on_disk(store, level, int(name), *geo[level]["grid"])
+            for level in geo for name in _composed_family_names(store, level)]

@@ -19,7 +19,7 @@ from ..errors import CorruptChunkError
 
 __all__ = ["frame_cell", "unframe_cell", "encode_metavertex_cell", "single_vertex_fragments",
            "decode_vertex_cell",
-           "expand_ranges", "framed_link_cells", "decode_link_cell", "ManifestTable",
+           "expand_ranges", "framed_link_cells", "link_cell_records", "decode_link_cell", "ManifestTable",
            "encode_manifest_table", "empty_manifest", "decode_manifest_table", "pack_columns",
            "unpack_columns"]
 
@@ -134,6 +134,15 @@ def framed_link_cells(rows: np.ndarray, starts, stops) -> list[bytes]:
     pack = _LINK_CELL_HEAD.pack
     return [pack(1, 16 + 16 * (b - a), 1, 0) + buf[16 * a:16 * b]
             for a, b in zip(starts, stops)]
+
+
+def link_cell_records(size: int) -> int:
+    """Records in a link cell of ``size`` bytes as ``framed_link_cells``
+    writes it (one uncompressed group of int64 pairs)."""
+    n, rem = divmod(int(size) - _LINK_CELL_HEAD.size, 16)
+    if n < 0 or rem:
+        raise CorruptChunkError(f"a link cell of {size} bytes is not one group of int64 pairs")
+    return n
 
 
 _ONE_GROUP = struct.Struct("<qq")

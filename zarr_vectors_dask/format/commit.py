@@ -16,12 +16,14 @@ from typing import Any
 
 from ..errors import FormatError
 from ..storage.store import Store
+from . import codecs as cdc
 from . import documents as fdoc
 from . import naming as nm
 
 __all__ = ["LinkFamily", "LevelCommit", "family_docs", "read_root_attrs", "write_root_attrs",
            "refresh_ome_nodes", "level_dirs", "published_levels", "write_level_arrays",
            "write_families", "publish_level", "commit_level", "commit_cross_level", "read_family",
+           "family_on_disk",
            "dumps"]
 
 
@@ -243,6 +245,21 @@ def read_family(store: Store, level: int, delta: int) -> dict[str, tuple[tuple[i
         origin = tuple(int(o) for o in attrs.get(nm.ORIGIN, [0] * nd))
         out[seg] = (origin, [nm.parse_chunk_key(k) for k in attrs.get(nm.NONEMPTY, [])])
     return out
+
+
+def family_on_disk(store: Store, level: int, delta: int, origin, grid) -> LinkFamily:
+    """A composed ``links/<delta>`` family of ``level`` as its cells on
+    disk say it, from one listing: chunk lists from the keys, record
+    counts from the sizes (its cells are written uncompressed, unsharded)."""
+    fam = LinkFamily(level, delta, tuple(origin), tuple(grid))
+    base = nm.links_family_path(level, delta)
+    for rel, size in sorted(store.sizes(base).items()):
+        seg, _, cell = rel.partition("/c/")
+        if not cell:
+            continue  # a document
+        chunk = tuple(int(i) + int(o) for i, o in zip(cell.split("/"), origin))
+        fam.cells.setdefault(seg, []).append((chunk, cdc.link_cell_records(size)))
+    return fam
 
 
 def dumps(obj) -> str:  # for the build record

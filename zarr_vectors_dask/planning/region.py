@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from .sparsity import ranked
 
 __all__ = ["LINKS", "ATTRIBUTES", "WHOLE", "INTRA_LEVEL_LINK_ARRAYS", "RefreshRegion",
-           "classify", "dirty_buckets"]
+           "classify", "dirty_buckets", "recompose_chunks"]
 
 LINKS = "links"
 ATTRIBUTES = "attributes"
@@ -105,3 +105,21 @@ def dirty_buckets(chunks, cell_rows: int, n_rows: int, bucket: int) -> tuple[int
         if hi > lo:
             out.update(range(lo // bucket, (hi - 1) // bucket + 1))
     return tuple(sorted(out))
+
+
+def recompose_chunks(changed: dict[int, set], parents: dict[int, dict]) -> dict[int, set]:
+    """The chunks of each level whose composed ``+N``/``-N`` cells (N >= 2)
+    can differ after a rewrite: those whose ``+1`` cell changed, appeared
+    or vanished (``changed[level]``), and, from the top level down, those
+    with a parent chunk (``parents[level][chunk]``: the chunks of the next
+    level its ``+1`` cell points into) among the next level's.  A ``+N``
+    record composes the ``+1`` records along its chain, so a chunk none of
+    whose chains meets a changed ``+1`` cell composes to the same cells."""
+    out: dict[int, set] = {}
+    above: set = set()
+    for level in sorted(set(changed) | set(parents), reverse=True):
+        mine = set(changed.get(level, ()))
+        mine.update(c for c, ps in parents.get(level, {}).items() if not above.isdisjoint(ps))
+        out[level] = mine
+        above = mine
+    return out

@@ -329,31 +329,44 @@ class Store(abc.ABC):
 
     # ------------------------------------------------- in-place rewrites
     def changes_only(self, write_log: str) -> "Store":
-        """This store, writing only what differs and logging every key
-        written (or found equal) under ``write_log``: a rewrite in place
-        (a refresh) then leaves unchanged objects untouched, and the keys
-        it did not log are what it must remove (:func:`logged_keys`)."""
+        """This store, writing only what differs and logging, under the
+        folder ``write_log``, every key written or found equal
+        (``written/``) and every key whose bytes it changed (``changed/``):
+        a rewrite in place (a refresh) then leaves unchanged objects
+        untouched, the keys it did not log are what it must remove, and the
+        changed ones what later stages must redo (:meth:`logged_keys`)."""
         return replace(self, write_log=write_log.rstrip("/"))
 
     def _changed(self, items: dict[str, bytes]) -> dict[str, bytes]:
         """Log ``items``' keys (before writing: a log lists at least what
-        was written), then keep the items whose bytes differ.  The
-        project's own sidecar (scratch, records) is neither logged nor
-        compared."""
+        was written), then keep the items whose bytes differ, logged as
+        changed.  The project's own sidecar (scratch, records) is neither
+        logged nor compared."""
         logged = [k for k in items if not k.startswith(SIDECAR_PREFIX)]
         if not logged:
             return items
-        name = f"{self.write_log}/{os.getpid()}-{random.getrandbits(64):016x}"
-        self._write({name: "\n".join(logged).encode()}, atomic=True)
+        self._log("written", logged)
         old = self.get_many(logged)
-        return {k: v for k, v in items.items()
-                if k not in old or old[k] is None or old[k] != bytes(v)}
+        out = {k: v for k, v in items.items()
+               if k not in old or old[k] is None or old[k] != bytes(v)}
+        self._log("changed", [k for k in out if k in old])
+        return out
 
-    def logged_keys(self) -> set[str]:
+    def note_changed(self, keys: list[str]) -> None:
+        """Log ``keys`` as changed (objects a rewrite removed)."""
+        self._log("changed", keys)
+
+    def _log(self, kind: str, keys: list[str]) -> None:
+        if keys:
+            name = f"{self.write_log}/{kind}/{os.getpid()}-{random.getrandbits(64):016x}"
+            self._write({name: "\n".join(keys).encode()}, atomic=True)
+
+    def logged_keys(self, kind: str = "written") -> set[str]:
         """Every key the writes through :meth:`changes_only` stores with
-        this ``write_log`` logged."""
-        names = self.keys_under(self.write_log)
-        blobs = self.get_many([f"{self.write_log}/{n}" for n in names])
+        this ``write_log`` logged as ``kind`` (``written`` or ``changed``)."""
+        folder = f"{self.write_log}/{kind}"
+        names = self.keys_under(folder)
+        blobs = self.get_many([f"{folder}/{n}" for n in names])
         return {k for b in blobs.values() if b for k in b.decode().split("\n") if k}
 
     def exists(self, key: str) -> bool:
@@ -850,12 +863,16 @@ def _make_changes_only_cls():
         async def set(self, key, value):
             proto = default_buffer_prototype()
             if not key.startswith(SIDECAR_PREFIX):
-                name = f"{self._log}/{os.getpid()}-{random.getrandbits(64):016x}"
-                await self._store.set(name, proto.buffer.from_bytes(key.encode()))
+                await self._note("written", key, proto)
                 old = await self._store.get(key, proto)
                 if old is not None and old.to_bytes() == value.to_bytes():
                     return
+                await self._note("changed", key, proto)
             await self._store.set(key, value)
+
+        async def _note(self, kind: str, key: str, proto):
+            name = f"{self._log}/{kind}/{os.getpid()}-{random.getrandbits(64):016x}"
+            await self._store.set(name, proto.buffer.from_bytes(key.encode()))
 
         async def _set_many(self, values):
             for key, value in values:
