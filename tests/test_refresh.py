@@ -354,16 +354,34 @@ def test_refresh_killed_then_refreshed_again_ends_equal(private_dask_cluster, tm
     assert zd.pyramid_status(str(store)).state == "current"
 
 
-#: A driver that refreshes, SIGKILLed at one moment of an attribute refresh
-#: (the functions it patches are looked up at call time).
-_KILLING_DRIVER = """
+#: What every killing driver shares: its arguments, ``die``, the kill
+#: after the refresh mark is removed, and the refresh itself (the tail).
+_DRIVER_HEAD = """
 import os, signal, sys, threading, time
 import distributed
 import zarr_vectors_dask as zd
-from zarr_vectors_dask import currency, refresh
+from zarr_vectors_dask import api, currency, refresh
+from zarr_vectors_dask.resume import REWRITE_LOG
 store, address, moment = sys.argv[1:4]
 def die():
     os.kill(os.getpid(), signal.SIGKILL)
+if moment == "unmarked":
+    real_mark = currency.mark_refreshing
+    def mark(st, on):
+        real_mark(st, on)
+        if not on:
+            die()
+    currency.mark_refreshing = mark
+"""
+_DRIVER_TAIL = """
+with distributed.Client(address) as c:
+    zd.refresh_pyramid(store, client=c)
+if moment == "returned":
+    die()
+"""
+#: A driver that refreshes, SIGKILLed at one moment of an attribute refresh
+#: (the functions it patches are looked up at call time).
+_KILLING_DRIVER = _DRIVER_HEAD + """
 if moment == "begun":
     refresh._rewrite_attributes = lambda *a, **k: die()
 elif moment == "writing":
@@ -375,18 +393,7 @@ elif moment == "writing":
             time.sleep(0.0005)
         die()
     refresh.execute = execute
-elif moment == "unmarked":
-    real_mark = currency.mark_refreshing
-    def mark(st, on):
-        real_mark(st, on)
-        if not on:
-            die()
-    currency.mark_refreshing = mark
-with distributed.Client(address) as c:
-    zd.refresh_pyramid(store, client=c)
-if moment == "returned":
-    die()
-"""
+""" + _DRIVER_TAIL
 
 
 def _kill_then_finish(cluster, built, tmp_path, *, edit: str, driver_src: str, moment: str,
@@ -619,10 +626,16 @@ def _remove_most_objects(path):
 
 @pytest.mark.parametrize("kind", ["edit_vertex", "remove_most"])
 def test_whole_level_refresh_rewrites_only_the_files_that_differ(store, tmp_path, local_client,
-                                                                 kind):
+                                                                 kind, monkeypatch):
     """A refresh that recomputes whole levels writes a file only where its
     bytes change and removes the files a full rebuild does not have: an
-    unchanged file keeps its inode and mtime."""
+    unchanged file keeps its inode and mtime.  One vertex edit composes a
+    few chunks again; emptying most objects, every chunk."""
+    from zarr_vectors_dask import api
+    regions = []
+    real = api.recompose_region
+    monkeypatch.setattr(api, "recompose_region",
+                        lambda *a: regions.append(real(*a)) or regions[-1])
     if kind == "remove_most":
         _remove_most_objects(store)
     else:
@@ -646,6 +659,11 @@ def test_whole_level_refresh_rewrites_only_the_files_that_differ(store, tmp_path
     assert differing and len(rewritten) < len(after) / 4, (len(rewritten), len(after))
     if kind == "remove_most":
         assert any("/vertices/c/" in k for k in removed), sorted(removed)[:5]
+        assert regions == [None]  # most chunks changed: the whole composition
+    else:
+        fine = sum(1 for k in before if k.startswith("0/vertices/c/"))
+        (only,) = regions
+        assert only is not None and 0 < len(only[0]) < fine / 2, (only, fine)
     assert not any(k.startswith("0/") and "/links/" not in k for k in removed | added)
     assert zd.pyramid_status(str(store)).state == "current"
 
@@ -669,15 +687,7 @@ def test_sharded_pyramid_refreshed_in_place_equals_full_rebuild(tmp_path, local_
 
 #: A driver that refreshes whole levels in place, SIGKILLed at one moment
 #: (``api``'s names are looked up at call time, so patching them reaches it).
-_IN_PLACE_KILLER = """
-import os, signal, sys, threading, time
-import distributed
-import zarr_vectors_dask as zd
-from zarr_vectors_dask import api, currency
-from zarr_vectors_dask.resume import REWRITE_LOG
-store, address, moment = sys.argv[1:4]
-def die():
-    os.kill(os.getpid(), signal.SIGKILL)
+_IN_PLACE_KILLER = _DRIVER_HEAD + """
 def logged(prefix):
     log = os.path.join(store, REWRITE_LOG, "written")
     for name in (os.listdir(log) if os.path.isdir(log) else []):
@@ -710,18 +720,7 @@ elif moment == "composed":
     after_call("compose_links", 1)
 elif moment == "swept-all":
     after_call("discard_unwritten", 3)
-elif moment == "unmarked":
-    real_mark = currency.mark_refreshing
-    def mark(st, on):
-        real_mark(st, on)
-        if not on:
-            die()
-    currency.mark_refreshing = mark
-with distributed.Client(address) as c:
-    zd.refresh_pyramid(store, client=c)
-if moment == "returned":
-    die()
-"""
+""" + _DRIVER_TAIL
 
 
 @pytest.mark.parametrize("moment,then", [

@@ -70,11 +70,16 @@ def _geometry(store: Store, root_meta) -> dict:
     return {lv: level_geometry(store, lv, root_meta) for lv in cm.published_levels(store)}
 
 
-def recompose_region(store: Store, root_meta, changed: set[str]) -> dict:
+#: Above this share of the fine chunks, a refresh composes everything again.
+RECOMPOSE_SHARE = 0.5
+
+
+def recompose_region(store: Store, root_meta, changed: set[str]) -> dict | None:
     """Per level, the chunks whose composed cells can differ, given the
     keys of the ``+1`` cells a rewrite changed or removed (``changed``):
     the chains come from the ``+1`` families' documents, no cell is read
-    (``planning.region.recompose_chunks``)."""
+    (``planning.region.recompose_chunks``).  None: compose all of them
+    (more than ``RECOMPOSE_SHARE`` of the chunks)."""
     geo = _geometry(store, root_meta)
     dirty: dict[int, set] = {}
     for key in changed:
@@ -92,7 +97,11 @@ def recompose_region(store: Store, root_meta, changed: set[str]) -> dict:
             for ch in chunks:
                 anchor = _anchor(ch, geo[lv]["scale"], geo[lv + 1]["scale"])
                 mine.setdefault(tuple(ch), set()).add(tuple(a + o for a, o in zip(anchor, off)))
-    return recompose_chunks(dirty, parents)
+    only = recompose_chunks(dirty, parents)
+    total = sum(len(p) for p in parents.values())
+    if sum(len(v) for v in only.values()) > RECOMPOSE_SHARE * total:
+        return None  # most of it: the whole composition costs less than a partial's sweep
+    return only
 
 
 def _composed_family_names(store: Store, level: int) -> list[str]:
