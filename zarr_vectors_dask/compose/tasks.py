@@ -39,11 +39,14 @@ def level_geometry(store: Store, level: int, root_meta) -> dict:
 class ParentMaps:
     """Parent of every vertex of some chunks (from their ``+1`` cells), back
     to back: chunk ``i``'s vertex ``v`` is row ``starts[i] + v`` when
-    ``v < sizes[i]``; a vertex without a record has parent_vi -1."""
+    ``v < sizes[i]``; its parent is vertex ``parent_vi`` of chunk
+    ``cell_chunk[parent_cell]`` (one row per cell read, not per vertex); a
+    vertex without a record has parent_vi -1."""
     sizes: np.ndarray        # (n_chunks,) vertices per chunk (highest named + 1)
     starts: np.ndarray       # (n_chunks,)
-    parent_chunk: np.ndarray  # (N, d)
-    parent_vi: np.ndarray     # (N,)
+    cell_chunk: np.ndarray   # (n_cells, d) parent chunk of each cell read
+    parent_cell: np.ndarray  # (N,)
+    parent_vi: np.ndarray    # (N,)
 
 
 def _read_parent_maps(store: Store, level: int, chunks: list[tuple], segs: dict,
@@ -54,7 +57,7 @@ def _read_parent_maps(store: Store, level: int, chunks: list[tuple], segs: dict,
     (``segs``: offset string -> array info without its chunk list; absent
     cells read as None), so the work follows the chunks asked for, not the
     family's presence lists; the records are gathered with one numpy call
-    per block, not per chunk."""
+    per block, not per chunk, and parent chunks are kept per cell."""
     rs = np.asarray(geo[level]["scale"], dtype=np.int64)
     rt = np.asarray(geo[level + 1]["scale"], dtype=np.int64)
     d = len(rs)
@@ -69,31 +72,55 @@ def _read_parent_maps(store: Store, level: int, chunks: list[tuple], segs: dict,
             if payload is None:
                 continue
             rows = cdc.decode_link_cell(payload)
+            if rows.shape[0] == 0:
+                continue
             owners.append(index[c])
             offsets.append(off)
             counts.append(rows.shape[0])
             records.append(rows)
     n = len(chunks)
     if not records:
-        return ParentMaps(np.zeros(n, np.int64), np.zeros(n, np.int64),
-                          np.empty((0, d), np.int64), np.empty(0, np.int64))
+        return ParentMaps(np.zeros(n, np.int64), np.zeros(n, np.int64), np.empty((0, d), np.int64),
+                          np.empty(0, np.int64), np.empty(0, np.int64))
     counts = np.asarray(counts, dtype=np.int64)
-    owner = np.repeat(np.asarray(owners, dtype=np.int64), counts)
+    owners = np.asarray(owners, dtype=np.int64)
     rows = np.concatenate(records)
-    # Parent chunk: the fine chunk's anchor on the coarse grid plus the
-    # cell's offset.
-    anchor = (coords * rs) // rt
-    parent_chunk = anchor[owner] + np.repeat(np.asarray(offsets, dtype=np.int64).reshape(-1, d),
-                                             counts, axis=0)
+    # A cell's parent chunk: its fine chunk's anchor on the coarse grid
+    # plus the cell's offset.
+    cell_chunk = (coords[owners] * rs) // rt + np.asarray(offsets, dtype=np.int64).reshape(-1, d)
+    cuts = np.cumsum(counts) - counts
     sizes = np.zeros(n, dtype=np.int64)
-    np.maximum.at(sizes, owner, rows[:, 0] + 1)
+    np.maximum.at(sizes, owners, np.maximum.reduceat(rows[:, 0], cuts) + 1)
     starts = np.cumsum(sizes) - sizes
-    at = starts[owner] + rows[:, 0]
-    pc = np.zeros((int(sizes.sum()), d), dtype=np.int64)
-    pv = np.full(pc.shape[0], -1, dtype=np.int64)
-    pc[at] = parent_chunk
+    at = np.repeat(starts[owners], counts) + rows[:, 0]
+    pcell = np.zeros(int(sizes.sum()), dtype=np.int64)
+    pv = np.full(pcell.shape[0], -1, dtype=np.int64)
+    pcell[at] = np.repeat(np.arange(counts.size, dtype=np.int64), counts)
     pv[at] = rows[:, 1]
-    return ParentMaps(sizes, starts, pc, pv)
+    return ParentMaps(sizes, starts, cell_chunk, pcell, pv)
+
+
+def _next_hop(store: Store, level: int, cur_k: np.ndarray, cur_tab: np.ndarray,
+              cur_v: np.ndarray, segs: dict, geo: dict):
+    """One more hop up the chain: the parent (``+1`` record at ``level``)
+    of each vertex ``cur_v`` of chunk ``cur_tab[cur_k]``, as
+    ``(cell index, chunk table, vertex)``; -1 as vertex where none."""
+    used = np.zeros(cur_tab.shape[0], dtype=bool)
+    used[cur_k] = True
+    live = np.flatnonzero(used)
+    one, inv_live = distinct_rows(cur_tab[live])
+    distinct = np.zeros(cur_tab.shape[0], dtype=np.int64)
+    distinct[live] = inv_live
+    maps = _read_parent_maps(store, level, [tuple(c) for c in cur_tab[live[one]].tolist()],
+                             segs, geo)
+    inv = distinct[cur_k]
+    nxt_k = np.zeros_like(cur_k)
+    nxt_v = np.full(cur_v.shape, -1, dtype=np.int64)
+    inside = np.flatnonzero(cur_v < maps.sizes[inv])
+    at = maps.starts[inv[inside]] + cur_v[inside]
+    nxt_k[inside] = maps.parent_cell[at]
+    nxt_v[inside] = maps.parent_vi[at]
+    return nxt_k, maps.cell_chunk, nxt_v
 
 
 def compose_block(store: Store, ctx: dict, fine_level: int, fine_cc: np.ndarray,
@@ -107,36 +134,28 @@ def compose_block(store: Store, ctx: dict, fine_level: int, fine_cc: np.ndarray,
     nd = len(mine[0]) if mine else 0
     fine_cc = np.asarray(fine_cc, dtype=np.int64).reshape(-1, nd)
     base = _read_parent_maps(store, fine_level, mine, segs[fine_level], geo)
-    # One row per fine vertex that has a +1 parent.
+    # One row per fine vertex that has a +1 parent; each current ancestor
+    # is (vertex cur_v of chunk cur_tab[cur_k]).
     f_id = np.repeat(np.arange(len(mine), dtype=np.int64), base.sizes)
     f_vi = np.arange(f_id.size, dtype=np.int64) - np.repeat(base.starts, base.sizes)
     ok = base.parent_vi >= 0
     f_id, f_vi = f_id[ok], f_vi[ok]
-    cur_c, cur_v = base.parent_chunk[ok], base.parent_vi[ok]
+    cur_k, cur_tab, cur_v = base.parent_cell[ok], base.cell_chunk, base.parent_vi[ok]
     out = {"plus": {}, "minus": {}}
     level = fine_level + 1
     for n in steps:
         inter = fine_level + n - 1
         if inter + 1 not in geo or not segs.get(inter):
             break
-        # One more hop: the parent of each current ancestor at ``inter``.
-        if cur_c.shape[0] == 0:
+        if cur_k.size == 0:
             break
-        one, inv = distinct_rows(cur_c)
-        keys = [tuple(c) for c in cur_c[one].tolist()]
-        maps = _read_parent_maps(store, inter, keys, segs[inter], geo)
-        nxt_c = np.zeros_like(cur_c)
-        nxt_v = np.full(cur_v.shape, -1, dtype=np.int64)
-        inside = np.flatnonzero(cur_v < maps.sizes[inv])
-        at = maps.starts[inv[inside]] + cur_v[inside]
-        nxt_c[inside] = maps.parent_chunk[at]
-        nxt_v[inside] = maps.parent_vi[at]
+        nxt_k, cur_tab, nxt_v = _next_hop(store, inter, cur_k, cur_tab, cur_v, segs[inter], geo)
         ok = nxt_v >= 0
-        f_id, f_vi, cur_c, cur_v = f_id[ok], f_vi[ok], nxt_c[ok], nxt_v[ok]
+        f_id, f_vi, cur_k, cur_v = f_id[ok], f_vi[ok], nxt_k[ok], nxt_v[ok]
         level = fine_level + n
         if f_id.size == 0:
             break
-        links = partition_links(f_id, fine_cc, f_vi, cur_c, cur_v,
+        links = partition_links(f_id, fine_cc, f_vi, cur_k, cur_tab, cur_v,
                                 geo[fine_level]["scale"], geo[level]["scale"])
         routes = ctx.get("routes", ())
         out["plus"][n] = write_link_cells(

@@ -74,14 +74,16 @@ class LinkCells:
         return LinkCells(np.ascontiguousarray(self.rows[:, ::-1]), self.bounds, other, back)
 
 
-def partition_links(owner, owner_chunks, src_vi, trg_chunks, trg_vi, scale_src,
+def partition_links(owner, owner_chunks, src_vi, target, target_chunks, trg_vi, scale_src,
                     scale_trg) -> LinkCells:
     """Group link records into cells: by (source chunk, target chunk's
     offset from the source's anchor), cells in row-major order of those,
     input order kept inside a cell (the reference's layout).  Record ``i``
-    starts in chunk ``owner_chunks[owner[i]]``: the callers' records come
-    grouped by a few source chunks, so anchors are computed per chunk and
-    the group key has one column for the chunk, not one per axis."""
+    starts in chunk ``owner_chunks[owner[i]]`` and ends in chunk
+    ``target_chunks[target[i]]``: the callers' records come grouped by a
+    few source chunks and point into a few target chunks, so anchors and
+    offsets are computed per chunk (or per cell), and each record's group
+    key is one multiply-add of two chunk ranks."""
     owner = np.asarray(owner, dtype=np.int64)
     n = owner.size
     owner_chunks = np.asarray(owner_chunks, dtype=np.int64)
@@ -89,11 +91,15 @@ def partition_links(owner, owner_chunks, src_vi, trg_chunks, trg_vi, scale_src,
     if n == 0:
         return LinkCells(np.empty((0, 2), np.int64), np.zeros(1, np.int64),
                          np.empty((0, d), np.int64), np.empty((0, d), np.int64))
-    # A chunk's rank among the owners, in row-major order (equal chunks, equal rank).
-    rank = np.unique(row_ids(owner_chunks), return_inverse=True)[1].reshape(-1)[owner]
-    offsets = np.asarray(trg_chunks, dtype=np.int64) - \
-        _anchor(owner_chunks, scale_src, scale_trg)[owner]
-    gid = _linear_key([rank] + [offsets[:, j] for j in range(d)])
+    target = np.asarray(target, dtype=np.int64)
+    target_chunks = np.asarray(target_chunks, dtype=np.int64).reshape(-1, d)
+    # Chunks' ranks in row-major order (equal chunks, equal rank).  For one
+    # source chunk the anchor is fixed, so the offsets' row-major order is
+    # the target chunks' one: (source rank, target rank) orders the cells
+    # as (source chunk, offset) does.
+    rank = distinct_rows(owner_chunks)[1]
+    trank = distinct_rows(target_chunks)[1]
+    gid = rank[owner] * (int(trank.max()) + 1) + trank[target]
     src_vi, trg_vi = np.asarray(src_vi, dtype=np.int64), np.asarray(trg_vi, dtype=np.int64)
     # Records usually arrive grouped already: then skip the sort.
     order = None
@@ -103,7 +109,9 @@ def partition_links(owner, owner_chunks, src_vi, trg_chunks, trg_vi, scale_src,
     starts = np.flatnonzero(np.r_[True, gid[1:] != gid[:-1]])
     first = starts if order is None else order[starts]  # a cell's first record, as given
     rows = np.stack([src_vi, trg_vi], axis=1)
-    return LinkCells(rows, np.r_[starts, n], owner_chunks[owner[first]], offsets[first])
+    own = owner[first]
+    offsets = target_chunks[target[first]] - _anchor(owner_chunks[own], scale_src, scale_trg)
+    return LinkCells(rows, np.r_[starts, n], owner_chunks[own], offsets)
 
 
 def distinct_rows(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -180,8 +188,9 @@ def links_and_sequences(spec: StepSpec, block: int, partials: dict,
         slots = state["slot"][idx]
         loc_chunk[idx] = ans["chunk"][slots]
         loc_frag[idx] = ans["frag"][slots]
+    # Per instance its metavertex's key index; chunks stay per key.
     inverse = state["inverse"]
-    par_chunk, par_frag = loc_chunk[inverse], loc_frag[inverse]
+    par_frag = loc_frag[inverse]
     result: dict[str, Any] = {"plus": {}, "minus": {}, "sequences": []}
     # Instance order within a chunk is the reference's "flat" vertex order.
     sizes = state["chunk_instances"]
@@ -193,7 +202,7 @@ def links_and_sequences(spec: StepSpec, block: int, partials: dict,
         chunk_ids = state["chunk_ids"]
         owner = np.repeat(np.arange(chunk_ids.size, dtype=np.int64), sizes)[ok]
         links = partition_links(owner, chunk_coords(spec, chunk_ids), inst_local[ok],
-                                par_chunk[ok], par_frag[ok], spec.scale_source,
+                                inverse[ok], loc_chunk, par_frag[ok], spec.scale_source,
                                 spec.scale_target)
         result["plus"] = write_link_cells(
             spec.store, spec.source_level, +1, spec.source_origin, links,
@@ -207,10 +216,12 @@ def links_and_sequences(spec: StepSpec, block: int, partials: dict,
         # Instances are grouped by fragment, chunks and fragments ascending,
         # so the pair keys of the flat order are sorted.
         inst_key = _pair_key(inst_chunk, state["inst_frag"])
-        # A fragment's metavertex sequence drops consecutive repeats.
+        # A fragment's metavertex sequence drops consecutive repeats (equal
+        # chunks have equal ranks).
+        par_rank = distinct_rows(loc_chunk)[1][inverse]
         same = np.zeros(inst_key.size, dtype=bool)
         same[1:] = (inst_key[1:] == inst_key[:-1]) & (par_frag[1:] == par_frag[:-1]) & \
-            np.all(par_chunk[1:] == par_chunk[:-1], axis=1)
+            (par_rank[1:] == par_rank[:-1])
         kept_pos = np.flatnonzero(~same)
         kept_key = inst_key[kept_pos]
         sequences = {}
@@ -221,7 +232,7 @@ def links_and_sequences(spec: StepSpec, block: int, partials: dict,
             idx = kept_pos[cdc.expand_ranges(lo, n)]
             sequences[bucket] = {
                 "chunk": part["chunk"], "frag": part["frag"], "ptr": np.r_[0, np.cumsum(n)],
-                "seq_chunk": par_chunk[idx], "seq_frag": par_frag[idx]}
+                "seq_chunk": loc_chunk[inverse[idx]], "seq_frag": par_frag[idx]}
         send_exchange(spec.store, sequences, spec.target_level, "sequences", block)
         result["sequences"] = sorted(sequences)
     return result

@@ -9,7 +9,7 @@ from ..errors import FormatError
 from ..format import naming as nm
 from . import attributes as va
 from .exchange import received
-from .links import row_ids
+from .links import distinct_rows
 from .spec import (StepSpec, _lookup, _pair_key, _partition_of, _read_attribute_cells,
                    _read_source_chunks, _split_by, _target_block)
 
@@ -99,10 +99,10 @@ def _bin_sums(spec: StepSpec, pos: np.ndarray, w: np.ndarray):
     keys = np.floor(pos / bin_arr).astype(np.int64)
     if keys.shape[0]:
         # Any order of the distinct keys will do here (write_metavertices
-        # sorts them by bytes); one int64 per key sorts far faster than rows.
-        _, first, inverse = np.unique(row_ids(keys), return_index=True, return_inverse=True)
-        inverse = inverse.reshape(-1)
-        ukeys = keys[first]
+        # sorts them by bytes); a block's bins span little, so they are
+        # counted, not sorted.
+        one, inverse = distinct_rows(keys)
+        ukeys = keys[one]
     else:
         ukeys = np.empty((0, spec.ndim), dtype=np.int64)
         inverse = np.empty(0, dtype=np.int64)
@@ -169,9 +169,8 @@ def reduce_metavertices(spec: StepSpec, partition: int, sources: list[int], *par
     counts = np.concatenate([p["counts"] for p in parts]) if parts else np.empty(0, np.int64)
     if keys.shape[0]:
         # Metavertex ids are internal to the partition: any key order works.
-        _, first, inv = np.unique(row_ids(keys), return_index=True, return_inverse=True)
-        inv = inv.reshape(-1)
-        ukeys = keys[first]
+        one, inv = distinct_rows(keys)
+        ukeys = keys[one]
     else:
         ukeys, inv = keys, np.empty(0, np.int64)
     n_u = ukeys.shape[0]

@@ -492,8 +492,10 @@ class LocalStore(Store):
         if not keys:
             return {}
         # Plain reads: fsspec's per-path bookkeeping costs more than
-        # reading a small cell from the page cache.
-        return {k: self._read_local(self.path(k)) for k in keys}
+        # reading a small cell from the page cache.  The root is looked up
+        # once, not per cell.
+        root, read = self.root, self._read_local
+        return {k: read(f"{root}/{k}" if k else root) for k in keys}
 
     def get_ranges(self, requests: list[tuple[str, int, int | None]]) -> list[bytes | None]:
         if not requests:
@@ -527,8 +529,9 @@ class LocalStore(Store):
         made = set()
         suffix = f".tmp-{os.getpid()}-{random.getrandbits(32):08x}"
         flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+        root = self.root  # once, not per cell
         for k, v in items.items():
-            p = self.path(k)
+            p = f"{root}/{k}" if k else root
             parent = p.rpartition("/")[0]
             if parent not in made:
                 _make_dir(parent)
