@@ -274,7 +274,8 @@ def test_cli_refresh_dry_run_and_info_say_stale(store, capsys):
     assert "currency: stale (level 0 changed since" in capsys.readouterr().out
     assert main(["refresh", str(store), "--dry-run"]) == 0
     out = capsys.readouterr().out
-    assert "level 1: would rebuild the whole level (100% of a full build)" in out, out
+    assert ("level 1: would recompute the whole level in place (100% of a full build's steps; "
+            "only the files that differ are written)") in out, out
     assert "dirty level-0 chunks:" in out
 
 

@@ -86,8 +86,9 @@ class RefreshReport:
                 lines.append(f"  no coarse level reads it: {verb} the new fingerprint only")
         for level, what, frac in self.levels:
             if frac >= 1.0:
-                verb = "would rebuild" if self.dry_run else "rebuilt"
-                lines.append(f"  level {level}: {verb} {what} (100% of a full build)")
+                verb = "would recompute" if self.dry_run else "recomputed"
+                lines.append(f"  level {level}: {verb} {what} in place (100% of a full "
+                             f"build's steps; only the files that differ are written)")
             else:
                 verb = "would rewrite" if self.dry_run else "rewrote"
                 lines.append(f"  level {level}: {verb} {what} ({frac:.1%} of its files)")
