@@ -648,6 +648,7 @@ def test_whole_level_refresh_rewrites_only_the_files_that_differ(store, tmp_path
     time.sleep(0.01)
     report = zd.refresh_pyramid(str(store), client=local_client)
     assert report.refreshed and report.region.kind == "whole"
+    assert f"objects written or removed: {report.summary['objects_changed']}" in str(report)
     diff = compare_raw_files(expected, store, ignore=_sidecar)
     assert diff.identical, diff.summary()
     after = {k: v for k, v in _digests(store).items() if not _sidecar(k)}
@@ -656,6 +657,7 @@ def test_whole_level_refresh_rewrites_only_the_files_that_differ(store, tmp_path
     removed, added = set(before) - set(after), set(after) - set(before)
     # The root alone is written with its own bytes: the refresh mark on, then off.
     assert rewritten - differing == {"zarr.json"}, sorted(rewritten - differing)[:10]
+    assert report.summary["objects_changed"] == len((differing | removed | added) - {"zarr.json"})
     assert differing <= rewritten
     assert differing and len(rewritten) < len(after) / 4, (len(rewritten), len(after))
     if kind == "remove_most":

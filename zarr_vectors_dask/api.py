@@ -181,11 +181,12 @@ def _build_pyramid(st: Store, *, factors, chunk_scale_factors, sparsity_strategy
                 _refresh = cur.interrupted_refresh(st, build_record)
             arguments = cur.arguments_for(plan, request, shard_shape)
             if _refresh:
-                summaries = _rewrite_in_place(
+                summaries, changed = _rewrite_in_place(
                     c, st, lock, plan, records, arguments=arguments, build_record=build_record,
                     n_workers=n_workers, progress=progress, shard_shape=shard_shape,
                     request=request, reports=_reports)
-                return _result(summaries, cross_level_depth, cross_level_storage)
+                return {**_result(summaries, cross_level_depth, cross_level_storage),
+                        "objects_changed": changed}
             pending = None
             if overwrite:  # rebuilds everything: recorded before any discard
                 pending = cur.begin(st, arguments=arguments, record=build_record,
@@ -236,7 +237,8 @@ def _records(plan: PyramidPlan, request: BuildOptions, shard_shape) -> tuple[lis
 
 def _rewrite_in_place(c, st: Store, lock, plan: PyramidPlan, records: list[dict], *,
                       arguments: dict, build_record: dict, n_workers: int, progress,
-                      shard_shape, request: BuildOptions, reports: list | None) -> list:
+                      shard_shape, request: BuildOptions,
+                      reports: list | None) -> tuple[list, int]:
     """A refresh of whole levels: the build's steps and composition run
     over the published pyramid, writing only the objects whose bytes
     differ (``Store.changes_only``); after each step, and at the end, what
@@ -262,14 +264,16 @@ def _rewrite_in_place(c, st: Store, lock, plan: PyramidPlan, records: list[dict]
     stage_s = _close(c, wst, lock, plan, root_meta=root_meta, n_workers=n_workers,
                      progress=progress, shard_shape=shard_shape, request=request, only=only)
     lock.check()
-    discard_unwritten(st, pyramid_trees(st, plan.levels[0].source_level, composed=only is None),
-                      wst.logged_keys())
+    wst.note_changed(discard_unwritten(
+        wst, pyramid_trees(st, plan.levels[0].source_level, composed=only is None),
+        wst.logged_keys()))
+    changed = len(wst.logged_keys("changed"))  # written or removed objects
     st.remove_tree(REWRITE_LOG)
     cur.finish(st, pending)
     if reports is not None:
         reports.extend(step_reports)
         reports.append(stage_s)
-    return summaries
+    return summaries, changed
 
 
 def _composed_current(st: Store) -> bool:

@@ -84,6 +84,9 @@ class RefreshReport:
             if not self.levels:
                 verb = "would record" if self.dry_run else "recorded"
                 lines.append(f"  no coarse level reads it: {verb} the new fingerprint only")
+        if self.summary and "objects_changed" in self.summary:
+            lines.append(f"  objects written or removed: {self.summary['objects_changed']} "
+                         f"(the others left untouched)")
         for level, what, frac in self.levels:
             if frac >= 1.0:
                 verb = "would recompute" if self.dry_run else "recomputed"

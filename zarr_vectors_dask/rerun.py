@@ -59,7 +59,9 @@ def build_pyramid(store, **kw) -> dict:
         report = rf.refresh_pyramid(store, client=kw.get("client"),
                                     storage_options=kw.get("storage_options"),
                                     progress=kw.get("progress"))
-        return report.summary or api.build_pyramid(store, resume=True, **kw)
+        if report.summary:  # the reference's keys only
+            return {k: v for k, v in report.summary.items() if k != "objects_changed"}
+        return api.build_pyramid(store, resume=True, **kw)
     if action == "resume":
         log.warning("zarr_vectors_dask: %s: %s; resuming it", url, why)
         return api.build_pyramid(store, resume=True, **kw)

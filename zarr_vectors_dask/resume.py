@@ -446,7 +446,7 @@ def discard_unwritten(store: Store, trees, logged: set[str]) -> list[str]:
     unlogged documents left with nothing beside them (an array or family
     that is gone).  A coarse level of which nothing was written (its
     source came out empty) is discarded whole, unlisted first.  Returns
-    the cell keys removed."""
+    the keys removed."""
     removed = []
     for tree, excluded in trees:
         level = tree.split("/", 1)[0]
@@ -460,7 +460,8 @@ def discard_unwritten(store: Store, trees, logged: set[str]) -> list[str]:
             if k.rsplit("/", 1)[-1] != "zarr.json":
                 store.remove_tree(k)
                 removed.append(k)
-        _discard_lone_documents(store, tree, [k for k in keys if k.endswith("zarr.json")])
+        removed += _discard_lone_documents(store, tree,
+                                           [k for k in keys if k.endswith("zarr.json")])
         _remove_emptied_folders(store, tree, keys)
     return removed
 
@@ -478,15 +479,19 @@ def _remove_emptied_folders(store: Store, tree: str, keys: list[str]) -> None:
         store.remove_empty_dir(f)
 
 
-def _discard_lone_documents(store: Store, tree: str, docs: list[str]) -> None:
+def _discard_lone_documents(store: Store, tree: str, docs: list[str]) -> list[str]:
     """The unlogged ``zarr.json`` of ``docs`` whose folder holds nothing
-    else any more, deepest first (a group emptied by the ones below)."""
+    else any more, deepest first (a group emptied by the ones below);
+    returns them."""
     left = {f"{tree}/{k}" for k in store.keys_under(tree)}
+    gone = []
     for doc in sorted(docs, key=lambda d: -d.count("/")):
         folder = doc[:-len("zarr.json")]
         if not any(k.startswith(folder) and k != doc for k in left):
             store.remove_tree(doc)
             left.discard(doc)
+            gone.append(doc)
+    return gone
 
 
 def finish_records(store: Store) -> None:

@@ -131,6 +131,7 @@ def discard_recomposed(store: Store, root_meta, only: dict, logged: set[str]) ->
                     chunk = tuple(a + b for a, b in zip(anchor, back))
                 if chunk in only.get(fine, ()) and f"{base}/{rel}" not in logged:
                     store.remove_tree(f"{base}/{rel}")
+                    store.note_changed([f"{base}/{rel}"])
                 else:
                     segs_left.add(seg)
             for seg in store.listdir(base):
