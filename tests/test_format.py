@@ -59,3 +59,10 @@ def test_single_vertex_fragments_are_zarr_vectors_bytes(n):
     got = cdc.single_vertex_fragments(n)
     assert got == encode_fragments([(i, 1) for i in range(n)])
     assert decode_fragments(got).num_fragments == n
+
+
+def test_cell_chunk_inverts_cell_path():
+    from zarr_vectors_dask.format import naming as nm
+    for origin in ((0, 0, 0), (-2, 1, 0)):
+        key = nm.cell_path("1/links/+2/0.0.1", (3, -1, 4), origin)
+        assert nm.cell_chunk(key.split("/c/", 1)[1], origin) == (3, -1, 4)

@@ -256,7 +256,7 @@ def _rewrite_in_place(c, st: Store, lock, plan: PyramidPlan, records: list[dict]
     summaries, step_reports = _build_levels(c, wst, plan, records, Targets(), lock,
                                             root_meta=root_meta, n_workers=n_workers,
                                             progress=progress, shard_shape=shard_shape,
-                                            request=request, removed=[])
+                                            request=request, in_place=True)
     # Only the chunks whose +1 chains changed are composed again, when the
     # composed families matched the +1 cells before (sharded: all of them).
     only = None if shard_shape is not None or not composed_current else \
@@ -294,13 +294,12 @@ def _composed_current(st: Store) -> bool:
 
 def _build_levels(c, st: Store, plan: PyramidPlan, records: list[dict], targets, lock, *,
                   root_meta, n_workers: int, progress, shard_shape, request: BuildOptions,
-                  removed: list | None = None):
+                  in_place: bool = False):
     """Run the steps of the levels not kept, in order; each level's record
-    goes before its step and its summary after its commit.  ``removed``
-    (a rewrite in place, ``_rewrite_in_place``): no records; after each
-    step, what it did not write of its trees is removed (the next step
-    lists them), and the removed keys are added to ``removed``."""
-    in_place = removed is not None
+    goes before its step and its summary after its commit.  ``in_place``
+    (a rewrite, ``_rewrite_in_place``): no records; after each step, what
+    it did not write of its trees is removed (the next step lists them)
+    and logged as changed."""
     summaries, reports = [], []
     for lv, rec in zip(plan.levels, records):
         if lv.target_level in targets.keep:
@@ -328,10 +327,8 @@ def _build_levels(c, st: Store, plan: PyramidPlan, records: list[dict], targets,
         summaries.append(rep.summary)
         if in_place:
             lock.check()
-            gone = discard_unwritten(st, step_trees(lv.source_level, lv.target_level),
-                                     st.logged_keys())
-            st.note_changed(gone)
-            removed.extend(gone)
+            st.note_changed(discard_unwritten(st, step_trees(lv.source_level, lv.target_level),
+                                              st.logged_keys()))
             continue
         st.put(f"{RECORD_DIR}/{lv.target_level}.json.summary", json.dumps(rep.summary).encode())
     return summaries, reports

@@ -56,11 +56,6 @@ def compose_links(client, store: Store, *, root_meta, depth: int, storage: str,
 
 
 # ---------------------------------------------------------- a refresh in place
-def _cell_chunk(cell: str, origin) -> tuple[int, ...]:
-    """A cell's chunk from its key below ``c/`` (indices from the origin)."""
-    return tuple(int(i) + int(o) for i, o in zip(cell.split("/"), origin))
-
-
 def _anchor(chunk, scale_from, scale_to) -> tuple[int, ...]:
     """A chunk's anchor on another level's grid (as the link cells key it)."""
     return tuple((int(c) * int(a)) // int(b) for c, a, b in zip(chunk, scale_from, scale_to))
@@ -86,7 +81,7 @@ def recompose_region(store: Store, root_meta, changed: set[str]) -> dict | None:
         m = _PLUS_ONE_CELL.match(key)
         if m and int(m.group(1)) in geo:
             lv = int(m.group(1))
-            dirty.setdefault(lv, set()).add(_cell_chunk(m.group(3), geo[lv]["grid"][0]))
+            dirty.setdefault(lv, set()).add(nm.cell_chunk(m.group(3), geo[lv]["grid"][0]))
     parents: dict[int, dict] = {}
     for lv in geo:
         if lv + 1 not in geo:
@@ -119,21 +114,22 @@ def discard_recomposed(store: Store, root_meta, only: dict, logged: set[str]) ->
             delta = int(name)  # "+2", "-3"
             fine = level if delta > 0 else level + delta
             base = nm.links_family_path(level, delta)
-            segs_left = set()
+            segs_left, gone = set(), []
             for rel in store.keys_under(base):
                 seg, _, cell = rel.partition("/c/")
                 if not cell:
                     continue
-                chunk = _cell_chunk(cell, geo[level]["grid"][0])
+                chunk = nm.cell_chunk(cell, geo[level]["grid"][0])
                 if delta < 0:
                     back = nm.parse_chunk_key(seg)
                     anchor = _anchor(chunk, geo[level]["scale"], geo[fine]["scale"])
                     chunk = tuple(a + b for a, b in zip(anchor, back))
                 if chunk in only.get(fine, ()) and f"{base}/{rel}" not in logged:
                     store.remove_tree(f"{base}/{rel}")
-                    store.note_changed([f"{base}/{rel}"])
+                    gone.append(f"{base}/{rel}")
                 else:
                     segs_left.add(seg)
+            store.note_changed(gone)
             for seg in store.listdir(base):
                 if seg != "zarr.json" and seg not in segs_left:
                     store.remove_tree(f"{base}/{seg}")

@@ -257,8 +257,8 @@ def family_on_disk(store: Store, level: int, delta: int, origin, grid) -> LinkFa
         seg, _, cell = rel.partition("/c/")
         if not cell:
             continue  # a document
-        chunk = tuple(int(i) + int(o) for i, o in zip(cell.split("/"), origin))
-        fam.cells.setdefault(seg, []).append((chunk, cdc.link_cell_records(size)))
+        fam.cells.setdefault(seg, []).append((nm.cell_chunk(cell, origin),
+                                              cdc.link_cell_records(size)))
     return fam
 
 

@@ -9,6 +9,7 @@ __all__ = ["VERTICES", "VERTEX_FRAGMENTS", "VERTEX_ATTRIBUTES", "OBJECT_INDEX", 
            "LINKS", "NONEMPTY", "ORIGIN", "MANIFEST_BUCKET", "ATTRIBUTE_BUCKET",
            "CAP_PRESERVED_OBJECT_IDS", "CAP_SHARED_FRAGMENTS", "CAP_MULTISCALE_LINKS", "chunk_key",
            "parse_chunk_key", "format_delta", "format_offsets", "links_family_path", "cell_path",
+           "cell_chunk",
            "EXCHANGE_DIR", "exchange_key"]
 
 
@@ -81,6 +82,12 @@ def cell_path(array_path: str, coords: Sequence[int], origin: Sequence[int]) -> 
         return f"{array_path}/c/" + "/".join(map(str, map(int, coords)))
     idx = "/".join(str(int(c) - int(o)) for c, o in zip(coords, origin))
     return f"{array_path}/c/{idx}"
+
+
+def cell_chunk(cell: str, origin: Sequence[int]) -> tuple[int, ...]:
+    """The chunk of a cell from its key below ``<array>/c/`` (the inverse
+    of :func:`cell_path`: indices relative to the origin)."""
+    return tuple(int(i) + int(o) for i, o in zip(cell.split("/"), origin))
 
 
 # ------------------------------------------------------------ exchange files

@@ -358,8 +358,7 @@ class Store(abc.ABC):
 
     def _log(self, kind: str, keys: list[str]) -> None:
         if keys:
-            name = f"{self.write_log}/{kind}/{os.getpid()}-{random.getrandbits(64):016x}"
-            self._write({name: "\n".join(keys).encode()}, atomic=True)
+            self._write({_log_name(self.write_log, kind): "\n".join(keys).encode()}, atomic=True)
 
     def logged_keys(self, kind: str = "written") -> set[str]:
         """Every key the writes through :meth:`changes_only` stores with
@@ -839,6 +838,11 @@ def _make_retrying_store_cls():
     return RetryingStore
 
 
+def _log_name(write_log: str, kind: str) -> str:
+    """A new log file of a ``changes_only`` store (unique per writer and call)."""
+    return f"{write_log}/{kind}/{os.getpid()}-{random.getrandbits(64):016x}"
+
+
 _CHANGES_ONLY_CLS: list = []
 
 
@@ -874,8 +878,8 @@ def _make_changes_only_cls():
             await self._store.set(key, value)
 
         async def _note(self, kind: str, key: str, proto):
-            name = f"{self._log}/{kind}/{os.getpid()}-{random.getrandbits(64):016x}"
-            await self._store.set(name, proto.buffer.from_bytes(key.encode()))
+            await self._store.set(_log_name(self._log, kind),
+                                  proto.buffer.from_bytes(key.encode()))
 
         async def _set_many(self, values):
             for key, value in values:
