@@ -416,25 +416,26 @@ def _apply_link(ed, rng, s: State, kind: Kind, edit: str, atomic: bool, row: int
     return f"remove_link({cc}/{g}/{r}){_a(atomic)}"
 
 
-def _zarr_write(rng, path, s: State, kind: Kind) -> str:
+def _zarr_write(rng, path, s: State, kind: Kind, vertices: bool = False) -> str:
     """A hand-written zarr write of one level-0 cell: an object attribute
     row, a per-vertex attribute cell, or (neither present) a vertex cell
     whose first vertex moves toward its chunk's centre."""
     attrs = s.object_attrs()
-    if attrs and (not kind.vertex_attrs or rng.random() < 0.5):
+    if attrs and not vertices and (not kind.vertex_attrs or rng.random() < 0.5):
         name = str(rng.choice(sorted(attrs)))
         arr = zarr.open_array(str(path / "0" / "object_attributes" / name), mode="r+")
         i = int(rng.integers(arr.shape[0]))
         arr[i] = _value_like(rng, attrs[name])
         return f"zarr write object_attributes/{name}[{i}]"
-    array = f"vertex_attributes/{kind.vertex_attrs[0]}" if kind.vertex_attrs else "vertices"
+    array = f"vertex_attributes/{kind.vertex_attrs[0]}" if kind.vertex_attrs and not vertices \
+        else "vertices"
     arr = zarr.open_array(str(path / "0" / array), mode="r+")
     origin = np.asarray(arr.attrs.get("chunk_grid_origin", [0] * s.ndim))
     keys = list_chunk_keys(s.lg)
     cc = keys[int(rng.integers(len(keys)))]
     cell = tuple(slice(int(i), int(i) + 1) for i in np.asarray(cc) - origin)
     raw = bytes(np.asarray(arr[cell].flat[0]))  # one vlen-bytes cell
-    if kind.vertex_attrs:  # float32 fa, one per vertex
+    if array != "vertices":  # float32 fa, one per vertex
         vals = np.frombuffer(raw, dtype=np.float32).copy()
         vals[int(rng.integers(len(vals)))] = rng.random()
     else:
@@ -446,22 +447,33 @@ def _zarr_write(rng, path, s: State, kind: Kind) -> str:
     return f"zarr write {array} cell {cc}"
 
 
+#: Edits that keep every object row and write in place: what a refresh
+#: bounds to the chunks they reach (``planning.region``'s ``chunks``).
+IN_PLACE_EDITS = {("edit_vertex", False), ("move_vertex", False), ("edit_fragment", False),
+                  ("add_vertex", False), ("add_fragment", False), ("split_fragment", False),
+                  ("remove_object", False)}
+
+
 def run_sequence(path, name: str, seed: int, *, attributes_only: bool = False,
-                 n_sessions: int = 3) -> list[str]:
+                 in_place: bool = False, n_sessions: int = 3) -> list[str]:
     """Draw and apply the seed's edit sequence to the store at ``path``:
     ``n_sessions`` EditSessions of one or two edits and, at a random place
-    among them, one zarr write.  Returns what was done, in order."""
+    among them, one zarr write.  ``in_place``: geometry edits in place
+    only, and the zarr write of a vertex cell.  Returns what was done, in
+    order."""
     kind = KINDS[name]
     rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
-    keep_rows = _keeps_rows(seed) and not attributes_only
+    keep_rows = (_keeps_rows(seed) or in_place) and not attributes_only
     allowed = [("edit_attribute", False)] if attributes_only else _allowed(kind, keep_rows)
+    if in_place:
+        allowed = [ea for ea in allowed if ea in IN_PLACE_EDITS]
     log: list[str] = []
     zarr_at = int(rng.integers(n_sessions + 1))
     must_add_rows = not keep_rows and not attributes_only
     for step in range(n_sessions + 1):
         s = State(path)
         if step == zarr_at:
-            log.append(_zarr_write(rng, path, s, kind))
+            log.append(_zarr_write(rng, path, s, kind, vertices=in_place))
             continue
         live = s.live()
         n_edits = 1 + int(rng.random() < 0.4)
@@ -520,7 +532,7 @@ def _check(built_path, name: str, seed: int, tmp_path, client, **seq_kw) -> list
     by_array = set(st.diff.by_array())
     if seq_kw.get("attributes_only"):
         assert by_array and all(a.startswith("object_attributes/") for a in by_array), by_array
-    elif _keeps_rows(seed):
+    elif _keeps_rows(seed) or seq_kw.get("in_place"):
         assert len(State(store).ids) == n_rows, log
     else:
         assert len(State(store).ids) > n_rows, log
@@ -533,6 +545,8 @@ def _check(built_path, name: str, seed: int, tmp_path, client, **seq_kw) -> list
 
     report = zd.refresh_pyramid(str(store), client=client)
     assert report.refreshed
+    print(f"region: {report.region.kind} ({report.region.reason}); "
+          f"{(report.summary or {}).get('region')}")
     diff = compare_raw_files(expected, store, ignore=_sidecar)
     assert diff.identical, "\n".join(log) + "\n" + diff.summary()
     assert zd.pyramid_status(str(store)).state == "current"
@@ -552,3 +566,14 @@ def test_attribute_only_sequence_then_refresh_equals_full_rebuild(built, seed, t
                                                                   local_client):
     _check(built("streamlines"), "streamlines", 100 + seed, tmp_path, local_client,
            attributes_only=True)
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("name", [n for n in KINDS if not KINDS[n].vertex_attrs])
+def test_in_place_sequence_is_refreshed_by_chunks(built, name, seed, tmp_path, local_client,
+                                                   capsys):
+    """Edits in place (no row added) are bounded to the chunks they reach,
+    and the region refresh equals a full rebuild."""
+    _check(built(name), name, 200 + seed, tmp_path, local_client, in_place=True)
+    out = capsys.readouterr().out
+    assert "region: chunks" in out and "; chunks" in out, out

@@ -26,10 +26,11 @@ from .options import BuildOptions
 from .planning.levels import make_plan, read_root_meta
 from .planning.plan import PyramidPlan, check_method, registered_strategy
 from .resume import (BUILD_RECORD, RECORD_DIR, REWRITE_LOG, Targets, build_lock, build_record_for,
-                     discard_unwritten, finish_records, level_record, prepare_targets,
+                     composed_trees, discard_unwritten, finish_records, level_record, prepare_targets,
                      pyramid_trees, step_trees, sweep_temporaries, wait_for_orphans)
 from .runtime import client_for, count_workers
 from .step import attributes as va
+from .step.region import RegionNotApplicable, RegionPlans
 from .step.run import run_step, step_graph
 from .step.source import read_source_level
 from .storage.store import Store
@@ -99,7 +100,8 @@ def build_pyramid(store, *, factors, chunk_scale_factors=None, sparsity_strategy
                   client=None, storage_options=None, resume=False, overwrite=False,
                   progress: Callable | None = None, max_block_vertices: int = 2_000_000,
                   vertex_attributes: str | None = None, attribute_aggregation: dict | None = None,
-                  shard_shape=None, _reports: list | None = None, _refresh: bool = False) -> dict:
+                  shard_shape=None, _reports: list | None = None, _refresh: bool = False,
+                  _change=None) -> dict:
     """Build coarser levels 1..len(factors) of ``store`` on Dask; the result
     is the pyramid ``zarr_vectors.build_pyramid`` writes with the same
     arguments, and the same summary dict is returned.
@@ -145,13 +147,13 @@ def build_pyramid(store, *, factors, chunk_scale_factors=None, sparsity_strategy
             client=client, resume=resume, overwrite=overwrite, progress=progress,
             max_block_vertices=max_block_vertices, vertex_attributes=vertex_attributes,
             attribute_aggregation=attribute_aggregation, shard_shape=shard_shape,
-            _reports=_reports, _refresh=_refresh)
+            _reports=_reports, _refresh=_refresh, _change=_change)
 
 
 def _build_pyramid(st: Store, *, factors, chunk_scale_factors, sparsity_strategy, sparsity_seed,
                    cross_level_depth, cross_level_storage, client, resume, overwrite, progress,
                    max_block_vertices, vertex_attributes, attribute_aggregation,
-                   shard_shape, _reports, _refresh=False) -> dict:
+                   shard_shape, _reports, _refresh=False, _change=None) -> dict:
     request = BuildOptions(sparsity_strategy=sparsity_strategy, sparsity_seed=sparsity_seed,
                            cross_level_depth=cross_level_depth,
                            cross_level_storage=cross_level_storage,
@@ -184,9 +186,9 @@ def _build_pyramid(st: Store, *, factors, chunk_scale_factors, sparsity_strategy
                 summaries, changed = _rewrite_in_place(
                     c, st, lock, plan, records, arguments=arguments, build_record=build_record,
                     n_workers=n_workers, progress=progress, shard_shape=shard_shape,
-                    request=request, reports=_reports)
+                    request=request, reports=_reports, change=_change)
                 return {**_result(summaries, cross_level_depth, cross_level_storage),
-                        "objects_changed": changed}
+                        **changed}
             pending = None
             if overwrite:  # rebuilds everything: recorded before any discard
                 pending = cur.begin(st, arguments=arguments, record=build_record,
@@ -237,14 +239,19 @@ def _records(plan: PyramidPlan, request: BuildOptions, shard_shape) -> tuple[lis
 
 def _rewrite_in_place(c, st: Store, lock, plan: PyramidPlan, records: list[dict], *,
                       arguments: dict, build_record: dict, n_workers: int, progress,
-                      shard_shape, request: BuildOptions,
-                      reports: list | None) -> tuple[list, int]:
+                      shard_shape, request: BuildOptions, reports: list | None,
+                      change: dict | None = None) -> tuple[list, dict]:
     """A refresh of whole levels: the build's steps and composition run
     over the published pyramid, writing only the objects whose bytes
     differ (``Store.changes_only``); after each step, and at the end, what
     the rewrite did not write is removed.  The root is marked and the
     record says ``refreshing`` throughout: a kill at any instant leaves a
-    pyramid whose next refresh (or ``resume=True``) does this again."""
+    pyramid whose next refresh (or ``resume=True``) does this again.
+
+    ``change`` (the changed level-0 chunks and objects, ``RegionPlans``):
+    each step restricted to the region they reach (``step/region.py``),
+    unless the change cannot be bounded so (then whole levels, and the
+    result says why)."""
     composed_current = _composed_current(st)
     pending = cur.begin(st, arguments=arguments, record=build_record, resuming=False,
                         refreshing=True)
@@ -253,10 +260,20 @@ def _rewrite_in_place(c, st: Store, lock, plan: PyramidPlan, records: list[dict]
     st.remove_tree(f"{REWRITE_LOG}/written")
     wst = st.changes_only(REWRITE_LOG)
     root_meta = read_root_meta(st)
-    summaries, step_reports = _build_levels(c, wst, plan, records, Targets(), lock,
-                                            root_meta=root_meta, n_workers=n_workers,
-                                            progress=progress, shard_shape=shard_shape,
-                                            request=request, in_place=True)
+    kw = dict(root_meta=root_meta, n_workers=n_workers, progress=progress,
+              shard_shape=shard_shape, request=request, in_place=True)
+    extra: dict = {}
+    regions = None
+    try:
+        if change is not None:
+            regions = RegionPlans(wst, f"{REWRITE_LOG}/region", change, root_meta.chunk_shape)
+            summaries, step_reports = _build_levels(c, wst, plan, records, Targets(), lock,
+                                                    regions=regions, **kw)
+            extra["region"] = "chunks"
+    except RegionNotApplicable as exc:
+        regions, extra["region"] = None, f"whole levels: {exc}"
+    if regions is None:
+        summaries, step_reports = _build_levels(c, wst, plan, records, Targets(), lock, **kw)
     # Only the chunks whose +1 chains changed are composed again, when the
     # composed families matched the +1 cells before (sharded: all of them).
     only = None if shard_shape is not None or not composed_current else \
@@ -264,16 +281,19 @@ def _rewrite_in_place(c, st: Store, lock, plan: PyramidPlan, records: list[dict]
     stage_s = _close(c, wst, lock, plan, root_meta=root_meta, n_workers=n_workers,
                      progress=progress, shard_shape=shard_shape, request=request, only=only)
     lock.check()
-    wst.note_changed(discard_unwritten(
-        wst, pyramid_trees(st, plan.levels[0].source_level, composed=only is None),
-        wst.logged_keys()))
-    changed = len(wst.logged_keys("changed"))  # written or removed objects
+    # A region's steps removed their stale cells already; a whole
+    # composition leaves its stale cells to this sweep.
+    trees = pyramid_trees(st, plan.levels[0].source_level, composed=only is None) \
+        if regions is None else [] if only is not None else \
+        composed_trees(st, plan.levels[0].source_level)
+    wst.note_changed(discard_unwritten(wst, trees, wst.logged_keys()))
+    extra["objects_changed"] = len(wst.logged_keys("changed"))  # written or removed objects
     st.remove_tree(REWRITE_LOG)
     cur.finish(st, pending)
     if reports is not None:
         reports.extend(step_reports)
         reports.append(stage_s)
-    return summaries, changed
+    return summaries, extra
 
 
 def _composed_current(st: Store) -> bool:
@@ -294,12 +314,13 @@ def _composed_current(st: Store) -> bool:
 
 def _build_levels(c, st: Store, plan: PyramidPlan, records: list[dict], targets, lock, *,
                   root_meta, n_workers: int, progress, shard_shape, request: BuildOptions,
-                  in_place: bool = False):
+                  in_place: bool = False, regions: RegionPlans | None = None):
     """Run the steps of the levels not kept, in order; each level's record
     goes before its step and its summary after its commit.  ``in_place``
     (a rewrite, ``_rewrite_in_place``): no records; after each step, what
     it did not write of its trees is removed (the next step lists them)
-    and logged as changed."""
+    and logged as changed.  ``regions``: each step restricted to its
+    region (which removes its own stale cells)."""
     summaries, reports = [], []
     for lv, rec in zip(plan.levels, records):
         if lv.target_level in targets.keep:
@@ -318,17 +339,20 @@ def _build_levels(c, st: Store, plan: PyramidPlan, records: list[dict], targets,
                        shard_shape=shard_shape).levels[0]
         if not in_place:
             st.put(f"{RECORD_DIR}/{lv.target_level}.json", json.dumps(rec).encode())
-        rep = run_step(c, st, lv, root_meta=root_meta,
+        region = None if regions is None else \
+            regions.region(lv, read_source_level(st, lv.source_level, root_meta.sid_ndim))
+        rep = run_step(c, st, lv, region=region, root_meta=root_meta,
                        sparsity_strategy=request.sparsity_strategy,
                        sparsity_seed=request.sparsity_seed, progress=progress,
                        vertex_attributes=request.vertex_attributes,
                        attribute_aggregation=request.attribute_aggregation)
         reports.append(rep)
         summaries.append(rep.summary)
-        if in_place:
+        if in_place and regions is None:
             lock.check()
             st.note_changed(discard_unwritten(st, step_trees(lv.source_level, lv.target_level),
                                               st.logged_keys()))
+        if in_place:
             continue
         st.put(f"{RECORD_DIR}/{lv.target_level}.json.summary", json.dumps(rep.summary).encode())
     return summaries, reports

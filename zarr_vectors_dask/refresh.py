@@ -30,12 +30,16 @@ from .currency import (PyramidStatus, dirty_source_chunks, read_record, request_
 from .errors import BuildError
 from .format import documents as fdoc
 from .format import naming as nm
+from .format.cells import key_layout, vlen_array_info
 from .format.documents import opened_zarr_vectors
 from .planning.levels import make_plan
-from .planning.region import ATTRIBUTES, LINKS, WHOLE, RefreshRegion, classify, dirty_buckets
+from .planning.region import (ATTRIBUTES, CHUNK_ARRAYS, CHUNKS, LINKS, WHOLE, RefreshRegion,
+                              classify, dirty_buckets)
 from .planning.sparsity import Sparsity
 from .resume import REWRITE_LOG, build_lock, record_differences, wait_for_orphans
+from .planning.levels import read_root_meta
 from .runtime import StepReport, client_for, execute
+from .step.region import RegionNotApplicable, changed_objects
 from .step.exchange import drop_exchange
 from .step.graph import attribute_refresh_graph
 from .step.spec import LevelPair
@@ -84,11 +88,17 @@ class RefreshReport:
             if not self.levels:
                 verb = "would record" if self.dry_run else "recorded"
                 lines.append(f"  no coarse level reads it: {verb} the new fingerprint only")
+        if self.summary and str(self.summary.get("region", "")).startswith("whole"):
+            lines.append(f"  recomputed {self.summary['region']}")
         if self.summary and "objects_changed" in self.summary:
             lines.append(f"  objects written or removed: {self.summary['objects_changed']} "
                          f"(the others left untouched)")
         for level, what, frac in self.levels:
-            if frac >= 1.0:
+            if frac is None:
+                verb = "would recompute" if self.dry_run else "recomputed"
+                lines.append(f"  level {level}: {verb} {what}; only the files that differ "
+                             f"are written")
+            elif frac >= 1.0:
                 verb = "would recompute" if self.dry_run else "recomputed"
                 lines.append(f"  level {level}: {verb} {what} in place (100% of a full "
                              f"build's steps; only the files that differ are written)")
@@ -159,9 +169,10 @@ def refresh_pyramid(store, client=None, storage_options=None, dry_run: bool = Fa
         report = dataclasses.replace(report, region=region, levels=_levels(st, region, args))
         if dry_run:
             return report
-        if region.kind == WHOLE:
+        if region.kind in (WHOLE, CHUNKS):
             summary = api.build_pyramid(st, client=client, progress=progress,
                                         max_block_vertices=max_block_vertices, _refresh=True,
+                                        _change=region.change if region.kind == CHUNKS else None,
                                         **build_keywords(args))
             return dataclasses.replace(report, refreshed=True, summary=summary)
         with client_for(client, st) as c:
@@ -179,7 +190,10 @@ def region_of(st, status: PyramidStatus, args: dict) -> RefreshRegion:
     kind, reason = classify(by_array, factors=args["factors"],
                             sparsity_strategy=args["sparsity_strategy"],
                             sparsity_seed=args["sparsity_seed"],
-                            same_layout=_same_layout(st, by_array))
+                            same_layout=_same_layout(st, by_array),
+                            chunk_layout=_chunk_layout(args))
+    if kind == CHUNKS:
+        return _chunk_region(st, status, reason)
     if kind != ATTRIBUTES:
         return RefreshRegion(kind, reason)
     buckets = []
@@ -189,6 +203,68 @@ def region_of(st, status: PyramidStatus, args: dict) -> RefreshRegion:
             n_rows, cell_rows = _attribute_rows(st, 0, name)
             buckets.append((name, dirty_buckets(chunks, cell_rows, n_rows, nm.ATTRIBUTE_BUCKET)))
     return RefreshRegion(ATTRIBUTES, reason, tuple(buckets))
+
+
+def _chunk_region(st, status: PyramidStatus, reason: str) -> RefreshRegion:
+    """The changed level-0 chunks and objects a chunk region starts from
+    (whole levels when the changed objects cannot be told)."""
+    dirty = status.diff.dirty_chunks()
+    chunks = set()
+    by_array = status.diff.by_array()
+    for array in CHUNK_ARRAYS:
+        info = vlen_array_info(st, f"0/{array}")
+        if dirty.get(array):
+            chunks |= _chunks_of_keys(info, dirty[array])
+        if array in by_array and by_array[array]["documents"]:
+            if not info.raw_cells:
+                return RefreshRegion(WHOLE, f"the chunk list of {array} changed and its cells "
+                                            f"are compressed or sharded")
+            chunks |= _unlisted_cells(st, info)
+    rows, fallen = (), set()
+    manifests = dirty.get(f"{nm.OBJECT_INDEX}/manifests")
+    if manifests:
+        try:
+            ids, named, fallen = changed_objects(st, manifests, read_root_meta(st).sid_ndim)
+        except RegionNotApplicable as exc:
+            return RefreshRegion(WHOLE, f"object manifests changed and {exc}")
+        chunks |= named
+        rows = tuple(int(i) for i in ids)
+    return RefreshRegion(CHUNKS, reason, change={"chunks": frozenset(chunks),
+                                                 "fallen": frozenset(fallen), "rows": rows})
+
+
+def _chunks_of_keys(info, keys) -> set:
+    """The chunks stored under changed storage keys' coordinates: a key
+    holds one cell, or (compressed, sharded) a block of them; keys count
+    from the array's grid origin."""
+    import itertools
+    shape = (1,) * len(info.origin) if info.raw_cells else key_layout(info).key_shape
+    out = set()
+    for k in keys:
+        for inner in itertools.product(*(range(int(s)) for s in shape)):
+            out.add(tuple(int(i) * int(s) + int(j) + int(o)
+                          for i, s, j, o in zip(k, shape, inner, info.origin)))
+    return out
+
+
+def _unlisted_cells(st, info) -> set:
+    """Chunks with a cell the array's chunk list no longer names: gone for
+    a build, although their file is unchanged."""
+    listed = set(info.chunks)
+    origin = info.origin
+    return {c for c in (nm.cell_chunk(k[2:], origin) for k in st.keys_under(info.path)
+                        if k.startswith("c/")) if c not in listed}
+
+
+def _chunk_layout(args: dict) -> str:
+    """Why the recorded layout cannot be refreshed by chunks ("": it can)."""
+    if args.get("cross_level_storage") == "none":
+        return "the pyramid has no +1 links (cross_level_storage='none') to find old parents"
+    if args.get("shard_shape") is not None:
+        return "the pyramid is sharded (a shard is rewritten whole)"
+    if args.get("vertex_attributes") is not None:
+        return "per-vertex attributes are aggregated"
+    return ""
 
 
 def _same_layout(st, by_array: dict) -> frozenset:
@@ -223,6 +299,10 @@ def _levels(st, region: RefreshRegion, args: dict) -> tuple:
         return tuple((t, "the whole level", 1.0) for t in range(1, n_levels + 1))
     if region.kind == LINKS:
         return ()
+    if region.kind == CHUNKS:
+        what = (f"the chunks {len(region.change['chunks'])} changed level-0 chunk(s) and "
+                f"{len(region.change['rows'])} changed object(s) reach")
+        return tuple((t, what, None) for t in range(1, n_levels + 1))
     names = ", ".join(region.names)
     what = (f"{region.n_buckets} object-attribute bucket(s) of {names}" if region.n_buckets
             else f"nothing of {names} (no dirty row)")

@@ -60,7 +60,8 @@ def build_pyramid(store, **kw) -> dict:
                                     storage_options=kw.get("storage_options"),
                                     progress=kw.get("progress"))
         if report.summary:  # the reference's keys only
-            return {k: v for k, v in report.summary.items() if k != "objects_changed"}
+            return {k: v for k, v in report.summary.items()
+                    if k not in ("objects_changed", "region")}
         return api.build_pyramid(store, resume=True, **kw)
     if action == "resume":
         log.warning("zarr_vectors_dask: %s: %s; resuming it", url, why)

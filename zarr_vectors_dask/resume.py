@@ -24,7 +24,7 @@ from .storage.lock import BuildLock
 from .storage.store import TEMPORARY, Store
 
 __all__ = ["RECORD_DIR", "BUILD_RECORD", "REWRITE_LOG", "build_lock", "step_trees", "pyramid_trees",
-           "discard_unwritten", "level_record", "build_record_for",
+           "composed_trees", "discard_unwritten", "level_record", "build_record_for",
            "Targets", "prepare_targets", "finish_records", "sweep_temporaries", "wait_for_orphans",
            "record_differences", "existing_coarse"]
 
@@ -438,6 +438,14 @@ def pyramid_trees(store: Store, start_level: int, *,
             for name in store.listdir(f"{start_level}/{nm.LINKS}")
             if name not in ("0", "zarr.json") and f"{start_level}/{nm.LINKS}/{name}/" not in deep]
     return out
+
+
+def composed_trees(store: Store, start_level: int) -> list[tuple[str, tuple[str, ...]]]:
+    """The composed ``±N`` families (N >= 2) of every level, as trees."""
+    levels = [start_level, *existing_coarse(store, start_level)]
+    return [(f"{lv}/{nm.LINKS}/{name}", ()) for lv in levels
+            for name in store.listdir(f"{lv}/{nm.LINKS}")
+            if name not in ("0", "+1", "-1", "zarr.json")]
 
 
 def discard_unwritten(store: Store, trees, logged: set[str]) -> list[str]:

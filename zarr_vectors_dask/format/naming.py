@@ -95,6 +95,10 @@ def cell_chunk(cell: str, origin: Sequence[int]) -> tuple[int, ...]:
 #: Dask task per (sender, receiver) pair travel as files here instead.
 EXCHANGE_DIR = ".zvdask/exchange"
 
+#: A digest of each kept level-0 manifest row as the first step read it,
+#: per bucket: how a refresh tells which rows an edit changed.
+MANIFEST_DIGESTS = ".zvdask/manifest-rows"
+
 
 def exchange_key(scope, kind: str, receiver: int, sender) -> str:
     """``scope``: the target level of a step, or ``compose``."""

@@ -27,11 +27,13 @@ from dataclasses import dataclass
 from .sparsity import ranked
 
 __all__ = ["LINKS", "ATTRIBUTES", "WHOLE", "INTRA_LEVEL_LINK_ARRAYS", "RefreshRegion",
-           "classify", "dirty_buckets", "recompose_chunks"]
+           "classify", "dirty_buckets", "recompose_chunks", "CHUNKS", "CHUNK_ARRAYS", "reachable_targets",
+           "supporting_sources", "dilate", "ChunkRegion", "chunk_region"]
 
 LINKS = "links"
 ATTRIBUTES = "attributes"
 WHOLE = "whole"
+CHUNKS = "chunks"
 
 #: Level-0 arrays no coarsening step reads (array names as
 #: ``fingerprint.array_of`` gives them, by their first component).
@@ -49,6 +51,9 @@ class RefreshRegion:
     kind: str
     reason: str
     buckets: tuple = ()
+    #: ``chunks``: the changed level-0 chunks (``chunks``), the level-1
+    #: chunks whose weights fell (``fallen``), the changed objects (``rows``).
+    change: dict | None = None
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -63,14 +68,21 @@ def _is_intra_level_link(array: str) -> bool:
     return any(array == a or array.startswith(a + "/") for a in INTRA_LEVEL_LINK_ARRAYS)
 
 
+#: Level-0 arrays whose changed cells a refresh bounds to chunks.
+CHUNK_ARRAYS = ("vertices", "vertex_fragments")
+
+
 def classify(by_array: dict[str, dict[str, int]], *, factors, sparsity_strategy: str,
-             sparsity_seed, same_layout=frozenset()) -> tuple[str, str]:
+             sparsity_seed, same_layout=frozenset(), chunk_layout: str = "") -> tuple[str, str]:
     """``(kind, reason)`` of a level-0 change, given per array its changed,
     added and removed cells and changed documents (``SourceDiff.by_array``)
     and the pyramid's recorded sparsity.  ``same_layout``: object-attribute
     arrays whose document changed but not their shape or dtype, all a
     coarse level's document takes from it (zarr-vectors' EditSession
-    rewrites the array, compressed, when it edits one value)."""
+    rewrites the array, compressed, when it edits one value).
+    ``chunk_layout``: why the pyramid's layout cannot be refreshed by
+    chunks ("" when it can: unsharded, with ``+1`` links, no per-vertex
+    attributes)."""
     arrays = sorted(by_array)
     if not arrays:
         return WHOLE, "no fingerprint to compare with"
@@ -78,6 +90,9 @@ def classify(by_array: dict[str, dict[str, int]], *, factors, sparsity_strategy:
         return LINKS, "only intra-level links changed, which no coarse level reads"
     moved = [a for a in arrays
              if not (a.startswith(_OBJECT_ATTRIBUTES) or _is_intra_level_link(a))]
+    if moved and all(_bounded_by_chunks(a, by_array[a]) for a in arrays
+                     if not _is_intra_level_link(a)):
+        return _chunks_or_whole(moved, factors, sparsity_strategy, chunk_layout)
     if moved:
         return WHOLE, f"{', '.join(moved)} changed"
     docs = [a for a in arrays if a.startswith(_OBJECT_ATTRIBUTES) and by_array[a]["documents"]
@@ -92,6 +107,32 @@ def classify(by_array: dict[str, dict[str, int]], *, factors, sparsity_strategy:
         return WHOLE, ("object attributes changed and the survivors were drawn without a "
                        "seed (sparsity_seed=None): there is no redraw to be equal to")
     return ATTRIBUTES, "only object-attribute cells changed"
+
+
+def _bounded_by_chunks(array: str, row: dict) -> bool:
+    """A change a chunk region bounds: cells of the vertex arrays (and
+    their documents, whose chunk list EditSession rewrites when a chunk
+    appears or empties), cells of the manifests (same row count: their
+    document is unchanged), and the
+    documents EditSession rewrites with the same content for the build
+    (the level group drops ``fragments_tile``; the object index group is
+    re-serialised)."""
+    if array in CHUNK_ARRAYS:  # a document change: its chunk list (see refresh)
+        return True
+    if array == "object_index/manifests":
+        return not row["documents"]
+    return array in ("level metadata", "object_index") and not \
+        (row["changed"] or row["added"] or row["removed"])
+
+
+def _chunks_or_whole(moved, factors, sparsity_strategy: str, chunk_layout: str):
+    what = f"only cells of {', '.join(moved)} changed"
+    if chunk_layout:
+        return WHOLE, f"{what}, but {chunk_layout}"
+    if any(ranked(sparsity_strategy, float(sf), 2) for _, sf in factors if float(sf) > 1.0):
+        return WHOLE, (f"{what}, and sparsity {sparsity_strategy!r} ranks objects by their "
+                       f"geometry")
+    return CHUNKS, f"{what}: the coarse chunks they reach are recomputed"
 
 
 def dirty_buckets(chunks, cell_rows: int, n_rows: int, bucket: int) -> tuple[int, ...]:
@@ -123,3 +164,117 @@ def recompose_chunks(changed: dict[int, set], parents: dict[int, dict]) -> dict[
         out[level] = mine
         above = mine
     return out
+
+
+# ------------------------------------------------- a step restricted to chunks
+def _box_cells(lo, hi) -> "np.ndarray":
+    """Every integer coordinate of the boxes ``[lo[i], hi[i]]`` (inclusive),
+    as rows (duplicates kept)."""
+    import numpy as np
+    lo, hi = np.asarray(lo, dtype=np.int64), np.asarray(hi, dtype=np.int64)
+    if lo.shape[0] == 0:
+        return np.empty((0, lo.shape[1] if lo.ndim == 2 else 0), np.int64)
+    span = (hi - lo + 1).max(axis=0)
+    offsets = np.stack(np.unravel_index(np.arange(int(np.prod(span))), tuple(span.tolist())),
+                       axis=1)
+    cells = lo[:, None, :] + offsets[None, :, :]
+    inside = np.all(cells <= hi[:, None, :], axis=2)
+    return cells[inside]
+
+
+def _unique_rows(rows) -> set:
+    import numpy as np
+    rows = np.asarray(rows, dtype=np.int64)
+    return set(map(tuple, np.unique(rows, axis=0).tolist())) if rows.size else set()
+
+
+def _spans(lo_edge, hi_edge, size) -> tuple:
+    """Cells of width ``size`` meeting ``[lo_edge, hi_edge)``: first, last."""
+    import numpy as np
+    return (np.floor(lo_edge / size).astype(np.int64),
+            np.ceil(hi_edge / size).astype(np.int64) - 1)
+
+
+def _through_bins(chunks, own, bin_shape, other) -> set:
+    """Chunks of width ``other`` meeting a bin that meets one of
+    ``chunks`` (width ``own``).  Tight: a vertex ``p`` of chunk ``c`` has
+    ``c*own <= p < (c+1)*own``, its bin ``k`` ``k*b <= p < (k+1)*b``."""
+    import numpy as np
+    c = np.asarray(sorted(chunks), dtype=np.int64).reshape(len(chunks), -1)
+    own, b, other = (np.asarray(x, dtype=np.float64) for x in (own, bin_shape, other))
+    k_lo, k_hi = _spans(c * own, (c + 1) * own, b)
+    lo, hi = _spans(k_lo * b, (k_hi + 1) * b, other)
+    return _unique_rows(_box_cells(lo, hi))
+
+
+def reachable_targets(chunks, source_chunk, bin_shape, target_chunk) -> set:
+    """Target chunks a metavertex can be homed in when a vertex of one of
+    the source ``chunks`` (lying inside its chunk) is in its bin: the
+    target chunks meeting the bins that meet the chunk.  A centroid lies
+    between its bin's vertices, so inside the bin."""
+    return _through_bins(chunks, source_chunk, bin_shape, target_chunk)
+
+
+def supporting_sources(targets, target_chunk, bin_shape, source_chunk) -> set:
+    """Source chunks whose (well placed) vertices can fall in a bin that
+    meets one of the target chunks: everything a metavertex homed there
+    is summed from."""
+    return _through_bins(targets, target_chunk, bin_shape, source_chunk)
+
+
+def dilate(chunks, by) -> set:
+    """The chunks within ``by`` chunks (per axis) of any of ``chunks``."""
+    import numpy as np
+    c = np.asarray(sorted(chunks), dtype=np.int64).reshape(len(chunks), -1)
+    by = np.asarray(by, dtype=np.int64)
+    return _unique_rows(_box_cells(c - by, c + by))
+
+
+@dataclass(frozen=True)
+class ChunkRegion:
+    """One step restricted to chunks: ``targets``, the coarse chunks whose
+    cells (vertices, fragments, ``-1`` links, and the ``+1`` cells into
+    them) are recomputed whole, and ``sources``, the source chunks read to
+    do so -- every chunk with a vertex in a bin homed in a target;
+    ``rows``: ids of the objects recomputed whatever chunks they name
+    (their level-0 manifest changed)."""
+
+    targets: frozenset
+    sources: frozenset
+    rows: frozenset = frozenset()
+
+
+def chunk_region(changed, *, old_links: dict, present, source_chunk, bin_shape,
+                 target_chunk, fallen=(), rows=frozenset()) -> ChunkRegion:
+    """The region of one step, from the source chunks whose content
+    changed (``changed``: their vertices, fragments or weights; their new
+    vertices inside their chunks) and the source level's ``+1`` cells as
+    they were (``old_links``: source chunk -> target chunks it links into).
+    ``fallen``: target chunks holding metavertices whose weights fell (an
+    object no longer names their fragments): their bins' centroids move,
+    within the bins.
+
+    Targets: those a changed chunk reaches now or did before.  Sources:
+    the present chunks supporting the targets' bins, and any chunk whose
+    old links leave its own reach (a vertex outside its chunk) towards the
+    targets' neighbours, where a bin meeting a target can be homed."""
+    targets = reachable_targets(changed, source_chunk, bin_shape, target_chunk) if changed \
+        else set()
+    for c in changed:
+        targets.update(old_links.get(tuple(c), ()))
+    if fallen:
+        targets |= _through_bins(fallen, target_chunk, bin_shape, target_chunk)
+    if not targets:
+        return ChunkRegion(frozenset(), frozenset(), frozenset(rows))
+    present = {tuple(c) for c in present}
+    sources = supporting_sources(targets, target_chunk, bin_shape, source_chunk) & present
+    import math
+    reach = [int(math.ceil(b / t)) for b, t in zip(bin_shape, target_chunk)]
+    near = dilate(targets, reach)
+    for c, linked in old_links.items():
+        if c in sources or c not in present:
+            continue
+        own = reachable_targets([c], source_chunk, bin_shape, target_chunk)
+        if any(t in near for t in set(linked) - own):
+            sources.add(c)
+    return ChunkRegion(frozenset(targets), frozenset(sources), frozenset(rows))

@@ -63,9 +63,18 @@ def _objects(g: Graph, tok: str, spec, n_rows: int, sparsity: Sparsity, attrs: l
     return g.add(tok, objs.object_table, 0, spec, n_rows, sparsity, attrs, *context)
 
 
-def _object_refs(g: Graph, tok: str, spec, n_buckets: int, objects):
-    refs = [g.add(tok, objs.object_refs, k, spec, k, objects) for k in range(n_buckets)]
+def _object_refs(g: Graph, tok: str, spec, n_buckets: int, objects, region):
+    refs = [g.add(tok, objs.object_refs, k, spec, k, objects, region) for k in range(n_buckets)]
     return refs, (g.add(tok, xch.join, "refs", *refs) if refs else None)
+
+
+def _old_sequences(g: Graph, tok: str, spec, region, refs_done) -> list:
+    """A region's: the old parents of fragments outside it that its
+    recomputed objects name."""
+    if region is None or refs_done is None:
+        return []
+    return [g.add(tok, lnk.old_sequences, q, spec, q, region, refs_done)
+            for q in range(region.n_old)]
 
 
 def _bin_partials(g: Graph, tok: str, spec, layout: StepLayout, refs_done):
@@ -77,12 +86,12 @@ def _pick(g: Graph, tok: str, src, *path):
     return g.add(tok, xch.pick, f"{src[1]}:{':'.join(map(str, path))}-{src[0]}", src, *path)
 
 
-def _reduce(g: Graph, tok: str, spec, layout: StepLayout, partials):
+def _reduce(g: Graph, tok: str, spec, layout: StepLayout, partials, region):
     senders: dict[int, list[int]] = {}
     for b, parts in enumerate(layout.block_partitions):
         for p in parts:
             senders.setdefault(p, []).append(b)
-    return {p: g.add(tok, shuffle.reduce_metavertices, p, spec, p, blocks,
+    return {p: g.add(tok, shuffle.reduce_metavertices, p, spec, p, blocks, region,
                      *[_pick(g, tok, partials[b], "exchange", p) for b in blocks])
             for p, blocks in sorted(senders.items())}
 
@@ -108,19 +117,20 @@ def _resolve(g: Graph, tok: str, spec, layout: StepLayout, reduced, writes):
     return out
 
 
-def _links(g: Graph, tok: str, spec, layout: StepLayout, partials, resolved):
+def _links(g: Graph, tok: str, spec, layout: StepLayout, partials, resolved, region):
     links = []
     for b, parts in enumerate(layout.block_partitions):
         answers = [g.add(tok, lnk.answer_for, f"{b}:{p}", resolved[p], b, p)
                    for p in parts if p in resolved]
-        links.append(g.add(tok, lnk.links_and_sequences, b, spec, b, partials[b], *answers))
+        links.append(g.add(tok, lnk.links_and_sequences, b, spec, b, partials[b], region,
+                           *answers))
     return links
 
 
 def _manifests(g: Graph, tok: str, spec, n_rows: int, refs, links):
     if not refs:
         return []
-    done = g.add(tok, xch.join, "sequences", *links)
+    done = g.add(tok, xch.join, "sequences", *links)  # and any old_sequences
     return [g.add(tok, mans.write_manifests, k, spec, k, refs[k], run, done)
             for k, run in enumerate(split_runs(n_rows, nm.MANIFEST_BUCKET))]
 
@@ -145,21 +155,30 @@ def shard_writers(g: Graph, tok: str, store, routes, writers) -> list:
 
 
 def step_graph(spec, layout: StepLayout, *, n_rows: int, sparsity: Sparsity,
-               attribute_names: list[str], token: str) -> Graph:
-    """The whole step: its one output is ``level_summary``'s counts."""
+               attribute_names: list[str], token: str, region=None) -> Graph:
+    """The whole step: its one output is ``level_summary``'s counts.
+    ``region`` (a ``StepRegion``, a refresh): the same stages over its
+    source blocks, writing its target chunks, the manifest rows crossing
+    it and no object attribute (unchanged); the documents are left to the
+    driver (``region_summary``)."""
     g = Graph({})
     context = _sparsity_context(g, token, spec, layout, n_rows, sparsity) \
         if spec.has_objects else []
     objects = _objects(g, token, spec, n_rows, sparsity, attribute_names, context) \
         if spec.has_objects else None
     n_buckets = len(split_runs(n_rows, nm.MANIFEST_BUCKET)) if spec.has_objects else 0
-    refs, refs_done = _object_refs(g, token, spec, n_buckets, objects)
+    refs, refs_done = _object_refs(g, token, spec, n_buckets, objects, region)
+    old = _old_sequences(g, token, spec, region, refs_done)
     partials = _bin_partials(g, token, spec, layout, refs_done)
-    reduced = _reduce(g, token, spec, layout, partials)
+    reduced = _reduce(g, token, spec, layout, partials, region)
     writes = _write_vertices(g, token, spec, layout, reduced)
     resolved = _resolve(g, token, spec, layout, reduced, writes)
-    links = _links(g, token, spec, layout, partials, resolved)
-    manifests = _manifests(g, token, spec, n_rows, refs, links)
+    links = _links(g, token, spec, layout, partials, resolved, region)
+    manifests = _manifests(g, token, spec, n_rows, refs, [*links, *old])
+    if region is not None:
+        g.output = g.add(token, smy.region_summary, 0, objects, len(manifests), *manifests,
+                         *writes.values(), *links, *old)
+        return g
     attrs = _attributes(g, token, spec, n_rows, attribute_names, objects) \
         if spec.has_objects else []
     shards = shard_writers(g, token, spec.store, spec.shard_routes, [*writes.values(), *links])

@@ -11,12 +11,15 @@ import numpy as np
 from ..format import codecs as cdc
 from ..format import naming as nm
 from ..storage.store import Store
+from ..errors import FormatError
 from .cells import ShardRoute, put_cells, route_to
-from .exchange import send_exchange
-from .spec import StepSpec, _pair_key, chunk_coords
+from .exchange import received, send_exchange
+from .spec import StepSpec, _pair_key, _read_source_chunks, chunk_coords
+from .vertices import OLD_PARENT
 
 __all__ = ["row_ids", "LinkCells", "partition_links", "distinct_rows", "write_link_cells",
-           "links_and_sequences", "answer_for"]
+           "links_and_sequences", "send_sequences", "old_parents", "old_sequences",
+           "answer_for"]
 
 
 # ------------------------------------------------------------- stage 5
@@ -161,7 +164,7 @@ def write_link_cells(store: Store, level: int, delta: int, origin, links: LinkCe
     return written
 
 
-def links_and_sequences(spec: StepSpec, block: int, partials: dict,
+def links_and_sequences(spec: StepSpec, block: int, partials: dict, region,
                         *answers: dict | None) -> dict:
     """Per source block, once every key has its metavertex:
 
@@ -171,6 +174,10 @@ def links_and_sequences(spec: StepSpec, block: int, partials: dict,
       owning that chunk holds all of them;
     * per named fragment, its metavertex sequence (consecutive repeats
       dropped) routed to the manifest buckets that name it.
+
+    ``region`` (a ``StepRegion``): cells are written into its target
+    chunks only; keys homed elsewhere keep the parents their old ``+1``
+    cells give, for the sequences.
     """
     state = partials["state"]
     ref_parts = state["ref_parts"]
@@ -213,29 +220,119 @@ def links_and_sequences(spec: StepSpec, block: int, partials: dict,
                 links.mirrored(spec.scale_source, spec.scale_target),
                 route=route_to(spec.shard_routes, spec.target_level), sender=f"l{block}-")
     if spec.has_objects and ref_parts:
-        # Instances are grouped by fragment, chunks and fragments ascending,
-        # so the pair keys of the flat order are sorted.
-        inst_key = _pair_key(inst_chunk, state["inst_frag"])
+        if region is not None and np.any(loc_frag == OLD_PARENT):
+            _old_parents_of_keys(spec, region, state, loc_chunk, loc_frag)
+            par_frag = loc_frag[inverse]
         # A fragment's metavertex sequence drops consecutive repeats (equal
         # chunks have equal ranks).
         par_rank = distinct_rows(loc_chunk)[1][inverse]
-        same = np.zeros(inst_key.size, dtype=bool)
-        same[1:] = (inst_key[1:] == inst_key[:-1]) & (par_frag[1:] == par_frag[:-1]) & \
-            (par_rank[1:] == par_rank[:-1])
-        kept_pos = np.flatnonzero(~same)
-        kept_key = inst_key[kept_pos]
-        sequences = {}
-        for bucket, part in ref_parts:
-            want = _pair_key(part["chunk"], part["frag"])
-            lo = np.searchsorted(kept_key, want, side="left")
-            n = np.searchsorted(kept_key, want, side="right") - lo  # 0: missing or empty
-            idx = kept_pos[cdc.expand_ranges(lo, n)]
-            sequences[bucket] = {
-                "chunk": part["chunk"], "frag": part["frag"], "ptr": np.r_[0, np.cumsum(n)],
-                "seq_chunk": loc_chunk[inverse[idx]], "seq_frag": par_frag[idx]}
-        send_exchange(spec.store, sequences, spec.target_level, "sequences", block)
-        result["sequences"] = sorted(sequences)
+        result["sequences"] = send_sequences(
+            spec, block, _pair_key(inst_chunk, state["inst_frag"]), par_rank, par_frag,
+            lambda idx: loc_chunk[inverse[idx]], ref_parts)
     return result
+
+
+def send_sequences(spec: StepSpec, sender: int, inst_key, par_rank, par_frag, chunk_of,
+                   ref_parts) -> list[int]:
+    """Send each manifest bucket the metavertex sequences of the fragments
+    it names (``ref_parts``: ``[(bucket, {"chunk", "frag"})]``), given
+    every instance's pair key (grouped by fragment, chunks and fragments
+    ascending: sorted), its parent's chunk rank and fragment, and
+    ``chunk_of(instances)``, their parents' chunks.  Returns the buckets."""
+    same = np.zeros(inst_key.size, dtype=bool)
+    same[1:] = (inst_key[1:] == inst_key[:-1]) & (par_frag[1:] == par_frag[:-1]) & \
+        (par_rank[1:] == par_rank[:-1])
+    kept_pos = np.flatnonzero(~same)
+    kept_key = inst_key[kept_pos]
+    sequences = {}
+    for bucket, part in ref_parts:
+        want = _pair_key(part["chunk"], part["frag"])
+        lo = np.searchsorted(kept_key, want, side="left")
+        n = np.searchsorted(kept_key, want, side="right") - lo  # 0: missing or empty
+        idx = kept_pos[cdc.expand_ranges(lo, n)]
+        sequences[bucket] = {
+            "chunk": part["chunk"], "frag": part["frag"], "ptr": np.r_[0, np.cumsum(n)],
+            "seq_chunk": chunk_of(idx), "seq_frag": par_frag[idx]}
+    send_exchange(spec.store, sequences, spec.target_level, "sequences", sender)
+    return sorted(sequences)
+
+
+# ------------------------------------------------- a region's old parents
+def old_parents(spec: StepSpec, region, chunk_ids: np.ndarray,
+                sizes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each instance's parent (chunk, fragment) as the source level's
+    ``+1`` cells into chunks outside ``region``'s targets say it (a
+    region refresh never rewrites those); fragment -1 where none does.
+    Instances are the chunks' flat order, ``sizes`` per chunk."""
+    fam = nm.links_family_path(spec.source_level, +1)
+    segs = [s for s in spec.store.listdir(fam) if s != "zarr.json"]
+    coords = chunk_coords(spec, chunk_ids)
+    anchors = _anchor(coords, spec.scale_source, spec.scale_target)
+    cells = []
+    for i, cc in enumerate(coords.tolist()):
+        for seg in segs:
+            target = anchors[i] + np.asarray([int(x) for x in seg.split(".")], dtype=np.int64)
+            if not region.has_target(spec, target[None])[0]:
+                cells.append((i, target, nm.cell_path(f"{fam}/{seg}", cc, spec.source_origin)))
+    raw = spec.store.get_many([k for _, _, k in cells])
+    base = np.cumsum(sizes) - sizes
+    par_chunk = np.zeros((int(np.sum(sizes)), spec.ndim), dtype=np.int64)
+    par_frag = np.full(int(np.sum(sizes)), -1, dtype=np.int64)
+    for i, target, key in cells:
+        if raw[key] is None:
+            continue
+        rec = cdc.decode_link_cell(cdc.unframe_cell(raw[key], what=spec.store.describe(key)))
+        inst = base[i] + rec[:, 0]
+        par_chunk[inst] = target
+        par_frag[inst] = rec[:, 1]
+    return par_chunk, par_frag
+
+
+def _old_parents_of_keys(spec: StepSpec, region, state: dict, loc_chunk, loc_frag) -> None:
+    """Fill the keys homed outside the region (``OLD_PARENT``) with the
+    parent their instances' old ``+1`` records give (one metavertex per
+    key: any instance will do)."""
+    inverse = state["inverse"]
+    pc, pf = old_parents(spec, region, state["chunk_ids"], state["chunk_instances"])
+    one = np.empty(loc_frag.size, dtype=np.int64)
+    one[inverse] = np.arange(inverse.size, dtype=np.int64)
+    keys = np.flatnonzero(loc_frag == OLD_PARENT)
+    loc_chunk[keys] = pc[one[keys]]
+    loc_frag[keys] = pf[one[keys]]
+    if np.any(loc_frag[keys] < 0):
+        raise FormatError(f"{spec.store.describe(nm.links_family_path(spec.source_level, 1))}: "
+                          f"a vertex outside the refreshed region has no +1 link: the links "
+                          f"do not match the level; rebuild the pyramid")
+
+
+def old_sequences(spec: StepSpec, task: int, region, *_refs_done) -> list[int]:
+    """The metavertex sequences of fragments outside ``region``'s source
+    chunks that its recomputed objects name (sent here by
+    ``object_refs``), from their old ``+1`` records: their parents do
+    not change."""
+    parts = received(spec, "oldrefs", task)
+    if not parts:
+        return []
+    chunks = np.unique(np.concatenate([p["chunk"] for _, p in parts]))
+    ids, sizes, inst_frag = [], [], []
+    for num, _, _, members, lengths in _read_source_chunks(spec, chunks):
+        ids.append(num)
+        sizes.append(int(members.size))
+        inst_frag.append(np.repeat(np.arange(lengths.size, dtype=np.int64), lengths))
+    ids_a, sizes_a = np.asarray(ids, dtype=np.int64), np.asarray(sizes, dtype=np.int64)
+    pc, pf = old_parents(spec, region, ids_a, sizes_a)
+    inst_key = _pair_key(np.repeat(ids_a, sizes_a), np.concatenate(inst_frag))
+    named = np.isin(inst_key, np.concatenate([_pair_key(p["chunk"], p["frag"]) for _, p in parts]))
+    if np.any(pf[named] < 0):
+        raise FormatError(f"{spec.store.describe(nm.links_family_path(spec.source_level, 1))}: "
+                          f"a vertex of a named fragment has no +1 link: the links do not "
+                          f"match the level; rebuild the pyramid")
+    return send_sequences(spec, OLD_SENDER + task, inst_key, row_ids(pc), pf,
+                          lambda idx: pc[idx], parts)
+
+
+#: Sender number of the first ``old_sequences`` task (after every block).
+OLD_SENDER = 1 << 30
 
 
 def answer_for(resolved: dict, block: int, partition: int) -> dict | None:

@@ -53,10 +53,26 @@ def write_manifests(spec: StepSpec, bucket: int, refs: dict, target_rows: tuple[
         warnings.simplefilter("ignore")
         arr = zarr.open_array(spec.store.zarr_store(),
                               path=f"{spec.target_level}/{nm.OBJECT_INDEX}/manifests", mode="r+")
+        if "rc" in refs:  # a region: the other rows keep their blobs
+            blobs = _spliced(spec, arr, target_rows, kept, refs["rc"], blobs)
+            present = sum(len(b) > 4 for b in blobs)  # a count of 0 is 4 bytes
+        else:
+            present = int(np.count_nonzero(row_counts))
         obj = np.empty(len(blobs), dtype=object)
         obj[:] = blobs
         arr[target_rows[0]:target_rows[1]] = obj
-    return int(np.count_nonzero(row_counts))
+    return present
+
+
+def _spliced(spec: StepSpec, arr, target_rows, kept, rc, blobs) -> list:
+    """A region's bucket: the recomputed rows (kept, naming a source chunk
+    of the region) from ``blobs``, the others as they are stored."""
+    lo, hi = target_rows
+    path = f"{spec.target_level}/{nm.OBJECT_INDEX}/manifests"
+    old = fcells.read_rows_checked(spec.store, arr, path, lo, hi)
+    redo = np.zeros(kept.size, dtype=bool)
+    redo[np.flatnonzero(kept)] = rc
+    return [blobs[i] if redo[i] else bytes(old[i]) for i in range(kept.size)]
 
 
 # ------------------------------------------------------------- stage 8

@@ -17,7 +17,8 @@ from ..storage.store import Store
 from .exchange import read_exchange, send_exchange
 from .spec import StepSpec, _pair_key, _split_by, block_of, chunk_numbers
 
-__all__ = ["read_object_ids", "object_table", "send_keep_flags", "attribute_survivors", "object_refs"]
+__all__ = ["read_object_ids", "object_table", "send_keep_flags", "attribute_survivors",
+           "row_digests", "object_refs"]
 
 
 def read_object_ids(store: Store, level: int, n_rows: int) -> np.ndarray:
@@ -59,6 +60,8 @@ def object_table(spec: StepSpec, n_rows: int, sparsity: Sparsity, attribute_name
         if all("points" in p for p in parts):
             points = np.concatenate([p["points"] for p in parts])
     keep = sparsity.kept(n_rows, lengths=lengths, points=points)
+    if spec.source_level == 0:  # object_refs records them again
+        spec.store.remove_tree(nm.MANIFEST_DIGESTS)
     # Coarse rows are in id order: row r comes from source row perm[r].
     perm = np.argsort(ids, kind="stable")
     t = spec.target_level
@@ -82,7 +85,8 @@ def object_table(spec: StepSpec, n_rows: int, sparsity: Sparsity, attribute_name
         zarr.open_array(zs, path=f"{t}/{nm.OBJECT_INDEX}/object_ids", mode="r+")[:] = ids[perm]
     for k, a in enumerate(range(0, n_rows, nm.MANIFEST_BUCKET)):
         rows = perm[a:a + nm.MANIFEST_BUCKET]
-        send_exchange(spec.store, {k: {"src_rows": rows, "kept": keep[rows]}}, t, "objects", 0)
+        send_exchange(spec.store, {k: {"src_rows": rows, "kept": keep[rows], "ids": ids[rows]}},
+                      t, "objects", 0)
     if attribute_names:
         send_keep_flags(spec.store, t, keep, range(-(-n_rows // nm.ATTRIBUTE_BUCKET)))
     return int(keep.sum())
@@ -109,14 +113,24 @@ def attribute_survivors(spec, n_rows: int, sparsity: Sparsity, buckets: tuple,
     return int(keep.sum())
 
 
-def object_refs(spec: StepSpec, bucket: int, _objects_done=None) -> dict:
+def row_digests(blobs) -> np.ndarray:
+    """An 8-byte digest of each manifest blob."""
+    import hashlib
+    return np.fromiter((int.from_bytes(hashlib.blake2b(b, digest_size=8).digest(), "little")
+                        for b in blobs), dtype=np.uint64, count=len(blobs))
+
+
+def object_refs(spec: StepSpec, bucket: int, _objects_done=None, region=None) -> dict:
     """Decode one bucket of source manifests.
 
     The bucket's rows (coarse rows, in id order) come from the source rows
     ``object_table`` sent it, with their kept flags.  Returns the kept rows'
     fragment references (for manifest assembly) and sends, per source
     block, how many times each fragment is named (its weight in the
-    centroids).
+    centroids).  ``region`` (a ``StepRegion``): only the weights of its
+    source chunks are sent; the kept rows naming one of them are the rows
+    recomputed (``rc``), and their other fragments are sent to the tasks
+    reading old parents (``old_sequences``).
     """
     import zarr
     (mine,) = read_exchange(spec.store, [nm.exchange_key(spec.target_level, "objects",
@@ -136,12 +150,19 @@ def object_refs(spec: StepSpec, bucket: int, _objects_done=None) -> dict:
             rows = fcells.read_rows_checked(spec.store, arr, spec.manifests_path, lo, hi)
             for i in np.flatnonzero(which == c).tolist():
                 blobs[i] = bytes(rows[int(wanted[i]) - lo])
+    if spec.source_level == 0:  # what a refresh tells changed rows by
+        spec.store.put(f"{nm.MANIFEST_DIGESTS}/{bucket}", cdc.pack_columns(
+            {"rows": wanted, "digest": row_digests(blobs)}))
     table = cdc.decode_manifest_table(blobs, spec.ndim)
     counts, ref_frag = table.counts, table.frags
     # References to chunks outside the grid are skipped, as the reference
     # skips missing fragments (absent chunks inside it simply have none).
     ref_chunk = chunk_numbers(spec, table.coords)
     ok = ref_chunk >= 0
+    out = {"kept": kept, "counts": counts, "ref_chunk": ref_chunk, "ref_frag": ref_frag}
+    if region is not None:
+        ok, out["rc"] = _region_refs(spec, bucket, region, counts, ref_chunk, ref_frag, ok,
+                                     mine["ids"][kept])
     by_block: dict[int, dict[str, np.ndarray]] = {}
     if ok.any():
         uniq, mult = np.unique(_pair_key(ref_chunk[ok], ref_frag[ok]), return_counts=True)
@@ -150,4 +171,24 @@ def object_refs(spec: StepSpec, bucket: int, _objects_done=None) -> dict:
                              mult=mult.astype(np.int64))
     # Each block's share goes to an exchange file, not a task per pair.
     send_exchange(spec.store, by_block, spec.target_level, "refs", bucket)
-    return {"kept": kept, "counts": counts, "ref_chunk": ref_chunk, "ref_frag": ref_frag}
+    return out
+
+
+def _region_refs(spec: StepSpec, bucket: int, region, counts, ref_chunk, ref_frag, ok, ids):
+    """A region's references: the mask of those into its source chunks
+    (the only weights its blocks need), and the rows recomputed (``rc``):
+    those naming one, and the objects whose level-0 manifest changed
+    (``region.rows``); their other fragments go to ``old_sequences``
+    tasks by chunk."""
+    inside = ok & region.has_source(ref_chunk)
+    owner = np.repeat(np.arange(counts.size), counts)
+    rc = (np.bincount(owner[inside], minlength=counts.size) > 0) | \
+        np.isin(ids, region.rows)
+    other = ok & ~inside & rc[owner]
+    if other.any():
+        uniq = np.unique(_pair_key(ref_chunk[other], ref_frag[other]))
+        chunk = uniq >> 32
+        send_exchange(spec.store, _split_by(chunk % region.n_old, chunk=chunk,
+                                            frag=uniq & 0xFFFFFFFF),
+                      spec.target_level, "oldrefs", bucket)
+    return inside, rc

@@ -25,6 +25,8 @@ from . import attributes as va
 from . import graph as sgraph
 from .cells import ShardRoute
 from .exchange import drop_exchange
+from ..planning.region import ChunkRegion
+from .region import RegionNotApplicable, discard_stale, region_documents, step_region
 from .source import SourceLevel, chunk_table, read_source_level
 from .spec import StepSpec
 
@@ -32,13 +34,17 @@ __all__ = ["run_step", "plan_step", "step_shard_routes", "step_graph"]
 
 
 # ---------------------------------------------------------------- one step
-def run_step(client, store: Store, lv: LevelPlan, **kwargs) -> StepReport:
+def run_step(client, store: Store, lv: LevelPlan, *, region: ChunkRegion | None = None,
+             **kwargs) -> StepReport:
     """One coarsening step; its exchange files are scratch and go with it.
     A step that fails (its tasks already stopped by ``execute``) leaves
     nothing behind: what it wrote was unpublished, and a plain rerun must
-    not find a half-written level in its way."""
+    not find a half-written level in its way.  ``region`` (a refresh in
+    place): the step restricted to it (``step/region.py``)."""
     drop_exchange(store, lv.target_level)  # leftovers of an interrupted attempt
     try:
+        if region is not None:
+            return _run_region_step(client, store, lv, region, **kwargs)
         return _run_step(client, store, lv, **kwargs)
     except BaseException:
         cleanup(lambda: _discard_unpublished(store, lv),
@@ -62,13 +68,17 @@ def _discard_unpublished(store: Store, lv: LevelPlan) -> None:
 
 def plan_step(store: Store, lv: LevelPlan, src: SourceLevel, root_meta, *,
               sparsity_strategy: str, sparsity_seed, vertex_attributes=None,
-              attribute_aggregation=None):
+              attribute_aggregation=None, sources: np.ndarray | None = None):
     """The step's spec, layout and graph inputs, from metadata and one
-    listing (no cell is read)."""
+    listing (no cell is read).  ``sources`` (a region): the only source
+    chunk numbers its blocks read."""
     ndim = root_meta.sid_ndim
     s_origin, s_grid = lv.source_grid
     t_origin, t_grid = lv.target_grid
     numbers, weights = chunk_table(store, src.vertices, s_origin, s_grid, ndim, src.vertex_count)
+    if sources is not None:
+        mine = np.isin(numbers, sources)
+        numbers, weights = numbers[mine], weights[mine]
     layout = step_layout(numbers=numbers, weights=weights, source_origin=s_origin,
                          source_grid=s_grid, source_chunk_shape=lv.source_chunk_shape,
                          target_origin=t_origin, target_grid=t_grid, chunk_shape=lv.chunk_shape,
@@ -163,22 +173,69 @@ def _run_step(client, store: Store, lv: LevelPlan, *, root_meta, sparsity_strate
         report.seconds = time.perf_counter() - t_start
         return report
     t0 = time.perf_counter()
+    _publish(store, lv, src, root_meta, n_meta, out.get("num_present", 0),
+             vertex_attributes=bool(out.get("vertex_attributes")))
+    report.stage_seconds["commit"] = time.perf_counter() - t0
+    report.summary = {"vertex_count": int(n_meta), "object_count": int(n_kept),
+                      "objects_kept": int(n_kept), "source_objects": int(n_src_objects),
+                      "method": "per_object", "preserves_object_ids": True,
+                      "shared_fragments": True}
+    report.seconds = time.perf_counter() - t_start
+    return report
+
+
+def _publish(store: Store, lv: LevelPlan, src: SourceLevel, root_meta, n_meta: int,
+             num_present: int, *, vertex_attributes: bool) -> None:
+    """The level's groups, the level (its vertex count) and the root."""
+    n_src_objects = src.n_rows if src.has_objects else 1
     object_index = None
     if src.has_objects:
         object_index = {"zv_array": "object_index", "num_objects": int(n_src_objects),
-                        "num_present": int(out["num_present"]), "sid_ndim": root_meta.sid_ndim,
+                        "num_present": int(num_present), "sid_ndim": root_meta.sid_ndim,
                         "layout": "vlen_manifests_v2", "object_ids_sorted": True}
     caps = ([nm.CAP_PRESERVED_OBJECT_IDS] if src.has_objects else []) + [nm.CAP_SHARED_FRAGMENTS]
     cm.publish_level(store, cm.LevelCommit(
         source_level=lv.source_level, target_level=lv.target_level,
         level_attrs=_level_attrs(lv, n_meta, src.has_objects, n_src_objects, root_meta,
-                                 vertex_attributes=bool(out.get("vertex_attributes"))),
+                                 vertex_attributes=vertex_attributes),
         target_origin=lv.target_grid[0], target_grid=lv.target_grid[1], vertex_chunks=[],
         object_index=object_index, has_attributes=bool(src.attribute_names),
         bin_shape=lv.bin_shape, capabilities=caps), root_bin=root_meta.effective_bin_shape)
+
+
+def _run_region_step(client, store: Store, lv: LevelPlan, region: ChunkRegion, *, root_meta,
+                     sparsity_strategy: str, sparsity_seed, progress: Callable | None = None,
+                     vertex_attributes=None, attribute_aggregation=None) -> StepReport:
+    """The step restricted to ``region`` on a ``changes_only`` store: its
+    graph, then the region's stale cells removed, the documents from a
+    listing, and the level published (only what differs is written)."""
+    t_start = time.perf_counter()
+    report = StepReport(target_level=lv.target_level)
+    src = read_source_level(store, lv.source_level, root_meta.sid_ndim)
+    if vertex_attributes is not None or lv.shard_shape or not src.vertices.chunks:
+        raise RegionNotApplicable(f"level {lv.target_level}: a region refresh needs an "
+                                  f"unsharded level without per-vertex attributes")
+    sreg = step_region(lv, region, n_old=lv.n_workers)
+    spec, layout, sparsity = plan_step(store, lv, src, root_meta,
+                                       sparsity_strategy=sparsity_strategy,
+                                       sparsity_seed=sparsity_seed, sources=sreg.sources)
+    token = uuid.uuid4().hex[:12]
+    graph = sgraph.step_graph(spec, layout, n_rows=src.n_rows, sparsity=sparsity,
+                              attribute_names=src.attribute_names, token=token, region=sreg)
+    out = execute(client, graph, token, report, name=f"level {lv.target_level} (region)",
+                  progress=progress)
+    t0 = time.perf_counter()
+    store.note_changed(discard_stale(store, spec, sreg, store.logged_keys()))
+    n_meta = region_documents(store, spec)
+    if n_meta == 0:
+        raise RegionNotApplicable(f"level {lv.target_level} comes out empty")
+    _publish(store, lv, src, root_meta, n_meta, out["num_present"], vertex_attributes=False)
     report.stage_seconds["commit"] = time.perf_counter() - t0
+    n_kept = out["objects_kept"] if src.has_objects else 1
+    report.vertex_count, report.objects_kept = n_meta, int(n_kept)
     report.summary = {"vertex_count": int(n_meta), "object_count": int(n_kept),
-                      "objects_kept": int(n_kept), "source_objects": int(n_src_objects),
+                      "objects_kept": int(n_kept),
+                      "source_objects": int(src.n_rows if src.has_objects else 1),
                       "method": "per_object", "preserves_object_ids": True,
                       "shared_fragments": True}
     report.seconds = time.perf_counter() - t_start

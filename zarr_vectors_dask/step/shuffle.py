@@ -158,9 +158,12 @@ def _route(spec: StepSpec, block: int, partitions: list[int], ukeys, sums, count
 
 
 # ------------------------------------------------------------- stage 2
-def reduce_metavertices(spec: StepSpec, partition: int, sources: list[int], *parts: dict) -> dict:
+def reduce_metavertices(spec: StepSpec, partition: int, sources: list[int], region,
+                        *parts: dict) -> dict:
     """Sum the partials of one partition into metavertices (centroid, count)
-    and route each to the target block of the chunk its centroid falls in."""
+    and route each to the target block of the chunk its centroid falls in.
+    ``region`` (a ``StepRegion``): only metavertices homed in its target
+    chunks are written; the others (``outside``) keep their old parents."""
     # Planned routes are a superset of the real ones: drop empty senders.
     sources = [s_ for s_, p in zip(sources, parts) if p is not None]
     parts = tuple(p for p in parts if p is not None)
@@ -180,6 +183,10 @@ def reduce_metavertices(spec: StepSpec, partition: int, sources: list[int], *par
         centroid[:, a] = np.bincount(inv, weights=sums[:, a], minlength=n_u) / np.maximum(total, 1)
     exists = np.flatnonzero(total > 0)
     chunks = np.floor(centroid[exists] / np.asarray(spec.chunk_shape, dtype=np.float64)).astype(np.int64)
+    outside = np.empty(0, dtype=np.int64)
+    if region is not None:
+        mine = region.has_target(spec, chunks)
+        outside, exists, chunks = exists[~mine], exists[mine], chunks[mine]
     tb = _target_block(spec, chunks)
     offsets = np.cumsum([0] + [p["keys"].shape[0] for p in parts])
     attrs = {}
@@ -195,5 +202,5 @@ def reduce_metavertices(spec: StepSpec, partition: int, sources: list[int], *par
         attrs[f"va{i}"] = vals[exists]
     out = _split_by(tb, mv=exists, chunk=chunks, key=ukeys[exists], centroid=centroid[exists],
                     **attrs)
-    return {"to_target": out, "inverse": inv, "n_unique": n_u,
+    return {"to_target": out, "inverse": inv, "n_unique": n_u, "outside": outside,
             "source_slices": {s: (int(offsets[i]), int(offsets[i + 1])) for i, s in enumerate(sources)}}

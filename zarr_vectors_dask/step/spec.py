@@ -4,7 +4,7 @@ reading source chunks."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -14,7 +14,8 @@ from ..format import codecs as cdc
 from ..format import naming as nm
 from ..storage.store import Store
 
-__all__ = ["StepSpec", "LevelPair", "chunk_numbers", "chunk_coords", "block_of"]
+__all__ = ["StepSpec", "LevelPair", "StepRegion", "chunk_numbers", "chunk_coords", "block_of",
+           "target_numbers"]
 
 
 @dataclass(frozen=True)
@@ -66,6 +67,45 @@ class LevelPair:
     store: Store
     source_level: int
     target_level: int
+
+
+@dataclass(frozen=True)
+class StepRegion:
+    """A step restricted to a region (a refresh; ``planning.region``), as
+    its tasks see it: the target chunks recomputed whole (``targets``,
+    target-grid numbers) and the source chunks read (``sources``, chunk
+    numbers), both sorted; ``n_old`` tasks read the old parents of the
+    fragments outside ``sources`` that objects crossing it name."""
+
+    targets: np.ndarray
+    sources: np.ndarray
+    n_old: int = 1
+    rows: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))
+
+    def has_target(self, spec: "StepSpec", chunks: np.ndarray) -> np.ndarray:
+        return _member(self.targets, target_numbers(spec, chunks))
+
+    def has_source(self, numbers: np.ndarray) -> np.ndarray:
+        return _member(self.sources, np.asarray(numbers, dtype=np.int64))
+
+
+def _member(sorted_set: np.ndarray, values: np.ndarray) -> np.ndarray:
+    if sorted_set.size == 0:
+        return np.zeros(values.shape, dtype=bool)
+    at = np.clip(np.searchsorted(sorted_set, values), 0, sorted_set.size - 1)
+    return (sorted_set[at] == values) & (values >= 0)
+
+
+def target_numbers(spec: "StepSpec", chunks: np.ndarray) -> np.ndarray:
+    """Row-major index of target chunks in the target grid; -1 outside it."""
+    chunks = np.asarray(chunks, dtype=np.int64).reshape(-1, spec.ndim)
+    shape = np.asarray(spec.target_grid_shape, dtype=np.int64)
+    rel = chunks - np.asarray(spec.target_origin, dtype=np.int64)
+    inside = np.all((rel >= 0) & (rel < shape), axis=1)
+    out = np.full(chunks.shape[0], -1, dtype=np.int64)
+    if inside.any():
+        out[inside] = np.ravel_multi_index(tuple(rel[inside].T), tuple(shape.tolist()))
+    return out
 
 
 # ------------------------------------------------------------- helpers

@@ -7,7 +7,7 @@ from ..format import commit as cm
 from . import attributes as va
 from .spec import StepSpec
 
-__all__ = ["level_summary"]
+__all__ = ["level_summary", "region_summary"]
 
 
 # ------------------------------------------------------------- stage 9
@@ -51,3 +51,12 @@ def level_summary(spec: StepSpec, objects_kept: int | None, n_vertex_writers: in
             "num_present": int(sum(present)),
             "links": sum(f.num_links for f in families),
             "vertex_attributes": sorted(vertex_attrs) if n_meta else []}
+
+
+def region_summary(objects_kept: int | None, n_manifest_writers: int, *results) -> dict:
+    """A region step's counts (its documents are the driver's, from a
+    listing once the stale cells are gone): kept objects and non-empty
+    manifest rows; ``results``: the manifest writers', then the rest's
+    (waited for only)."""
+    return {"objects_kept": objects_kept,
+            "num_present": int(sum(results[:n_manifest_writers]))}

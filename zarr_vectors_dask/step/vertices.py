@@ -11,7 +11,11 @@ from . import attributes as va
 from .cells import put_cells, route_to
 from .spec import StepSpec, _void
 
-__all__ = ["write_metavertices", "resolve_parents"]
+__all__ = ["write_metavertices", "resolve_parents", "OLD_PARENT"]
+
+#: The parent fragment of a key whose metavertex a region refresh leaves
+#: as it is: read from the old ``+1`` cells.
+OLD_PARENT = -2
 
 
 # ------------------------------------------------------------- stage 3
@@ -73,7 +77,8 @@ def write_metavertices(spec: StepSpec, target_block: int, partitions: list[int],
 def resolve_parents(spec: StepSpec, partition: int, reduced: dict, *located: dict | None) -> dict:
     """Answer every source block that asked this partition: for each of
     its keys, the (chunk, fragment) of the metavertex with that key, or
-    fragment -1 when no kept vertex made one."""
+    fragment -1 when no kept vertex made one (-2: homed outside the
+    region being refreshed, so its old parent stands)."""
     n_u = reduced["n_unique"]
     loc_chunk = np.zeros((n_u, spec.ndim), dtype=np.int64)
     loc_frag = np.full(n_u, -1, dtype=np.int64)
@@ -82,6 +87,7 @@ def resolve_parents(spec: StepSpec, partition: int, reduced: dict, *located: dic
             continue
         loc_chunk[part["mv"]] = part["chunk"]
         loc_frag[part["mv"]] = part["frag"]
+    loc_frag[reduced["outside"]] = OLD_PARENT
     inv = reduced["inverse"]
     out = {}
     for s, (lo, hi) in reduced["source_slices"].items():

@@ -1,0 +1,275 @@
+"""A step restricted to chunks (a refresh), driver side: its region from
+one listing of the source level's ``+1`` cells, and, once its graph ran,
+the stale cells it removes and the documents it writes from a listing.
+
+The graph is the build's (``graph.step_graph(region=...)``); what is
+recomputed and why it equals a full build is ``planning.region``'s
+``chunk_region``.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+from ..errors import BuildError
+from ..format import cells as fcells
+from ..format import codecs as cdc
+from ..format import commit as cm
+from ..format import naming as nm
+from ..planning.region import ChunkRegion, chunk_region
+from ..planning.runs import ravel
+from ..storage.store import Store
+from .spec import StepRegion, StepSpec
+
+__all__ = ["RegionNotApplicable", "RegionPlans", "changed_objects", "plan_chunk_region", "step_region", "discard_stale",
+           "region_documents"]
+
+
+class RegionNotApplicable(BuildError):
+    """The change cannot be bounded to chunks (a vertex left its chunk):
+    the refresh recomputes whole levels instead, as it reports."""
+
+
+def _scales(lv, root_chunk) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    return (tuple(int(round(c / r)) for c, r in zip(lv.source_chunk_shape, root_chunk)),
+            tuple(int(round(c / r)) for c, r in zip(lv.chunk_shape, root_chunk)))
+
+
+def _anchor(chunk, scale_from, scale_to) -> tuple[int, ...]:
+    return tuple((int(c) * int(a)) // int(b) for c, a, b in zip(chunk, scale_from, scale_to))
+
+
+def old_links(store: Store, lv, root_chunk) -> dict[tuple, set]:
+    """Source chunk -> target chunks its ``+1`` cells link into, from one
+    listing of the source level's ``+1`` family."""
+    fam = nm.links_family_path(lv.source_level, +1)
+    origin = lv.source_grid[0]
+    s_scale, t_scale = _scales(lv, root_chunk)
+    out: dict[tuple, set] = {}
+    for rel in store.keys_under(fam):
+        seg, _, cell = rel.partition("/c/")
+        if not cell:
+            continue
+        c = nm.cell_chunk(cell, origin)
+        off = nm.parse_chunk_key(seg)
+        out.setdefault(c, set()).add(tuple(a + o for a, o in zip(_anchor(c, s_scale, t_scale),
+                                                                 off)))
+    return out
+
+
+def _check_inside(store: Store, lv, info: fcells.VlenArrayInfo, changed, ndim: int,
+                  dtype: str) -> None:
+    """The changed chunks' vertices lie inside their chunks (a region is
+    bounded by chunk boxes)."""
+    present = [c for c in sorted(changed) if c in set(info.chunks)]
+    cells = fcells.read_cells(store, info, present)
+    cs = np.asarray(lv.source_chunk_shape, dtype=np.float64)
+    for c in present:
+        raw = cells.get(c)
+        if raw is None:
+            continue
+        rows = np.frombuffer(raw, dtype=np.dtype(dtype)).reshape(-1, ndim)
+        if rows.size and np.any(np.floor(rows.astype(np.float64) / cs) != np.asarray(c)):
+            raise RegionNotApplicable(
+                f"{store.describe(info.path)} chunk {nm.chunk_key(c)}: a vertex lies outside "
+                f"its chunk, so the change cannot be bounded to chunks")
+
+
+def plan_chunk_region(store: Store, lv, src, changed: set, root_chunk, *, fallen=(),
+                      rows=frozenset()) -> ChunkRegion:
+    """The region of one step from the source chunks that changed."""
+    _check_inside(store, lv, src.vertices, changed, src.ndim, src.dtype)
+    return chunk_region(sorted(changed), old_links=old_links(store, lv, root_chunk),
+                        present=src.vertices.chunks, source_chunk=lv.source_chunk_shape,
+                        bin_shape=lv.bin_shape, target_chunk=lv.chunk_shape, fallen=fallen,
+                        rows=rows)
+
+
+def step_region(lv, region: ChunkRegion, n_old: int) -> StepRegion:
+    """``region`` as its tasks see it: grid numbers."""
+    def numbers(chunks, grid):
+        inside = [c for c in chunks
+                  if all(0 <= int(x) - o < g for x, o, g in zip(c, grid[0], grid[1]))]
+        return np.unique(ravel(np.asarray(inside, dtype=np.int64).reshape(len(inside), -1),
+                               *grid)) if inside else np.empty(0, np.int64)
+    return StepRegion(numbers(region.targets, lv.target_grid),
+                      numbers(region.sources, lv.source_grid), max(1, int(n_old)),
+                      np.asarray(sorted(region.rows), dtype=np.int64))
+
+
+def _region_cells(store: Store, spec: StepSpec, region: StepRegion) -> list[str]:
+    """Every stored cell the region's step rewrites whole: its targets'
+    vertex cells and ``-1`` cells, and the ``+1`` cells into them."""
+    t, s = spec.target_level, spec.source_level
+    out = []
+    for array in (nm.VERTICES, nm.VERTEX_FRAGMENTS):
+        for rel in store.keys_under(f"{t}/{array}"):
+            if rel.startswith("c/") and region.has_target(
+                    spec, np.asarray([nm.cell_chunk(rel[2:], spec.target_origin)]))[0]:
+                out.append(f"{t}/{array}/{rel}")
+    fams = [(nm.links_family_path(s, +1), spec.source_origin, +1)]
+    if spec.links == "explicit":
+        fams.append((nm.links_family_path(t, -1), spec.target_origin, -1))
+    for fam, origin, delta in fams:
+        for rel in store.keys_under(fam):
+            seg, _, cell = rel.partition("/c/")
+            if not cell:
+                continue
+            chunk = nm.cell_chunk(cell, origin)
+            if delta > 0:
+                off = nm.parse_chunk_key(seg)
+                chunk = tuple(a + o for a, o in zip(
+                    _anchor(chunk, spec.scale_source, spec.scale_target), off))
+            if region.has_target(spec, np.asarray([chunk]))[0]:
+                out.append(f"{fam}/{rel}")
+    return out
+
+
+def discard_stale(store: Store, spec: StepSpec, region: StepRegion, logged: set[str]) -> list[str]:
+    """Remove the region's cells its step did not write (emptied chunks,
+    links that vanished) and the offset arrays left without cells;
+    returns what was removed."""
+    gone = [k for k in _region_cells(store, spec, region) if k not in logged]
+    for k in gone:
+        store.remove_tree(k)
+    for fam in (nm.links_family_path(spec.source_level, +1),
+                nm.links_family_path(spec.target_level, -1)):
+        for seg in store.listdir(fam):
+            if seg != "zarr.json" and not store.keys_under(f"{fam}/{seg}/c"):
+                store.remove_tree(f"{fam}/{seg}")
+                gone.append(f"{fam}/{seg}/zarr.json")
+    return gone
+
+
+def region_documents(store: Store, spec: StepSpec) -> int:
+    """The target level's array documents (and its ``±1`` families') as
+    its cells on disk say them, from listings; returns its vertex count.
+    Only documents whose bytes differ are written (a refresh's store)."""
+    t = spec.target_level
+    vertex_chunks = []
+    for rel, size in sorted(store.sizes(f"{t}/{nm.VERTICES}").items()):
+        if rel.startswith("c/"):
+            n = (int(size) - 8) // (4 * spec.ndim)  # framed float32 rows
+            vertex_chunks.append((nm.cell_chunk(rel[2:], spec.target_origin), n))
+    families = []
+    if spec.links != "none":
+        families.append(cm.family_on_disk(store, spec.source_level, +1, spec.source_origin,
+                                          spec.source_grid_shape))
+    if spec.links == "explicit":
+        families.append(cm.family_on_disk(store, t, -1, spec.target_origin,
+                                          spec.target_grid_shape))
+    cm.write_level_arrays(store, t, spec.target_origin, spec.target_grid_shape,
+                          sorted(vertex_chunks), families, sid_ndim=spec.ndim)
+    return int(sum(n for _, n in vertex_chunks))
+
+
+class RegionPlans:
+    """The regions of a refresh's steps, level by level: level 1's from
+    the changed level-0 chunks and objects (``changed_objects``), each next
+    one's from the chunks the last one rewrote.  Each is saved under
+    ``folder`` before its step writes anything, so a killed refresh's
+    rerun -- which finds some ``+1`` cells already rewritten -- works on
+    the same regions; a rerun that finds another change is not bounded by
+    them."""
+
+    def __init__(self, store: Store, folder: str, change: dict, root_chunk):
+        self.store, self.folder, self.root_chunk = store, folder.rstrip("/"), root_chunk
+        mine = {k: sorted(map(list, change[k])) if k != "rows" else sorted(map(int, change[k]))
+                for k in ("chunks", "fallen", "rows")}
+        key = f"{self.folder}/source.json"
+        raw = store.get(key)
+        if raw is None:
+            store.put(key, json.dumps(mine).encode())
+        elif json.loads(raw) != mine:
+            raise RegionNotApplicable("level 0 changed again since an interrupted refresh")
+        self.changed = {tuple(c) for c in mine["chunks"]}
+        self.fallen = {tuple(c) for c in mine["fallen"]}
+        self.rows = frozenset(mine["rows"])
+
+    def region(self, lv, src) -> ChunkRegion:
+        key = f"{self.folder}/{lv.target_level}.json"
+        raw = self.store.get(key)
+        if raw is not None:
+            doc = json.loads(raw)
+            region = ChunkRegion(frozenset(map(tuple, doc["targets"])),
+                                 frozenset(map(tuple, doc["sources"])), self.rows)
+        else:
+            region = plan_chunk_region(self.store, lv, src, self.changed, self.root_chunk,
+                                       fallen=self.fallen, rows=self.rows)
+            if not region.targets:
+                raise RegionNotApplicable(f"level {lv.target_level}: no chunk to rewrite")
+            self.store.put(key, json.dumps({"targets": sorted(map(list, region.targets)),
+                                            "sources": sorted(map(list, region.sources))}).encode())
+        # The next step's source changed in these chunks only.
+        self.changed, self.fallen = set(region.targets), set()
+        return region
+
+
+# ------------------------------------------------- changed object rows
+def changed_objects(store: Store, chunks, ndim: int) -> tuple[np.ndarray, set, set]:
+    """The objects whose level-0 manifest row an edit changed, from the
+    changed manifest chunks (``chunks``, row-chunk coordinates) and the
+    digests the last build recorded of each kept row (a row sparsity
+    dropped at level 1 reaches no coarse level).  Returns their ids, the
+    level-0 chunks their new rows name (their weights rose) and the
+    level-1 chunks their old coarse rows name (the metavertices whose
+    weights fell)."""
+    import warnings
+
+    import zarr
+
+    from .objects import read_object_ids, row_digests
+    names = store.keys_under(nm.MANIFEST_DIGESTS)
+    if not names:
+        raise RegionNotApplicable("no digest of the level-0 manifest rows is recorded (built "
+                                  "before zarr-vectors-dask recorded them)")
+    parts = [cdc.unpack_columns(store.get(f"{nm.MANIFEST_DIGESTS}/{n}"),
+                                what=store.describe(nm.MANIFEST_DIGESTS)) for n in names]
+    rows = np.concatenate([p["rows"] for p in parts])
+    digest = np.concatenate([p["digest"] for p in parts])
+    path = f"0/{nm.OBJECT_INDEX}/manifests"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        arr = zarr.open_array(store.zarr_store(), path=path, mode="r")
+        step, n = int(arr.chunks[0]) or 1, int(arr.shape[0])
+        wanted = {int(c[0]) for c in chunks}
+        mine = np.flatnonzero(np.isin(rows // step, list(wanted)))
+        blobs = {}
+        for c in sorted(wanted):
+            lo, hi = c * step, min(n, (c + 1) * step)
+            got = fcells.read_rows_checked(store, arr, path, lo, hi) if hi > lo else []
+            blobs.update({lo + i: bytes(b) for i, b in enumerate(got)})
+    now = [blobs[int(r)] for r in rows[mine]]
+    differ = mine[row_digests(now) != digest[mine]] if mine.size else mine
+    changed_rows = rows[differ]
+    ids = read_object_ids(store, 0, n)[changed_rows]
+    new = cdc.decode_manifest_table([blobs[int(r)] for r in changed_rows], ndim)
+    return np.sort(ids), _unique_chunks(new.coords), _old_coarse_chunks(store, ids, ndim)
+
+
+def _unique_chunks(coords) -> set:
+    coords = np.asarray(coords, dtype=np.int64)
+    return set(map(tuple, np.unique(coords, axis=0).tolist())) if coords.size else set()
+
+
+def _old_coarse_chunks(store: Store, ids: np.ndarray, ndim: int) -> set:
+    """Chunks named by the level-1 rows of ``ids`` (level-1 rows are in id
+    order)."""
+    import warnings
+
+    import zarr
+
+    from .objects import read_object_ids
+    if ids.size == 0:
+        return set()
+    path = f"1/{nm.OBJECT_INDEX}/manifests"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        arr = zarr.open_array(store.zarr_store(), path=path, mode="r")
+        n = int(arr.shape[0])
+        at = np.searchsorted(read_object_ids(store, 1, n), ids)
+        blobs = [bytes(fcells.read_rows_checked(store, arr, path, i, i + 1)[0])
+                 for i in at.tolist() if i < n]
+    return _unique_chunks(cdc.decode_manifest_table(blobs, ndim).coords)
