@@ -138,12 +138,17 @@ def test_edit_makes_stale_then_refresh_equals_full_rebuild(store, tmp_path, loca
     if kind == "zarr_write":  # object attributes only: their dirty buckets, not whole levels
         assert dry.region.kind == "attributes" and dry.region.buckets == (("weight", (0,)),)
         assert all(0 < f < 0.05 for _, _, f in dry.levels), dry.levels
+    elif not atomic:  # in place, no row added: the chunks the change reaches
+        assert dry.region.kind == "chunks" and all(0 < f < 1 for _, _, f in dry.levels)
+        assert "level 1: would recompute" in str(dry) and "of its source chunks" in str(dry)
     else:
         assert dry.region.kind == "whole" and all(f == 1.0 for _, _, f in dry.levels)
     assert zd.pyramid_status(str(store)).state == "stale"  # the dry run wrote nothing
 
     report = zd.refresh_pyramid(str(store), client=local_client)
     assert report.refreshed
+    if dry.region.kind == "chunks":  # and it did not fall back to whole levels
+        assert report.summary["region"] == "chunks", report.summary
     diff = compare_raw_files(expected, store, ignore=_sidecar)
     assert diff.identical, diff.summary()
     assert REFRESH_ATTR not in _root_attrs(store)
@@ -268,15 +273,27 @@ def test_pyramid_without_a_record_is_unknown_and_first_refresh_records(store, lo
     assert "currency: current" in out, out
 
 
-def test_cli_refresh_dry_run_and_info_say_stale(store, capsys):
-    _edit(store, "edit_vertex", False)
+@pytest.mark.parametrize("atomic", [False, True], ids=["inplace", "atomic"])
+def test_cli_refresh_dry_run_and_info_say_stale(store, capsys, atomic):
+    _edit(store, "edit_vertex", atomic)
+    before = _mtimes(store)
     assert main(["info", str(store)]) == 0
     assert "currency: stale (level 0 changed since" in capsys.readouterr().out
     assert main(["refresh", str(store), "--dry-run"]) == 0
     out = capsys.readouterr().out
-    assert ("level 1: would recompute the whole level in place (100% of a full build's steps; "
-            "only the files that differ are written)") in out, out
+    if atomic:  # a row added: survivors drawn anew, whole levels
+        assert ("level 1: would recompute the whole level in place (100% of a full build's "
+                "steps; only the files that differ are written)") in out, out
+    else:  # the chunks it reaches, counted as the refresh plans them
+        import re
+        m = re.search(r"level 1: would recompute (\d+) chunk\(s\) from (\d+) of level 0's "
+                      r"(\d+) chunks and 1 changed object\(s\) \(reads ([\d.]+)% of its source", out)
+        assert m, out
+        n_t, n_s, n_all, pct = int(m[1]), int(m[2]), int(m[3]), float(m[4])
+        assert 0 < n_s < n_all and abs(pct - 100 * n_s / n_all) < 0.06, out
+        assert "level 2: would recompute" in out, out
     assert "dirty level-0 chunks:" in out
+    assert _mtimes(store) == before  # a dry run writes nothing
 
 
 def test_racy_mtime_is_decided_by_hash(tmp_path):
@@ -364,6 +381,7 @@ import zarr_vectors_dask as zd
 from zarr_vectors_dask import api, currency, refresh
 from zarr_vectors_dask.resume import REWRITE_LOG
 store, address, moment = sys.argv[1:4]
+how, _, moment = moment.rpartition(":")
 def die():
     os.kill(os.getpid(), signal.SIGKILL)
 if moment == "unmarked":
@@ -414,11 +432,12 @@ def _kill_then_finish(cluster, built, tmp_path, *, edit: str, driver_src: str, m
                            env=subprocess_env(), capture_output=True, text=True, timeout=300)
         assert p.returncode == -signal.SIGKILL, p.stderr[-2000:]
         st = zd.pyramid_status(str(store))
-        if moment == "returned":
+        when = moment.split(":")[-1]
+        if when == "returned":
             assert st.current, st
         else:
             assert st.state == "unknown" and "refresh" in st.reason, st
-            assert st.refreshing == (moment != "unmarked"), st
+            assert st.refreshing == (when != "unmarked"), st
         if then == "resume":  # redoes the refresh: never keeps half-rewritten levels
             zd.build_pyramid(str(store), client=client, resume=True, **KW)
         else:
@@ -625,14 +644,19 @@ def _remove_most_objects(path):
                 ed.remove_object(int(oid))
 
 
+@pytest.mark.parametrize("how", ["whole", "chunks"])
 @pytest.mark.parametrize("kind", ["edit_vertex", "remove_most"])
-def test_whole_level_refresh_rewrites_only_the_files_that_differ(store, tmp_path, local_client,
-                                                                 kind, monkeypatch):
-    """A refresh that recomputes whole levels writes a file only where its
-    bytes change and removes the files a full rebuild does not have: an
-    unchanged file keeps its inode and mtime.  One vertex edit composes a
-    few chunks again; emptying most objects, every chunk."""
+def test_refresh_in_place_rewrites_only_the_files_that_differ(store, tmp_path, local_client,
+                                                              kind, how, monkeypatch):
+    """A refresh in place -- whole levels, or (in-place edits) the chunks
+    they reach -- writes a file only where its bytes change and removes
+    the files a full rebuild does not have: an unchanged file keeps its
+    inode and mtime.  One vertex edit composes a few chunks again;
+    emptying most objects, every chunk."""
     from zarr_vectors_dask import api
+    from zarr_vectors_dask import refresh as rf
+    if how == "whole":  # the chunk region is what in-place edits get: turn it off
+        monkeypatch.setattr(rf, "_chunk_layout", lambda args: "turned off by the test")
     regions = []
     real = api.recompose_region
     monkeypatch.setattr(api, "recompose_region",
@@ -647,7 +671,8 @@ def test_whole_level_refresh_rewrites_only_the_files_that_differ(store, tmp_path
     before = {k: v for k, v in _digests(store).items() if not _sidecar(k)}
     time.sleep(0.01)
     report = zd.refresh_pyramid(str(store), client=local_client)
-    assert report.refreshed and report.region.kind == "whole"
+    assert report.refreshed and report.region.kind == how
+    assert report.summary.get("region", "whole") == how
     assert f"objects written or removed: {report.summary['objects_changed']}" in str(report)
     diff = compare_raw_files(expected, store, ignore=_sidecar)
     assert diff.identical, diff.summary()
@@ -663,7 +688,7 @@ def test_whole_level_refresh_rewrites_only_the_files_that_differ(store, tmp_path
     if kind == "remove_most":
         assert any("/vertices/c/" in k for k in removed), sorted(removed)[:5]
         assert regions == [None]  # most chunks changed: the whole composition
-    else:
+    elif how == "whole":
         fine = sum(1 for k in before if k.startswith("0/vertices/c/"))
         (only,) = regions
         assert only is not None and 0 < len(only[0]) < fine / 2, (only, fine)
@@ -688,9 +713,13 @@ def test_sharded_pyramid_refreshed_in_place_equals_full_rebuild(tmp_path, local_
     assert zd.pyramid_status(str(store)).state == "current"
 
 
-#: A driver that refreshes whole levels in place, SIGKILLed at one moment
-#: (``api``'s names are looked up at call time, so patching them reaches it).
+#: A driver that refreshes in place, SIGKILLed at one moment: ``whole:``
+#: levels (the chunk region turned off) or ``chunks:`` (the region the
+#: in-place edit reaches).  The patched names are looked up at call time.
 _IN_PLACE_KILLER = _DRIVER_HEAD + """
+if how == "whole":
+    refresh._chunk_layout = lambda args: "turned off by the test"
+from zarr_vectors_dask.step import run as step_run
 def logged(prefix):
     log = os.path.join(store, REWRITE_LOG, "written")
     for name in (os.listdir(log) if os.path.isdir(log) else []):
@@ -706,36 +735,44 @@ def kill_when(prefix):
             time.sleep(0.0005)
         die()
     threading.Thread(target=watch, daemon=True).start()
-def after_call(name, n):
-    real, calls = getattr(api, name), []
+def after_call(name, n, module=api):
+    real, calls = getattr(module, name), []
     def wrapper(*a, **k):
         out = real(*a, **k)
         calls.append(1)
         if len(calls) == n:
             die()
         return out
-    setattr(api, name, wrapper)
+    setattr(module, name, wrapper)
 if moment.startswith("writing-"):
     kill_when(moment.split("-")[1] + "/vertices/")
+elif moment in ("swept-1", "swept-2") and how == "chunks":  # a region step's own sweep
+    after_call("discard_stale", int(moment.split("-")[1]), step_run)
 elif moment == "swept-1":
     after_call("discard_unwritten", 1)
 elif moment == "composed":
     after_call("compose_links", 1)
 elif moment == "swept-all":
-    after_call("discard_unwritten", 3)
+    after_call("discard_unwritten", 1 if how == "chunks" else 3)
 """ + _DRIVER_TAIL
 
 
 @pytest.mark.parametrize("moment,then", [
-    ("writing-1", "refresh"), ("swept-1", "resume"),
-    pytest.param("writing-2", "resume", marks=pytest.mark.slow),
-    ("composed", "resume"), pytest.param("swept-all", "refresh", marks=pytest.mark.slow),
-    ("unmarked", "refresh"), ("returned", "refresh")])
+    ("whole:writing-1", "refresh"), ("whole:swept-1", "resume"),
+    pytest.param("whole:writing-2", "resume", marks=pytest.mark.slow),
+    ("whole:composed", "resume"), pytest.param("whole:swept-all", "refresh", marks=pytest.mark.slow),
+    ("whole:unmarked", "refresh"), ("whole:returned", "refresh"),
+    ("chunks:writing-1", "refresh"), ("chunks:swept-1", "refresh"),
+    ("chunks:writing-2", "resume"), pytest.param("chunks:swept-2", "refresh", marks=pytest.mark.slow),
+    ("chunks:composed", "refresh"), ("chunks:swept-all", "resume"),
+    pytest.param("chunks:unmarked", "refresh", marks=pytest.mark.slow),
+    ("chunks:returned", "refresh")])
 def test_in_place_refresh_killed_at_each_moment_then_finished_ends_equal(
         private_dask_cluster, built, tmp_path, moment, then):
-    """SIGKILL the driver of a whole-level refresh while level 1 or 2 is
-    rewritten, after a step's sweep, after the composition, after the last
-    sweep, after the mark is removed and after it returned; then
+    """SIGKILL the driver of a refresh in place -- whole levels, or the
+    chunks an in-place edit reaches -- while level 1 or 2 is rewritten,
+    after a step's sweep, after the composition, after the last sweep,
+    after the mark is removed and after it returned; then
     ``refresh_pyramid`` or ``build_pyramid(resume=True)`` ends equal to a
     full rebuild."""
     _kill_then_finish(private_dask_cluster, built, tmp_path, edit="edit_vertex",

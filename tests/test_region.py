@@ -5,7 +5,11 @@ from __future__ import annotations
 
 import pytest
 
-from zarr_vectors_dask.planning.region import ATTRIBUTES, LINKS, WHOLE, classify, dirty_buckets
+import numpy as np
+
+from zarr_vectors_dask.planning.region import (ATTRIBUTES, CHUNKS, LINKS, WHOLE, chunk_region,
+                                              classify, dirty_buckets, reachable_targets,
+                                              supporting_sources)
 
 RANDOM = dict(factors=[(2.0, 1.0), (2.0, 2.0)], sparsity_strategy="random", sparsity_seed=0)
 
@@ -24,8 +28,9 @@ def test_intra_level_links_reach_no_coarse_level(arrays):
 
 
 @pytest.mark.parametrize("arrays,why", [
-    ({"vertices": _row(1)}, "vertices changed"),
+    ({"vertices": _row(1), "object_attributes/w": _row(1)}, "vertices changed"),
     ({"object_attributes/w": _row(1), "object_index/manifests": _row(1)}, "manifests changed"),
+    ({"object_index/manifests": _row(1, documents=1)}, "manifests changed"),
     ({"object_attributes/w": _row(1, documents=1)}, "metadata of object_attributes/w"),
     ({"vertex_attributes/a": _row(1)}, "vertex_attributes/a changed"),
     ({"level metadata": _row(documents=1)}, "level metadata changed"),
@@ -84,3 +89,78 @@ def test_recompose_chunks_follow_the_parent_chains_down():
     assert recompose_chunks({0: {(2,)}}, parents) == {1: set(), 0: {(2,)}}
     # Nothing changed: nothing recomposes.
     assert recompose_chunks({}, parents) == {1: set(), 0: set()}
+
+
+# ------------------------------------------------------------ chunk regions
+@pytest.mark.parametrize("arrays", [
+    {"vertices": _row(2)},
+    {"vertices": _row(1, added=1, documents=1), "vertex_fragments": _row(2)},
+    {"object_index/manifests": _row(1), "object_index": _row(documents=1),
+     "level metadata": _row(documents=1)},
+    {"vertices": _row(1), "links/0/0.0.0": _row(1)},
+])
+def test_in_place_vertex_and_manifest_edits_are_a_chunk_region(arrays):
+    kind, reason = classify(arrays, **RANDOM)
+    assert kind == CHUNKS, reason
+
+
+@pytest.mark.parametrize("layout,strategy,why", [
+    ("the pyramid is sharded", "random", "sharded"),
+    ("", "length", "ranks objects by their geometry"),
+])
+def test_chunk_region_needs_a_layout_and_survivors_it_can_keep(layout, strategy, why):
+    kind, reason = classify({"vertices": _row(1)}, factors=[(2, 1), (2, 2)],
+                            sparsity_strategy=strategy, sparsity_seed=0, chunk_layout=layout)
+    assert kind == WHOLE and why in reason, reason
+
+
+def test_reachable_targets_are_the_chunks_meeting_the_bins_that_meet_the_chunk():
+    # Chunk 2 of 125 is [250, 375); bins of 10 from 25 to 37 end at 380: chunk 3 too.
+    assert reachable_targets([(2,)], (125.0,), (10.0,), (125.0,)) == {(2,), (3,)}
+    # Bins that tile the chunk exactly stay inside it.
+    assert reachable_targets([(2,)], (100.0,), (25.0,), (100.0,)) == {(2,)}
+    assert supporting_sources([(2,)], (100.0,), (25.0,), (100.0,)) == {(2,)}
+    # A coarse chunk of 250 homes bins of 10 read from two source chunks of
+    # 125; bins of 15 straddle its faces, so one more chunk on each side.
+    assert supporting_sources([(1,)], (250.0,), (10.0,), (125.0,)) == {(2,), (3,)}
+    assert supporting_sources([(1,)], (250.0,), (15.0,), (125.0,)) == {(1,), (2,), (3,), (4,)}
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_every_centroid_of_a_chunks_bins_is_homed_in_its_reach(seed):
+    """Random points of one chunk, binned; any weighted float32 mean of a
+    bin's points (a centroid) lies in a reachable target, and every point
+    of a bin meeting a target lies in that target's supporting sources."""
+    rng = np.random.default_rng(seed)
+    cs, b, ct = (np.asarray(x) for x in ((60.0, 40.0), (7.0, 3.0), (45.0, 50.0)))
+    c = np.asarray([2, -1])
+    pts = (c * cs + rng.random((4000, 2)) * cs).astype(np.float32)
+    pts = pts[np.all(np.floor(pts.astype(np.float64) / cs) == c, axis=1)]
+    reach = reachable_targets([tuple(c)], cs, b, ct)
+    keys = np.floor(pts.astype(np.float64) / b).astype(np.int64)
+    for k in np.unique(keys, axis=0)[:200]:
+        mine = pts[np.all(keys == k, axis=1)].astype(np.float64)
+        w = rng.integers(1, 4, mine.shape[0])
+        centroid = (np.sum(mine * w[:, None], axis=0) / w.sum()).astype(np.float32)
+        home = tuple(np.floor(centroid.astype(np.float64) / ct).astype(np.int64).tolist())
+        assert home in reach, (k, home)
+        assert tuple(c) in supporting_sources([home], ct, b, cs)
+
+
+def test_chunk_region_adds_old_targets_strays_and_fallen_weights():
+    grid = [(x, y) for x in range(8) for y in range(8)]
+    kw = dict(present=grid, source_chunk=(10.0, 10.0), bin_shape=(5.0, 5.0),
+              target_chunk=(20.0, 20.0))
+    plain = chunk_region([(2, 3)], old_links={}, **kw)
+    assert plain.targets == {(1, 1)}
+    assert plain.sources == {(2, 2), (2, 3), (3, 2), (3, 3)}
+    # Its old vertices linked elsewhere (it held a stray): that target too.
+    moved = chunk_region([(2, 3)], old_links={(2, 3): {(3, 3)}}, **kw)
+    assert moved.targets == {(1, 1), (3, 3)}
+    # An unchanged chunk whose old links leave its reach next to a target is read.
+    stray = chunk_region([(2, 3)], old_links={(7, 7): {(3, 3), (1, 2)}}, **kw)
+    assert (7, 7) in stray.sources and stray.targets == {(1, 1)}
+    # Metavertices whose weights fell: their chunk and the bins' other homes.
+    fallen = chunk_region([], old_links={}, fallen={(2, 2)}, rows={5}, **kw)
+    assert fallen.targets == {(2, 2)} and fallen.rows == {5}
+    assert chunk_region([], old_links={}, **kw).targets == frozenset()

@@ -39,7 +39,8 @@ from .planning.sparsity import Sparsity
 from .resume import REWRITE_LOG, build_lock, record_differences, wait_for_orphans
 from .planning.levels import read_root_meta
 from .runtime import StepReport, client_for, execute
-from .step.region import RegionNotApplicable, changed_objects
+from .step.region import RegionNotApplicable, changed_objects, plan_chunk_region
+from .step.source import read_source_level
 from .step.exchange import drop_exchange
 from .step.graph import attribute_refresh_graph
 from .step.spec import LevelPair
@@ -94,14 +95,14 @@ class RefreshReport:
             lines.append(f"  objects written or removed: {self.summary['objects_changed']} "
                          f"(the others left untouched)")
         for level, what, frac in self.levels:
-            if frac is None:
-                verb = "would recompute" if self.dry_run else "recomputed"
-                lines.append(f"  level {level}: {verb} {what}; only the files that differ "
-                             f"are written")
-            elif frac >= 1.0:
+            if frac >= 1.0:
                 verb = "would recompute" if self.dry_run else "recomputed"
                 lines.append(f"  level {level}: {verb} {what} in place (100% of a full "
                              f"build's steps; only the files that differ are written)")
+            elif self.region is not None and self.region.kind == CHUNKS:
+                verb = "would recompute" if self.dry_run else "recomputed"
+                lines.append(f"  level {level}: {verb} {what} (reads {frac:.1%} of its source "
+                             f"chunks; only the files that differ are written)")
             else:
                 verb = "would rewrite" if self.dry_run else "rewrote"
                 lines.append(f"  level {level}: {verb} {what} ({frac:.1%} of its files)")
@@ -300,9 +301,7 @@ def _levels(st, region: RefreshRegion, args: dict) -> tuple:
     if region.kind == LINKS:
         return ()
     if region.kind == CHUNKS:
-        what = (f"the chunks {len(region.change['chunks'])} changed level-0 chunk(s) and "
-                f"{len(region.change['rows'])} changed object(s) reach")
-        return tuple((t, what, None) for t in range(1, n_levels + 1))
+        return _chunk_levels(st, region, args)
     names = ", ".join(region.names)
     what = (f"{region.n_buckets} object-attribute bucket(s) of {names}" if region.n_buckets
             else f"nothing of {names} (no dirty row)")
@@ -310,6 +309,34 @@ def _levels(st, region: RefreshRegion, args: dict) -> tuple:
     for t in range(1, n_levels + 1):
         files = max(1, len(st.sizes(str(t))))
         out.append((t, what, min(0.999, region.n_buckets / files)))
+    return tuple(out)
+
+
+def _chunk_levels(st, region: RefreshRegion, args: dict) -> tuple:
+    """Per level, the chunks a chunk region recomputes and the share of
+    the step's source it reads (planned as the refresh plans them, read
+    only)."""
+    kw = build_keywords(args)
+    root_meta = read_root_meta(st)
+    plan = make_plan(st, factors=kw["factors"], chunk_scale_factors=kw["chunk_scale_factors"],
+                     cross_level_depth=kw["cross_level_depth"],
+                     cross_level_storage=kw["cross_level_storage"],
+                     sparsity_strategy=kw["sparsity_strategy"], n_workers=1)
+    changed, fallen = set(region.change["chunks"]), set(region.change["fallen"])
+    out = []
+    for lv in plan.levels:
+        src = read_source_level(st, lv.source_level, root_meta.sid_ndim)
+        try:
+            r = plan_chunk_region(st, lv, src, changed, root_meta.chunk_shape, fallen=fallen)
+        except RegionNotApplicable as exc:
+            out.append((lv.target_level, f"the whole level ({exc})", 1.0))
+            break
+        n_src = max(1, len(src.vertices.chunks))
+        out.append((lv.target_level,
+                    f"{len(r.targets)} chunk(s) from {len(r.sources)} of level "
+                    f"{lv.source_level}'s {n_src} chunks and {len(region.change['rows'])} "
+                    f"changed object(s)", min(0.999, len(r.sources) / n_src)))
+        changed, fallen = set(r.targets), set()
     return tuple(out)
 
 

@@ -90,7 +90,8 @@ def classify(by_array: dict[str, dict[str, int]], *, factors, sparsity_strategy:
         return LINKS, "only intra-level links changed, which no coarse level reads"
     moved = [a for a in arrays
              if not (a.startswith(_OBJECT_ATTRIBUTES) or _is_intra_level_link(a))]
-    if moved and all(_bounded_by_chunks(a, by_array[a]) for a in arrays
+    cells = [a for a in moved if a in (*CHUNK_ARRAYS, "object_index/manifests")]
+    if cells and all(_bounded_by_chunks(a, by_array[a]) for a in arrays
                      if not _is_intra_level_link(a)):
         return _chunks_or_whole(moved, factors, sparsity_strategy, chunk_layout)
     if moved:
