@@ -31,7 +31,7 @@ from .resume import (BUILD_RECORD, RECORD_DIR, REWRITE_LOG, Targets, build_lock,
 from .runtime import client_for, count_workers
 from .step import attributes as va
 from .step.region import RegionNotApplicable, RegionPlans
-from .step.run import run_step, step_graph
+from .step.run import run_step, step_graph, unchanged_summary
 from .step.source import read_source_level
 from .storage.store import Store
 
@@ -269,7 +269,7 @@ def _rewrite_in_place(c, st: Store, lock, plan: PyramidPlan, records: list[dict]
             regions = RegionPlans(wst, f"{REWRITE_LOG}/region", change, root_meta.chunk_shape)
             summaries, step_reports = _build_levels(c, wst, plan, records, Targets(), lock,
                                                     regions=regions, **kw)
-            extra["region"] = "chunks"
+            extra["region"], extra["region_levels"] = "chunks", list(regions.history)
     except RegionNotApplicable as exc:
         regions, extra["region"] = None, f"whole levels: {exc}"
     if regions is None:
@@ -341,6 +341,10 @@ def _build_levels(c, st: Store, plan: PyramidPlan, records: list[dict], targets,
             st.put(f"{RECORD_DIR}/{lv.target_level}.json", json.dumps(rec).encode())
         region = None if regions is None else \
             regions.region(lv, read_source_level(st, lv.source_level, root_meta.sid_ndim))
+        if regions is not None and region is None:  # its source is unchanged: so is it
+            summaries.append(unchanged_summary(st, lv, request.sparsity_strategy,
+                                               request.sparsity_seed, root_meta))
+            continue
         rep = run_step(c, st, lv, region=region, root_meta=root_meta,
                        sparsity_strategy=request.sparsity_strategy,
                        sparsity_seed=request.sparsity_seed, progress=progress,
@@ -348,6 +352,8 @@ def _build_levels(c, st: Store, plan: PyramidPlan, records: list[dict], targets,
                        attribute_aggregation=request.attribute_aggregation)
         reports.append(rep)
         summaries.append(rep.summary)
+        if regions is not None:
+            regions.advance(rep.region_changes)
         if in_place and regions is None:
             lock.check()
             st.note_changed(discard_unwritten(st, step_trees(lv.source_level, lv.target_level),

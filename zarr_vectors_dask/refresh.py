@@ -167,7 +167,9 @@ def refresh_pyramid(store, client=None, storage_options=None, dry_run: bool = Fa
         if status.current:
             return report
         region = region_of(st, status, args)
-        report = dataclasses.replace(report, region=region, levels=_levels(st, region, args))
+        report = dataclasses.replace(report, region=region)
+        if dry_run or region.kind != CHUNKS:  # a chunk region's own lines come from its run
+            report = dataclasses.replace(report, levels=_levels(st, region, args))
         if dry_run:
             return report
         if region.kind in (WHOLE, CHUNKS):
@@ -175,7 +177,12 @@ def refresh_pyramid(store, client=None, storage_options=None, dry_run: bool = Fa
                                         max_block_vertices=max_block_vertices, _refresh=True,
                                         _change=region.change if region.kind == CHUNKS else None,
                                         **build_keywords(args))
-            return dataclasses.replace(report, refreshed=True, summary=summary)
+            levels = report.levels
+            if summary.get("region") == "chunks":
+                levels = _region_lines(summary["region_levels"], region)
+            elif region.kind == CHUNKS:  # it fell back to whole levels
+                levels = tuple((t, "the whole level", 1.0) for t in range(1, len(args["factors"]) + 1))
+            return dataclasses.replace(report, refreshed=True, summary=summary, levels=levels)
         with client_for(client, st) as c:
             _refresh_region(st, c, args, region, progress=progress)
         return dataclasses.replace(report, refreshed=True)
@@ -313,9 +320,11 @@ def _levels(st, region: RefreshRegion, args: dict) -> tuple:
 
 
 def _chunk_levels(st, region: RefreshRegion, args: dict) -> tuple:
-    """Per level, the chunks a chunk region recomputes and the share of
-    the step's source it reads (planned as the refresh plans them, read
-    only)."""
+    """Per level, the chunks a chunk region recomputes at most and the
+    share of the step's source it reads: planned as the refresh plans
+    them, read only, each level's source taken as changed wherever the
+    step below recomputed (the refresh itself narrows that to what did
+    change: ``_region_lines``)."""
     kw = build_keywords(args)
     root_meta = read_root_meta(st)
     plan = make_plan(st, factors=kw["factors"], chunk_scale_factors=kw["chunk_scale_factors"],
@@ -323,21 +332,26 @@ def _chunk_levels(st, region: RefreshRegion, args: dict) -> tuple:
                      cross_level_storage=kw["cross_level_storage"],
                      sparsity_strategy=kw["sparsity_strategy"], n_workers=1)
     changed, fallen = set(region.change["chunks"]), set(region.change["fallen"])
-    out = []
+    history = []
     for lv in plan.levels:
         src = read_source_level(st, lv.source_level, root_meta.sid_ndim)
         try:
             r = plan_chunk_region(st, lv, src, changed, root_meta.chunk_shape, fallen=fallen)
         except RegionNotApplicable as exc:
-            out.append((lv.target_level, f"the whole level ({exc})", 1.0))
-            break
-        n_src = max(1, len(src.vertices.chunks))
-        out.append((lv.target_level,
-                    f"{len(r.targets)} chunk(s) from {len(r.sources)} of level "
-                    f"{lv.source_level}'s {n_src} chunks and {len(region.change['rows'])} "
-                    f"changed object(s)", min(0.999, len(r.sources) / n_src)))
+            return (*_region_lines(history, region), (lv.target_level, f"the whole level ({exc})",
+                                                      1.0))
+        history.append((lv.target_level, len(r.targets), len(r.sources), len(src.vertices.chunks)))
         changed, fallen = set(r.targets), set()
-    return tuple(out)
+    return _region_lines(history, region)
+
+
+def _region_lines(history, region: RefreshRegion) -> tuple:
+    """Report lines of a chunk region's levels: ``(level, targets,
+    sources, source chunks)`` each."""
+    n_rows = len(region.change["rows"])
+    return tuple((t, f"{n_t} chunk(s) from {n_s} of level {t - 1}'s {n_all} chunks and {n_rows} "
+                     f"changed object(s)", min(0.999, n_s / max(1, n_all)))
+                 for t, n_t, n_s, n_all in history)
 
 
 def _refresh_region(st, c, args: dict, region: RefreshRegion, *, progress=None) -> None:

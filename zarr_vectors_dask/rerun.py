@@ -61,7 +61,7 @@ def build_pyramid(store, **kw) -> dict:
                                     progress=kw.get("progress"))
         if report.summary:  # the reference's keys only
             return {k: v for k, v in report.summary.items()
-                    if k not in ("objects_changed", "region")}
+                    if k not in ("objects_changed", "region", "region_levels")}
         return api.build_pyramid(store, resume=True, **kw)
     if action == "resume":
         log.warning("zarr_vectors_dask: %s: %s; resuming it", url, why)

@@ -64,6 +64,9 @@ class StepReport:
     round_trips: int = 0  # graphs handed to the scheduler (one per step)
     stage_tasks: dict = field(default_factory=dict)  # task function -> tasks
     stage_seconds: dict = field(default_factory=dict)
+    #: A region step's target chunks whose content or weights changed:
+    #: where the next step's region starts.
+    region_changes: tuple = ()
     summary: dict = field(default_factory=dict)
 
 

@@ -48,31 +48,49 @@ def write_manifests(spec: StepSpec, bucket: int, refs: dict, target_rows: tuple[
     row_counts = np.zeros(kept.size, dtype=np.int64)
     row_counts[np.flatnonzero(kept)] = np.bincount(owner[keep], minlength=counts.size)
     blobs = cdc.encode_manifest_table(cdc.ManifestTable(row_counts, ec[keep], ef[keep]), spec.ndim)
+    if "rc" in refs:  # a region: the other rows keep their blobs
+        return _write_region_rows(spec, target_rows, kept, refs["rc"], blobs)
     import zarr
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         arr = zarr.open_array(spec.store.zarr_store(),
                               path=f"{spec.target_level}/{nm.OBJECT_INDEX}/manifests", mode="r+")
-        if "rc" in refs:  # a region: the other rows keep their blobs
-            blobs = _spliced(spec, arr, target_rows, kept, refs["rc"], blobs)
-            present = sum(len(b) > 4 for b in blobs)  # a count of 0 is 4 bytes
-        else:
-            present = int(np.count_nonzero(row_counts))
         obj = np.empty(len(blobs), dtype=object)
         obj[:] = blobs
         arr[target_rows[0]:target_rows[1]] = obj
-    return present
+    return int(np.count_nonzero(row_counts))
 
 
-def _spliced(spec: StepSpec, arr, target_rows, kept, rc, blobs) -> list:
+def _write_region_rows(spec: StepSpec, target_rows, kept, rc, blobs) -> dict:
     """A region's bucket: the recomputed rows (kept, naming a source chunk
-    of the region) from ``blobs``, the others as they are stored."""
-    lo, hi = target_rows
-    path = f"{spec.target_level}/{nm.OBJECT_INDEX}/manifests"
-    old = fcells.read_rows_checked(spec.store, arr, path, lo, hi)
+    of the region, or changed at level 0) from ``blobs``, spliced into the
+    stored bucket, which is written only if one of them changed.  Returns
+    the change in non-empty rows and the chunks the changed rows name,
+    before or after (their metavertices' weights in the next step may
+    have changed)."""
+    import zarr
+    none = {"present_delta": 0, "reweighted": np.empty((0, spec.ndim), np.int64)}
     redo = np.zeros(kept.size, dtype=bool)
     redo[np.flatnonzero(kept)] = rc
-    return [blobs[i] if redo[i] else bytes(old[i]) for i in range(kept.size)]
+    if not redo.any():
+        return none
+    lo, hi = target_rows
+    path = f"{spec.target_level}/{nm.OBJECT_INDEX}/manifests"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        arr = zarr.open_array(spec.store.zarr_store(), path=path, mode="r+")
+        old = [bytes(b) for b in fcells.read_rows_checked(spec.store, arr, path, lo, hi)]
+        changed = [i for i in np.flatnonzero(redo).tolist() if blobs[i] != old[i]]
+        if not changed:
+            return none
+        named = cdc.decode_manifest_table([blobs[i] for i in changed] +
+                                          [old[i] for i in changed], spec.ndim).coords
+        obj = np.empty(len(old), dtype=object)
+        obj[:] = [blobs[i] if redo[i] else old[i] for i in range(len(old))]
+        arr[lo:hi] = obj
+    # A count of 0 is 4 bytes.
+    delta = sum((len(blobs[i]) > 4) - (len(old[i]) > 4) for i in changed)
+    return {"present_delta": int(delta), "reweighted": np.unique(named, axis=0)}
 
 
 # ------------------------------------------------------------- stage 8

@@ -23,7 +23,8 @@ from ..planning.runs import ravel
 from ..storage.store import Store
 from .spec import StepRegion, StepSpec
 
-__all__ = ["RegionNotApplicable", "RegionPlans", "changed_objects", "plan_chunk_region", "step_region", "discard_stale",
+__all__ = ["RegionNotApplicable", "RegionPlans", "changed_objects", "changed_cells",
+           "plan_chunk_region", "step_region", "discard_stale",
            "region_documents"]
 
 
@@ -103,28 +104,35 @@ def _region_cells(store: Store, spec: StepSpec, region: StepRegion) -> list[str]
     """Every stored cell the region's step rewrites whole: its targets'
     vertex cells and ``-1`` cells, and the ``+1`` cells into them."""
     t, s = spec.target_level, spec.source_level
+    targets = set(map(tuple, _grid_chunks(region.targets, spec.target_origin,
+                                          spec.target_grid_shape).tolist()))
     out = []
     for array in (nm.VERTICES, nm.VERTEX_FRAGMENTS):
-        for rel in store.keys_under(f"{t}/{array}"):
-            if rel.startswith("c/") and region.has_target(
-                    spec, np.asarray([nm.cell_chunk(rel[2:], spec.target_origin)]))[0]:
-                out.append(f"{t}/{array}/{rel}")
+        out += [f"{t}/{array}/{rel}" for rel in store.keys_under(f"{t}/{array}")
+                if rel.startswith("c/") and nm.cell_chunk(rel[2:], spec.target_origin) in targets]
     fams = [(nm.links_family_path(s, +1), spec.source_origin, +1)]
     if spec.links == "explicit":
         fams.append((nm.links_family_path(t, -1), spec.target_origin, -1))
     for fam, origin, delta in fams:
+        offsets: dict[str, tuple] = {}
         for rel in store.keys_under(fam):
             seg, _, cell = rel.partition("/c/")
             if not cell:
                 continue
             chunk = nm.cell_chunk(cell, origin)
-            if delta > 0:
-                off = nm.parse_chunk_key(seg)
+            if delta > 0:  # a +1 cell is keyed by its source chunk: its target
+                off = offsets.get(seg) or offsets.setdefault(seg, nm.parse_chunk_key(seg))
                 chunk = tuple(a + o for a, o in zip(
                     _anchor(chunk, spec.scale_source, spec.scale_target), off))
-            if region.has_target(spec, np.asarray([chunk]))[0]:
+            if chunk in targets:
                 out.append(f"{fam}/{rel}")
     return out
+
+
+def _grid_chunks(numbers: np.ndarray, origin, grid) -> np.ndarray:
+    """Chunk coordinates of row-major grid numbers."""
+    rel = np.unravel_index(np.asarray(numbers, dtype=np.int64), tuple(grid))
+    return np.stack(rel, axis=1).reshape(-1, len(grid)) + np.asarray(origin, dtype=np.int64)
 
 
 def discard_stale(store: Store, spec: StepSpec, region: StepRegion, logged: set[str]) -> list[str]:
@@ -141,6 +149,19 @@ def discard_stale(store: Store, spec: StepSpec, region: StepRegion, logged: set[
                 store.remove_tree(f"{fam}/{seg}")
                 gone.append(f"{fam}/{seg}/zarr.json")
     return gone
+
+
+def changed_cells(store: Store, lv) -> set:
+    """Target chunks whose vertex cells a region step changed, wrote anew
+    or removed (the refresh's ``changed`` log)."""
+    t, origin = lv.target_level, lv.target_grid[0]
+    out = set()
+    for key in store.logged_keys("changed"):
+        for array in (nm.VERTICES, nm.VERTEX_FRAGMENTS):
+            prefix = f"{t}/{array}/c/"
+            if key.startswith(prefix):
+                out.add(nm.cell_chunk(key[len(prefix):], origin))
+    return out
 
 
 def region_documents(store: Store, spec: StepSpec) -> int:
@@ -187,8 +208,13 @@ class RegionPlans:
         self.changed = {tuple(c) for c in mine["chunks"]}
         self.fallen = {tuple(c) for c in mine["fallen"]}
         self.rows = frozenset(mine["rows"])
+        self.history: list[tuple] = []  # (level, targets, sources, source chunks)
 
-    def region(self, lv, src) -> ChunkRegion:
+    def region(self, lv, src) -> ChunkRegion | None:
+        """The step's region; None when its source did not change (nothing
+        of this level or above can)."""
+        if not self.changed and not self.fallen:
+            return None
         key = f"{self.folder}/{lv.target_level}.json"
         raw = self.store.get(key)
         if raw is not None:
@@ -202,9 +228,14 @@ class RegionPlans:
                 raise RegionNotApplicable(f"level {lv.target_level}: no chunk to rewrite")
             self.store.put(key, json.dumps({"targets": sorted(map(list, region.targets)),
                                             "sources": sorted(map(list, region.sources))}).encode())
-        # The next step's source changed in these chunks only.
-        self.changed, self.fallen = set(region.targets), set()
+        self.history.append((lv.target_level, len(region.targets), len(region.sources),
+                             len(src.vertices.chunks)))
         return region
+
+    def advance(self, changes) -> None:
+        """The chunks the last step changed (content or weights): where
+        the next step's source changed."""
+        self.changed, self.fallen = {tuple(c) for c in changes}, set()
 
 
 # ------------------------------------------------- changed object rows

@@ -17,6 +17,7 @@ from ..format import commit as cm
 from ..format import documents as fdoc
 from ..format import naming as nm
 from ..planning.plan import LevelPlan, grid_layout
+from ..planning.region import ChunkRegion
 from ..planning.runs import run_cap, shard_runs, step_layout
 from ..planning.sparsity import Sparsity
 from ..runtime import StepReport, execute
@@ -25,12 +26,12 @@ from . import attributes as va
 from . import graph as sgraph
 from .cells import ShardRoute
 from .exchange import drop_exchange
-from ..planning.region import ChunkRegion
-from .region import RegionNotApplicable, discard_stale, region_documents, step_region
+from .region import (RegionNotApplicable, changed_cells, discard_stale, region_documents,
+                     step_region)
 from .source import SourceLevel, chunk_table, read_source_level
 from .spec import StepSpec
 
-__all__ = ["run_step", "plan_step", "step_shard_routes", "step_graph"]
+__all__ = ["run_step", "plan_step", "step_shard_routes", "step_graph", "unchanged_summary"]
 
 
 # ---------------------------------------------------------------- one step
@@ -219,6 +220,9 @@ def _run_region_step(client, store: Store, lv: LevelPlan, region: ChunkRegion, *
     spec, layout, sparsity = plan_step(store, lv, src, root_meta,
                                        sparsity_strategy=sparsity_strategy,
                                        sparsity_seed=sparsity_seed, sources=sreg.sources)
+    # Rows not recomputed keep their manifests: the count moves by the changes.
+    present = int((fdoc.node_attrs(store, f"{lv.target_level}/{nm.OBJECT_INDEX}") or {})
+                  .get("num_present") or 0)
     token = uuid.uuid4().hex[:12]
     graph = sgraph.step_graph(spec, layout, n_rows=src.n_rows, sparsity=sparsity,
                               attribute_names=src.attribute_names, token=token, region=sreg)
@@ -229,8 +233,11 @@ def _run_region_step(client, store: Store, lv: LevelPlan, region: ChunkRegion, *
     n_meta = region_documents(store, spec)
     if n_meta == 0:
         raise RegionNotApplicable(f"level {lv.target_level} comes out empty")
-    _publish(store, lv, src, root_meta, n_meta, out["num_present"], vertex_attributes=False)
+    _publish(store, lv, src, root_meta, n_meta, present + out["present_delta"],
+             vertex_attributes=False)
     report.stage_seconds["commit"] = time.perf_counter() - t0
+    report.region_changes = tuple(sorted(set(map(tuple, out["reweighted"])) |
+                                         changed_cells(store, lv)))
     n_kept = out["objects_kept"] if src.has_objects else 1
     report.vertex_count, report.objects_kept = n_meta, int(n_kept)
     report.summary = {"vertex_count": int(n_meta), "object_count": int(n_kept),
@@ -240,6 +247,21 @@ def _run_region_step(client, store: Store, lv: LevelPlan, region: ChunkRegion, *
                       "shared_fragments": True}
     report.seconds = time.perf_counter() - t_start
     return report
+
+
+def unchanged_summary(store: Store, lv: LevelPlan, sparsity_strategy: str, sparsity_seed,
+                      root_meta) -> dict:
+    """The summary a step gives of a level a region refresh leaves as it
+    is (its source did not change), from its metadata and the survivors
+    drawn as the build draws them."""
+    src = read_source_level(store, lv.source_level, root_meta.sid_ndim)
+    attrs = (fdoc.node_attrs(store, str(lv.target_level)) or {}).get("zarr_vectors_level") or {}
+    n_src = src.n_rows if src.has_objects else 1
+    n_kept = int(np.sum(Sparsity.of_level(lv, sparsity_strategy, sparsity_seed).kept(n_src))) \
+        if src.has_objects else 1
+    return {"vertex_count": int(attrs.get("vertex_count") or 0), "object_count": n_kept,
+            "objects_kept": n_kept, "source_objects": int(n_src), "method": "per_object",
+            "preserves_object_ids": True, "shared_fragments": True}
 
 
 def _level_attrs(lv: LevelPlan, n_meta: int, has_objects: bool, n_src_objects: int,
