@@ -644,14 +644,20 @@ def _store_name_bytes(root: Path) -> bytes | None:
 #: reference does not write, in the project's sidecar folder.
 SOURCE_RECORD = ".zvdask/source.json"
 _SOURCE_REASON = "the project's record of its finished build (arguments, level-0 fingerprint)"
+#: With it, a digest of each kept level-0 manifest row the build read (how a
+#: refresh tells the objects an edit changed): also the project's, kept.
+MANIFEST_DIGESTS = ".zvdask/manifest-rows"
+_DIGESTS_REASON = "the project's digests of the level-0 manifest rows its build read"
 
 
 def scratch_left(root) -> list[str]:
     """Files a finished build left under ``root/.zvdask`` besides its
-    source record (none expected)."""
+    source record and the digests of its level-0 manifest rows (none
+    expected)."""
     top = Path(root) / ".zvdask"
     return sorted(p for p in (_list_files(top) if top.exists() else ())
-                  if f".zvdask/{p}" != SOURCE_RECORD)
+                  if f".zvdask/{p}" != SOURCE_RECORD
+                  and not f".zvdask/{p}".startswith(f"{MANIFEST_DIGESTS}/"))
 
 
 def compare_raw_files(expected, actual, *, exclude: dict[str, str] | None = None,
@@ -665,7 +671,8 @@ def compare_raw_files(expected, actual, *, exclude: dict[str, str] | None = None
     ``*`` crosses ``/``) to the reason those paths are deliberately
     different; excluded paths are not compared and are listed under their
     reason in :attr:`RawDiff.excluded`.  :data:`SIDECAR` is one such entry;
-    :data:`SOURCE_RECORD` is always one unless ``source_record``.
+    :data:`SOURCE_RECORD` and :data:`MANIFEST_DIGESTS` are always ones
+    unless ``source_record``.
     ``ignore(relpath) -> bool`` narrows the comparison to part of a tree.
 
     ``other_store_name``: the two stores' level 0 were written under
@@ -677,6 +684,7 @@ def compare_raw_files(expected, actual, *, exclude: dict[str, str] | None = None
     exclude = dict(exclude or {})
     if not source_record:
         exclude.setdefault(SOURCE_RECORD, _SOURCE_REASON)
+        exclude.setdefault(f"{MANIFEST_DIGESTS}/*", _DIGESTS_REASON)
     e_root, a_root = Path(expected), Path(actual)
     e_files, a_files = _list_files(e_root), _list_files(a_root)
     if ignore is not None:

@@ -20,11 +20,11 @@ removes before it records the fingerprint -- the root ``zarr.json`` is
 then byte-identical to a full build's again.
 
 :func:`pyramid_status` compares the record with one listing of level 0.
-:func:`refresh_pyramid` rebuilds what a changed source makes stale --
-today every coarse level, exactly as ``build_pyramid(..., overwrite=True)``
-with the recorded arguments -- and returns at once when nothing changed.
-:func:`dirty_source_chunks` gives the changed level-0 chunks per array,
-which a region-restricted refresh will start from.
+:func:`refresh_pyramid` rewrites what a changed source makes stale, as
+``build_pyramid(..., overwrite=True)`` with the recorded arguments writes
+it, and returns at once when nothing changed (``refresh.py``).
+:func:`dirty_source_chunks` gives the changed level-0 cells per array,
+where a region-restricted refresh starts.
 """
 
 from __future__ import annotations

@@ -9,6 +9,9 @@ is decided from the level-0 fingerprint's diff:
 * only object-attribute cells changed: the attribute stage reruns on the
   dirty buckets of every coarse level (its survivors drawn as the build
   draws them), nothing else is read or written;
+* only vertex, fragment and manifest cells changed, no row added (edits
+  in place): each step restricted to the coarse chunks the changed chunks
+  and objects reach (``step/region.py``), in place;
 * anything else: every coarse level is recomputed as
   ``build_pyramid(..., overwrite=True)`` with the recorded arguments
   computes it, in place: only files whose bytes differ are written, and

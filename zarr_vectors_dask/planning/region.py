@@ -15,9 +15,23 @@ A level-0 change reaches the coarse levels in one of three ways:
   attribute values when they are drawn at random (or nothing is dropped),
   so only the attribute buckets holding changed rows are rewritten, level
   by level.
-* ``whole``: anything else -- vertices, fragments, manifests, ids,
-  per-vertex attributes, any metadata document: every coarse level is
-  rebuilt.
+* ``chunks``: only cells of the vertex arrays and of the manifests
+  changed, the row count did not (edits in place): a step is restricted
+  to the coarse chunks whose metavertices can differ (``chunk_region``),
+  each next step to what the last one changed;
+* ``whole``: anything else -- ids, per-vertex attributes, rows added,
+  other metadata documents, a sharded pyramid: every coarse level is
+  recomputed.
+
+Why a chunk region equals a full build: a metavertex's centroid lies
+between its bin's vertices, so inside its bin; a bin touching a changed
+chunk is homed in a target chunk meeting it (``reachable_targets``), and
+every vertex of a bin homed in a target lies in a source chunk meeting
+that bin (``supporting_sources``).  Recomputing the targets from those
+sources recomputes each of their metavertices whole; metavertices homed
+elsewhere are unchanged and keep their old parents.  A vertex outside its
+chunk is found from the old ``+1`` links, a changed object's old weights
+from its old coarse row (``fallen``).
 """
 
 from __future__ import annotations
