@@ -104,13 +104,14 @@ def test_in_place_vertex_and_manifest_edits_are_a_chunk_region(arrays):
     assert kind == CHUNKS, reason
 
 
-@pytest.mark.parametrize("layout,strategy,why", [
-    ("the pyramid is sharded", "random", "sharded"),
-    ("", "length", "ranks objects by their geometry"),
+@pytest.mark.parametrize("layout,strategy,seed,why", [
+    ("the pyramid is sharded", "random", 0, "sharded"),
+    ("", "length", 0, "ranks objects by their geometry"),
+    ("", "random", None, "sparsity_seed=None"),
 ])
-def test_chunk_region_needs_a_layout_and_survivors_it_can_keep(layout, strategy, why):
+def test_chunk_region_needs_a_layout_and_survivors_it_can_keep(layout, strategy, seed, why):
     kind, reason = classify({"vertices": _row(1)}, factors=[(2, 1), (2, 2)],
-                            sparsity_strategy=strategy, sparsity_seed=0, chunk_layout=layout)
+                            sparsity_strategy=strategy, sparsity_seed=seed, chunk_layout=layout)
     assert kind == WHOLE and why in reason, reason
 
 

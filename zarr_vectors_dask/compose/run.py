@@ -56,11 +56,6 @@ def compose_links(client, store: Store, *, root_meta, depth: int, storage: str,
 
 
 # ---------------------------------------------------------- a refresh in place
-def _anchor(chunk, scale_from, scale_to) -> tuple[int, ...]:
-    """A chunk's anchor on another level's grid (as the link cells key it)."""
-    return tuple((int(c) * int(a)) // int(b) for c, a, b in zip(chunk, scale_from, scale_to))
-
-
 def _geometry(store: Store, root_meta) -> dict:
     return {lv: level_geometry(store, lv, root_meta) for lv in cm.published_levels(store)}
 
@@ -90,7 +85,7 @@ def recompose_region(store: Store, root_meta, changed: set[str]) -> dict | None:
         for seg, (_, chunks) in cm.read_family(store, lv, 1).items():
             off = nm.parse_chunk_key(seg)
             for ch in chunks:
-                anchor = _anchor(ch, geo[lv]["scale"], geo[lv + 1]["scale"])
+                anchor = nm.anchor(ch, geo[lv]["scale"], geo[lv + 1]["scale"])
                 mine.setdefault(tuple(ch), set()).add(tuple(a + o for a, o in zip(anchor, off)))
     only = recompose_chunks(dirty, parents)
     total = sum(len(p) for p in parents.values())
@@ -122,7 +117,7 @@ def discard_recomposed(store: Store, root_meta, only: dict, logged: set[str]) ->
                 chunk = nm.cell_chunk(cell, geo[level]["grid"][0])
                 if delta < 0:
                     back = nm.parse_chunk_key(seg)
-                    anchor = _anchor(chunk, geo[level]["scale"], geo[fine]["scale"])
+                    anchor = nm.anchor(chunk, geo[level]["scale"], geo[fine]["scale"])
                     chunk = tuple(a + b for a, b in zip(anchor, back))
                 if chunk in only.get(fine, ()) and f"{base}/{rel}" not in logged:
                     store.remove_tree(f"{base}/{rel}")

@@ -90,6 +90,22 @@ def cell_chunk(cell: str, origin: Sequence[int]) -> tuple[int, ...]:
     return tuple(int(i) + int(o) for i, o in zip(cell.split("/"), origin))
 
 
+def anchor(chunk: Sequence[int], scale_from: Sequence[int],
+           scale_to: Sequence[int]) -> tuple[int, ...]:
+    """A chunk's anchor on another level's grid, from the two levels'
+    chunk scales (multiples of the root's): a link cell is keyed by its
+    own chunk and the other end's chunk minus this anchor (its offset)."""
+    return tuple((int(c) * int(a)) // int(b) for c, a, b in zip(chunk, scale_from, scale_to))
+
+
+def linked_chunk(chunk: Sequence[int], offset: str, scale_from: Sequence[int],
+                 scale_to: Sequence[int]) -> tuple[int, ...]:
+    """The other end's chunk of a link cell of ``chunk`` in the offset
+    array named ``offset``."""
+    return tuple(a + o for a, o in zip(anchor(chunk, scale_from, scale_to),
+                                       parse_chunk_key(offset)))
+
+
 # ------------------------------------------------------------ exchange files
 #: Scratch of a running build: stage-to-stage exchanges that would cost a
 #: Dask task per (sender, receiver) pair travel as files here instead.

@@ -107,7 +107,7 @@ def classify(by_array: dict[str, dict[str, int]], *, factors, sparsity_strategy:
     cells = [a for a in moved if a in (*CHUNK_ARRAYS, "object_index/manifests")]
     if cells and all(_bounded_by_chunks(a, by_array[a]) for a in arrays
                      if not _is_intra_level_link(a)):
-        return _chunks_or_whole(moved, factors, sparsity_strategy, chunk_layout)
+        return _chunks_or_whole(moved, factors, sparsity_strategy, sparsity_seed, chunk_layout)
     if moved:
         return WHOLE, f"{', '.join(moved)} changed"
     docs = [a for a in arrays if a.startswith(_OBJECT_ATTRIBUTES) and by_array[a]["documents"]
@@ -140,13 +140,17 @@ def _bounded_by_chunks(array: str, row: dict) -> bool:
         (row["changed"] or row["added"] or row["removed"])
 
 
-def _chunks_or_whole(moved, factors, sparsity_strategy: str, chunk_layout: str):
+def _chunks_or_whole(moved, factors, sparsity_strategy: str, sparsity_seed, chunk_layout: str):
     what = f"only cells of {', '.join(moved)} changed"
     if chunk_layout:
         return WHOLE, f"{what}, but {chunk_layout}"
-    if any(ranked(sparsity_strategy, float(sf), 2) for _, sf in factors if float(sf) > 1.0):
+    drops = [float(sf) for _, sf in factors if float(sf) > 1.0]
+    if any(ranked(sparsity_strategy, sf, 2) for sf in drops):
         return WHOLE, (f"{what}, and sparsity {sparsity_strategy!r} ranks objects by their "
                        f"geometry")
+    if drops and sparsity_seed is None:
+        return WHOLE, (f"{what}, and the survivors were drawn without a seed "
+                       f"(sparsity_seed=None): a level cannot keep its others")
     return CHUNKS, f"{what}: the coarse chunks they reach are recomputed"
 
 

@@ -38,10 +38,6 @@ def _scales(lv, root_chunk) -> tuple[tuple[int, ...], tuple[int, ...]]:
             tuple(int(round(c / r)) for c, r in zip(lv.chunk_shape, root_chunk)))
 
 
-def _anchor(chunk, scale_from, scale_to) -> tuple[int, ...]:
-    return tuple((int(c) * int(a)) // int(b) for c, a, b in zip(chunk, scale_from, scale_to))
-
-
 def old_links(store: Store, lv, root_chunk) -> dict[tuple, set]:
     """Source chunk -> target chunks its ``+1`` cells link into, from one
     listing of the source level's ``+1`` family."""
@@ -54,9 +50,7 @@ def old_links(store: Store, lv, root_chunk) -> dict[tuple, set]:
         if not cell:
             continue
         c = nm.cell_chunk(cell, origin)
-        off = nm.parse_chunk_key(seg)
-        out.setdefault(c, set()).add(tuple(a + o for a, o in zip(_anchor(c, s_scale, t_scale),
-                                                                 off)))
+        out.setdefault(c, set()).add(nm.linked_chunk(c, seg, s_scale, t_scale))
     return out
 
 
@@ -114,16 +108,13 @@ def _region_cells(store: Store, spec: StepSpec, region: StepRegion) -> list[str]
     if spec.links == "explicit":
         fams.append((nm.links_family_path(t, -1), spec.target_origin, -1))
     for fam, origin, delta in fams:
-        offsets: dict[str, tuple] = {}
         for rel in store.keys_under(fam):
             seg, _, cell = rel.partition("/c/")
             if not cell:
                 continue
             chunk = nm.cell_chunk(cell, origin)
             if delta > 0:  # a +1 cell is keyed by its source chunk: its target
-                off = offsets.get(seg) or offsets.setdefault(seg, nm.parse_chunk_key(seg))
-                chunk = tuple(a + o for a, o in zip(
-                    _anchor(chunk, spec.scale_source, spec.scale_target), off))
+                chunk = nm.linked_chunk(chunk, seg, spec.scale_source, spec.scale_target)
             if chunk in targets:
                 out.append(f"{fam}/{rel}")
     return out
