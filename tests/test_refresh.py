@@ -696,6 +696,54 @@ def test_refresh_in_place_rewrites_only_the_files_that_differ(store, tmp_path, l
     assert zd.pyramid_status(str(store)).state == "current"
 
 
+def _vertex_out_of_its_chunk(path) -> None:
+    """A plain zarr write moving the first vertex of one level-0 cell into
+    the next chunk along x (the cell stays where it is)."""
+    arr = zarr.open_array(str(path / "0" / "vertices"), mode="r+")
+    origin = np.asarray(arr.attrs.get("chunk_grid_origin", [0, 0, 0]))
+    cell = sorted((path / "0" / "vertices" / "c").glob("*/*/*"))[0]
+    idx = tuple(int(p) for p in cell.relative_to(path / "0" / "vertices" / "c").parts)
+    sel = tuple(slice(i, i + 1) for i in idx)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        raw = bytes(np.asarray(arr[sel].flat[0]))
+        vals = np.frombuffer(raw, dtype=np.float32).copy().reshape(-1, 3)
+        chunk = np.asarray(json.loads((path / "zarr.json").read_text())["attributes"]
+                           ["zarr_vectors"]["chunk_shape"], dtype=np.float32)
+        vals[0, 0] = (np.asarray(idx)[0] + origin[0] + 1) * chunk[0] + 0.5
+        obj = np.empty((1, 1, 1), dtype=object)
+        obj.flat[0] = vals.tobytes()
+        arr[sel] = obj
+
+
+@pytest.mark.parametrize("case", ["vertex_left_its_chunk", "no_row_digests"])
+def test_chunk_region_falls_back_to_whole_levels_saying_why(store, tmp_path, local_client, case):
+    """What a chunk region cannot bound is refreshed as whole levels, the
+    report naming why, and still equals a full rebuild."""
+    if case == "vertex_left_its_chunk":
+        _vertex_out_of_its_chunk(store)
+        why = "a vertex lies outside its chunk"
+    else:  # a pyramid built before the digests were recorded, then an object emptied
+        shutil.rmtree(store / ".zvdask" / "manifest-rows")
+        _edit(store, "remove_object", False)
+        why = "no digest of the level-0 manifest rows is recorded"
+    expected = tmp_path / "full.zv"
+    shutil.copytree(store, expected)
+    zd.build_pyramid(str(expected), client=local_client, overwrite=True, **KW)
+    report = zd.refresh_pyramid(str(store), client=local_client)
+    text = str(report)
+    assert why in text and "whole level" in text, text
+    assert report.summary.get("region", "whole").startswith("whole"), report.summary
+    diff = compare_raw_files(expected, store, ignore=_sidecar)
+    assert diff.identical, diff.summary()
+    assert zd.pyramid_status(str(store)).state == "current"
+    # The refresh recorded the digests again: the next in-place edit (one that
+    # changes an object's manifest row too) is a chunk region.
+    _edit(store, "edit_vertex", False)
+    dry = zd.refresh_pyramid(str(store), dry_run=True)
+    assert dry.region.kind == "chunks" and "1 changed object(s)" in str(dry), str(dry)
+
+
 def test_sharded_pyramid_refreshed_in_place_equals_full_rebuild(tmp_path, local_client):
     """A pyramid built with ``shard_shape``: the in-place refresh compares
     and writes whole shards, and removes the ones that vanish."""
