@@ -58,7 +58,8 @@ def _check_inside(store: Store, lv, info: fcells.VlenArrayInfo, changed, ndim: i
                   dtype: str) -> None:
     """The changed chunks' vertices lie inside their chunks (a region is
     bounded by chunk boxes)."""
-    present = [c for c in sorted(changed) if c in set(info.chunks)]
+    listed = set(info.chunks)
+    present = [c for c in sorted(changed) if c in listed]
     cells = fcells.read_cells(store, info, present)
     cs = np.asarray(lv.source_chunk_shape, dtype=np.float64)
     for c in present:
@@ -75,7 +76,8 @@ def _check_inside(store: Store, lv, info: fcells.VlenArrayInfo, changed, ndim: i
 def plan_chunk_region(store: Store, lv, src, changed: set, root_chunk, *, fallen=(),
                       rows=frozenset()) -> ChunkRegion:
     """The region of one step from the source chunks that changed."""
-    _check_inside(store, lv, src.vertices, changed, src.ndim, src.dtype)
+    if lv.source_level == 0:  # a coarse level's metavertices are homed by their centroid
+        _check_inside(store, lv, src.vertices, changed, src.ndim, src.dtype)
     return chunk_region(sorted(changed), old_links=old_links(store, lv, root_chunk),
                         present=src.vertices.chunks, source_chunk=lv.source_chunk_shape,
                         bin_shape=lv.bin_shape, target_chunk=lv.chunk_shape, fallen=fallen,
