@@ -212,20 +212,16 @@ def decode_manifest_table(blobs: Sequence[bytes], sid_ndim: int) -> ManifestTabl
     block = sid_ndim * 8 + 9
     lengths = np.fromiter((len(b) for b in blobs), dtype=np.int64, count=n)
     if n and int(lengths.min()) >= 4 and not np.any((lengths - 4) % block):
-        buf = np.frombuffer(b"".join(blobs), dtype=np.uint8)
-        starts = np.cumsum(lengths) - lengths
-        counts = buf[starts[:, None] + np.arange(4)].copy().view("<u4").reshape(n).astype(np.int64)
+        counts = np.frombuffer(b"".join([b[:4] for b in blobs]), dtype="<u4").astype(np.int64)
         if np.array_equal(counts, (lengths - 4) // block):
-            total = int(counts.sum())
-            obj = np.repeat(np.arange(n), counts)
-            within = np.arange(total) - np.repeat(np.cumsum(counts) - counts, counts)
-            at = starts[obj] + 4 + within * block
-            if not np.any(buf[at + sid_ndim * 8] != _MODE_SINGLE):
-                coords = buf[at[:, None] + np.arange(sid_ndim * 8)].copy().view("<i8").reshape(
-                    total, sid_ndim).astype(np.int64)
-                frags = buf[at[:, None] + (sid_ndim * 8 + 1) + np.arange(8)].copy().view(
-                    "<i8").reshape(total).astype(np.int64)
-                return ManifestTable(counts, coords, frags)
+            # The blocks back to back, read as packed records (no per-byte
+            # gather: a coarse level's rows name tens of metavertices each).
+            record = np.dtype([("coords", "<i8", (sid_ndim,)), ("mode", "u1"), ("frag", "<i8")])
+            body = np.frombuffer(b"".join([b[4:] for b in blobs]), dtype=record)
+            if not np.any(body["mode"] != _MODE_SINGLE):
+                return ManifestTable(counts,
+                                     body["coords"].astype(np.int64).reshape(-1, sid_ndim),
+                                     body["frag"].astype(np.int64))
     # Anything else (ranges, explicit lists): zarr-vectors' general decoder.
     from zarr_vectors.core.arrays import expand_manifest_blocks
     decoded, uniform = decode_object_manifests_many(list(blobs), sid_ndim=sid_ndim)
