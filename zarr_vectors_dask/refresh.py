@@ -35,12 +35,11 @@ from .format import documents as fdoc
 from .format import naming as nm
 from .format.cells import key_layout, vlen_array_info
 from .format.documents import opened_zarr_vectors
-from .planning.levels import make_plan
+from .planning.levels import make_plan, read_root_meta
 from .planning.region import (ATTRIBUTES, CHUNK_ARRAYS, CHUNKS, LINKS, WHOLE, RefreshRegion,
                               classify, dirty_buckets)
 from .planning.sparsity import Sparsity
 from .resume import REWRITE_LOG, build_lock, record_differences, wait_for_orphans
-from .planning.levels import read_root_meta
 from .runtime import StepReport, client_for, execute
 from .step.region import RegionNotApplicable, changed_objects, plan_chunk_region
 from .step.source import read_source_level

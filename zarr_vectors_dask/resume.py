@@ -430,9 +430,7 @@ def pyramid_trees(store: Store, start_level: int, *,
     link families but its own intra-level ``links/0``; without the
     composed ``±N`` families (N >= 2) unless ``composed``."""
     levels = [start_level, *existing_coarse(store, start_level)]
-    deep = () if composed else tuple(
-        f"{lv}/{nm.LINKS}/{name}/" for lv in levels for name in store.listdir(f"{lv}/{nm.LINKS}")
-        if name not in ("0", "+1", "-1", "zarr.json"))
+    deep = () if composed else tuple(f"{t}/" for t, _ in composed_trees(store, start_level))
     out = [(str(lv), deep) for lv in levels[1:]]
     out += [(f"{start_level}/{nm.LINKS}/{name}", ())
             for name in store.listdir(f"{start_level}/{nm.LINKS}")
@@ -444,8 +442,7 @@ def composed_trees(store: Store, start_level: int) -> list[tuple[str, tuple[str,
     """The composed ``±N`` families (N >= 2) of every level, as trees."""
     levels = [start_level, *existing_coarse(store, start_level)]
     return [(f"{lv}/{nm.LINKS}/{name}", ()) for lv in levels
-            for name in store.listdir(f"{lv}/{nm.LINKS}")
-            if name not in ("0", "+1", "-1", "zarr.json")]
+            for name in store.listdir(f"{lv}/{nm.LINKS}") if nm.is_composed_family(name)]
 
 
 def discard_unwritten(store: Store, trees, logged: set[str]) -> list[str]:

@@ -83,10 +83,9 @@ def recompose_region(store: Store, root_meta, changed: set[str]) -> dict | None:
             continue
         mine = parents.setdefault(lv, {})
         for seg, (_, chunks) in cm.read_family(store, lv, 1).items():
-            off = nm.parse_chunk_key(seg)
             for ch in chunks:
-                anchor = nm.anchor(ch, geo[lv]["scale"], geo[lv + 1]["scale"])
-                mine.setdefault(tuple(ch), set()).add(tuple(a + o for a, o in zip(anchor, off)))
+                mine.setdefault(tuple(ch), set()).add(
+                    nm.linked_chunk(ch, seg, geo[lv]["scale"], geo[lv + 1]["scale"]))
     only = recompose_chunks(dirty, parents)
     total = sum(len(p) for p in parents.values())
     if sum(len(v) for v in only.values()) > RECOMPOSE_SHARE * total:
@@ -95,8 +94,7 @@ def recompose_region(store: Store, root_meta, changed: set[str]) -> dict | None:
 
 
 def _composed_family_names(store: Store, level: int) -> list[str]:
-    return [n for n in store.listdir(f"{level}/{nm.LINKS}")
-            if n not in ("0", "+1", "-1", "zarr.json")]
+    return [n for n in store.listdir(f"{level}/{nm.LINKS}") if nm.is_composed_family(n)]
 
 
 def discard_recomposed(store: Store, root_meta, only: dict, logged: set[str]) -> None:
@@ -115,10 +113,8 @@ def discard_recomposed(store: Store, root_meta, only: dict, logged: set[str]) ->
                 if not cell:
                     continue
                 chunk = nm.cell_chunk(cell, geo[level]["grid"][0])
-                if delta < 0:
-                    back = nm.parse_chunk_key(seg)
-                    anchor = nm.anchor(chunk, geo[level]["scale"], geo[fine]["scale"])
-                    chunk = tuple(a + b for a, b in zip(anchor, back))
+                if delta < 0:  # a -N cell belongs to the fine chunk it mirrors
+                    chunk = nm.linked_chunk(chunk, seg, geo[level]["scale"], geo[fine]["scale"])
                 if chunk in only.get(fine, ()) and f"{base}/{rel}" not in logged:
                     store.remove_tree(f"{base}/{rel}")
                     gone.append(f"{base}/{rel}")

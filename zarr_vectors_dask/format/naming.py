@@ -9,7 +9,7 @@ __all__ = ["VERTICES", "VERTEX_FRAGMENTS", "VERTEX_ATTRIBUTES", "OBJECT_INDEX", 
            "LINKS", "NONEMPTY", "ORIGIN", "MANIFEST_BUCKET", "ATTRIBUTE_BUCKET",
            "CAP_PRESERVED_OBJECT_IDS", "CAP_SHARED_FRAGMENTS", "CAP_MULTISCALE_LINKS", "chunk_key",
            "parse_chunk_key", "format_delta", "format_offsets", "links_family_path", "cell_path",
-           "cell_chunk",
+           "cell_chunk", "anchor", "linked_chunk", "is_composed_family", "MANIFEST_DIGESTS",
            "EXCHANGE_DIR", "exchange_key"]
 
 
@@ -73,6 +73,12 @@ def format_offsets(offset: Sequence[int]) -> str:
 
 def links_family_path(level: int, delta: int) -> str:
     return f"{level}/{LINKS}/{format_delta(delta)}"
+
+
+def is_composed_family(name: str) -> bool:
+    """Whether an entry of a level's ``links/`` folder is a composed
+    ``±N`` family (N >= 2): not intra-level links, ``±1`` or a document."""
+    return name not in ("0", "+1", "-1", "zarr.json")
 
 
 def cell_path(array_path: str, coords: Sequence[int], origin: Sequence[int]) -> str:

@@ -181,6 +181,12 @@ class LevelPlan:
     n_object_attributes: int = 0
     n_vertex_attributes: int = 0
 
+    def chunk_scales(self, root_chunk) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """The source's and the target's chunk shapes as multiples of the
+        root's (what link cells are anchored by)."""
+        return (tuple(int(round(c / r)) for c, r in zip(self.source_chunk_shape, root_chunk)),
+                tuple(int(round(c / r)) for c, r in zip(self.chunk_shape, root_chunk)))
+
     @property
     def tasks(self) -> dict[str, int]:
         """Tasks per task function: the graph's own counts when known, else

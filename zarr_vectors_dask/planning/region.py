@@ -1,7 +1,7 @@
 """The region a refresh rewrites, from what changed in level 0: pure
 functions over array names, cell coordinates and row counts (no I/O).
 
-A level-0 change reaches the coarse levels in one of three ways:
+A level-0 change reaches the coarse levels in one of four ways:
 
 * ``links``: only intra-level links (``links/0``, ``link_fragments``,
   ``link_attributes``) changed.  No coarse level reads them (zarr-vectors'
@@ -114,14 +114,24 @@ def classify(by_array: dict[str, dict[str, int]], *, factors, sparsity_strategy:
             and a not in same_layout]
     if docs:
         return WHOLE, f"the metadata of {', '.join(docs)} changed (shape or dtype)"
+    why = _survivors_not_kept(factors, sparsity_strategy, sparsity_seed)
+    if why:
+        return WHOLE, f"object attributes changed and {why}"
+    return ATTRIBUTES, "only object-attribute cells changed"
+
+
+def _survivors_not_kept(factors, sparsity_strategy: str, sparsity_seed) -> str:
+    """Why a region refresh cannot keep the survivors of sparsity of the
+    rows it does not recompute ("" when it can: they depend on the row
+    count and the seed alone, or nothing is dropped)."""
     drops = [float(sf) for _, sf in factors if float(sf) > 1.0]
     if any(ranked(sparsity_strategy, sf, 2) for sf in drops):
-        return WHOLE, (f"object attributes changed and sparsity {sparsity_strategy!r} "
-                       f"ranks objects by their geometry (survivors not stored)")
+        return (f"sparsity {sparsity_strategy!r} ranks objects by their geometry (survivors "
+                f"not stored)")
     if drops and sparsity_seed is None:
-        return WHOLE, ("object attributes changed and the survivors were drawn without a "
-                       "seed (sparsity_seed=None): there is no redraw to be equal to")
-    return ATTRIBUTES, "only object-attribute cells changed"
+        return ("the survivors were drawn without a seed (sparsity_seed=None): there is no "
+                "redraw to be equal to")
+    return ""
 
 
 def _bounded_by_chunks(array: str, row: dict) -> bool:
@@ -144,13 +154,9 @@ def _chunks_or_whole(moved, factors, sparsity_strategy: str, sparsity_seed, chun
     what = f"only cells of {', '.join(moved)} changed"
     if chunk_layout:
         return WHOLE, f"{what}, but {chunk_layout}"
-    drops = [float(sf) for _, sf in factors if float(sf) > 1.0]
-    if any(ranked(sparsity_strategy, sf, 2) for sf in drops):
-        return WHOLE, (f"{what}, and sparsity {sparsity_strategy!r} ranks objects by their "
-                       f"geometry")
-    if drops and sparsity_seed is None:
-        return WHOLE, (f"{what}, and the survivors were drawn without a seed "
-                       f"(sparsity_seed=None): a level cannot keep its others")
+    why = _survivors_not_kept(factors, sparsity_strategy, sparsity_seed)
+    if why:
+        return WHOLE, f"{what}, and {why}"
     return CHUNKS, f"{what}: the coarse chunks they reach are recomputed"
 
 

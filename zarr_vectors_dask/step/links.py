@@ -10,8 +10,8 @@ import numpy as np
 
 from ..format import codecs as cdc
 from ..format import naming as nm
-from ..storage.store import Store
 from ..errors import FormatError
+from ..storage.store import Store
 from .cells import ShardRoute, put_cells, route_to
 from .exchange import received, send_exchange
 from .spec import StepSpec, _pair_key, _read_source_chunks, chunk_coords
@@ -266,13 +266,16 @@ def old_parents(spec: StepSpec, region, chunk_ids: np.ndarray,
     Instances are the chunks' flat order, ``sizes`` per chunk."""
     fam = nm.links_family_path(spec.source_level, +1)
     segs = [s for s in spec.store.listdir(fam) if s != "zarr.json"]
+    offsets = np.asarray([nm.parse_chunk_key(s) for s in segs],
+                         dtype=np.int64).reshape(len(segs), spec.ndim)
     coords = chunk_coords(spec, chunk_ids)
     anchors = _anchor(coords, spec.scale_source, spec.scale_target)
     cells = []
     for i, cc in enumerate(coords.tolist()):
-        for seg in segs:
-            target = anchors[i] + np.asarray([int(x) for x in seg.split(".")], dtype=np.int64)
-            if not region.has_target(spec, target[None])[0]:
+        targets = anchors[i] + offsets
+        outside = ~region.has_target(spec, targets)
+        for seg, target, out in zip(segs, targets, outside):
+            if out:  # a cell into a target is rewritten by this refresh
                 cells.append((i, target, nm.cell_path(f"{fam}/{seg}", cc, spec.source_origin)))
     raw = spec.store.get_many([k for _, _, k in cells])
     base = np.cumsum(sizes) - sizes

@@ -19,9 +19,8 @@ from ..format import codecs as cdc
 from ..format import commit as cm
 from ..format import naming as nm
 from ..planning.region import ChunkRegion, chunk_region
-from ..planning.runs import ravel
 from ..storage.store import Store
-from .spec import StepRegion, StepSpec
+from .spec import StepRegion, StepSpec, grid_coords, grid_numbers
 
 __all__ = ["RegionNotApplicable", "RegionPlans", "changed_objects", "changed_cells",
            "plan_chunk_region", "step_region", "discard_stale",
@@ -33,17 +32,12 @@ class RegionNotApplicable(BuildError):
     the refresh recomputes whole levels instead, as it reports."""
 
 
-def _scales(lv, root_chunk) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    return (tuple(int(round(c / r)) for c, r in zip(lv.source_chunk_shape, root_chunk)),
-            tuple(int(round(c / r)) for c, r in zip(lv.chunk_shape, root_chunk)))
-
-
 def old_links(store: Store, lv, root_chunk) -> dict[tuple, set]:
     """Source chunk -> target chunks its ``+1`` cells link into, from one
     listing of the source level's ``+1`` family."""
     fam = nm.links_family_path(lv.source_level, +1)
     origin = lv.source_grid[0]
-    s_scale, t_scale = _scales(lv, root_chunk)
+    s_scale, t_scale = lv.chunk_scales(root_chunk)
     out: dict[tuple, set] = {}
     for rel in store.keys_under(fam):
         seg, _, cell = rel.partition("/c/")
@@ -87,10 +81,8 @@ def plan_chunk_region(store: Store, lv, src, changed: set, root_chunk, *, fallen
 def step_region(lv, region: ChunkRegion, n_old: int) -> StepRegion:
     """``region`` as its tasks see it: grid numbers."""
     def numbers(chunks, grid):
-        inside = [c for c in chunks
-                  if all(0 <= int(x) - o < g for x, o, g in zip(c, grid[0], grid[1]))]
-        return np.unique(ravel(np.asarray(inside, dtype=np.int64).reshape(len(inside), -1),
-                               *grid)) if inside else np.empty(0, np.int64)
+        lin = grid_numbers(sorted(chunks), *grid)
+        return np.unique(lin[lin >= 0])
     return StepRegion(numbers(region.targets, lv.target_grid),
                       numbers(region.sources, lv.source_grid), max(1, int(n_old)),
                       np.asarray(sorted(region.rows), dtype=np.int64))
@@ -100,8 +92,8 @@ def _region_cells(store: Store, spec: StepSpec, region: StepRegion) -> list[str]
     """Every stored cell the region's step rewrites whole: its targets'
     vertex cells and ``-1`` cells, and the ``+1`` cells into them."""
     t, s = spec.target_level, spec.source_level
-    targets = set(map(tuple, _grid_chunks(region.targets, spec.target_origin,
-                                          spec.target_grid_shape).tolist()))
+    targets = set(map(tuple, grid_coords(region.targets, spec.target_origin,
+                                         spec.target_grid_shape).tolist()))
     out = []
     for array in (nm.VERTICES, nm.VERTEX_FRAGMENTS):
         out += [f"{t}/{array}/{rel}" for rel in store.keys_under(f"{t}/{array}")
@@ -120,12 +112,6 @@ def _region_cells(store: Store, spec: StepSpec, region: StepRegion) -> list[str]
             if chunk in targets:
                 out.append(f"{fam}/{rel}")
     return out
-
-
-def _grid_chunks(numbers: np.ndarray, origin, grid) -> np.ndarray:
-    """Chunk coordinates of row-major grid numbers."""
-    rel = np.unravel_index(np.asarray(numbers, dtype=np.int64), tuple(grid))
-    return np.stack(rel, axis=1).reshape(-1, len(grid)) + np.asarray(origin, dtype=np.int64)
 
 
 def discard_stale(store: Store, spec: StepSpec, region: StepRegion, logged: set[str]) -> list[str]:

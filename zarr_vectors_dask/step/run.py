@@ -85,7 +85,7 @@ def plan_step(store: Store, lv: LevelPlan, src: SourceLevel, root_meta, *,
                          target_origin=t_origin, target_grid=t_grid, chunk_shape=lv.chunk_shape,
                          bin_shape=lv.bin_shape, budget=lv.max_block_vertices,
                          n_workers=lv.n_workers)
-    root_chunk = tuple(root_meta.chunk_shape)
+    scale_source, scale_target = lv.chunk_scales(root_meta.chunk_shape)
     strip = dict(chunks=())  # the chunk lists stay with the driver
     routes = step_shard_routes(lv, numbers, weights) if lv.shard_shape else ()
     spec = StepSpec(
@@ -95,8 +95,7 @@ def plan_step(store: Store, lv: LevelPlan, src: SourceLevel, root_meta, *,
         target_grid_shape=tuple(t_grid),
         block_starts=tuple(int(x) for x in layout.block_starts),
         target_block_starts=tuple(int(x) for x in layout.target_block_starts),
-        scale_source=tuple(int(round(c / r)) for c, r in zip(lv.source_chunk_shape, root_chunk)),
-        scale_target=tuple(int(round(c / r)) for c, r in zip(lv.chunk_shape, root_chunk)),
+        scale_source=scale_source, scale_target=scale_target,
         vertices=fcells.VlenArrayInfo(**{**src.vertices.__dict__, **strip}),
         fragments=fcells.VlenArrayInfo(**{**src.fragments.__dict__, **strip}),
         source_dtype=src.dtype, has_objects=src.has_objects,

@@ -15,7 +15,7 @@ from ..format import naming as nm
 from ..storage.store import Store
 
 __all__ = ["StepSpec", "LevelPair", "StepRegion", "chunk_numbers", "chunk_coords", "block_of",
-           "target_numbers"]
+           "target_numbers", "grid_numbers", "grid_coords"]
 
 
 @dataclass(frozen=True)
@@ -98,14 +98,26 @@ def _member(sorted_set: np.ndarray, values: np.ndarray) -> np.ndarray:
 
 def target_numbers(spec: "StepSpec", chunks: np.ndarray) -> np.ndarray:
     """Row-major index of target chunks in the target grid; -1 outside it."""
-    chunks = np.asarray(chunks, dtype=np.int64).reshape(-1, spec.ndim)
-    shape = np.asarray(spec.target_grid_shape, dtype=np.int64)
-    rel = chunks - np.asarray(spec.target_origin, dtype=np.int64)
+    return grid_numbers(chunks, spec.target_origin, spec.target_grid_shape)
+
+
+def grid_numbers(coords, origin, grid) -> np.ndarray:
+    """Row-major index of chunks in a grid (``origin``, ``grid`` shape);
+    -1 outside it."""
+    shape = np.asarray(grid, dtype=np.int64)
+    coords = np.asarray(coords, dtype=np.int64).reshape(-1, shape.size)
+    rel = coords - np.asarray(origin, dtype=np.int64)
     inside = np.all((rel >= 0) & (rel < shape), axis=1)
-    out = np.full(chunks.shape[0], -1, dtype=np.int64)
+    out = np.full(coords.shape[0], -1, dtype=np.int64)
     if inside.any():
         out[inside] = np.ravel_multi_index(tuple(rel[inside].T), tuple(shape.tolist()))
     return out
+
+
+def grid_coords(numbers, origin, grid) -> np.ndarray:
+    """Inverse of :func:`grid_numbers`."""
+    rel = np.unravel_index(np.asarray(numbers, dtype=np.int64), tuple(grid))
+    return np.stack(rel, axis=1).reshape(-1, len(grid)) + np.asarray(origin, np.int64)
 
 
 # ------------------------------------------------------------- helpers
@@ -135,20 +147,12 @@ def _partition_of(spec: StepSpec, keys: np.ndarray) -> np.ndarray:
 
 def chunk_numbers(spec: StepSpec, coords: np.ndarray) -> np.ndarray:
     """Row-major index of source chunks in the source grid; -1 outside it."""
-    coords = np.asarray(coords, dtype=np.int64).reshape(-1, spec.ndim)
-    shape = np.asarray(spec.source_grid_shape, dtype=np.int64)
-    rel = coords - np.asarray(spec.source_origin, dtype=np.int64)
-    inside = np.all((rel >= 0) & (rel < shape), axis=1)
-    out = np.full(coords.shape[0], -1, dtype=np.int64)
-    if inside.any():
-        out[inside] = np.ravel_multi_index(tuple(rel[inside].T), tuple(shape.tolist()))
-    return out
+    return grid_numbers(coords, spec.source_origin, spec.source_grid_shape)
 
 
 def chunk_coords(spec: StepSpec, numbers: np.ndarray) -> np.ndarray:
     """Inverse of ``chunk_numbers``."""
-    rel = np.unravel_index(np.asarray(numbers, dtype=np.int64), tuple(spec.source_grid_shape))
-    return np.stack(rel, axis=1).reshape(-1, spec.ndim) + np.asarray(spec.source_origin, np.int64)
+    return grid_coords(numbers, spec.source_origin, spec.source_grid_shape)
 
 
 def block_of(spec: StepSpec, numbers: np.ndarray) -> np.ndarray:
