@@ -66,3 +66,36 @@ def test_cell_chunk_inverts_cell_path():
     for origin in ((0, 0, 0), (-2, 1, 0)):
         key = nm.cell_path("1/links/+2/0.0.1", (3, -1, 4), origin)
         assert nm.cell_chunk(key.split("/c/", 1)[1], origin) == (3, -1, 4)
+
+
+@pytest.mark.parametrize("shard", [None, (2, 3, 1)])
+def test_vlen_array_doc_is_zarrs_own_document(shard):
+    """The documents rendered from one template per grid are the bytes
+    zarr writes when it creates the array with those attributes."""
+    import warnings
+
+    import zarr
+    from zarr.codecs import VLenBytesCodec
+    from zarr.storage import MemoryStore
+
+    from zarr_vectors_dask.format import documents as fdoc
+    from zarr_vectors_dask.format import naming as nm
+    cases = [((4, 6, 2), {}),
+             ((4, 6, 2), fdoc.vlen_attributes((0, 0, 0), [(1, 2, 0), (0, 0, 1)],
+                                              fdoc.vertices_attrs())),
+             ((5, 3, 7), fdoc.vlen_attributes((-2, 0, 3), [(-2, 1, 3)],
+                                              fdoc.link_array_attrs((0, -1, 1), -1))),
+             ((4, 6, 2), {"name": "ü", "x": [1.5, None, True]})]
+    for grid, attrs in cases:
+        mem = MemoryStore()
+        kw = {} if shard is None else {"shards": shard}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            arr = zarr.create_array(mem, name="n", shape=grid, chunks=(1,) * 3, dtype="bytes",
+                                    serializer=VLenBytesCodec(), compressors=[],
+                                    attributes=attrs, zarr_format=3, **kw)
+        want = zarr.core.sync.sync(mem.get("n/zarr.json", prototype=zarr.core.buffer.
+                                           default_buffer_prototype())).to_bytes()
+        assert fdoc.vlen_array_doc(grid, attrs, shard) == want, (grid, attrs)
+        assert arr.attrs.asdict() == attrs
+    assert nm.NONEMPTY in fdoc.vlen_attributes((0,), [(1,)], {})

@@ -4,6 +4,7 @@ and reading a node's document or attributes."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import warnings
 from typing import Any, Sequence
@@ -86,16 +87,32 @@ def vlen_array_doc(grid_shape: Sequence[int], attributes: dict,
                    shard_shape: Sequence[int] | None = None) -> bytes:
     """``zarr.json`` of a per-chunk vlen-bytes array (one cell per chunk),
     with ``shard_shape`` cells per storage object when given: what
-    zarr-vectors' writers create for their ``shard_shape``."""
+    zarr-vectors' writers create for their ``shard_shape``.
+
+    zarr renders the document once per grid (a pyramid has ~10^2 such
+    documents, and a render costs ~1 ms); the attributes are put in its
+    place and the dict dumped as zarr dumps it."""
+    import zarr
+    grid = tuple(int(s) for s in grid_shape)
+    shards = None if shard_shape is None else tuple(int(s) for s in shard_shape)
+    template = _vlen_template(grid, shards)
+    doc = dict(template)
+    doc["attributes"] = attributes
+    return json.dumps(doc, allow_nan=True, indent=zarr.config.get("json_indent")).encode()
+
+
+@functools.lru_cache(maxsize=256)
+def _vlen_template(grid: tuple, shards: tuple | None) -> dict:
+    """zarr's own ``zarr.json`` of a per-chunk vlen array, attributes empty
+    (parsed: its key order is the one zarr writes)."""
     from zarr.codecs import VLenBytesCodec
 
     def create(zarr, mem):
-        kw = {} if shard_shape is None else {"shards": tuple(int(s) for s in shard_shape)}
-        zarr.create_array(mem, name="n", shape=tuple(int(s) for s in grid_shape),
-                          chunks=(1,) * len(grid_shape), dtype="bytes",
-                          serializer=VLenBytesCodec(), compressors=[],
-                          attributes=attributes, zarr_format=3, **kw)
-    return _render(create)
+        kw = {} if shards is None else {"shards": shards}
+        zarr.create_array(mem, name="n", shape=grid, chunks=(1,) * len(grid), dtype="bytes",
+                          serializer=VLenBytesCodec(), compressors=[], attributes={},
+                          zarr_format=3, **kw)
+    return json.loads(_render(create))
 
 
 def manifests_doc(n_rows: int) -> bytes:

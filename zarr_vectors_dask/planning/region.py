@@ -226,10 +226,16 @@ def _through_bins(chunks, own, bin_shape, other) -> set:
     ``c*own <= p < (c+1)*own``, its bin ``k`` ``k*b <= p < (k+1)*b``."""
     import numpy as np
     c = np.asarray(sorted(chunks), dtype=np.int64).reshape(len(chunks), -1)
+    return _unique_rows(_box_cells(*_reach_boxes(c, own, bin_shape, other)))
+
+
+def _reach_boxes(c, own, bin_shape, other) -> tuple:
+    """Per row of ``c`` (chunks of width ``own``), the first and last
+    chunk of width ``other`` meeting a bin that meets it."""
+    import numpy as np
     own, b, other = (np.asarray(x, dtype=np.float64) for x in (own, bin_shape, other))
     k_lo, k_hi = _spans(c * own, (c + 1) * own, b)
-    lo, hi = _spans(k_lo * b, (k_hi + 1) * b, other)
-    return _unique_rows(_box_cells(lo, hi))
+    return _spans(k_lo * b, (k_hi + 1) * b, other)
 
 
 def reachable_targets(chunks, source_chunk, bin_shape, target_chunk) -> set:
@@ -296,10 +302,24 @@ def chunk_region(changed, *, old_links: dict, present, source_chunk, bin_shape,
     import math
     reach = [int(math.ceil(b / t)) for b, t in zip(bin_shape, target_chunk)]
     near = dilate(targets, reach)
-    for c, linked in old_links.items():
-        if c in sources or c not in present:
-            continue
-        own = reachable_targets([c], source_chunk, bin_shape, target_chunk)
-        if any(t in near for t in set(linked) - own):
-            sources.add(c)
+    sources |= _strays_near(old_links, sources, present, near, source_chunk, bin_shape,
+                            target_chunk)
     return ChunkRegion(frozenset(targets), frozenset(sources), frozenset(rows))
+
+
+def _strays_near(old_links: dict, sources, present, near, source_chunk, bin_shape,
+                 target_chunk) -> set:
+    """Present chunks, not yet sources, whose old links leave their own
+    reach (a vertex outside its chunk) into ``near``."""
+    import numpy as np
+    todo = [c for c in old_links if c not in sources and c in present]
+    if not todo:
+        return set()
+    lo, hi = _reach_boxes(np.asarray(todo, dtype=np.int64), source_chunk, bin_shape,
+                          target_chunk)
+    out = set()
+    for c, a, b in zip(todo, lo.tolist(), hi.tolist()):
+        if any(t in near and not all(x <= y <= z for x, y, z in zip(a, t, b))
+               for t in old_links[c]):
+            out.add(c)
+    return out

@@ -12,7 +12,6 @@ the driver's process (open files, clients) travels in the graph.
 from __future__ import annotations
 
 import abc
-import contextlib
 import errno
 import os
 import random
@@ -55,10 +54,10 @@ def _make_dir(path: str) -> None:
         os.makedirs(path, exist_ok=True)
 
 
-def _local_names(top: str) -> list[str]:
-    """Every file under the folder ``top``, by path relative to it (none
-    when it does not exist): ``scandir``'s entry types, no stat per file."""
-    out: list[str] = []
+def _local_walk(top: str, sizes: bool):
+    """``(relative path, size or None)`` of every file under the folder
+    ``top`` (nothing when it does not exist): ``scandir``'s entry types,
+    and a stat per file only when ``sizes`` is asked."""
     todo = [("", top)]
     while todo:
         rel, folder = todo.pop()
@@ -70,10 +69,18 @@ def _local_names(top: str) -> list[str]:
             for e in entries:
                 if e.is_dir(follow_symlinks=False):
                     todo.append((f"{rel}{e.name}/", e.path))
+                elif not sizes:
+                    yield rel + e.name, None
                 else:
-                    out.append(rel + e.name)
-    return out
+                    try:
+                        yield rel + e.name, e.stat(follow_symlinks=False).st_size
+                    except FileNotFoundError:  # removed since the listing
+                        continue
 
+
+def _local_names(top: str) -> list[str]:
+    """Every file under the folder ``top``, by path relative to it."""
+    return [name for name, _ in _local_walk(top, sizes=False)]
 
 
 #: What a process killed mid-write leaves next to the object it was
@@ -550,15 +557,7 @@ class LocalStore(Store):
         return self.fs.ls(path, detail=False)
 
     def sizes(self, key: str) -> dict[str, int]:
-        top = self.path(key).rstrip("/")
-        out = {}
-        for d, _, files in os.walk(top):
-            rel = os.path.relpath(d, top)
-            for f in files:
-                p = os.path.join(d, f)
-                with contextlib.suppress(FileNotFoundError):
-                    out[f if rel == "." else f"{rel}/{f}"] = os.stat(p).st_size
-        return out
+        return dict(_local_walk(self.path(key).rstrip("/"), sizes=True))
 
     def keys_under(self, key: str) -> list[str]:
         return _local_names(self.path(key).rstrip("/"))
