@@ -77,6 +77,21 @@ def single_vertex_fragments(n: int) -> bytes:
                      bitmap.tobytes(), table.tobytes(), bytes(4)])
 
 
+def fragment_lengths(frag_payload: bytes, *, what) -> np.ndarray:
+    """How many rows each fragment of a chunk names (fragment order), from
+    its ``vertex_fragments`` cell alone."""
+    try:
+        fi = decode_fragments(frag_payload)
+    except Exception as exc:  # noqa: BLE001
+        raise CorruptChunkError(f"{_named(what)}: vertex_fragments cannot be decoded: "
+                                f"{exc}") from None
+    table = fi.ranges()
+    if table is not None:
+        return np.asarray(table[:, 1], dtype=np.int64)
+    return np.fromiter((len(fi.indices(f)) for f in range(fi.num_fragments)), dtype=np.int64,
+                       count=fi.num_fragments)
+
+
 def decode_vertex_cell(vert_payload: bytes, frag_payload: bytes, *, dtype: np.dtype,
                        ndim: int, what) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Rows of a chunk and its fragments in CSR form: ``members`` holds the

@@ -59,8 +59,10 @@ def _sparsity_context(g: Graph, tok: str, spec, layout: StepLayout, n_rows: int,
 
 
 def _objects(g: Graph, tok: str, spec, n_rows: int, sparsity: Sparsity, attrs: list[str],
-             context: list):
-    return g.add(tok, objs.object_table, 0, spec, n_rows, sparsity, attrs, *context)
+             context: list, region):
+    # A region refresh keeps the row digests of unchanged buckets.
+    return g.add(tok, objs.object_table, 0, spec, n_rows, sparsity, attrs, region is None,
+                 *context)
 
 
 def _object_refs(g: Graph, tok: str, spec, n_buckets: int, objects, region):
@@ -164,7 +166,7 @@ def step_graph(spec, layout: StepLayout, *, n_rows: int, sparsity: Sparsity,
     g = Graph({})
     context = _sparsity_context(g, token, spec, layout, n_rows, sparsity) \
         if spec.has_objects else []
-    objects = _objects(g, token, spec, n_rows, sparsity, attribute_names, context) \
+    objects = _objects(g, token, spec, n_rows, sparsity, attribute_names, context, region) \
         if spec.has_objects else None
     n_buckets = len(split_runs(n_rows, nm.MANIFEST_BUCKET)) if spec.has_objects else 0
     refs, refs_done = _object_refs(g, token, spec, n_buckets, objects, region)

@@ -14,7 +14,7 @@ from ..errors import FormatError
 from ..storage.store import Store
 from .cells import ShardRoute, put_cells, route_to
 from .exchange import received, send_exchange
-from .spec import StepSpec, _pair_key, _read_source_chunks, chunk_coords
+from .spec import StepSpec, _pair_key, _read_fragment_lengths, chunk_coords
 from .vertices import OLD_PARENT
 
 __all__ = ["row_ids", "LinkCells", "partition_links", "distinct_rows", "write_link_cells",
@@ -318,9 +318,9 @@ def old_sequences(spec: StepSpec, task: int, region, *_refs_done) -> list[int]:
         return []
     chunks = np.unique(np.concatenate([p["chunk"] for _, p in parts]))
     ids, sizes, inst_frag = [], [], []
-    for num, _, _, members, lengths in _read_source_chunks(spec, chunks):
+    for num, lengths in _read_fragment_lengths(spec, chunks):
         ids.append(num)
-        sizes.append(int(members.size))
+        sizes.append(int(lengths.sum()))
         inst_frag.append(np.repeat(np.arange(lengths.size, dtype=np.int64), lengths))
     ids_a, sizes_a = np.asarray(ids, dtype=np.int64), np.asarray(sizes, dtype=np.int64)
     pc, pf = old_parents(spec, region, ids_a, sizes_a)

@@ -20,36 +20,17 @@ def write_manifests(spec: StepSpec, bucket: int, refs: dict, target_rows: tuple[
                     _sequences_done=None) -> int:
     """Assemble and write one bucket of the coarse level's object_index
     manifests; returns how many rows are non-empty."""
-    parts = [p for _, p in received(spec, "sequences", bucket)]
-    # Every named fragment's metavertex sequence, as a slice of seq_*.
-    seq_c = np.concatenate([p["seq_chunk"] for p in parts]) if parts else \
-        np.empty((0, spec.ndim), np.int64)
-    seq_f = np.concatenate([p["seq_frag"] for p in parts]) if parts else np.empty(0, np.int64)
-    base = np.cumsum([0] + [int(p["ptr"][-1]) for p in parts])
-    frag_key = np.concatenate([_pair_key(p["chunk"], p["frag"]) for p in parts]) if parts else \
-        np.empty(0, np.int64)
-    frag_start = np.concatenate([p["ptr"][:-1] + base[i] for i, p in enumerate(parts)]) if parts \
-        else np.empty(0, np.int64)
-    frag_len = np.concatenate([np.diff(p["ptr"]) for p in parts]) if parts else np.empty(0, np.int64)
-    order = np.argsort(frag_key, kind="stable")
-    frag_key, frag_start, frag_len = frag_key[order], frag_start[order], frag_len[order]
-    # Each kept object's references, in manifest order, expanded to the
-    # metavertex sequences of their fragments (missing fragments: none).
     kept, counts = refs["kept"], refs["counts"]
-    ref_key = _pair_key(refs["ref_chunk"], refs["ref_frag"])
-    n_ref = _lookup(frag_key, frag_len, ref_key)
-    start = _lookup(frag_key, frag_start, ref_key)
-    entry = cdc.expand_ranges(start, n_ref)
-    owner = np.repeat(np.repeat(np.arange(counts.size), counts), n_ref)
-    ec, ef = seq_c[entry], seq_f[entry]
-    # Metavertices shared by consecutive fragments appear once.
-    keep = np.ones(entry.size, dtype=bool)
-    keep[1:] = (owner[1:] != owner[:-1]) | (ef[1:] != ef[:-1]) | np.any(ec[1:] != ec[:-1], axis=1)
+    ref_chunk, ref_frag = refs["ref_chunk"], refs["ref_frag"]
+    if "rc" in refs:  # a region: only the recomputed rows are encoded
+        rc = refs["rc"]
+        named = np.repeat(rc, counts)
+        ref_chunk, ref_frag, counts = ref_chunk[named], ref_frag[named], counts[rc]
+        blobs = _encode_rows(spec, bucket, counts, ref_chunk, ref_frag)
+        return _write_region_rows(spec, target_rows, np.flatnonzero(kept)[rc], blobs)
     row_counts = np.zeros(kept.size, dtype=np.int64)
-    row_counts[np.flatnonzero(kept)] = np.bincount(owner[keep], minlength=counts.size)
-    blobs = cdc.encode_manifest_table(cdc.ManifestTable(row_counts, ec[keep], ef[keep]), spec.ndim)
-    if "rc" in refs:  # a region: the other rows keep their blobs
-        return _write_region_rows(spec, target_rows, kept, refs["rc"], blobs)
+    blobs = _encode_rows(spec, bucket, counts, ref_chunk, ref_frag, row_counts,
+                         np.flatnonzero(kept))
     import zarr
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -61,18 +42,52 @@ def write_manifests(spec: StepSpec, bucket: int, refs: dict, target_rows: tuple[
     return int(np.count_nonzero(row_counts))
 
 
-def _write_region_rows(spec: StepSpec, target_rows, kept, rc, blobs) -> dict:
+def _encode_rows(spec: StepSpec, bucket: int, counts, ref_chunk, ref_frag, row_counts=None,
+                 at=None) -> list[bytes]:
+    """Manifest blobs of objects naming ``counts`` fragment references
+    each: every named fragment expanded to its metavertex sequence (the
+    ``sequences`` sent to this bucket; a missing fragment has none).
+    With ``row_counts`` (the bucket's rows, zeros), each object's count
+    is put at its row ``at`` and every row is encoded, empty or not."""
+    parts = [p for _, p in received(spec, "sequences", bucket)]
+    seq_c = np.concatenate([p["seq_chunk"] for p in parts]) if parts else \
+        np.empty((0, spec.ndim), np.int64)
+    seq_f = np.concatenate([p["seq_frag"] for p in parts]) if parts else np.empty(0, np.int64)
+    base = np.cumsum([0] + [int(p["ptr"][-1]) for p in parts])
+    frag_key = np.concatenate([_pair_key(p["chunk"], p["frag"]) for p in parts]) if parts else \
+        np.empty(0, np.int64)
+    frag_start = np.concatenate([p["ptr"][:-1] + base[i] for i, p in enumerate(parts)]) if parts \
+        else np.empty(0, np.int64)
+    frag_len = np.concatenate([np.diff(p["ptr"]) for p in parts]) if parts else np.empty(0, np.int64)
+    order = np.argsort(frag_key, kind="stable")
+    frag_key, frag_start, frag_len = frag_key[order], frag_start[order], frag_len[order]
+    ref_key = _pair_key(ref_chunk, ref_frag)
+    n_ref = _lookup(frag_key, frag_len, ref_key)
+    start = _lookup(frag_key, frag_start, ref_key)
+    entry = cdc.expand_ranges(start, n_ref)
+    owner = np.repeat(np.repeat(np.arange(counts.size), counts), n_ref)
+    ec, ef = seq_c[entry], seq_f[entry]
+    # Metavertices shared by consecutive fragments appear once.
+    keep = np.ones(entry.size, dtype=bool)
+    keep[1:] = (owner[1:] != owner[:-1]) | (ef[1:] != ef[:-1]) | np.any(ec[1:] != ec[:-1], axis=1)
+    per_object = np.bincount(owner[keep], minlength=counts.size)
+    if row_counts is None:
+        row_counts = per_object
+    else:
+        row_counts[at] = per_object
+    return cdc.encode_manifest_table(cdc.ManifestTable(row_counts, ec[keep], ef[keep]), spec.ndim)
+
+
+def _write_region_rows(spec: StepSpec, target_rows, rows: np.ndarray, blobs) -> dict:
     """A region's bucket: the recomputed rows (kept, naming a source chunk
-    of the region, or changed at level 0) from ``blobs``, spliced into the
-    stored bucket, which is written only if one of them changed.  Returns
-    the change in non-empty rows and the chunks the changed rows name,
-    before or after (their metavertices' weights in the next step may
-    have changed)."""
+    of the region, or changed at level 0; ``rows``, bucket positions) as
+    ``blobs``, spliced into the stored bucket, which is written only if
+    one of them changed.  Returns the change in non-empty rows and the
+    chunks the changed rows name, before or after (their metavertices'
+    weights in the next step may have changed)."""
     import zarr
     none = {"present_delta": 0, "reweighted": np.empty((0, spec.ndim), np.int64)}
-    redo = np.zeros(kept.size, dtype=bool)
-    redo[np.flatnonzero(kept)] = rc
-    if not redo.any():
+    if rows.size == 0:
         return none
     lo, hi = target_rows
     path = f"{spec.target_level}/{nm.OBJECT_INDEX}/manifests"
@@ -80,16 +95,17 @@ def _write_region_rows(spec: StepSpec, target_rows, kept, rc, blobs) -> dict:
         warnings.simplefilter("ignore")
         arr = zarr.open_array(spec.store.zarr_store(), path=path, mode="r+")
         old = [bytes(b) for b in fcells.read_rows_checked(spec.store, arr, path, lo, hi)]
-        changed = [i for i in np.flatnonzero(redo).tolist() if blobs[i] != old[i]]
+        changed = [(r, b) for r, b in zip(rows.tolist(), blobs) if b != old[r]]
         if not changed:
             return none
-        named = cdc.decode_manifest_table([blobs[i] for i in changed] +
-                                          [old[i] for i in changed], spec.ndim).coords
+        named = cdc.decode_manifest_table([b for _, b in changed] + [old[r] for r, _ in changed],
+                                          spec.ndim).coords
+        delta = sum((len(b) > 4) - (len(old[r]) > 4) for r, b in changed)  # 0 rows: 4 bytes
+        for r, b in changed:
+            old[r] = b
         obj = np.empty(len(old), dtype=object)
-        obj[:] = [blobs[i] if redo[i] else old[i] for i in range(len(old))]
+        obj[:] = old
         arr[lo:hi] = obj
-    # A count of 0 is 4 bytes.
-    delta = sum((len(blobs[i]) > 4) - (len(old[i]) > 4) for i in changed)
     return {"present_delta": int(delta), "reweighted": np.unique(named, axis=0)}
 
 

@@ -39,7 +39,7 @@ def read_object_ids(store: Store, level: int, n_rows: int) -> np.ndarray:
 
 
 def object_table(spec: StepSpec, n_rows: int, sparsity: Sparsity, attribute_names: list[str],
-                 *_context_done) -> int:
+                 new_digests: bool = True, *_context_done) -> int:
     """The one task that sees every object row: reads the id table, picks
     the survivors of sparsity, writes the coarse level's id table and array
     documents, and hands each manifest bucket its source rows and kept
@@ -60,7 +60,7 @@ def object_table(spec: StepSpec, n_rows: int, sparsity: Sparsity, attribute_name
         if all("points" in p for p in parts):
             points = np.concatenate([p["points"] for p in parts])
     keep = sparsity.kept(n_rows, lengths=lengths, points=points)
-    if spec.source_level == 0:  # object_refs records them again
+    if spec.source_level == 0 and new_digests:
         spec.store.remove_tree(nm.MANIFEST_DIGESTS)
     # Coarse rows are in id order: row r comes from source row perm[r].
     perm = np.argsort(ids, kind="stable")
@@ -120,6 +120,13 @@ def row_digests(blobs) -> np.ndarray:
                         for b in blobs), dtype=np.uint64, count=len(blobs))
 
 
+def _digests_may_change(region, ids: np.ndarray) -> bool:
+    """Whether a bucket's row digests are to be written: always in a
+    build; in a region refresh only where a row changed (the digests of
+    the others are what told them unchanged)."""
+    return region is None or bool(np.isin(ids, region.rows).any())
+
+
 def object_refs(spec: StepSpec, bucket: int, _objects_done=None, region=None) -> dict:
     """Decode one bucket of source manifests.
 
@@ -150,7 +157,8 @@ def object_refs(spec: StepSpec, bucket: int, _objects_done=None, region=None) ->
             rows = fcells.read_rows_checked(spec.store, arr, spec.manifests_path, lo, hi)
             for i in np.flatnonzero(which == c).tolist():
                 blobs[i] = bytes(rows[int(wanted[i]) - lo])
-    if spec.source_level == 0:  # what a refresh tells changed rows by
+    if spec.source_level == 0 and _digests_may_change(region, mine["ids"][kept]):
+        # what a refresh tells changed rows by
         spec.store.put(f"{nm.MANIFEST_DIGESTS}/{bucket}", cdc.pack_columns(
             {"rows": wanted, "digest": row_digests(blobs)}))
     table = cdc.decode_manifest_table(blobs, spec.ndim)

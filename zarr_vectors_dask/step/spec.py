@@ -190,6 +190,19 @@ def _read_source_chunks(spec: StepSpec, numbers: np.ndarray):
         yield int(num), cc, rows, members, lengths
 
 
+def _read_fragment_lengths(spec: StepSpec, numbers: np.ndarray):
+    """``(chunk id, fragment lengths)`` of source chunks, from their
+    ``vertex_fragments`` cells only (no vertex rows are needed)."""
+    coords = [tuple(c) for c in chunk_coords(spec, numbers).tolist()]
+    frags = fcells.read_cells(spec.store, spec.fragments, coords)
+    for num, cc in zip(np.asarray(numbers).tolist(), coords):
+        def what(cc=cc):  # built only for a message
+            return f"{spec.store.describe(spec.fragments.path)} chunk {nm.chunk_key(cc)}"
+        if frags[cc] is None:
+            raise CorruptChunkError(f"{what()}: listed as present but its cell is missing")
+        yield int(num), cdc.fragment_lengths(frags[cc], what=what)
+
+
 def _read_attribute_cells(spec: StepSpec, numbers: np.ndarray) -> list[dict]:
     """Each per-vertex attribute's cells for a block's chunks."""
     if not spec.vertex_attributes:
