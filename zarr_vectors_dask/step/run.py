@@ -215,7 +215,8 @@ def _run_region_step(client, store: Store, lv: LevelPlan, region: ChunkRegion, *
     if vertex_attributes is not None or lv.shard_shape or not src.vertices.chunks:
         raise RegionNotApplicable(f"level {lv.target_level}: a region refresh needs an "
                                   f"unsharded level without per-vertex attributes")
-    sreg = step_region(lv, region, n_old=lv.n_workers)
+    # several old_sequences tasks a worker, so the scheduler can balance them
+    sreg = step_region(lv, region, n_old=4 * lv.n_workers)
     spec, layout, sparsity = plan_step(store, lv, src, root_meta,
                                        sparsity_strategy=sparsity_strategy,
                                        sparsity_seed=sparsity_seed, sources=sreg.sources)
