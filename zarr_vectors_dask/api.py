@@ -13,8 +13,7 @@ import time
 from typing import Callable
 
 from . import currency as cur
-from .compose.run import (compose_links, composed_families, discard_recomposed,
-                          recompose_region)
+from .compose.run import compose_links, discard_recomposed, recompose_region
 from .errors import (BuildError, LevelNotFoundError, PlanError, PlanMetadataError,
                      quiet_expected_task_errors)
 from .format import cells as fcells
@@ -379,8 +378,7 @@ def _close(c, st: Store, lock, plan: PyramidPlan, *, root_meta, n_workers: int, 
                                   shard_shape=shard_shape, only=only)
     if only is not None:
         lock.check()
-        discard_recomposed(st, root_meta, only, st.logged_keys())
-        fams = composed_families(st, root_meta)
+        fams = discard_recomposed(st, root_meta, only, st.logged_keys())
     levels = cm.published_levels(st)
     lock.check()
     cm.commit_cross_level(

@@ -19,7 +19,7 @@ from .tasks import level_geometry
 
 _PLUS_ONE_CELL = re.compile(r"^(\d+)/links/\+1/([^/]+)/c/(.+)$")
 
-__all__ = ["compose_links", "recompose_region", "discard_recomposed", "composed_families"]
+__all__ = ["compose_links", "recompose_region", "discard_recomposed"]
 
 
 # ---------------------------------------------------------------- composition
@@ -33,7 +33,7 @@ def compose_links(client, store: Store, *, root_meta, depth: int, storage: str,
     Returns the families left for the driver to commit (none) and the
     stage timings.  ``only`` (a refresh, :func:`recompose_region`): the
     chunks to compose per level; their families' documents are then left
-    to the caller (:func:`composed_families`)."""
+    to the caller (:func:`discard_recomposed`)."""
     report = StepReport(target_level=-1)
     levels = cm.published_levels(store)
     if storage == "none" or depth == 0 or len(levels) < 2:
@@ -97,20 +97,23 @@ def _composed_family_names(store: Store, level: int) -> list[str]:
     return [n for n in store.listdir(f"{level}/{nm.LINKS}") if nm.is_composed_family(n)]
 
 
-def discard_recomposed(store: Store, root_meta, only: dict, logged: set[str]) -> None:
+def discard_recomposed(store: Store, root_meta, only: dict, logged: set[str]) -> list:
     """Remove the composed cells of the recomposed chunks that the rewrite
     did not write (a ``-N`` cell belongs to the fine chunk it mirrors),
-    then the offset arrays and families left without cells."""
+    then the offset arrays and families left without cells.  Returns
+    every composed family as its cells on disk now say it (one listing)."""
     geo = _geometry(store, root_meta)
+    families = []
     for level in geo:
         for name in _composed_family_names(store, level):
             delta = int(name)  # "+2", "-3"
             fine = level if delta > 0 else level + delta
             base = nm.links_family_path(level, delta)
-            segs_left, gone = set(), []
-            for rel in store.keys_under(base):
+            left, gone = {}, []
+            for rel, size in store.sizes(base).items():
                 seg, _, cell = rel.partition("/c/")
                 if not cell:
+                    left[rel] = size
                     continue
                 chunk = nm.cell_chunk(cell, geo[level]["grid"][0])
                 if delta < 0:  # a -N cell belongs to the fine chunk it mirrors
@@ -119,18 +122,15 @@ def discard_recomposed(store: Store, root_meta, only: dict, logged: set[str]) ->
                     store.remove_tree(f"{base}/{rel}")
                     gone.append(f"{base}/{rel}")
                 else:
-                    segs_left.add(seg)
+                    left[rel] = size
             store.note_changed(gone)
+            segs_left = {rel.partition("/c/")[0] for rel in left if "/c/" in rel}
             for seg in store.listdir(base):
                 if seg != "zarr.json" and seg not in segs_left:
                     store.remove_tree(f"{base}/{seg}")
             if not segs_left:
                 store.remove_tree(base)
-
-
-def composed_families(store: Store, root_meta) -> list:
-    """Every composed family as its cells on disk say it (the documents a
-    partial composition cannot sum up itself)."""
-    geo = _geometry(store, root_meta)
-    return [cm.family_on_disk(store, level, int(name), *geo[level]["grid"])
-            for level in geo for name in _composed_family_names(store, level)]
+                continue
+            families.append(cm.family_on_disk(store, level, delta, *geo[level]["grid"],
+                                              sizes=left))
+    return families

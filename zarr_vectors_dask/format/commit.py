@@ -247,13 +247,16 @@ def read_family(store: Store, level: int, delta: int) -> dict[str, tuple[tuple[i
     return out
 
 
-def family_on_disk(store: Store, level: int, delta: int, origin, grid) -> LinkFamily:
+def family_on_disk(store: Store, level: int, delta: int, origin, grid,
+                   sizes: dict | None = None) -> LinkFamily:
     """A composed ``links/<delta>`` family of ``level`` as its cells on
-    disk say it, from one listing: chunk lists from the keys, record
-    counts from the sizes (its cells are written uncompressed, unsharded)."""
+    disk say it, from one listing (``sizes``, when the caller has it):
+    chunk lists from the keys, record counts from the sizes (its cells are
+    written uncompressed, unsharded)."""
     fam = LinkFamily(level, delta, tuple(origin), tuple(grid))
-    base = nm.links_family_path(level, delta)
-    for rel, size in sorted(store.sizes(base).items()):
+    if sizes is None:
+        sizes = store.sizes(nm.links_family_path(level, delta))
+    for rel, size in sorted(sizes.items()):
         seg, _, cell = rel.partition("/c/")
         if not cell:
             continue  # a document
