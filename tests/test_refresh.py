@@ -141,8 +141,11 @@ def test_edit_makes_stale_then_refresh_equals_full_rebuild(store, tmp_path, loca
     elif not atomic:  # in place, no row added: the chunks the change reaches
         assert dry.region.kind == "chunks" and all(0 < f < 1 for _, _, f in dry.levels)
         assert "level 1: would recompute" in str(dry) and "of its source chunks" in str(dry)
-    else:
-        assert dry.region.kind == "whole" and all(f == 1.0 for _, _, f in dry.levels)
+    else:  # rows appended: level 1 (which drops nothing) by chunks, level 2 drawn anew
+        assert dry.region.kind == "chunks", dry.region
+        (f1, f2) = [f for _, _, f in dry.levels]
+        assert 0 < f1 < 1 and f2 == 1.0, dry.levels
+        assert "level 2: would recompute the whole level (rows were added" in str(dry), str(dry)
     assert zd.pyramid_status(str(store)).state == "stale"  # the dry run wrote nothing
 
     report = zd.refresh_pyramid(str(store), client=local_client)
@@ -281,17 +284,16 @@ def test_cli_refresh_dry_run_and_info_say_stale(store, capsys, atomic):
     assert "currency: stale (level 0 changed since" in capsys.readouterr().out
     assert main(["refresh", str(store), "--dry-run"]) == 0
     out = capsys.readouterr().out
-    if atomic:  # a row added: survivors drawn anew, whole levels
-        assert ("level 1: would recompute the whole level in place (100% of a full build's "
-                "steps; only the files that differ are written)") in out, out
-    else:  # the chunks it reaches, counted as the refresh plans them
-        import re
-        m = re.search(r"level 1: would recompute (\d+) chunk\(s\) from (\d+) of level 0's "
-                      r"(\d+) chunks and 1 changed object\(s\) \(reads ([\d.]+)% of its source", out)
-        assert m, out
-        n_t, n_s, n_all, pct = int(m[1]), int(m[2]), int(m[3]), float(m[4])
-        assert 0 < n_s < n_all and abs(pct - 100 * n_s / n_all) < 0.06, out
-        assert "level 2: would recompute" in out, out
+    # the chunks it reaches, counted as the refresh plans them; a row
+    # added (atomic): level 2's survivors are drawn anew, a whole level
+    import re
+    m = re.search(r"level 1: would recompute (\d+) chunk\(s\) from (\d+) of level 0's "
+                  r"(\d+) chunks and 1 changed object\(s\) \(reads ([\d.]+)% of its source", out)
+    assert m, out
+    n_t, n_s, n_all, pct = int(m[1]), int(m[2]), int(m[3]), float(m[4])
+    assert 0 < n_s < n_all and abs(pct - 100 * n_s / n_all) < 0.06, out
+    whole2 = "level 2: would recompute the whole level (rows were added: its survivors"
+    assert (whole2 in out) == atomic and "level 2: would recompute" in out, out
     assert "dirty level-0 chunks:" in out
     assert _mtimes(store) == before  # a dry run writes nothing
 
@@ -416,13 +418,13 @@ elif moment == "writing":
 
 
 def _kill_then_finish(cluster, built, tmp_path, *, edit: str, driver_src: str, moment: str,
-                      then: str) -> None:
+                      then: str, atomic: bool = False) -> None:
     """Edit a copy of ``built``, run ``driver_src`` (a refresh that SIGKILLs
     itself at ``moment``), check what a reader sees, finish with ``then``
     (``refresh`` or ``resume``) and compare with a full rebuild."""
     store, expected = tmp_path / "s.zv", tmp_path / "full.zv"
     shutil.copytree(built, store)
-    _edit(store, edit, False)
+    _edit(store, edit, atomic)
     shutil.copytree(store, expected)
     driver = tmp_path / "driver.py"
     driver.write_text(driver_src)
@@ -762,8 +764,9 @@ def test_sharded_pyramid_refreshed_in_place_equals_full_rebuild(tmp_path, local_
 
 
 #: A driver that refreshes in place, SIGKILLed at one moment: ``whole:``
-#: levels (the chunk region turned off) or ``chunks:`` (the region the
-#: in-place edit reaches).  The patched names are looked up at call time.
+#: levels (the chunk region turned off), ``chunks:`` (the region the
+#: in-place edit reaches) or ``appended:`` (an atomic edit: level 1 by
+#: chunks, level 2 whole).  The patched names are looked up at call time.
 _IN_PLACE_KILLER = _DRIVER_HEAD + """
 if how == "whole":
     refresh._chunk_layout = lambda args: "turned off by the test"
@@ -796,12 +799,16 @@ if moment.startswith("writing-"):
     kill_when(moment.split("-")[1] + "/vertices/")
 elif moment in ("swept-1", "swept-2") and how == "chunks":  # a region step's own sweep
     after_call("discard_stale", int(moment.split("-")[1]), step_run)
+elif moment == "swept-1" and how == "appended":  # level 1 by chunks, level 2 whole
+    after_call("discard_stale", 1, step_run)
+elif moment == "swept-2" and how == "appended":
+    after_call("discard_unwritten", 1)
 elif moment == "swept-1":
     after_call("discard_unwritten", 1)
 elif moment == "composed":
     after_call("compose_links", 1)
 elif moment == "swept-all":
-    after_call("discard_unwritten", 1 if how == "chunks" else 3)
+    after_call("discard_unwritten", {"chunks": 1, "appended": 2}.get(how, 3))
 """ + _DRIVER_TAIL
 
 
@@ -825,3 +832,21 @@ def test_in_place_refresh_killed_at_each_moment_then_finished_ends_equal(
     full rebuild."""
     _kill_then_finish(private_dask_cluster, built, tmp_path, edit="edit_vertex",
                       driver_src=_IN_PLACE_KILLER, moment=moment, then=then)
+
+
+@pytest.mark.parametrize("moment,then", [
+    ("appended:writing-1", "resume"), ("appended:swept-1", "refresh"),
+    ("appended:writing-2", "refresh"), pytest.param("appended:swept-2", "resume",
+                                                    marks=pytest.mark.slow),
+    pytest.param("appended:composed", "refresh", marks=pytest.mark.slow),
+    ("appended:swept-all", "resume"), ("appended:returned", "refresh")])
+def test_appending_refresh_killed_at_each_moment_then_finished_ends_equal(
+        private_dask_cluster, built, tmp_path, moment, then):
+    """An atomic edit appends a row: level 1 is refreshed by chunks and
+    level 2 (survivors drawn anew) whole.  SIGKILL the driver while either
+    is written, after each one's sweep, after the composition, after the
+    last sweep and after it returned; the next refresh or resume ends
+    equal to a full rebuild."""
+    _kill_then_finish(private_dask_cluster, built, tmp_path, edit="edit_vertex",
+                      driver_src=_IN_PLACE_KILLER, moment=moment, then=then, atomic=True)
+

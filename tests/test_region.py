@@ -30,7 +30,7 @@ def test_intra_level_links_reach_no_coarse_level(arrays):
 @pytest.mark.parametrize("arrays,why", [
     ({"vertices": _row(1), "object_attributes/w": _row(1)}, "vertices changed"),
     ({"object_attributes/w": _row(1), "object_index/manifests": _row(1)}, "manifests changed"),
-    ({"object_index/manifests": _row(1, documents=1)}, "manifests changed"),
+    ({"object_index/object_ids": _row(1, documents=1)}, "object_ids changed"),
     ({"object_attributes/w": _row(1, documents=1)}, "metadata of object_attributes/w"),
     ({"vertex_attributes/a": _row(1)}, "vertex_attributes/a changed"),
     ({"level metadata": _row(documents=1)}, "level metadata changed"),
@@ -40,6 +40,16 @@ def test_intra_level_links_reach_no_coarse_level(arrays):
 def test_everything_else_rebuilds_whole_levels_naming_why(arrays, why):
     kind, reason = classify(arrays, **RANDOM)
     assert kind == WHOLE and why in reason, reason
+
+
+def test_rows_appended_are_a_chunk_region_checked_by_the_refresh():
+    """The object index's cells and documents (rows appended, the id table
+    grown) with vertex cells: a chunk region, whose driver checks that
+    rows were only appended and no id changed (``changed_objects``)."""
+    arrays = {"vertices": _row(2), "vertex_fragments": _row(2),
+              "object_index/manifests": _row(1, added=1, documents=1),
+              "object_index/object_ids": _row(1, documents=1), "object_index": _row(documents=1)}
+    assert classify(arrays, **RANDOM)[0] == CHUNKS
 
 
 def test_attribute_cells_alone_are_a_bucket_region():

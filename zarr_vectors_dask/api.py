@@ -285,7 +285,7 @@ def _rewrite_in_place(c, st: Store, lock, plan: PyramidPlan, records: list[dict]
     trees = pyramid_trees(st, plan.levels[0].source_level, composed=only is None) \
         if regions is None else [] if only is not None else \
         composed_trees(st, plan.levels[0].source_level)
-    wst.note_changed(discard_unwritten(wst, trees, wst.logged_keys()))
+    discard_unwritten(wst, trees, wst.logged_keys())  # logs what it removes
     extra["objects_changed"] = len(wst.logged_keys("changed"))  # written or removed objects
     st.remove_tree(REWRITE_LOG)
     cur.finish(st, pending)
@@ -319,7 +319,8 @@ def _build_levels(c, st: Store, plan: PyramidPlan, records: list[dict], targets,
     (a rewrite, ``_rewrite_in_place``): no records; after each step, what
     it did not write of its trees is removed (the next step lists them)
     and logged as changed.  ``regions``: each step restricted to its
-    region (which removes its own stale cells)."""
+    region (which removes its own stale cells), but those it says are
+    whole."""
     summaries, reports = [], []
     for lv, rec in zip(plan.levels, records):
         if lv.target_level in targets.keep:
@@ -338,9 +339,10 @@ def _build_levels(c, st: Store, plan: PyramidPlan, records: list[dict], targets,
                        shard_shape=shard_shape).levels[0]
         if not in_place:
             st.put(f"{RECORD_DIR}/{lv.target_level}.json", json.dumps(rec).encode())
-        region = None if regions is None else \
+        whole = regions is None or regions.whole(lv)
+        region = None if whole else \
             regions.region(lv, read_source_level(st, lv.source_level, root_meta.sid_ndim))
-        if regions is not None and region is None:  # its source is unchanged: so is it
+        if not whole and region is None:  # its source is unchanged: so is it
             summaries.append(unchanged_summary(st, lv, request.sparsity_strategy,
                                                request.sparsity_seed, root_meta))
             continue
@@ -351,12 +353,12 @@ def _build_levels(c, st: Store, plan: PyramidPlan, records: list[dict], targets,
                        attribute_aggregation=request.attribute_aggregation)
         reports.append(rep)
         summaries.append(rep.summary)
-        if regions is not None:
+        if region is not None:
             regions.advance(rep.region_changes)
-        if in_place and regions is None:
+        if in_place and whole:
             lock.check()
-            st.note_changed(discard_unwritten(st, step_trees(lv.source_level, lv.target_level),
-                                              st.logged_keys()))
+            # (it logs what it removes before removing it)
+            discard_unwritten(st, step_trees(lv.source_level, lv.target_level), st.logged_keys())
         if in_place:
             continue
         st.put(f"{RECORD_DIR}/{lv.target_level}.json.summary", json.dumps(rep.summary).encode())

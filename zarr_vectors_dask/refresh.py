@@ -203,7 +203,7 @@ def region_of(st, status: PyramidStatus, args: dict) -> RefreshRegion:
                             same_layout=_same_layout(st, by_array),
                             chunk_layout=_chunk_layout(args))
     if kind == CHUNKS:
-        return _chunk_region(st, status, reason)
+        return _chunk_region(st, status, reason, args["factors"])
     if kind != ATTRIBUTES:
         return RefreshRegion(kind, reason)
     buckets = []
@@ -215,9 +215,11 @@ def region_of(st, status: PyramidStatus, args: dict) -> RefreshRegion:
     return RefreshRegion(ATTRIBUTES, reason, tuple(buckets))
 
 
-def _chunk_region(st, status: PyramidStatus, reason: str) -> RefreshRegion:
+def _chunk_region(st, status: PyramidStatus, reason: str, factors) -> RefreshRegion:
     """The changed level-0 chunks and objects a chunk region starts from
-    (whole levels when the changed objects cannot be told)."""
+    (whole levels when the changed objects cannot be told).  Rows added
+    (appended) are drawn anew by every level that drops objects: from
+    the first such level on, the levels are recomputed whole."""
     dirty = status.diff.dirty_chunks()
     chunks = set()
     by_array = status.diff.by_array()
@@ -230,17 +232,34 @@ def _chunk_region(st, status: PyramidStatus, reason: str) -> RefreshRegion:
                 return RefreshRegion(WHOLE, f"the chunk list of {array} changed and its cells "
                                             f"are compressed or sharded")
             chunks |= _unlisted_cells(st, info)
+    n_old, n_new = (_row_count(st, level) for level in (1, 0))
+    whole_from = None
+    if n_new > n_old:
+        drops = [t for t, (_, sf) in enumerate(factors, start=1) if float(sf) > 1.0]
+        if drops and drops[0] == 1:
+            return RefreshRegion(WHOLE, f"{n_new - n_old} object row(s) were added and level 1 "
+                                        f"drops objects (its survivors are drawn anew)")
+        whole_from = drops[0] if drops else None
     rows, fallen = (), set()
-    manifests = dirty.get(f"{nm.OBJECT_INDEX}/manifests")
-    if manifests:
+    manifests = dirty.get(f"{nm.OBJECT_INDEX}/manifests") or ()
+    ids_changed = f"{nm.OBJECT_INDEX}/object_ids" in by_array
+    if manifests or ids_changed or n_new != n_old:
         try:
-            ids, named, fallen = changed_objects(st, manifests, read_root_meta(st).sid_ndim)
+            ids, named, fallen = changed_objects(st, manifests, read_root_meta(st).sid_ndim,
+                                                 n_old=n_old, ids_changed=ids_changed)
         except RegionNotApplicable as exc:
-            return RefreshRegion(WHOLE, f"object manifests changed and {exc}")
+            return RefreshRegion(WHOLE, f"object rows changed and {exc}")
         chunks |= named
         rows = tuple(int(i) for i in ids)
     return RefreshRegion(CHUNKS, reason, change={"chunks": frozenset(chunks),
-                                                 "fallen": frozenset(fallen), "rows": rows})
+                                                 "fallen": frozenset(fallen), "rows": rows,
+                                                 "whole_from": whole_from})
+
+
+def _row_count(st, level: int) -> int:
+    """A level's object rows (its manifests' length; 0 without objects)."""
+    doc = fdoc.read_json(st, f"{level}/{nm.OBJECT_INDEX}/manifests/zarr.json") or {}
+    return int((doc.get("shape") or [0])[0])
 
 
 def _chunks_of_keys(info, keys) -> set:
@@ -334,8 +353,12 @@ def _chunk_levels(st, region: RefreshRegion, args: dict) -> tuple:
                      cross_level_storage=kw["cross_level_storage"],
                      sparsity_strategy=kw["sparsity_strategy"], n_workers=1)
     changed, fallen = set(region.change["chunks"]), set(region.change["fallen"])
+    whole_from = region.change.get("whole_from")
     history = []
     for lv in plan.levels:
+        if whole_from is not None and lv.target_level >= whole_from:
+            history.append((lv.target_level, None, None, None))
+            continue
         src = read_source_level(st, lv.source_level, root_meta.sid_ndim)
         try:
             r = plan_chunk_region(st, lv, src, changed, root_meta.chunk_shape, fallen=fallen)
@@ -352,7 +375,9 @@ def _region_lines(history, region: RefreshRegion) -> tuple:
     sources, source chunks)`` each."""
     n_rows = len(region.change["rows"])
     return tuple((t, f"{n_t} chunk(s) from {n_s} of level {t - 1}'s {n_all} chunks and {n_rows} "
-                     f"changed object(s)", min(0.999, n_s / max(1, n_all)))
+                     f"changed object(s)", min(0.999, n_s / max(1, n_all))) if n_t is not None
+                 else (t, "the whole level (rows were added: its survivors of sparsity are drawn "
+                          "anew)", 1.0)
                  for t, n_t, n_s, n_all in history)
 
 

@@ -451,7 +451,7 @@ def discard_unwritten(store: Store, trees, logged: set[str]) -> list[str]:
     unlogged documents left with nothing beside them (an array or family
     that is gone).  A coarse level of which nothing was written (its
     source came out empty) is discarded whole, unlisted first.  Returns
-    the keys removed."""
+    the keys removed (logged as changed before they go)."""
     removed = []
     for tree, excluded in trees:
         level = tree.split("/", 1)[0]
@@ -461,10 +461,9 @@ def discard_unwritten(store: Store, trees, logged: set[str]) -> list[str]:
             continue
         keys = [f"{tree}/{k}" for k in store.keys_under(tree)]
         keys = [k for k in keys if not k.startswith(excluded) and k not in logged]
-        for k in keys:
-            if k.rsplit("/", 1)[-1] != "zarr.json":
-                store.remove_tree(k)
-                removed.append(k)
+        cells = [k for k in keys if k.rsplit("/", 1)[-1] != "zarr.json"]
+        store.remove_noted(cells)
+        removed += cells
         removed += _discard_lone_documents(store, tree,
                                            [k for k in keys if k.endswith("zarr.json")])
         _remove_emptied_folders(store, tree, keys)
@@ -493,7 +492,7 @@ def _discard_lone_documents(store: Store, tree: str, docs: list[str]) -> list[st
     for doc in sorted(docs, key=lambda d: -d.count("/")):
         folder = doc[:-len("zarr.json")]
         if not any(k.startswith(folder) and k != doc for k in left):
-            store.remove_tree(doc)
+            store.remove_noted([doc])
             left.discard(doc)
             gone.append(doc)
     return gone

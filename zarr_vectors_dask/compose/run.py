@@ -119,11 +119,10 @@ def discard_recomposed(store: Store, root_meta, only: dict, logged: set[str]) ->
                 if delta < 0:  # a -N cell belongs to the fine chunk it mirrors
                     chunk = nm.linked_chunk(chunk, seg, geo[level]["scale"], geo[fine]["scale"])
                 if chunk in only.get(fine, ()) and f"{base}/{rel}" not in logged:
-                    store.remove_tree(f"{base}/{rel}")
                     gone.append(f"{base}/{rel}")
                 else:
                     left[rel] = size
-            store.note_changed(gone)
+            store.remove_noted(gone)
             segs_left = {rel.partition("/c/")[0] for rel in left if "/c/" in rel}
             for seg in store.listdir(base):
                 if seg != "zarr.json" and seg not in segs_left:

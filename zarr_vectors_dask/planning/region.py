@@ -15,13 +15,16 @@ A level-0 change reaches the coarse levels in one of four ways:
   attribute values when they are drawn at random (or nothing is dropped),
   so only the attribute buckets holding changed rows are rewritten, level
   by level.
-* ``chunks``: only cells of the vertex arrays and of the manifests
-  changed, the row count did not (edits in place): a step is restricted
-  to the coarse chunks whose metavertices can differ (``chunk_region``),
-  each next step to what the last one changed;
-* ``whole``: anything else -- ids, per-vertex attributes, rows added,
-  other metadata documents, a sharded pyramid: every coarse level is
-  recomputed.
+* ``chunks``: only cells of the vertex arrays and the object index
+  changed, rows at most appended (edits in place, and copy-on-write
+  edits, which file an edited object anew): a step is restricted to the
+  coarse chunks whose metavertices can differ (``chunk_region``), each
+  next step to what the last one changed; with rows added, the levels
+  from the first that drops objects on are recomputed whole (their
+  survivors are drawn anew);
+* ``whole``: anything else -- ids changed, per-vertex attributes, rows
+  removed, other metadata documents, a sharded pyramid: every coarse
+  level is recomputed.
 
 Why a chunk region equals a full build: a metavertex's centroid lies
 between its bin's vertices, so inside its bin; a bin touching a changed
@@ -137,15 +140,15 @@ def _survivors_not_kept(factors, sparsity_strategy: str, sparsity_seed) -> str:
 def _bounded_by_chunks(array: str, row: dict) -> bool:
     """A change a chunk region bounds: cells of the vertex arrays (and
     their documents, whose chunk list EditSession rewrites when a chunk
-    appears or empties), cells of the manifests (same row count: their
-    document is unchanged), and the
+    appears or empties), the object index if rows were only appended
+    (the refresh checks), and the
     documents EditSession rewrites with the same content for the build
     (the level group drops ``fragments_tile``; the object index group is
     re-serialised)."""
     if array in CHUNK_ARRAYS:  # a document change: its chunk list (see refresh)
         return True
-    if array == "object_index/manifests":
-        return not row["documents"]
+    if array in ("object_index/manifests", "object_index/object_ids"):
+        return True  # rows appended, ids kept: the refresh checks both (step.region)
     return array in ("level metadata", "object_index") and not \
         (row["changed"] or row["added"] or row["removed"])
 

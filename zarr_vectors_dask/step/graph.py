@@ -129,11 +129,11 @@ def _links(g: Graph, tok: str, spec, layout: StepLayout, partials, resolved, reg
     return links
 
 
-def _manifests(g: Graph, tok: str, spec, n_rows: int, refs, links):
+def _manifests(g: Graph, tok: str, spec, n_rows: int, refs, links, region):
     if not refs:
         return []
     done = g.add(tok, xch.join, "sequences", *links)  # and any old_sequences
-    return [g.add(tok, mans.write_manifests, k, spec, k, refs[k], run, done)
+    return [g.add(tok, mans.write_manifests, k, spec, k, refs[k], run, done, region)
             for k, run in enumerate(split_runs(n_rows, nm.MANIFEST_BUCKET))]
 
 
@@ -176,7 +176,7 @@ def step_graph(spec, layout: StepLayout, *, n_rows: int, sparsity: Sparsity,
     writes = _write_vertices(g, token, spec, layout, reduced)
     resolved = _resolve(g, token, spec, layout, reduced, writes)
     links = _links(g, token, spec, layout, partials, resolved, region)
-    manifests = _manifests(g, token, spec, n_rows, refs, [*links, *old])
+    manifests = _manifests(g, token, spec, n_rows, refs, [*links, *old], region)
     if region is not None:
         g.output = g.add(token, smy.region_summary, 0, objects, len(manifests), *manifests,
                          *writes.values(), *links, *old)

@@ -8,6 +8,7 @@ import numpy as np
 
 from ..format import cells as fcells
 from ..format import codecs as cdc
+from ..format import documents as fdoc
 from ..format import naming as nm
 from .exchange import read_exchange, received
 from .spec import StepSpec, _lookup, _pair_key
@@ -17,9 +18,10 @@ __all__ = ["write_manifests", "write_attributes"]
 
 # ------------------------------------------------------------- stage 7
 def write_manifests(spec: StepSpec, bucket: int, refs: dict, target_rows: tuple[int, int],
-                    _sequences_done=None) -> int:
+                    _sequences_done=None, region=None) -> int:
     """Assemble and write one bucket of the coarse level's object_index
-    manifests; returns how many rows are non-empty."""
+    manifests; returns how many rows are non-empty (a region's: see
+    ``_write_region_rows``)."""
     kept, counts = refs["kept"], refs["counts"]
     ref_chunk, ref_frag = refs["ref_chunk"], refs["ref_frag"]
     if "rc" in refs:  # a region: only the recomputed rows are encoded
@@ -27,7 +29,8 @@ def write_manifests(spec: StepSpec, bucket: int, refs: dict, target_rows: tuple[
         named = np.repeat(rc, counts)
         ref_chunk, ref_frag, counts = ref_chunk[named], ref_frag[named], counts[rc]
         blobs = _encode_rows(spec, bucket, counts, ref_chunk, ref_frag)
-        return _write_region_rows(spec, target_rows, np.flatnonzero(kept)[rc], blobs)
+        return _write_region_rows(spec, target_rows, np.flatnonzero(kept)[rc], blobs,
+                                  region.old_rows)
     row_counts = np.zeros(kept.size, dtype=np.int64)
     blobs = _encode_rows(spec, bucket, counts, ref_chunk, ref_frag, row_counts,
                          np.flatnonzero(kept))
@@ -78,7 +81,8 @@ def _encode_rows(spec: StepSpec, bucket: int, counts, ref_chunk, ref_frag, row_c
     return cdc.encode_manifest_table(cdc.ManifestTable(row_counts, ec[keep], ef[keep]), spec.ndim)
 
 
-def _write_region_rows(spec: StepSpec, target_rows, rows: np.ndarray, blobs) -> dict:
+def _write_region_rows(spec: StepSpec, target_rows, rows: np.ndarray, blobs,
+                       old_rows: int) -> dict:
     """A region's bucket: the recomputed rows (kept, naming a source chunk
     of the region, or changed at level 0; ``rows``, bucket positions) as
     ``blobs``, spliced into the stored bucket, which is written only if
@@ -94,12 +98,13 @@ def _write_region_rows(spec: StepSpec, target_rows, rows: np.ndarray, blobs) -> 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         arr = zarr.open_array(spec.store.zarr_store(), path=path, mode="r+")
-        old = [bytes(b) for b in fcells.read_rows_checked(spec.store, arr, path, lo, hi)]
+        old = _stored_rows(spec, arr, path, lo, hi, old_rows)
         changed = [(r, b) for r, b in zip(rows.tolist(), blobs) if b != old[r]]
         if not changed:
             return none
-        named = cdc.decode_manifest_table([b for _, b in changed] + [old[r] for r, _ in changed],
-                                          spec.ndim).coords
+        # (a row added by the edit has no stored blob)
+        named = cdc.decode_manifest_table([b for _, b in changed] +
+                                          [old[r] for r, _ in changed if old[r]], spec.ndim).coords
         delta = sum((len(b) > 4) - (len(old[r]) > 4) for r, b in changed)  # 0 rows: 4 bytes
         for r, b in changed:
             old[r] = b
@@ -107,6 +112,32 @@ def _write_region_rows(spec: StepSpec, target_rows, rows: np.ndarray, blobs) -> 
         obj[:] = old
         arr[lo:hi] = obj
     return {"present_delta": int(delta), "reweighted": np.unique(named, axis=0)}
+
+
+def _stored_rows(spec: StepSpec, arr, path: str, lo: int, hi: int, old_rows: int) -> list:
+    """Rows ``lo:hi`` of the manifests as stored before this step; rows
+    past ``old_rows`` are empty.  When rows were added, the array's
+    document is already the new one, whose chunk (``min(bucket, rows)``)
+    may not be the stored one: the stored chunks are decoded with the
+    layout of the old row count."""
+    if old_rows < 0 or old_rows == int(arr.shape[0]):
+        return [bytes(b) for b in fcells.read_rows_checked(spec.store, arr, path, lo, hi)]
+    import json
+    doc = json.loads(fdoc.manifests_doc(old_rows))
+    lay = fcells.KeyLayout(json.dumps({k: v for k, v in doc.items() if k != "attributes"},
+                                      sort_keys=True))
+    size = lay.key_shape[0]
+    out = [b""] * (hi - lo)
+    for k in range(lo // size, -(-min(hi, old_rows) // size)):
+        key = lay.key(path, (k,))
+        raw = spec.store.get(key)
+        if raw is None:
+            continue
+        cells = fcells.read_chunk_checked(spec.store, path, f"chunk {k}",
+                                          lambda raw=raw: lay.decode_inner([raw])[0])
+        for r in range(max(lo, k * size), min(hi, old_rows, (k + 1) * size)):
+            out[r - lo] = bytes(cells[r - k * size])
+    return out
 
 
 # ------------------------------------------------------------- stage 8

@@ -158,9 +158,9 @@ def object_refs(spec: StepSpec, bucket: int, _objects_done=None, region=None) ->
             for i in np.flatnonzero(which == c).tolist():
                 blobs[i] = bytes(rows[int(wanted[i]) - lo])
     if spec.source_level == 0 and _digests_may_change(region, mine["ids"][kept]):
-        # what a refresh tells changed rows by
+        # what a refresh tells changed rows (and rows given other ids) by
         spec.store.put(f"{nm.MANIFEST_DIGESTS}/{bucket}", cdc.pack_columns(
-            {"rows": wanted, "digest": row_digests(blobs)}))
+            {"rows": wanted, "digest": row_digests(blobs), "ids": mine["ids"][kept]}))
     table = cdc.decode_manifest_table(blobs, spec.ndim)
     counts, ref_frag = table.counts, table.frags
     # References to chunks outside the grid are skipped, as the reference

@@ -78,14 +78,14 @@ def plan_chunk_region(store: Store, lv, src, changed: set, root_chunk, *, fallen
                         rows=rows)
 
 
-def step_region(lv, region: ChunkRegion, n_old: int) -> StepRegion:
+def step_region(lv, region: ChunkRegion, n_old: int, old_rows: int = -1) -> StepRegion:
     """``region`` as its tasks see it: grid numbers."""
     def numbers(chunks, grid):
         lin = grid_numbers(sorted(chunks), *grid)
         return np.unique(lin[lin >= 0])
     return StepRegion(numbers(region.targets, lv.target_grid),
                       numbers(region.sources, lv.source_grid), max(1, int(n_old)),
-                      np.asarray(sorted(region.rows), dtype=np.int64))
+                      np.asarray(sorted(region.rows), dtype=np.int64), int(old_rows))
 
 
 def _region_cells(store: Store, spec: StepSpec, region: StepRegion) -> list[str]:
@@ -117,14 +117,14 @@ def _region_cells(store: Store, spec: StepSpec, region: StepRegion) -> list[str]
 def discard_stale(store: Store, spec: StepSpec, region: StepRegion, logged: set[str]) -> list[str]:
     """Remove the region's cells its step did not write (emptied chunks,
     links that vanished) and the offset arrays left without cells;
-    returns what was removed."""
+    returns what was removed (logged as changed before it goes)."""
     gone = [k for k in _region_cells(store, spec, region) if k not in logged]
-    for k in gone:
-        store.remove_tree(k)
+    store.remove_noted(gone)
     for fam in (nm.links_family_path(spec.source_level, +1),
                 nm.links_family_path(spec.target_level, -1)):
         for seg in store.listdir(fam):
             if seg != "zarr.json" and not store.keys_under(f"{fam}/{seg}/c"):
+                store.note_changed([f"{fam}/{seg}/zarr.json"])
                 store.remove_tree(f"{fam}/{seg}")
                 gone.append(f"{fam}/{seg}/zarr.json")
     return gone
@@ -168,7 +168,8 @@ def region_documents(store: Store, spec: StepSpec) -> int:
 class RegionPlans:
     """The regions of a refresh's steps, level by level: level 1's from
     the changed level-0 chunks and objects (``changed_objects``), each next
-    one's from the chunks the last one rewrote.  Each is saved under
+    one's from the chunks the last one rewrote; from ``whole_from`` on
+    (rows added, survivors drawn anew), whole levels.  Each is saved under
     ``folder`` before its step writes anything, so a killed refresh's
     rerun -- which finds some ``+1`` cells already rewritten -- works on
     the same regions; a rerun that finds another change is not bounded by
@@ -178,6 +179,7 @@ class RegionPlans:
         self.store, self.folder, self.root_chunk = store, folder.rstrip("/"), root_chunk
         mine = {k: sorted(map(list, change[k])) if k != "rows" else sorted(map(int, change[k]))
                 for k in ("chunks", "fallen", "rows")}
+        mine["whole_from"] = change.get("whole_from")
         key = f"{self.folder}/source.json"
         raw = store.get(key)
         if raw is None:
@@ -187,7 +189,16 @@ class RegionPlans:
         self.changed = {tuple(c) for c in mine["chunks"]}
         self.fallen = {tuple(c) for c in mine["fallen"]}
         self.rows = frozenset(mine["rows"])
+        self.whole_from = mine["whole_from"]
         self.history: list[tuple] = []  # (level, targets, sources, source chunks)
+
+    def whole(self, lv) -> bool:
+        """Whether the step is recomputed whole: rows were added and it
+        (or a step below) draws its survivors anew."""
+        if self.whole_from is None or lv.target_level < self.whole_from:
+            return False
+        self.history.append((lv.target_level, None, None, None))
+        return True
 
     def region(self, lv, src) -> ChunkRegion | None:
         """The step's region; None when its source did not change (nothing
@@ -218,12 +229,17 @@ class RegionPlans:
 
 
 # ------------------------------------------------- changed object rows
-def changed_objects(store: Store, chunks, ndim: int) -> tuple[np.ndarray, set, set]:
-    """The objects whose level-0 manifest row an edit changed, from the
-    changed manifest chunks (``chunks``, row-chunk coordinates) and the
-    digests the last build recorded of each kept row (a row sparsity
-    dropped at level 1 reaches no coarse level).  Returns their ids, the
-    level-0 chunks their new rows name (their weights rose) and the
+def changed_objects(store: Store, chunks, ndim: int, *, n_old: int,
+                    ids_changed: bool) -> tuple[np.ndarray, set, set]:
+    """The objects whose level-0 manifest row an edit changed or added,
+    from the changed manifest chunks (``chunks``, row-chunk coordinates),
+    the rows past the ``n_old`` the last build read, and the digests
+    (and ids) it recorded of each kept row (a row sparsity dropped at
+    level 1 reaches no coarse level).  Rows may only be appended, under
+    ids sorting after every old one (so each old coarse row keeps its
+    place), and no old row may change its id (``ids_changed``: the id
+    table changed, so every recorded id is checked).  Returns their ids,
+    the level-0 chunks their new rows name (their weights rose) and the
     level-1 chunks their old coarse rows name (the metavertices whose
     weights fell)."""
     import warnings
@@ -231,20 +247,17 @@ def changed_objects(store: Store, chunks, ndim: int) -> tuple[np.ndarray, set, s
     import zarr
 
     from .objects import read_object_ids, row_digests
-    names = store.keys_under(nm.MANIFEST_DIGESTS)
-    if not names:
-        raise RegionNotApplicable("no digest of the level-0 manifest rows is recorded (built "
-                                  "before zarr-vectors-dask recorded them)")
-    parts = [cdc.unpack_columns(store.get(f"{nm.MANIFEST_DIGESTS}/{n}"),
-                                what=store.describe(nm.MANIFEST_DIGESTS)) for n in names]
-    rows = np.concatenate([p["rows"] for p in parts])
-    digest = np.concatenate([p["digest"] for p in parts])
+    rows, digest, old_ids = _recorded_digests(store)
     path = f"0/{nm.OBJECT_INDEX}/manifests"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         arr = zarr.open_array(store.zarr_store(), path=path, mode="r")
         step, n = int(arr.chunks[0]) or 1, int(arr.shape[0])
-        wanted = {int(c[0]) for c in chunks}
+        if n < n_old:
+            raise RegionNotApplicable(f"{n_old - n} object row(s) were removed")
+        ids_now = _checked_ids(store, n, n_old, rows, old_ids) if ids_changed or n > n_old \
+            else None
+        wanted = {int(c[0]) for c in chunks} | set(range(n_old // step, -(-n // step)))
         mine = np.flatnonzero(np.isin(rows // step, list(wanted)))
         blobs = {}
         for c in sorted(wanted):
@@ -254,9 +267,45 @@ def changed_objects(store: Store, chunks, ndim: int) -> tuple[np.ndarray, set, s
     now = [blobs[int(r)] for r in rows[mine]]
     differ = mine[row_digests(now) != digest[mine]] if mine.size else mine
     changed_rows = rows[differ]
-    ids = read_object_ids(store, 0, n)[changed_rows]
-    new = cdc.decode_manifest_table([blobs[int(r)] for r in changed_rows], ndim)
-    return np.sort(ids), _unique_chunks(new.coords), _old_coarse_chunks(store, ids, ndim)
+    if ids_now is None:
+        ids_now = read_object_ids(store, 0, n)
+    added = np.arange(n_old, n, dtype=np.int64)
+    new = cdc.decode_manifest_table([blobs[int(r)] for r in (*changed_rows, *added)], ndim)
+    ids = ids_now[changed_rows]
+    return np.sort(np.concatenate([ids, ids_now[added]])), _unique_chunks(new.coords), \
+        _old_coarse_chunks(store, ids, ndim)
+
+
+def _recorded_digests(store: Store) -> tuple:
+    """The rows, digests and (None for a build before they were recorded)
+    ids of the level-0 manifest rows the last build read."""
+    names = store.keys_under(nm.MANIFEST_DIGESTS)
+    if not names:
+        raise RegionNotApplicable("no digest of the level-0 manifest rows is recorded (built "
+                                  "before zarr-vectors-dask recorded them)")
+    parts = [cdc.unpack_columns(store.get(f"{nm.MANIFEST_DIGESTS}/{n}"),
+                                what=store.describe(nm.MANIFEST_DIGESTS)) for n in names]
+    ids = np.concatenate([p["ids"] for p in parts]) if all("ids" in p for p in parts) else None
+    return (np.concatenate([p["rows"] for p in parts]),
+            np.concatenate([p["digest"] for p in parts]), ids)
+
+
+def _checked_ids(store: Store, n: int, n_old: int, rows, old_ids) -> np.ndarray:
+    """The level-0 id table, once checked that every old row keeps its id
+    and that added rows sort after all of them."""
+    from .objects import read_object_ids
+    if old_ids is None or rows.size != n_old:
+        raise RegionNotApplicable("the object ids changed and the last build recorded no id "
+                                  "of every row")
+    ids = read_object_ids(store, 0, n)
+    moved = np.flatnonzero(ids[rows] != old_ids)
+    if moved.size:
+        raise RegionNotApplicable(f"the object in row {int(rows[moved[0]])} changed its id "
+                                  f"(the coarse rows are in id order)")
+    if n > n_old and n_old and ids[n_old:].min() <= ids[:n_old].max():
+        raise RegionNotApplicable("an added object's id sorts before an existing one (every "
+                                  "coarse row after it moves)")
+    return ids
 
 
 def _unique_chunks(coords) -> set:
@@ -279,7 +328,8 @@ def _old_coarse_chunks(store: Store, ids: np.ndarray, ndim: int) -> set:
         warnings.simplefilter("ignore")
         arr = zarr.open_array(store.zarr_store(), path=path, mode="r")
         n = int(arr.shape[0])
-        at = np.searchsorted(read_object_ids(store, 1, n), ids)
+        coarse_ids = read_object_ids(store, 1, n)
+        at = np.searchsorted(coarse_ids, ids)
         blobs = [bytes(fcells.read_rows_checked(store, arr, path, i, i + 1)[0])
-                 for i in at.tolist() if i < n]
+                 for i, want in zip(at.tolist(), ids.tolist()) if i < n and coarse_ids[i] == want]
     return _unique_chunks(cdc.decode_manifest_table(blobs, ndim).coords)

@@ -216,7 +216,9 @@ def _run_region_step(client, store: Store, lv: LevelPlan, region: ChunkRegion, *
         raise RegionNotApplicable(f"level {lv.target_level}: a region refresh needs an "
                                   f"unsharded level without per-vertex attributes")
     # several old_sequences tasks a worker, so the scheduler can balance them
-    sreg = step_region(lv, region, n_old=4 * lv.n_workers)
+    old_doc = fdoc.read_json(store, f"{lv.target_level}/{nm.OBJECT_INDEX}/manifests/zarr.json")
+    sreg = step_region(lv, region, n_old=4 * lv.n_workers,
+                       old_rows=int(((old_doc or {}).get("shape") or [0])[0]))
     spec, layout, sparsity = plan_step(store, lv, src, root_meta,
                                        sparsity_strategy=sparsity_strategy,
                                        sparsity_seed=sparsity_seed, sources=sreg.sources)
@@ -229,7 +231,7 @@ def _run_region_step(client, store: Store, lv: LevelPlan, region: ChunkRegion, *
     out = execute(client, graph, token, report, name=f"level {lv.target_level} (region)",
                   progress=progress)
     t0 = time.perf_counter()
-    store.note_changed(discard_stale(store, spec, sreg, store.logged_keys()))
+    discard_stale(store, spec, sreg, store.logged_keys())  # logs what it removes
     n_meta = region_documents(store, spec)
     if n_meta == 0:
         raise RegionNotApplicable(f"level {lv.target_level} comes out empty")

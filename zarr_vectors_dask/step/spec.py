@@ -75,12 +75,16 @@ class StepRegion:
     its tasks see it: the target chunks recomputed whole (``targets``,
     target-grid numbers) and the source chunks read (``sources``, chunk
     numbers), both sorted; ``n_old`` tasks read the old parents of the
-    fragments outside ``sources`` that objects crossing it name."""
+    fragments outside ``sources`` that objects crossing it name;
+    ``rows``: ids of the objects recomputed whatever they name;
+    ``old_rows``: the target level's manifest rows before the refresh
+    (their stored layout when rows were added; -1: as many as now)."""
 
     targets: np.ndarray
     sources: np.ndarray
     n_old: int = 1
     rows: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))
+    old_rows: int = -1
 
     def has_target(self, spec: "StepSpec", chunks: np.ndarray) -> np.ndarray:
         return _member(self.targets, target_numbers(spec, chunks))

@@ -363,6 +363,15 @@ class Store(abc.ABC):
         """Log ``keys`` as changed (objects a rewrite removed)."""
         self._log("changed", keys)
 
+    def remove_noted(self, keys: list[str]) -> None:
+        """Remove ``keys``, on a :meth:`changes_only` store logged as
+        changed first: a rewrite killed between the two still knows what
+        it removed (the composition redoes the chains through them)."""
+        if self.write_log is not None:
+            self.note_changed(list(keys))
+        for k in keys:
+            self.remove_tree(k)
+
     def _log(self, kind: str, keys: list[str]) -> None:
         if keys:
             self._write({_log_name(self.write_log, kind): "\n".join(keys).encode()}, atomic=True)
