@@ -42,7 +42,7 @@ from .planning.sparsity import Sparsity
 from .resume import REWRITE_LOG, build_lock, record_differences, wait_for_orphans
 from .runtime import StepReport, client_for, execute
 from .step.region import RegionNotApplicable, changed_objects, plan_chunk_region
-from .step.source import read_source_level
+from .step.source import manifest_rows, read_source_level
 from .step.exchange import drop_exchange
 from .step.graph import attribute_refresh_graph
 from .step.spec import LevelPair
@@ -232,7 +232,7 @@ def _chunk_region(st, status: PyramidStatus, reason: str, factors) -> RefreshReg
                 return RefreshRegion(WHOLE, f"the chunk list of {array} changed and its cells "
                                             f"are compressed or sharded")
             chunks |= _unlisted_cells(st, info)
-    n_old, n_new = (_row_count(st, level) for level in (1, 0))
+    n_old, n_new = (manifest_rows(st, level) or 0 for level in (1, 0))
     whole_from = None
     if n_new > n_old:
         drops = [t for t, (_, sf) in enumerate(factors, start=1) if float(sf) > 1.0]
@@ -254,12 +254,6 @@ def _chunk_region(st, status: PyramidStatus, reason: str, factors) -> RefreshReg
     return RefreshRegion(CHUNKS, reason, change={"chunks": frozenset(chunks),
                                                  "fallen": frozenset(fallen), "rows": rows,
                                                  "whole_from": whole_from})
-
-
-def _row_count(st, level: int) -> int:
-    """A level's object rows (its manifests' length; 0 without objects)."""
-    doc = fdoc.read_json(st, f"{level}/{nm.OBJECT_INDEX}/manifests/zarr.json") or {}
-    return int((doc.get("shape") or [0])[0])
 
 
 def _chunks_of_keys(info, keys) -> set:

@@ -77,14 +77,20 @@ def single_vertex_fragments(n: int) -> bytes:
                      bitmap.tobytes(), table.tobytes(), bytes(4)])
 
 
-def fragment_lengths(frag_payload: bytes, *, what) -> np.ndarray:
-    """How many rows each fragment of a chunk names (fragment order), from
-    its ``vertex_fragments`` cell alone."""
+def _fragment_index(frag_payload: bytes, what):
+    """zarr-vectors' decoded ``vertex_fragments`` cell; undecodable bytes
+    are a :class:`CorruptChunkError` naming the chunk."""
     try:
-        fi = decode_fragments(frag_payload)
+        return decode_fragments(frag_payload)
     except Exception as exc:  # noqa: BLE001
         raise CorruptChunkError(f"{_named(what)}: vertex_fragments cannot be decoded: "
                                 f"{exc}") from None
+
+
+def fragment_lengths(frag_payload: bytes, *, what) -> np.ndarray:
+    """How many rows each fragment of a chunk names (fragment order), from
+    its ``vertex_fragments`` cell alone."""
+    fi = _fragment_index(frag_payload, what)
     table = fi.ranges()
     if table is not None:
         return np.asarray(table[:, 1], dtype=np.int64)
@@ -103,11 +109,7 @@ def decode_vertex_cell(vert_payload: bytes, frag_payload: bytes, *, dtype: np.dt
             f"{_named(what)}: vertices payload of {len(vert_payload)} bytes is not a "
             f"whole number of {ndim}-D {np.dtype(dtype)} rows")
     rows = np.frombuffer(vert_payload, dtype=dtype).reshape(-1, ndim)
-    try:
-        fi = decode_fragments(frag_payload)
-    except Exception as exc:  # noqa: BLE001
-        raise CorruptChunkError(f"{_named(what)}: vertex_fragments cannot be decoded: "
-                                f"{exc}") from None
+    fi = _fragment_index(frag_payload, what)
     table = fi.ranges()
     if table is not None:  # every fragment a (start, count) range: no per-fragment loop
         starts = np.asarray(table[:, 0], dtype=np.int64)

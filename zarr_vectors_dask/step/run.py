@@ -28,7 +28,7 @@ from .cells import ShardRoute
 from .exchange import drop_exchange
 from .region import (RegionNotApplicable, changed_cells, discard_stale, region_documents,
                      step_region)
-from .source import SourceLevel, chunk_table, read_source_level
+from .source import SourceLevel, chunk_table, manifest_rows, read_source_level
 from .spec import StepSpec
 
 __all__ = ["run_step", "plan_step", "step_shard_routes", "step_graph", "unchanged_summary"]
@@ -216,9 +216,8 @@ def _run_region_step(client, store: Store, lv: LevelPlan, region: ChunkRegion, *
         raise RegionNotApplicable(f"level {lv.target_level}: a region refresh needs an "
                                   f"unsharded level without per-vertex attributes")
     # several old_sequences tasks a worker, so the scheduler can balance them
-    old_doc = fdoc.read_json(store, f"{lv.target_level}/{nm.OBJECT_INDEX}/manifests/zarr.json")
     sreg = step_region(lv, region, n_old=4 * lv.n_workers,
-                       old_rows=int(((old_doc or {}).get("shape") or [0])[0]))
+                       old_rows=manifest_rows(store, lv.target_level) or 0)
     spec, layout, sparsity = plan_step(store, lv, src, root_meta,
                                        sparsity_strategy=sparsity_strategy,
                                        sparsity_seed=sparsity_seed, sources=sreg.sources)

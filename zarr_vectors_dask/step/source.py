@@ -14,7 +14,7 @@ from ..format import naming as nm
 from ..planning.runs import ravel
 from ..storage.store import Store
 
-__all__ = ["SourceLevel", "read_source_level", "chunk_table"]
+__all__ = ["SourceLevel", "manifest_rows", "read_source_level", "chunk_table"]
 
 
 # ---------------------------------------------------------------- source info
@@ -32,6 +32,12 @@ class SourceLevel:
     vertex_count: int
 
 
+def manifest_rows(store: Store, level: int) -> int | None:
+    """How many object rows a level's manifests hold (None: it has none)."""
+    doc = fdoc.read_json(store, f"{level}/{nm.OBJECT_INDEX}/manifests/zarr.json")
+    return None if doc is None else int((doc.get("shape") or [0])[0])
+
+
 def read_source_level(store: Store, level: int, ndim: int) -> SourceLevel:
     """A level's shapes and names (metadata only: no per-object data)."""
     vi = fcells.vlen_array_info(store, f"{level}/{nm.VERTICES}")
@@ -44,11 +50,10 @@ def read_source_level(store: Store, level: int, ndim: int) -> SourceLevel:
         raise FormatError(f"{store.describe(str(level))}/vertices: encoding "
                               f"{vattrs.get('encoding')!r} is not supported (raw only)")
     level_attrs = (fdoc.node_attrs(store, str(level)) or {}).get("zarr_vectors_level") or {}
-    oi = fdoc.node_attrs(store, f"{level}/{nm.OBJECT_INDEX}")
-    mdoc = fdoc.read_json(store, f"{level}/{nm.OBJECT_INDEX}/manifests/zarr.json") \
-        if oi is not None else None
-    has_objects = mdoc is not None
-    n_rows = int((mdoc.get("shape") or [0])[0]) if has_objects else 0
+    rows = manifest_rows(store, level) \
+        if fdoc.node_attrs(store, f"{level}/{nm.OBJECT_INDEX}") is not None else None
+    has_objects = rows is not None
+    n_rows = rows or 0
     attr_names = []
     if fdoc.node_attrs(store, f"{level}/{nm.OBJECT_ATTRIBUTES}") is not None:
         for name in store.listdir(f"{level}/{nm.OBJECT_ATTRIBUTES}"):
