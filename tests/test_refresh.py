@@ -201,6 +201,27 @@ def test_attribute_edit_rewrites_only_the_dirty_attribute_buckets(store, tmp_pat
     assert zd.pyramid_status(str(store)).state == "current"
 
 
+def test_attribute_refresh_after_rows_were_appended_draws_survivors_from_the_manifests(
+        store, tmp_path, local_client):
+    """Atomic edits append manifest rows but no object-attribute row, so
+    the two row counts differ; an attribute-only refresh after that must
+    draw level 2's survivors from the manifest rows, as the build does."""
+    _edit(store, "add_object", True)
+    _edit(store, "edit_vertex", True)
+    zd.refresh_pyramid(str(store), client=local_client)
+    weight = zarr.open_array(str(store / "0" / "object_attributes" / "weight"), mode="r")
+    rows = zarr.open_array(str(store / "0" / "object_index" / "manifests"), mode="r")
+    assert rows.shape[0] > weight.shape[0]
+    _edit(store, "zarr_write", False)
+    expected = tmp_path / "full.zv"
+    shutil.copytree(store, expected)
+    zd.build_pyramid(str(expected), client=local_client, overwrite=True, **KW)
+    report = zd.refresh_pyramid(str(store), client=local_client)
+    assert report.region.kind == "attributes", report
+    diff = compare_raw_files(expected, store, ignore=_sidecar)
+    assert diff.identical, diff.summary()
+
+
 @pytest.fixture(scope="module")
 def built_graph(tmp_path_factory, local_client):
     from stores import make_graphs
@@ -406,14 +427,15 @@ _KILLING_DRIVER = _DRIVER_HEAD + """
 if moment == "begun":
     refresh._rewrite_attributes = lambda *a, **k: die()
 elif moment == "writing":
-    real, cell = refresh.execute, os.path.join(store, "1", "object_attributes", "weight", "c", "0")
+    from zarr_vectors_dask.step import run as srun
+    real, cell = srun.execute, os.path.join(store, "1", "object_attributes", "weight", "c", "0")
     def execute(*a, **k):
         m = os.stat(cell).st_mtime_ns
         threading.Thread(target=real, args=a, kwargs=k, daemon=True).start()
         while os.stat(cell).st_mtime_ns == m:
             time.sleep(0.0005)
         die()
-    refresh.execute = execute
+    srun.execute = execute
 """ + _DRIVER_TAIL
 
 
@@ -424,7 +446,8 @@ def _kill_then_finish(cluster, built, tmp_path, *, edit: str, driver_src: str, m
     (``refresh`` or ``resume``) and compare with a full rebuild."""
     store, expected = tmp_path / "s.zv", tmp_path / "full.zv"
     shutil.copytree(built, store)
-    _edit(store, edit, atomic)
+    for one in edit.split("+"):  # several edits, one after the other
+        _edit(store, one, atomic)
     shutil.copytree(store, expected)
     driver = tmp_path / "driver.py"
     driver.write_text(driver_src)
@@ -766,7 +789,9 @@ def test_sharded_pyramid_refreshed_in_place_equals_full_rebuild(tmp_path, local_
 #: A driver that refreshes in place, SIGKILLed at one moment: ``whole:``
 #: levels (the chunk region turned off), ``chunks:`` (the region the
 #: in-place edit reaches) or ``appended:`` (an atomic edit: level 1 by
-#: chunks, level 2 whole).  The patched names are looked up at call time.
+#: chunks, level 2 whole) or ``combined:`` (an in-place edit and an
+#: object-attribute cell: the region's steps, then the attribute buckets).
+#: The patched names are looked up at call time.
 _IN_PLACE_KILLER = _DRIVER_HEAD + """
 if how == "whole":
     refresh._chunk_layout = lambda args: "turned off by the test"
@@ -805,6 +830,10 @@ elif moment == "swept-2" and how == "appended":
     after_call("discard_unwritten", 1)
 elif moment == "swept-1":
     after_call("discard_unwritten", 1)
+elif moment == "attributes":  # a combined change's attribute buckets, being written
+    kill_when("1/object_attributes/weight/c/")
+elif moment == "attributed":
+    after_call("rewrite_attributes", 1)
 elif moment == "composed":
     after_call("compose_links", 1)
 elif moment == "swept-all":
@@ -832,6 +861,42 @@ def test_in_place_refresh_killed_at_each_moment_then_finished_ends_equal(
     full rebuild."""
     _kill_then_finish(private_dask_cluster, built, tmp_path, edit="edit_vertex",
                       driver_src=_IN_PLACE_KILLER, moment=moment, then=then)
+
+
+@pytest.mark.parametrize("moment,then", [
+    ("combined:writing-1", "refresh"), ("combined:attributes", "resume"),
+    ("combined:attributed", "refresh"), pytest.param("combined:returned", "refresh",
+                                                     marks=pytest.mark.slow)])
+def test_combined_refresh_killed_at_each_moment_then_finished_ends_equal(
+        private_dask_cluster, built, tmp_path, moment, then):
+    """An in-place geometry edit together with an object-attribute cell:
+    a chunk region, then the attribute buckets of the levels it
+    recomputed. SIGKILLed while level 1 is rewritten, while the attribute
+    buckets are written, after they were, and after it returned: the next
+    refresh or resume ends equal to a full rebuild."""
+    _kill_then_finish(private_dask_cluster, built, tmp_path, edit="edit_vertex+zarr_write",
+                      driver_src=_IN_PLACE_KILLER, moment=moment, then=then)
+
+
+def test_combined_change_is_reported_then_refreshed_by_chunks_and_buckets(store, tmp_path,
+                                                                          local_client):
+    """The dry run names the chunk region's chunks and the attribute
+    buckets per level; the refresh takes that path and equals a full
+    rebuild."""
+    _edit(store, "edit_vertex", False)
+    _edit(store, "zarr_write", False)
+    dry = zd.refresh_pyramid(str(store), client=local_client, dry_run=True)
+    assert dry.region.kind == "chunks" and dry.region.names == ("weight",), dry
+    assert dry.levels and all("1 object-attribute bucket(s) of weight" in what
+                               for _, what, _ in dry.levels), str(dry)
+    expected = tmp_path / "full.zv"
+    shutil.copytree(store, expected)
+    zd.build_pyramid(str(expected), client=local_client, overwrite=True, **KW)
+    report = zd.refresh_pyramid(str(store), client=local_client)
+    assert report.summary["region"] == "chunks", report
+    assert "object-attribute bucket" in str(report), str(report)
+    diff = compare_raw_files(expected, store, ignore=_sidecar)
+    assert diff.identical, diff.summary()
 
 
 @pytest.mark.parametrize("moment,then", [

@@ -462,14 +462,16 @@ APPENDING_EDITS = {(e, True) for e in ("edit_vertex", "move_vertex", "edit_fragm
 
 
 def run_sequence(path, name: str, seed: int, *, attributes_only: bool = False,
-                 in_place: bool = False, appending: bool = False,
+                 in_place: bool = False, appending: bool = False, with_attributes: bool = False,
                  n_sessions: int = 3) -> list[str]:
     """Draw and apply the seed's edit sequence to the store at ``path``:
     ``n_sessions`` EditSessions of one or two edits and, at a random place
     among them, one zarr write.  ``in_place``: geometry edits in place
     only, and the zarr write of a vertex cell; ``appending``: geometry
     edits, at least one appending rows, and the zarr write of a vertex
-    cell (no attribute or link edit).  Returns what was done, in order."""
+    cell (no attribute or link edit); ``with_attributes``: with those,
+    ``edit_attribute`` of object attributes too, at least once.  Returns
+    what was done, in order."""
     kind = KINDS[name]
     rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
     keep_rows = (_keeps_rows(seed) or in_place) and not attributes_only and not appending
@@ -478,6 +480,8 @@ def run_sequence(path, name: str, seed: int, *, attributes_only: bool = False,
         allowed = [ea for ea in allowed if ea in IN_PLACE_EDITS]
     if appending:
         allowed = [ea for ea in allowed if ea in IN_PLACE_EDITS | APPENDING_EDITS]
+    if with_attributes:
+        allowed.append(("edit_attribute", False))
     log: list[str] = []
     zarr_at = int(rng.integers(n_sessions + 1))
     must_add_rows = not keep_rows and not attributes_only
@@ -510,6 +514,14 @@ def run_sequence(path, name: str, seed: int, *, attributes_only: bool = False,
         if any(_adds_rows(e, a) for e, a, _ in picks):
             must_add_rows = False
         log.append(f"session(atomic={session_atomic}): " + "; ".join(done))
+    if with_attributes and not any("edit_attribute(object" in line for line in log):
+        s = State(path)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with EditSession(s.root, atomic=False) as ed:
+                row = int(rng.choice(s.live()))
+                log.append("session(atomic=False): " +
+                           _apply(ed, rng, s, kind, "edit_attribute", False, row))
     return log
 
 
@@ -618,3 +630,26 @@ def test_appending_sequence_is_refreshed_by_chunks_below_the_first_drop(
         return
     assert "region: chunks" in out and "; chunks" in out, out
 
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("mode", ["in_place", "appending"])
+@pytest.mark.parametrize("name", [n for n in KINDS
+                                  if KINDS[n].object_attrs and not KINDS[n].vertex_attrs])
+def test_geometry_and_attribute_sequence_is_refreshed_by_chunks(
+        built, name, mode, seed, tmp_path, local_client, capsys):
+    """Geometry edits (in place, or appending rows) together with
+    ``edit_attribute`` of object attributes: the chunk region's steps,
+    then the changed attribute buckets of the levels it recomputed by
+    chunks; the result equals a full rebuild."""
+    _check(built(name), name, 400 + seed, tmp_path, local_client, with_attributes=True,
+           **{mode: True})
+    out = capsys.readouterr().out
+    assert "edit_attribute(object" in out, out
+    with capsys.disabled():
+        print(next((ln for ln in out.splitlines() if ln.startswith("region:")), ""))
+    fallback = APPENDING_FALLBACKS.get(name) if mode == "appending" else \
+        "chunk list of vertices changed and its cells are compressed or sharded"
+    if name == "points_ids" and fallback in out:
+        return
+    assert "region: chunks" in out and "; chunks" in out, out

@@ -28,8 +28,11 @@ def test_intra_level_links_reach_no_coarse_level(arrays):
 
 
 @pytest.mark.parametrize("arrays,why", [
-    ({"vertices": _row(1), "object_attributes/w": _row(1)}, "vertices changed"),
-    ({"object_attributes/w": _row(1), "object_index/manifests": _row(1)}, "manifests changed"),
+    ({"vertices": _row(1), "object_attributes/w": _row(1, documents=1)},
+     "metadata of object_attributes/w"),
+    ({"vertices": _row(1), "vertex_attributes/a": _row(1)}, "vertex_attributes/a, vertices"),
+    ({"object_index/manifests": _row(1), "object_index/attrs": _row(1)},
+     "object_index/attrs, object_index/manifests changed"),
     ({"object_index/object_ids": _row(1, documents=1)}, "object_ids changed"),
     ({"object_attributes/w": _row(1, documents=1)}, "metadata of object_attributes/w"),
     ({"vertex_attributes/a": _row(1)}, "vertex_attributes/a changed"),
@@ -49,6 +52,22 @@ def test_rows_appended_are_a_chunk_region_checked_by_the_refresh():
     arrays = {"vertices": _row(2), "vertex_fragments": _row(2),
               "object_index/manifests": _row(1, added=1, documents=1),
               "object_index/object_ids": _row(1, documents=1), "object_index": _row(documents=1)}
+    assert classify(arrays, **RANDOM)[0] == CHUNKS
+
+
+def test_attribute_cells_with_vertex_cells_are_a_chunk_region_with_buckets():
+    """Object-attribute cells changed together with vertex cells: a chunk
+    region whose refresh also rewrites the attribute buckets; not when the
+    survivors cannot be redrawn, nor when the attribute's shape changed."""
+    arrays = {"vertices": _row(1), "object_attributes/w": _row(1)}
+    kind, reason = classify(arrays, **RANDOM)
+    assert kind == CHUNKS and "object_attributes/w" in reason and "bucket" in reason, reason
+    kind, reason = classify(arrays, **{**RANDOM, "sparsity_seed": None})
+    assert kind == WHOLE and "sparsity_seed=None" in reason, reason
+    arrays["object_attributes/w"] = _row(1, documents=1)
+    assert classify(arrays, **RANDOM, same_layout={"object_attributes/w"})[0] == CHUNKS
+    # manifest rows (changed objects) with attribute cells: the same
+    arrays = {"object_attributes/w": _row(1), "object_index/manifests": _row(1)}
     assert classify(arrays, **RANDOM)[0] == CHUNKS
 
 

@@ -30,8 +30,8 @@ from .resume import (BUILD_RECORD, RECORD_DIR, REWRITE_LOG, Targets, build_lock,
 from .runtime import client_for, count_workers
 from .step import attributes as va
 from .step.region import RegionNotApplicable, RegionPlans
-from .step.run import run_step, step_graph, unchanged_summary
-from .step.source import read_source_level
+from .step.run import rewrite_attributes, run_step, step_graph, unchanged_summary
+from .step.source import manifest_rows, read_source_level
 from .storage.store import Store
 
 __all__ = ["plan_pyramid", "build_pyramid", "coarsen_level"]
@@ -266,8 +266,10 @@ def _rewrite_in_place(c, st: Store, lock, plan: PyramidPlan, records: list[dict]
     try:
         if change is not None:
             regions = RegionPlans(wst, f"{REWRITE_LOG}/region", change, root_meta.chunk_shape)
-            summaries, step_reports = _build_levels(c, wst, plan, records, Targets(), lock,
-                                                    regions=regions, **kw)
+            summaries, step_reports = _build_levels(
+                c, wst, plan, records, Targets(), lock, regions=regions,
+                attributes=lambda: _region_attributes(c, wst, lock, plan, change, request,
+                                                      progress), **kw)
             extra["region"], extra["region_levels"] = "chunks", list(regions.history)
     except RegionNotApplicable as exc:
         regions, extra["region"] = None, f"whole levels: {exc}"
@@ -295,6 +297,22 @@ def _rewrite_in_place(c, st: Store, lock, plan: PyramidPlan, records: list[dict]
     return summaries, extra
 
 
+def _region_attributes(c, wst: Store, lock, plan: PyramidPlan, change: dict,
+                       request: BuildOptions, progress) -> None:
+    """The object-attribute buckets that changed with a chunk region's
+    cells, at the levels it recomputed by chunks (a whole level wrote
+    them all)."""
+    whole_from = change.get("whole_from")
+    levels = [lv for lv in plan.levels if whole_from is None or lv.target_level < whole_from]
+    if not change.get("attributes") or not levels:
+        return
+    lock.check()
+    rewrite_attributes(c, wst, levels, change["attributes"],
+                       n_rows=manifest_rows(wst, levels[0].source_level) or 0,
+                       sparsity_strategy=request.sparsity_strategy,
+                       sparsity_seed=request.sparsity_seed, progress=progress)
+
+
 def _composed_current(st: Store) -> bool:
     """Whether the pyramid's composed ``±N`` families match its ``+1`` cells
     as a rewrite in place starts: a finished build's or refresh's do.  The
@@ -313,14 +331,16 @@ def _composed_current(st: Store) -> bool:
 
 def _build_levels(c, st: Store, plan: PyramidPlan, records: list[dict], targets, lock, *,
                   root_meta, n_workers: int, progress, shard_shape, request: BuildOptions,
-                  in_place: bool = False, regions: RegionPlans | None = None):
+                  in_place: bool = False, regions: RegionPlans | None = None,
+                  attributes: Callable | None = None):
     """Run the steps of the levels not kept, in order; each level's record
     goes before its step and its summary after its commit.  ``in_place``
     (a rewrite, ``_rewrite_in_place``): no records; after each step, what
     it did not write of its trees is removed (the next step lists them)
     and logged as changed.  ``regions``: each step restricted to its
     region (which removes its own stale cells), but those it says are
-    whole."""
+    whole; ``attributes``: called once the region levels are done, before
+    a whole level reads their object attributes."""
     summaries, reports = [], []
     for lv, rec in zip(plan.levels, records):
         if lv.target_level in targets.keep:
@@ -340,6 +360,9 @@ def _build_levels(c, st: Store, plan: PyramidPlan, records: list[dict], targets,
         if not in_place:
             st.put(f"{RECORD_DIR}/{lv.target_level}.json", json.dumps(rec).encode())
         whole = regions is None or regions.whole(lv)
+        if whole and attributes is not None:
+            attributes()
+            attributes = None
         region = None if whole else \
             regions.region(lv, read_source_level(st, lv.source_level, root_meta.sid_ndim))
         if not whole and region is None:  # its source is unchanged: so is it
@@ -362,6 +385,8 @@ def _build_levels(c, st: Store, plan: PyramidPlan, records: list[dict], targets,
         if in_place:
             continue
         st.put(f"{RECORD_DIR}/{lv.target_level}.json.summary", json.dumps(rep.summary).encode())
+    if attributes is not None:
+        attributes()
     return summaries, reports
 
 

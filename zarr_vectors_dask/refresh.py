@@ -9,9 +9,12 @@ is decided from the level-0 fingerprint's diff:
 * only object-attribute cells changed: the attribute stage reruns on the
   dirty buckets of every coarse level (its survivors drawn as the build
   draws them), nothing else is read or written;
-* only vertex, fragment and manifest cells changed, no row added (edits
-  in place): each step restricted to the coarse chunks the changed chunks
-  and objects reach (``step/region.py``), in place;
+* only vertex, fragment and manifest cells changed, rows at most
+  appended: each step restricted to the coarse chunks the changed chunks
+  and objects reach (``step/region.py``), in place (from the first level
+  that drops objects, when rows were added, whole levels); object-attribute
+  cells changed with them add the attribute stage on their dirty buckets
+  at the levels recomputed by chunks;
 * anything else: every coarse level is recomputed as
   ``build_pyramid(..., overwrite=True)`` with the recorded arguments
   computes it, in place: only files whose bytes differ are written, and
@@ -24,7 +27,6 @@ Each ends equal to a full rebuild; each records the new fingerprint last.
 from __future__ import annotations
 
 import dataclasses
-import uuid
 
 from . import api
 from . import currency as cur
@@ -38,14 +40,11 @@ from .format.documents import opened_zarr_vectors
 from .planning.levels import make_plan, read_root_meta
 from .planning.region import (ATTRIBUTES, CHUNK_ARRAYS, CHUNKS, LINKS, WHOLE, RefreshRegion,
                               classify, dirty_buckets)
-from .planning.sparsity import Sparsity
 from .resume import REWRITE_LOG, build_lock, record_differences, wait_for_orphans
-from .runtime import StepReport, client_for, execute
+from .runtime import client_for
 from .step.region import RegionNotApplicable, changed_objects, plan_chunk_region
+from .step.run import rewrite_attributes
 from .step.source import manifest_rows, read_source_level
-from .step.exchange import drop_exchange
-from .step.graph import attribute_refresh_graph
-from .step.spec import LevelPair
 
 __all__ = ["pyramid_status", "RefreshReport", "build_keywords", "refresh_pyramid", "region_of"]
 
@@ -181,7 +180,7 @@ def refresh_pyramid(store, client=None, storage_options=None, dry_run: bool = Fa
                                         **build_keywords(args))
             levels = report.levels
             if summary.get("region") == "chunks":
-                levels = _region_lines(summary["region_levels"], region)
+                levels = _region_lines(summary["region_levels"], region, len(args["factors"]))
             elif region.kind == CHUNKS:  # it fell back to whole levels
                 levels = tuple((t, "the whole level", 1.0) for t in range(1, len(args["factors"]) + 1))
             return dataclasses.replace(report, refreshed=True, summary=summary, levels=levels)
@@ -206,13 +205,19 @@ def region_of(st, status: PyramidStatus, args: dict) -> RefreshRegion:
         return _chunk_region(st, status, reason, args["factors"])
     if kind != ATTRIBUTES:
         return RefreshRegion(kind, reason)
+    return RefreshRegion(ATTRIBUTES, reason, _attribute_buckets(st, status))
+
+
+def _attribute_buckets(st, status: PyramidStatus) -> tuple:
+    """The dirty buckets of each changed object-attribute array: a coarse
+    level keeps a row where its source has it, so they are every level's."""
     buckets = []
     for array, chunks in sorted(status.diff.dirty_chunks().items()):
         if array.startswith(f"{nm.OBJECT_ATTRIBUTES}/"):
             name = array.split("/", 1)[1]
             n_rows, cell_rows = _attribute_rows(st, 0, name)
             buckets.append((name, dirty_buckets(chunks, cell_rows, n_rows, nm.ATTRIBUTE_BUCKET)))
-    return RefreshRegion(ATTRIBUTES, reason, tuple(buckets))
+    return tuple(buckets)
 
 
 def _chunk_region(st, status: PyramidStatus, reason: str, factors) -> RefreshRegion:
@@ -251,9 +256,10 @@ def _chunk_region(st, status: PyramidStatus, reason: str, factors) -> RefreshReg
             return RefreshRegion(WHOLE, f"object rows changed and {exc}")
         chunks |= named
         rows = tuple(int(i) for i in ids)
-    return RefreshRegion(CHUNKS, reason, change={"chunks": frozenset(chunks),
-                                                 "fallen": frozenset(fallen), "rows": rows,
-                                                 "whole_from": whole_from})
+    buckets = _attribute_buckets(st, status)
+    return RefreshRegion(CHUNKS, reason, buckets, change={
+        "chunks": frozenset(chunks), "fallen": frozenset(fallen), "rows": rows,
+        "whole_from": whole_from, "attributes": dict(buckets)})
 
 
 def _chunks_of_keys(info, keys) -> set:
@@ -357,22 +363,34 @@ def _chunk_levels(st, region: RefreshRegion, args: dict) -> tuple:
         try:
             r = plan_chunk_region(st, lv, src, changed, root_meta.chunk_shape, fallen=fallen)
         except RegionNotApplicable as exc:
-            return (*_region_lines(history, region), (lv.target_level, f"the whole level ({exc})",
-                                                      1.0))
+            return (*_region_lines(history, region, lv.source_level),
+                    (lv.target_level, f"the whole level ({exc})", 1.0))
         history.append((lv.target_level, len(r.targets), len(r.sources), len(src.vertices.chunks)))
         changed, fallen = set(r.targets), set()
-    return _region_lines(history, region)
+    return _region_lines(history, region, len(plan.levels))
 
 
-def _region_lines(history, region: RefreshRegion) -> tuple:
+def _region_lines(history, region: RefreshRegion, n_levels: int) -> tuple:
     """Report lines of a chunk region's levels: ``(level, targets,
-    sources, source chunks)`` each."""
+    sources, source chunks)`` each; a level missing from ``history`` had
+    an unchanged source (only its attribute buckets, if any, rewritten)."""
     n_rows = len(region.change["rows"])
-    return tuple((t, f"{n_t} chunk(s) from {n_s} of level {t - 1}'s {n_all} chunks and {n_rows} "
-                     f"changed object(s)", min(0.999, n_s / max(1, n_all))) if n_t is not None
-                 else (t, "the whole level (rows were added: its survivors of sparsity are drawn "
-                          "anew)", 1.0)
-                 for t, n_t, n_s, n_all in history)
+    attrs = f", and {region.n_buckets} object-attribute bucket(s) of " \
+        f"{', '.join(region.names)}" if region.n_buckets else ""
+    done = {t: (n_t, n_s, n_all) for t, n_t, n_s, n_all in history}
+    out = []
+    for t in range(1, n_levels + 1):
+        if t not in done:
+            if attrs:
+                out.append((t, f"no chunk (its source is unchanged){attrs}", 0.0))
+            continue
+        n_t, n_s, n_all = done[t]
+        out.append((t, f"{n_t} chunk(s) from {n_s} of level {t - 1}'s {n_all} chunks and "
+                       f"{n_rows} changed object(s){attrs}", min(0.999, n_s / max(1, n_all)))
+                   if n_t is not None else
+                   (t, "the whole level (rows were added: its survivors of sparsity are drawn "
+                       "anew)", 1.0))
+    return tuple(out)
 
 
 def _refresh_region(st, c, args: dict, region: RefreshRegion, *, progress=None) -> None:
@@ -392,27 +410,20 @@ def _refresh_region(st, c, args: dict, region: RefreshRegion, *, progress=None) 
 
 
 def _rewrite_attributes(st, c, args: dict, region: RefreshRegion, *, progress=None) -> None:
-    """One graph: every coarse level's dirty attribute buckets, in order."""
+    """Every coarse level's dirty attribute buckets, in one graph."""
     kw = build_keywords(args)
     plan = make_plan(st, factors=kw["factors"], chunk_scale_factors=kw["chunk_scale_factors"],
                      cross_level_depth=kw["cross_level_depth"],
                      cross_level_storage=kw["cross_level_storage"],
                      sparsity_strategy=kw["sparsity_strategy"], n_workers=1,
                      shard_shape=kw.get("shard_shape"))
-    strategy, seed = kw["sparsity_strategy"], kw["sparsity_seed"]
     # Only the buckets whose bytes differ are written (the rest are logged, unused).
     st.remove_tree(REWRITE_LOG)
-    wst = st.changes_only(REWRITE_LOG)
-    pairs = [LevelPair(wst, lv.source_level, lv.target_level) for lv in plan.levels]
-    sparsities = [Sparsity.of_level(lv, strategy, seed) for lv in plan.levels]
-    n_rows, _ = _attribute_rows(st, 0, region.names[0])
-    token = f"refresh-{uuid.uuid4().hex[:8]}"
-    graph = attribute_refresh_graph(pairs, sparsities, n_rows=n_rows,
-                                    region=dict(region.buckets), token=token)
     try:
-        execute(c, graph, token, StepReport(target_level=pairs[-1].target_level),
-                name="object attributes", progress=progress)
+        # survivors from the manifest rows, as object_table draws them
+        rewrite_attributes(c, st.changes_only(REWRITE_LOG), list(plan.levels),
+                           dict(region.buckets), n_rows=manifest_rows(st, 0) or 0,
+                           sparsity_strategy=kw["sparsity_strategy"],
+                           sparsity_seed=kw["sparsity_seed"], progress=progress)
     finally:
-        for p in pairs:
-            drop_exchange(st, p.target_level)
         st.remove_tree(REWRITE_LOG)

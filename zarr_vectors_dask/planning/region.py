@@ -62,8 +62,9 @@ _OBJECT_ATTRIBUTES = "object_attributes/"
 @dataclass(frozen=True)
 class RefreshRegion:
     """What a refresh rewrites: ``kind`` (``links``, ``attributes`` or
-    ``whole``), why in words, and for ``attributes`` the dirty buckets of
-    each object-attribute array (``((name, (bucket, ...)), ...)``)."""
+    ``whole``), why in words, and for ``attributes`` and ``chunks`` the
+    dirty buckets of each object-attribute array
+    (``((name, (bucket, ...)), ...)``)."""
 
     kind: str
     reason: str
@@ -108,15 +109,18 @@ def classify(by_array: dict[str, dict[str, int]], *, factors, sparsity_strategy:
     moved = [a for a in arrays
              if not (a.startswith(_OBJECT_ATTRIBUTES) or _is_intra_level_link(a))]
     cells = [a for a in moved if a in (*CHUNK_ARRAYS, "object_index/manifests")]
-    if cells and all(_bounded_by_chunks(a, by_array[a]) for a in arrays
-                     if not _is_intra_level_link(a)):
-        return _chunks_or_whole(moved, factors, sparsity_strategy, sparsity_seed, chunk_layout)
-    if moved:
+    bounded = cells and all(_bounded_by_chunks(a, by_array[a]) for a in moved)
+    if moved and not bounded:
         return WHOLE, f"{', '.join(moved)} changed"
     docs = [a for a in arrays if a.startswith(_OBJECT_ATTRIBUTES) and by_array[a]["documents"]
             and a not in same_layout]
     if docs:
         return WHOLE, f"the metadata of {', '.join(docs)} changed (shape or dtype)"
+    if bounded:
+        # Object-attribute cells changed with them are rewritten by bucket
+        # after the chunk region's steps (the survivors are the build's).
+        return _chunks_or_whole(moved, factors, sparsity_strategy, sparsity_seed, chunk_layout,
+                                [a for a in arrays if a.startswith(_OBJECT_ATTRIBUTES)])
     why = _survivors_not_kept(factors, sparsity_strategy, sparsity_seed)
     if why:
         return WHOLE, f"object attributes changed and {why}"
@@ -153,14 +157,16 @@ def _bounded_by_chunks(array: str, row: dict) -> bool:
         (row["changed"] or row["added"] or row["removed"])
 
 
-def _chunks_or_whole(moved, factors, sparsity_strategy: str, sparsity_seed, chunk_layout: str):
-    what = f"only cells of {', '.join(moved)} changed"
+def _chunks_or_whole(moved, factors, sparsity_strategy: str, sparsity_seed, chunk_layout: str,
+                     attributes=()):
+    what = f"only cells of {', '.join([*moved, *attributes])} changed"
     if chunk_layout:
         return WHOLE, f"{what}, but {chunk_layout}"
     why = _survivors_not_kept(factors, sparsity_strategy, sparsity_seed)
     if why:
         return WHOLE, f"{what}, and {why}"
-    return CHUNKS, f"{what}: the coarse chunks they reach are recomputed"
+    also = " (and the object-attribute buckets holding changed rows)" if attributes else ""
+    return CHUNKS, f"{what}: the coarse chunks they reach are recomputed{also}"
 
 
 def dirty_buckets(chunks, cell_rows: int, n_rows: int, bucket: int) -> tuple[int, ...]:

@@ -29,9 +29,10 @@ from .exchange import drop_exchange
 from .region import (RegionNotApplicable, changed_cells, discard_stale, region_documents,
                      step_region)
 from .source import SourceLevel, chunk_table, manifest_rows, read_source_level
-from .spec import StepSpec
+from .spec import LevelPair, StepSpec
 
-__all__ = ["run_step", "plan_step", "step_shard_routes", "step_graph", "unchanged_summary"]
+__all__ = ["run_step", "plan_step", "step_shard_routes", "step_graph", "unchanged_summary",
+           "rewrite_attributes"]
 
 
 # ---------------------------------------------------------------- one step
@@ -248,6 +249,27 @@ def _run_region_step(client, store: Store, lv: LevelPlan, region: ChunkRegion, *
                       "shared_fragments": True}
     report.seconds = time.perf_counter() - t_start
     return report
+
+
+def rewrite_attributes(client, store: Store, levels: list, buckets: dict, *, n_rows: int,
+                       sparsity_strategy: str, sparsity_seed, progress=None) -> None:
+    """The attribute stage alone, on the dirty buckets (``{name: buckets}``)
+    of the coarse ``levels`` (plans, in order), as one graph: each level's
+    survivors drawn from the level-0 row count ``n_rows`` as the build
+    draws them.  Only buckets whose bytes differ are written (a refresh's
+    ``changes_only`` store)."""
+    pairs = [LevelPair(store, lv.source_level, lv.target_level) for lv in levels]
+    sparsities = [Sparsity.of_level(lv, sparsity_strategy, sparsity_seed) for lv in levels]
+    token = f"attributes-{uuid.uuid4().hex[:8]}"
+    graph = sgraph.attribute_refresh_graph(pairs, sparsities, n_rows=n_rows, region=buckets,
+                                           token=token)
+    try:
+        execute(client, graph, token, StepReport(target_level=pairs[-1].target_level),
+                name="object attributes", progress=progress)
+    finally:
+        for p in pairs:
+            cleanup(lambda p=p: drop_exchange(store, p.target_level),
+                    what=f"removing the exchange files of level {p.target_level}")
 
 
 def unchanged_summary(store: Store, lv: LevelPlan, sparsity_strategy: str, sparsity_seed,
