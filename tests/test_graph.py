@@ -18,7 +18,7 @@ from zarr_vectors.multiresolution.coarsen import build_pyramid as reference_buil
 import zarr_vectors_dask as zd
 from zarr_vectors_dask import runtime
 from zarr_vectors_dask.step import shuffle
-from zarr_vectors_dask.planning.runs import step_layout, weighted_runs
+from zarr_vectors_dask.planning.runs import slab_runs, step_layout, weighted_runs
 from equivalence import compare_raw_files
 from stores import make_streamlines
 
@@ -27,6 +27,32 @@ KW = dict(factors=[(2, 1), (2, 2)], sparsity_seed=0, cross_level_depth=-1,
 
 
 # ---------------------------------------------------------------- pure planning
+def test_slab_runs_cover_every_level_once_and_split_a_dense_slab():
+    """The composition's runs: each item of each level in exactly one run,
+    levels sharing a run where their keys (anchor numbers) meet, runs at
+    most ``cap`` heavy, and a run made heavy by one item split so that its
+    first level composes apart from the coarser ones."""
+    rng = np.random.default_rng(3)
+    keys = [np.arange(64), np.arange(0, 64, 2), np.arange(0, 64, 4)]
+    weights = [rng.integers(1, 20, 64).astype(float), rng.integers(1, 10, 32).astype(float),
+               rng.integers(1, 5, 16).astype(float)]
+    runs = slab_runs(keys, weights, cap=120.0)
+    for lv in range(3):
+        got = np.sort(np.concatenate([idx for run in runs for i, idx in run if i == lv]))
+        assert got.tolist() == list(range(keys[lv].size))
+    for run in runs:
+        assert sum(weights[i][idx].sum() for i, idx in run) <= 120.0
+        spans = [(keys[i][idx].min(), keys[i][idx].max()) for i, idx in run]
+        assert max(lo for lo, _ in spans) <= min(hi for _, hi in spans) + 4  # one slab
+    assert len(runs) > 1 and any(len(run) == 3 for run in runs)
+    # One item heavier than the cap: its level alone, the coarser ones apart.
+    weights[0][10] = 1000.0
+    heavy = slab_runs(keys, weights, cap=120.0)
+    alone = [run for run in heavy if any(i == 0 and 10 in idx.tolist() for i, idx in run)]
+    assert len(alone) == 1 and [i for i, _ in alone[0]] == [0]
+    assert slab_runs([], [], 1.0) == []
+
+
 def test_weighted_runs_split_a_dense_chunk_off():
     w = np.array([10, 10, 500, 10, 10, 10])
     starts = weighted_runs(w, 100)

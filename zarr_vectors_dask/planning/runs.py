@@ -11,7 +11,8 @@ from typing import Any
 from ..errors import PlanError
 from .text import fmt_tuple
 
-__all__ = ["split_runs", "chunks_per_block", "weighted_runs", "run_cap", "shard_runs", "ravel",
+__all__ = ["split_runs", "chunks_per_block", "weighted_runs", "slab_runs", "run_cap",
+           "shard_runs", "ravel",
            "StepLayout", "ROUTE_BATCH_CHUNKS", "step_layout"]
 
 
@@ -52,6 +53,41 @@ def weighted_runs(weights, cap: float):
         at = max(nxt, at + 1)
         before = float(cum[at - 1])
     return np.asarray(starts, dtype=np.int64)
+
+
+def slab_runs(keys: list, weights: list, cap: float) -> list[list[tuple]]:
+    """Runs of items of several levels by a shared order: ``keys[i]`` and
+    ``weights[i]`` are level ``i``'s items' keys (a number in one common
+    order) and weights.  Cuts the merged order into runs of weight at most
+    ``cap`` (``weighted_runs``); each run is ``[(level index, item
+    indices), ...]`` for the levels with items in it.  A run heavier than
+    ``cap`` (one heavy item) holding several levels is split in two: its
+    first level apart, the others together, so they run in parallel."""
+    import numpy as np
+    if not keys:
+        return []
+    every = np.concatenate([np.asarray(k, dtype=np.int64) for k in keys])
+    order = np.argsort(every, kind="stable")
+    merged = np.concatenate([np.asarray(w, dtype=np.float64) for w in weights])[order]
+    starts = weighted_runs(merged, cap)
+    bounds = np.r_[every[order][starts], np.iinfo(np.int64).max]
+    # Each level's items in key order, cut at the runs' bounds.
+    cut = []
+    for k, w in zip(keys, weights):
+        k = np.asarray(k, dtype=np.int64)
+        o = np.argsort(k, kind="stable")
+        cum = np.r_[0.0, np.cumsum(np.asarray(w, dtype=np.float64)[o])]
+        cut.append((o, np.searchsorted(k[o], bounds), cum))
+    runs = []
+    for r in range(bounds.size - 1):
+        mine = [(i, np.sort(o[at[r]:at[r + 1]])) for i, (o, at, _) in enumerate(cut)
+                if at[r + 1] > at[r]]
+        weight = sum(cum[at[r + 1]] - cum[at[r]] for o, at, cum in cut)
+        if len(mine) > 1 and weight > cap:
+            runs += [mine[:1], mine[1:]]
+        elif mine:
+            runs.append(mine)
+    return runs
 
 
 def run_cap(total: float, budget: int, n_workers: int) -> float:
