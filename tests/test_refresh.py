@@ -222,6 +222,24 @@ def test_attribute_refresh_after_rows_were_appended_draws_survivors_from_the_man
     assert diff.identical, diff.summary()
 
 
+def test_ids_swapped_with_a_geometry_edit_recompute_whole_levels(store, tmp_path,
+                                                                  local_client):
+    """Two objects that swap ids (a plain zarr write of the id table) with
+    an in-place geometry edit: the coarse rows (in id order) move, so the
+    refresh recomputes whole levels, says why, and equals a full rebuild."""
+    _edit(store, "edit_vertex", False)
+    ids = zarr.open_array(str(store / "0" / "object_index" / "object_ids"), mode="r+")
+    both = ids[:2]
+    ids[:2] = both[::-1]
+    expected = tmp_path / "full.zv"
+    shutil.copytree(store, expected)
+    zd.build_pyramid(str(expected), client=local_client, overwrite=True, **KW)
+    report = zd.refresh_pyramid(str(store), client=local_client)
+    assert report.region.kind == "whole" and "changed its id" in report.region.reason, report
+    diff = compare_raw_files(expected, store, ignore=_sidecar)
+    assert diff.identical, diff.summary()
+
+
 @pytest.fixture(scope="module")
 def built_graph(tmp_path_factory, local_client):
     from stores import make_graphs

@@ -241,71 +241,103 @@ def changed_objects(store: Store, chunks, ndim: int, *, n_old: int,
     table changed, so every recorded id is checked).  Returns their ids,
     the level-0 chunks their new rows name (their weights rose) and the
     level-1 chunks their old coarse rows name (the metavertices whose
-    weights fell)."""
-    import warnings
-
-    import zarr
-
+    weights fell).  The recorded digests are read one bucket at a time:
+    the driver holds the id table and the changed buckets, not a digest
+    per object."""
     from .objects import read_object_ids, row_digests
-    rows, digest, old_ids = _recorded_digests(store)
     path = f"0/{nm.OBJECT_INDEX}/manifests"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        arr = zarr.open_array(store.zarr_store(), path=path, mode="r")
-        step, n = int(arr.chunks[0]) or 1, int(arr.shape[0])
-        if n < n_old:
-            raise RegionNotApplicable(f"{n_old - n} object row(s) were removed")
-        ids_now = _checked_ids(store, n, n_old, rows, old_ids) if ids_changed or n > n_old \
-            else None
-        wanted = {int(c[0]) for c in chunks} | set(range(n_old // step, -(-n // step)))
-        mine = np.flatnonzero(np.isin(rows // step, list(wanted)))
-        blobs = {}
-        for c in sorted(wanted):
-            lo, hi = c * step, min(n, (c + 1) * step)
-            got = fcells.read_rows_checked(store, arr, path, lo, hi) if hi > lo else []
-            blobs.update({lo + i: bytes(b) for i, b in enumerate(got)})
-    now = [blobs[int(r)] for r in rows[mine]]
-    differ = mine[row_digests(now) != digest[mine]] if mine.size else mine
-    changed_rows = rows[differ]
-    if ids_now is None:
-        ids_now = read_object_ids(store, 0, n)
+    arr = _open_array(store, path)
+    step, n = int(arr.chunks[0]) or 1, int(arr.shape[0])
+    if n < n_old:
+        raise RegionNotApplicable(f"{n_old - n} object row(s) were removed")
+    ids_now = read_object_ids(store, 0, n)
+    wanted = sorted({int(c[0]) for c in chunks} | set(range(n_old // step, -(-n // step))))
+    check = ids_changed or n > n_old
+    # The recorded digests of the rows in the changed buckets only.
+    recorded, rec_rows, rec_digest = 0, [], []
+    for part in _recorded_digests(store):
+        rows = part["rows"]
+        recorded += rows.size
+        if check:
+            _check_kept_ids(rows, part.get("ids"), ids_now)
+        sel = np.isin(rows // step, wanted)
+        rec_rows.append(rows[sel])
+        rec_digest.append(part["digest"][sel])
+    if check:
+        _check_appended_ids(ids_now, n_old, recorded)
+    rec_rows, rec_digest = np.concatenate(rec_rows), np.concatenate(rec_digest)
+    # One changed bucket at a time: only changed and added rows are kept.
+    changed, blobs = [], {}
+    for lo, got in _buckets(store, arr, path, wanted):
+        sel = (rec_rows >= lo) & (rec_rows < lo + len(got))
+        rows, digest = rec_rows[sel], rec_digest[sel]
+        differ = rows[row_digests([bytes(got[int(r) - lo]) for r in rows]) != digest] if rows.size \
+            else rows
+        changed.append(differ)
+        for r in (*differ.tolist(), *range(max(lo, n_old), lo + len(got))):
+            blobs[r] = bytes(got[r - lo])
+    changed_rows = np.concatenate(changed) if changed else np.empty(0, np.int64)
     added = np.arange(n_old, n, dtype=np.int64)
     new = cdc.decode_manifest_table([blobs[int(r)] for r in (*changed_rows, *added)], ndim)
-    ids = ids_now[changed_rows]
-    return np.sort(np.concatenate([ids, ids_now[added]])), _unique_chunks(new.coords), \
+    ids, added_ids = ids_now[changed_rows], ids_now[added]
+    del ids_now, blobs  # before level 1's id table is read
+    return np.sort(np.concatenate([ids, added_ids])), _unique_chunks(new.coords), \
         _old_coarse_chunks(store, ids, ndim)
 
 
-def _recorded_digests(store: Store) -> tuple:
-    """The rows, digests and (None for a build before they were recorded)
-    ids of the level-0 manifest rows the last build read."""
+def _open_array(store: Store, path: str):
+    import warnings
+
+    import zarr
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return zarr.open_array(store.zarr_store(), path=path, mode="r")
+
+
+def _buckets(store: Store, arr, path: str, buckets):
+    """``(first row, rows)`` of each given row chunk (bucket) of a
+    manifests array, read one at a time."""
+    step, n = int(arr.chunks[0]) or 1, int(arr.shape[0])
+    for c in sorted(buckets):
+        lo, hi = c * step, min(n, (c + 1) * step)
+        if hi > lo:
+            yield lo, fcells.read_rows_checked(store, arr, path, lo, hi)
+
+
+def _recorded_digests(store: Store):
+    """The recorded digest files of the level-0 manifest rows the last
+    build read, one at a time (``rows``, ``digest`` and, since they were
+    recorded, ``ids``)."""
     names = store.keys_under(nm.MANIFEST_DIGESTS)
     if not names:
         raise RegionNotApplicable("no digest of the level-0 manifest rows is recorded (built "
                                   "before zarr-vectors-dask recorded them)")
-    parts = [cdc.unpack_columns(store.get(f"{nm.MANIFEST_DIGESTS}/{n}"),
-                                what=store.describe(nm.MANIFEST_DIGESTS)) for n in names]
-    ids = np.concatenate([p["ids"] for p in parts]) if all("ids" in p for p in parts) else None
-    return (np.concatenate([p["rows"] for p in parts]),
-            np.concatenate([p["digest"] for p in parts]), ids)
+    for name in names:
+        yield cdc.unpack_columns(store.get(f"{nm.MANIFEST_DIGESTS}/{name}"),
+                                 what=store.describe(nm.MANIFEST_DIGESTS))
 
 
-def _checked_ids(store: Store, n: int, n_old: int, rows, old_ids) -> np.ndarray:
-    """The level-0 id table, once checked that every old row keeps its id
-    and that added rows sort after all of them."""
-    from .objects import read_object_ids
-    if old_ids is None or rows.size != n_old:
+def _check_kept_ids(rows: np.ndarray, old_ids, ids_now: np.ndarray) -> None:
+    """Every recorded row still has its recorded id (the coarse rows are
+    in id order)."""
+    if old_ids is None:
         raise RegionNotApplicable("the object ids changed and the last build recorded no id "
                                   "of every row")
-    ids = read_object_ids(store, 0, n)
-    moved = np.flatnonzero(ids[rows] != old_ids)
+    moved = np.flatnonzero(ids_now[rows] != old_ids)
     if moved.size:
         raise RegionNotApplicable(f"the object in row {int(rows[moved[0]])} changed its id "
                                   f"(the coarse rows are in id order)")
-    if n > n_old and n_old and ids[n_old:].min() <= ids[:n_old].max():
+
+
+def _check_appended_ids(ids_now: np.ndarray, n_old: int, recorded: int) -> None:
+    """Every old row was recorded, and the added rows' ids sort after
+    all of theirs."""
+    if recorded != n_old:
+        raise RegionNotApplicable("the object ids changed and the last build recorded no id "
+                                  "of every row")
+    if ids_now.size > n_old and n_old and ids_now[n_old:].min() <= ids_now[:n_old].max():
         raise RegionNotApplicable("an added object's id sorts before an existing one (every "
                                   "coarse row after it moves)")
-    return ids
 
 
 def _unique_chunks(coords) -> set:
@@ -315,21 +347,20 @@ def _unique_chunks(coords) -> set:
 
 def _old_coarse_chunks(store: Store, ids: np.ndarray, ndim: int) -> set:
     """Chunks named by the level-1 rows of ``ids`` (level-1 rows are in id
-    order)."""
-    import warnings
-
-    import zarr
-
+    order), each level-1 bucket holding one read once."""
     from .objects import read_object_ids
     if ids.size == 0:
         return set()
     path = f"1/{nm.OBJECT_INDEX}/manifests"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        arr = zarr.open_array(store.zarr_store(), path=path, mode="r")
-        n = int(arr.shape[0])
-        coarse_ids = read_object_ids(store, 1, n)
-        at = np.searchsorted(coarse_ids, ids)
-        blobs = [bytes(fcells.read_rows_checked(store, arr, path, i, i + 1)[0])
-                 for i, want in zip(at.tolist(), ids.tolist()) if i < n and coarse_ids[i] == want]
-    return _unique_chunks(cdc.decode_manifest_table(blobs, ndim).coords)
+    arr = _open_array(store, path)
+    n = int(arr.shape[0])
+    coarse_ids = read_object_ids(store, 1, n)
+    at = np.searchsorted(coarse_ids, ids)
+    at = at[(at < n) & (coarse_ids[np.minimum(at, n - 1)] == ids)] if n else at[:0]
+    del coarse_ids
+    step = int(arr.chunks[0]) or 1
+    blobs = {}
+    for lo, got in _buckets(store, arr, path, set((at // step).tolist())):
+        for i in at[(at >= lo) & (at < lo + len(got))].tolist():
+            blobs[i] = bytes(got[i - lo])
+    return _unique_chunks(cdc.decode_manifest_table([blobs[int(i)] for i in at], ndim).coords)
