@@ -65,8 +65,7 @@ def _encode_rows(spec: StepSpec, bucket: int, counts, ref_chunk, ref_frag, row_c
     order = np.argsort(frag_key, kind="stable")
     frag_key, frag_start, frag_len = frag_key[order], frag_start[order], frag_len[order]
     ref_key = _pair_key(ref_chunk, ref_frag)
-    n_ref = _lookup(frag_key, frag_len, ref_key)
-    start = _lookup(frag_key, frag_start, ref_key)
+    n_ref, start = _lookup(frag_key, (frag_len, frag_start), ref_key)
     entry = cdc.expand_ranges(start, n_ref)
     owner = np.repeat(np.repeat(np.arange(counts.size), counts), n_ref)
     ec, ef = seq_c[entry], seq_f[entry]

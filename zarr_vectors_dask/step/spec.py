@@ -220,10 +220,16 @@ def _pair_key(chunk_id: np.ndarray, frag: np.ndarray) -> np.ndarray:
     return (np.asarray(chunk_id, dtype=np.int64) << 32) | np.asarray(frag, dtype=np.int64)
 
 
-def _lookup(keys: np.ndarray, values: np.ndarray, want: np.ndarray, missing=0) -> np.ndarray:
+def _lookup(keys: np.ndarray, values, want: np.ndarray, missing=0):
     """``values`` at the positions of ``want`` in sorted ``keys``; ``missing``
-    where absent."""
+    where absent.  ``values`` may be a tuple of arrays: one search serves
+    them all (a tuple comes back)."""
+    several = isinstance(values, tuple)
+    columns = values if several else (values,)
     if keys.size == 0:
-        return np.full(want.shape, missing, dtype=values.dtype)
-    at = np.clip(np.searchsorted(keys, want), 0, keys.size - 1)
-    return np.where(keys[at] == want, values[at], missing)
+        out = tuple(np.full(want.shape, missing, dtype=v.dtype) for v in columns)
+    else:
+        at = np.clip(np.searchsorted(keys, want), 0, keys.size - 1)
+        found = keys[at] == want
+        out = tuple(np.where(found, v[at], missing) for v in columns)
+    return out if several else out[0]
