@@ -50,6 +50,13 @@ def test_slab_runs_cover_every_level_once_and_split_a_dense_slab():
     heavy = slab_runs(keys, weights, cap=120.0)
     alone = [run for run in heavy if any(i == 0 and 10 in idx.tolist() for i, idx in run)]
     assert len(alone) == 1 and [i for i, _ in alone[0]] == [0]
+    # Heavy items of several levels sharing one key: one run per level.
+    shared = slab_runs([np.array([5]), np.array([5]), np.array([5])],
+                       [np.array([16.0]), np.array([16.0]), np.array([18.0])], cap=5.0)
+    assert sorted(i for run in shared for i, _ in run) == [0, 1, 2]
+    assert all(len(run) == 1 for run in shared)
+    for run in heavy:
+        assert len(run) == 1 or sum(weights[i][idx].sum() for i, idx in run) <= 120.0
     assert slab_runs([], [], 1.0) == []
 
 

@@ -100,6 +100,9 @@ class RefreshReport:
                 verb = "would recompute" if self.dry_run else "recomputed"
                 lines.append(f"  level {level}: {verb} {what} in place (100% of a full "
                              f"build's steps; only the files that differ are written)")
+            elif self.region is not None and self.region.kind == CHUNKS and not frac:
+                verb = "would rewrite" if self.dry_run else "rewrote"  # attribute buckets only
+                lines.append(f"  level {level}: {verb} {what}")
             elif self.region is not None and self.region.kind == CHUNKS:
                 verb = "would recompute" if self.dry_run else "recomputed"
                 lines.append(f"  level {level}: {verb} {what} (reads {frac:.1%} of its source "
@@ -382,7 +385,9 @@ def _region_lines(history, region: RefreshRegion, n_levels: int) -> tuple:
     for t in range(1, n_levels + 1):
         if t not in done:
             if attrs:
-                out.append((t, f"no chunk (its source is unchanged){attrs}", 0.0))
+                out.append((t, f"only {region.n_buckets} object-attribute bucket(s) of "
+                               f"{', '.join(region.names)} (its source chunks are unchanged)",
+                            0.0))
             continue
         n_t, n_s, n_all = done[t]
         out.append((t, f"{n_t} chunk(s) from {n_s} of level {t - 1}'s {n_all} chunks and "

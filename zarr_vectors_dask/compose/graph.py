@@ -1,5 +1,5 @@
-"""The composition graph: per fine level, runs of its vertex chunks, the
-shard writers, one summary task."""
+"""The composition graph: runs of slabs (the chunks of every fine level
+under each), the shard writers, one summary task."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 from ..errors import FormatError
 from ..format import cells as fcells
 from ..format import naming as nm
-from ..planning.runs import run_cap, shard_runs
+from ..planning.runs import run_cap, shard_runs, slab_runs
 from ..runtime import Graph
 from ..step.cells import ShardRoute
 from ..step.exchange import join
@@ -56,7 +56,6 @@ def _column_runs(plans: list, geo: dict, cap: float) -> list[list[tuple]]:
     under each run of slabs (``planning.runs.slab_runs``).  One task
     composing a slab at every level reads each coarse ``+1`` cell once,
     for a finer level's hops and its own level alike."""
-    from ..planning.runs import slab_runs
     base = geo[plans[0][0]]
     keys = [_anchor_numbers(coords, geo[f]["scale"], base) for f, _, coords, _ in plans]
     return [[(plans[i][0], plans[i][1], plans[i][2][idx]) for i, idx in run]

@@ -155,7 +155,7 @@ def compose_block(store: Store, ctx: dict, run: tuple, storage: str, block: str 
     for i, (f, steps, fine_cc) in enumerate(run):
         # the finest level's records are asked for once: not kept
         out[f] = _compose_level(cells, ctx, f, np.asarray(fine_cc, dtype=np.int64), steps,
-                                storage, f"{block}:{f}", keep=i > 0)
+                                storage, f"{block}.{f}", keep=i > 0)
     return {"levels": out}
 
 

@@ -61,8 +61,9 @@ def slab_runs(keys: list, weights: list, cap: float) -> list[list[tuple]]:
     order) and weights.  Cuts the merged order into runs of weight at most
     ``cap`` (``weighted_runs``); each run is ``[(level index, item
     indices), ...]`` for the levels with items in it.  A run heavier than
-    ``cap`` (one heavy item) holding several levels is split in two: its
-    first level apart, the others together, so they run in parallel."""
+    ``cap`` (a heavy item, or items of several levels sharing a key at a
+    cut) holding several levels is split into one run per level, so they
+    run in parallel and none holds more than its own level's items."""
     import numpy as np
     if not keys:
         return []
@@ -84,7 +85,7 @@ def slab_runs(keys: list, weights: list, cap: float) -> list[list[tuple]]:
                 if at[r + 1] > at[r]]
         weight = sum(cum[at[r + 1]] - cum[at[r]] for o, at, cum in cut)
         if len(mine) > 1 and weight > cap:
-            runs += [mine[:1], mine[1:]]
+            runs += [[m] for m in mine]
         elif mine:
             runs.append(mine)
     return runs

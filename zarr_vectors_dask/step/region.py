@@ -245,6 +245,7 @@ def changed_objects(store: Store, chunks, ndim: int, *, n_old: int,
     the driver holds the id table and the changed buckets, not a digest
     per object."""
     from .objects import read_object_ids, row_digests
+    names = _digest_files(store)  # (no digest recorded: said first)
     path = f"0/{nm.OBJECT_INDEX}/manifests"
     arr = _open_array(store, path)
     step, n = int(arr.chunks[0]) or 1, int(arr.shape[0])
@@ -252,25 +253,29 @@ def changed_objects(store: Store, chunks, ndim: int, *, n_old: int,
         raise RegionNotApplicable(f"{n_old - n} object row(s) were removed")
     ids_now = read_object_ids(store, 0, n)
     wanted = sorted({int(c[0]) for c in chunks} | set(range(n_old // step, -(-n // step))))
+    # The recorded digests of the rows in the changed buckets only, by row.
     check = ids_changed or n > n_old
-    # The recorded digests of the rows in the changed buckets only.
-    recorded, rec_rows, rec_digest = 0, [], []
-    for part in _recorded_digests(store):
+    recorded, without_ids, moved, rec_rows, rec_digest = 0, False, None, [], []
+    for part in _recorded_digests(store, names):
         rows = part["rows"]
         recorded += rows.size
-        if check:
-            _check_kept_ids(rows, part.get("ids"), ids_now)
+        without_ids |= part.get("ids") is None
+        if check and moved is None and part.get("ids") is not None:
+            bad = np.flatnonzero(ids_now[rows] != part["ids"])
+            moved = int(rows[bad[0]]) if bad.size else None
         sel = np.isin(rows // step, wanted)
         rec_rows.append(rows[sel])
         rec_digest.append(part["digest"][sel])
     if check:
-        _check_appended_ids(ids_now, n_old, recorded)
+        _check_ids(ids_now, n_old, recorded, without_ids, moved)
     rec_rows, rec_digest = np.concatenate(rec_rows), np.concatenate(rec_digest)
+    order = np.argsort(rec_rows, kind="stable")
+    rec_rows, rec_digest = rec_rows[order], rec_digest[order]
     # One changed bucket at a time: only changed and added rows are kept.
     changed, blobs = [], {}
     for lo, got in _buckets(store, arr, path, wanted):
-        sel = (rec_rows >= lo) & (rec_rows < lo + len(got))
-        rows, digest = rec_rows[sel], rec_digest[sel]
+        a, b = np.searchsorted(rec_rows, [lo, lo + len(got)])
+        rows, digest = rec_rows[a:b], rec_digest[a:b]
         differ = rows[row_digests([bytes(got[int(r) - lo]) for r in rows]) != digest] if rows.size \
             else rows
         changed.append(differ)
@@ -304,37 +309,34 @@ def _buckets(store: Store, arr, path: str, buckets):
             yield lo, fcells.read_rows_checked(store, arr, path, lo, hi)
 
 
-def _recorded_digests(store: Store):
-    """The recorded digest files of the level-0 manifest rows the last
-    build read, one at a time (``rows``, ``digest`` and, since they were
-    recorded, ``ids``)."""
+def _digest_files(store: Store) -> list[str]:
+    """The digest files of the level-0 manifest rows the last build read."""
     names = store.keys_under(nm.MANIFEST_DIGESTS)
     if not names:
         raise RegionNotApplicable("no digest of the level-0 manifest rows is recorded (built "
                                   "before zarr-vectors-dask recorded them)")
+    return names
+
+
+def _recorded_digests(store: Store, names: list[str]):
+    """The digest files, one at a time (``rows``, ``digest`` and, since
+    they were recorded, ``ids``)."""
     for name in names:
         yield cdc.unpack_columns(store.get(f"{nm.MANIFEST_DIGESTS}/{name}"),
                                  what=store.describe(nm.MANIFEST_DIGESTS))
 
 
-def _check_kept_ids(rows: np.ndarray, old_ids, ids_now: np.ndarray) -> None:
-    """Every recorded row still has its recorded id (the coarse rows are
-    in id order)."""
-    if old_ids is None:
+def _check_ids(ids_now: np.ndarray, n_old: int, recorded: int, without_ids: bool,
+               moved: int | None) -> None:
+    """Every old row was recorded with its id and keeps it (the coarse
+    rows are in id order), and the added rows' ids sort after all of
+    theirs."""
+    if without_ids or recorded != n_old:
         raise RegionNotApplicable("the object ids changed and the last build recorded no id "
                                   "of every row")
-    moved = np.flatnonzero(ids_now[rows] != old_ids)
-    if moved.size:
-        raise RegionNotApplicable(f"the object in row {int(rows[moved[0]])} changed its id "
-                                  f"(the coarse rows are in id order)")
-
-
-def _check_appended_ids(ids_now: np.ndarray, n_old: int, recorded: int) -> None:
-    """Every old row was recorded, and the added rows' ids sort after
-    all of theirs."""
-    if recorded != n_old:
-        raise RegionNotApplicable("the object ids changed and the last build recorded no id "
-                                  "of every row")
+    if moved is not None:
+        raise RegionNotApplicable(f"the object in row {moved} changed its id (the coarse rows "
+                                  f"are in id order)")
     if ids_now.size > n_old and n_old and ids_now[n_old:].min() <= ids_now[:n_old].max():
         raise RegionNotApplicable("an added object's id sorts before an existing one (every "
                                   "coarse row after it moves)")
@@ -359,8 +361,10 @@ def _old_coarse_chunks(store: Store, ids: np.ndarray, ndim: int) -> set:
     at = at[(at < n) & (coarse_ids[np.minimum(at, n - 1)] == ids)] if n else at[:0]
     del coarse_ids
     step = int(arr.chunks[0]) or 1
+    at = np.sort(at)
     blobs = {}
     for lo, got in _buckets(store, arr, path, set((at // step).tolist())):
-        for i in at[(at >= lo) & (at < lo + len(got))].tolist():
+        a, b = np.searchsorted(at, [lo, lo + len(got)])
+        for i in at[a:b].tolist():
             blobs[i] = bytes(got[i - lo])
     return _unique_chunks(cdc.decode_manifest_table([blobs[int(i)] for i in at], ndim).coords)
