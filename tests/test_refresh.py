@@ -883,8 +883,8 @@ def test_in_place_refresh_killed_at_each_moment_then_finished_ends_equal(
 
 @pytest.mark.parametrize("moment,then", [
     ("combined:writing-1", "refresh"), ("combined:attributes", "resume"),
-    ("combined:attributed", "refresh"), pytest.param("combined:returned", "refresh",
-                                                     marks=pytest.mark.slow)])
+    pytest.param("combined:attributed", "refresh", marks=pytest.mark.slow),
+    pytest.param("combined:returned", "refresh", marks=pytest.mark.slow)])
 def test_combined_refresh_killed_at_each_moment_then_finished_ends_equal(
         private_dask_cluster, built, tmp_path, moment, then):
     """An in-place geometry edit together with an object-attribute cell:

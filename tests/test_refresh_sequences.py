@@ -633,7 +633,8 @@ def test_appending_sequence_is_refreshed_by_chunks_below_the_first_drop(
 
 
 @pytest.mark.parametrize("seed", SEEDS)
-@pytest.mark.parametrize("mode", ["in_place", "appending"])
+@pytest.mark.parametrize("mode", [pytest.param("in_place", marks=pytest.mark.slow),
+                                  "appending"])
 @pytest.mark.parametrize("name", [n for n in KINDS
                                   if KINDS[n].object_attrs and not KINDS[n].vertex_attrs])
 def test_geometry_and_attribute_sequence_is_refreshed_by_chunks(
