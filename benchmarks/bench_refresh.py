@@ -128,8 +128,15 @@ def edit_vertices_atomic(path: Path, fraction: float, clustered: bool, rng) -> s
     return edit_vertices(path, fraction, clustered, rng, atomic=True) + ", atomic"
 
 
+def edit_combined(path: Path, fraction: float, clustered: bool, rng) -> str:
+    """:func:`edit_vertices` in place, then :func:`edit_attributes` of as
+    many rows: geometry and object attributes changed together."""
+    return edit_vertices(path, fraction, clustered, rng) + ", " + \
+        edit_attributes(path, fraction, clustered, rng)
+
+
 CASES = {"attributes": edit_attributes, "vertices": edit_vertices,
-         "vertices-atomic": edit_vertices_atomic}
+         "vertices-atomic": edit_vertices_atomic, "combined": edit_combined}
 
 
 # ------------------------------------------------------------------ run
