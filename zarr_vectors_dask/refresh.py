@@ -378,23 +378,22 @@ def _region_lines(history, region: RefreshRegion, n_levels: int) -> tuple:
     sources, source chunks)`` each; a level missing from ``history`` had
     an unchanged source (only its attribute buckets, if any, rewritten)."""
     n_rows = len(region.change["rows"])
-    attrs = f", and {region.n_buckets} object-attribute bucket(s) of " \
-        f"{', '.join(region.names)}" if region.n_buckets else ""
+    buckets = f"{region.n_buckets} object-attribute bucket(s) of {', '.join(region.names)}" \
+        if region.n_buckets else ""
     done = {t: (n_t, n_s, n_all) for t, n_t, n_s, n_all in history}
     out = []
     for t in range(1, n_levels + 1):
+        n_t, n_s, n_all = done.get(t, (0, 0, 0))
         if t not in done:
-            if attrs:
-                out.append((t, f"only {region.n_buckets} object-attribute bucket(s) of "
-                               f"{', '.join(region.names)} (its source chunks are unchanged)",
-                            0.0))
-            continue
-        n_t, n_s, n_all = done[t]
-        out.append((t, f"{n_t} chunk(s) from {n_s} of level {t - 1}'s {n_all} chunks and "
-                       f"{n_rows} changed object(s){attrs}", min(0.999, n_s / max(1, n_all)))
-                   if n_t is not None else
-                   (t, "the whole level (rows were added: its survivors of sparsity are drawn "
-                       "anew)", 1.0))
+            if buckets:
+                out.append((t, f"only {buckets} (its source chunks are unchanged)", 0.0))
+        elif n_t is None:
+            out.append((t, "the whole level (rows were added: its survivors of sparsity are "
+                           "drawn anew)", 1.0))
+        else:
+            also = f", and {buckets}" if buckets else ""
+            out.append((t, f"{n_t} chunk(s) from {n_s} of level {t - 1}'s {n_all} chunks and "
+                           f"{n_rows} changed object(s){also}", min(0.999, n_s / max(1, n_all))))
     return tuple(out)
 
 

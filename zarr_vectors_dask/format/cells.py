@@ -18,7 +18,8 @@ from .documents import read_json
 from .naming import NONEMPTY, ORIGIN, cell_path, chunk_key, parse_chunk_key
 
 __all__ = ["VlenArrayInfo", "vlen_array_info", "KeyLayout", "key_layout", "read_cells",
-           "present_cells", "read_chunk_checked", "read_rows_checked"]
+           "present_cells", "read_chunk_checked", "read_rows_checked", "read_row_chunks",
+           "read_rows_at"]
 
 
 # ---------------------------------------------------------- source levels
@@ -481,3 +482,33 @@ def read_rows_checked(store: Store, arr, path: str, lo: int, hi: int):
     if not parts:
         return arr[lo:hi]
     return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+
+def read_row_chunks(store: Store, arr, path: str, chunks):
+    """``(first row, rows)`` of each of the given row chunks of a
+    1-D-chunked zarr array, in order, one read each through
+    :func:`read_rows_checked`."""
+    step, n = int(arr.chunks[0]) or 1, int(arr.shape[0])
+    for c in sorted(set(chunks)):
+        lo, hi = c * step, min(n, (c + 1) * step)
+        if hi > lo:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                rows = read_rows_checked(store, arr, path, lo, hi)
+            yield lo, rows
+
+
+def read_rows_at(store: Store, arr, path: str, rows) -> list[bytes]:
+    """The values (as bytes) at the row numbers ``rows``, in their order:
+    each row chunk holding one read once (rows of unsorted ids can be
+    anywhere)."""
+    rows = np.asarray(rows, dtype=np.int64)
+    out = [b""] * rows.size
+    order = np.argsort(rows, kind="stable")
+    ordered = rows[order]
+    step = int(arr.chunks[0]) or 1
+    for lo, got in read_row_chunks(store, arr, path, np.unique(ordered // step).tolist()):
+        a, b = np.searchsorted(ordered, [lo, lo + len(got)])
+        for i in order[a:b].tolist():
+            out[i] = bytes(got[int(rows[i]) - lo])
+    return out

@@ -147,16 +147,7 @@ def object_refs(spec: StepSpec, bucket: int, _objects_done=None, region=None) ->
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         arr = zarr.open_array(spec.store.zarr_store(), path=spec.manifests_path, mode="r")
-        blobs = [b""] * wanted.size
-        # Chunk by chunk (rows of unsorted ids can be anywhere), each read
-        # through the checked reader so a damaged chunk is named.
-        step = int(arr.chunks[0]) or 1
-        which = wanted // step
-        for c in np.unique(which).tolist():
-            lo, hi = c * step, min((c + 1) * step, int(arr.shape[0]))
-            rows = fcells.read_rows_checked(spec.store, arr, spec.manifests_path, lo, hi)
-            for i in np.flatnonzero(which == c).tolist():
-                blobs[i] = bytes(rows[int(wanted[i]) - lo])
+        blobs = fcells.read_rows_at(spec.store, arr, spec.manifests_path, wanted)
     if spec.source_level == 0 and _digests_may_change(region, mine["ids"][kept]):
         # what a refresh tells changed rows (and rows given other ids) by
         spec.store.put(f"{nm.MANIFEST_DIGESTS}/{bucket}", cdc.pack_columns(

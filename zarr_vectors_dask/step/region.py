@@ -273,7 +273,7 @@ def changed_objects(store: Store, chunks, ndim: int, *, n_old: int,
     rec_rows, rec_digest = rec_rows[order], rec_digest[order]
     # One changed bucket at a time: only changed and added rows are kept.
     changed, blobs = [], {}
-    for lo, got in _buckets(store, arr, path, wanted):
+    for lo, got in fcells.read_row_chunks(store, arr, path, wanted):
         a, b = np.searchsorted(rec_rows, [lo, lo + len(got)])
         rows, digest = rec_rows[a:b], rec_digest[a:b]
         differ = rows[row_digests([bytes(got[int(r) - lo]) for r in rows]) != digest] if rows.size \
@@ -297,16 +297,6 @@ def _open_array(store: Store, path: str):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return zarr.open_array(store.zarr_store(), path=path, mode="r")
-
-
-def _buckets(store: Store, arr, path: str, buckets):
-    """``(first row, rows)`` of each given row chunk (bucket) of a
-    manifests array, read one at a time."""
-    step, n = int(arr.chunks[0]) or 1, int(arr.shape[0])
-    for c in sorted(buckets):
-        lo, hi = c * step, min(n, (c + 1) * step)
-        if hi > lo:
-            yield lo, fcells.read_rows_checked(store, arr, path, lo, hi)
 
 
 def _digest_files(store: Store) -> list[str]:
@@ -360,11 +350,5 @@ def _old_coarse_chunks(store: Store, ids: np.ndarray, ndim: int) -> set:
     at = np.searchsorted(coarse_ids, ids)
     at = at[(at < n) & (coarse_ids[np.minimum(at, n - 1)] == ids)] if n else at[:0]
     del coarse_ids
-    step = int(arr.chunks[0]) or 1
-    at = np.sort(at)
-    blobs = {}
-    for lo, got in _buckets(store, arr, path, set((at // step).tolist())):
-        a, b = np.searchsorted(at, [lo, lo + len(got)])
-        for i in at[a:b].tolist():
-            blobs[i] = bytes(got[i - lo])
-    return _unique_chunks(cdc.decode_manifest_table([blobs[int(i)] for i in at], ndim).coords)
+    blobs = fcells.read_rows_at(store, arr, path, at)
+    return _unique_chunks(cdc.decode_manifest_table(blobs, ndim).coords)
