@@ -27,7 +27,7 @@ from .planning.plan import PyramidPlan, check_method, registered_strategy
 from .resume import (BUILD_RECORD, RECORD_DIR, REWRITE_LOG, Targets, build_lock, build_record_for,
                      composed_trees, discard_unwritten, finish_records, level_record, prepare_targets,
                      pyramid_trees, step_trees, sweep_temporaries, wait_for_orphans)
-from .runtime import client_for, count_workers
+from .runtime import client_for, count_workers, tuned_workers
 from .step import attributes as va
 from .step.region import RegionNotApplicable, RegionPlans
 from .step.run import rewrite_attributes, run_step, step_graph, unchanged_summary
@@ -172,7 +172,7 @@ def _build_pyramid(st: Store, *, factors, chunk_scale_factors, sparsity_strategy
         records, build_record = _records(plan, request, shard_shape)
         quiet_expected_task_errors(c)
         # A refresh takes over the lock of a killed one, as resume does.
-        with build_lock(st, resume=resume or _refresh) as lock:
+        with tuned_workers(c), build_lock(st, resume=resume or _refresh) as lock:
             if resume or _refresh:
                 wait_for_orphans(c, st)
             interrupted = st.get(BUILD_RECORD) is not None

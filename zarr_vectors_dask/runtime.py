@@ -5,6 +5,7 @@ and the client a build runs on (``client_for``)."""
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import time
 from dataclasses import dataclass, field
@@ -16,7 +17,8 @@ from .storage import handles
 from .storage.store import Store
 
 __all__ = ["STAGE_OF", "Graph", "StepReport", "RUNNING", "wait_until_idle", "execute",
-           "count_workers", "workers_in_this_process", "client_for"]
+           "count_workers", "workers_in_this_process", "client_for", "MALLOC_CONFIG",
+           "WorkerMalloc", "tuned_workers"]
 
 
 #: Stage label of each task function, as the plan and benchmarks name them.
@@ -130,6 +132,80 @@ def count_workers(client) -> int:
         return max(1, len(client.scheduler_info()["workers"]))
     except Exception:  # noqa: BLE001
         return 2
+
+
+# ------------------------------------------------------------ workers' heap
+log = logging.getLogger(__name__)
+
+#: Dask config key: whether a build tunes its workers' glibc heap (True).
+MALLOC_CONFIG = "zarr-vectors-dask.tune-worker-malloc"
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
+_GLIBC_DEFAULT = 128 * 1024
+
+
+def _mallopt(trim: int, mmap: int) -> bool:
+    """Set glibc's trim and mmap thresholds in this process; False where
+    there is no glibc (macOS, musl): nothing to tune there."""
+    import ctypes
+    import ctypes.util
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.mallopt(_M_TRIM_THRESHOLD, trim)) and \
+            bool(libc.mallopt(_M_MMAP_THRESHOLD, mmap))
+    except (OSError, AttributeError):
+        return False
+
+
+try:
+    from distributed.diagnostics.plugin import WorkerPlugin as _WorkerPlugin
+except ImportError:  # pragma: no cover - distributed is a dependency
+    _WorkerPlugin = object
+
+
+class WorkerMalloc(_WorkerPlugin):
+    """Keep freed numpy temporaries in a worker's heap for the build.
+
+    Dask's nanny starts workers with ``MALLOC_TRIM_THRESHOLD_=65536``,
+    which also fixes glibc's mmap threshold at 128 KiB: every array over
+    that is mapped fresh and unmapped when freed, and its pages fault in
+    again on the next use.  The stages allocate thousands of such arrays;
+    at 10^7 vertices that was ~30 % of the cluster's CPU
+    (benchmarks/README.md, "The workers' heap").  Set on setup, restored
+    (to the nanny's value, else glibc's defaults) on teardown."""
+
+    name = "zvdask-worker-malloc"
+    TRIM, MMAP = 64 << 20, 32 << 20  # glibc caps the mmap threshold at 32 MiB
+
+    def setup(self, worker=None):
+        _mallopt(self.TRIM, self.MMAP)
+
+    def teardown(self, worker=None):
+        trim = int(os.environ.get("MALLOC_TRIM_THRESHOLD_") or _GLIBC_DEFAULT)
+        _mallopt(trim, _GLIBC_DEFAULT)
+
+
+@contextlib.contextmanager
+def tuned_workers(client):
+    """:class:`WorkerMalloc` on every worker of ``client`` while the block
+    runs (workers joining meanwhile too), unless the Dask config
+    ``zarr-vectors-dask.tune-worker-malloc`` is false.  Best effort: a
+    cluster that refuses plugins builds as before, only slower."""
+    import dask
+    if not dask.config.get(MALLOC_CONFIG, True):
+        yield
+        return
+    try:
+        client.register_plugin(WorkerMalloc(), name=WorkerMalloc.name)
+    except Exception as exc:  # noqa: BLE001 - a tuning, never a reason to fail
+        log.debug("could not tune the workers' heap: %s", exc)
+        yield
+        return
+    try:
+        yield
+    finally:
+        with contextlib.suppress(Exception):
+            client.unregister_worker_plugin(WorkerMalloc.name)
 
 
 # ------------------------------------------------------------ client

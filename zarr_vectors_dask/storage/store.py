@@ -24,8 +24,9 @@ from typing import Any, Callable, ClassVar, Iterable, TypeVar
 import fsspec
 from zarr_vectors.exceptions import StoreError
 
-__all__ = ["TEMPORARY", "BATCH_SIZE", "SIDECAR_PREFIX", "StoreAccessError", "redact", "is_transient", "with_retries", "Store",
-           "LocalStore", "ObjectStore", "S3Store", "check_access", "iter_secret_values"]
+__all__ = ["TEMPORARY", "BATCH_SIZE", "SIDECAR_PREFIX", "Parts", "StoreAccessError", "redact",
+           "is_transient", "with_retries", "Store", "LocalStore", "ObjectStore", "S3Store",
+           "check_access", "iter_secret_values"]
 
 
 T = TypeVar("T")
@@ -40,6 +41,35 @@ SIDECAR_PREFIX = ".zvdask/"
 #: Keys in ``storage_options`` whose values must never be printed.
 _SECRET_KEYS = ("secret", "key", "token", "password", "session_token",
                 "aws_secret_access_key", "aws_access_key_id", "aws_session_token")
+
+
+class Parts:
+    """One object's bytes given as buffers to write back to back (a link
+    cell's header and its slice of a large record array): a local file
+    gets them with one ``writev``, never joined; ``bytes()`` joins them."""
+
+    __slots__ = ("buffers",)
+
+    def __init__(self, *buffers):
+        self.buffers = buffers
+
+    def __bytes__(self) -> bytes:
+        return b"".join(self.buffers)
+
+
+def _write_fd(fd: int, v) -> None:
+    """All of ``v`` (bytes-like, or :class:`Parts`) to an open file."""
+    if isinstance(v, Parts):
+        done = os.writev(fd, v.buffers)
+        total = sum(memoryview(b).nbytes for b in v.buffers)
+        if done == total:
+            return
+        v = memoryview(bytes(v))[done:]  # a short writev: the rest, plainly
+    view = memoryview(v)
+    if view.format != "B" or view.ndim != 1:
+        view = view.cast("B") if view.nbytes else memoryview(b"")
+    while view:
+        view = view[os.write(fd, view):]
 
 
 def _make_dir(path: str) -> None:
@@ -312,7 +342,8 @@ class Store(abc.ABC):
         self.put_many({key: data})
 
     def put_many(self, items: dict[str, bytes], *, atomic: bool = True) -> None:
-        """Write several objects; idempotent (same key, same bytes).
+        """Write several objects (bytes-like, or :class:`Parts`);
+        idempotent (same key, same bytes).
 
         ``atomic=False`` is for cells of arrays no reader can see yet (an
         unpublished level or link family): a writer killed mid-file leaves
@@ -554,9 +585,7 @@ class LocalStore(Store):
             target = p + suffix if atomic else p
             fd = os.open(target, flags, 0o644)
             try:
-                view = memoryview(v)
-                while view:
-                    view = view[os.write(fd, view):]
+                _write_fd(fd, v)
             finally:
                 os.close(fd)
             if atomic:
@@ -670,7 +699,8 @@ class ObjectStore(Store):
 
     def _write(self, items: dict[str, bytes], *, atomic: bool) -> None:
         # Objects are written whole: ``atomic`` needs nothing more here.
-        payload = {self.path(k): v for k, v in items.items()}
+        payload = {self.path(k): bytes(v) if isinstance(v, Parts) else v
+                   for k, v in items.items()}
         with_retries(lambda: self.fs.pipe(payload, **self._opened().batch_kw),
                      what=self.describe(next(iter(items))))
 
