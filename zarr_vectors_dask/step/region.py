@@ -23,7 +23,7 @@ from ..storage.store import Store
 from .spec import StepRegion, StepSpec, grid_coords, grid_numbers
 
 __all__ = ["RegionNotApplicable", "RegionPlans", "changed_objects", "changed_cells",
-           "plan_chunk_region", "step_region", "discard_stale",
+           "plan_chunk_region", "step_region", "step_listing", "discard_stale",
            "region_documents"]
 
 
@@ -88,7 +88,20 @@ def step_region(lv, region: ChunkRegion, n_old: int, old_rows: int = -1) -> Step
                       np.asarray(sorted(region.rows), dtype=np.int64), int(old_rows))
 
 
-def _region_cells(store: Store, spec: StepSpec, region: StepRegion) -> list[str]:
+def step_listing(store: Store, spec: StepSpec) -> dict[str, dict[str, int]]:
+    """Names and sizes under the folders a region step rewrote (the
+    target level's vertex arrays, the ``+1`` family into it and its
+    ``-1`` family): one listing each, for its sweep and its documents."""
+    t = spec.target_level
+    paths = [f"{t}/{nm.VERTICES}", f"{t}/{nm.VERTEX_FRAGMENTS}"]
+    if spec.links != "none":
+        paths.append(nm.links_family_path(spec.source_level, +1))
+    if spec.links == "explicit":
+        paths.append(nm.links_family_path(t, -1))
+    return {p: store.sizes(p) for p in paths}
+
+
+def _region_cells(spec: StepSpec, region: StepRegion, listing: dict) -> list[str]:
     """Every stored cell the region's step rewrites whole: its targets'
     vertex cells and ``-1`` cells, and the ``+1`` cells into them."""
     t, s = spec.target_level, spec.source_level
@@ -96,13 +109,13 @@ def _region_cells(store: Store, spec: StepSpec, region: StepRegion) -> list[str]
                                          spec.target_grid_shape).tolist()))
     out = []
     for array in (nm.VERTICES, nm.VERTEX_FRAGMENTS):
-        out += [f"{t}/{array}/{rel}" for rel in store.keys_under(f"{t}/{array}")
+        out += [f"{t}/{array}/{rel}" for rel in listing[f"{t}/{array}"]
                 if rel.startswith("c/") and nm.cell_chunk(rel[2:], spec.target_origin) in targets]
     fams = [(nm.links_family_path(s, +1), spec.source_origin, +1)]
     if spec.links == "explicit":
         fams.append((nm.links_family_path(t, -1), spec.target_origin, -1))
     for fam, origin, delta in fams:
-        for rel in store.keys_under(fam):
+        for rel in listing.get(fam, ()):
             seg, _, cell = rel.partition("/c/")
             if not cell:
                 continue
@@ -114,19 +127,29 @@ def _region_cells(store: Store, spec: StepSpec, region: StepRegion) -> list[str]
     return out
 
 
-def discard_stale(store: Store, spec: StepSpec, region: StepRegion, logged: set[str]) -> list[str]:
+def discard_stale(store: Store, spec: StepSpec, region: StepRegion, logged: set[str],
+                  listing: dict) -> list[str]:
     """Remove the region's cells its step did not write (emptied chunks,
     links that vanished) and the offset arrays left without cells;
-    returns what was removed (logged as changed before it goes)."""
-    gone = [k for k in _region_cells(store, spec, region) if k not in logged]
+    returns what was removed (logged as changed before it goes).
+    ``listing`` (:func:`step_listing`) is kept to what is left."""
+    gone = [k for k in _region_cells(spec, region, listing) if k not in logged]
     store.remove_noted(gone)
+    for key in gone:
+        path = next(p for p in listing if key.startswith(p + "/"))
+        del listing[path][key[len(path) + 1:]]
     for fam in (nm.links_family_path(spec.source_level, +1),
                 nm.links_family_path(spec.target_level, -1)):
+        if fam not in listing:
+            continue
+        segs = {rel.partition("/")[0] for rel in listing[fam] if "/c/" in rel}
         for seg in store.listdir(fam):
-            if seg != "zarr.json" and not store.keys_under(f"{fam}/{seg}/c"):
+            if seg != "zarr.json" and seg not in segs:
                 store.note_changed([f"{fam}/{seg}/zarr.json"])
                 store.remove_tree(f"{fam}/{seg}")
                 gone.append(f"{fam}/{seg}/zarr.json")
+                listing[fam] = {r: n for r, n in listing[fam].items()
+                                if not r.startswith(f"{seg}/")}
     return gone
 
 
@@ -143,23 +166,26 @@ def changed_cells(store: Store, lv) -> set:
     return out
 
 
-def region_documents(store: Store, spec: StepSpec) -> int:
+def region_documents(store: Store, spec: StepSpec, listing: dict) -> int:
     """The target level's array documents (and its ``±1`` families') as
-    its cells on disk say them, from listings; returns its vertex count.
-    Only documents whose bytes differ are written (a refresh's store)."""
+    its cells on disk say them (``listing``, after the sweep); returns its
+    vertex count.  Only documents whose bytes differ are written (a
+    refresh's store)."""
     t = spec.target_level
     vertex_chunks = []
-    for rel, size in sorted(store.sizes(f"{t}/{nm.VERTICES}").items()):
+    for rel, size in sorted(listing[f"{t}/{nm.VERTICES}"].items()):
         if rel.startswith("c/"):
             n = (int(size) - 8) // (4 * spec.ndim)  # framed float32 rows
             vertex_chunks.append((nm.cell_chunk(rel[2:], spec.target_origin), n))
     families = []
     if spec.links != "none":
+        fam = nm.links_family_path(spec.source_level, +1)
         families.append(cm.family_on_disk(store, spec.source_level, +1, spec.source_origin,
-                                          spec.source_grid_shape))
+                                          spec.source_grid_shape, sizes=listing[fam]))
     if spec.links == "explicit":
+        fam = nm.links_family_path(t, -1)
         families.append(cm.family_on_disk(store, t, -1, spec.target_origin,
-                                          spec.target_grid_shape))
+                                          spec.target_grid_shape, sizes=listing[fam]))
     cm.write_level_arrays(store, t, spec.target_origin, spec.target_grid_shape,
                           sorted(vertex_chunks), families, sid_ndim=spec.ndim)
     return int(sum(n for _, n in vertex_chunks))

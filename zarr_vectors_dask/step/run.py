@@ -27,7 +27,7 @@ from . import graph as sgraph
 from .cells import ShardRoute
 from .exchange import drop_exchange
 from .region import (RegionNotApplicable, changed_cells, discard_stale, region_documents,
-                     step_region)
+                     step_listing, step_region)
 from .source import SourceLevel, chunk_table, manifest_rows, read_source_level
 from .spec import LevelPair, StepSpec
 
@@ -231,8 +231,9 @@ def _run_region_step(client, store: Store, lv: LevelPlan, region: ChunkRegion, *
     out = execute(client, graph, token, report, name=f"level {lv.target_level} (region)",
                   progress=progress)
     t0 = time.perf_counter()
-    discard_stale(store, spec, sreg, store.logged_keys())  # logs what it removes
-    n_meta = region_documents(store, spec)
+    listing = step_listing(store, spec)
+    discard_stale(store, spec, sreg, store.logged_keys(), listing)  # logs what it removes
+    n_meta = region_documents(store, spec, listing)
     if n_meta == 0:
         raise RegionNotApplicable(f"level {lv.target_level} comes out empty")
     _publish(store, lv, src, root_meta, n_meta, present + out["present_delta"],
