@@ -15,38 +15,68 @@ pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux") or
                                 ctypes.util.find_library("c") is None,
                                 reason="glibc's mallopt only")
 
+N_ARRAYS = 80
+#: 2 MiB arrays: over glibc's 128 KiB, under the 4 MiB from which numpy
+#: asks for transparent huge pages (a few faults an array, when the kernel
+#: has huge pages free: the count would depend on the machine's state).
+ARRAY_ITEMS = 1 << 18
+PAGES = N_ARRAYS * ARRAY_ITEMS * 8 // 4096  # every page of every array faulting
 
-def _faults_of_reused_arrays(n: int = 40) -> int:
-    """Minor page faults while a 4 MiB array is made, filled and freed
+
+def _faults_of_reused_arrays(n: int = N_ARRAYS) -> int:
+    """Minor page faults while a 2 MiB array is made, filled and freed
     ``n`` times (as a stage's temporaries are)."""
     import resource
 
     import numpy as np
-    np.ones(1 << 19)  # numpy's own first-use costs, outside the count
+    np.ones(ARRAY_ITEMS)  # numpy's own first-use costs, outside the count
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     for _ in range(n):
-        a = np.ones(1 << 19)
+        a = np.ones(ARRAY_ITEMS)
         del a
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
 
 
-def test_tuned_workers_reuse_freed_arrays_and_are_restored_after(local_client):
-    pages = 40 * (4 << 20) // 4096  # every page of every array faulting
-    untuned = local_client.run(_faults_of_reused_arrays)
-    assert min(untuned.values()) > pages // 2  # Dask's nanny environment: each one faults
-    with tuned_workers(local_client):
-        tuned = local_client.run(_faults_of_reused_arrays)
-        assert max(tuned.values()) < pages // 10  # freed arrays come back from the heap
-    restored = local_client.run(_faults_of_reused_arrays)
-    assert min(restored.values()) > pages // 2
+@pytest.fixture(scope="module")
+def fresh_client():
+    """A worker process of its own: its heap has no earlier test's history."""
+    from distributed import Client, LocalCluster
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True,
+                      dashboard_address=None) as cluster, Client(cluster) as client:
+        yield client
 
 
-def test_tuning_can_be_turned_off_by_dask_config(local_client):
+def _faults(client) -> int:
+    (n,) = client.run(_faults_of_reused_arrays).values()
+    return n
+
+
+def _registered(client) -> list:
+    return client.run_on_scheduler(lambda dask_scheduler: list(dask_scheduler.worker_plugins))
+
+
+def test_tuned_workers_reuse_freed_arrays_and_are_restored_after(fresh_client):
+    assert _faults(fresh_client) > PAGES // 2  # Dask's nanny environment: each one faults
+    with tuned_workers(fresh_client):
+        assert _faults(fresh_client) < PAGES // 10  # freed arrays come back from the heap
+    assert WorkerMalloc.name not in _registered(fresh_client)
+    assert _faults(fresh_client) > PAGES // 2
+
+
+def test_tuning_can_be_turned_off_by_dask_config(fresh_client):
     import dask
-    pages = 40 * (4 << 20) // 4096
     with dask.config.set({"zarr-vectors-dask.tune-worker-malloc": False}), \
-            tuned_workers(local_client):
-        faults = local_client.run(_faults_of_reused_arrays)
-        assert WorkerMalloc.name not in local_client.run_on_scheduler(
-            lambda dask_scheduler: list(dask_scheduler.worker_plugins))
-    assert min(faults.values()) > pages // 2
+            tuned_workers(fresh_client):
+        assert WorkerMalloc.name not in _registered(fresh_client)
+        assert _faults(fresh_client) > PAGES // 2
+
+
+def test_a_build_leaves_its_workers_as_it_found_them(fresh_client, tmp_path):
+    import zarr_vectors_dask as zd
+    from stores import make_streamlines
+    path = tmp_path / "s.zv"
+    make_streamlines(path)
+    zd.build_pyramid(str(path), factors=[(2, 1), (2, 2)], sparsity_seed=0,
+                     client=fresh_client)
+    assert WorkerMalloc.name not in _registered(fresh_client)
+    assert _faults(fresh_client) > PAGES // 2
