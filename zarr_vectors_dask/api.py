@@ -172,7 +172,7 @@ def _build_pyramid(st: Store, *, factors, chunk_scale_factors, sparsity_strategy
         records, build_record = _records(plan, request, shard_shape)
         quiet_expected_task_errors(c)
         # A refresh takes over the lock of a killed one, as resume does.
-        with tuned_workers(c), build_lock(st, resume=resume or _refresh) as lock:
+        with build_lock(st, resume=resume or _refresh) as lock, tuned_workers(c):
             if resume or _refresh:
                 wait_for_orphans(c, st)
             interrupted = st.get(BUILD_RECORD) is not None

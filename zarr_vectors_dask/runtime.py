@@ -171,8 +171,10 @@ class WorkerMalloc(_WorkerPlugin):
     that is mapped fresh and unmapped when freed, and its pages fault in
     again on the next use.  The stages allocate thousands of such arrays;
     at 10^7 vertices that was ~30 % of the cluster's CPU
-    (benchmarks/README.md, "The workers' heap").  Set on setup, restored
-    (to the nanny's value, else glibc's defaults) on teardown."""
+    (benchmarks/README.md, "The workers' heap").  Set on setup; on
+    teardown fixed at the environment's values (the nanny's), else glibc's
+    start values -- glibc cannot return to dynamic thresholds, so a worker
+    started without the nanny's variable is restored only approximately."""
 
     name = "zvdask-worker-malloc"
     TRIM, MMAP = 64 << 20, 32 << 20  # glibc caps the mmap threshold at 32 MiB
@@ -181,8 +183,16 @@ class WorkerMalloc(_WorkerPlugin):
         _mallopt(self.TRIM, self.MMAP)
 
     def teardown(self, worker=None):
-        trim = int(os.environ.get("MALLOC_TRIM_THRESHOLD_") or _GLIBC_DEFAULT)
-        _mallopt(trim, _GLIBC_DEFAULT)
+        # glibc cannot be put back to its dynamic thresholds: fixed at what
+        # the environment asked for (the nanny's), else glibc's start values.
+        _mallopt(_env_bytes("MALLOC_TRIM_THRESHOLD_"), _env_bytes("MALLOC_MMAP_THRESHOLD_"))
+
+
+def _env_bytes(name: str) -> int:
+    try:
+        return max(0, int(os.environ.get(name) or _GLIBC_DEFAULT))
+    except ValueError:
+        return _GLIBC_DEFAULT
 
 
 @contextlib.contextmanager
@@ -199,6 +209,9 @@ def tuned_workers(client):
         client.register_plugin(WorkerMalloc(), name=WorkerMalloc.name)
     except Exception as exc:  # noqa: BLE001 - a tuning, never a reason to fail
         log.debug("could not tune the workers' heap: %s", exc)
+        # the scheduler keeps a plugin some workers refused: not left behind
+        with contextlib.suppress(Exception):
+            client.unregister_worker_plugin(WorkerMalloc.name)
         yield
         return
     try:
