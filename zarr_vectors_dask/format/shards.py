@@ -10,7 +10,7 @@ from typing import Sequence
 import numpy as np
 
 from ..errors import CorruptChunkError
-from ..storage.store import Parts
+from ..storage.store import joined
 from .cells import _EMPTY_SLOT, KeyLayout, VlenArrayInfo, key_layout
 from .codecs import pack_columns, unpack_columns
 from .documents import vlen_array_doc
@@ -87,7 +87,7 @@ def encode_shards(shard_shape: tuple[int, ...],
 def pack_cells(paths: Sequence[str], where: np.ndarray, payloads: Sequence[bytes]) -> bytes:
     """Framed cells bound for shards, as one exchange file: the array path
     of each (an index into ``paths``), its grid index and its bytes."""
-    payloads = [bytes(p) if isinstance(p, Parts) else p for p in payloads]
+    payloads = [joined(p) for p in payloads]
     lengths = np.fromiter((len(p) for p in payloads), dtype=np.int64, count=len(payloads))
     names = sorted(set(paths))
     number = {n: i for i, n in enumerate(names)}

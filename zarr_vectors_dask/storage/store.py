@@ -24,8 +24,8 @@ from typing import Any, Callable, ClassVar, Iterable, TypeVar
 import fsspec
 from zarr_vectors.exceptions import StoreError
 
-__all__ = ["TEMPORARY", "BATCH_SIZE", "SIDECAR_PREFIX", "Parts", "StoreAccessError", "redact",
-           "is_transient", "with_retries", "Store", "LocalStore", "ObjectStore", "S3Store",
+__all__ = ["TEMPORARY", "BATCH_SIZE", "SIDECAR_PREFIX", "Parts", "joined", "StoreAccessError",
+           "redact", "is_transient", "with_retries", "Store", "LocalStore", "ObjectStore", "S3Store",
            "check_access", "iter_secret_values"]
 
 
@@ -55,6 +55,12 @@ class Parts:
 
     def __bytes__(self) -> bytes:
         return b"".join(self.buffers)
+
+
+def joined(v):
+    """``v`` as one bytes-like object: a :class:`Parts` joined, anything
+    else as it is (where a writer needs one buffer)."""
+    return bytes(v) if isinstance(v, Parts) else v
 
 
 def _write_fd(fd: int, v) -> None:
@@ -699,8 +705,7 @@ class ObjectStore(Store):
 
     def _write(self, items: dict[str, bytes], *, atomic: bool) -> None:
         # Objects are written whole: ``atomic`` needs nothing more here.
-        payload = {self.path(k): bytes(v) if isinstance(v, Parts) else v
-                   for k, v in items.items()}
+        payload = {self.path(k): joined(v) for k, v in items.items()}
         with_retries(lambda: self.fs.pipe(payload, **self._opened().batch_kw),
                      what=self.describe(next(iter(items))))
 
