@@ -10,6 +10,7 @@ from ..format import cells as fcells
 from ..format import codecs as cdc
 from ..format import documents as fdoc
 from ..format import naming as nm
+from ..format.buckets import BucketCodec
 from .exchange import read_exchange, received
 from .spec import StepSpec, _lookup, _pair_key
 
@@ -34,15 +35,31 @@ def write_manifests(spec: StepSpec, bucket: int, refs: dict, target_rows: tuple[
     row_counts = np.zeros(kept.size, dtype=np.int64)
     blobs = _encode_rows(spec, bucket, counts, ref_chunk, ref_frag, row_counts,
                          np.flatnonzero(kept))
+    _put_rows(spec, target_rows, blobs)
+    return int(np.count_nonzero(row_counts))
+
+
+def _manifests_path(spec: StepSpec) -> str:
+    return f"{spec.target_level}/{nm.OBJECT_INDEX}/manifests"
+
+
+def _put_rows(spec: StepSpec, target_rows: tuple[int, int], rows) -> None:
+    """Write one bucket's rows: its stored key encoded directly where the
+    array's document allows (:mod:`format.buckets`), else through zarr.
+    Either way zarr's bytes, and no key for a bucket of empty rows."""
+    path = _manifests_path(spec)
+    codec = BucketCodec.of(fdoc.read_json(spec.store, f"{path}/zarr.json") or {})
+    stored = codec.encode(rows) if codec is not None else None
+    if stored is not None:
+        spec.store.put(codec.key(path, target_rows[0] // codec.size), stored)
+        return
     import zarr
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        arr = zarr.open_array(spec.store.zarr_store(),
-                              path=f"{spec.target_level}/{nm.OBJECT_INDEX}/manifests", mode="r+")
-        obj = np.empty(len(blobs), dtype=object)
-        obj[:] = blobs
+        arr = zarr.open_array(spec.store.zarr_store(), path=path, mode="r+")
+        obj = np.empty(len(rows), dtype=object)
+        obj[:] = rows
         arr[target_rows[0]:target_rows[1]] = obj
-    return int(np.count_nonzero(row_counts))
 
 
 def _encode_rows(spec: StepSpec, bucket: int, counts, ref_chunk, ref_frag, row_counts=None,
@@ -88,53 +105,61 @@ def _write_region_rows(spec: StepSpec, target_rows, rows: np.ndarray, blobs,
     one of them changed.  Returns the change in non-empty rows and the
     chunks the changed rows name, before or after (their metavertices'
     weights in the next step may have changed)."""
-    import zarr
     none = {"present_delta": 0, "reweighted": np.empty((0, spec.ndim), np.int64)}
     if rows.size == 0:
         return none
-    lo, hi = target_rows
-    path = f"{spec.target_level}/{nm.OBJECT_INDEX}/manifests"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        arr = zarr.open_array(spec.store.zarr_store(), path=path, mode="r+")
-        old = _stored_rows(spec, arr, path, lo, hi, old_rows)
-        changed = [(r, b) for r, b in zip(rows.tolist(), blobs) if b != old[r]]
-        if not changed:
-            return none
-        # (a row added by the edit has no stored blob)
-        named = cdc.decode_manifest_table([b for _, b in changed] +
-                                          [old[r] for r, _ in changed if old[r]], spec.ndim).coords
-        delta = sum((len(b) > 4) - (len(old[r]) > 4) for r, b in changed)  # 0 rows: 4 bytes
-        for r, b in changed:
-            old[r] = b
-        obj = np.empty(len(old), dtype=object)
-        obj[:] = old
-        arr[lo:hi] = obj
+    old = _stored_rows(spec, target_rows, old_rows)
+    changed = [(r, b) for r, b in zip(rows.tolist(), blobs) if b != old[r]]
+    if not changed:
+        return none
+    # (a row added by the edit has no stored blob)
+    named = cdc.decode_manifest_table([b for _, b in changed] +
+                                      [old[r] for r, _ in changed if old[r]], spec.ndim).coords
+    delta = sum((len(b) > 4) - (len(old[r]) > 4) for r, b in changed)  # 0 rows: 4 bytes
+    for r, b in changed:
+        old[r] = b
+    _put_rows(spec, target_rows, old)
     return {"present_delta": int(delta), "reweighted": np.unique(named, axis=0)}
 
 
-def _stored_rows(spec: StepSpec, arr, path: str, lo: int, hi: int, old_rows: int) -> list:
-    """Rows ``lo:hi`` of the manifests as stored before this step; rows
-    past ``old_rows`` are empty.  When rows were added, the array's
-    document is already the new one, whose chunk (``min(bucket, rows)``)
-    may not be the stored one: the stored chunks are decoded with the
-    layout of the old row count."""
-    if old_rows < 0 or old_rows == int(arr.shape[0]):
-        return [bytes(b) for b in fcells.read_rows_checked(spec.store, arr, path, lo, hi)]
+def _stored_rows(spec: StepSpec, target_rows: tuple[int, int], old_rows: int) -> list:
+    """The bucket's rows ``lo:hi`` as stored before this step; rows past
+    ``old_rows`` are empty.  When rows were added, the array's document is
+    already the new one, whose chunk (``min(bucket, rows)``) may not be the
+    stored one: the stored chunks are decoded with the layout of the old
+    row count."""
     import json
-    doc = json.loads(fdoc.manifests_doc(old_rows))
+    lo, hi = target_rows
+    path = _manifests_path(spec)
+    doc = fdoc.read_json(spec.store, f"{path}/zarr.json") or {}
+    same = old_rows < 0 or old_rows == int(doc.get("shape", [-1])[0])
+    if not same:
+        doc = json.loads(fdoc.manifests_doc(old_rows))
+    codec = BucketCodec.of(doc)
+    if codec is not None and lo % codec.size == 0 and hi - lo <= codec.size:
+        k = lo // codec.size
+        old = fcells.read_chunk_checked(
+            spec.store, path, f"chunk {k}",
+            lambda: codec.decode(spec.store.get(codec.key(path, k)), k)).tolist()
+        return old + [b""] * (hi - lo - len(old))
+    if same:
+        import zarr
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            arr = zarr.open_array(spec.store.zarr_store(), path=path, mode="r")
+            return [bytes(b) for b in fcells.read_rows_checked(spec.store, arr, path, lo, hi)]
     lay = fcells.KeyLayout(json.dumps({k: v for k, v in doc.items() if k != "attributes"},
                                       sort_keys=True))
-    size = lay.key_shape[0]
+    size, n_old = lay.key_shape[0], int(doc["shape"][0])
     out = [b""] * (hi - lo)
-    for k in range(lo // size, -(-min(hi, old_rows) // size)):
+    for k in range(lo // size, -(-min(hi, n_old) // size)):
         key = lay.key(path, (k,))
         raw = spec.store.get(key)
         if raw is None:
             continue
         cells = fcells.read_chunk_checked(spec.store, path, f"chunk {k}",
                                           lambda raw=raw: lay.decode_inner([raw])[0])
-        for r in range(max(lo, k * size), min(hi, old_rows, (k + 1) * size)):
+        for r in range(max(lo, k * size), min(hi, n_old, (k + 1) * size)):
             out[r - lo] = bytes(cells[r - k * size])
     return out
 
