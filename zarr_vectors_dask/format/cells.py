@@ -509,12 +509,13 @@ def read_rows_at(store: Store, arr, path: str, rows) -> list[bytes]:
     each row chunk holding one read once (rows of unsorted ids can be
     anywhere)."""
     rows = np.asarray(rows, dtype=np.int64)
-    out = [b""] * rows.size
+    out = np.empty(rows.size, dtype=object)
+    out[:] = [b""] * rows.size
     order = np.argsort(rows, kind="stable")
     ordered = rows[order]
     step = int(arr.chunks[0]) or 1
     for lo, got in read_row_chunks(store, arr, path, np.unique(ordered // step).tolist()):
         a, b = np.searchsorted(ordered, [lo, lo + len(got)])
-        for i in order[a:b].tolist():
-            out[i] = bytes(got[int(rows[i]) - lo])
-    return out
+        out[order[a:b]] = np.asarray(got, dtype=object)[ordered[a:b] - lo]
+    # zarr may hand back other bytes-like values (see _cell_value)
+    return [v if type(v) is bytes else bytes(v) for v in out.tolist()]

@@ -107,14 +107,17 @@ def target_numbers(spec: "StepSpec", chunks: np.ndarray) -> np.ndarray:
 
 def grid_numbers(coords, origin, grid) -> np.ndarray:
     """Row-major index of chunks in a grid (``origin``, ``grid`` shape);
-    -1 outside it."""
-    shape = np.asarray(grid, dtype=np.int64)
-    coords = np.asarray(coords, dtype=np.int64).reshape(-1, shape.size)
-    rel = coords - np.asarray(origin, dtype=np.int64)
-    inside = np.all((rel >= 0) & (rel < shape), axis=1)
-    out = np.full(coords.shape[0], -1, dtype=np.int64)
-    if inside.any():
-        out[inside] = np.ravel_multi_index(tuple(rel[inside].T), tuple(shape.tolist()))
+    -1 outside it.  Column by column (a coarse bucket names ~10^6 chunks)."""
+    shape = [int(s) for s in grid]
+    coords = np.asarray(coords, dtype=np.int64).reshape(-1, len(shape))
+    out = np.zeros(coords.shape[0], dtype=np.int64)
+    inside = np.ones(coords.shape[0], dtype=bool)
+    for d, (o, s) in enumerate(zip(origin, shape)):
+        rel = coords[:, d] - int(o)
+        inside &= rel.view(np.uint64) < s  # a negative offset wraps to a huge one
+        out *= s
+        out += rel
+    out[~inside] = -1
     return out
 
 
