@@ -100,3 +100,34 @@ def test_vlen_array_doc_is_zarrs_own_document(shard):
         assert fdoc.vlen_array_doc(grid, attrs, shard) == want, (grid, attrs)
         assert arr.attrs.asdict() == attrs
     assert nm.NONEMPTY in fdoc.vlen_attributes((0,), [(1,)], {})
+
+
+def test_bulk_cell_parsing_equals_the_per_cell_functions():
+    """``cell_chunks``/``linked_chunks``/``segment_cells`` (a listing parsed
+    in one go) give what ``cell_chunk``/``linked_chunk`` give cell by cell:
+    origins below zero, negative offsets, scales both ways, 1-3 axes."""
+    import random
+
+    from zarr_vectors_dask.format import naming as nm
+    rnd = random.Random(5)
+    for _ in range(200):
+        nd = rnd.randint(1, 3)
+        origin = [rnd.randint(-4, 4) for _ in range(nd)]
+        chunks = [tuple(rnd.randint(-9, 20) for _ in range(nd)) for _ in range(rnd.randint(0, 8))]
+        offset = nm.format_offsets([rnd.randint(-2, 2) for _ in range(nd)])
+        listing = [nm.cell_path(offset, c, origin) for c in chunks] + ["zarr.json",
+                                                                      f"{offset}/zarr.json"]
+        cells = nm.segment_cells(listing).get(offset, [])
+        got = nm.cell_chunks(cells, origin)
+        assert [tuple(r) for r in got.tolist()] == chunks
+        s_from = [rnd.choice([1, 2, 4]) for _ in range(nd)]
+        s_to = [rnd.choice([1, 2, 4]) for _ in range(nd)]
+        assert [tuple(r) for r in nm.linked_chunks(got, offset, s_from, s_to).tolist()] == \
+            [nm.linked_chunk(c, offset, s_from, s_to) for c in chunks]
+
+
+def test_link_records_of_many_cells_and_a_torn_one():
+    sizes = [cdc._LINK_CELL_HEAD.size + 16 * n for n in (0, 1, 7)]
+    assert cdc.link_cells_records(sizes) == [cdc.link_cell_records(s) for s in sizes] == [0, 1, 7]
+    with pytest.raises(Exception, match="a link cell of 33 bytes"):
+        cdc.link_cells_records(sizes + [33])

@@ -7,6 +7,8 @@ import re
 import uuid
 from typing import Callable
 
+import numpy as np
+
 from ..errors import cleanup
 from ..format import commit as cm
 from ..format import naming as nm
@@ -83,9 +85,12 @@ def recompose_region(store: Store, root_meta, changed: set[str]) -> dict | None:
             continue
         mine = parents.setdefault(lv, {})
         for seg, (_, chunks) in cm.read_family(store, lv, 1).items():
-            for ch in chunks:
-                mine.setdefault(tuple(ch), set()).add(
-                    nm.linked_chunk(ch, seg, geo[lv]["scale"], geo[lv + 1]["scale"]))
+            if not chunks:
+                continue
+            src = np.asarray(chunks, dtype=np.int64)
+            dst = nm.linked_chunks(src, seg, geo[lv]["scale"], geo[lv + 1]["scale"])
+            for c, d in zip(map(tuple, src.tolist()), map(tuple, dst.tolist())):
+                mine.setdefault(c, set()).add(d)
     only = recompose_chunks(dirty, parents)
     total = sum(len(p) for p in parents.values())
     if sum(len(v) for v in only.values()) > RECOMPOSE_SHARE * total:
@@ -95,6 +100,23 @@ def recompose_region(store: Store, root_meta, changed: set[str]) -> dict | None:
 
 def _composed_family_names(store: Store, level: int) -> list[str]:
     return [n for n in store.listdir(f"{level}/{nm.LINKS}") if nm.is_composed_family(n)]
+
+
+def _recomposed_cells(listing, level: int, delta: int, geo: dict, chunks: set) -> list[str]:
+    """The cells (paths in a composed family's ``listing``) that belong to
+    one of ``chunks`` of the family's fine level: a ``+N`` cell is keyed by
+    its fine chunk, a ``-N`` cell belongs to the fine chunk it mirrors."""
+    if not chunks:
+        return []
+    fine = level if delta > 0 else level + delta
+    out = []
+    for seg, cells in nm.segment_cells(listing).items():
+        at = nm.cell_chunks(cells, geo[level]["grid"][0])
+        if delta < 0:
+            at = nm.linked_chunks(at, seg, geo[level]["scale"], geo[fine]["scale"])
+        out += [f"{seg}/c/{cell}" for cell, c in zip(cells, map(tuple, at.tolist()))
+                if c in chunks]
+    return out
 
 
 def discard_recomposed(store: Store, root_meta, only: dict, logged: set[str]) -> list:
@@ -109,19 +131,12 @@ def discard_recomposed(store: Store, root_meta, only: dict, logged: set[str]) ->
             delta = int(name)  # "+2", "-3"
             fine = level if delta > 0 else level + delta
             base = nm.links_family_path(level, delta)
-            left, gone = {}, []
-            for rel, size in store.sizes(base).items():
-                seg, _, cell = rel.partition("/c/")
-                if not cell:
-                    left[rel] = size
-                    continue
-                chunk = nm.cell_chunk(cell, geo[level]["grid"][0])
-                if delta < 0:  # a -N cell belongs to the fine chunk it mirrors
-                    chunk = nm.linked_chunk(chunk, seg, geo[level]["scale"], geo[fine]["scale"])
-                if chunk in only.get(fine, ()) and f"{base}/{rel}" not in logged:
-                    gone.append(f"{base}/{rel}")
-                else:
-                    left[rel] = size
+            left = store.sizes(base)
+            gone = [f"{base}/{rel}" for rel in _recomposed_cells(left, level, delta, geo,
+                                                                 only.get(fine, set()))
+                    if f"{base}/{rel}" not in logged]
+            for key in gone:
+                del left[key[len(base) + 1:]]
             store.remove_noted(gone)
             segs_left = {rel.partition("/c/")[0] for rel in left if "/c/" in rel}
             for seg in store.listdir(base):

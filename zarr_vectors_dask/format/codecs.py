@@ -20,7 +20,8 @@ from ..storage.store import Parts
 
 __all__ = ["frame_cell", "unframe_cell", "encode_metavertex_cell", "single_vertex_fragments",
            "decode_vertex_cell",
-           "expand_ranges", "framed_link_cells", "link_cell_records", "decode_link_cell", "ManifestTable",
+           "expand_ranges", "framed_link_cells", "link_cell_records", "link_cells_records",
+           "decode_link_cell", "ManifestTable",
            "encode_manifest_table", "empty_manifest", "decode_manifest_table", "pack_columns",
            "unpack_columns"]
 
@@ -162,6 +163,15 @@ def link_cell_records(size: int) -> int:
     if n < 0 or rem:
         raise CorruptChunkError(f"a link cell of {size} bytes is not one group of int64 pairs")
     return n
+
+
+def link_cells_records(sizes) -> list[int]:
+    """:func:`link_cell_records` of many cells."""
+    n, rem = np.divmod(np.asarray(sizes, dtype=np.int64) - _LINK_CELL_HEAD.size, 16)
+    bad = np.flatnonzero((n < 0) | (rem != 0))
+    if bad.size:
+        link_cell_records(int(np.asarray(sizes)[bad[0]]))  # raises, naming the size
+    return n.tolist()
 
 
 _ONE_GROUP = struct.Struct("<qq")

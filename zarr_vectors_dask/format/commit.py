@@ -256,12 +256,16 @@ def family_on_disk(store: Store, level: int, delta: int, origin, grid,
     fam = LinkFamily(level, delta, tuple(origin), tuple(grid))
     if sizes is None:
         sizes = store.sizes(nm.links_family_path(level, delta))
+    by_seg: dict[str, tuple[list, list]] = {}
     for rel, size in sorted(sizes.items()):
         seg, _, cell = rel.partition("/c/")
-        if not cell:
-            continue  # a document
-        fam.cells.setdefault(seg, []).append((nm.cell_chunk(cell, origin),
-                                              cdc.link_cell_records(size)))
+        if cell:  # not a document
+            cells, n = by_seg.setdefault(seg, ([], []))
+            cells.append(cell)
+            n.append(size)
+    for seg, (cells, n) in by_seg.items():
+        chunks = map(tuple, nm.cell_chunks(cells, origin).tolist())
+        fam.cells[seg] = list(zip(chunks, cdc.link_cells_records(n)))
     return fam
 
 

@@ -3,13 +3,16 @@ chunk keys, link family paths, cell paths and exchange-file keys."""
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Iterable, Sequence
+
+import numpy as np
 
 __all__ = ["VERTICES", "VERTEX_FRAGMENTS", "VERTEX_ATTRIBUTES", "OBJECT_INDEX", "OBJECT_ATTRIBUTES",
            "LINKS", "NONEMPTY", "ORIGIN", "MANIFEST_BUCKET", "ATTRIBUTE_BUCKET",
            "CAP_PRESERVED_OBJECT_IDS", "CAP_SHARED_FRAGMENTS", "CAP_MULTISCALE_LINKS", "chunk_key",
            "parse_chunk_key", "format_delta", "format_offsets", "links_family_path", "cell_path",
-           "cell_chunk", "anchor", "linked_chunk", "is_composed_family", "MANIFEST_DIGESTS",
+           "cell_chunk", "anchor", "linked_chunk", "segment_cells", "cell_chunks", "linked_chunks",
+           "is_composed_family", "MANIFEST_DIGESTS",
            "EXCHANGE_DIR", "exchange_key"]
 
 
@@ -112,6 +115,35 @@ def linked_chunk(chunk: Sequence[int], offset: str, scale_from: Sequence[int],
     array named ``offset``."""
     return tuple(a + o for a, o in zip(anchor(chunk, scale_from, scale_to),
                                        parse_chunk_key(offset)))
+
+
+def segment_cells(listing: Iterable[str]) -> dict[str, list[str]]:
+    """A links family's files (paths relative to it) by offset array:
+    ``{offset: [cell key below its c/]}``; documents are left out."""
+    out: dict[str, list[str]] = {}
+    for rel in listing:
+        seg, _, cell = rel.partition("/c/")
+        if cell:
+            out.setdefault(seg, []).append(cell)
+    return out
+
+
+def cell_chunks(cells: Sequence[str], origin: Sequence[int]) -> np.ndarray:
+    """:func:`cell_chunk` of many cells of one array, as an ``(n, ndim)``
+    int64 array (a level's listing names ~10^5 cells: parsed in one go)."""
+    nd = len(origin)
+    if not cells:
+        return np.empty((0, nd), dtype=np.int64)
+    flat = np.array("/".join(cells).split("/"), dtype=np.int64)
+    return flat.reshape(len(cells), nd) + np.asarray(origin, dtype=np.int64)
+
+
+def linked_chunks(chunks: np.ndarray, offset: str, scale_from: Sequence[int],
+                  scale_to: Sequence[int]) -> np.ndarray:
+    """:func:`linked_chunk` of many chunks' cells in one offset array."""
+    a = np.asarray(scale_from, dtype=np.int64)
+    b = np.asarray(scale_to, dtype=np.int64)
+    return (chunks * a) // b + np.asarray(parse_chunk_key(offset), dtype=np.int64)
 
 
 # ------------------------------------------------------------ exchange files

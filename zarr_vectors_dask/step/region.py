@@ -39,12 +39,11 @@ def old_links(store: Store, lv, root_chunk) -> dict[tuple, set]:
     origin = lv.source_grid[0]
     s_scale, t_scale = lv.chunk_scales(root_chunk)
     out: dict[tuple, set] = {}
-    for rel in store.keys_under(fam):
-        seg, _, cell = rel.partition("/c/")
-        if not cell:
-            continue
-        c = nm.cell_chunk(cell, origin)
-        out.setdefault(c, set()).add(nm.linked_chunk(c, seg, s_scale, t_scale))
+    for seg, cells in nm.segment_cells(store.keys_under(fam)).items():
+        src = nm.cell_chunks(cells, origin)
+        dst = nm.linked_chunks(src, seg, s_scale, t_scale)
+        for c, d in zip(map(tuple, src.tolist()), map(tuple, dst.tolist())):
+            out.setdefault(c, set()).add(d)
     return out
 
 
@@ -93,12 +92,16 @@ def step_listing(store: Store, spec: StepSpec) -> dict[str, dict[str, int]]:
     target level's vertex arrays, the ``+1`` family into it and its
     ``-1`` family): one listing each, for its sweep and its documents."""
     t = spec.target_level
-    paths = [f"{t}/{nm.VERTICES}", f"{t}/{nm.VERTEX_FRAGMENTS}"]
+    paths = [f"{t}/{nm.VERTICES}"]
     if spec.links != "none":
         paths.append(nm.links_family_path(spec.source_level, +1))
     if spec.links == "explicit":
         paths.append(nm.links_family_path(t, -1))
-    return {p: store.sizes(p) for p in paths}
+    out = {p: store.sizes(p) for p in paths}
+    # vertex_fragments: names only (no document counts its cells' bytes)
+    frags = f"{t}/{nm.VERTEX_FRAGMENTS}"
+    out[frags] = dict.fromkeys(store.keys_under(frags), 0)
+    return out
 
 
 def _region_cells(spec: StepSpec, region: StepRegion, listing: dict) -> list[str]:
@@ -109,21 +112,19 @@ def _region_cells(spec: StepSpec, region: StepRegion, listing: dict) -> list[str
                                          spec.target_grid_shape).tolist()))
     out = []
     for array in (nm.VERTICES, nm.VERTEX_FRAGMENTS):
-        out += [f"{t}/{array}/{rel}" for rel in listing[f"{t}/{array}"]
-                if rel.startswith("c/") and nm.cell_chunk(rel[2:], spec.target_origin) in targets]
+        cells = [rel[2:] for rel in listing[f"{t}/{array}"] if rel.startswith("c/")]
+        at = map(tuple, nm.cell_chunks(cells, spec.target_origin).tolist())
+        out += [f"{t}/{array}/c/{cell}" for cell, c in zip(cells, at) if c in targets]
     fams = [(nm.links_family_path(s, +1), spec.source_origin, +1)]
     if spec.links == "explicit":
         fams.append((nm.links_family_path(t, -1), spec.target_origin, -1))
     for fam, origin, delta in fams:
-        for rel in listing.get(fam, ()):
-            seg, _, cell = rel.partition("/c/")
-            if not cell:
-                continue
-            chunk = nm.cell_chunk(cell, origin)
+        for seg, cells in nm.segment_cells(listing.get(fam, ())).items():
+            at = nm.cell_chunks(cells, origin)
             if delta > 0:  # a +1 cell is keyed by its source chunk: its target
-                chunk = nm.linked_chunk(chunk, seg, spec.scale_source, spec.scale_target)
-            if chunk in targets:
-                out.append(f"{fam}/{rel}")
+                at = nm.linked_chunks(at, seg, spec.scale_source, spec.scale_target)
+            out += [f"{fam}/{seg}/c/{cell}" for cell, c in zip(cells, map(tuple, at.tolist()))
+                    if c in targets]
     return out
 
 
@@ -172,11 +173,11 @@ def region_documents(store: Store, spec: StepSpec, listing: dict) -> int:
     vertex count.  Only documents whose bytes differ are written (a
     refresh's store)."""
     t = spec.target_level
-    vertex_chunks = []
-    for rel, size in sorted(listing[f"{t}/{nm.VERTICES}"].items()):
-        if rel.startswith("c/"):
-            n = (int(size) - 8) // (4 * spec.ndim)  # framed float32 rows
-            vertex_chunks.append((nm.cell_chunk(rel[2:], spec.target_origin), n))
+    cells = {rel[2:]: size for rel, size in listing[f"{t}/{nm.VERTICES}"].items()
+             if rel.startswith("c/")}
+    at = map(tuple, nm.cell_chunks(list(cells), spec.target_origin).tolist())
+    # framed float32 rows
+    vertex_chunks = [(c, (int(size) - 8) // (4 * spec.ndim)) for c, size in zip(at, cells.values())]
     families = []
     if spec.links != "none":
         fam = nm.links_family_path(spec.source_level, +1)
