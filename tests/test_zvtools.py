@@ -121,7 +121,9 @@ def _outcomes(report: Path) -> dict[str, str]:
     return out
 
 
-def _run_suite(work: Path, tag: str, plugin: bool) -> tuple[dict[str, str], list[str], str]:
+def _start_suite(work: Path, tag: str, plugin: bool) -> subprocess.Popen:
+    """zvtools' tests in a child pytest (its own temp folder, so the plain
+    and patched runs can go side by side)."""
     report, tripwire = work / f"{tag}.xml", work / f"{tag}.calls"
     tripwire.write_text("")
     env = {**os.environ, "ZVDASK_TRIPWIRE": str(tripwire), "PYTHONPATH": os.pathsep.join(
@@ -129,11 +131,22 @@ def _run_suite(work: Path, tag: str, plugin: bool) -> tuple[dict[str, str], list
     cmd = [sys.executable, "-m", "pytest", *(["-p", "zvdask_zvt_plugin"] if plugin else []),
            "-p", "no:cacheprovider", "-q", "--no-header", "-rfE", "-m", "not slow",
            f"--junitxml={report}", "--rootdir", str(work), "-c", str(work / "pytest.ini"),
-           *TESTS]
-    proc = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True, timeout=900)
-    tail = proc.stdout[-6000:] + proc.stderr[-3000:]
+           f"--basetemp={work / (tag + '-tmp')}", *TESTS]
+    return subprocess.Popen(cmd, cwd=work, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def _suite_result(work: Path, tag: str, proc: subprocess.Popen
+                  ) -> tuple[dict[str, str], list[str], str]:
+    try:
+        out, err = proc.communicate(timeout=900)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+    tail = out[-6000:] + err[-3000:]
+    report = work / f"{tag}.xml"
     assert report.exists(), f"{tag}: pytest did not run ({proc.returncode}):\n{tail}"
-    return _outcomes(report), tripwire.read_text().split(), tail
+    return _outcomes(report), (work / f"{tag}.calls").read_text().split(), tail
 
 
 def test_zvtools_pyramid_tests_pass_patched_as_unpatched(tmp_path):
@@ -150,11 +163,14 @@ def test_zvtools_pyramid_tests_pass_patched_as_unpatched(tmp_path):
         "[pytest]\nmarkers =\n    slow: zvtools' slow tier\nfilterwarnings =\n"
         "    ignore::zarr.errors.UnstableSpecificationWarning\n    ignore::DeprecationWarning\n")
 
-    plain, plain_calls, plain_tail = _run_suite(work, "plain", plugin=False)
+    # Side by side: each run is serial, and this file is one xdist worker's.
+    runs = {tag: _start_suite(work, tag, plugin) for tag, plugin in (("plain", False),
+                                                                      ("patched", True))}
+    plain, plain_calls, plain_tail = _suite_result(work, "plain", runs["plain"])
+    patched, calls, tail = _suite_result(work, "patched", runs["patched"])
     assert len(plain) >= len(TESTS), f"only {len(plain)} zvtools test(s) ran:\n{plain_tail}"
     broken = {t: o for t, o in plain.items() if o in ("failure", "error")}
     assert not broken, f"zvtools' own tests fail without the patch: {broken}\n{plain_tail}"
-    patched, calls, tail = _run_suite(work, "patched", plugin=True)
     changed = {t: (plain.get(t), patched.get(t)) for t in plain.keys() | patched.keys()
                if plain.get(t) != patched.get(t)}
     assert not changed, f"outcomes changed by patch_zarr_vectors(): {changed}\n{tail}"
