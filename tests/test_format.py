@@ -131,3 +131,9 @@ def test_link_records_of_many_cells_and_a_torn_one():
     assert cdc.link_cells_records(sizes) == [cdc.link_cell_records(s) for s in sizes] == [0, 1, 7]
     with pytest.raises(Exception, match="a link cell of 33 bytes"):
         cdc.link_cells_records(sizes + [33])
+
+
+def test_bulk_cell_parsing_refuses_a_key_of_another_rank():
+    from zarr_vectors_dask.format import naming as nm
+    with pytest.raises(ValueError, match="cell key '0/0' does not name a 3-d chunk"):
+        nm.cell_chunks(["0/0", "0/0/0/0"], (0, 0, 0))

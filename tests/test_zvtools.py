@@ -166,8 +166,14 @@ def test_zvtools_pyramid_tests_pass_patched_as_unpatched(tmp_path):
     # Side by side: each run is serial, and this file is one xdist worker's.
     runs = {tag: _start_suite(work, tag, plugin) for tag, plugin in (("plain", False),
                                                                       ("patched", True))}
-    plain, plain_calls, plain_tail = _suite_result(work, "plain", runs["plain"])
-    patched, calls, tail = _suite_result(work, "patched", runs["patched"])
+    try:
+        plain, plain_calls, plain_tail = _suite_result(work, "plain", runs["plain"])
+        patched, calls, tail = _suite_result(work, "patched", runs["patched"])
+    finally:
+        for proc in runs.values():  # a failed check leaves no child running
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
     assert len(plain) >= len(TESTS), f"only {len(plain)} zvtools test(s) ran:\n{plain_tail}"
     broken = {t: o for t, o in plain.items() if o in ("failure", "error")}
     assert not broken, f"zvtools' own tests fail without the patch: {broken}\n{plain_tail}"

@@ -481,8 +481,9 @@ def read_rows_checked(store: Store, arr, path: str, lo: int, hi: int):
             read = (lambda a=a, b=b: arr[a:b])
         else:  # zarr's own codecs, called directly (format.buckets)
             k = a // step
-            read = (lambda a=a, b=b, k=k:
-                    codec.decode(store.get(codec.key(path, k)), k)[a - k * step:b - k * step])
+            raw = store.get(codec.key(path, k))  # (the store retries its own errors)
+            read = (lambda a=a, b=b, k=k, raw=raw:
+                    codec.decode(raw, k)[a - k * step:b - k * step])
         parts.append(read_chunk_checked(store, path, f"chunk {a // step}", read))
         a = b
     if not parts:

@@ -134,6 +134,9 @@ def cell_chunks(cells: Sequence[str], origin: Sequence[int]) -> np.ndarray:
     nd = len(origin)
     if not cells:
         return np.empty((0, nd), dtype=np.int64)
+    bad = next((c for c in cells if c.count("/") != nd - 1), None)
+    if bad is not None:  # (joined, it would shift every later cell's axes)
+        raise ValueError(f"cell key {bad!r} does not name a {nd}-d chunk")
     flat = np.array("/".join(cells).split("/"), dtype=np.int64)
     return flat.reshape(len(cells), nd) + np.asarray(origin, dtype=np.int64)
 

@@ -48,10 +48,12 @@ def _put_rows(spec: StepSpec, target_rows: tuple[int, int], rows) -> None:
     array's document allows (:mod:`format.buckets`), else through zarr.
     Either way zarr's bytes, and no key for a bucket of empty rows."""
     path = _manifests_path(spec)
+    lo, hi = target_rows
     codec = BucketCodec.of(fdoc.read_json(spec.store, f"{path}/zarr.json") or {})
-    stored = codec.encode(rows) if codec is not None else None
+    aligned = codec is not None and lo % codec.size == 0 and hi - lo <= codec.size
+    stored = codec.encode(rows) if aligned else None
     if stored is not None:
-        spec.store.put(codec.key(path, target_rows[0] // codec.size), stored)
+        spec.store.put(codec.key(path, lo // codec.size), stored)
         return
     import zarr
     with warnings.catch_warnings():
@@ -59,7 +61,7 @@ def _put_rows(spec: StepSpec, target_rows: tuple[int, int], rows) -> None:
         arr = zarr.open_array(spec.store.zarr_store(), path=path, mode="r+")
         obj = np.empty(len(rows), dtype=object)
         obj[:] = rows
-        arr[target_rows[0]:target_rows[1]] = obj
+        arr[lo:hi] = obj
 
 
 def _encode_rows(spec: StepSpec, bucket: int, counts, ref_chunk, ref_frag, row_counts=None,
@@ -138,9 +140,9 @@ def _stored_rows(spec: StepSpec, target_rows: tuple[int, int], old_rows: int) ->
     codec = BucketCodec.of(doc)
     if codec is not None and lo % codec.size == 0 and hi - lo <= codec.size:
         k = lo // codec.size
-        old = fcells.read_chunk_checked(
-            spec.store, path, f"chunk {k}",
-            lambda: codec.decode(spec.store.get(codec.key(path, k)), k)).tolist()
+        raw = spec.store.get(codec.key(path, k))  # (the store retries its own errors)
+        old = fcells.read_chunk_checked(spec.store, path, f"chunk {k}",
+                                        lambda: codec.decode(raw, k)).tolist()
         return old + [b""] * (hi - lo - len(old))
     if same:
         import zarr
