@@ -26,8 +26,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_pyramid import cluster_cpu_seconds  # noqa: E402
-from bench_refresh import KW, edit_vertices, write_level0  # noqa: E402
+from bench_refresh import KW, edit_vertices, timed, write_level0  # noqa: E402
 
 
 def _count_graph_time(spent: list):
@@ -55,7 +54,8 @@ def main(argv=None) -> int:
     ap.add_argument("--fraction", type=float, default=0.01, help="share of level-0 chunks edited")
     ap.add_argument("--scattered", action="store_true", help="edit chunks anywhere, not clustered")
     ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--root", default="/dev/shm/zvrep", help="scratch directory (built pyramid kept)")
+    ap.add_argument("--root", default="/dev/shm/zvrep",
+                    help="scratch directory (the built pyramid is kept)")
     ap.add_argument("--workers", type=int, default=2)
     args = ap.parse_args(argv)
     import zarr_vectors_dask as zd
@@ -78,10 +78,7 @@ def main(argv=None) -> int:
             edit_vertices(work, args.fraction, not args.scattered, np.random.default_rng(0))
             client.run(lambda: None)  # workers awake before the clock starts
             spent.clear()
-            c0, t0 = sum(cluster_cpu_seconds(client).values()), time.perf_counter()
-            zd.refresh_pyramid(str(work), client=client)
-            wall = time.perf_counter() - t0
-            cpu = sum(cluster_cpu_seconds(client).values()) - c0
+            wall, cpu = timed(client, lambda: zd.refresh_pyramid(str(work), client=client))
             rows.append((wall, cpu, sum(spent)))
         shutil.rmtree(work, ignore_errors=True)
     cmd = "python benchmarks/refresh_repeat.py " + " ".join(argv if argv is not None

@@ -79,6 +79,11 @@ def test_a_bucket_of_empty_rows_is_no_key_as_zarr_writes_none(tmp_path):
 def test_other_layouts_are_left_to_zarr():
     doc = json.loads(fdoc.manifests_doc(100))
     assert BucketCodec.of(doc) is not None
+    wide = BucketCodec.of(json.loads(fdoc.manifests_doc(3 * SIZE)))
+    runs = ((0, SIZE), (SIZE, 2 * SIZE), (2 * SIZE, 2 * SIZE + 5))
+    assert [wide.bucket_of(lo, hi) for lo, hi in runs] == [0, 1, 2]
+    # rows not one bucket's (misaligned, or spanning two) are zarr's to write
+    assert wide.bucket_of(1, SIZE) is None and wide.bucket_of(0, SIZE + 1) is None
     gzip = dict(doc, codecs=[doc["codecs"][0], {"name": "gzip", "configuration": {"level": 5}}])
     dotted = dict(doc, chunk_key_encoding={"name": "default", "configuration": {"separator": "."}})
     sharded = dict(doc, codecs=[{"name": "sharding_indexed", "configuration": {}}])

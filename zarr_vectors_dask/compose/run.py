@@ -132,12 +132,12 @@ def discard_recomposed(store: Store, root_meta, only: dict, logged: set[str]) ->
             fine = level if delta > 0 else level + delta
             base = nm.links_family_path(level, delta)
             left = store.sizes(base)
-            gone = [f"{base}/{rel}" for rel in _recomposed_cells(left, level, delta, geo,
-                                                                 only.get(fine, set()))
-                    if f"{base}/{rel}" not in logged]
-            for key in gone:
-                del left[key[len(base) + 1:]]
-            store.remove_noted(gone)
+            stale = [rel for rel in _recomposed_cells(left, level, delta, geo,
+                                                      only.get(fine, set()))
+                     if f"{base}/{rel}" not in logged]
+            for rel in stale:
+                del left[rel]
+            store.remove_noted([f"{base}/{rel}" for rel in stale])
             segs_left = {rel.partition("/c/")[0] for rel in left if "/c/" in rel}
             for seg in store.listdir(base):
                 if seg != "zarr.json" and seg not in segs_left:

@@ -57,6 +57,12 @@ class BucketCodec:
     def key(self, array_path: str, bucket: int) -> str:
         return f"{array_path}/c/{int(bucket)}"
 
+    def bucket_of(self, lo: int, hi: int) -> int | None:
+        """The bucket that rows ``lo:hi`` are (part of, from its first row),
+        or None when they are not one bucket's: then zarr reads or writes
+        them."""
+        return lo // self.size if lo % self.size == 0 and hi - lo <= self.size else None
+
     def rows_in(self, bucket: int) -> int:
         """How many of the array's rows bucket ``bucket`` holds."""
         return max(0, min(self.size, self.n_rows - bucket * self.size))

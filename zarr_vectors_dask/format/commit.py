@@ -256,16 +256,10 @@ def family_on_disk(store: Store, level: int, delta: int, origin, grid,
     fam = LinkFamily(level, delta, tuple(origin), tuple(grid))
     if sizes is None:
         sizes = store.sizes(nm.links_family_path(level, delta))
-    by_seg: dict[str, tuple[list, list]] = {}
-    for rel, size in sorted(sizes.items()):
-        seg, _, cell = rel.partition("/c/")
-        if cell:  # not a document
-            cells, n = by_seg.setdefault(seg, ([], []))
-            cells.append(cell)
-            n.append(size)
-    for seg, (cells, n) in by_seg.items():
+    for seg, cells in nm.segment_cells(sorted(sizes)).items():
         chunks = map(tuple, nm.cell_chunks(cells, origin).tolist())
-        fam.cells[seg] = list(zip(chunks, cdc.link_cells_records(n)))
+        records = cdc.link_cells_records([sizes[f"{seg}/c/{c}"] for c in cells])
+        fam.cells[seg] = list(zip(chunks, records))
     return fam
 
 

@@ -43,17 +43,24 @@ def _manifests_path(spec: StepSpec) -> str:
     return f"{spec.target_level}/{nm.OBJECT_INDEX}/manifests"
 
 
-def _put_rows(spec: StepSpec, target_rows: tuple[int, int], rows) -> None:
+def _manifests_doc(spec: StepSpec) -> dict:
+    """The coarse manifests array's document, as the step wrote it."""
+    return fdoc.read_json(spec.store, f"{_manifests_path(spec)}/zarr.json") or {}
+
+
+def _put_rows(spec: StepSpec, target_rows: tuple[int, int], rows, doc: dict | None = None
+              ) -> None:
     """Write one bucket's rows: its stored key encoded directly where the
-    array's document allows (:mod:`format.buckets`), else through zarr.
-    Either way zarr's bytes, and no key for a bucket of empty rows."""
+    array's document (``doc``, read when not given) allows
+    (:mod:`format.buckets`), else through zarr.  Either way zarr's bytes,
+    and no key for a bucket of empty rows."""
     path = _manifests_path(spec)
     lo, hi = target_rows
-    codec = BucketCodec.of(fdoc.read_json(spec.store, f"{path}/zarr.json") or {})
-    aligned = codec is not None and lo % codec.size == 0 and hi - lo <= codec.size
-    stored = codec.encode(rows) if aligned else None
+    codec = BucketCodec.of(_manifests_doc(spec) if doc is None else doc)
+    k = codec.bucket_of(lo, hi) if codec is not None else None
+    stored = codec.encode(rows) if k is not None else None
     if stored is not None:
-        spec.store.put(codec.key(path, lo // codec.size), stored)
+        spec.store.put(codec.key(path, k), stored)
         return
     import zarr
     with warnings.catch_warnings():
@@ -110,7 +117,8 @@ def _write_region_rows(spec: StepSpec, target_rows, rows: np.ndarray, blobs,
     none = {"present_delta": 0, "reweighted": np.empty((0, spec.ndim), np.int64)}
     if rows.size == 0:
         return none
-    old = _stored_rows(spec, target_rows, old_rows)
+    doc = _manifests_doc(spec)
+    old = _stored_rows(spec, target_rows, old_rows, doc)
     changed = [(r, b) for r, b in zip(rows.tolist(), blobs) if b != old[r]]
     if not changed:
         return none
@@ -120,26 +128,26 @@ def _write_region_rows(spec: StepSpec, target_rows, rows: np.ndarray, blobs,
     delta = sum((len(b) > 4) - (len(old[r]) > 4) for r, b in changed)  # 0 rows: 4 bytes
     for r, b in changed:
         old[r] = b
-    _put_rows(spec, target_rows, old)
+    _put_rows(spec, target_rows, old, doc)
     return {"present_delta": int(delta), "reweighted": np.unique(named, axis=0)}
 
 
-def _stored_rows(spec: StepSpec, target_rows: tuple[int, int], old_rows: int) -> list:
+def _stored_rows(spec: StepSpec, target_rows: tuple[int, int], old_rows: int, doc: dict
+                 ) -> list:
     """The bucket's rows ``lo:hi`` as stored before this step; rows past
-    ``old_rows`` are empty.  When rows were added, the array's document is
-    already the new one, whose chunk (``min(bucket, rows)``) may not be the
-    stored one: the stored chunks are decoded with the layout of the old
-    row count."""
+    ``old_rows`` are empty.  When rows were added, the array's document
+    (``doc``) is already the new one, whose chunk (``min(bucket, rows)``)
+    may not be the stored one: the stored chunks are decoded with the
+    layout of the old row count."""
     import json
     lo, hi = target_rows
     path = _manifests_path(spec)
-    doc = fdoc.read_json(spec.store, f"{path}/zarr.json") or {}
     same = old_rows < 0 or old_rows == int(doc.get("shape", [-1])[0])
     if not same:
         doc = json.loads(fdoc.manifests_doc(old_rows))
     codec = BucketCodec.of(doc)
-    if codec is not None and lo % codec.size == 0 and hi - lo <= codec.size:
-        k = lo // codec.size
+    k = codec.bucket_of(lo, hi) if codec is not None else None
+    if k is not None:
         raw = spec.store.get(codec.key(path, k))  # (the store retries its own errors)
         old = fcells.read_chunk_checked(spec.store, path, f"chunk {k}",
                                         lambda: codec.decode(raw, k)).tolist()
