@@ -71,6 +71,7 @@ from zarr_vectors.validate import validate
 
 __all__ = [
     "assert_equivalent",
+    "assert_same_pyramid",
     "assert_sharded_matches",
     "sharded_arrays",
     "compare_raw_files",
@@ -711,6 +712,20 @@ def compare_raw_files(expected, actual, *, exclude: dict[str, str] | None = None
         if os.path.basename(rel) == "zarr.json":
             diff.json_diffs[rel] = _explain_json(eb, ab)
         diff.differing.append(rel)
+    return diff
+
+
+def assert_same_pyramid(expected, actual, **raw_kw) -> RawDiff:
+    """Assert ``actual`` is ``expected`` file for file
+    (:func:`compare_raw_files` with ``raw_kw``); returns the diff.
+
+    Identical bytes read identically through zarr-vectors' readers and
+    validate alike, so :func:`assert_equivalent` (seconds a store) runs
+    only when they differ: to name the level, chunk or object first."""
+    diff = compare_raw_files(expected, actual, **raw_kw)
+    if not diff.identical:
+        assert_equivalent(expected, actual)
+        raise AssertionError(f"the readers agree, the files do not:\n{diff.summary()}")
     return diff
 
 

@@ -20,7 +20,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from equivalence import SIDECAR, assert_equivalent, compare_raw_files  # noqa: E402
+from equivalence import (SIDECAR, assert_equivalent, assert_same_pyramid,  # noqa: E402
+                         compare_raw_files)
 from stores import KINDS  # noqa: E402
 
 from zarr_vectors.core.arrays import (  # noqa: E402
@@ -291,6 +292,30 @@ def test_moved_vertex_fails(reference, copy_of):
     write_chunk_vertices(lg, cc, frags, dtype=np.float32)
     with pytest.raises(AssertionError, match=rf"level 2 chunk \({cc[0]}, .*positions differ"):
         assert_equivalent(reference("points_ids"), cp, check_validate=False)
+
+
+def test_same_pyramid_names_what_the_readers_see_first(reference, copy_of):
+    """``assert_same_pyramid`` on a moved vertex fails as the readers see
+    it (level and chunk), not only as a differing file."""
+    cp = copy_of("points_ids")
+    lg = get_resolution_level(open_store(str(cp), mode="r+"), 2)
+    cc = list_chunk_keys(lg)[-1]
+    frags = read_chunk_vertices(lg, cc, ndim=3)
+    frags[-1] = (frags[-1] + np.float32(0.25)).astype(np.float32)
+    write_chunk_vertices(lg, cc, frags, dtype=np.float32)
+    with pytest.raises(AssertionError, match=rf"level 2 chunk \({cc[0]}, .*positions differ"):
+        assert_same_pyramid(reference("points_ids"), cp)
+
+
+def test_same_pyramid_fails_on_bytes_the_readers_agree_on(reference, copy_of):
+    """The same JSON in other bytes reads equal, and still fails, naming
+    the file; an untouched copy passes."""
+    cp = copy_of("streamlines")
+    assert assert_same_pyramid(reference("streamlines"), cp).identical
+    _rewrite_json(cp / "0/links/+1/zarr.json", indent=2)
+    with pytest.raises(AssertionError, match=r"readers agree, the files do not(.|\n)*"
+                                             r"0/links/\+1/zarr\.json"):
+        assert_same_pyramid(reference("streamlines"), cp)
 
 
 def test_swapped_fragments_fail(reference, copy_of):

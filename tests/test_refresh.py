@@ -66,6 +66,25 @@ def built(tmp_path_factory, local_client):
     return path
 
 
+@pytest.fixture(scope="module")
+def full_rebuild(built, tmp_path_factory, local_client):
+    """``full_rebuild(edit, atomic)``: ``built`` edited so (``_edit``, several
+    joined by ``+``) and rebuilt whole -- what every refresh of that edit
+    must equal; made once per module, as the edits are deterministic."""
+    made = {}
+
+    def get(edit: str, atomic: bool):
+        if (edit, atomic) not in made:
+            path = tmp_path_factory.mktemp("full") / "full.zv"
+            shutil.copytree(built, path)
+            for one in edit.split("+"):
+                _edit(path, one, atomic)
+            zd.build_pyramid(str(path), client=local_client, overwrite=True, **KW)
+            made[edit, atomic] = path
+        return made[edit, atomic]
+    return get
+
+
 @pytest.fixture
 def store(built, tmp_path):
     path = tmp_path / "s.zv"
@@ -457,20 +476,21 @@ elif moment == "writing":
 """ + _DRIVER_TAIL
 
 
-def _kill_then_finish(cluster, built, tmp_path, *, edit: str, driver_src: str, moment: str,
-                      then: str, atomic: bool = False) -> None:
+def _kill_then_finish(cluster, built, full_rebuild, tmp_path, *, edit: str, driver_src: str,
+                      moment: str, then: str, atomic: bool = False) -> None:
     """Edit a copy of ``built``, run ``driver_src`` (a refresh that SIGKILLs
     itself at ``moment``), check what a reader sees, finish with ``then``
-    (``refresh`` or ``resume``) and compare with a full rebuild."""
-    store, expected = tmp_path / "s.zv", tmp_path / "full.zv"
+    (``refresh`` or ``resume``) and compare with a full rebuild.  The
+    cluster outlives the test (the killed driver's tasks may still run on
+    it, writing only into this test's store)."""
+    store = tmp_path / "s.zv"
     shutil.copytree(built, store)
     for one in edit.split("+"):  # several edits, one after the other
         _edit(store, one, atomic)
-    shutil.copytree(store, expected)
+    expected = full_rebuild(edit, atomic)
     driver = tmp_path / "driver.py"
     driver.write_text(driver_src)
     with cluster.client() as client:
-        zd.build_pyramid(str(expected), client=client, overwrite=True, **KW)
         p = subprocess.run([sys.executable, str(driver), str(store), cluster.address, moment],
                            env=subprocess_env(), capture_output=True, text=True, timeout=300)
         assert p.returncode == -signal.SIGKILL, p.stderr[-2000:]
@@ -497,12 +517,12 @@ def _kill_then_finish(cluster, built, tmp_path, *, edit: str, driver_src: str, m
     ("writing", "resume"), pytest.param("unmarked", "refresh", marks=pytest.mark.slow),
     ("returned", "refresh")])
 def test_attribute_refresh_killed_at_each_moment_then_finished_ends_equal(
-        private_dask_cluster, built, tmp_path, moment, then):
+        dask_cluster, built, full_rebuild, tmp_path, moment, then):
     """SIGKILL the driver of an attribute refresh after it marked the root,
     while its graph writes, after it removed the mark but before its
     record, and after it returned: the next refresh (or resume) ends equal
     to a full rebuild (an unfinished one rewrites every level)."""
-    _kill_then_finish(private_dask_cluster, built, tmp_path, edit="zarr_write",
+    _kill_then_finish(dask_cluster, built, full_rebuild, tmp_path, edit="zarr_write",
                       driver_src=_KILLING_DRIVER, moment=moment, then=then)
 
 
@@ -870,14 +890,14 @@ elif moment == "swept-all":
     pytest.param("chunks:unmarked", "refresh", marks=pytest.mark.slow),
     ("chunks:returned", "refresh")])
 def test_in_place_refresh_killed_at_each_moment_then_finished_ends_equal(
-        private_dask_cluster, built, tmp_path, moment, then):
+        dask_cluster, built, full_rebuild, tmp_path, moment, then):
     """SIGKILL the driver of a refresh in place -- whole levels, or the
     chunks an in-place edit reaches -- while level 1 or 2 is rewritten,
     after a step's sweep, after the composition, after the last sweep,
     after the mark is removed and after it returned; then
     ``refresh_pyramid`` or ``build_pyramid(resume=True)`` ends equal to a
     full rebuild."""
-    _kill_then_finish(private_dask_cluster, built, tmp_path, edit="edit_vertex",
+    _kill_then_finish(dask_cluster, built, full_rebuild, tmp_path, edit="edit_vertex",
                       driver_src=_IN_PLACE_KILLER, moment=moment, then=then)
 
 
@@ -886,13 +906,13 @@ def test_in_place_refresh_killed_at_each_moment_then_finished_ends_equal(
     pytest.param("combined:attributed", "refresh", marks=pytest.mark.slow),
     pytest.param("combined:returned", "refresh", marks=pytest.mark.slow)])
 def test_combined_refresh_killed_at_each_moment_then_finished_ends_equal(
-        private_dask_cluster, built, tmp_path, moment, then):
+        dask_cluster, built, full_rebuild, tmp_path, moment, then):
     """An in-place geometry edit together with an object-attribute cell:
     a chunk region, then the attribute buckets of the levels it
     recomputed. SIGKILLed while level 1 is rewritten, while the attribute
     buckets are written, after they were, and after it returned: the next
     refresh or resume ends equal to a full rebuild."""
-    _kill_then_finish(private_dask_cluster, built, tmp_path, edit="edit_vertex+zarr_write",
+    _kill_then_finish(dask_cluster, built, full_rebuild, tmp_path, edit="edit_vertex+zarr_write",
                       driver_src=_IN_PLACE_KILLER, moment=moment, then=then)
 
 
@@ -924,12 +944,12 @@ def test_combined_change_is_reported_then_refreshed_by_chunks_and_buckets(store,
     pytest.param("appended:composed", "refresh", marks=pytest.mark.slow),
     ("appended:swept-all", "resume"), ("appended:returned", "refresh")])
 def test_appending_refresh_killed_at_each_moment_then_finished_ends_equal(
-        private_dask_cluster, built, tmp_path, moment, then):
+        dask_cluster, built, full_rebuild, tmp_path, moment, then):
     """An atomic edit appends a row: level 1 is refreshed by chunks and
     level 2 (survivors drawn anew) whole.  SIGKILL the driver while either
     is written, after each one's sweep, after the composition, after the
     last sweep and after it returned; the next refresh or resume ends
     equal to a full rebuild."""
-    _kill_then_finish(private_dask_cluster, built, tmp_path, edit="edit_vertex",
+    _kill_then_finish(dask_cluster, built, full_rebuild, tmp_path, edit="edit_vertex",
                       driver_src=_IN_PLACE_KILLER, moment=moment, then=then, atomic=True)
 
