@@ -52,14 +52,36 @@ def _faults(client) -> int:
 
 
 def _registered(client) -> list:
-    return client.run_on_scheduler(lambda dask_scheduler: list(dask_scheduler.worker_plugins))
+    """The scheduler's worker plugins that are a build's heap tuning."""
+    return [n for n in client.run_on_scheduler(
+        lambda dask_scheduler: list(dask_scheduler.worker_plugins))
+        if n.startswith(WorkerMalloc.name)]
 
 
 def test_tuned_workers_reuse_freed_arrays_and_are_restored_after(fresh_client):
     assert _faults(fresh_client) > PAGES // 2  # Dask's nanny environment: each one faults
     with tuned_workers(fresh_client):
         assert _faults(fresh_client) < PAGES // 10  # freed arrays come back from the heap
-    assert WorkerMalloc.name not in _registered(fresh_client)
+    assert not _registered(fresh_client)
+    assert _faults(fresh_client) > PAGES // 2
+
+
+def test_builds_at_once_keep_the_heap_tuned_until_the_last_ends(fresh_client):
+    """Two builds on one cluster, the first ending while the second runs:
+    each has its own plugin, and the second's workers stay tuned."""
+    first = tuned_workers(fresh_client)
+    first.__enter__()
+    try:
+        with tuned_workers(fresh_client):
+            assert len(_registered(fresh_client)) == 2
+            first.__exit__(None, None, None)
+            first = None
+            assert len(_registered(fresh_client)) == 1
+            assert _faults(fresh_client) < PAGES // 10
+    finally:
+        if first is not None:
+            first.__exit__(None, None, None)
+    assert not _registered(fresh_client)
     assert _faults(fresh_client) > PAGES // 2
 
 
@@ -67,7 +89,7 @@ def test_tuning_can_be_turned_off_by_dask_config(fresh_client):
     import dask
     with dask.config.set({"zarr-vectors-dask.tune-worker-malloc": False}), \
             tuned_workers(fresh_client):
-        assert WorkerMalloc.name not in _registered(fresh_client)
+        assert not _registered(fresh_client)
         assert _faults(fresh_client) > PAGES // 2
 
 
@@ -78,5 +100,5 @@ def test_a_build_leaves_its_workers_as_it_found_them(fresh_client, tmp_path):
     make_streamlines(path)
     zd.build_pyramid(str(path), factors=[(2, 1), (2, 2)], sparsity_seed=0,
                      client=fresh_client)
-    assert WorkerMalloc.name not in _registered(fresh_client)
+    assert not _registered(fresh_client)
     assert _faults(fresh_client) > PAGES // 2

@@ -176,13 +176,17 @@ class WorkerMalloc(_WorkerPlugin):
     start values -- glibc cannot return to dynamic thresholds, so a worker
     started without the nanny's variable is restored only approximately."""
 
-    name = "zvdask-worker-malloc"
+    name = "zvdask-worker-malloc"  # a build registers it as "<name>-<its own suffix>"
     TRIM, MMAP = 64 << 20, 32 << 20  # glibc caps the mmap threshold at 32 MiB
 
     def setup(self, worker=None):
         _mallopt(self.TRIM, self.MMAP)
 
     def teardown(self, worker=None):
+        # Another build on this cluster still running keeps the heap tuned.
+        if worker is not None and any(isinstance(p, WorkerMalloc)
+                                      for p in worker.plugins.values()):
+            return
         # glibc cannot be put back to its dynamic thresholds: fixed at what
         # the environment asked for (the nanny's), else glibc's start values.
         _mallopt(_env_bytes("MALLOC_TRIM_THRESHOLD_"), _env_bytes("MALLOC_MMAP_THRESHOLD_"))
@@ -201,24 +205,29 @@ def tuned_workers(client):
     runs (workers joining meanwhile too), unless the Dask config
     ``zarr-vectors-dask.tune-worker-malloc`` is false.  Best effort: a
     cluster that refuses plugins builds as before, only slower."""
+    import secrets
+
     import dask
     if not dask.config.get(MALLOC_CONFIG, True):
         yield
         return
+    # A name of its own: builds running at once on one cluster do not
+    # replace (and tear down) each other's plugin.
+    name = f"{WorkerMalloc.name}-{secrets.token_hex(4)}"
     try:
-        client.register_plugin(WorkerMalloc(), name=WorkerMalloc.name)
+        client.register_plugin(WorkerMalloc(), name=name)
     except Exception as exc:  # noqa: BLE001 - a tuning, never a reason to fail
         log.debug("could not tune the workers' heap: %s", exc)
         # the scheduler keeps a plugin some workers refused: not left behind
         with contextlib.suppress(Exception):
-            client.unregister_worker_plugin(WorkerMalloc.name)
+            client.unregister_worker_plugin(name)
         yield
         return
     try:
         yield
     finally:
         with contextlib.suppress(Exception):
-            client.unregister_worker_plugin(WorkerMalloc.name)
+            client.unregister_worker_plugin(name)
 
 
 # ------------------------------------------------------------ client
