@@ -14,6 +14,29 @@ import pytest
 pytest_plugins = ["conftest_servers"]
 
 
+#: Test files by their time in CI (``--durations``), longest first.  With
+#: ``-n 2 --dist loadfile`` a worker takes the next whole file when it is
+#: free: handed out longest first, both workers stay busy to the end (xdist
+#: would order files by their number of tests, and a one-test file of
+#: minutes, such as the peer suite, went last while the other worker idled).
+LONGEST_FIRST = ["test_safety.py", "test_refresh.py", "test_peer_suite.py",
+                 "test_refresh_sequences.py", "test_sharded_source.py",
+                 "test_equivalence.py", "test_vertex_attributes.py",
+                 "test_sharded_pyramid.py", "test_s3.py", "test_length_sparsity.py",
+                 "test_cli_manners.py", "test_zvtools.py", "test_equivalence_harness.py",
+                 "test_notebooks.py", "test_deploy.py", "test_crash.py", "test_dropin.py"]
+
+
+def pytest_configure(config):
+    if hasattr(config.option, "loadscopereorder"):  # pytest-xdist present
+        config.option.loadscopereorder = False
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: a file's order kept
+
+
 def in_ci() -> bool:
     return os.environ.get("CI", "").strip().lower() in ("true", "1")
 
