@@ -312,6 +312,39 @@ def test_unchanged_source_refresh_rewrites_nothing(store, local_client):
     assert _mtimes(store) == before
 
 
+@pytest.mark.parametrize("first,second", [("edit_vertex", "zarr_write"),
+                                           ("zarr_write", "edit_vertex")],
+                         ids=["chunks-then-attribute", "attribute-then-chunks"])
+def test_an_edit_landing_after_the_refresh_listed_level_0_stays_stale(
+        store, tmp_path, local_client, monkeypatch, first, second):
+    """A second edit lands after the refresh listed level 0 (and worked out
+    its region: a chunk region, or attribute buckets) and before it took
+    the lock and wrote its record.  The refresh records the level 0 it
+    worked from, so the pyramid is stale afterwards (not current without
+    the second edit), and the next refresh ends equal to a full rebuild."""
+    from zarr_vectors_dask import currency
+    _edit(store, first, False)
+    real = currency.begin
+
+    def begin(*args, **kwargs):
+        _edit(store, second, False)
+        monkeypatch.setattr(currency, "begin", real)
+        return real(*args, **kwargs)
+    monkeypatch.setattr(currency, "begin", begin)
+    report = zd.refresh_pyramid(str(store), client=local_client)
+    assert report.refreshed and currency.begin is real  # the edit landed mid-refresh
+    st = zd.pyramid_status(str(store))
+    assert st.state == "stale", st
+    second_array = "object_attributes/weight" if second == "zarr_write" else "vertices"
+    assert second_array in st.diff.by_array(), st.diff.by_array()
+    zd.refresh_pyramid(str(store), client=local_client)
+    expected = tmp_path / "full.zv"
+    shutil.copytree(store, expected)
+    zd.build_pyramid(str(expected), client=local_client, overwrite=True, **KW)
+    diff = compare_raw_files(expected, store, ignore=_sidecar)
+    assert diff.identical, diff.summary()
+
+
 def test_a_differing_request_is_refused_naming_the_argument(store):
     with pytest.raises(zd.BuildError, match="sparsity_seed: 0 then, 3 now"):
         zd.refresh_pyramid(str(store), sparsity_seed=3)

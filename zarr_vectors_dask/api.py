@@ -100,7 +100,7 @@ def build_pyramid(store, *, factors, chunk_scale_factors=None, sparsity_strategy
                   progress: Callable | None = None, max_block_vertices: int = 2_000_000,
                   vertex_attributes: str | None = None, attribute_aggregation: dict | None = None,
                   shard_shape=None, _reports: list | None = None, _refresh: bool = False,
-                  _change=None) -> dict:
+                  _change=None, _source=None) -> dict:
     """Build coarser levels 1..len(factors) of ``store`` on Dask; the result
     is the pyramid ``zarr_vectors.build_pyramid`` writes with the same
     arguments, and the same summary dict is returned.
@@ -146,13 +146,13 @@ def build_pyramid(store, *, factors, chunk_scale_factors=None, sparsity_strategy
             client=client, resume=resume, overwrite=overwrite, progress=progress,
             max_block_vertices=max_block_vertices, vertex_attributes=vertex_attributes,
             attribute_aggregation=attribute_aggregation, shard_shape=shard_shape,
-            _reports=_reports, _refresh=_refresh, _change=_change)
+            _reports=_reports, _refresh=_refresh, _change=_change, _source=_source)
 
 
 def _build_pyramid(st: Store, *, factors, chunk_scale_factors, sparsity_strategy, sparsity_seed,
                    cross_level_depth, cross_level_storage, client, resume, overwrite, progress,
                    max_block_vertices, vertex_attributes, attribute_aggregation,
-                   shard_shape, _reports, _refresh=False, _change=None) -> dict:
+                   shard_shape, _reports, _refresh=False, _change=None, _source=None) -> dict:
     request = BuildOptions(sparsity_strategy=sparsity_strategy, sparsity_seed=sparsity_seed,
                            cross_level_depth=cross_level_depth,
                            cross_level_storage=cross_level_storage,
@@ -185,7 +185,7 @@ def _build_pyramid(st: Store, *, factors, chunk_scale_factors, sparsity_strategy
                 summaries, changed = _rewrite_in_place(
                     c, st, lock, plan, records, arguments=arguments, build_record=build_record,
                     n_workers=n_workers, progress=progress, shard_shape=shard_shape,
-                    request=request, reports=_reports, change=_change)
+                    request=request, reports=_reports, change=_change, source=_source)
                 return {**_result(summaries, cross_level_depth, cross_level_storage),
                         **changed}
             pending = None
@@ -239,7 +239,7 @@ def _records(plan: PyramidPlan, request: BuildOptions, shard_shape) -> tuple[lis
 def _rewrite_in_place(c, st: Store, lock, plan: PyramidPlan, records: list[dict], *,
                       arguments: dict, build_record: dict, n_workers: int, progress,
                       shard_shape, request: BuildOptions, reports: list | None,
-                      change: dict | None = None) -> tuple[list, dict]:
+                      change: dict | None = None, source=None) -> tuple[list, dict]:
     """A refresh of whole levels: the build's steps and composition run
     over the published pyramid, writing only the objects whose bytes
     differ (``Store.changes_only``); after each step, and at the end, what
@@ -250,10 +250,11 @@ def _rewrite_in_place(c, st: Store, lock, plan: PyramidPlan, records: list[dict]
     ``change`` (the changed level-0 chunks and objects, ``RegionPlans``):
     each step restricted to the region they reach (``step/region.py``),
     unless the change cannot be bounded so (then whole levels, and the
-    result says why)."""
+    result says why).  ``source``: the fingerprint of level 0 the refresh
+    was worked out from, recorded as the one it read (None: taken now)."""
     composed_current = _composed_current(st)
     pending = cur.begin(st, arguments=arguments, record=build_record, resuming=False,
-                        refreshing=True)
+                        refreshing=True, taken=source)
     # A killed attempt's written keys go (this one writes all again); the
     # keys it changed stay: this attempt finds them equal, yet they changed.
     st.remove_tree(f"{REWRITE_LOG}/written")

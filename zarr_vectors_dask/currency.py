@@ -80,18 +80,20 @@ def _fingerprint(doc: dict | None, key: str) -> fpm.Fingerprint | None:
 
 
 def begin(store, *, arguments: dict, record: dict, resuming: bool,
-          refreshing: bool = False) -> fpm.Fingerprint:
+          refreshing: bool = False, taken: fpm.Fingerprint | None = None) -> fpm.Fingerprint:
     """Under the lock, before the build changes anything it keeps: the
     record says a build (or refresh) is under way, with its arguments and
-    the fingerprint of level 0 it reads.  A resumed build keeps the
-    fingerprint of the build it finishes (its kept levels were built from
-    that level 0)."""
+    the fingerprint of level 0 it reads (``taken``: the one a refresh
+    worked out its region from, before the lock -- an edit landing since
+    must stay unrecorded, as it is not refreshed).  A resumed build keeps
+    the fingerprint of the build it finishes (its kept levels were built
+    from that level 0)."""
     old = read_record(store) if resuming else None
     pending = None
     if old is not None and old.get("record") == record:
         pending = _fingerprint(old, "pending")
     if pending is None:
-        pending = fpm.take(store)
+        pending = taken if taken is not None else fpm.take(store)
     state = "refreshing" if refreshing or (old or {}).get("state") == "refreshing" else "building"
     doc = {"state": state, "arguments": arguments, "record": record,
            "pending": pending.to_json()}
@@ -149,7 +151,9 @@ class PyramidStatus:
     ``state``: ``current``, ``stale`` or ``unknown``; ``reason`` says why in
     words; ``diff`` (stale only) lists the level-0 objects that changed;
     ``refreshing``: a refresh started and has not ended; ``arguments``: the
-    recorded build arguments (None when there are none)."""
+    recorded build arguments (None when there are none); ``source``: the
+    fingerprint of level 0 the diff was taken against (None when none
+    was taken)."""
 
     state: str
     reason: str
@@ -157,6 +161,7 @@ class PyramidStatus:
     refreshing: bool = False
     arguments: dict | None = None
     seconds: float = 0.0
+    source: fpm.Fingerprint | None = dataclasses.field(default=None, repr=False, compare=False)
 
     @property
     def current(self) -> bool:
@@ -180,8 +185,9 @@ def status_of(store) -> PyramidStatus:
     refreshing = REFRESH_ATTR in cm.read_root_attrs(store)
     args = (doc or {}).get("arguments")
 
-    def out(state, reason, diff=None):
-        return PyramidStatus(state, reason, diff, refreshing, args, time.perf_counter() - t0)
+    def out(state, reason, diff=None, source=None):
+        return PyramidStatus(state, reason, diff, refreshing, args, time.perf_counter() - t0,
+                             source)
     if doc is None:
         return out("unknown", "no fingerprint of level 0 is recorded: the pyramid was built "
                               "by zarr-vectors, or before zarr-vectors-dask recorded one")
@@ -191,16 +197,23 @@ def status_of(store) -> PyramidStatus:
     old = _fingerprint(doc, "fingerprint")
     if old is None:
         return out("unknown", f"the fingerprint in {SOURCE_RECORD} cannot be read")
-    diff = current_diff(store, old)
+    new = current_source(store, old)
+    diff = fpm.compare(old, new)
     if diff.empty:
-        return out("current", "level 0 is unchanged since the pyramid was built")
-    return out("stale", f"level 0 changed since the pyramid was built: {diff.describe()}", diff)
+        return out("current", "level 0 is unchanged since the pyramid was built", source=new)
+    return out("stale", f"level 0 changed since the pyramid was built: {diff.describe()}", diff,
+               new)
+
+
+def current_source(store, old: fpm.Fingerprint) -> fpm.Fingerprint:
+    """Level 0 (and the root document) now, hashed where a comparison with
+    ``old`` needs it."""
+    return fpm.take(store, like=old).with_entries(fpm.root_entry(store))
 
 
 def current_diff(store, old: fpm.Fingerprint) -> fpm.SourceDiff:
     """How level 0 (and the root document) now differ from ``old``."""
-    new = fpm.take(store, like=old).with_entries(fpm.root_entry(store))
-    return fpm.compare(old, new)
+    return fpm.compare(old, current_source(store, old))
 
 
 def refuse_if_stale(store, record: dict) -> None:

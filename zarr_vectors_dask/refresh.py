@@ -180,7 +180,7 @@ def refresh_pyramid(store, client=None, storage_options=None, dry_run: bool = Fa
             summary = api.build_pyramid(st, client=client, progress=progress,
                                         max_block_vertices=max_block_vertices, _refresh=True,
                                         _change=region.change if region.kind == CHUNKS else None,
-                                        **build_keywords(args))
+                                        _source=status.source, **build_keywords(args))
             levels = report.levels
             if summary.get("region") == "chunks":
                 levels = _region_lines(summary["region_levels"], region, len(args["factors"]))
@@ -188,7 +188,7 @@ def refresh_pyramid(store, client=None, storage_options=None, dry_run: bool = Fa
                 levels = tuple((t, "the whole level", 1.0) for t in range(1, len(args["factors"]) + 1))
             return dataclasses.replace(report, refreshed=True, summary=summary, levels=levels)
         with client_for(client, st) as c:
-            _refresh_region(st, c, args, region, progress=progress)
+            _refresh_region(st, c, args, region, status.source, progress=progress)
         return dataclasses.replace(report, refreshed=True)
 
 
@@ -397,15 +397,17 @@ def _region_lines(history, region: RefreshRegion, n_levels: int) -> tuple:
     return tuple(out)
 
 
-def _refresh_region(st, c, args: dict, region: RefreshRegion, *, progress=None) -> None:
+def _refresh_region(st, c, args: dict, region: RefreshRegion, source, *,
+                    progress=None) -> None:
     """Rewrite ``region`` (``links`` or ``attributes``) under the build
-    lock, then record the new fingerprint.  A kill before that record
-    leaves the refresh unfinished: the next one rebuilds every level."""
+    lock, then record ``source``, the fingerprint it was worked out from.
+    A kill before that record leaves the refresh unfinished: the next one
+    rebuilds every level."""
     record = request_record(st, **build_keywords(args))
     with build_lock(st, resume=True) as lock:
         wait_for_orphans(c, st)
         pending = cur.begin(st, arguments=args, record=record, resuming=False,
-                            refreshing=region.kind == ATTRIBUTES)
+                            refreshing=region.kind == ATTRIBUTES, taken=source)
         if region.kind == ATTRIBUTES and region.n_buckets:
             lock.check()
             _rewrite_attributes(st, c, args, region, progress=progress)
