@@ -25,10 +25,8 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_refresh import KW, edit_vertices, write_level0  # noqa: E402
+from refresh_repeat import built_pyramid, edited_copy  # noqa: E402
 
 #: (module, attribute path) of each function timed, where its caller looks it up.
 TIMED = [
@@ -82,19 +80,13 @@ def main(argv=None) -> int:
     for module, path in EXECUTE:
         _wrap(spent, calls, module, path, "execute (graphs)")
     root = Path(args.root)
-    built = root / f"built-{int(args.vertices)}.zv"
     walls = []
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
                       dashboard_address=":0", silence_logs=40) as lc, Client(lc) as client:
-        if not (built / "zarr.json").exists() or zd.pyramid_status(str(built)).state != "current":
-            shutil.rmtree(built, ignore_errors=True)
-            write_level0(built, int(args.vertices), 0)
-            zd.build_pyramid(str(built), client=client, **KW)
+        built = built_pyramid(client, root, int(args.vertices))
         work = root / "driver-time.zv"
         for rep in range(args.reps + 1):
-            shutil.rmtree(work, ignore_errors=True)
-            shutil.copytree(built, work)
-            edit_vertices(work, args.fraction, True, np.random.default_rng(0))
+            edited_copy(built, work, args.fraction)
             client.run(lambda: None)
             if rep == 0:  # warm-up: imports, first graphs
                 zd.refresh_pyramid(str(work), client=client)

@@ -48,6 +48,25 @@ def _count_graph_time(spent: list):
             mod.execute = execute
 
 
+def built_pyramid(client, root: Path, vertices: int) -> Path:
+    """The standard pyramid of ``vertices`` under ``root``, built once and
+    kept (rebuilt when missing or no longer current)."""
+    import zarr_vectors_dask as zd
+    built = root / f"built-{vertices}.zv"
+    if not (built / "zarr.json").exists() or zd.pyramid_status(str(built)).state != "current":
+        shutil.rmtree(built, ignore_errors=True)
+        write_level0(built, vertices, 0)
+        zd.build_pyramid(str(built), client=client, **KW)
+    return built
+
+
+def edited_copy(built: Path, work: Path, fraction: float, clustered: bool = True) -> None:
+    """``work``: a fresh copy of ``built`` with the same vertex edit each time."""
+    shutil.rmtree(work, ignore_errors=True)
+    shutil.copytree(built, work)
+    edit_vertices(work, fraction, clustered, np.random.default_rng(0))
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--vertices", type=float, default=1e7, help="level-0 vertices (lines of 100)")
@@ -61,21 +80,15 @@ def main(argv=None) -> int:
     import zarr_vectors_dask as zd
     from distributed import Client, LocalCluster
     root = Path(args.root)
-    built = root / f"built-{int(args.vertices)}.zv"
     spent: list = []
     _count_graph_time(spent)
     rows = []
     with LocalCluster(n_workers=args.workers, threads_per_worker=1, processes=True,
                       dashboard_address=":0", silence_logs=40) as lc, Client(lc) as client:
-        if not (built / "zarr.json").exists() or zd.pyramid_status(str(built)).state != "current":
-            shutil.rmtree(built, ignore_errors=True)
-            write_level0(built, int(args.vertices), 0)
-            zd.build_pyramid(str(built), client=client, **KW)
+        built = built_pyramid(client, root, int(args.vertices))
         work = root / "work.zv"
         for rep in range(args.reps):
-            shutil.rmtree(work, ignore_errors=True)
-            shutil.copytree(built, work)
-            edit_vertices(work, args.fraction, not args.scattered, np.random.default_rng(0))
+            edited_copy(built, work, args.fraction, not args.scattered)
             client.run(lambda: None)  # workers awake before the clock starts
             spent.clear()
             wall, cpu = timed(client, lambda: zd.refresh_pyramid(str(work), client=client))

@@ -124,6 +124,18 @@ def test_bulk_cell_parsing_equals_the_per_cell_functions():
         s_to = [rnd.choice([1, 2, 4]) for _ in range(nd)]
         assert [tuple(r) for r in nm.linked_chunks(got, offset, s_from, s_to).tolist()] == \
             [nm.linked_chunk(c, offset, s_from, s_to) for c in chunks]
+        # the maps and selections built on them, against the per-cell functions
+        want_map: dict = {}
+        for c in chunks:
+            want_map.setdefault(c, set()).add(nm.linked_chunk(c, offset, s_from, s_to))
+        assert nm.link_map([(offset, got)], s_from, s_to) == want_map
+        some = set(rnd.sample(chunks, len(chunks) // 2))
+        assert nm.cells_of_chunks(listing, origin, some) == \
+            [nm.cell_path(offset, c, origin) for c in chunks if c in some]
+        linked = {nm.linked_chunk(c, offset, s_from, s_to) for c in some}
+        assert nm.cells_of_chunks(listing, origin, linked, (s_from, s_to)) == \
+            [nm.cell_path(offset, c, origin) for c in chunks
+             if nm.linked_chunk(c, offset, s_from, s_to) in linked]
 
 
 def test_link_records_of_many_cells_and_a_torn_one():

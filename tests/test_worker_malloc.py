@@ -4,6 +4,7 @@ temporary is mapped fresh and faults its pages in again."""
 
 from __future__ import annotations
 
+import contextlib
 import ctypes.util
 import sys
 
@@ -69,18 +70,13 @@ def test_tuned_workers_reuse_freed_arrays_and_are_restored_after(fresh_client):
 def test_builds_at_once_keep_the_heap_tuned_until_the_last_ends(fresh_client):
     """Two builds on one cluster, the first ending while the second runs:
     each has its own plugin, and the second's workers stay tuned."""
-    first = tuned_workers(fresh_client)
-    first.__enter__()
-    try:
+    with contextlib.ExitStack() as first:
+        first.enter_context(tuned_workers(fresh_client))
         with tuned_workers(fresh_client):
             assert len(_registered(fresh_client)) == 2
-            first.__exit__(None, None, None)
-            first = None
+            first.close()  # the first build ends
             assert len(_registered(fresh_client)) == 1
             assert _faults(fresh_client) < PAGES // 10
-    finally:
-        if first is not None:
-            first.__exit__(None, None, None)
     assert not _registered(fresh_client)
     assert _faults(fresh_client) > PAGES // 2
 

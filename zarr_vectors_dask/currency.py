@@ -43,7 +43,7 @@ from .resume import BUILD_RECORD, build_record_for, record_differences
 
 __all__ = ["SOURCE_RECORD", "REFRESH_ATTR", "StaleSourceError", "PyramidStatus", "read_record",
            "begin", "finish", "finish_interrupted", "interrupted_refresh", "mark_refreshing", "status_of",
-           "current_diff", "refuse_if_stale", "dirty_source_chunks", "arguments_for",
+           "current_source", "refuse_if_stale", "dirty_source_chunks", "arguments_for",
            "request_record"]
 
 SOURCE_RECORD = ".zvdask/source.json"
@@ -209,11 +209,6 @@ def current_source(store, old: fpm.Fingerprint) -> fpm.Fingerprint:
     """Level 0 (and the root document) now, hashed where a comparison with
     ``old`` needs it."""
     return fpm.take(store, like=old).with_entries(fpm.root_entry(store))
-
-
-def current_diff(store, old: fpm.Fingerprint) -> fpm.SourceDiff:
-    """How level 0 (and the root document) now differ from ``old``."""
-    return fpm.compare(old, current_source(store, old))
 
 
 def refuse_if_stale(store, record: dict) -> None:

@@ -83,14 +83,10 @@ def recompose_region(store: Store, root_meta, changed: set[str]) -> dict | None:
     for lv in geo:
         if lv + 1 not in geo:
             continue
-        mine = parents.setdefault(lv, {})
-        for seg, (_, chunks) in cm.read_family(store, lv, 1).items():
-            if not chunks:
-                continue
-            src = np.asarray(chunks, dtype=np.int64)
-            dst = nm.linked_chunks(src, seg, geo[lv]["scale"], geo[lv + 1]["scale"])
-            for c, d in zip(map(tuple, src.tolist()), map(tuple, dst.tolist())):
-                mine.setdefault(c, set()).add(d)
+        parents[lv] = nm.link_map(
+            ((seg, np.asarray(chunks, dtype=np.int64))
+             for seg, (_, chunks) in cm.read_family(store, lv, 1).items() if chunks),
+            geo[lv]["scale"], geo[lv + 1]["scale"])
     only = recompose_chunks(dirty, parents)
     total = sum(len(p) for p in parents.values())
     if sum(len(v) for v in only.values()) > RECOMPOSE_SHARE * total:
@@ -109,14 +105,9 @@ def _recomposed_cells(listing, level: int, delta: int, geo: dict, chunks: set) -
     if not chunks:
         return []
     fine = level if delta > 0 else level + delta
-    out = []
-    for seg, cells in nm.segment_cells(listing).items():
-        at = nm.cell_chunks(cells, geo[level]["grid"][0])
-        if delta < 0:
-            at = nm.linked_chunks(at, seg, geo[level]["scale"], geo[fine]["scale"])
-        out += [f"{seg}/c/{cell}" for cell, c in zip(cells, map(tuple, at.tolist()))
-                if c in chunks]
-    return out
+    return nm.cells_of_chunks(listing, geo[level]["grid"][0], chunks,
+                              link=None if delta > 0 else (geo[level]["scale"],
+                                                           geo[fine]["scale"]))
 
 
 def discard_recomposed(store: Store, root_meta, only: dict, logged: set[str]) -> list:

@@ -12,7 +12,7 @@ __all__ = ["VERTICES", "VERTEX_FRAGMENTS", "VERTEX_ATTRIBUTES", "OBJECT_INDEX", 
            "CAP_PRESERVED_OBJECT_IDS", "CAP_SHARED_FRAGMENTS", "CAP_MULTISCALE_LINKS", "chunk_key",
            "parse_chunk_key", "format_delta", "format_offsets", "links_family_path", "cell_path",
            "cell_chunk", "anchor", "linked_chunk", "segment_cells", "cell_chunks", "linked_chunks",
-           "is_composed_family", "MANIFEST_DIGESTS",
+           "link_map", "cells_of_chunks", "is_composed_family", "MANIFEST_DIGESTS",
            "EXCHANGE_DIR", "exchange_key"]
 
 
@@ -147,6 +147,32 @@ def linked_chunks(chunks: np.ndarray, offset: str, scale_from: Sequence[int],
     a = np.asarray(scale_from, dtype=np.int64)
     b = np.asarray(scale_to, dtype=np.int64)
     return (chunks * a) // b + np.asarray(parse_chunk_key(offset), dtype=np.int64)
+
+
+def link_map(segments, scale_from: Sequence[int], scale_to: Sequence[int]) -> dict[tuple, set]:
+    """``{chunk: {chunks its cells link to}}`` of a links family, from its
+    ``(offset, chunks)`` pairs (``(n, ndim)`` int64 each)."""
+    out: dict[tuple, set] = {}
+    for seg, src in segments:
+        dst = linked_chunks(src, seg, scale_from, scale_to)
+        for c, d in zip(map(tuple, src.tolist()), map(tuple, dst.tolist())):
+            out.setdefault(c, set()).add(d)
+    return out
+
+
+def cells_of_chunks(listing: Iterable[str], origin: Sequence[int], chunks: set,
+                    link: tuple | None = None) -> list[str]:
+    """The cells of a links family's ``listing`` (paths relative to it)
+    that belong to one of ``chunks``: the chunk a cell is keyed by, or with
+    ``link`` (``(scale_from, scale_to)``) the chunk it links to."""
+    out = []
+    for seg, cells in segment_cells(listing).items():
+        at = cell_chunks(cells, origin)
+        if link is not None:
+            at = linked_chunks(at, seg, *link)
+        out += [f"{seg}/c/{cell}" for cell, c in zip(cells, map(tuple, at.tolist()))
+                if c in chunks]
+    return out
 
 
 # ------------------------------------------------------------ exchange files

@@ -37,14 +37,9 @@ def old_links(store: Store, lv, root_chunk) -> dict[tuple, set]:
     listing of the source level's ``+1`` family."""
     fam = nm.links_family_path(lv.source_level, +1)
     origin = lv.source_grid[0]
-    s_scale, t_scale = lv.chunk_scales(root_chunk)
-    out: dict[tuple, set] = {}
-    for seg, cells in nm.segment_cells(store.keys_under(fam)).items():
-        src = nm.cell_chunks(cells, origin)
-        dst = nm.linked_chunks(src, seg, s_scale, t_scale)
-        for c, d in zip(map(tuple, src.tolist()), map(tuple, dst.tolist())):
-            out.setdefault(c, set()).add(d)
-    return out
+    return nm.link_map(((seg, nm.cell_chunks(cells, origin))
+                        for seg, cells in nm.segment_cells(store.keys_under(fam)).items()),
+                       *lv.chunk_scales(root_chunk))
 
 
 def _check_inside(store: Store, lv, info: fcells.VlenArrayInfo, changed, ndim: int,
@@ -119,12 +114,10 @@ def _region_cells(spec: StepSpec, region: StepRegion, listing: dict) -> list[str
     if spec.links == "explicit":
         fams.append((nm.links_family_path(t, -1), spec.target_origin, -1))
     for fam, origin, delta in fams:
-        for seg, cells in nm.segment_cells(listing.get(fam, ())).items():
-            at = nm.cell_chunks(cells, origin)
-            if delta > 0:  # a +1 cell is keyed by its source chunk: its target
-                at = nm.linked_chunks(at, seg, spec.scale_source, spec.scale_target)
-            out += [f"{fam}/{seg}/c/{cell}" for cell, c in zip(cells, map(tuple, at.tolist()))
-                    if c in targets]
+        # a +1 cell is keyed by its source chunk: it belongs to its target
+        link = (spec.scale_source, spec.scale_target) if delta > 0 else None
+        out += [f"{fam}/{rel}"
+                for rel in nm.cells_of_chunks(listing.get(fam, ()), origin, targets, link)]
     return out
 
 
