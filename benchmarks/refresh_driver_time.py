@@ -37,7 +37,7 @@ TIMED = [
     ("zarr_vectors_dask.api", "cm.commit_cross_level"),
     ("zarr_vectors_dask.api", "sweep_temporaries"), ("zarr_vectors_dask.api", "discard_unwritten"),
     ("zarr_vectors_dask.step.run", "read_source_level"),
-    ("zarr_vectors_dask.step.run", "plan_step"), ("zarr_vectors_dask.step.run", "step_listing"),
+    ("zarr_vectors_dask.step.run", "plan_step"), ("zarr_vectors_dask.step.run", "step_cells"),
     ("zarr_vectors_dask.step.run", "discard_stale"),
     ("zarr_vectors_dask.step.run", "region_documents"), ("zarr_vectors_dask.step.run", "_publish"),
     ("zarr_vectors_dask.step.region", "RegionPlans.region"),

@@ -316,13 +316,15 @@ def _region_attributes(c, wst: Store, lock, plan: PyramidPlan, change: dict,
 
 def _composed_current(st: Store) -> bool:
     """Whether the pyramid's composed ``±N`` families match its ``+1`` cells
-    as a rewrite in place starts: a finished build's or refresh's do.  The
-    answer is recorded with the rewrite's logs, so a killed rewrite's rerun
-    (which finds a started record) keeps its first attempt's answer."""
+    and their documents, as a rewrite in place starts: a finished build's
+    or refresh's do, and its first attempt then recomposes only the chunks
+    whose chains changed (``discard_recomposed``).  A killed attempt's
+    rerun, which finds the mark this leaves with the rewrite's logs,
+    composes everything: the first attempt may have rewritten documents
+    that the rerun's logs would then count twice."""
     key = f"{REWRITE_LOG}/base.json"
-    raw = st.get(key)
-    if raw is not None:
-        return bool(json.loads(raw).get("composed_current"))
+    if st.get(key) is not None:
+        return False
     doc = cur.read_record(st)
     ok = bool(doc and doc.get("state") == "finished" and st.get(BUILD_RECORD) is None)
     st.remove_tree(REWRITE_LOG)  # an attribute refresh's leftovers: not this rewrite's

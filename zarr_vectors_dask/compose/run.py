@@ -113,29 +113,37 @@ def _recomposed_cells(listing, level: int, delta: int, geo: dict, chunks: set) -
 def discard_recomposed(store: Store, root_meta, only: dict, logged: set[str]) -> list:
     """Remove the composed cells of the recomposed chunks that the rewrite
     did not write (a ``-N`` cell belongs to the fine chunk it mirrors),
-    then the offset arrays and families left without cells.  Returns
-    every composed family as its cells on disk now say it (one listing)."""
+    then the offset arrays and families left without cells.  Returns the
+    composed families the rewrite touched, as their documents named them
+    before it plus its logged changes (its first attempt only: a rerun
+    composes everything, ``api._composed_current``)."""
     geo = _geometry(store, root_meta)
+    sizes = store.logged_sizes()
     families = []
     for level in geo:
         for name in _composed_family_names(store, level):
             delta = int(name)  # "+2", "-3"
             fine = level if delta > 0 else level + delta
             base = nm.links_family_path(level, delta)
-            left = store.sizes(base)
-            stale = [rel for rel in _recomposed_cells(left, level, delta, geo,
-                                                      only.get(fine, set()))
+            recomposed = only.get(fine, set())
+            if not recomposed and not any(k.startswith(f"{base}/") for k in sizes):
+                continue  # untouched: its documents stand
+            cells = cm.with_changes(cm.documented_family(store, level, delta), base, sizes)
+            stale = [f"{base}/{rel}" for rel in _recomposed_cells(cells, level, delta, geo,
+                                                                   recomposed)
                      if f"{base}/{rel}" not in logged]
-            for rel in stale:
-                del left[rel]
-            store.remove_noted([f"{base}/{rel}" for rel in stale])
-            segs_left = {rel.partition("/c/")[0] for rel in left if "/c/" in rel}
+            old = store.sizes_of(stale)
+            store.remove_noted(stale, old)
+            for key in stale:
+                sizes[key] = (old[key], -1)
+                del cells[key[len(base) + 1:]]
+            segs_left = {rel.partition("/c/")[0] for rel in cells}
             for seg in store.listdir(base):
                 if seg != "zarr.json" and seg not in segs_left:
                     store.remove_tree(f"{base}/{seg}")
             if not segs_left:
                 store.remove_tree(base)
                 continue
-            families.append(cm.family_on_disk(store, level, delta, *geo[level]["grid"],
-                                              sizes=left))
+            families.append(cm.family_after(store, level, delta, *geo[level]["grid"],
+                                            cells, sizes))
     return families

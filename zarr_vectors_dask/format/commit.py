@@ -23,8 +23,8 @@ from . import naming as nm
 __all__ = ["LinkFamily", "LevelCommit", "family_docs", "read_root_attrs", "write_root_attrs",
            "refresh_ome_nodes", "level_dirs", "published_levels", "write_level_arrays",
            "write_families", "publish_level", "commit_level", "commit_cross_level", "read_family",
-           "family_on_disk",
-           "dumps"]
+           "documented_cells", "documented_family", "with_changes",
+           "cells_moved", "family_after", "dumps"]
 
 
 @dataclass
@@ -37,6 +37,9 @@ class LinkFamily:
     grid: tuple[int, ...]
     cells: dict[str, list[tuple[tuple[int, ...], int]]] = field(default_factory=dict)
     shard_shape: tuple[int, ...] | None = None  # cells per storage object (None: one)
+    #: The family's record count when its cells' own are not known
+    #: (:func:`family_after`: their counts stand at 0).
+    counted_links: int | None = None
 
     def add(self, written: dict) -> None:
         for seg, items in written.items():
@@ -44,6 +47,8 @@ class LinkFamily:
 
     @property
     def num_links(self) -> int:
+        if self.counted_links is not None:
+            return self.counted_links
         return sum(n for items in self.cells.values() for _, n in items)
 
 
@@ -247,19 +252,71 @@ def read_family(store: Store, level: int, delta: int) -> dict[str, tuple[tuple[i
     return out
 
 
-def family_on_disk(store: Store, level: int, delta: int, origin, grid,
-                   sizes: dict | None = None) -> LinkFamily:
-    """A composed ``links/<delta>`` family of ``level`` as its cells on
-    disk say it, from one listing (``sizes``, when the caller has it):
-    chunk lists from the keys, record counts from the sizes (its cells are
-    written uncompressed, unsharded)."""
-    fam = LinkFamily(level, delta, tuple(origin), tuple(grid))
-    if sizes is None:
-        sizes = store.sizes(nm.links_family_path(level, delta))
-    for seg, cells in nm.segment_cells(sorted(sizes)).items():
-        chunks = map(tuple, nm.cell_chunks(cells, origin).tolist())
-        records = cdc.link_cells_records([sizes[f"{seg}/c/{c}"] for c in cells])
-        fam.cells[seg] = list(zip(chunks, records))
+# ------------------------------------- documents after a refresh's changes
+# A refresh rewrites a finished pyramid, whose documents name exactly its
+# cells: the documents after it are those plus the changes its writes
+# logged (``Store.logged_sizes``), with no listing of the arrays' cells.
+
+def documented_cells(store: Store, array_path: str) -> dict[str, None]:
+    """The cells a per-chunk array's document names (``c/<cell>`` paths
+    relative to the array; sizes unknown)."""
+    attrs = fdoc.node_attrs(store, array_path) or {}
+    origin = attrs.get(nm.ORIGIN)
+    out = {}
+    for key in attrs.get(nm.NONEMPTY) or ():
+        chunk = nm.parse_chunk_key(key)
+        out[nm.cell_path("", chunk, origin or (0,) * len(chunk))[1:]] = None
+    return out
+
+
+def documented_family(store: Store, level: int, delta: int) -> dict[str, None]:
+    """The cells a links family's offset-array documents name (paths
+    relative to the family; sizes unknown)."""
+    base = nm.links_family_path(level, delta)
+    segs = [seg for seg in store.listdir(base) if seg != "zarr.json"]
+    out = {}
+    for seg in segs:
+        for rel in documented_cells(store, f"{base}/{seg}"):
+            out[f"{seg}/{rel}"] = None
+    return out
+
+
+def with_changes(cells: dict, path: str, sizes: dict[str, tuple[int, int]]) -> dict:
+    """``cells`` (paths relative to ``path``) with the changed objects
+    under ``path`` applied: written ones with their new size, removed
+    ones gone."""
+    prefix = f"{path}/"
+    for key, (_, new) in sizes.items():
+        if key.startswith(prefix) and "/c/" in key:
+            if new < 0:
+                cells.pop(key[len(prefix):], None)
+            else:
+                cells[key[len(prefix):]] = new
+    return cells
+
+
+def cells_moved(sizes: dict[str, tuple[int, int]], path: str, count) -> int:
+    """How much the changed cells under ``path`` moved a count whose
+    value per cell is ``count(size)`` (absent: 0)."""
+    prefix, total = f"{path}/", 0
+    for key, (old, new) in sizes.items():
+        if key.startswith(prefix) and "/c/" in key:
+            total += (count(new) if new >= 0 else 0) - (count(old) if old >= 0 else 0)
+    return total
+
+
+def family_after(store: Store, level: int, delta: int, origin, grid, cells: dict,
+                 sizes: dict[str, tuple[int, int]]) -> LinkFamily:
+    """A links family after a refresh: its chunk lists from ``cells`` (the
+    documented cells with the changes applied), its record count the
+    documented one moved by the changed cells' (read before the refresh
+    writes the family's documents)."""
+    base = nm.links_family_path(level, delta)
+    n = int((fdoc.node_attrs(store, base) or {}).get("num_links") or 0)
+    n += cells_moved(sizes, base, cdc.link_cell_records)
+    fam = LinkFamily(level, delta, tuple(origin), tuple(grid), counted_links=n)
+    for seg, keys in nm.segment_cells(sorted(cells)).items():
+        fam.cells[seg] = [(c, 0) for c in map(tuple, nm.cell_chunks(keys, origin).tolist())]
     return fam
 
 

@@ -1,6 +1,7 @@
 """A step restricted to chunks (a refresh), driver side: its region from
 one listing of the source level's ``+1`` cells, and, once its graph ran,
-the stale cells it removes and the documents it writes from a listing.
+the stale cells it removes and the documents it writes: the documents it
+found plus the changes its writes logged (no listing of the cells).
 
 The graph is the build's (``graph.step_graph(region=...)``); what is
 recomputed and why it equals a full build is ``planning.region``'s
@@ -17,13 +18,14 @@ from ..errors import BuildError
 from ..format import cells as fcells
 from ..format import codecs as cdc
 from ..format import commit as cm
+from ..format import documents as fdoc
 from ..format import naming as nm
 from ..planning.region import ChunkRegion, chunk_region
 from ..storage.store import Store
 from .spec import StepRegion, StepSpec, grid_coords, grid_numbers
 
 __all__ = ["RegionNotApplicable", "RegionPlans", "changed_objects", "changed_cells",
-           "plan_chunk_region", "step_region", "step_listing", "discard_stale",
+           "plan_chunk_region", "step_region", "step_cells", "discard_stale",
            "region_documents"]
 
 
@@ -82,21 +84,23 @@ def step_region(lv, region: ChunkRegion, n_old: int, old_rows: int = -1) -> Step
                       np.asarray(sorted(region.rows), dtype=np.int64), int(old_rows))
 
 
-def step_listing(store: Store, spec: StepSpec) -> dict[str, dict[str, int]]:
-    """Names and sizes under the folders a region step rewrote (the
-    target level's vertex arrays, the ``+1`` family into it and its
-    ``-1`` family): one listing each, for its sweep and its documents."""
+def step_cells(store: Store, spec: StepSpec, sizes: dict) -> dict[str, dict]:
+    """The cells under the arrays a region step rewrites (the target
+    level's vertex arrays, the ``+1`` family into it and its ``-1``
+    family), by array path: those their documents name (a refresh runs on
+    a finished pyramid, whose documents name exactly its cells) with the
+    step's logged changes (``sizes``, ``Store.logged_sizes``) applied."""
     t = spec.target_level
-    paths = [f"{t}/{nm.VERTICES}"]
+    out = {f"{t}/{a}": cm.documented_cells(store, f"{t}/{a}")
+           for a in (nm.VERTICES, nm.VERTEX_FRAGMENTS)}
+    fams = []
     if spec.links != "none":
-        paths.append(nm.links_family_path(spec.source_level, +1))
+        fams.append((spec.source_level, +1))
     if spec.links == "explicit":
-        paths.append(nm.links_family_path(t, -1))
-    out = {p: store.sizes(p) for p in paths}
-    # vertex_fragments: names only (no document counts its cells' bytes)
-    frags = f"{t}/{nm.VERTEX_FRAGMENTS}"
-    out[frags] = dict.fromkeys(store.keys_under(frags), 0)
-    return out
+        fams.append((t, -1))
+    for level, delta in fams:
+        out[nm.links_family_path(level, delta)] = cm.documented_family(store, level, delta)
+    return {path: cm.with_changes(cells, path, sizes) for path, cells in out.items()}
 
 
 def _region_cells(spec: StepSpec, region: StepRegion, listing: dict) -> list[str]:
@@ -122,14 +126,17 @@ def _region_cells(spec: StepSpec, region: StepRegion, listing: dict) -> list[str
 
 
 def discard_stale(store: Store, spec: StepSpec, region: StepRegion, logged: set[str],
-                  listing: dict) -> list[str]:
+                  listing: dict, sizes: dict) -> list[str]:
     """Remove the region's cells its step did not write (emptied chunks,
     links that vanished) and the offset arrays left without cells;
-    returns what was removed (logged as changed before it goes).
-    ``listing`` (:func:`step_listing`) is kept to what is left."""
+    returns what was removed (logged as changed, with its size, before it
+    goes; added to ``sizes``).  ``listing`` (:func:`step_cells`) is kept
+    to what is left."""
     gone = [k for k in _region_cells(spec, region, listing) if k not in logged]
-    store.remove_noted(gone)
+    old = store.sizes_of(gone)
+    store.remove_noted(gone, old)
     for key in gone:
+        sizes[key] = (old[key], -1)
         path = next(p for p in listing if key.startswith(p + "/"))
         del listing[path][key[len(path) + 1:]]
     for fam in (nm.links_family_path(spec.source_level, +1),
@@ -142,8 +149,6 @@ def discard_stale(store: Store, spec: StepSpec, region: StepRegion, logged: set[
                 store.note_changed([f"{fam}/{seg}/zarr.json"])
                 store.remove_tree(f"{fam}/{seg}")
                 gone.append(f"{fam}/{seg}/zarr.json")
-                listing[fam] = {r: n for r, n in listing[fam].items()
-                                if not r.startswith(f"{seg}/")}
     return gone
 
 
@@ -160,29 +165,31 @@ def changed_cells(store: Store, lv) -> set:
     return out
 
 
-def region_documents(store: Store, spec: StepSpec, listing: dict) -> int:
-    """The target level's array documents (and its ``±1`` families') as
-    its cells on disk say them (``listing``, after the sweep); returns its
-    vertex count.  Only documents whose bytes differ are written (a
-    refresh's store)."""
+def region_documents(store: Store, spec: StepSpec, listing: dict, sizes: dict) -> int:
+    """The target level's array documents (and its ``±1`` families'): chunk
+    lists from ``listing`` (after the sweep), counts from the documents as
+    the step found them moved by its changes (``sizes``); returns the
+    level's vertex count.  Only documents whose bytes differ are written
+    (a refresh's store)."""
     t = spec.target_level
-    cells = {rel[2:]: size for rel, size in listing[f"{t}/{nm.VERTICES}"].items()
-             if rel.startswith("c/")}
-    at = map(tuple, nm.cell_chunks(list(cells), spec.target_origin).tolist())
+    cells = [rel[2:] for rel in listing[f"{t}/{nm.VERTICES}"] if rel.startswith("c/")]
+    chunks = map(tuple, nm.cell_chunks(cells, spec.target_origin).tolist())
+    level = (fdoc.node_attrs(store, str(t)) or {}).get("zarr_vectors_level") or {}
     # framed float32 rows
-    vertex_chunks = [(c, (int(size) - 8) // (4 * spec.ndim)) for c, size in zip(at, cells.values())]
+    n_meta = int(level.get("vertex_count") or 0) + cm.cells_moved(
+        sizes, f"{t}/{nm.VERTICES}", lambda size: (size - 8) // (4 * spec.ndim))
     families = []
     if spec.links != "none":
-        fam = nm.links_family_path(spec.source_level, +1)
-        families.append(cm.family_on_disk(store, spec.source_level, +1, spec.source_origin,
-                                          spec.source_grid_shape, sizes=listing[fam]))
+        families.append(cm.family_after(
+            store, spec.source_level, +1, spec.source_origin, spec.source_grid_shape,
+            listing[nm.links_family_path(spec.source_level, +1)], sizes))
     if spec.links == "explicit":
-        fam = nm.links_family_path(t, -1)
-        families.append(cm.family_on_disk(store, t, -1, spec.target_origin,
-                                          spec.target_grid_shape, sizes=listing[fam]))
+        families.append(cm.family_after(
+            store, t, -1, spec.target_origin, spec.target_grid_shape,
+            listing[nm.links_family_path(t, -1)], sizes))
     cm.write_level_arrays(store, t, spec.target_origin, spec.target_grid_shape,
-                          sorted(vertex_chunks), families, sid_ndim=spec.ndim)
-    return int(sum(n for _, n in vertex_chunks))
+                          sorted((c, 0) for c in chunks), families, sid_ndim=spec.ndim)
+    return n_meta
 
 
 class RegionPlans:

@@ -27,7 +27,7 @@ from . import graph as sgraph
 from .cells import ShardRoute
 from .exchange import drop_exchange
 from .region import (RegionNotApplicable, changed_cells, discard_stale, region_documents,
-                     step_listing, step_region)
+                     step_cells, step_region)
 from .source import SourceLevel, chunk_table, manifest_rows, read_source_level
 from .spec import LevelPair, StepSpec
 
@@ -208,8 +208,9 @@ def _run_region_step(client, store: Store, lv: LevelPlan, region: ChunkRegion, *
                      sparsity_strategy: str, sparsity_seed, progress: Callable | None = None,
                      vertex_attributes=None, attribute_aggregation=None) -> StepReport:
     """The step restricted to ``region`` on a ``changes_only`` store: its
-    graph, then the region's stale cells removed, the documents from a
-    listing, and the level published (only what differs is written)."""
+    graph, then the region's stale cells removed, the documents from those
+    it found and the logged changes, and the level published (only what
+    differs is written)."""
     t_start = time.perf_counter()
     report = StepReport(target_level=lv.target_level)
     src = read_source_level(store, lv.source_level, root_meta.sid_ndim)
@@ -231,9 +232,10 @@ def _run_region_step(client, store: Store, lv: LevelPlan, region: ChunkRegion, *
     out = execute(client, graph, token, report, name=f"level {lv.target_level} (region)",
                   progress=progress)
     t0 = time.perf_counter()
-    listing = step_listing(store, spec)
-    discard_stale(store, spec, sreg, store.logged_keys(), listing)  # logs what it removes
-    n_meta = region_documents(store, spec, listing)
+    sizes = store.logged_sizes()
+    listing = step_cells(store, spec, sizes)
+    discard_stale(store, spec, sreg, store.logged_keys(), listing, sizes)  # logs what it removes
+    n_meta = region_documents(store, spec, listing, sizes)
     if n_meta == 0:
         raise RegionNotApplicable(f"level {lv.target_level} comes out empty")
     _publish(store, lv, src, root_meta, n_meta, present + out["present_delta"],

@@ -384,8 +384,9 @@ class Store(abc.ABC):
     def _changed(self, items: dict[str, bytes]) -> dict[str, bytes]:
         """Log ``items``' keys (before writing: a log lists at least what
         was written), then keep the items whose bytes differ, logged as
-        changed.  The project's own sidecar (scratch, records) is neither
-        logged nor compared."""
+        changed with their sizes before and after (:meth:`logged_sizes`).
+        The project's own sidecar (scratch, records) is neither logged nor
+        compared."""
         logged = [k for k in items if not k.startswith(SIDECAR_PREFIX)]
         if not logged:
             return items
@@ -393,19 +394,23 @@ class Store(abc.ABC):
         old = self.get_many(logged)
         out = {k: v for k, v in items.items()
                if k not in old or old[k] is None or old[k] != bytes(v)}
-        self._log("changed", [k for k in out if k in old])
+        self._log("changed", [_size_line(k, _nbytes(old[k]), _nbytes(out[k]))
+                              for k in out if k in old])
         return out
 
     def note_changed(self, keys: list[str]) -> None:
         """Log ``keys`` as changed (objects a rewrite removed)."""
         self._log("changed", keys)
 
-    def remove_noted(self, keys: list[str]) -> None:
+    def remove_noted(self, keys: list[str], sizes: dict[str, int] | None = None) -> None:
         """Remove ``keys``, on a :meth:`changes_only` store logged as
         changed first: a rewrite killed between the two still knows what
-        it removed (the composition redoes the chains through them)."""
+        it removed (the composition redoes the chains through them).
+        ``sizes`` (:meth:`sizes_of`): logged with them, as :meth:`_changed`
+        logs a write."""
         if self.write_log is not None:
-            self.note_changed(list(keys))
+            self.note_changed(list(keys) if sizes is None else
+                              [_size_line(k, sizes[k], -1) for k in keys])
         for k in keys:
             self.remove_tree(k)
 
@@ -413,13 +418,43 @@ class Store(abc.ABC):
         if keys:
             self._write({_log_name(self.write_log, kind): "\n".join(keys).encode()}, atomic=True)
 
-    def logged_keys(self, kind: str = "written") -> set[str]:
-        """Every key the writes through :meth:`changes_only` stores with
-        this ``write_log`` logged as ``kind`` (``written`` or ``changed``)."""
+    def _log_lines(self, kind: str) -> list[str]:
         folder = f"{self.write_log}/{kind}"
         names = self.keys_under(folder)
         blobs = self.get_many([f"{folder}/{n}" for n in names])
-        return {k for b in blobs.values() if b for k in b.decode().split("\n") if k}
+        return [line for b in blobs.values() if b for line in b.decode().split("\n") if line]
+
+    def logged_keys(self, kind: str = "written") -> set[str]:
+        """Every key the writes through :meth:`changes_only` stores with
+        this ``write_log`` logged as ``kind`` (``written`` or ``changed``)."""
+        return {line.partition("\t")[0] for line in self._log_lines(kind)}
+
+    def logged_sizes(self) -> dict[str, tuple[int, int]]:
+        """``{key: (size before, size after)}`` (-1: absent) of every object
+        these writes changed and logged with sizes.  A key logged twice
+        (a task's retry before its write landed) must say the same twice:
+        else the log cannot tell the object's first state, and this raises
+        naming it."""
+        out: dict[str, tuple[int, int]] = {}
+        for line in self._log_lines("changed"):
+            key, tab, rest = line.partition("\t")
+            if not tab:
+                continue
+            old, new = (int(x) for x in rest.split("\t"))
+            if out.setdefault(key, (old, new)) != (old, new):
+                raise StoreError(f"{self.describe(key)}: the write log {self.write_log!r} "
+                                 f"records two changes of it ({out[key]} and {(old, new)} "
+                                 f"bytes before and after)")
+        return out
+
+    def sizes_of(self, keys: Iterable[str]) -> dict[str, int]:
+        """Byte size of each of ``keys`` (-1: absent), one request each."""
+        def _size(k):
+            try:
+                return int(self.fs.size(self.path(k)))
+            except FileNotFoundError:
+                return -1
+        return {k: with_retries(lambda k=k: _size(k), what=self.describe(k)) for k in keys}
 
     def exists(self, key: str) -> bool:
         return with_retries(lambda: self.fs.exists(self.path(key)), what=self.describe(key))
@@ -617,6 +652,15 @@ class LocalStore(Store):
 
     def keys_under(self, key: str) -> list[str]:
         return _local_names(self.path(key).rstrip("/"))
+
+    def sizes_of(self, keys: Iterable[str]) -> dict[str, int]:
+        out = {}
+        for k in keys:
+            try:
+                out[k] = os.stat(self.path(k)).st_size
+            except (FileNotFoundError, NotADirectoryError):
+                out[k] = -1
+        return out
 
     def remove_empty_dir(self, key: str) -> None:
         try:
@@ -891,6 +935,20 @@ def _make_retrying_store_cls():
             await self._retry(lambda: self._store.delete(key))
 
     return RetryingStore
+
+
+def _nbytes(v) -> int:
+    """Size of a stored or to-be-written object (-1: None, absent)."""
+    if v is None:
+        return -1
+    if isinstance(v, Parts):
+        return sum(memoryview(b).nbytes for b in v.buffers)
+    return memoryview(v).nbytes
+
+
+def _size_line(key: str, old: int, new: int) -> str:
+    """A ``changed`` log line with the object's sizes (:meth:`Store.logged_sizes`)."""
+    return f"{key}\t{int(old)}\t{int(new)}"
 
 
 def _log_name(write_log: str, kind: str) -> str:
