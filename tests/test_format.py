@@ -149,3 +149,45 @@ def test_bulk_cell_parsing_refuses_a_key_of_another_rank():
     from zarr_vectors_dask.format import naming as nm
     with pytest.raises(ValueError, match="cell key '0/0' does not name a 3-d chunk"):
         nm.cell_chunks(["0/0", "0/0/0/0"], (0, 0, 0))
+
+
+def test_a_family_after_logged_changes_has_the_documents_of_its_cells(tmp_path):
+    """``commit.family_after``: a links family's documents from the ones it
+    had plus the changes a ``changes_only`` store logged (a cell rewritten
+    with more records, one new in a new offset array, one removed) equal
+    the documents of the family written whole from its cells."""
+    from zarr_vectors_dask.format import commit as cm
+    from zarr_vectors_dask.format import naming as nm
+    from zarr_vectors_dask.storage.store import Store
+
+    def cells(counts):  # {(offset, chunk): records} -> store items
+        out = {}
+        for (seg, chunk), n in counts.items():
+            rows = np.arange(2 * n, dtype=np.int64).reshape(n, 2)
+            out[nm.cell_path(f"{base}/{seg}", chunk, (0, 0))] = \
+                bytes(cdc.framed_link_cells(rows, [0], [n])[0])
+        return out
+
+    def family(counts):
+        fam = cm.LinkFamily(1, 2, (0, 0), (4, 4))
+        for (seg, chunk), n in sorted(counts.items()):
+            fam.cells.setdefault(seg, []).append((chunk, n))
+        return fam
+
+    base = nm.links_family_path(1, 2)
+    before = {("0.0", (0, 0)): 3, ("0.0", (1, 2)): 1, ("1.0", (2, 2)): 4}
+    after = {("0.0", (0, 0)): 5, ("1.0", (2, 2)): 4, ("0.1", (3, 1)): 2}
+    st = Store.from_url(str(tmp_path))
+    st.put_many(cells(before))
+    cm.write_families(st, [family(before)], sid_ndim=2)
+    ch = st.changes_only(".zvdask/log")
+    ch.put_many(cells(after))
+    gone = [nm.cell_path(f"{base}/0.0", (1, 2), (0, 0))]
+    ch.remove_noted(gone, ch.sizes_of(gone))
+    sizes = ch.logged_sizes()
+    documented = cm.documented_family(st, 1, 2)
+    assert sorted(documented) == ["0.0/c/0/0", "0.0/c/1/2", "1.0/c/2/2"]
+    got = cm.family_after(st, 1, 2, (0, 0), (4, 4), cm.with_changes(documented, base, sizes),
+                          sizes)
+    assert got.num_links == 11
+    assert cm.family_docs(st, got, 2) == cm.family_docs(st, family(after), 2)

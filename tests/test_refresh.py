@@ -716,6 +716,33 @@ def test_on_s3_etags_decide_and_refresh_equals_full_rebuild(s3_server, built, tm
     assert diff.identical, diff.summary()
 
 
+def test_on_s3_an_in_place_edit_is_refreshed_by_chunks_equal_to_a_full_rebuild(
+        s3_server, built, full_rebuild, tmp_path, local_client):
+    """The chunk region on S3: its stale cells found from the documents,
+    their sizes asked of the server, the documents moved by the logged
+    changes.  Level 0 is edited by EditSession on a local copy and its
+    changed objects uploaded, as a sync would."""
+    fs = s3_server.fs()
+    bucket = s3_server.new_bucket()
+    fs.put(str(built), f"{bucket}/x.zv", recursive=True)
+    url, opts = s3_server.url(bucket, "x.zv"), s3_server.storage_options
+    edited = tmp_path / "edited.zv"
+    shutil.copytree(built, edited)
+    _edit(edited, "edit_vertex", False)
+    diff = compare_raw_files(built, edited, ignore=_sidecar)
+    assert diff.differing and not diff.only_in_expected, diff.summary()
+    for rel in diff.differing + diff.only_in_actual:
+        fs.pipe(f"{bucket}/x.zv/{rel}", (edited / rel).read_bytes())
+    report = zd.refresh_pyramid(url, client=local_client, storage_options=opts)
+    assert report.region.kind == "chunks" and report.summary["region"] == "chunks", report
+    got = tmp_path / "got.zv"
+    fs.invalidate_cache()
+    fs.get(f"{bucket}/x.zv", str(got), recursive=True)
+    diff = compare_raw_files(full_rebuild("edit_vertex", False), got, ignore=_sidecar)
+    assert diff.identical, diff.summary()
+    assert zd.pyramid_status(url, storage_options=opts).state == "current"
+
+
 # ------------------------------------------------------------ whole levels, in place
 def _digests(root) -> dict[str, tuple[bytes, int, int]]:
     """Every file's bytes, inode and mtime, by path relative to ``root``."""
@@ -907,6 +934,9 @@ elif moment == "attributed":
     after_call("rewrite_attributes", 1)
 elif moment == "composed":
     after_call("compose_links", 1)
+elif moment == "committed":  # the composed families' documents written
+    from zarr_vectors_dask.format import commit
+    after_call("commit_cross_level", 1, commit)
 elif moment == "swept-all":
     after_call("discard_unwritten", {"chunks": 1, "appended": 2}.get(how, 3))
 """ + _DRIVER_TAIL
@@ -932,6 +962,31 @@ def test_in_place_refresh_killed_at_each_moment_then_finished_ends_equal(
     full rebuild."""
     _kill_then_finish(dask_cluster, built, full_rebuild, tmp_path, edit="edit_vertex",
                       driver_src=_IN_PLACE_KILLER, moment=moment, then=then)
+
+
+def test_deep_region_refresh_killed_after_its_composed_documents_ends_equal(
+        dask_cluster, tmp_path, local_client):
+    """Four levels, so that an in-place edit (an object's manifest row
+    emptied) changes a composed family's record count (``1/links/+2`` has
+    one record per level-1 vertex): SIGKILL the driver once the composed
+    families' documents are written.  The rerun must not add the first
+    attempt's logged changes to documents that already hold them."""
+    kw = dict(KW, factors=[(2, 1), (2, 1), (2, 2)])
+    built = tmp_path / "deep.zv"
+    make_streamlines(str(built), seed=5, n_objects=40)
+    zd.build_pyramid(str(built), client=local_client, **kw)
+    expected = tmp_path / "deep-full.zv"
+    shutil.copytree(built, expected)
+    _edit(expected, "remove_object", False)
+    zd.build_pyramid(str(expected), client=local_client, overwrite=True, **kw)
+
+    def num_links(path):
+        with open(path / "1" / "links" / "+2" / "zarr.json") as fh:
+            return json.load(fh)["attributes"]["num_links"]
+    assert num_links(expected) != num_links(built)  # else the test shows nothing
+    _kill_then_finish(dask_cluster, built, lambda *a: expected, tmp_path / "run",
+                      edit="remove_object", driver_src=_IN_PLACE_KILLER,
+                      moment="chunks:committed", then="refresh")
 
 
 @pytest.mark.parametrize("moment,then", [

@@ -54,3 +54,33 @@ def test_changes_only_compares_parts_by_their_joined_bytes(tmp_path):
     ch.put_many({"a/c/0": Parts(b"ab", b"cd"), "a/c/1": Parts(b"x", b"z")})
     assert st.get("a/c/1") == b"xz"
     assert sorted(ch.logged_keys("changed")) == ["a/c/1"]
+
+
+@pytest.mark.parametrize("url", ["local", "memory://zvsizes"])
+def test_changes_only_logs_each_changed_objects_sizes(tmp_path, url):
+    """What a refresh's documents are computed from: every object a
+    ``changes_only`` store wrote anew, rewrote or removed, with its size
+    before and after (-1: absent); objects found equal are not there."""
+    from zarr_vectors_dask.storage.store import Parts
+    st = Store.from_url(str(tmp_path) if url == "local" else url)
+    st.put_many({"a/c/0": b"abcd", "a/c/1": b"xy", "a/c/3": b"q"})
+    ch = st.changes_only(".zvdask/sizes-log")
+    ch.put_many({"a/c/0": b"abcd", "a/c/1": Parts(b"x", b"yz"), "a/c/2": b"12345"})
+    assert ch.sizes_of(["a/c/3", "a/c/9"]) == {"a/c/3": 1, "a/c/9": -1}
+    ch.remove_noted(["a/c/3"], ch.sizes_of(["a/c/3"]))
+    ch.note_changed(["a/zarr.json"])  # no sizes: a key only
+    assert ch.logged_sizes() == {"a/c/1": (2, 3), "a/c/2": (-1, 5), "a/c/3": (1, -1)}
+    assert ch.logged_keys("changed") == {"a/c/1", "a/c/2", "a/c/3", "a/zarr.json"}
+    assert st.get("a/c/3") is None
+
+
+def test_logged_sizes_refuse_two_different_changes_of_one_object(tmp_path):
+    """An object changed twice under one log cannot say its first state:
+    the refresh's documents would be wrong, so the log refuses, naming it."""
+    from zarr_vectors_dask.storage.store import StoreError
+    st = Store.from_url(str(tmp_path))
+    ch = st.changes_only(".zvdask/sizes-log")
+    ch.put_many({"a/c/1": b"xy"})
+    ch.put_many({"a/c/1": b"xyz"})
+    with pytest.raises(StoreError, match="a/c/1.*two changes"):
+        ch.logged_sizes()
