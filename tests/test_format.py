@@ -1,5 +1,7 @@
 """Codecs in ``format.py`` against zarr-vectors' own encoders (no I/O)."""
 
+import json
+
 import numpy as np
 import pytest
 from zarr_vectors.encoding.ragged import encode_ragged_blob
@@ -104,8 +106,9 @@ def test_vlen_array_doc_is_zarrs_own_document(shard):
 
 def test_bulk_cell_parsing_equals_the_per_cell_functions():
     """``cell_chunks``/``linked_chunks``/``segment_cells`` (a listing parsed
-    in one go) give what ``cell_chunk``/``linked_chunk`` give cell by cell:
-    origins below zero, negative offsets, scales both ways, 1-3 axes."""
+    in one go) give what ``cell_chunk``/``linked_chunk`` give cell by cell,
+    and ``chunks_linking_to`` inverts ``linked_chunk``: origins below zero,
+    negative offsets, scales both ways, 1-3 axes."""
     import random
 
     from zarr_vectors_dask.format import naming as nm
@@ -129,13 +132,15 @@ def test_bulk_cell_parsing_equals_the_per_cell_functions():
         for c in chunks:
             want_map.setdefault(c, set()).add(nm.linked_chunk(c, offset, s_from, s_to))
         assert nm.link_map([(offset, got)], s_from, s_to) == want_map
+        # the inverse: every chunk that links into the targets, and no other
         some = set(rnd.sample(chunks, len(chunks) // 2))
-        assert nm.cells_of_chunks(listing, origin, some) == \
-            [nm.cell_path(offset, c, origin) for c in chunks if c in some]
         linked = {nm.linked_chunk(c, offset, s_from, s_to) for c in some}
-        assert nm.cells_of_chunks(listing, origin, linked, (s_from, s_to)) == \
-            [nm.cell_path(offset, c, origin) for c in chunks
-             if nm.linked_chunk(c, offset, s_from, s_to) in linked]
+        back = nm.chunks_linking_to(linked, offset, s_from, s_to)
+        assert {nm.chunk_key(c) for c in some} <= back
+        for key in back:
+            assert nm.linked_chunk(nm.parse_chunk_key(key), offset, s_from, s_to) in linked
+        for c in chunks:
+            assert (nm.chunk_key(c) in back) == (nm.linked_chunk(c, offset, s_from, s_to) in linked)
 
 
 def test_link_records_of_many_cells_and_a_torn_one():
@@ -151,11 +156,13 @@ def test_bulk_cell_parsing_refuses_a_key_of_another_rank():
         nm.cell_chunks(["0/0", "0/0/0/0"], (0, 0, 0))
 
 
-def test_a_family_after_logged_changes_has_the_documents_of_its_cells(tmp_path):
-    """``commit.family_after``: a links family's documents from the ones it
-    had plus the changes a ``changes_only`` store logged (a cell rewritten
-    with more records, one new in a new offset array, one removed) equal
-    the documents of the family written whole from its cells."""
+def test_documents_after_logged_changes_are_those_of_the_cells(tmp_path):
+    """``commit.CellsAfter`` and ``family_documents_after``: a links family's
+    documents from the ones it had plus the changes a ``changes_only``
+    store logged (a cell rewritten with more records, one new in a new
+    offset array, one removed, emptying its array) equal the documents of
+    the family written whole from its cells; untouched arrays are not
+    written again."""
     from zarr_vectors_dask.format import commit as cm
     from zarr_vectors_dask.format import naming as nm
     from zarr_vectors_dask.storage.store import Store
@@ -175,19 +182,25 @@ def test_a_family_after_logged_changes_has_the_documents_of_its_cells(tmp_path):
         return fam
 
     base = nm.links_family_path(1, 2)
-    before = {("0.0", (0, 0)): 3, ("0.0", (1, 2)): 1, ("1.0", (2, 2)): 4}
+    before = {("0.0", (0, 0)): 3, ("0.0", (1, 2)): 1, ("1.0", (2, 2)): 4, ("1.1", (0, 3)): 2}
     after = {("0.0", (0, 0)): 5, ("1.0", (2, 2)): 4, ("0.1", (3, 1)): 2}
     st = Store.from_url(str(tmp_path))
     st.put_many(cells(before))
     cm.write_families(st, [family(before)], sid_ndim=2)
     ch = st.changes_only(".zvdask/log")
     ch.put_many(cells(after))
-    gone = [nm.cell_path(f"{base}/0.0", (1, 2), (0, 0))]
+    gone = [nm.cell_path(f"{base}/0.0", (1, 2), (0, 0)), nm.cell_path(f"{base}/1.1", (0, 3), (0, 0))]
     ch.remove_noted(gone, ch.sizes_of(gone))
     sizes = ch.logged_sizes()
-    documented = cm.documented_family(st, 1, 2)
-    assert sorted(documented) == ["0.0/c/0/0", "0.0/c/1/2", "1.0/c/2/2"]
-    got = cm.family_after(st, 1, 2, (0, 0), (4, 4), cm.with_changes(documented, base, sizes),
-                          sizes)
-    assert got.num_links == 11
-    assert cm.family_docs(st, got, 2) == cm.family_docs(st, family(after), 2)
+    got = cm.CellsAfter()
+    got.read_family(st, 1, 2)
+    assert got.chunks == {f"{base}/0.0": {"0.0", "1.2"}, f"{base}/1.0": {"2.2"},
+                          f"{base}/1.1": {"0.3"}, f"{base}/0.1": set()}  # (its folder, no doc)
+    got.apply(sizes, base, (0, 0))
+    assert got.touched == {f"{base}/0.0", f"{base}/0.1", f"{base}/1.1"}
+    assert got.cells_in(f"{base}/0.0", {"0.0", "3.3"}, (0, 0)) == [f"{base}/0.0/c/0/0"]
+    docs = cm.family_documents_after(st, 1, 2, (0, 0), (4, 4), got, sizes, 2)
+    whole = cm.family_docs(st, family(after), 2)
+    assert sorted(docs) == [f"{base}/0.0/zarr.json", f"{base}/0.1/zarr.json", f"{base}/zarr.json"]
+    assert all(docs[k] == whole[k] for k in docs)  # 1.0's stands; 1.1 has no cells left
+    assert json.loads(docs[f"{base}/zarr.json"])["attributes"]["num_links"] == 11

@@ -408,7 +408,7 @@ def _close(c, st: Store, lock, plan: PyramidPlan, *, root_meta, n_workers: int, 
                                   shard_shape=shard_shape, only=only)
     if only is not None:
         lock.check()
-        fams = discard_recomposed(st, root_meta, only, st.logged_keys())
+        discard_recomposed(st, root_meta, only, st.logged_keys())  # writes its documents
     levels = cm.published_levels(st)
     lock.check()
     cm.commit_cross_level(

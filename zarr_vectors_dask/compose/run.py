@@ -98,52 +98,56 @@ def _composed_family_names(store: Store, level: int) -> list[str]:
     return [n for n in store.listdir(f"{level}/{nm.LINKS}") if nm.is_composed_family(n)]
 
 
-def _recomposed_cells(listing, level: int, delta: int, geo: dict, chunks: set) -> list[str]:
-    """The cells (paths in a composed family's ``listing``) that belong to
-    one of ``chunks`` of the family's fine level: a ``+N`` cell is keyed by
-    its fine chunk, a ``-N`` cell belongs to the fine chunk it mirrors."""
+def _recomposed_cells(cells: cm.CellsAfter, base: str, level: int, delta: int, geo: dict,
+                      chunks: set) -> list[str]:
+    """The cells of a composed family that belong to one of ``chunks`` of
+    its fine level: a ``+N`` cell is keyed by its fine chunk, a ``-N``
+    cell belongs to the fine chunk it mirrors."""
     if not chunks:
         return []
-    fine = level if delta > 0 else level + delta
-    return nm.cells_of_chunks(listing, geo[level]["grid"][0], chunks,
-                              link=None if delta > 0 else (geo[level]["scale"],
-                                                           geo[fine]["scale"]))
+    fine, origin = level + min(delta, 0), geo[level]["grid"][0]
+    keys = {nm.chunk_key(c) for c in chunks}
+    out = []
+    for array in sorted(a for a in cells.chunks if a.startswith(f"{base}/")):
+        at = keys if delta > 0 else nm.chunks_linking_to(
+            chunks, array[len(base) + 1:], geo[level]["scale"], geo[fine]["scale"])
+        out += cells.cells_in(array, at, origin)
+    return out
 
 
-def discard_recomposed(store: Store, root_meta, only: dict, logged: set[str]) -> list:
+def discard_recomposed(store: Store, root_meta, only: dict, logged: set[str]) -> None:
     """Remove the composed cells of the recomposed chunks that the rewrite
-    did not write (a ``-N`` cell belongs to the fine chunk it mirrors),
-    then the offset arrays and families left without cells.  Returns the
-    composed families the rewrite touched, as their documents named them
-    before it plus its logged changes (its first attempt only: a rerun
-    composes everything, ``api._composed_current``)."""
+    did not write, then the offset arrays and families left without
+    cells, and write the documents of the families it changed: as they
+    named their cells before it, plus its logged changes (its first
+    attempt only: a rerun composes everything, ``api._composed_current``)."""
     geo = _geometry(store, root_meta)
     sizes = store.logged_sizes()
-    families = []
+    docs: dict[str, bytes] = {}
     for level in geo:
         for name in _composed_family_names(store, level):
             delta = int(name)  # "+2", "-3"
-            fine = level if delta > 0 else level + delta
-            base = nm.links_family_path(level, delta)
-            recomposed = only.get(fine, set())
+            base, origin = nm.links_family_path(level, delta), geo[level]["grid"][0]
+            recomposed = only.get(level + min(delta, 0), set())
             if not recomposed and not any(k.startswith(f"{base}/") for k in sizes):
                 continue  # untouched: its documents stand
-            cells = cm.with_changes(cm.documented_family(store, level, delta), base, sizes)
-            stale = [f"{base}/{rel}" for rel in _recomposed_cells(cells, level, delta, geo,
-                                                                   recomposed)
-                     if f"{base}/{rel}" not in logged]
+            cells = cm.CellsAfter()
+            cells.read_family(store, level, delta)
+            cells.apply(sizes, base, origin)
+            stale = [k for k in _recomposed_cells(cells, base, level, delta, geo, recomposed)
+                     if k not in logged]
             old = store.sizes_of(stale)
             store.remove_noted(stale, old)
             for key in stale:
                 sizes[key] = (old[key], -1)
-                del cells[key[len(base) + 1:]]
-            segs_left = {rel.partition("/c/")[0] for rel in cells}
-            for seg in store.listdir(base):
-                if seg != "zarr.json" and seg not in segs_left:
-                    store.remove_tree(f"{base}/{seg}")
-            if not segs_left:
+                cells.remove(key, origin)
+            left = [a for a in cells.chunks if a.startswith(f"{base}/") and cells.chunks[a]]
+            if not left:
                 store.remove_tree(base)
                 continue
-            families.append(cm.family_after(store, level, delta, *geo[level]["grid"],
-                                            cells, sizes))
-    return families
+            for seg in store.listdir(base):
+                if seg != "zarr.json" and f"{base}/{seg}" not in left:
+                    store.remove_tree(f"{base}/{seg}")
+            docs.update(cm.family_documents_after(store, level, delta, origin, geo[level]["grid"][1],
+                                                  cells, sizes, root_meta.sid_ndim))
+    cm.write_documents(store, docs)

@@ -23,8 +23,8 @@ from . import naming as nm
 __all__ = ["LinkFamily", "LevelCommit", "family_docs", "read_root_attrs", "write_root_attrs",
            "refresh_ome_nodes", "level_dirs", "published_levels", "write_level_arrays",
            "write_families", "publish_level", "commit_level", "commit_cross_level", "read_family",
-           "documented_cells", "documented_family", "with_changes",
-           "cells_moved", "family_after", "dumps"]
+           "CellsAfter", "cells_moved", "family_documents_after", "vertex_documents_after",
+           "write_documents", "dumps"]
 
 
 @dataclass
@@ -37,9 +37,6 @@ class LinkFamily:
     grid: tuple[int, ...]
     cells: dict[str, list[tuple[tuple[int, ...], int]]] = field(default_factory=dict)
     shard_shape: tuple[int, ...] | None = None  # cells per storage object (None: one)
-    #: The family's record count when its cells' own are not known
-    #: (:func:`family_after`: their counts stand at 0).
-    counted_links: int | None = None
 
     def add(self, written: dict) -> None:
         for seg, items in written.items():
@@ -47,8 +44,6 @@ class LinkFamily:
 
     @property
     def num_links(self) -> int:
-        if self.counted_links is not None:
-            return self.counted_links
         return sum(n for items in self.cells.values() for _, n in items)
 
 
@@ -257,42 +252,51 @@ def read_family(store: Store, level: int, delta: int) -> dict[str, tuple[tuple[i
 # cells: the documents after it are those plus the changes its writes
 # logged (``Store.logged_sizes``), with no listing of the arrays' cells.
 
-def documented_cells(store: Store, array_path: str) -> dict[str, None]:
-    """The cells a per-chunk array's document names (``c/<cell>`` paths
-    relative to the array; sizes unknown)."""
-    attrs = fdoc.node_attrs(store, array_path) or {}
-    origin = attrs.get(nm.ORIGIN)
-    out = {}
-    for key in attrs.get(nm.NONEMPTY) or ():
-        chunk = nm.parse_chunk_key(key)
-        out[nm.cell_path("", chunk, origin or (0,) * len(chunk))[1:]] = None
-    return out
+@dataclass
+class CellsAfter:
+    """Per-chunk arrays after a refresh's changes: ``chunks`` (array path ->
+    keys of its non-empty chunks, ``"1.0.2"``) as their documents named
+    them with the logged changes applied; ``touched``: the arrays with a
+    changed cell (whose documents are written again)."""
 
+    chunks: dict[str, set[str]] = field(default_factory=dict)
+    touched: set[str] = field(default_factory=set)
 
-def documented_family(store: Store, level: int, delta: int) -> dict[str, None]:
-    """The cells a links family's offset-array documents name (paths
-    relative to the family; sizes unknown)."""
-    base = nm.links_family_path(level, delta)
-    segs = [seg for seg in store.listdir(base) if seg != "zarr.json"]
-    out = {}
-    for seg in segs:
-        for rel in documented_cells(store, f"{base}/{seg}"):
-            out[f"{seg}/{rel}"] = None
-    return out
+    def read(self, store: Store, array_path: str) -> None:
+        """Add an array as its document names its chunks."""
+        attrs = fdoc.node_attrs(store, array_path) or {}
+        self.chunks[array_path] = set(attrs.get(nm.NONEMPTY) or ())
 
+    def read_family(self, store: Store, level: int, delta: int) -> None:
+        """Add every offset array of a links family (its folders)."""
+        base = nm.links_family_path(level, delta)
+        for seg in store.listdir(base):
+            if seg != "zarr.json":
+                self.read(store, f"{base}/{seg}")
 
-def with_changes(cells: dict, path: str, sizes: dict[str, tuple[int, int]]) -> dict:
-    """``cells`` (paths relative to ``path``) with the changed objects
-    under ``path`` applied: written ones with their new size, removed
-    ones gone."""
-    prefix = f"{path}/"
-    for key, (_, new) in sizes.items():
-        if key.startswith(prefix) and "/c/" in key:
-            if new < 0:
-                cells.pop(key[len(prefix):], None)
-            else:
-                cells[key[len(prefix):]] = new
-    return cells
+    def apply(self, sizes: dict[str, tuple[int, int]], under: str, origin) -> None:
+        """Apply the changed cells under ``under`` (an array or a family)
+        whose chunk grid starts at ``origin``: written ones are there,
+        removed ones are not."""
+        prefix = f"{under}/"
+        for key, (_, new) in sizes.items():
+            array, sep, cell = key.partition("/c/")
+            if sep and key.startswith(prefix):
+                keys = self.chunks.setdefault(array, set())
+                chunk = nm.chunk_key(nm.cell_chunk(cell, origin))
+                keys.add(chunk) if new >= 0 else keys.discard(chunk)
+                self.touched.add(array)
+
+    def cells_in(self, array_path: str, chunks: set[str], origin) -> list[str]:
+        """Storage keys of the array's cells at ``chunks`` (chunk keys)."""
+        return [nm.cell_path(array_path, nm.parse_chunk_key(k), origin)
+                for k in sorted(self.chunks.get(array_path, set()) & chunks)]
+
+    def remove(self, key: str, origin) -> None:
+        """A cell the refresh removed."""
+        array, _, cell = key.partition("/c/")
+        self.chunks[array].discard(nm.chunk_key(nm.cell_chunk(cell, origin)))
+        self.touched.add(array)
 
 
 def cells_moved(sizes: dict[str, tuple[int, int]], path: str, count) -> int:
@@ -305,19 +309,47 @@ def cells_moved(sizes: dict[str, tuple[int, int]], path: str, count) -> int:
     return total
 
 
-def family_after(store: Store, level: int, delta: int, origin, grid, cells: dict,
-                 sizes: dict[str, tuple[int, int]]) -> LinkFamily:
-    """A links family after a refresh: its chunk lists from ``cells`` (the
-    documented cells with the changes applied), its record count the
-    documented one moved by the changed cells' (read before the refresh
-    writes the family's documents)."""
+def family_documents_after(store: Store, level: int, delta: int, origin, grid,
+                           cells: CellsAfter, sizes: dict, sid_ndim: int) -> dict[str, bytes]:
+    """The documents of a links family that a refresh changed: each
+    touched offset array's chunk list, and the family's record count (the
+    documented one moved by the changed cells'), read before they are
+    written again.  Offset arrays left without cells have none."""
     base = nm.links_family_path(level, delta)
-    n = int((fdoc.node_attrs(store, base) or {}).get("num_links") or 0)
-    n += cells_moved(sizes, base, cdc.link_cell_records)
-    fam = LinkFamily(level, delta, tuple(origin), tuple(grid), counted_links=n)
-    for seg, keys in nm.segment_cells(sorted(cells)).items():
-        fam.cells[seg] = [(c, 0) for c in map(tuple, nm.cell_chunks(keys, origin).tolist())]
-    return fam
+    segs = {a[len(base) + 1:] for a in cells.chunks if a.startswith(f"{base}/")}
+    docs = {}
+    for seg in sorted(segs):
+        path = f"{base}/{seg}"
+        if path in cells.touched and cells.chunks[path]:
+            attrs = fdoc.vlen_attributes_of_keys(
+                origin, cells.chunks[path], fdoc.link_array_attrs(_parse_offset(seg), delta))
+            docs[f"{path}/zarr.json"] = fdoc.vlen_array_doc(grid, attrs)
+    if docs or any(k.startswith(f"{base}/") for k in sizes):
+        n = int((fdoc.node_attrs(store, base) or {}).get("num_links") or 0)
+        n += cells_moved(sizes, base, cdc.link_cell_records)
+        docs[f"{base}/zarr.json"] = fdoc.batched_group_doc(
+            fdoc.link_family_attrs(delta, sid_ndim, n))
+        if store.get(f"{level}/{nm.LINKS}/zarr.json") is None:
+            docs[f"{level}/{nm.LINKS}/zarr.json"] = fdoc.group_doc({})
+    return docs
+
+
+def vertex_documents_after(level: int, origin, grid, cells: CellsAfter) -> dict[str, bytes]:
+    """The documents of a coarse level's vertex arrays after a refresh
+    (both list the vertex cells' chunks), if its vertex cells changed."""
+    path = f"{level}/{nm.VERTICES}"
+    if path not in cells.touched:
+        return {}
+    keys = cells.chunks[path]
+    return {f"{level}/{nm.VERTICES}/zarr.json": fdoc.vlen_array_doc(
+                grid, fdoc.vlen_attributes_of_keys(origin, keys, fdoc.vertices_attrs())),
+            f"{level}/{nm.VERTEX_FRAGMENTS}/zarr.json": fdoc.vlen_array_doc(
+                grid, fdoc.vlen_attributes_of_keys(origin, keys, fdoc.vertex_fragments_attrs()))}
+
+
+def write_documents(store: Store, docs: dict[str, bytes]) -> None:
+    """Documents of arrays already written, leaves first."""
+    _put_in_order(store, docs)
 
 
 def dumps(obj) -> str:  # for the build record

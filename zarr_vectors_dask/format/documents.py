@@ -166,8 +166,13 @@ def node_attrs(store: Store, path: str) -> dict | None:
 
 def vlen_attributes(origin: Sequence[int], chunks: Sequence[Sequence[int]], extra: dict) -> dict:
     """Attributes block of a per-chunk array in zarr-vectors' key order."""
+    return vlen_attributes_of_keys(origin, {chunk_key(c) for c in chunks}, extra)
+
+
+def vlen_attributes_of_keys(origin: Sequence[int], keys, extra: dict) -> dict:
+    """:func:`vlen_attributes` of the non-empty chunks' keys (``"1.0.2"``)."""
     # zarr-vectors keeps this list sorted as strings ("-1.0" before "-2.0").
-    attrs: dict[str, Any] = {NONEMPTY: sorted({chunk_key(c) for c in chunks})}
+    attrs: dict[str, Any] = {NONEMPTY: sorted(set(keys))}
     if any(int(o) != 0 for o in origin):
         attrs[ORIGIN] = [int(o) for o in origin]
     attrs.update(extra)

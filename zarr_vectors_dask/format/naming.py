@@ -3,6 +3,7 @@ chunk keys, link family paths, cell paths and exchange-file keys."""
 
 from __future__ import annotations
 
+import itertools
 from typing import Iterable, Sequence
 
 import numpy as np
@@ -11,8 +12,8 @@ __all__ = ["VERTICES", "VERTEX_FRAGMENTS", "VERTEX_ATTRIBUTES", "OBJECT_INDEX", 
            "LINKS", "NONEMPTY", "ORIGIN", "MANIFEST_BUCKET", "ATTRIBUTE_BUCKET",
            "CAP_PRESERVED_OBJECT_IDS", "CAP_SHARED_FRAGMENTS", "CAP_MULTISCALE_LINKS", "chunk_key",
            "parse_chunk_key", "format_delta", "format_offsets", "links_family_path", "cell_path",
-           "cell_chunk", "anchor", "linked_chunk", "segment_cells", "cell_chunks", "linked_chunks",
-           "link_map", "cells_of_chunks", "is_composed_family", "MANIFEST_DIGESTS",
+           "cell_chunk", "anchor", "linked_chunk", "chunks_linking_to", "segment_cells", "cell_chunks", "linked_chunks",
+           "link_map", "is_composed_family", "MANIFEST_DIGESTS",
            "EXCHANGE_DIR", "exchange_key"]
 
 
@@ -117,6 +118,24 @@ def linked_chunk(chunk: Sequence[int], offset: str, scale_from: Sequence[int],
                                        parse_chunk_key(offset)))
 
 
+def chunks_linking_to(targets: Iterable[Sequence[int]], offset: str,
+                      scale_from: Sequence[int], scale_to: Sequence[int]) -> set[str]:
+    """Keys of the chunks whose cell in the offset array ``offset`` links
+    to one of ``targets`` (the inverse of :func:`linked_chunk`): along an
+    axis, ``c * a // b == t - o`` for the ``c`` in
+    ``[ceil((t - o) b / a), ceil((t - o + 1) b / a))``."""
+    off = parse_chunk_key(offset)
+    out = set()
+    for t in targets:
+        ranges = []
+        for ti, o, a, b in zip(t, off, scale_from, scale_to):
+            lo = -((-(int(ti) - o) * int(b)) // int(a))  # ceil
+            hi = -((-(int(ti) - o + 1) * int(b)) // int(a))
+            ranges.append(range(lo, hi))
+        out.update(chunk_key(c) for c in itertools.product(*ranges))
+    return out
+
+
 def segment_cells(listing: Iterable[str]) -> dict[str, list[str]]:
     """A links family's files (paths relative to it) by offset array:
     ``{offset: [cell key below its c/]}``; documents are left out."""
@@ -157,21 +176,6 @@ def link_map(segments, scale_from: Sequence[int], scale_to: Sequence[int]) -> di
         dst = linked_chunks(src, seg, scale_from, scale_to)
         for c, d in zip(map(tuple, src.tolist()), map(tuple, dst.tolist())):
             out.setdefault(c, set()).add(d)
-    return out
-
-
-def cells_of_chunks(listing: Iterable[str], origin: Sequence[int], chunks: set,
-                    link: tuple | None = None) -> list[str]:
-    """The cells of a links family's ``listing`` (paths relative to it)
-    that belong to one of ``chunks``: the chunk a cell is keyed by, or with
-    ``link`` (``(scale_from, scale_to)``) the chunk it links to."""
-    out = []
-    for seg, cells in segment_cells(listing).items():
-        at = cell_chunks(cells, origin)
-        if link is not None:
-            at = linked_chunks(at, seg, *link)
-        out += [f"{seg}/c/{cell}" for cell, c in zip(cells, map(tuple, at.tolist()))
-                if c in chunks]
     return out
 
 

@@ -84,71 +84,71 @@ def step_region(lv, region: ChunkRegion, n_old: int, old_rows: int = -1) -> Step
                       np.asarray(sorted(region.rows), dtype=np.int64), int(old_rows))
 
 
-def step_cells(store: Store, spec: StepSpec, sizes: dict) -> dict[str, dict]:
-    """The cells under the arrays a region step rewrites (the target
-    level's vertex arrays, the ``+1`` family into it and its ``-1``
-    family), by array path: those their documents name (a refresh runs on
-    a finished pyramid, whose documents name exactly its cells) with the
-    step's logged changes (``sizes``, ``Store.logged_sizes``) applied."""
-    t = spec.target_level
-    out = {f"{t}/{a}": cm.documented_cells(store, f"{t}/{a}")
-           for a in (nm.VERTICES, nm.VERTEX_FRAGMENTS)}
-    fams = []
+def _families(spec: StepSpec) -> list[tuple[int, int, tuple]]:
+    """(level, delta, grid origin) of the links families a step writes."""
+    out = []
     if spec.links != "none":
-        fams.append((spec.source_level, +1))
+        out.append((spec.source_level, +1, spec.source_origin))
     if spec.links == "explicit":
-        fams.append((t, -1))
-    for level, delta in fams:
-        out[nm.links_family_path(level, delta)] = cm.documented_family(store, level, delta)
-    return {path: cm.with_changes(cells, path, sizes) for path, cells in out.items()}
+        out.append((spec.target_level, -1, spec.target_origin))
+    return out
 
 
-def _region_cells(spec: StepSpec, region: StepRegion, listing: dict) -> list[str]:
+def step_cells(store: Store, spec: StepSpec, sizes: dict) -> cm.CellsAfter:
+    """The chunks of the arrays a region step rewrites (the target level's
+    vertex arrays, the ``+1`` family into it and its ``-1`` family): those
+    their documents name (a refresh runs on a finished pyramid, whose
+    documents name exactly its cells) with the step's logged changes
+    (``sizes``, ``Store.logged_sizes``) applied."""
+    t, cells = spec.target_level, cm.CellsAfter()
+    for array in (nm.VERTICES, nm.VERTEX_FRAGMENTS):
+        cells.read(store, f"{t}/{array}")
+        cells.apply(sizes, f"{t}/{array}", spec.target_origin)
+    for level, delta, origin in _families(spec):
+        cells.read_family(store, level, delta)
+        cells.apply(sizes, nm.links_family_path(level, delta), origin)
+    return cells
+
+
+def _region_cells(spec: StepSpec, region: StepRegion, cells: cm.CellsAfter) -> list[str]:
     """Every stored cell the region's step rewrites whole: its targets'
     vertex cells and ``-1`` cells, and the ``+1`` cells into them."""
-    t, s = spec.target_level, spec.source_level
-    targets = set(map(tuple, grid_coords(region.targets, spec.target_origin,
-                                         spec.target_grid_shape).tolist()))
+    t = spec.target_level
+    coords = grid_coords(region.targets, spec.target_origin, spec.target_grid_shape).tolist()
+    targets = {nm.chunk_key(c) for c in coords}
     out = []
     for array in (nm.VERTICES, nm.VERTEX_FRAGMENTS):
-        cells = [rel[2:] for rel in listing[f"{t}/{array}"] if rel.startswith("c/")]
-        at = map(tuple, nm.cell_chunks(cells, spec.target_origin).tolist())
-        out += [f"{t}/{array}/c/{cell}" for cell, c in zip(cells, at) if c in targets]
-    fams = [(nm.links_family_path(s, +1), spec.source_origin, +1)]
-    if spec.links == "explicit":
-        fams.append((nm.links_family_path(t, -1), spec.target_origin, -1))
-    for fam, origin, delta in fams:
-        # a +1 cell is keyed by its source chunk: it belongs to its target
-        link = (spec.scale_source, spec.scale_target) if delta > 0 else None
-        out += [f"{fam}/{rel}"
-                for rel in nm.cells_of_chunks(listing.get(fam, ()), origin, targets, link)]
+        out += cells.cells_in(f"{t}/{array}", targets, spec.target_origin)
+    for level, delta, origin in _families(spec):
+        base = nm.links_family_path(level, delta)
+        for array in sorted(a for a in cells.chunks if a.startswith(f"{base}/")):
+            # a +1 cell is keyed by its source chunk: it belongs to its target
+            at = targets if delta < 0 else nm.chunks_linking_to(
+                coords, array[len(base) + 1:], spec.scale_source, spec.scale_target)
+            out += cells.cells_in(array, at, origin)
     return out
 
 
 def discard_stale(store: Store, spec: StepSpec, region: StepRegion, logged: set[str],
-                  listing: dict, sizes: dict) -> list[str]:
+                  cells: cm.CellsAfter, sizes: dict) -> list[str]:
     """Remove the region's cells its step did not write (emptied chunks,
     links that vanished) and the offset arrays left without cells;
     returns what was removed (logged as changed, with its size, before it
-    goes; added to ``sizes``).  ``listing`` (:func:`step_cells`) is kept
-    to what is left."""
-    gone = [k for k in _region_cells(spec, region, listing) if k not in logged]
+    goes; added to ``sizes`` and taken out of ``cells``)."""
+    gone = [k for k in _region_cells(spec, region, cells) if k not in logged]
     old = store.sizes_of(gone)
     store.remove_noted(gone, old)
+    origins = {nm.links_family_path(lv, d): o for lv, d, o in _families(spec)}
     for key in gone:
         sizes[key] = (old[key], -1)
-        path = next(p for p in listing if key.startswith(p + "/"))
-        del listing[path][key[len(path) + 1:]]
-    for fam in (nm.links_family_path(spec.source_level, +1),
-                nm.links_family_path(spec.target_level, -1)):
-        if fam not in listing:
-            continue
-        segs = {rel.partition("/")[0] for rel in listing[fam] if "/c/" in rel}
-        for seg in store.listdir(fam):
-            if seg != "zarr.json" and seg not in segs:
-                store.note_changed([f"{fam}/{seg}/zarr.json"])
-                store.remove_tree(f"{fam}/{seg}")
-                gone.append(f"{fam}/{seg}/zarr.json")
+        base = key.partition("/c/")[0].rsplit("/", 1)[0]
+        cells.remove(key, origins.get(base, spec.target_origin))
+    for base in origins:
+        for seg in store.listdir(base):
+            if seg != "zarr.json" and not cells.chunks.get(f"{base}/{seg}"):
+                store.note_changed([f"{base}/{seg}/zarr.json"])
+                store.remove_tree(f"{base}/{seg}")
+                gone.append(f"{base}/{seg}/zarr.json")
     return gone
 
 
@@ -165,30 +165,23 @@ def changed_cells(store: Store, lv) -> set:
     return out
 
 
-def region_documents(store: Store, spec: StepSpec, listing: dict, sizes: dict) -> int:
-    """The target level's array documents (and its ``±1`` families'): chunk
-    lists from ``listing`` (after the sweep), counts from the documents as
-    the step found them moved by its changes (``sizes``); returns the
-    level's vertex count.  Only documents whose bytes differ are written
-    (a refresh's store)."""
+def region_documents(store: Store, spec: StepSpec, cells: cm.CellsAfter, sizes: dict) -> int:
+    """The documents of the arrays the step changed (the target level's
+    vertex arrays, its ``±1`` families'): chunk lists from ``cells`` (after
+    the sweep), counts from the documents as the step found them moved by
+    its changes (``sizes``); returns the level's vertex count.  Only
+    documents whose bytes differ are written (a refresh's store)."""
     t = spec.target_level
-    cells = [rel[2:] for rel in listing[f"{t}/{nm.VERTICES}"] if rel.startswith("c/")]
-    chunks = map(tuple, nm.cell_chunks(cells, spec.target_origin).tolist())
     level = (fdoc.node_attrs(store, str(t)) or {}).get("zarr_vectors_level") or {}
     # framed float32 rows
     n_meta = int(level.get("vertex_count") or 0) + cm.cells_moved(
         sizes, f"{t}/{nm.VERTICES}", lambda size: (size - 8) // (4 * spec.ndim))
-    families = []
-    if spec.links != "none":
-        families.append(cm.family_after(
-            store, spec.source_level, +1, spec.source_origin, spec.source_grid_shape,
-            listing[nm.links_family_path(spec.source_level, +1)], sizes))
-    if spec.links == "explicit":
-        families.append(cm.family_after(
-            store, t, -1, spec.target_origin, spec.target_grid_shape,
-            listing[nm.links_family_path(t, -1)], sizes))
-    cm.write_level_arrays(store, t, spec.target_origin, spec.target_grid_shape,
-                          sorted((c, 0) for c in chunks), families, sid_ndim=spec.ndim)
+    docs = cm.vertex_documents_after(t, spec.target_origin, spec.target_grid_shape, cells)
+    for lv, delta, origin in _families(spec):
+        grid = spec.source_grid_shape if delta > 0 else spec.target_grid_shape
+        docs.update(cm.family_documents_after(store, lv, delta, origin, grid, cells, sizes,
+                                              spec.ndim))
+    cm.write_documents(store, docs)
     return n_meta
 
 

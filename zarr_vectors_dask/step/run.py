@@ -233,9 +233,9 @@ def _run_region_step(client, store: Store, lv: LevelPlan, region: ChunkRegion, *
                   progress=progress)
     t0 = time.perf_counter()
     sizes = store.logged_sizes()
-    listing = step_cells(store, spec, sizes)
-    discard_stale(store, spec, sreg, store.logged_keys(), listing, sizes)  # logs what it removes
-    n_meta = region_documents(store, spec, listing, sizes)
+    cells = step_cells(store, spec, sizes)
+    discard_stale(store, spec, sreg, store.logged_keys(), cells, sizes)  # logs what it removes
+    n_meta = region_documents(store, spec, cells, sizes)
     if n_meta == 0:
         raise RegionNotApplicable(f"level {lv.target_level} comes out empty")
     _publish(store, lv, src, root_meta, n_meta, present + out["present_delta"],
