@@ -1041,3 +1041,34 @@ def test_appending_refresh_killed_at_each_moment_then_finished_ends_equal(
     _kill_then_finish(dask_cluster, built, full_rebuild, tmp_path, edit="edit_vertex",
                       driver_src=_IN_PLACE_KILLER, moment=moment, then=then, atomic=True)
 
+
+
+def test_settle_drops_the_hashes_of_racy_cells_left_as_they_were(tmp_path, monkeypatch):
+    """``fingerprint.settle`` (a build's last step): a racy cell whose size,
+    mtime and bytes are still the recorded ones loses its hash (size and
+    mtime decide from then on); one rewritten with other bytes under the
+    same size and mtime, one grown, and one removed keep what they had."""
+    path = tmp_path / "s.zv"
+    make_streamlines(str(path), seed=2, n_objects=8)
+    st = Store.from_url(str(path))
+    cells = [k for k in fpm.list_source(st).entries if "/vertices/c/" in k][:4]
+    now = time.time_ns()
+    for k in cells:
+        os.utime(os.path.join(str(path), k), ns=(now, now))
+    taken = fpm.take(st)
+    assert all(taken.entries[k].sha256 is not None for k in cells)
+    same, other, grown, removed = (os.path.join(str(path), k) for k in cells)
+    data = bytearray(open(other, "rb").read())
+    data[-1] ^= 0xFF
+    open(other, "wb").write(bytes(data))
+    os.utime(other, ns=(now, now))
+    open(grown, "ab").write(b"\0")
+    os.utime(grown, ns=(now, now))
+    os.remove(removed)
+    monkeypatch.setattr(fpm, "RACY_NS", 1_000_000)  # 1 ms: all four are settled now
+    time.sleep(0.01)
+    settled = fpm.settle(st, taken)
+    assert settled.entries[cells[0]].sha256 is None
+    assert [settled.entries[k].sha256 for k in cells[1:]] == \
+        [taken.entries[k].sha256 for k in cells[1:]]
+    assert fpm.compare(settled, fpm.take(st, like=settled)).changed == tuple(sorted(cells[1:3]))

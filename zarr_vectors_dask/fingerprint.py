@@ -292,6 +292,18 @@ def _local_listing(top: str, prefix: str) -> dict[str, Entry]:
     return out
 
 
+def _local_entries(root: str, keys: Iterable[str]) -> dict[str, Entry]:
+    """Size and mtime of each of ``keys`` that exists under ``root``."""
+    out: dict[str, Entry] = {}
+    for k in keys:
+        try:
+            st = os.stat(os.path.join(root, k), follow_symlinks=False)
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        out[k] = Entry(st.st_size, st.st_mtime_ns)
+    return out
+
+
 def _remote_listing(store, key: str) -> tuple[dict[str, Entry], str]:
     out, kinds = {}, set()
     for rel, info in store.listing(key).items():
@@ -357,10 +369,9 @@ def settle(store, fp: Fingerprint) -> Fingerprint:
             and isinstance(e.stamp, int) and e.stamp < now - RACY_NS]
     if not racy:
         return fp
-    current = list_source(store)
-    still = [k for k in racy if current.entries.get(k) is not None
-             and (current.entries[k].size, current.entries[k].stamp)
-             == (fp.entries[k].size, fp.entries[k].stamp)]
+    current = _local_entries(store.root, racy)  # a stat each, not a listing of level 0
+    still = [k for k in racy if current.get(k) is not None
+             and (current[k].size, current[k].stamp) == (fp.entries[k].size, fp.entries[k].stamp)]
     got = store.get_many(still)
     entries = dict(fp.entries)
     for k in still:
