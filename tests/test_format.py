@@ -105,8 +105,8 @@ def test_vlen_array_doc_is_zarrs_own_document(shard):
 
 
 def test_bulk_cell_parsing_equals_the_per_cell_functions():
-    """``cell_chunks``/``linked_chunks``/``segment_cells`` (a listing parsed
-    in one go) give what ``cell_chunk``/``linked_chunk`` give cell by cell,
+    """``cell_chunks``/``linked_chunks``/``segment_cells``/``parse_chunk_keys``
+    (a listing or a chunk list parsed in one go) give what ``cell_chunk``/``linked_chunk`` give cell by cell,
     and ``chunks_linking_to`` inverts ``linked_chunk``: origins below zero,
     negative offsets, scales both ways, 1-3 axes."""
     import random
@@ -123,6 +123,8 @@ def test_bulk_cell_parsing_equals_the_per_cell_functions():
         cells = nm.segment_cells(listing).get(offset, [])
         got = nm.cell_chunks(cells, origin)
         assert [tuple(r) for r in got.tolist()] == chunks
+        assert nm.parse_chunk_keys([nm.chunk_key(c) for c in chunks], nd).tolist() == \
+            [list(c) for c in chunks]
         s_from = [rnd.choice([1, 2, 4]) for _ in range(nd)]
         s_to = [rnd.choice([1, 2, 4]) for _ in range(nd)]
         assert [tuple(r) for r in nm.linked_chunks(got, offset, s_from, s_to).tolist()] == \
@@ -154,6 +156,8 @@ def test_bulk_cell_parsing_refuses_a_key_of_another_rank():
     from zarr_vectors_dask.format import naming as nm
     with pytest.raises(ValueError, match="cell key '0/0' does not name a 3-d chunk"):
         nm.cell_chunks(["0/0", "0/0/0/0"], (0, 0, 0))
+    with pytest.raises(ValueError, match="chunk key '0.0' does not name a 3-d chunk"):
+        nm.parse_chunk_keys(["0.0", "0.0.0.0"], 3)
 
 
 def test_documents_after_logged_changes_are_those_of_the_cells(tmp_path):

@@ -84,8 +84,8 @@ def recompose_region(store: Store, root_meta, changed: set[str]) -> dict | None:
         if lv + 1 not in geo:
             continue
         parents[lv] = nm.link_map(
-            ((seg, np.asarray(chunks, dtype=np.int64))
-             for seg, (_, chunks) in cm.read_family(store, lv, 1).items() if chunks),
+            ((seg, chunks) for seg, (_, chunks) in cm.read_family(store, lv, 1).items()
+             if len(chunks)),
             geo[lv]["scale"], geo[lv + 1]["scale"])
     only = recompose_chunks(dirty, parents)
     total = sum(len(p) for p in parents.values())

@@ -14,6 +14,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 from ..errors import FormatError
 from ..storage.store import Store
 from . import codecs as cdc
@@ -230,8 +232,10 @@ def commit_cross_level(store: Store, families: list[LinkFamily], *, sid_ndim: in
     write_root_attrs(store, attrs)
 
 
-def read_family(store: Store, level: int, delta: int) -> dict[str, tuple[tuple[int, ...], list]]:
-    """Published arrays of a links family: ``{offset: (origin, chunks)}``."""
+def read_family(store: Store, level: int, delta: int) -> dict[str, tuple[tuple[int, ...],
+                                                                        np.ndarray]]:
+    """Published arrays of a links family, as their documents name their
+    chunks: ``{offset: (origin, (n, ndim) chunks)}``."""
     base = nm.links_family_path(level, delta)
     if store.get(f"{base}/zarr.json") is None:
         return {}
@@ -243,7 +247,7 @@ def read_family(store: Store, level: int, delta: int) -> dict[str, tuple[tuple[i
         attrs = doc.get("attributes") or {}
         nd = len(doc.get("shape") or [])
         origin = tuple(int(o) for o in attrs.get(nm.ORIGIN, [0] * nd))
-        out[seg] = (origin, [nm.parse_chunk_key(k) for k in attrs.get(nm.NONEMPTY, [])])
+        out[seg] = (origin, nm.parse_chunk_keys(attrs.get(nm.NONEMPTY) or [], nd))
     return out
 
 

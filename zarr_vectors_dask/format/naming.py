@@ -11,7 +11,7 @@ import numpy as np
 __all__ = ["VERTICES", "VERTEX_FRAGMENTS", "VERTEX_ATTRIBUTES", "OBJECT_INDEX", "OBJECT_ATTRIBUTES",
            "LINKS", "NONEMPTY", "ORIGIN", "MANIFEST_BUCKET", "ATTRIBUTE_BUCKET",
            "CAP_PRESERVED_OBJECT_IDS", "CAP_SHARED_FRAGMENTS", "CAP_MULTISCALE_LINKS", "chunk_key",
-           "parse_chunk_key", "format_delta", "format_offsets", "links_family_path", "cell_path",
+           "parse_chunk_key", "parse_chunk_keys", "format_delta", "format_offsets", "links_family_path", "cell_path",
            "cell_chunk", "anchor", "linked_chunk", "chunks_linking_to", "segment_cells", "cell_chunks", "linked_chunks",
            "link_map", "is_composed_family", "MANIFEST_DIGESTS",
            "EXCHANGE_DIR", "exchange_key"]
@@ -65,6 +65,18 @@ def chunk_key(coords: Sequence[int]) -> str:
 
 def parse_chunk_key(key: str) -> tuple[int, ...]:
     return tuple(int(x) for x in key.split("."))
+
+
+def parse_chunk_keys(keys: Sequence[str], ndim: int) -> np.ndarray:
+    """:func:`parse_chunk_key` of many keys, as an ``(n, ndim)`` int64 array
+    (a family's documents name ~10^4 chunks: parsed in one go)."""
+    if not keys:
+        return np.empty((0, ndim), dtype=np.int64)
+    bad = next((k for k in keys if k.count(".") != ndim - 1), None)
+    out = np.fromstring(".".join(keys), dtype=np.int64, sep=".") if bad is None else None
+    if out is None or out.size != len(keys) * ndim:  # (joined, a key of another rank shifts)
+        raise ValueError(f"chunk key {bad or keys[0]!r} does not name a {ndim}-d chunk")
+    return out.reshape(len(keys), ndim)
 
 
 def format_delta(delta: int) -> str:

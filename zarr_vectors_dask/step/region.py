@@ -35,12 +35,11 @@ class RegionNotApplicable(BuildError):
 
 
 def old_links(store: Store, lv, root_chunk) -> dict[tuple, set]:
-    """Source chunk -> target chunks its ``+1`` cells link into, from one
-    listing of the source level's ``+1`` family."""
-    fam = nm.links_family_path(lv.source_level, +1)
-    origin = lv.source_grid[0]
-    return nm.link_map(((seg, nm.cell_chunks(cells, origin))
-                        for seg, cells in nm.segment_cells(store.keys_under(fam)).items()),
+    """Source chunk -> target chunks its ``+1`` cells link into, as the
+    source level's ``+1`` family's documents name its cells (the step has
+    not rewritten them yet: they are the finished pyramid's)."""
+    return nm.link_map(((seg, chunks) for seg, (_, chunks)
+                        in cm.read_family(store, lv.source_level, +1).items() if len(chunks)),
                        *lv.chunk_scales(root_chunk))
 
 
