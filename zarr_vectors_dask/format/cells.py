@@ -16,7 +16,7 @@ from ..storage.store import Store
 from .buckets import BucketCodec
 from .codecs import unframe_cell
 from .documents import read_json
-from .naming import NONEMPTY, ORIGIN, cell_path, chunk_key, parse_chunk_key
+from .naming import NONEMPTY, ORIGIN, cell_path, chunk_key, parse_chunk_keys
 
 __all__ = ["VlenArrayInfo", "vlen_array_info", "KeyLayout", "key_layout", "read_cells",
            "present_cells", "read_chunk_checked", "read_rows_checked", "read_row_chunks",
@@ -44,7 +44,9 @@ def vlen_array_info(store: Store, path: str) -> VlenArrayInfo | None:
     attrs = doc.get("attributes") or {}
     ndim = len(doc.get("shape") or [])
     origin = tuple(int(o) for o in attrs.get(ORIGIN, [0] * ndim))
-    chunks = tuple(sorted(parse_chunk_key(k) for k in attrs.get(NONEMPTY, [])))
+    parsed = parse_chunk_keys(attrs.get(NONEMPTY) or [], ndim)
+    parsed = parsed[np.lexsort(parsed.T[::-1])] if len(parsed) else parsed  # row order
+    chunks = tuple(map(tuple, parsed.tolist()))
     codecs = [c.get("name") for c in doc.get("codecs") or []]
     enc = (doc.get("chunk_key_encoding") or {})
     grid = ((doc.get("chunk_grid") or {}).get("configuration") or {}).get("chunk_shape")
