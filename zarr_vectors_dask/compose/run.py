@@ -7,8 +7,6 @@ import re
 import uuid
 from typing import Callable
 
-import numpy as np
-
 from ..errors import cleanup
 from ..format import commit as cm
 from ..format import naming as nm
@@ -148,6 +146,7 @@ def discard_recomposed(store: Store, root_meta, only: dict, logged: set[str]) ->
             for seg in store.listdir(base):
                 if seg != "zarr.json" and f"{base}/{seg}" not in left:
                     store.remove_tree(f"{base}/{seg}")
-            docs.update(cm.family_documents_after(store, level, delta, origin, geo[level]["grid"][1],
-                                                  cells, sizes, root_meta.sid_ndim))
+            docs.update(cm.family_documents_after(store, level, delta, origin,
+                                                  geo[level]["grid"][1], cells, sizes,
+                                                  root_meta.sid_ndim))
     cm.write_documents(store, docs)

@@ -8,13 +8,14 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-__all__ = ["VERTICES", "VERTEX_FRAGMENTS", "VERTEX_ATTRIBUTES", "OBJECT_INDEX", "OBJECT_ATTRIBUTES",
-           "LINKS", "NONEMPTY", "ORIGIN", "MANIFEST_BUCKET", "ATTRIBUTE_BUCKET",
-           "CAP_PRESERVED_OBJECT_IDS", "CAP_SHARED_FRAGMENTS", "CAP_MULTISCALE_LINKS", "chunk_key",
-           "parse_chunk_key", "parse_chunk_keys", "format_delta", "format_offsets", "links_family_path", "cell_path",
-           "cell_chunk", "anchor", "linked_chunk", "chunks_linking_to", "segment_cells", "cell_chunks", "linked_chunks",
-           "link_map", "is_composed_family", "MANIFEST_DIGESTS",
-           "EXCHANGE_DIR", "exchange_key"]
+__all__ = ["VERTICES", "VERTEX_FRAGMENTS", "VERTEX_ATTRIBUTES", "OBJECT_INDEX",
+           "OBJECT_ATTRIBUTES", "LINKS", "NONEMPTY", "ORIGIN", "MANIFEST_BUCKET",
+           "ATTRIBUTE_BUCKET", "CAP_PRESERVED_OBJECT_IDS", "CAP_SHARED_FRAGMENTS",
+           "CAP_MULTISCALE_LINKS", "chunk_key", "parse_chunk_key", "parse_chunk_keys",
+           "format_delta", "format_offsets", "links_family_path", "cell_path", "cell_chunk",
+           "anchor", "linked_chunk", "chunks_linking_to", "segment_cells", "cell_chunks",
+           "linked_chunks", "link_map", "is_composed_family", "MANIFEST_DIGESTS", "EXCHANGE_DIR",
+           "exchange_key"]
 
 
 VERTICES = "vertices"
