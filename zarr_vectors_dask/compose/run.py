@@ -134,10 +134,8 @@ def discard_recomposed(store: Store, root_meta, only: dict, logged: set[str]) ->
             cells.apply(sizes, base, origin)
             stale = [k for k in _recomposed_cells(cells, base, level, delta, geo, recomposed)
                      if k not in logged]
-            old = store.sizes_of(stale)
-            store.remove_noted(stale, old)
+            store.remove_noted(stale, sizes)
             for key in stale:
-                sizes[key] = (old[key], -1)
                 cells.remove(key, origin)
             left = [a for a in cells.chunks if a.startswith(f"{base}/") and cells.chunks[a]]
             if not left:

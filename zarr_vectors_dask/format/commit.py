@@ -72,19 +72,45 @@ def _parse_offset(seg: str) -> tuple[int, ...]:
 
 def family_docs(store: Store, fam: LinkFamily, sid_ndim: int) -> dict[str, bytes]:
     docs: dict[str, bytes] = {}
-    base = nm.links_family_path(fam.level, fam.delta)
     for seg, items in sorted(fam.cells.items()):
-        attrs = fdoc.vlen_attributes(fam.origin, [c for c, _ in items],
-                                    fdoc.link_array_attrs(_parse_offset(seg), fam.delta))
-        docs[f"{base}/{seg}/zarr.json"] = fdoc.vlen_array_doc(fam.grid, attrs, fam.shard_shape)
+        docs.update(_offset_array_doc(fam.level, fam.delta, seg, fam.origin, fam.grid,
+                                      {nm.chunk_key(c) for c, _ in items}, fam.shard_shape))
     if fam.cells:
-        links_group = f"{fam.level}/{nm.LINKS}/zarr.json"
-        if store.get(links_group) is None:
-            docs[links_group] = fdoc.group_doc({})
-        # zarr-vectors queues family groups in its batch writer (compact JSON).
-        docs[f"{base}/zarr.json"] = fdoc.batched_group_doc(
-            fdoc.link_family_attrs(fam.delta, sid_ndim, fam.num_links))
+        docs.update(_family_group_docs(store, fam.level, fam.delta, sid_ndim, fam.num_links))
     return docs
+
+
+def _offset_array_doc(level: int, delta: int, seg: str, origin, grid, keys,
+                      shard_shape=None) -> dict[str, bytes]:
+    """The document of one offset array of a links family (``keys``: its
+    non-empty chunks' keys)."""
+    attrs = fdoc.vlen_attributes_of_keys(origin, keys,
+                                         fdoc.link_array_attrs(_parse_offset(seg), delta))
+    return {f"{nm.links_family_path(level, delta)}/{seg}/zarr.json":
+            fdoc.vlen_array_doc(grid, attrs, shard_shape)}
+
+
+def _family_group_docs(store: Store, level: int, delta: int, sid_ndim: int,
+                       num_links: int) -> dict[str, bytes]:
+    """A links family's group document (and the level's links group when
+    it has none yet)."""
+    docs = {}
+    links_group = f"{level}/{nm.LINKS}/zarr.json"
+    if store.get(links_group) is None:
+        docs[links_group] = fdoc.group_doc({})
+    # zarr-vectors queues family groups in its batch writer (compact JSON).
+    docs[f"{nm.links_family_path(level, delta)}/zarr.json"] = fdoc.batched_group_doc(
+        fdoc.link_family_attrs(delta, sid_ndim, num_links))
+    return docs
+
+
+def _vertex_docs(level: int, origin, grid, keys, shard_shape=None) -> dict[str, bytes]:
+    """The documents of a coarse level's vertex arrays (both list the
+    vertex cells' chunks, ``keys``)."""
+    return {f"{level}/{array}/zarr.json": fdoc.vlen_array_doc(
+                grid, fdoc.vlen_attributes_of_keys(origin, keys, attrs), shard_shape)
+            for array, attrs in ((nm.VERTICES, fdoc.vertices_attrs()),
+                                 (nm.VERTEX_FRAGMENTS, fdoc.vertex_fragments_attrs()))}
 
 
 def _put_in_order(store: Store, docs: dict[str, bytes]) -> None:
@@ -156,11 +182,7 @@ def write_level_arrays(store: Store, level: int, origin, grid, vertex_chunks, fa
     attributes}`` of per-vertex attribute arrays written with the vertices
     (a cell in every vertex chunk), and their group."""
     chunks = [cc for cc, _ in vertex_chunks]
-    docs: dict[str, bytes] = {
-        f"{level}/{nm.VERTICES}/zarr.json": fdoc.vlen_array_doc(
-            grid, fdoc.vlen_attributes(origin, chunks, fdoc.vertices_attrs()), shard_shape),
-        f"{level}/{nm.VERTEX_FRAGMENTS}/zarr.json": fdoc.vlen_array_doc(
-            grid, fdoc.vlen_attributes(origin, chunks, fdoc.vertex_fragments_attrs()), shard_shape)}
+    docs = _vertex_docs(level, origin, grid, {nm.chunk_key(c) for c in chunks}, shard_shape)
     for name, attrs in (vertex_attributes or {}).items():
         docs[f"{level}/{nm.VERTEX_ATTRIBUTES}/{name}/zarr.json"] = fdoc.vlen_array_doc(
             grid, fdoc.vlen_attributes(origin, chunks, attrs), shard_shape)
@@ -320,35 +342,22 @@ def family_documents_after(store: Store, level: int, delta: int, origin, grid,
     documented one moved by the changed cells'), read before they are
     written again.  Offset arrays left without cells have none."""
     base = nm.links_family_path(level, delta)
-    segs = {a[len(base) + 1:] for a in cells.chunks if a.startswith(f"{base}/")}
     docs = {}
-    for seg in sorted(segs):
-        path = f"{base}/{seg}"
-        if path in cells.touched and cells.chunks[path]:
-            attrs = fdoc.vlen_attributes_of_keys(
-                origin, cells.chunks[path], fdoc.link_array_attrs(_parse_offset(seg), delta))
-            docs[f"{path}/zarr.json"] = fdoc.vlen_array_doc(grid, attrs)
+    for path in sorted(a for a in cells.touched if a.startswith(f"{base}/") and cells.chunks[a]):
+        docs.update(_offset_array_doc(level, delta, path[len(base) + 1:], origin, grid,
+                                      cells.chunks[path]))
     if docs or any(k.startswith(f"{base}/") for k in sizes):
         n = int((fdoc.node_attrs(store, base) or {}).get("num_links") or 0)
-        n += cells_moved(sizes, base, cdc.link_cell_records)
-        docs[f"{base}/zarr.json"] = fdoc.batched_group_doc(
-            fdoc.link_family_attrs(delta, sid_ndim, n))
-        if store.get(f"{level}/{nm.LINKS}/zarr.json") is None:
-            docs[f"{level}/{nm.LINKS}/zarr.json"] = fdoc.group_doc({})
+        docs.update(_family_group_docs(store, level, delta, sid_ndim,
+                                       n + cells_moved(sizes, base, cdc.link_cell_records)))
     return docs
 
 
 def vertex_documents_after(level: int, origin, grid, cells: CellsAfter) -> dict[str, bytes]:
-    """The documents of a coarse level's vertex arrays after a refresh
-    (both list the vertex cells' chunks), if its vertex cells changed."""
+    """The documents of a coarse level's vertex arrays after a refresh, if
+    its vertex cells changed."""
     path = f"{level}/{nm.VERTICES}"
-    if path not in cells.touched:
-        return {}
-    keys = cells.chunks[path]
-    return {f"{level}/{nm.VERTICES}/zarr.json": fdoc.vlen_array_doc(
-                grid, fdoc.vlen_attributes_of_keys(origin, keys, fdoc.vertices_attrs())),
-            f"{level}/{nm.VERTEX_FRAGMENTS}/zarr.json": fdoc.vlen_array_doc(
-                grid, fdoc.vlen_attributes_of_keys(origin, keys, fdoc.vertex_fragments_attrs()))}
+    return _vertex_docs(level, origin, grid, cells.chunks[path]) if path in cells.touched else {}
 
 
 def write_documents(store: Store, docs: dict[str, bytes]) -> None:

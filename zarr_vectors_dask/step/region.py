@@ -135,11 +135,9 @@ def discard_stale(store: Store, spec: StepSpec, region: StepRegion, logged: set[
     returns what was removed (logged as changed, with its size, before it
     goes; added to ``sizes`` and taken out of ``cells``)."""
     gone = [k for k in _region_cells(spec, region, cells) if k not in logged]
-    old = store.sizes_of(gone)
-    store.remove_noted(gone, old)
+    store.remove_noted(gone, sizes)
     origins = {nm.links_family_path(lv, d): o for lv, d, o in _families(spec)}
     for key in gone:
-        sizes[key] = (old[key], -1)
         base = key.partition("/c/")[0].rsplit("/", 1)[0]
         cells.remove(key, origins.get(base, spec.target_origin))
     for base in origins:
@@ -151,12 +149,12 @@ def discard_stale(store: Store, spec: StepSpec, region: StepRegion, logged: set[
     return gone
 
 
-def changed_cells(store: Store, lv) -> set:
+def changed_cells(lv, sizes: dict) -> set:
     """Target chunks whose vertex cells a region step changed, wrote anew
-    or removed (the refresh's ``changed`` log)."""
+    or removed (the refresh's size ledger, ``sizes``, after its sweep)."""
     t, origin = lv.target_level, lv.target_grid[0]
     out = set()
-    for key in store.logged_keys("changed"):
+    for key in sizes:
         for array in (nm.VERTICES, nm.VERTEX_FRAGMENTS):
             prefix = f"{t}/{array}/c/"
             if key.startswith(prefix):

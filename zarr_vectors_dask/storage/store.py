@@ -402,15 +402,20 @@ class Store(abc.ABC):
         """Log ``keys`` as changed (objects a rewrite removed)."""
         self._log("changed", keys)
 
-    def remove_noted(self, keys: list[str], sizes: dict[str, int] | None = None) -> None:
+    def remove_noted(self, keys: list[str],
+                     ledger: dict[str, tuple[int, int]] | None = None) -> None:
         """Remove ``keys``, on a :meth:`changes_only` store logged as
         changed first: a rewrite killed between the two still knows what
         it removed (the composition redoes the chains through them).
-        ``sizes`` (:meth:`sizes_of`): logged with them, as :meth:`_changed`
-        logs a write."""
+        ``ledger`` (:meth:`logged_sizes`): each key's size is taken
+        (:meth:`sizes_of`), logged with it as :meth:`_changed` logs a write,
+        and recorded there as ``(size, -1)``."""
+        if ledger is not None:
+            old = self.sizes_of(keys)
+            ledger.update((k, (old[k], -1)) for k in keys)
         if self.write_log is not None:
-            self.note_changed(list(keys) if sizes is None else
-                              [_size_line(k, sizes[k], -1) for k in keys])
+            self.note_changed(list(keys) if ledger is None else
+                              [_size_line(k, ledger[k][0], -1) for k in keys])
         for k in keys:
             self.remove_tree(k)
 
