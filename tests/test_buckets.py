@@ -65,6 +65,24 @@ def test_encoded_buckets_are_zarrs_bytes_and_decode_to_its_rows(tmp_path, n_rows
         assert BucketCodec.of(arr.metadata.to_dict()).encode(mine) == stored
 
 
+@pytest.mark.parametrize("ndim,n", [(3, 700), (2, SIZE)])  # a partial bucket; a full one
+def test_a_manifest_table_encoded_as_a_bucket_is_its_blobs_bucket(ndim, n):
+    """The bucket built straight from a table (no bytes object per row)
+    is the one its blobs make: empty manifests, long ones, padding."""
+    from zarr_vectors_dask.format import codecs as cdc
+    rng = np.random.default_rng(n)
+    counts = rng.integers(0, 9, size=n)
+    counts[:2] = 0
+    total = int(counts.sum())
+    table = cdc.ManifestTable(counts, rng.integers(-4, 90, size=(total, ndim)),
+                              rng.integers(0, 1 << 40, size=total))
+    codec = BucketCodec.of(json.loads(fdoc.manifests_doc(SIZE)))
+    blobs = cdc.encode_manifest_table(table, ndim)
+    assert codec.encode_items(cdc.manifest_items(table, ndim, codec.size)) == codec.encode(blobs)
+    with pytest.raises(ValueError, match="do not fit"):
+        cdc.manifest_items(table, ndim, n - 1)
+
+
 def test_a_bucket_of_empty_rows_is_no_key_as_zarr_writes_none(tmp_path):
     root, arr = _zarr_array(tmp_path, SIZE + 10)
     _write_with_zarr(arr, SIZE, [b"x"] * 10)

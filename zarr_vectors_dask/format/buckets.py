@@ -91,3 +91,8 @@ class BucketCodec:
         if not any(len(r) for r in items[:len(rows)].tolist()):
             return None
         return bytes(self.zstd.encode(self.vlen.encode(items)))
+
+    def encode_items(self, items: bytes) -> bytes:
+        """The stored bytes of a bucket already in the vlen-bytes layout
+        (``size`` items, see ``codecs.manifest_items``), not all empty."""
+        return bytes(self.zstd.encode(items))

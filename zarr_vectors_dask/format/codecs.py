@@ -21,9 +21,8 @@ from ..storage.store import Parts
 __all__ = ["frame_cell", "unframe_cell", "encode_metavertex_cell", "single_vertex_fragments",
            "decode_vertex_cell",
            "expand_ranges", "framed_link_cells", "link_cell_records", "link_cells_records",
-           "decode_link_cell", "ManifestTable",
-           "encode_manifest_table", "empty_manifest", "decode_manifest_table", "pack_columns",
-           "unpack_columns"]
+           "decode_link_cell", "ManifestTable", "encode_manifest_table", "manifest_items",
+           "empty_manifest", "decode_manifest_table", "pack_columns", "unpack_columns"]
 
 
 def _named(what) -> str:
@@ -209,13 +208,32 @@ def encode_manifest_table(table: ManifestTable, sid_ndim: int) -> list[bytes]:
     block count, then per block the int64 chunk coords, the mode byte and
     the int64 fragment index."""
     counts = np.asarray(table.counts, dtype=np.int64)
-    n = counts.size
-    if n == 0:
+    if counts.size == 0:
         return []
+    raw = _manifest_bytes(table, sid_ndim, with_lengths=False)
+    ends = np.cumsum(4 + counts * (sid_ndim * 8 + 9))
+    return [raw[a:b] for a, b in zip((np.r_[0, ends[:-1]]).tolist(), ends.tolist())]
+
+
+def manifest_items(table: ManifestTable, sid_ndim: int, size: int) -> bytes:
+    """The blobs of :func:`encode_manifest_table` as ``size`` items of
+    zarr's vlen-bytes layout (a uint32 item count, then per item its
+    uint32 length and bytes), padded with empty items: a manifest bucket
+    before compression, built without a bytes object per row."""
+    n = int(np.asarray(table.counts).size)
+    if n > size:
+        raise ValueError(f"{n} manifests do not fit a bucket of {size}")
+    return b"".join((np.uint32(size).tobytes(), _manifest_bytes(table, sid_ndim, True),
+                     bytes(4 * (size - n))))
+
+
+def _manifest_bytes(table: ManifestTable, sid_ndim: int, with_lengths: bool) -> bytes:
+    """Every object's blob back to back, each (``with_lengths``) after
+    its uint32 byte length: the blocks are written as columns, and each
+    object's head inserted before its first block in one pass."""
+    counts = np.asarray(table.counts, dtype=np.int64)
     block = sid_ndim * 8 + 9
     total = int(counts.sum())
-    # Every block's bytes back to back (column writes, no per-byte
-    # scatter), then each object's 4-byte count inserted before its first.
     rows = np.empty((total, block), dtype=np.uint8)
     if total:
         rows[:, :sid_ndim * 8] = np.ascontiguousarray(table.coords, dtype="<i8").view(
@@ -223,11 +241,10 @@ def encode_manifest_table(table: ManifestTable, sid_ndim: int) -> list[bytes]:
         rows[:, sid_ndim * 8] = _MODE_SINGLE
         rows[:, sid_ndim * 8 + 1:] = np.ascontiguousarray(table.frags, dtype="<i8").view(
             np.uint8).reshape(total, 8)
+    heads = [4 + counts * block, counts] if with_lengths else [counts]
+    head = np.stack(heads, axis=1).astype("<u4").view(np.uint8).reshape(-1)
     first = (np.cumsum(counts) - counts) * block
-    heads = counts.astype("<u4").view(np.uint8)
-    raw = np.insert(rows.reshape(-1), np.repeat(first, 4), heads).tobytes()
-    ends = np.cumsum(4 + counts * block)
-    return [raw[a:b] for a, b in zip((ends - 4 - counts * block).tolist(), ends.tolist())]
+    return np.insert(rows.reshape(-1), np.repeat(first, 4 * len(heads)), head).tobytes()
 
 
 def empty_manifest(sid_ndim: int) -> bytes:

@@ -29,13 +29,14 @@ def write_manifests(spec: StepSpec, bucket: int, refs: dict, target_rows: tuple[
         rc = refs["rc"]
         named = np.repeat(rc, counts)
         ref_chunk, ref_frag, counts = ref_chunk[named], ref_frag[named], counts[rc]
-        blobs = _encode_rows(spec, bucket, counts, ref_chunk, ref_frag)
+        blobs = cdc.encode_manifest_table(
+            _manifest_table(spec, bucket, counts, ref_chunk, ref_frag), spec.ndim)
         return _write_region_rows(spec, target_rows, np.flatnonzero(kept)[rc], blobs,
                                   region.old_rows)
     row_counts = np.zeros(kept.size, dtype=np.int64)
-    blobs = _encode_rows(spec, bucket, counts, ref_chunk, ref_frag, row_counts,
-                         np.flatnonzero(kept))
-    _put_rows(spec, target_rows, blobs)
+    table = _manifest_table(spec, bucket, counts, ref_chunk, ref_frag, row_counts,
+                            np.flatnonzero(kept))
+    _put_table(spec, target_rows, table)
     return int(np.count_nonzero(row_counts))
 
 
@@ -71,13 +72,26 @@ def _put_rows(spec: StepSpec, target_rows: tuple[int, int], rows, doc: dict | No
         arr[lo:hi] = obj
 
 
-def _encode_rows(spec: StepSpec, bucket: int, counts, ref_chunk, ref_frag, row_counts=None,
-                 at=None) -> list[bytes]:
-    """Manifest blobs of objects naming ``counts`` fragment references
-    each: every named fragment expanded to its metavertex sequence (the
+def _put_table(spec: StepSpec, target_rows: tuple[int, int], table: cdc.ManifestTable) -> None:
+    """Write one bucket's rows given as a table: straight to the bucket's
+    vlen-bytes items where the array's layout allows, else as blobs."""
+    lo, hi = target_rows
+    doc = _manifests_doc(spec)
+    codec = BucketCodec.of(doc)
+    if codec is not None and codec.bucket_of(lo, hi) is not None and table.counts.size:
+        spec.store.put(codec.key(_manifests_path(spec), codec.bucket_of(lo, hi)),
+                       codec.encode_items(cdc.manifest_items(table, spec.ndim, codec.size)))
+        return
+    _put_rows(spec, target_rows, cdc.encode_manifest_table(table, spec.ndim), doc)
+
+
+def _manifest_table(spec: StepSpec, bucket: int, counts, ref_chunk, ref_frag, row_counts=None,
+                    at=None) -> cdc.ManifestTable:
+    """Manifests of objects naming ``counts`` fragment references each:
+    every named fragment expanded to its metavertex sequence (the
     ``sequences`` sent to this bucket; a missing fragment has none).
     With ``row_counts`` (the bucket's rows, zeros), each object's count
-    is put at its row ``at`` and every row is encoded, empty or not."""
+    is put at its row ``at`` and every row is in the table, empty or not."""
     parts = [p for _, p in received(spec, "sequences", bucket)]
     seq_c = np.concatenate([p["seq_chunk"] for p in parts]) if parts else \
         np.empty((0, spec.ndim), np.int64)
@@ -103,7 +117,7 @@ def _encode_rows(spec: StepSpec, bucket: int, counts, ref_chunk, ref_frag, row_c
         row_counts = per_object
     else:
         row_counts[at] = per_object
-    return cdc.encode_manifest_table(cdc.ManifestTable(row_counts, ec[keep], ef[keep]), spec.ndim)
+    return cdc.ManifestTable(row_counts, ec[keep], ef[keep])
 
 
 def _write_region_rows(spec: StepSpec, target_rows, rows: np.ndarray, blobs,
