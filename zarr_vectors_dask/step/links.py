@@ -240,20 +240,21 @@ def links_and_sequences(spec: StepSpec, block: int, partials: dict, region,
             par_frag = loc_frag[inverse]
         # A fragment's metavertex sequence drops consecutive repeats (equal
         # chunks have equal ranks).
-        par_rank = distinct_rows(loc_chunk)[1][inverse]
+        one, rank = distinct_rows(loc_chunk)
         result["sequences"] = send_sequences(
-            spec, block, _pair_key(inst_chunk, state["inst_frag"]), par_rank, par_frag,
-            lambda idx: loc_chunk[inverse[idx]], ref_parts)
+            spec, block, _pair_key(inst_chunk, state["inst_frag"]), rank[inverse], par_frag,
+            loc_chunk[one], ref_parts)
     return result
 
 
-def send_sequences(spec: StepSpec, sender: int, inst_key, par_rank, par_frag, chunk_of,
+def send_sequences(spec: StepSpec, sender: int, inst_key, par_rank, par_frag, chunk_table,
                    ref_parts) -> list[int]:
     """Send each manifest bucket the metavertex sequences of the fragments
     it names (``ref_parts``: ``[(bucket, {"chunk", "frag"})]``), given
     every instance's pair key (grouped by fragment, chunks and fragments
-    ascending: sorted), its parent's chunk rank and fragment, and
-    ``chunk_of(instances)``, their parents' chunks.  Returns the buckets."""
+    ascending: sorted), its parent's fragment and chunk as a row of
+    ``chunk_table`` (distinct chunks; one int per entry travels, not
+    its coordinates).  Returns the buckets."""
     same = np.zeros(inst_key.size, dtype=bool)
     same[1:] = (inst_key[1:] == inst_key[:-1]) & (par_frag[1:] == par_frag[:-1]) & \
         (par_rank[1:] == par_rank[:-1])
@@ -267,7 +268,7 @@ def send_sequences(spec: StepSpec, sender: int, inst_key, par_rank, par_frag, ch
         idx = kept_pos[cdc.expand_ranges(lo, n)]
         sequences[bucket] = {
             "chunk": part["chunk"], "frag": part["frag"], "ptr": np.r_[0, np.cumsum(n)],
-            "seq_chunk": chunk_of(idx), "seq_frag": par_frag[idx]}
+            "seq_chunk": par_rank[idx], "seq_frag": par_frag[idx], "chunk_table": chunk_table}
     send_exchange(spec.store, sequences, spec.target_level, "sequences", sender)
     return sorted(sequences)
 
@@ -345,8 +346,8 @@ def old_sequences(spec: StepSpec, task: int, region, *_refs_done) -> list[int]:
         raise FormatError(f"{spec.store.describe(nm.links_family_path(spec.source_level, 1))}: "
                           f"a vertex of a named fragment has no +1 link: the links do not "
                           f"match the level; rebuild the pyramid")
-    return send_sequences(spec, OLD_SENDER + task, inst_key, row_ids(pc), pf,
-                          lambda idx: pc[idx], parts)
+    one, rank = distinct_rows(pc)
+    return send_sequences(spec, OLD_SENDER + task, inst_key, rank, pf, pc[one], parts)
 
 
 #: Sender number of the first ``old_sequences`` task (after every block).

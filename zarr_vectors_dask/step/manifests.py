@@ -12,6 +12,7 @@ from ..format import documents as fdoc
 from ..format import naming as nm
 from ..format.buckets import BucketCodec
 from .exchange import read_exchange, received
+from .links import distinct_rows
 from .spec import StepSpec, _lookup, _pair_key
 
 __all__ = ["write_manifests", "write_attributes"]
@@ -93,8 +94,7 @@ def _manifest_table(spec: StepSpec, bucket: int, counts, ref_chunk, ref_frag, ro
     With ``row_counts`` (the bucket's rows, zeros), each object's count
     is put at its row ``at`` and every row is in the table, empty or not."""
     parts = [p for _, p in received(spec, "sequences", bucket)]
-    seq_c = np.concatenate([p["seq_chunk"] for p in parts]) if parts else \
-        np.empty((0, spec.ndim), np.int64)
+    chunks, seq_c = _parent_chunks(spec, parts)
     seq_f = np.concatenate([p["seq_frag"] for p in parts]) if parts else np.empty(0, np.int64)
     base = np.cumsum([0] + [int(p["ptr"][-1]) for p in parts])
     frag_key = np.concatenate([_pair_key(p["chunk"], p["frag"]) for p in parts]) if parts else \
@@ -111,13 +111,27 @@ def _manifest_table(spec: StepSpec, bucket: int, counts, ref_chunk, ref_frag, ro
     ec, ef = seq_c[entry], seq_f[entry]
     # Metavertices shared by consecutive fragments appear once.
     keep = np.ones(entry.size, dtype=bool)
-    keep[1:] = (owner[1:] != owner[:-1]) | (ef[1:] != ef[:-1]) | np.any(ec[1:] != ec[:-1], axis=1)
+    keep[1:] = (owner[1:] != owner[:-1]) | (ef[1:] != ef[:-1]) | (ec[1:] != ec[:-1])
     per_object = np.bincount(owner[keep], minlength=counts.size)
     if row_counts is None:
         row_counts = per_object
     else:
         row_counts[at] = per_object
-    return cdc.ManifestTable(row_counts, ec[keep], ef[keep])
+    return cdc.ManifestTable(row_counts, chunks[ec[keep]], ef[keep])
+
+
+def _parent_chunks(spec: StepSpec, parts: list[dict]) -> tuple[np.ndarray, np.ndarray]:
+    """``(chunks, ids)``: the distinct chunks of the sequences' metavertices
+    and each sequence entry's index in them.  A sender names its entries'
+    chunks by index into its own ``chunk_table``; equal chunks from two
+    senders get one id here, so consecutive entries compare as ints."""
+    tables = [np.asarray(p["chunk_table"], dtype=np.int64).reshape(-1, spec.ndim) for p in parts]
+    shift = np.cumsum([0] + [t.shape[0] for t in tables])
+    both = np.concatenate(tables) if parts else np.empty((0, spec.ndim), np.int64)
+    one, ids = distinct_rows(both)
+    seq = np.concatenate([p["seq_chunk"] + shift[i] for i, p in enumerate(parts)]) if parts \
+        else np.empty(0, np.int64)
+    return both[one], ids[seq]
 
 
 def _write_region_rows(spec: StepSpec, target_rows, rows: np.ndarray, blobs,
