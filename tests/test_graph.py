@@ -193,3 +193,41 @@ def test_failing_task_stops_its_siblings_before_the_error_returns(tmp_path, monk
 
 def _files(root):
     return [os.path.join(d, f) for d, _, fs in os.walk(root) for f in fs]
+
+
+@pytest.mark.parametrize("shape", ["dense", "sparse", "wide"])
+def test_distinct_rows_and_link_groups_are_what_sorting_gives(shape):
+    """The counting paths (small boxes) and the sorting ones (a sparse box,
+    a box past int64) give ``np.unique``'s rows and inverse; link cells
+    grouped by the radix sort keep the records' order within a cell."""
+    from zarr_vectors_dask.step.links import distinct_rows, partition_links
+    rng = np.random.default_rng(len(shape))
+    rows = rng.integers(-3, 5, size=(5000, 3))
+    if shape == "sparse":
+        rows[::7] *= 100_000
+    if shape == "wide":
+        rows[::5, 0] = rng.integers(-(1 << 40), 1 << 40, size=1000)
+        rows[::5, 1] = rng.integers(-(1 << 40), 1 << 40, size=1000)
+    want, want_inv = np.unique(rows, axis=0, return_inverse=True)
+    got, inv = distinct_rows(rows)
+    assert np.array_equal(got, want) and np.array_equal(inv, want_inv.reshape(-1))
+    assert distinct_rows(rows[:0])[0].shape == (0, 3)
+    # records of a few source chunks into target chunks, interleaved
+    # (sparse: more (source, target) pairs than a 16-bit group number holds)
+    n_src = 250 if shape == "sparse" else 4
+    owner = np.repeat(np.arange(n_src), 5000 // n_src)
+    target = rng.integers(0, 300 if shape != "dense" else 3, size=owner.size)
+    t_chunks = rows[:300] if shape != "dense" else rows[:3]
+    cells = partition_links(owner, rows[:n_src], np.arange(owner.size), target, t_chunks,
+                            np.arange(owner.size) + 7, (1, 1, 1), (1, 1, 1))
+    for i in range(cells.chunk.shape[0]):
+        got_rows = cells.rows[cells.bounds[i]:cells.bounds[i + 1]]
+        a = got_rows[:, 0]
+        assert np.all(np.diff(a) > 0)  # input order kept within a cell
+        assert np.all(got_rows[:, 1] == a + 7)
+        assert np.all(rows[owner[a]] == rows[owner[a[0]]])  # (owner chunks may repeat)
+        assert np.all(t_chunks[target[a]] == t_chunks[target[a[0]]])
+        assert np.array_equal(cells.chunk[i], rows[owner[a[0]]])
+    key = [tuple(c) + tuple(o) for c, o in zip(cells.chunk.tolist(), cells.offset.tolist())]
+    assert key == sorted(key) and len(set(key)) == len(key)
+    assert cells.bounds[-1] == owner.size

@@ -129,10 +129,10 @@ def _next_hop(cells: ParentCells, level: int, cur_k: np.ndarray, cur_tab: np.nda
     used = np.zeros(cur_tab.shape[0], dtype=bool)
     used[cur_k] = True
     live = np.flatnonzero(used)
-    one, inv_live = distinct_rows(cur_tab[live])
+    chunks, inv_live = distinct_rows(cur_tab[live])
     distinct = np.zeros(cur_tab.shape[0], dtype=np.int64)
     distinct[live] = inv_live
-    maps = _parent_maps(cells, level, [tuple(c) for c in cur_tab[live[one]].tolist()], geo)
+    maps = _parent_maps(cells, level, [tuple(c) for c in chunks.tolist()], geo)
     inv = distinct[cur_k]
     nxt_k = np.zeros_like(cur_k)
     nxt_v = np.full(cur_v.shape, -1, dtype=np.int64)

@@ -25,24 +25,29 @@ __all__ = ["row_ids", "LinkCells", "partition_links", "distinct_rows", "write_li
 # ------------------------------------------------------------- stage 5
 def row_ids(rows: np.ndarray) -> np.ndarray:
     """One int64 per row of small int coordinates, equal iff the rows are
-    equal: 1-D keys sort and group far faster than ``unique(axis=0)``."""
+    equal, ordered as the rows are (lexicographically): 1-D keys sort and
+    group far faster than ``unique(axis=0)``."""
     rows = np.asarray(rows, dtype=np.int64)
     if rows.shape[0] == 0:
         return np.empty(0, dtype=np.int64)
-    return _linear_key([rows[:, j] for j in range(rows.shape[1])])
+    lows, spans = _box(rows)
+    if float(np.prod(spans.astype(np.float64))) >= 2.0 ** 62:
+        return np.unique(rows, axis=0, return_inverse=True)[1].reshape(-1).astype(np.int64)
+    return _linear_key(rows, lows, spans)
 
 
-def _linear_key(columns: list[np.ndarray]) -> np.ndarray:
-    """Mixed-radix number of each row of int columns (row-major over their
-    bounding box); falls back to ranks when the box exceeds int64."""
-    lows = [int(c.min()) for c in columns]
-    spans = [int(c.max()) - lo + 1 for c, lo in zip(columns, lows)]
-    if float(np.prod(np.asarray(spans, dtype=np.float64))) >= 2.0 ** 62:
-        stacked = np.stack(columns, axis=1)
-        return np.unique(stacked, axis=0, return_inverse=True)[1].reshape(-1).astype(np.int64)
-    key = columns[0] - lows[0]
-    for c, lo, span in zip(columns[1:], lows[1:], spans[1:]):
-        key = key * span + (c - lo)
+def _box(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Lower corner and extent of the rows' bounding box."""
+    lows = rows.min(axis=0)
+    return lows, rows.max(axis=0) - lows + 1
+
+
+def _linear_key(rows: np.ndarray, lows: np.ndarray, spans: np.ndarray) -> np.ndarray:
+    """Mixed-radix number of each row (row-major over the box
+    ``lows``/``spans``, which must fit an int64)."""
+    key = rows[:, 0] - lows[0]
+    for j in range(1, rows.shape[1]):
+        key = key * int(spans[j]) + (rows[:, j] - lows[j])
     return np.asarray(key, dtype=np.int64)
 
 
@@ -133,26 +138,27 @@ def _dense_ranks(ids: np.ndarray) -> np.ndarray:
 
 
 def distinct_rows(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``(one, inverse)``: the index of one row of each distinct row, in
-    ``row_ids`` order, and each row's distinct-row number -- what
-    ``np.unique(row_ids(rows), return_index=True, return_inverse=True)``
-    gives (but any one row of each, not the first), by counting instead of
-    sorting when the ids span little (chunk coordinates of one level)."""
-    ids = row_ids(rows)
-    if ids.size == 0:
-        return np.empty(0, np.int64), np.empty(0, np.int64)
-    lo = int(ids.min())
-    span = int(ids.max()) - lo + 1
-    if span > 4 * ids.size + (1 << 20):
-        _, one, inverse = np.unique(ids, return_index=True, return_inverse=True)
-        return one, inverse.reshape(-1)
-    rel = ids - lo
-    present = np.zeros(span, dtype=bool)
-    present[rel] = True
-    inverse = (np.cumsum(present) - 1)[rel]
-    one = np.empty(int(present.sum()), dtype=np.int64)
-    one[inverse] = np.arange(ids.size, dtype=np.int64)
-    return one, inverse
+    """``(distinct, inverse)``: the distinct rows of small int coordinates,
+    in order, and each row's number among them -- ``np.unique(rows,
+    axis=0, return_inverse=True)`` -- by counting instead of sorting when
+    their bounding box is small (chunk coordinates of one level, a block's
+    bin keys): the distinct rows are then the box's occupied cells, found
+    without a per-row scatter."""
+    rows = np.asarray(rows, dtype=np.int64)
+    n = rows.shape[0]
+    if n == 0:
+        return rows, np.empty(0, np.int64)
+    lows, spans = _box(rows)
+    box = float(np.prod(spans.astype(np.float64)))
+    if box > 4 * n + (1 << 20):
+        _, one, inverse = np.unique(row_ids(rows), return_index=True, return_inverse=True)
+        return rows[one], inverse.reshape(-1)
+    ids = _linear_key(rows, lows, spans)
+    present = np.zeros(int(box), dtype=bool)
+    present[ids] = True
+    inverse = (np.cumsum(present) - 1)[ids]
+    cells = np.unravel_index(np.flatnonzero(present), tuple(spans.tolist()))
+    return np.stack(cells, axis=1) + lows, inverse
 
 
 def write_link_cells(store: Store, level: int, delta: int, origin, links: LinkCells, *,
@@ -240,10 +246,10 @@ def links_and_sequences(spec: StepSpec, block: int, partials: dict, region,
             par_frag = loc_frag[inverse]
         # A fragment's metavertex sequence drops consecutive repeats (equal
         # chunks have equal ranks).
-        one, rank = distinct_rows(loc_chunk)
+        chunks, rank = distinct_rows(loc_chunk)
         result["sequences"] = send_sequences(
             spec, block, _pair_key(inst_chunk, state["inst_frag"]), rank[inverse], par_frag,
-            loc_chunk[one], ref_parts)
+            chunks, ref_parts)
     return result
 
 
@@ -346,8 +352,8 @@ def old_sequences(spec: StepSpec, task: int, region, *_refs_done) -> list[int]:
         raise FormatError(f"{spec.store.describe(nm.links_family_path(spec.source_level, 1))}: "
                           f"a vertex of a named fragment has no +1 link: the links do not "
                           f"match the level; rebuild the pyramid")
-    one, rank = distinct_rows(pc)
-    return send_sequences(spec, OLD_SENDER + task, inst_key, rank, pf, pc[one], parts)
+    chunks, rank = distinct_rows(pc)
+    return send_sequences(spec, OLD_SENDER + task, inst_key, rank, pf, chunks, parts)
 
 
 #: Sender number of the first ``old_sequences`` task (after every block).

@@ -128,10 +128,10 @@ def _parent_chunks(spec: StepSpec, parts: list[dict]) -> tuple[np.ndarray, np.nd
     tables = [np.asarray(p["chunk_table"], dtype=np.int64).reshape(-1, spec.ndim) for p in parts]
     shift = np.cumsum([0] + [t.shape[0] for t in tables])
     both = np.concatenate(tables) if parts else np.empty((0, spec.ndim), np.int64)
-    one, ids = distinct_rows(both)
+    chunks, ids = distinct_rows(both)
     seq = np.concatenate([p["seq_chunk"] + shift[i] for i, p in enumerate(parts)]) if parts \
         else np.empty(0, np.int64)
-    return both[one], ids[seq]
+    return chunks, ids[seq]
 
 
 def _write_region_rows(spec: StepSpec, target_rows, rows: np.ndarray, blobs,

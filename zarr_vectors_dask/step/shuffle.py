@@ -100,8 +100,7 @@ def _bin_sums(spec: StepSpec, pos: np.ndarray, w: np.ndarray):
         # Any order of the distinct keys will do here (write_metavertices
         # sorts them by bytes); a block's bins span little, so they are
         # counted, not sorted.
-        one, inverse = distinct_rows(keys)
-        ukeys = keys[one]
+        ukeys, inverse = distinct_rows(keys)
     else:
         ukeys = np.empty((0, spec.ndim), dtype=np.int64)
         inverse = np.empty(0, dtype=np.int64)
@@ -188,8 +187,7 @@ def reduce_metavertices(spec: StepSpec, partition: int, sources: list[int], regi
     counts = np.concatenate([p["counts"] for p in parts]) if parts else np.empty(0, np.int64)
     if keys.shape[0]:
         # Metavertex ids are internal to the partition: any key order works.
-        one, inv = distinct_rows(keys)
-        ukeys = keys[one]
+        ukeys, inv = distinct_rows(keys)
     else:
         ukeys, inv = keys, np.empty(0, np.int64)
     n_u = ukeys.shape[0]
