@@ -95,23 +95,21 @@ def _gather(spec: StepSpec, numbers: np.ndarray, mkeys: np.ndarray, mvals: np.nd
 def _bin_sums(spec: StepSpec, pos: np.ndarray, w: np.ndarray):
     """The block's distinct bin keys, each vertex's key index, and per key
     the float64 weighted position sums and the weights' total."""
-    keys = bin_keys(pos, spec.bin_shape)
-    if keys.shape[0]:
-        # Any order of the distinct keys will do here (write_metavertices
-        # sorts them by bytes); a block's bins span little, so they are
-        # counted, not sorted.
-        ukeys, inverse = distinct_rows(keys)
-    else:
-        ukeys = np.empty((0, spec.ndim), dtype=np.int64)
-        inverse = np.empty(0, dtype=np.int64)
+    # Any order of the distinct keys will do here (write_metavertices sorts
+    # them by bytes); a block's bins span little, so they are counted.
+    ukeys, inverse = distinct_rows(bin_keys(pos, spec.bin_shape))
     n_u = ukeys.shape[0]
     sums = np.empty((n_u, spec.ndim), dtype=np.float64)
-    wf = w.astype(np.float64)
-    col = np.empty(pos.shape[0], dtype=np.float64)
+    # Weights are mostly all 1 (each fragment named once): x * 1.0 == x.
+    ones = bool(w.size) and int(w.min()) == 1 == int(w.max())
+    wf = None if ones else w.astype(np.float64)
+    col = None if ones else np.empty(pos.shape[0], dtype=np.float64)
     for a in range(spec.ndim):
-        np.multiply(pos[:, a], wf, out=col)
-        sums[:, a] = np.bincount(inverse, weights=col, minlength=n_u)
-    counts = np.bincount(inverse, weights=w, minlength=n_u).astype(np.int64)
+        if not ones:
+            np.multiply(pos[:, a], wf, out=col)
+        sums[:, a] = np.bincount(inverse, weights=pos[:, a] if ones else col, minlength=n_u)
+    counts = np.bincount(inverse, minlength=n_u) if ones else \
+        np.bincount(inverse, weights=w, minlength=n_u).astype(np.int64)
     return ukeys, inverse, sums, counts
 
 
