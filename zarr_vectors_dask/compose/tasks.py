@@ -134,9 +134,13 @@ def _next_hop(cells: ParentCells, level: int, cur_k: np.ndarray, cur_tab: np.nda
     distinct[live] = inv_live
     maps = _parent_maps(cells, level, [tuple(c) for c in chunks.tolist()], geo)
     inv = distinct[cur_k]
+    inside = cur_v < maps.sizes[inv]
+    if inside.all():  # the usual case: no vertex past its chunk's records
+        at = maps.starts[inv] + cur_v
+        return maps.parent_cell[at], maps.cell_chunk, maps.parent_vi[at]
     nxt_k = np.zeros_like(cur_k)
     nxt_v = np.full(cur_v.shape, -1, dtype=np.int64)
-    inside = np.flatnonzero(cur_v < maps.sizes[inv])
+    inside = np.flatnonzero(inside)
     at = maps.starts[inv[inside]] + cur_v[inside]
     nxt_k[inside] = maps.parent_cell[at]
     nxt_v[inside] = maps.parent_vi[at]

@@ -37,9 +37,11 @@ def row_ids(rows: np.ndarray) -> np.ndarray:
 
 
 def _box(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Lower corner and extent of the rows' bounding box."""
-    lows = rows.min(axis=0)
-    return lows, rows.max(axis=0) - lows + 1
+    """Lower corner and extent of the rows' bounding box (column by column:
+    numpy reduces a narrow array along axis 0 ~9x slower)."""
+    lows = np.asarray([rows[:, j].min() for j in range(rows.shape[1])], dtype=np.int64)
+    highs = np.asarray([rows[:, j].max() for j in range(rows.shape[1])], dtype=np.int64)
+    return lows, highs - lows + 1
 
 
 def _linear_key(rows: np.ndarray, lows: np.ndarray, spans: np.ndarray) -> np.ndarray:
