@@ -76,11 +76,11 @@ def _put_rows(spec: StepSpec, target_rows: tuple[int, int], rows, doc: dict | No
 def _put_table(spec: StepSpec, target_rows: tuple[int, int], table: cdc.ManifestTable) -> None:
     """Write one bucket's rows given as a table: straight to the bucket's
     vlen-bytes items where the array's layout allows, else as blobs."""
-    lo, hi = target_rows
     doc = _manifests_doc(spec)
     codec = BucketCodec.of(doc)
-    if codec is not None and codec.bucket_of(lo, hi) is not None and table.counts.size:
-        spec.store.put(codec.key(_manifests_path(spec), codec.bucket_of(lo, hi)),
+    k = codec.bucket_of(*target_rows) if codec is not None else None
+    if k is not None and table.counts.size:  # (rows of 4 bytes at least: not all empty)
+        spec.store.put(codec.key(_manifests_path(spec), k),
                        codec.encode_items(cdc.manifest_items(table, spec.ndim, codec.size)))
         return
     _put_rows(spec, target_rows, cdc.encode_manifest_table(table, spec.ndim), doc)
