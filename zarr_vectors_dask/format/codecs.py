@@ -223,8 +223,8 @@ def manifest_items(table: ManifestTable, sid_ndim: int, size: int) -> bytes:
     n = int(np.asarray(table.counts).size)
     if n > size:
         raise ValueError(f"{n} manifests do not fit a bucket of {size}")
-    return b"".join((np.uint32(size).tobytes(), _manifest_bytes(table, sid_ndim, True),
-                     bytes(4 * (size - n))))
+    head = np.asarray(size, dtype="<u4").tobytes()
+    return b"".join((head, _manifest_bytes(table, sid_ndim, True), bytes(4 * (size - n))))
 
 
 def _manifest_bytes(table: ManifestTable, sid_ndim: int, with_lengths: bool) -> bytes:

@@ -17,20 +17,16 @@ from .exchange import received, send_exchange
 from .spec import StepSpec, _pair_key, _read_fragment_lengths, chunk_coords
 from .vertices import OLD_PARENT
 
-__all__ = ["row_ids", "LinkCells", "partition_links", "distinct_rows", "write_link_cells",
+__all__ = ["LinkCells", "partition_links", "distinct_rows", "write_link_cells",
            "links_and_sequences", "send_sequences", "old_parents", "old_sequences",
            "answer_for"]
 
 
 # ------------------------------------------------------------- stage 5
-def row_ids(rows: np.ndarray) -> np.ndarray:
-    """One int64 per row of small int coordinates, equal iff the rows are
-    equal, ordered as the rows are (lexicographically): 1-D keys sort and
-    group far faster than ``unique(axis=0)``."""
-    rows = np.asarray(rows, dtype=np.int64)
-    if rows.shape[0] == 0:
-        return np.empty(0, dtype=np.int64)
-    lows, spans = _box(rows)
+def _row_ids(rows: np.ndarray, lows: np.ndarray, spans: np.ndarray) -> np.ndarray:
+    """One int64 per row of small int coordinates (their bounding box
+    ``lows``/``spans``), equal iff the rows are equal and ordered as the
+    rows are: 1-D keys sort and group far faster than ``unique(axis=0)``."""
     if float(np.prod(spans.astype(np.float64))) >= 2.0 ** 62:
         return np.unique(rows, axis=0, return_inverse=True)[1].reshape(-1).astype(np.int64)
     return _linear_key(rows, lows, spans)
@@ -153,7 +149,8 @@ def distinct_rows(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     lows, spans = _box(rows)
     box = float(np.prod(spans.astype(np.float64)))
     if box > 4 * n + (1 << 20):
-        _, one, inverse = np.unique(row_ids(rows), return_index=True, return_inverse=True)
+        _, one, inverse = np.unique(_row_ids(rows, lows, spans), return_index=True,
+                                    return_inverse=True)
         return rows[one], inverse.reshape(-1)
     ids = _linear_key(rows, lows, spans)
     present = np.zeros(int(box), dtype=bool)

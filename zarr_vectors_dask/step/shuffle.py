@@ -103,11 +103,10 @@ def _bin_sums(spec: StepSpec, pos: np.ndarray, w: np.ndarray):
     # Weights are mostly all 1 (each fragment named once): x * 1.0 == x.
     ones = bool(w.size) and int(w.min()) == 1 == int(w.max())
     wf = None if ones else w.astype(np.float64)
-    col = None if ones else np.empty(pos.shape[0], dtype=np.float64)
+    buf = None if ones else np.empty(pos.shape[0], dtype=np.float64)
     for a in range(spec.ndim):
-        if not ones:
-            np.multiply(pos[:, a], wf, out=col)
-        sums[:, a] = np.bincount(inverse, weights=pos[:, a] if ones else col, minlength=n_u)
+        col = pos[:, a] if ones else np.multiply(pos[:, a], wf, out=buf)
+        sums[:, a] = np.bincount(inverse, weights=col, minlength=n_u)
     counts = np.bincount(inverse, minlength=n_u) if ones else \
         np.bincount(inverse, weights=w, minlength=n_u).astype(np.int64)
     return ukeys, inverse, sums, counts
@@ -183,11 +182,8 @@ def reduce_metavertices(spec: StepSpec, partition: int, sources: list[int], regi
     keys = np.concatenate([p["keys"] for p in parts]) if parts else np.empty((0, spec.ndim), np.int64)
     sums = np.concatenate([p["sums"] for p in parts]) if parts else np.empty((0, spec.ndim))
     counts = np.concatenate([p["counts"] for p in parts]) if parts else np.empty(0, np.int64)
-    if keys.shape[0]:
-        # Metavertex ids are internal to the partition: any key order works.
-        ukeys, inv = distinct_rows(keys)
-    else:
-        ukeys, inv = keys, np.empty(0, np.int64)
+    # Metavertex ids are internal to the partition: any key order works.
+    ukeys, inv = distinct_rows(keys)
     n_u = ukeys.shape[0]
     total = np.bincount(inv, weights=counts, minlength=n_u).astype(np.int64)
     centroid = np.empty((n_u, spec.ndim), dtype=np.float32)
