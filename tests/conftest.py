@@ -13,6 +13,16 @@ import pytest
 
 pytest_plugins = ["conftest_servers"]
 
+#: Our tests run every graph task by task on the cluster, the path large
+#: builds take, here and in the drivers they start; zarr-vectors' own
+#: suites (test_peer_suite.py, test_zvtools.py) drop this and run with the
+#: default, small graphs in one task; test_inline.py compares the two.
+INLINE_ENV = "DASK_ZARR_VECTORS_DASK__INLINE_VERTICES"
+os.environ[INLINE_ENV] = "0"
+import dask  # noqa: E402 - after the variable it is to read
+
+dask.config.refresh()
+
 
 #: Test files by their time in CI (``--durations``), longest first.  With
 #: ``-n 2 --dist loadfile`` a worker takes the next whole file when it is

@@ -19,6 +19,7 @@ import xml.etree.ElementTree as ET
 
 import pytest
 
+from conftest import INLINE_ENV
 from sdists import extract_tests, fetch_sdist
 
 pytestmark = pytest.mark.integration
@@ -85,7 +86,8 @@ def test_zarr_vectors_pyramid_tests_pass_with_our_builder(tmp_path):
             ignore::DeprecationWarning
         """))
     report = work / "report.xml"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+    env = {k: v for k, v in os.environ.items() if k != INLINE_ENV}  # the default executor
+    env = {**env, "PYTHONPATH": os.pathsep.join(
         [str(work), *filter(None, [os.environ.get("PYTHONPATH")])])}
     cmd = [sys.executable, "-m", "pytest", "-p", "zvdask_peer_plugin", "-p", "no:cacheprovider",
            "-q", "--no-header", "-rfE", f"--junitxml={report}", "--rootdir", str(work),

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import INLINE_ENV
 from equivalence import assert_same_pyramid
 from stores import make_meshes, make_points_with_ids
 from sdists import extract_tests, fetch_sdist
@@ -126,7 +127,8 @@ def _start_suite(work: Path, tag: str, plugin: bool) -> subprocess.Popen:
     and patched runs can go side by side)."""
     report, tripwire = work / f"{tag}.xml", work / f"{tag}.calls"
     tripwire.write_text("")
-    env = {**os.environ, "ZVDASK_TRIPWIRE": str(tripwire), "PYTHONPATH": os.pathsep.join(
+    env = {k: v for k, v in os.environ.items() if k != INLINE_ENV}  # the default executor
+    env = {**env, "ZVDASK_TRIPWIRE": str(tripwire), "PYTHONPATH": os.pathsep.join(
         [str(work), *filter(None, [os.environ.get("PYTHONPATH")])])}
     cmd = [sys.executable, "-m", "pytest", *(["-p", "zvdask_zvt_plugin"] if plugin else []),
            "-p", "no:cacheprovider", "-q", "--no-header", "-rfE", "-m", "not slow",

@@ -405,7 +405,8 @@ def _close(c, st: Store, lock, plan: PyramidPlan, *, root_meta, n_workers: int, 
     fams, stage_s = compose_links(c, st, root_meta=root_meta, depth=depth, storage=storage,
                                   n_workers=n_workers, progress=progress,
                                   max_block_vertices=request.max_block_vertices,
-                                  shard_shape=shard_shape, only=only)
+                                  shard_shape=shard_shape, only=only,
+                                  inline_vertices=plan.levels[0].inline_vertices)
     if only is not None:
         lock.check()
         discard_recomposed(st, root_meta, only, st.logged_keys())  # writes its documents

@@ -17,7 +17,7 @@ from .storage import handles
 from .storage.store import Store
 
 __all__ = ["STAGE_OF", "Graph", "StepReport", "RUNNING", "wait_until_idle", "execute",
-           "count_workers", "workers_in_this_process", "client_for", "MALLOC_CONFIG",
+           "run_inline", "count_workers", "workers_in_this_process", "client_for", "MALLOC_CONFIG",
            "WorkerMalloc", "tuned_workers"]
 
 
@@ -32,6 +32,7 @@ STAGE_OF = {
     "context_refs": "sparsity context", "fragment_summaries": "sparsity context",
     "object_context": "sparsity context", "fragment_points": "sparsity context",
     "object_points": "sparsity context", "write_shards": "shards",
+    "run_inline": "whole graph in one task",
 }
 
 
@@ -64,6 +65,7 @@ class StepReport:
     seconds: float = 0.0
     tasks: int = 0
     round_trips: int = 0  # graphs handed to the scheduler (one per step)
+    inline_graphs: int = 0  # of those, run in one task (``execute``'s ``inline``)
     stage_tasks: dict = field(default_factory=dict)  # task function -> tasks
     stage_seconds: dict = field(default_factory=dict)
     #: A region step's target chunks whose content or weights changed:
@@ -102,17 +104,24 @@ def wait_until_idle(client, *, token: str = "", states: tuple = RUNNING,
 
 
 def execute(client, graph: Graph, token: str, report: StepReport, *, name: str,
-            progress: Callable | None = None):
+            progress: Callable | None = None, inline: bool = False):
     """Hand ``graph`` to the scheduler once and return its output.  Only
     the output is held, so every intermediate is released as soon as its
-    consumers have finished.  On any failure the graph's tasks are
-    cancelled and waited for, so nothing writes after the error returns."""
+    consumers have finished.  ``inline``: the whole graph runs in one task
+    (:func:`run_inline`), for graphs too small to gain from their
+    parallelism.  On any failure the graph's tasks are cancelled and
+    waited for, so nothing writes after the error returns."""
     t0 = time.perf_counter()
     report.tasks += graph.tasks
     report.round_trips += 1
+    report.inline_graphs += int(inline)
     for k, n in graph.stages.items():
         report.stage_tasks[k] = report.stage_tasks.get(k, 0) + n
-    fut = client.get(graph.dsk, graph.output, sync=False)
+    if inline:  # the key names the token, as the graph's own keys do
+        fut = client.submit(run_inline, graph.dsk, graph.output, key=f"run_inline-{token}",
+                            pure=False)
+    else:
+        fut = client.get(graph.dsk, graph.output, sync=False)
     try:
         if progress is not None:
             progress(name, [fut])
@@ -125,6 +134,14 @@ def execute(client, graph: Graph, token: str, report: StepReport, *, name: str,
         fut.release()
         report.stage_seconds[name] = report.stage_seconds.get(name, 0.0) + \
             time.perf_counter() - t0
+
+
+def run_inline(dsk: dict, output):
+    """A graph run in this thread by Dask's synchronous scheduler (on a
+    worker: the body of ``execute``'s one task).  Intermediates are
+    released as their consumers finish, as on the cluster."""
+    from dask.local import get_sync
+    return get_sync(dsk, output)
 
 
 def count_workers(client) -> int:

@@ -9,7 +9,9 @@ from typing import Callable
 
 from ..errors import cleanup
 from ..format import commit as cm
+from ..format import documents as fdoc
 from ..format import naming as nm
+from ..planning.plan import runs_inline
 from ..planning.region import recompose_chunks
 from ..runtime import StepReport, execute
 from ..step.exchange import drop_exchange
@@ -26,14 +28,16 @@ __all__ = ["compose_links", "recompose_region", "discard_recomposed"]
 def compose_links(client, store: Store, *, root_meta, depth: int, storage: str,
                   n_workers: int, progress: Callable | None = None,
                   max_block_vertices: int = 2_000_000, shard_shape=None,
-                  only: dict | None = None) -> tuple[list, dict]:
+                  only: dict | None = None, inline_vertices: int = 0) -> tuple[list, dict]:
     """The closing stage, one graph: ``±N`` families (N >= 2) composed
     from the published ``+1`` families by one task per run of fine
     chunks; their documents are written on the cluster by its last task.
     Returns the families left for the driver to commit (none) and the
     stage timings.  ``only`` (a refresh, :func:`recompose_region`): the
     chunks to compose per level; their families' documents are then left
-    to the caller (:func:`discard_recomposed`)."""
+    to the caller (:func:`discard_recomposed`).  ``inline_vertices``: the
+    graph runs in one task when the finest level has at most that many
+    vertices (``planning.plan.runs_inline``)."""
     report = StepReport(target_level=-1)
     levels = cm.published_levels(store)
     if storage == "none" or depth == 0 or len(levels) < 2:
@@ -48,11 +52,18 @@ def compose_links(client, store: Store, *, root_meta, depth: int, storage: str,
                                  n_workers=n_workers, max_block_vertices=max_block_vertices,
                                  token=token, shard_shape=shard_shape, only=only)
         if graph is not None:
-            execute(client, graph, token, report, name="compose", progress=progress)
+            inline = runs_inline(_vertex_count(store, min(levels)), inline_vertices)
+            execute(client, graph, token, report, name="compose", progress=progress,
+                    inline=inline)
     finally:
         cleanup(lambda: drop_exchange(store, COMPOSE_SCOPE),
                 what="removing the exchange files of the composition")
     return [], report.stage_seconds
+
+
+def _vertex_count(store: Store, level: int) -> int:
+    attrs = (fdoc.node_attrs(store, str(level)) or {}).get("zarr_vectors_level") or {}
+    return int(attrs.get("vertex_count") or 0)
 
 
 # ---------------------------------------------------------- a refresh in place

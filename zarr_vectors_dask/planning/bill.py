@@ -952,7 +952,9 @@ def render(plan: "PyramidPlan") -> str:
             f"{lv.n_buckets:<8} {t:<6} {fmt_bytes(lv.estimated_bytes)}")
     for lv in plan.levels:
         stages = ", ".join(f"{k} {v}" for k, v in lv.tasks.items() if v)
-        lines.append(f"  tasks {lv.source_level}->{lv.target_level}: {stages}")
+        where = (f" -- in one task (source <= {lv.inline_vertices:,} vertices)"
+                 if lv.inline else "")
+        lines.append(f"  tasks {lv.source_level}->{lv.target_level}: {stages}{where}")
     exact = all(lv.graph_tasks is not None for lv in plan.levels)
     lines.append(f"  total tasks: {plan.total_tasks}" + (
         "" if exact else " (~: estimated; a step's graph is built once its source level "

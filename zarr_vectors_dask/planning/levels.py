@@ -9,7 +9,7 @@ from ..format import commit as cm
 from ..format import documents as fdoc
 from ..format import naming as nm
 from ..storage.store import Store
-from .plan import PyramidPlan, plan_pyramid_from_meta, validate_factors
+from .plan import PyramidPlan, inline_limit, plan_pyramid_from_meta, validate_factors
 
 __all__ = ["read_root_meta", "level_shapes", "make_plan"]
 
@@ -40,6 +40,7 @@ def make_plan(store: Store, *, factors, chunk_scale_factors, cross_level_depth,
               cross_level_storage, sparsity_strategy, n_workers, start_level=0,
               max_block_vertices=2_000_000, shard_shape=None) -> PyramidPlan:
     validate_factors(factors)
+    inline_vertices = inline_limit()
     root_meta = read_root_meta(store)
     sbin, schunk = level_shapes(store, start_level, root_meta)
     info = fcells.vlen_array_info(store, f"{start_level}/{nm.VERTICES}")
@@ -55,5 +56,6 @@ def make_plan(store: Store, *, factors, chunk_scale_factors, cross_level_depth,
         start_level=start_level, factors=factors, chunk_scale_factors=chunk_scale_factors,
         cross_level_depth=cross_level_depth, cross_level_storage=cross_level_storage,
         sparsity_strategy=sparsity_strategy, n_workers=n_workers,
-        max_block_vertices=max_block_vertices, shard_shape=shard_shape)
+        max_block_vertices=max_block_vertices, shard_shape=shard_shape,
+        inline_vertices=inline_vertices)
     return plan

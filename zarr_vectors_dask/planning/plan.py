@@ -20,7 +20,8 @@ from .text import fmt_tuple
 
 __all__ = ["VALID_CROSS_LEVEL_STORAGE", "validate_factors", "normalize_chunk_scale",
            "validate_options", "check_method", "registered_strategy", "target_bin", "bin_ratio",
-           "grid_layout", "LevelPlan", "PyramidPlan", "plan_level", "plan_pyramid_from_meta"]
+           "grid_layout", "INLINE_CONFIG", "DEFAULT_INLINE_VERTICES", "inline_limit",
+           "runs_inline", "LevelPlan", "PyramidPlan", "plan_level", "plan_pyramid_from_meta"]
 
 
 VALID_CROSS_LEVEL_STORAGE = ("none", "implicit", "explicit")
@@ -142,6 +143,38 @@ def grid_layout(bounds, chunk_shape) -> tuple[tuple[int, ...], tuple[int, ...]]:
     return origin, tuple(u - o + 1 for u, o in zip(upper, origin))
 
 
+# ------------------------------------------------------------ executor choice
+#: Dask config key: a graph whose source level has at most this many
+#: vertices runs in one task (``runtime.execute``); 0 runs every graph
+#: task by task.
+INLINE_CONFIG = "zarr-vectors-dask.inline-vertices"
+#: Measured on 2 workers (benchmarks/README.md, "Small graphs in one
+#: task"): up to here one task is as fast as the distributed graph, and
+#: spends a quarter to two thirds less CPU.
+DEFAULT_INLINE_VERTICES = 1_000_000
+
+
+def inline_limit() -> int:
+    """The ``zarr-vectors-dask.inline-vertices`` Dask config value."""
+    import dask
+    value = dask.config.get(INLINE_CONFIG, DEFAULT_INLINE_VERTICES)
+    try:
+        limit = int(value)
+    except (TypeError, ValueError):
+        limit = -1
+    if limit < 0 or isinstance(value, bool) or (isinstance(value, float) and value != limit):
+        raise PlanError(f"Dask config {INLINE_CONFIG} must be an integer >= 0 (vertices); "
+                        f"got {value!r}")
+    return limit
+
+
+def runs_inline(source_vertices: int, limit: int) -> bool:
+    """Whether a graph over a source level of ``source_vertices`` runs in
+    one task: its per-task overhead (scheduling, transfers) would cost
+    more than its parallelism gives."""
+    return 0 < int(source_vertices) <= int(limit)
+
+
 # ------------------------------------------------------------ plan objects
 @dataclass
 class LevelPlan:
@@ -180,6 +213,15 @@ class LevelPlan:
     #: writes (they count in its objects and requests).
     n_object_attributes: int = 0
     n_vertex_attributes: int = 0
+    #: Source levels of at most this many vertices run the step's graph in
+    #: one task (:func:`runs_inline`).
+    inline_vertices: int = 0
+
+    @property
+    def inline(self) -> bool:
+        """Whether the step's graph runs in one task (as planned: later
+        steps' source sizes are estimates; the step decides on the real one)."""
+        return runs_inline(self.source_vertices, self.inline_vertices)
 
     def chunk_scales(self, root_chunk) -> tuple[tuple[int, ...], tuple[int, ...]]:
         """The source's and the target's chunk shapes as multiples of the
@@ -314,7 +356,7 @@ def plan_pyramid_from_meta(*, store: str, ndim: int, root_chunk_shape, root_bin,
                            factors, chunk_scale_factors=None, cross_level_depth: int = 1,
                            cross_level_storage: str = "explicit", sparsity_strategy: str = "random",
                            n_workers: int = 2, max_block_vertices: int = 2_000_000,
-                           shard_shape=None) -> PyramidPlan:
+                           shard_shape=None, inline_vertices: int = 0) -> PyramidPlan:
     """The whole pyramid from the source level's shapes: pure, no I/O."""
     facs = validate_factors(factors)
     from ..format.shards import normalize_shard_shape
@@ -343,6 +385,7 @@ def plan_pyramid_from_meta(*, store: str, ndim: int, root_chunk_shape, root_bin,
                         cross_level_storage=cross_level_storage)
         lv.sparsity_strategy = sparsity_strategy
         lv.shard_shape = shards
+        lv.inline_vertices = int(inline_vertices)
         levels.append(lv)
         sbin, schunk = lv.bin_shape, lv.chunk_shape
         chunks = min(chunks, math.prod(lv.target_grid[1]))

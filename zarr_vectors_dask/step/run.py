@@ -16,7 +16,7 @@ from ..format import codecs as cdc
 from ..format import commit as cm
 from ..format import documents as fdoc
 from ..format import naming as nm
-from ..planning.plan import LevelPlan, grid_layout
+from ..planning.plan import LevelPlan, grid_layout, runs_inline
 from ..planning.region import ChunkRegion
 from ..planning.runs import run_cap, shard_runs, step_layout
 from ..planning.sparsity import Sparsity
@@ -162,7 +162,7 @@ def _run_step(client, store: Store, lv: LevelPlan, *, root_meta, sparsity_strate
                           vertex_attributes=vertex_attributes,
                           attribute_aggregation=attribute_aggregation)
     out = execute(client, graph, token, report, name=f"level {lv.target_level}",
-                  progress=progress)
+                  progress=progress, inline=runs_inline(src.vertex_count, lv.inline_vertices))
     n_src_objects = src.n_rows if src.has_objects else 1
     n_kept = out["objects_kept"] if src.has_objects else 1
     report.source_objects, report.objects_kept = int(n_src_objects), int(n_kept)
@@ -230,7 +230,7 @@ def _run_region_step(client, store: Store, lv: LevelPlan, region: ChunkRegion, *
     graph = sgraph.step_graph(spec, layout, n_rows=src.n_rows, sparsity=sparsity,
                               attribute_names=src.attribute_names, token=token, region=sreg)
     out = execute(client, graph, token, report, name=f"level {lv.target_level} (region)",
-                  progress=progress)
+                  progress=progress, inline=runs_inline(src.vertex_count, lv.inline_vertices))
     t0 = time.perf_counter()
     sizes = store.logged_sizes()
     cells = step_cells(store, spec, sizes)
@@ -268,7 +268,8 @@ def rewrite_attributes(client, store: Store, levels: list, buckets: dict, *, n_r
                                            token=token)
     try:
         execute(client, graph, token, StepReport(target_level=pairs[-1].target_level),
-                name="object attributes", progress=progress)
+                name="object attributes", progress=progress,
+                inline=runs_inline(levels[0].source_vertices, levels[0].inline_vertices))
     finally:
         for p in pairs:
             cleanup(lambda p=p: drop_exchange(store, p.target_level),

@@ -1,0 +1,213 @@
+"""Small graphs in one task: a step (or the composition) whose source level
+has at most ``zarr-vectors-dask.inline-vertices`` vertices runs its whole
+graph inside one worker task (``runtime.run_inline``), by Dask's
+synchronous scheduler.  The bytes are the distributed graph's; an error
+inside returns as itself with nothing published; a driver killed mid-way
+is resumed.  (The rest of our suite runs every graph task by task:
+conftest sets the limit to 0.)"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import warnings
+
+import dask
+import numpy as np
+import pytest
+from zarr_vectors.core.store import open_store
+from zarr_vectors.multiresolution.coarsen import build_pyramid as reference_build_pyramid
+from zarr_vectors.ops.edit import EditSession
+from zarr_vectors.ops.refs import VertexRef
+
+import zarr_vectors_dask as zd
+from distributed import get_task_stream
+from conftest import INLINE_ENV
+from equivalence import compare_raw_files, scratch_left
+from servers import subprocess_env
+from stores import make_streamlines
+from zarr_vectors_dask.errors import PlanError
+from zarr_vectors_dask.planning.plan import (DEFAULT_INLINE_VERTICES, INLINE_CONFIG, inline_limit,
+                                             plan_pyramid_from_meta, runs_inline)
+from zarr_vectors_dask.step import shuffle
+
+KW = dict(factors=[(2, 1), (2, 2), (2, 2)], sparsity_seed=0, cross_level_depth=-1,
+          cross_level_storage="explicit")
+ALL_INLINE = {INLINE_CONFIG: 10 ** 9}
+
+
+def _function(key) -> str:
+    name = key[0] if isinstance(key, tuple) else key
+    return str(name).rsplit("-", 1)[0]
+
+
+def _sidecar(rel: str) -> bool:
+    return rel.split(os.sep)[0] == ".zvdask"
+
+
+# ------------------------------------------------------------ the choice
+def test_runs_inline_is_a_limit_on_the_source_vertices():
+    assert runs_inline(10, 10) and runs_inline(1, 10)
+    assert not runs_inline(11, 10)
+    assert not runs_inline(5, 0)  # 0: never
+    assert not runs_inline(0, 10)  # nothing to run
+
+
+def test_the_plan_says_which_steps_run_in_one_task():
+    """Steps planned from a source estimate under the limit run inline,
+    and the printed plan says so, with the graph's own task counts."""
+    plan = plan_pyramid_from_meta(
+        store="mem://x", ndim=3, root_chunk_shape=(10.0,) * 3, root_bin=(1.0,) * 3,
+        bounds=((0.0,) * 3, (99.0,) * 3), level0_chunks=1000, level0_vertices=3_000_000,
+        n_objects=50_000, factors=[(2, 1), (4, 1), (4, 1)], n_workers=2,
+        inline_vertices=1_000_000)
+    flags = [lv.inline for lv in plan.levels]
+    assert flags == [lv.source_vertices <= 1_000_000 for lv in plan.levels]
+    assert flags[0] is False and flags[-1] is True, [lv.source_vertices for lv in plan.levels]
+    task_lines = [ln for ln in str(plan).splitlines() if ln.startswith("  tasks ")]
+    assert ["in one task" in ln for ln in task_lines] == flags
+    total = sum(sum(lv.tasks.values()) for lv in plan.levels)
+    assert f"total tasks: {total}" in str(plan)  # the same graphs, counted as before
+
+
+def test_the_limit_is_dask_config_and_bad_values_are_refused():
+    with dask.config.set({INLINE_CONFIG: 12345}):
+        assert inline_limit() == 12345
+    for bad in ("many", -1, 2.5, True):
+        with dask.config.set({INLINE_CONFIG: bad}):
+            with pytest.raises(PlanError, match=INLINE_CONFIG):
+                inline_limit()
+    saved = os.environ.pop(INLINE_ENV)
+    try:
+        dask.config.refresh()
+        assert inline_limit() == DEFAULT_INLINE_VERTICES
+    finally:
+        os.environ[INLINE_ENV] = saved
+        dask.config.refresh()
+
+
+# ------------------------------------------------------------ the same bytes
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    path = tmp_path_factory.mktemp("inline") / "base.zv"
+    make_streamlines(str(path), seed=23, n_objects=300, max_len=120)
+    return path
+
+
+def _edit(path) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        root = open_store(str(path), mode="r+")
+        with EditSession(root, atomic=False) as ed:
+            ref = VertexRef.from_object(root, level=0, object_id=5, vertex_index=3)
+            ed.edit_vertex(ref, new_pos=np.array([15.0, -20.0, 30.0]) + ref.local)
+
+
+def test_inline_build_and_refresh_equal_the_distributed_ones(base, tmp_path, local_client):
+    """Built inline (every step and the composition in one task each), the
+    pyramid is the distributed build's (the reference's, as the rest of the
+    suite shows), file for file; so is a refresh after an EditSession edit,
+    run inline, and a full rebuild of the edited store."""
+    ours, theirs = tmp_path / "inline.zv", tmp_path / "dist.zv"
+    for p in (ours, theirs):
+        shutil.copytree(base, p)
+    reports: list = []
+    with dask.config.set(ALL_INLINE), get_task_stream(client=local_client) as ts:
+        zd.build_pyramid(str(ours), client=local_client, _reports=reports, **KW)
+    steps = [r for r in reports if not isinstance(r, dict)]
+    assert [r.inline_graphs for r in steps] == [1, 1, 1], steps
+    # three steps and the composition, each one task
+    assert sorted(_function(t["key"]) for t in ts.data) == ["run_inline"] * 4, ts.data
+    dist_reports: list = []
+    zd.build_pyramid(str(theirs), client=local_client, _reports=dist_reports, **KW)
+    dist_steps = [r for r in dist_reports if not isinstance(r, dict)]
+    assert [r.inline_graphs for r in dist_steps] == [0, 0, 0]
+    assert [r.tasks for r in steps] == [r.tasks for r in dist_steps]  # the same graphs
+    diff = compare_raw_files(theirs, ours, ignore=_sidecar)
+    assert diff.identical, diff.summary()
+
+    _edit(ours)
+    _edit(theirs)
+    with dask.config.set(ALL_INLINE):
+        report = zd.refresh_pyramid(str(ours), client=local_client)
+    assert report.refreshed and report.region.kind == "chunks", report
+    zd.build_pyramid(str(theirs), client=local_client, overwrite=True, **KW)
+    diff = compare_raw_files(theirs, ours, ignore=_sidecar)
+    assert diff.identical, diff.summary()
+    assert zd.pyramid_status(str(ours)).state == "current"
+
+
+# ------------------------------------------------------------ failures
+def test_an_error_inside_an_inline_graph_returns_as_itself_with_nothing_published(
+        base, tmp_path, monkeypatch):
+    """A task of the one-task graph fails: the build raises that error (not
+    a wrapper), level 1 is not published, no exchange file is left, and
+    resume builds the reference's pyramid."""
+    from distributed import Client, LocalCluster
+    store, ref = tmp_path / "s.zv", tmp_path / "ref.zv"
+    shutil.copytree(base, store)
+    shutil.copytree(base, ref)
+    real = shuffle.bin_partials
+
+    def broken(spec, block, *args, **kwargs):
+        if block == 0:
+            raise RuntimeError("block 0 is broken")
+        return real(spec, block, *args, **kwargs)
+
+    monkeypatch.setattr(shuffle, "bin_partials", broken)  # workers in this process see it
+    with LocalCluster(n_workers=1, threads_per_worker=2, processes=False,
+                      dashboard_address=":0", silence_logs=50) as cluster, Client(cluster) as c:
+        with dask.config.set(ALL_INLINE):
+            with pytest.raises(RuntimeError, match="block 0 is broken"):
+                zd.build_pyramid(str(store), client=c, **KW)
+            assert not (store / "1" / "zarr.json").exists()
+            assert not (store / "1").exists()
+            assert not [p for p in scratch_left(store) if "exchange" in p]
+            monkeypatch.setattr(shuffle, "bin_partials", real)
+            zd.build_pyramid(str(store), client=c, resume=True, **KW)
+    reference_build_pyramid(str(ref), **KW)
+    diff = compare_raw_files(ref, store, ignore=_sidecar)
+    assert diff.identical, diff.summary()
+
+
+def _mid_level_2(store) -> bool:
+    return ((store / ".zvdask" / "levels" / "1.json.summary").exists()
+            and (store / "2" / "vertices").is_dir() and not (store / "2" / "zarr.json").exists())
+
+
+@pytest.mark.integration
+def test_driver_killed_inside_an_inline_graph_then_resumed(private_dask_cluster, tmp_path):
+    """``zvdask pyramid`` (graphs inline) SIGKILLed while level 2's one task
+    writes: the orphaned task runs on, ``--resume`` waits for it, discards
+    the partial level and ends with the reference's pyramid."""
+    store, ref = tmp_path / "s.zv", tmp_path / "ref.zv"
+    make_streamlines(str(store), seed=11, n_objects=800, max_len=200)
+    shutil.copytree(store, ref)
+    cli = [sys.executable, "-m", "zarr_vectors_dask.cli", "pyramid", str(store), "--scheduler",
+           private_dask_cluster.address, "--factors", "2:1,2:2,2:2", "--sparsity-seed", "0",
+           "--cross-level-depth", "-1", "--cross-level-storage", "explicit", "--no-progress"]
+    env = subprocess_env({INLINE_ENV: str(10 ** 9)})
+    p = subprocess.Popen(cli, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline, hit = time.monotonic() + 120, False
+        while time.monotonic() < deadline and p.poll() is None:
+            if _mid_level_2(store):
+                hit = True
+                break
+            time.sleep(0.001)
+        os.kill(p.pid, signal.SIGKILL)
+    finally:
+        p.wait(timeout=30)
+    assert hit, p.stderr.read()[-2000:]
+    assert not (store / "2" / "zarr.json").exists()
+    resumed = subprocess.run([*cli, "--resume"], env=env, capture_output=True, text=True,
+                             timeout=300)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    reference_build_pyramid(str(ref), **KW)
+    diff = compare_raw_files(ref, store, ignore=_sidecar)
+    assert diff.identical, diff.summary()
+    assert not scratch_left(store)
