@@ -211,3 +211,20 @@ def test_driver_killed_inside_an_inline_graph_then_resumed(private_dask_cluster,
     diff = compare_raw_files(ref, store, ignore=_sidecar)
     assert diff.identical, diff.summary()
     assert not scratch_left(store)
+
+
+def test_cli_inline_vertices_sets_the_limit_and_dry_run_shows_it(base, capsys):
+    """``--inline-vertices`` is the config the planner reads: the dry run
+    marks the steps that run in one task, none at 0; a negative value is
+    refused while parsing."""
+    from zarr_vectors_dask.cli import main
+    args = ["pyramid", str(base), "--factors", "2:1,2:2", "--dry-run"]
+    assert main([*args, "--inline-vertices", "1000000"]) == 0
+    marked = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("  tasks ")]
+    assert len(marked) == 2 and all("in one task (source <= 1,000,000" in ln for ln in marked)
+    assert main([*args, "--inline-vertices", "0"]) == 0
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("  tasks ")]
+    assert len(lines) == 2 and not any("in one task" in ln for ln in lines)
+    with pytest.raises(SystemExit) as exc:
+        main([*args, "--inline-vertices", "-1"])
+    assert exc.value.code == 2 and "must be at least 0" in capsys.readouterr().err

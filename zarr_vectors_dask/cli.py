@@ -10,6 +10,7 @@ import time
 
 from . import __version__
 from . import cli_support as manners
+from .planning.plan import DEFAULT_INLINE_VERTICES, INLINE_CONFIG
 
 __all__ = ["parse_factors", "parse_chunk_scale", "parse_aggregation", "parse_storage_options",
            "parse_shard_shape", "cmd_pyramid", "cmd_sample", "cmd_demo", "cmd_info", "cmd_validate",
@@ -326,6 +327,11 @@ def _cluster_options(parser) -> None:
     parser.add_argument("--memory-limit", type=manners.memory_limit, default="auto",
                         help="memory limit per worker: a size (2GiB), a fraction of this "
                              "machine's memory (0.5), auto (an equal share) or 0 (none)")
+    parser.add_argument("--inline-vertices", type=manners.at_least_zero, default=None,
+                        help="run a step's whole graph in one task when its source level has "
+                             "at most this many vertices; 0: every graph task by task (none: "
+                             "the Dask config zarr-vectors-dask.inline-vertices, else "
+                             f"{DEFAULT_INLINE_VERTICES:,})")
 
 
 def _storage_option(parser) -> None:
@@ -483,12 +489,19 @@ def _one_line(exc: BaseException) -> str:
     return text
 
 
+def _inline_limit(args):
+    """``--inline-vertices`` as the Dask config the planner reads."""
+    import dask
+    limit = getattr(args, "inline_vertices", None)
+    return contextlib.nullcontext() if limit is None else dask.config.set({INLINE_CONFIG: limit})
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(manners.join_dash_values(argv))
     verbose = bool(getattr(args, "verbose", False))
     try:
-        with manners.signals_stop_the_build():
+        with manners.signals_stop_the_build(), _inline_limit(args):
             return args.func(args)
     except KeyboardInterrupt as exc:
         import signal

@@ -14,7 +14,7 @@ import sys
 import time
 
 
-__all__ = ["MIN_MEMORY_LIMIT", "WORKER_PRELOAD", "at_least_one", "memory_limit",
+__all__ = ["MIN_MEMORY_LIMIT", "WORKER_PRELOAD", "at_least_one", "at_least_zero", "memory_limit",
            "join_dash_values", "check_writable", "Interrupted", "signals_stop_the_build",
            "progress"]
 
@@ -31,6 +31,17 @@ def at_least_one(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"{value}: must be at least 1")
+    return value
+
+
+def at_least_zero(text: str) -> int:
+    """argparse type: a whole number >= 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value}: must be at least 0")
     return value
 
 
