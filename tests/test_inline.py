@@ -228,3 +228,26 @@ def test_cli_inline_vertices_sets_the_limit_and_dry_run_shows_it(base, capsys):
     with pytest.raises(SystemExit) as exc:
         main([*args, "--inline-vertices", "-1"])
     assert exc.value.code == 2 and "must be at least 0" in capsys.readouterr().err
+
+
+@pytest.mark.integration
+def test_inline_build_on_s3_equals_the_local_one(s3_server, tmp_path, local_client):
+    """On S3 every read and write of the one-task graphs goes through the
+    workers' fsspec store, as task by task: the pyramid downloaded equals
+    the one built locally."""
+    small = tmp_path / "small.zv"
+    make_streamlines(str(small), seed=29, n_objects=60, max_len=80)
+    fs = s3_server.fs()
+    bucket = s3_server.new_bucket()
+    fs.put(str(small), f"{bucket}/x.zv", recursive=True)
+    url = s3_server.url(bucket, "x.zv")
+    with dask.config.set(ALL_INLINE):
+        zd.build_pyramid(url, client=local_client, storage_options=s3_server.storage_options,
+                         **KW)
+    got, local = tmp_path / "got.zv", tmp_path / "local.zv"
+    fs.invalidate_cache()
+    fs.get(f"{bucket}/x.zv", str(got), recursive=True)
+    shutil.copytree(small, local)
+    zd.build_pyramid(str(local), client=local_client, **KW)
+    diff = compare_raw_files(local, got, ignore=_sidecar)
+    assert diff.identical, diff.summary()
