@@ -149,8 +149,8 @@ def grid_layout(bounds, chunk_shape) -> tuple[tuple[int, ...], tuple[int, ...]]:
 #: task by task.
 INLINE_CONFIG = "zarr-vectors-dask.inline-vertices"
 #: Measured on 2 workers (benchmarks/README.md, "Small graphs in one
-#: task"): up to here one task is as fast as the distributed graph, and
-#: spends a quarter to two thirds less CPU.
+#: task"): up to here one task is at least as fast as the distributed
+#: graph, and spends 29-71 % less CPU.
 DEFAULT_INLINE_VERTICES = 1_000_000
 
 
