@@ -251,3 +251,31 @@ def test_inline_build_on_s3_equals_the_local_one(s3_server, tmp_path, local_clie
     zd.build_pyramid(str(local), client=local_client, **KW)
     diff = compare_raw_files(local, got, ignore=_sidecar)
     assert diff.identical, diff.summary()
+
+
+_BARRIERS: dict = {}  # by name: a graph is serialised even for workers in this process
+
+
+def _meet(name: str):
+    import threading
+    _BARRIERS[name].wait()  # both tasks at once, or a BrokenBarrierError after its timeout
+    return threading.get_ident()
+
+
+def test_one_task_uses_every_thread_of_its_worker():
+    """On a worker of several threads the one-task graph runs its
+    independent tasks at once (two tasks that must meet do); on a worker
+    of one thread, one after the other."""
+    import threading
+
+    from distributed import Client, LocalCluster
+
+    from zarr_vectors_dask.runtime import run_inline
+    for threads in (2, 1):
+        _BARRIERS[f"t{threads}"] = threading.Barrier(threads, timeout=10)
+        dsk = {"a": (_meet, f"t{threads}"), "b": (_meet, f"t{threads}")}
+        with LocalCluster(n_workers=1, threads_per_worker=threads, processes=False,
+                          dashboard_address=":0", silence_logs=50) as cluster, \
+                Client(cluster) as c:
+            a, b = c.submit(run_inline, dsk, ["a", "b"], pure=False).result()
+        assert (a != b) == (threads == 2)

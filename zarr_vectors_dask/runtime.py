@@ -137,11 +137,24 @@ def execute(client, graph: Graph, token: str, report: StepReport, *, name: str,
 
 
 def run_inline(dsk: dict, output):
-    """A graph run in this thread by Dask's synchronous scheduler (on a
-    worker: the body of ``execute``'s one task).  Intermediates are
-    released as their consumers finish, as on the cluster."""
+    """A graph run inside this task (``execute``'s one task): by Dask's
+    threaded scheduler on as many threads as this worker has, else (one
+    thread, or not on a worker) synchronously.  Intermediates are released
+    as their consumers finish, as on the cluster."""
+    threads = _worker_threads()
+    if threads > 1:
+        from dask.threaded import get
+        return get(dsk, output, num_workers=threads)
     from dask.local import get_sync
     return get_sync(dsk, output)
+
+
+def _worker_threads() -> int:
+    try:
+        from distributed import get_worker
+        return max(1, int(get_worker().state.nthreads))
+    except (ImportError, ValueError, AttributeError):  # not on a worker
+        return 1
 
 
 def count_workers(client) -> int:
