@@ -2,9 +2,9 @@
 """Small graphs in one task against task by task, at several sizes.
 
 For each level-0 size (bench_pyramid.py's random-walk streamlines), a copy
-is built ``--reps`` times each way on one LocalCluster of 2 single-threaded
-worker processes, alternating: with ``zarr-vectors-dask.inline-vertices``
-above the size (every step's graph and the composition in one task) and at
+is built ``--reps`` times each way on one LocalCluster (``--workers``
+processes of ``--threads`` threads; 2 of 1 by default), alternating: with
+``zarr-vectors-dask.inline-vertices`` above the size (every step's graph and the composition in one task) and at
 0 (every graph task by task).  The table gives the median wall time and
 CPU-seconds (driver + scheduler + workers, the processes' own counters) of
 each, and their ratios: what the limit's default (planning.plan.
@@ -65,6 +65,8 @@ def main(argv=None) -> int:
                     help="comma-separated level-0 sizes (lines of 100 points)")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--root", default="/dev/shm/zvinline", help="scratch directory")
+    ap.add_argument("--workers", type=int, default=2, help="worker processes")
+    ap.add_argument("--threads", type=int, default=1, help="threads per worker")
     args = ap.parse_args(argv)
     warnings.filterwarnings("ignore")
     from distributed import Client, LocalCluster
@@ -72,7 +74,7 @@ def main(argv=None) -> int:
     shutil.rmtree(root, ignore_errors=True)
     root.mkdir(parents=True)
     rows = []
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+    with LocalCluster(n_workers=args.workers, threads_per_worker=args.threads, processes=True,
                       dashboard_address=None, silence_logs=40) as lc, Client(lc) as client:
         for n in (int(float(x)) for x in args.vertices.split(",") if x.strip()):
             r = measure(client, root, n, args.reps)
@@ -83,7 +85,8 @@ def main(argv=None) -> int:
     shutil.rmtree(root, ignore_errors=True)
     cmd = "python benchmarks/inline_executor.py " + " ".join(
         argv if argv is not None else sys.argv[1:])
-    print(f"\n`{cmd}` -- 2 worker processes, factors {FACTORS}, explicit links, depth "
+    print(f"\n`{cmd}` -- {args.workers} worker process(es) of {args.threads} thread(s), "
+          f"factors {FACTORS}, explicit links, depth "
           f"{CROSS_LEVEL_DEPTH}; medians of {args.reps}\n")
     print(md_table(("level-0 vertices", "task by task s", "one task s", "wall ratio",
                     "task by task CPU-s", "one task CPU-s", "CPU ratio"), rows))
