@@ -363,7 +363,17 @@ def output_files(level0: Path, result: Path) -> list[tuple[str, int]]:
     return files
 
 
-def io_floor(level0: Path, out_files: list[tuple[str, int]], scratch: Path) -> dict:
+def io_floor(level0: Path, out_files: list[tuple[str, int]], scratch: Path,
+             reps: int = 3) -> dict:
+    """The fastest of ``reps`` passes of :func:`_io_floor_once`: a floor is a
+    lower bound, and one pass right after a build measured up to 3.6x the
+    same pass run alone (10M, tmpfs, 2026-12-07)."""
+    runs = [_io_floor_once(level0, out_files, scratch) for _ in range(max(1, reps))]
+    best = min(runs, key=lambda r: r["seconds"])
+    return {**best, "passes_seconds": [round(r["seconds"], 3) for r in runs]}
+
+
+def _io_floor_once(level0: Path, out_files: list[tuple[str, int]], scratch: Path) -> dict:
     """Seconds to read every level-0 file and write the build's output
     (same relative paths, same sizes) into ``scratch``; one thread, page cache."""
     in_files = [p for rel, p in list_files(level0).items() if rel.split(os.sep)[0] == "0"]
@@ -552,6 +562,7 @@ def bench_one(root: Path, vertices: int, args) -> dict:
           file=sys.stderr)
     outs = output_files(level0, proj_dir)
     floor = io_floor(level0, outs, case / "floor-scratch")
+    print(f"[{root} {vertices:,}] I/O floor passes {floor['passes_seconds']} s", file=sys.stderr)
     equivalent = _verdict(ref, ref_dir, proj_dir)
     if not args.keep:
         shutil.rmtree(case)
