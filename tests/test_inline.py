@@ -57,6 +57,14 @@ def test_runs_inline_is_a_limit_on_the_source_vertices():
     assert not runs_inline(0, 10)  # nothing to run
 
 
+def test_a_level_with_more_objects_than_the_limit_runs_task_by_task():
+    """A small level can index millions of objects: their manifests would
+    all sit in one task, so objects count against the limit too."""
+    assert runs_inline(10, 10, 10) and runs_inline(10, 10)
+    assert not runs_inline(10, 10, 11)
+    assert not runs_inline(1, 10, 11)
+
+
 def test_the_plan_says_which_steps_run_in_one_task():
     """Steps planned from a source estimate under the limit run inline,
     and the printed plan says so, with the graph's own task counts."""
@@ -139,6 +147,32 @@ def test_inline_build_and_refresh_equal_the_distributed_ones(base, tmp_path, loc
     diff = compare_raw_files(theirs, ours, ignore=_sidecar)
     assert diff.identical, diff.summary()
     assert zd.pyramid_status(str(ours)).state == "current"
+
+
+def test_many_objects_on_few_vertices_keep_their_steps_task_by_task(tmp_path, local_client):
+    """2,000 short lines: levels 1 and 2 have fewer vertices than objects.
+    With the limit between the two, every step runs task by task; with it
+    at the object count, the steps reading those levels run in one task.
+    The bytes are the same either way."""
+    paths = {n: tmp_path / f"limit{n}.zv" for n in (1000, 2000)}
+    make_streamlines(str(paths[1000]), seed=3, n_objects=2000, min_len=2, max_len=4,
+                     with_attributes=False)
+    shutil.copytree(paths[1000], paths[2000])
+    flags = {}
+    for n, path in paths.items():
+        reports: list = []
+        with dask.config.set({INLINE_CONFIG: n}):
+            zd.build_pyramid(str(path), client=local_client, _reports=reports, **KW)
+        steps = [r for r in reports if not isinstance(r, dict)]
+        assert all(r.source_objects == 2000 for r in steps), steps
+        flags[n] = [r.inline_graphs for r in steps]
+        counts = [r.vertex_count for r in steps]
+    # levels 1 and 2 fit under 1,000 vertices: only their 2,000 objects keep
+    # steps 2 and 3 distributed
+    assert max(counts[:2]) <= 1000 < 2000, counts
+    assert flags == {1000: [0, 0, 0], 2000: [0, 1, 1]}, flags
+    diff = compare_raw_files(paths[1000], paths[2000], ignore=_sidecar)
+    assert diff.identical, diff.summary()
 
 
 # ------------------------------------------------------------ failures

@@ -329,7 +329,8 @@ def _cluster_options(parser) -> None:
                              "machine's memory (0.5), auto (an equal share) or 0 (none)")
     parser.add_argument("--inline-vertices", type=manners.at_least_zero, default=None,
                         help="run a step's whole graph in one task when its source level has "
-                             "at most this many vertices; 0: every graph task by task (none: "
+                             "at most this many vertices and objects; 0: every graph task by "
+                             "task (none: "
                              "the Dask config zarr-vectors-dask.inline-vertices, else "
                              f"{DEFAULT_INLINE_VERTICES:,})")
 

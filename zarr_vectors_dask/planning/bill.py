@@ -952,7 +952,7 @@ def render(plan: "PyramidPlan") -> str:
             f"{lv.n_buckets:<8} {t:<6} {fmt_bytes(lv.estimated_bytes)}")
     for lv in plan.levels:
         stages = ", ".join(f"{k} {v}" for k, v in lv.tasks.items() if v)
-        where = (f" -- in one task (source <= {lv.inline_vertices:,} vertices)"
+        where = (f" -- in one task (source <= {lv.inline_vertices:,} vertices and objects)"
                  if lv.inline else "")
         lines.append(f"  tasks {lv.source_level}->{lv.target_level}: {stages}{where}")
     exact = all(lv.graph_tasks is not None for lv in plan.levels)

@@ -145,8 +145,8 @@ def grid_layout(bounds, chunk_shape) -> tuple[tuple[int, ...], tuple[int, ...]]:
 
 # ------------------------------------------------------------ executor choice
 #: Dask config key: a graph whose source level has at most this many
-#: vertices runs in one task (``runtime.execute``); 0 runs every graph
-#: task by task.
+#: vertices, and at most this many objects, runs in one task
+#: (``runtime.execute``); 0 runs every graph task by task.
 INLINE_CONFIG = "zarr-vectors-dask.inline-vertices"
 #: Measured on 2 workers (benchmarks/README.md, "Small graphs in one
 #: task"): up to here one task is at least as fast as the distributed
@@ -168,11 +168,13 @@ def inline_limit() -> int:
     return limit
 
 
-def runs_inline(source_vertices: int, limit: int) -> bool:
-    """Whether a graph over a source level of ``source_vertices`` runs in
-    one task: its per-task overhead (scheduling, transfers) would cost
-    more than its parallelism gives."""
-    return 0 < int(source_vertices) <= int(limit)
+def runs_inline(source_vertices: int, limit: int, source_objects: int = 0) -> bool:
+    """Whether a graph over a source level of ``source_vertices`` vertices
+    and ``source_objects`` object rows runs in one task: its per-task
+    overhead (scheduling, transfers) would cost more than its parallelism
+    gives.  Objects count too: a small level can index millions of
+    objects, whose manifests one task would then hold alone."""
+    return 0 < int(source_vertices) <= int(limit) and int(source_objects) <= int(limit)
 
 
 # ------------------------------------------------------------ plan objects
@@ -213,15 +215,15 @@ class LevelPlan:
     #: writes (they count in its objects and requests).
     n_object_attributes: int = 0
     n_vertex_attributes: int = 0
-    #: Source levels of at most this many vertices run the step's graph in
-    #: one task (:func:`runs_inline`).
+    #: Source levels of at most this many vertices (and objects) run the
+    #: step's graph in one task (:func:`runs_inline`).
     inline_vertices: int = 0
 
     @property
     def inline(self) -> bool:
         """Whether the step's graph runs in one task (as planned: later
         steps' source sizes are estimates; the step decides on the real one)."""
-        return runs_inline(self.source_vertices, self.inline_vertices)
+        return runs_inline(self.source_vertices, self.inline_vertices, self.n_objects)
 
     def chunk_scales(self, root_chunk) -> tuple[tuple[int, ...], tuple[int, ...]]:
         """The source's and the target's chunk shapes as multiples of the

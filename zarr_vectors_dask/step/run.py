@@ -162,7 +162,7 @@ def _run_step(client, store: Store, lv: LevelPlan, *, root_meta, sparsity_strate
                           vertex_attributes=vertex_attributes,
                           attribute_aggregation=attribute_aggregation)
     out = execute(client, graph, token, report, name=f"level {lv.target_level}",
-                  progress=progress, inline=runs_inline(src.vertex_count, lv.inline_vertices))
+                  progress=progress, inline=_inline(src, lv))
     n_src_objects = src.n_rows if src.has_objects else 1
     n_kept = out["objects_kept"] if src.has_objects else 1
     report.source_objects, report.objects_kept = int(n_src_objects), int(n_kept)
@@ -183,6 +183,12 @@ def _run_step(client, store: Store, lv: LevelPlan, *, root_meta, sparsity_strate
                       "shared_fragments": True}
     report.seconds = time.perf_counter() - t_start
     return report
+
+
+def _inline(src: SourceLevel, lv: LevelPlan) -> bool:
+    """Whether the step's graph runs in one task, on the source's real
+    vertex and object counts (the plan has estimates past level 1)."""
+    return runs_inline(src.vertex_count, lv.inline_vertices, src.n_rows)
 
 
 def _publish(store: Store, lv: LevelPlan, src: SourceLevel, root_meta, n_meta: int,
@@ -230,7 +236,7 @@ def _run_region_step(client, store: Store, lv: LevelPlan, region: ChunkRegion, *
     graph = sgraph.step_graph(spec, layout, n_rows=src.n_rows, sparsity=sparsity,
                               attribute_names=src.attribute_names, token=token, region=sreg)
     out = execute(client, graph, token, report, name=f"level {lv.target_level} (region)",
-                  progress=progress, inline=runs_inline(src.vertex_count, lv.inline_vertices))
+                  progress=progress, inline=_inline(src, lv))
     t0 = time.perf_counter()
     sizes = store.logged_sizes()
     cells = step_cells(store, spec, sizes)
@@ -269,7 +275,7 @@ def rewrite_attributes(client, store: Store, levels: list, buckets: dict, *, n_r
     try:
         execute(client, graph, token, StepReport(target_level=pairs[-1].target_level),
                 name="object attributes", progress=progress,
-                inline=runs_inline(levels[0].source_vertices, levels[0].inline_vertices))
+                inline=levels[0].inline)
     finally:
         for p in pairs:
             cleanup(lambda p=p: drop_exchange(store, p.target_level),
