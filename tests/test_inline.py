@@ -270,7 +270,7 @@ def test_inline_build_on_s3_equals_the_local_one(s3_server, tmp_path, local_clie
     workers' fsspec store, as task by task: the pyramid downloaded equals
     the one built locally."""
     small = tmp_path / "small.zv"
-    make_streamlines(str(small), seed=29, n_objects=60, max_len=80)
+    make_streamlines(str(small), seed=29, n_objects=15, max_len=40)
     fs = s3_server.fs()
     bucket = s3_server.new_bucket()
     fs.put(str(small), f"{bucket}/x.zv", recursive=True)
