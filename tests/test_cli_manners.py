@@ -29,6 +29,7 @@ from stores import make_streamlines
 # The crash tests' 800-streamline store and its reference pyramid (fixtures).
 from test_crash import KW, _files_digest, _level0_arrays, _wait_for, inputs, store  # noqa: F401
 from zarr_vectors_dask.cli import build_parser
+from zarr_vectors_dask.cli_support import Interrupted, signals_stop_the_build
 from zarr_vectors_dask.storage.lock import LOCK_KEY
 
 CLI_ARGS = ["--factors", "2:1,2:2,2:2", "--sparsity-seed", "0", "--cross-level-depth", "-1",
@@ -195,6 +196,30 @@ def test_sigterm_stops_the_build_in_one_line_and_resume_finishes(dask_cluster, i
 
 
 @pytest.mark.integration
+def test_a_signal_that_lands_in_a_finaliser_is_raised_again_at_once(capsys):
+    """Python cannot raise inside a ``__del__`` or a gc callback (CI once
+    lost a Ctrl-C in distributed's gc callback: "Exception ignored", then
+    the build ran to the end and exited 0).  The interrupt is delivered
+    again as soon as it can propagate, and nothing is printed."""
+    ran = []
+
+    class SignalledWhileFinalised:
+        def __del__(self):
+            os.kill(os.getpid(), signal.SIGINT)
+            for _ in range(10_000):  # the handler runs in here
+                pass
+
+    with pytest.raises(Interrupted, match="SIGINT"):
+        with signals_stop_the_build():
+            SignalledWhileFinalised()  # finalised at once
+            t0 = time.perf_counter()
+            while time.perf_counter() - t0 < 5:
+                ran.append(time.perf_counter() - t0)
+    assert ran and ran[-1] < 1, ran[-1]  # raised at once, not when the work ended
+    assert "Exception ignored" not in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
 def test_ctrl_c_to_the_process_group_prints_one_line(store):
     """A terminal's Ctrl-C reaches the command and its LocalCluster's
     workers (one process group): one line, no worker tracebacks."""

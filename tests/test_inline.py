@@ -288,6 +288,7 @@ def test_inline_build_on_s3_equals_the_local_one(s3_server, tmp_path, local_clie
 
 
 _BARRIERS: dict = {}  # by name: a graph is serialised even for workers in this process
+_EVENTS: dict = {}  # the same
 
 
 def _meet(name: str):
@@ -313,3 +314,35 @@ def test_one_task_uses_every_thread_of_its_worker():
                 Client(cluster) as c:
             a, b = c.submit(run_inline, dsk, ["a", "b"], pure=False).result()
         assert (a != b) == (threads == 2)
+
+
+def _write_later(path: str, name: str) -> str:
+    _EVENTS[name].set()
+    time.sleep(0.5)
+    with open(path, "w") as f:
+        f.write("late")
+    return path
+
+
+def _fail_after(name: str) -> None:
+    _EVENTS[name].wait(10)
+    raise RuntimeError("this task is broken")
+
+
+def test_a_failed_one_task_graph_returns_after_its_running_siblings(tmp_path):
+    """Dask's threaded scheduler raises a task's error at once, while a
+    sibling may still be writing; the one task returns only when that
+    sibling has ended, so the cleanup after the failure is the last
+    writer (CI once found level 1 re-created after the cleanup)."""
+    import threading
+
+    from distributed import Client, LocalCluster
+
+    from zarr_vectors_dask.runtime import run_inline
+    late, _EVENTS["started"] = tmp_path / "late", threading.Event()
+    dsk = {"write": (_write_later, str(late), "started"), "fail": (_fail_after, "started")}
+    with LocalCluster(n_workers=1, threads_per_worker=2, processes=False,
+                      dashboard_address=":0", silence_logs=50) as cluster, Client(cluster) as c:
+        with pytest.raises(RuntimeError, match="this task is broken"):
+            c.submit(run_inline, dsk, ["write", "fail"], pure=False).result()
+        assert late.exists()  # the sibling ended before the one task did

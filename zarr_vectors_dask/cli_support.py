@@ -5,12 +5,14 @@ terminal."""
 
 from __future__ import annotations
 
+import _thread
 import argparse
 import contextlib
 import logging
 import re
 import signal
 import sys
+import threading
 import time
 
 
@@ -106,18 +108,50 @@ class Interrupted(KeyboardInterrupt):
 def signals_stop_the_build():
     """SIGTERM and SIGINT raise :class:`Interrupted` in the main thread, so
     the build's own cleanup runs (its graph cancelled, its lock released,
-    its cluster closed).  A second signal ends the process at once."""
+    its cluster closed).  A second signal ends the process at once.
+
+    A signal that lands where Python cannot raise (a gc callback, a
+    ``__del__``: the scheduler's own gc callbacks run in this process) would
+    be printed as "Exception ignored" and lost; it is delivered again
+    instead, and at the latest raised when the command's work returns."""
+    lost: list = []
+    active = [True]
+    lock = threading.Lock()
+
     def handler(signum, frame):
         for s in (signal.SIGTERM, signal.SIGINT):
             signal.signal(s, signal.SIG_DFL)
         raise Interrupted(signal.Signals(signum).name)
 
+    def deliver_again(signum):
+        time.sleep(0.02)  # out of the finaliser by then; if not, lost once more
+        with lock:  # never after the handlers are restored
+            if active[0]:
+                _thread.interrupt_main(signum)
+
+    def unraisable(info):
+        if not isinstance(info.exc_value, Interrupted):
+            return old_hook(info)
+        lost.append(info.exc_value)
+        for s in (signal.SIGTERM, signal.SIGINT):  # still the first signal
+            signal.signal(s, handler)
+        signum = getattr(signal, str(info.exc_value), signal.SIGINT)
+        threading.Thread(target=deliver_again, args=(signum,), daemon=True).start()
+
     old = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+    old_hook, sys.unraisablehook = sys.unraisablehook, unraisable
     try:
         yield
+        if lost:  # never propagated: the work ended first
+            raise lost[-1]
     finally:
-        for s, h in old.items():
-            signal.signal(s, h)
+        try:
+            with lock:
+                active[0] = False
+        finally:
+            sys.unraisablehook = old_hook
+            for s, h in old.items():
+                signal.signal(s, h)
 
 
 #: distributed preload for the workers the command starts (SIGINT ignored).

@@ -140,11 +140,17 @@ def run_inline(dsk: dict, output):
     """A graph run inside this task (``execute``'s one task): by Dask's
     threaded scheduler on as many threads as this worker has, else (one
     thread, or not on a worker) synchronously.  Intermediates are released
-    as their consumers finish, as on the cluster."""
+    as their consumers finish, as on the cluster.
+
+    The pool is this call's own and is shut down before it returns: Dask
+    raises a task's error at once, and a sibling still writing must end
+    before the caller cleans up after the failure."""
     threads = _worker_threads()
     if threads > 1:
+        from concurrent.futures import ThreadPoolExecutor
         from dask.threaded import get
-        return get(dsk, output, num_workers=threads)
+        with ThreadPoolExecutor(threads, thread_name_prefix="zvdask-inline") as pool:
+            return get(dsk, output, pool=pool)
     from dask.local import get_sync
     return get_sync(dsk, output)
 
