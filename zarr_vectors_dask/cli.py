@@ -327,12 +327,12 @@ def _cluster_options(parser) -> None:
     parser.add_argument("--memory-limit", type=manners.memory_limit, default="auto",
                         help="memory limit per worker: a size (2GiB), a fraction of this "
                              "machine's memory (0.5), auto (an equal share) or 0 (none)")
-    parser.add_argument("--inline-vertices", type=manners.at_least_zero, default=None,
+    parser.add_argument("--inline-vertices", type=manners.at_least_zero, metavar="N",
+                        default=argparse.SUPPRESS,
                         help="run a step's whole graph in one task when its source level has "
-                             "at most this many vertices and objects; 0: every graph task by "
-                             "task (none: "
-                             "the Dask config zarr-vectors-dask.inline-vertices, else "
-                             f"{DEFAULT_INLINE_VERTICES:,})")
+                             "at most N vertices and at most N objects; 0 runs every graph "
+                             "task by task (default: the Dask config key "
+                             f"{INLINE_CONFIG} if set, else {DEFAULT_INLINE_VERTICES:,})")
 
 
 def _storage_option(parser) -> None:
