@@ -27,7 +27,8 @@ holds none.  The attribute-only sequences (object attributes by
 ``edit_attribute`` and a zarr write, nothing else) run on the streamlines
 pyramid.
 
-Seeds: ``ZVDASK_REFRESH_SEEDS`` (default 2) per kind.  Every drawn
+Seeds: ``ZVDASK_REFRESH_SEEDS`` (default 2) per kind, from
+``ZVDASK_REFRESH_FIRST_SEED`` (default 0).  Every drawn
 sequence is printed (``-s``) so a failing seed can be read and replayed.
 Edits zarr-vectors 0.9.2 refuses on a kind, or leaves that kind's level 0
 inconsistent with, are left out per kind up front (``_allowed``), never
@@ -69,7 +70,8 @@ from stores import (BIN, CHUNK, HI, LO, _streamlines, make_graphs, make_meshes,
                     make_streamlines_2d)
 
 N_SEEDS = int(os.environ.get("ZVDASK_REFRESH_SEEDS", "2"))
-SEEDS = list(range(N_SEEDS))
+FIRST_SEED = int(os.environ.get("ZVDASK_REFRESH_FIRST_SEED", "0"))  # a sweep's new seeds
+SEEDS = list(range(FIRST_SEED, FIRST_SEED + N_SEEDS))
 
 
 def _sidecar(rel: str) -> bool:
