@@ -1078,3 +1078,84 @@ def test_settle_drops_the_hashes_of_racy_cells_left_as_they_were(tmp_path, monke
     assert [settled.entries[k].sha256 for k in cells[1:]] == \
         [taken.entries[k].sha256 for k in cells[1:]]
     assert fpm.compare(settled, fpm.take(st, like=settled)).changed == tuple(sorted(cells[1:3]))
+
+
+# ------------------------------------------------------------ emptied rows
+def _single_fragment_objects(path) -> list[tuple]:
+    """The one fragment (chunk, index) of an object whose fragment is alone
+    in its chunk, and of one whose fragment shares its chunk."""
+    from collections import Counter
+
+    from zarr_vectors.core.arrays import read_object_manifest_rows
+    from zarr_vectors.core.store import get_resolution_level
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ids, rows = read_object_manifest_rows(get_resolution_level(open_store(str(path), "r"), 0))
+    per_chunk = Counter(c for row in rows for c, _ in row)
+    single = [row[0] for row in rows if len(row) == 1]
+    alone = [f for f in single if per_chunk[f[0]] == 1]
+    shared = [f for f in single if per_chunk[f[0]] > 1]
+    assert alone and shared, "the store has no object of each kind"
+    return [alone[0], shared[0]]
+
+
+def _emptied_rows_store(tmp_path, client) -> tuple:
+    """300 short lines, built with factors (2, 1), (2, 1) (every object kept
+    at level 2), then two single-fragment objects' fragments removed by an
+    atomic EditSession; and the full rebuild of a copy."""
+    from zarr_vectors.ops.refs import FragmentRef
+    kw = dict(KW, factors=[(2, 1), (2, 1)])
+    store, expected = tmp_path / "s.zv", tmp_path / "full.zv"
+    make_streamlines(str(store), seed=3, n_objects=300, min_len=2, max_len=4,
+                     with_attributes=False)
+    zd.build_pyramid(str(store), client=client, **kw)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with EditSession(open_store(str(store), mode="r+"), atomic=True) as ed:
+            for chunk, fragment in _single_fragment_objects(store):
+                ed.remove_fragment(FragmentRef(level=0, chunk=tuple(chunk), fragment=int(fragment)),
+                                   atomic=True)
+    shutil.copytree(store, expected)
+    zd.build_pyramid(str(expected), client=client, overwrite=True, **kw)
+    for level in (1, 2):
+        doc = json.loads((expected / str(level) / "object_index" / "zarr.json").read_text())
+        assert doc["attributes"]["num_present"] == 298, (level, doc)  # both rows empty
+    return store, expected
+
+
+def test_objects_whose_only_fragment_is_emptied_are_refreshed_at_every_level(
+        tmp_path, local_client):
+    """EditSession's atomic remove_fragment empties a fragment and leaves
+    the manifest row naming it, so the row's coarse rows come out empty
+    while the level-0 row is unchanged.  One fragment is alone in its
+    chunk (the chunk's cells go: a row naming a chunk that is gone is
+    recomputed), one shares its chunk (recomputed at level 1 for naming a
+    region chunk; at level 2 its level-1 row names nothing, and is
+    recomputed because level 1 changed it).  Both objects are kept at
+    level 2.  The refresh, by chunks, equals a full rebuild."""
+    store, expected = _emptied_rows_store(tmp_path, local_client)
+    report = zd.refresh_pyramid(str(store), client=local_client)
+    assert report.region.kind == "chunks", report.region
+    diff = compare_raw_files(expected, store, ignore=_sidecar)
+    assert diff.identical, diff.summary()
+
+
+def test_a_refresh_killed_after_level_1_rewrote_the_emptied_rows_ends_equal(
+        dask_cluster, tmp_path, local_client):
+    """The same edit; the driver is SIGKILLed once level 1's region step
+    has rewritten its manifest rows, before level 2.  The next refresh
+    (whole levels: one started and did not finish) ends equal."""
+    store, expected = _emptied_rows_store(tmp_path, local_client)
+    driver = tmp_path / "driver.py"
+    driver.write_text(_IN_PLACE_KILLER)
+    with dask_cluster.client() as client:
+        p = subprocess.run([sys.executable, str(driver), str(store), dask_cluster.address,
+                            "chunks:swept-1"], env=subprocess_env(), capture_output=True,
+                           text=True, timeout=300)
+        assert p.returncode == -signal.SIGKILL, p.stderr[-2000:]
+        assert not (store / "2" / "object_index" / "zarr.json").read_bytes() == \
+            (expected / "2" / "object_index" / "zarr.json").read_bytes()  # level 2 not done
+        zd.refresh_pyramid(str(store), client=client)
+    diff = compare_raw_files(expected, store, ignore=_sidecar)
+    assert diff.identical, diff.summary()
+    assert zd.pyramid_status(str(store)).state == "current"

@@ -71,6 +71,8 @@ class StepReport:
     #: A region step's target chunks whose content or weights changed:
     #: where the next step's region starts.
     region_changes: tuple = ()
+    #: ... and the ids of the objects whose manifest row it changed.
+    region_rows: tuple = ()
     summary: dict = field(default_factory=dict)
 
 

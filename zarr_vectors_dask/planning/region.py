@@ -277,11 +277,15 @@ class ChunkRegion:
     them) are recomputed whole, and ``sources``, the source chunks read to
     do so -- every chunk with a vertex in a bin homed in a target;
     ``rows``: ids of the objects recomputed whatever chunks they name
-    (their level-0 manifest changed)."""
+    (their manifest row changed at level 0 or at the step before);
+    ``gone``: changed source chunks that no longer exist -- a row naming
+    one is recomputed too (its fragment there is gone), though no vertex
+    is read there."""
 
     targets: frozenset
     sources: frozenset
     rows: frozenset = frozenset()
+    gone: frozenset = frozenset()
 
 
 def chunk_region(changed, *, old_links: dict, present, source_chunk, bin_shape,
@@ -307,13 +311,14 @@ def chunk_region(changed, *, old_links: dict, present, source_chunk, bin_shape,
     if not targets:
         return ChunkRegion(frozenset(), frozenset(), frozenset(rows))
     present = {tuple(c) for c in present}
+    gone = frozenset(tuple(c) for c in changed) - present
     sources = supporting_sources(targets, target_chunk, bin_shape, source_chunk) & present
     import math
     reach = [int(math.ceil(b / t)) for b, t in zip(bin_shape, target_chunk)]
     near = dilate(targets, reach)
     sources |= _strays_near(old_links, sources, present, near, source_chunk, bin_shape,
                             target_chunk)
-    return ChunkRegion(frozenset(targets), frozenset(sources), frozenset(rows))
+    return ChunkRegion(frozenset(targets), frozenset(sources), frozenset(rows), gone)
 
 
 def _strays_near(old_links: dict, sources, present, near, source_chunk, bin_shape,

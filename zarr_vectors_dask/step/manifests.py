@@ -32,8 +32,8 @@ def write_manifests(spec: StepSpec, bucket: int, refs: dict, target_rows: tuple[
         ref_chunk, ref_frag, counts = ref_chunk[named], ref_frag[named], counts[rc]
         blobs = cdc.encode_manifest_table(
             _manifest_table(spec, bucket, counts, ref_chunk, ref_frag), spec.ndim)
-        return _write_region_rows(spec, target_rows, np.flatnonzero(kept)[rc], blobs,
-                                  region.old_rows)
+        return _write_region_rows(spec, target_rows, np.flatnonzero(kept)[rc], refs["ids"][rc],
+                                  blobs, region.old_rows)
     row_counts = np.zeros(kept.size, dtype=np.int64)
     table = _manifest_table(spec, bucket, counts, ref_chunk, ref_frag, row_counts,
                             np.flatnonzero(kept))
@@ -134,30 +134,34 @@ def _parent_chunks(spec: StepSpec, parts: list[dict]) -> tuple[np.ndarray, np.nd
     return chunks, ids[seq]
 
 
-def _write_region_rows(spec: StepSpec, target_rows, rows: np.ndarray, blobs,
+def _write_region_rows(spec: StepSpec, target_rows, rows: np.ndarray, ids: np.ndarray, blobs,
                        old_rows: int) -> dict:
-    """A region's bucket: the recomputed rows (kept, naming a source chunk
-    of the region, or changed at level 0; ``rows``, bucket positions) as
-    ``blobs``, spliced into the stored bucket, which is written only if
-    one of them changed.  Returns the change in non-empty rows and the
-    chunks the changed rows name, before or after (their metavertices'
-    weights in the next step may have changed)."""
-    none = {"present_delta": 0, "reweighted": np.empty((0, spec.ndim), np.int64)}
+    """A region's bucket: the recomputed rows (``rows``, bucket positions;
+    ``ids``, their objects') as ``blobs``, spliced into the stored bucket,
+    which is written only if one of them changed.  Returns the change in
+    non-empty rows, the chunks the changed rows name, before or after
+    (their metavertices' weights in the next step may have changed), and
+    the changed rows' ids (recomputed in the next step: an emptied row
+    names no chunk there)."""
+    none = {"present_delta": 0, "reweighted": np.empty((0, spec.ndim), np.int64),
+            "ids": np.empty(0, np.int64)}
     if rows.size == 0:
         return none
     doc = _manifests_doc(spec)
     old = _stored_rows(spec, target_rows, old_rows, doc)
-    changed = [(r, b) for r, b in zip(rows.tolist(), blobs) if b != old[r]]
+    changed = [(r, i, b) for r, i, b in zip(rows.tolist(), ids.tolist(), blobs) if b != old[r]]
     if not changed:
         return none
     # (a row added by the edit has no stored blob)
-    named = cdc.decode_manifest_table([b for _, b in changed] +
-                                      [old[r] for r, _ in changed if old[r]], spec.ndim).coords
-    delta = sum((len(b) > 4) - (len(old[r]) > 4) for r, b in changed)  # 0 rows: 4 bytes
-    for r, b in changed:
+    named = cdc.decode_manifest_table([b for _, _, b in changed] +
+                                      [old[r] for r, _, _ in changed if old[r]],
+                                      spec.ndim).coords
+    delta = sum((len(b) > 4) - (len(old[r]) > 4) for r, _, b in changed)  # 0 rows: 4 bytes
+    for r, _, b in changed:
         old[r] = b
     _put_rows(spec, target_rows, old, doc)
-    return {"present_delta": int(delta), "reweighted": np.unique(named, axis=0)}
+    return {"present_delta": int(delta), "reweighted": np.unique(named, axis=0),
+            "ids": np.asarray([i for _, i, _ in changed], np.int64)}
 
 
 def _stored_rows(spec: StepSpec, target_rows: tuple[int, int], old_rows: int, doc: dict

@@ -160,8 +160,9 @@ def object_refs(spec: StepSpec, bucket: int, _objects_done=None, region=None) ->
     ok = ref_chunk >= 0
     out = {"kept": kept, "counts": counts, "ref_chunk": ref_chunk, "ref_frag": ref_frag}
     if region is not None:
+        out["ids"] = mine["ids"][kept]
         ok, out["rc"] = _region_refs(spec, bucket, region, counts, ref_chunk, ref_frag, ok,
-                                     mine["ids"][kept])
+                                     out["ids"])
     by_block: dict[int, dict[str, np.ndarray]] = {}
     if ok.any():
         uniq, mult = np.unique(_pair_key(ref_chunk[ok], ref_frag[ok]), return_counts=True)
@@ -176,14 +177,16 @@ def object_refs(spec: StepSpec, bucket: int, _objects_done=None, region=None) ->
 def _region_refs(spec: StepSpec, bucket: int, region, counts, ref_chunk, ref_frag, ok, ids):
     """A region's references: the mask of those into its source chunks
     (the only weights its blocks need), and the rows recomputed (``rc``):
-    those naming one, and the objects whose level-0 manifest changed
-    (``region.rows``); their other fragments go to ``old_sequences``
-    tasks by chunk."""
+    those naming one or a chunk that is gone (``region.gone``), and the
+    objects whose row changed before (``region.rows``); their fragments
+    elsewhere go to ``old_sequences`` tasks by chunk (those in a gone
+    chunk have no sequence, as in a build)."""
     inside = ok & region.has_source(ref_chunk)
+    gone = ok & region.has_gone(ref_chunk)
     owner = np.repeat(np.arange(counts.size), counts)
-    rc = (np.bincount(owner[inside], minlength=counts.size) > 0) | \
+    rc = (np.bincount(owner[inside | gone], minlength=counts.size) > 0) | \
         np.isin(ids, region.rows)
-    other = ok & ~inside & rc[owner]
+    other = ok & ~inside & ~gone & rc[owner]
     if other.any():
         uniq = np.unique(_pair_key(ref_chunk[other], ref_frag[other]))
         chunk = uniq >> 32

@@ -80,7 +80,9 @@ def step_region(lv, region: ChunkRegion, n_old: int, old_rows: int = -1) -> Step
         return np.unique(lin[lin >= 0])
     return StepRegion(numbers(region.targets, lv.target_grid),
                       numbers(region.sources, lv.source_grid), max(1, int(n_old)),
-                      np.asarray(sorted(region.rows), dtype=np.int64), int(old_rows))
+                      np.asarray(sorted(region.rows), dtype=np.int64), int(old_rows),
+                      numbers(region.gone, lv.source_grid) if region.gone else
+                      np.empty(0, np.int64))
 
 
 def _families(spec: StepSpec) -> list[tuple[int, int, tuple]]:
@@ -225,24 +227,34 @@ class RegionPlans:
         key = f"{self.folder}/{lv.target_level}.json"
         raw = self.store.get(key)
         if raw is not None:
-            doc = json.loads(raw)
-            region = ChunkRegion(frozenset(map(tuple, doc["targets"])),
-                                 frozenset(map(tuple, doc["sources"])), self.rows)
+            region = _region_from(json.loads(raw), self.rows)
         else:
             region = plan_chunk_region(self.store, lv, src, self.changed, self.root_chunk,
                                        fallen=self.fallen, rows=self.rows)
             if not region.targets:
                 raise RegionNotApplicable(f"level {lv.target_level}: no chunk to rewrite")
-            self.store.put(key, json.dumps({"targets": sorted(map(list, region.targets)),
-                                            "sources": sorted(map(list, region.sources))}).encode())
+            self.store.put(key, json.dumps({
+                **{k: sorted(map(list, getattr(region, k))) for k in ("targets", "sources",
+                                                                       "gone")},
+                "rows": sorted(region.rows)}).encode())
         self.history.append((lv.target_level, len(region.targets), len(region.sources),
                              len(src.vertices.chunks)))
         return region
 
-    def advance(self, changes) -> None:
+    def advance(self, changes, rows=()) -> None:
         """The chunks the last step changed (content or weights): where
-        the next step's source changed."""
+        the next step's source changed; ``rows``: ids of the objects whose
+        manifest row it changed (one emptied names no chunk, yet its next
+        row must be recomputed too)."""
         self.changed, self.fallen = {tuple(c) for c in changes}, set()
+        self.rows = self.rows | frozenset(map(int, rows))
+
+
+def _region_from(doc: dict, rows: frozenset) -> ChunkRegion:
+    """A step's region as saved (by an earlier attempt of this refresh)."""
+    return ChunkRegion(*(frozenset(map(tuple, doc.get(k, []))) for k in ("targets", "sources")),
+                       frozenset(doc["rows"]) if "rows" in doc else rows,
+                       frozenset(map(tuple, doc.get("gone", []))))
 
 
 # ------------------------------------------------- changed object rows

@@ -249,6 +249,7 @@ def _run_region_step(client, store: Store, lv: LevelPlan, region: ChunkRegion, *
     report.stage_seconds["commit"] = time.perf_counter() - t0
     report.region_changes = tuple(sorted(set(map(tuple, out["reweighted"])) |
                                          changed_cells(lv, sizes)))
+    report.region_rows = tuple(out["rows"])
     n_kept = out["objects_kept"] if src.has_objects else 1
     report.vertex_count, report.objects_kept = n_meta, int(n_kept)
     report.summary = {"vertex_count": int(n_meta), "object_count": int(n_kept),

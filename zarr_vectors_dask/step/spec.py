@@ -78,19 +78,24 @@ class StepRegion:
     fragments outside ``sources`` that objects crossing it name;
     ``rows``: ids of the objects recomputed whatever they name;
     ``old_rows``: the target level's manifest rows before the refresh
-    (their stored layout when rows were added; -1: as many as now)."""
+    (their stored layout when rows were added; -1: as many as now);
+    ``gone``: source chunks that changed and no longer exist (numbers)."""
 
     targets: np.ndarray
     sources: np.ndarray
     n_old: int = 1
     rows: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))
     old_rows: int = -1
+    gone: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))
 
     def has_target(self, spec: "StepSpec", chunks: np.ndarray) -> np.ndarray:
         return _member(self.targets, target_numbers(spec, chunks))
 
     def has_source(self, numbers: np.ndarray) -> np.ndarray:
         return _member(self.sources, np.asarray(numbers, dtype=np.int64))
+
+    def has_gone(self, numbers: np.ndarray) -> np.ndarray:
+        return _member(self.gone, np.asarray(numbers, dtype=np.int64))
 
 
 def _member(sorted_set: np.ndarray, values: np.ndarray) -> np.ndarray:

@@ -56,11 +56,12 @@ def level_summary(spec: StepSpec, objects_kept: int | None, n_vertex_writers: in
 def region_summary(objects_kept: int | None, n_manifest_writers: int, *results) -> dict:
     """A region step's counts (its documents are the driver's, from a
     listing once the stale cells are gone): kept objects, the change in
-    non-empty manifest rows and the target chunks changed rows name
-    (``reweighted``); ``results``: the manifest writers', then the rest's
-    (waited for only)."""
+    non-empty manifest rows, the target chunks changed rows name
+    (``reweighted``) and those rows' ids; ``results``: the manifest
+    writers', then the rest's (waited for only)."""
     mans = results[:n_manifest_writers]
     chunks = {tuple(c) for m in mans for c in m["reweighted"].tolist()}
     return {"objects_kept": objects_kept,
             "present_delta": int(sum(m["present_delta"] for m in mans)),
-            "reweighted": sorted(chunks)}
+            "reweighted": sorted(chunks),
+            "rows": sorted({int(i) for m in mans for i in m["ids"].tolist()})}
