@@ -1140,6 +1140,7 @@ def test_objects_whose_only_fragment_is_emptied_are_refreshed_at_every_level(
     assert diff.identical, diff.summary()
 
 
+@pytest.mark.slow  # a kill variant: the rerun rewrites whole levels, as the sweeps test
 def test_a_refresh_killed_after_level_1_rewrote_the_emptied_rows_ends_equal(
         dask_cluster, tmp_path, local_client):
     """The same edit; the driver is SIGKILLed once level 1's region step
