@@ -194,3 +194,17 @@ def test_chunk_region_adds_old_targets_strays_and_fallen_weights():
     fallen = chunk_region([], old_links={}, fallen={(2, 2)}, rows={5}, **kw)
     assert fallen.targets == {(2, 2)} and fallen.rows == {5}
     assert chunk_region([], old_links={}, **kw).targets == frozenset()
+
+
+def test_a_changed_chunk_that_no_longer_exists_is_gone_not_a_source():
+    """Its cells went (its fragments emptied): nothing there is read, but a
+    row naming it is recomputed (``gone``); a changed chunk still present
+    is a source, not gone."""
+    grid = [(x, y) for x in range(8) for y in range(8)]
+    kw = dict(source_chunk=(10.0, 10.0), bin_shape=(5.0, 5.0), target_chunk=(20.0, 20.0),
+              old_links={})
+    both = chunk_region([(2, 3), (5, 5)], present=[c for c in grid if c != (2, 3)], **kw)
+    assert both.gone == {(2, 3)}
+    assert (2, 3) not in both.sources and (5, 5) in both.sources
+    assert both.targets == {(1, 1), (2, 2)}  # the gone chunk's target is still recomputed
+    assert chunk_region([(5, 5)], present=grid, **kw).gone == frozenset()
