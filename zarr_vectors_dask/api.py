@@ -266,7 +266,7 @@ def _rewrite_in_place(c, st: Store, lock, plan: PyramidPlan, records: list[dict]
     regions = None
     try:
         if change is not None:
-            regions = RegionPlans(wst, nm.REGION_DIR, change, root_meta.chunk_shape)
+            regions = RegionPlans(wst, f"{REWRITE_LOG}/region", change, root_meta.chunk_shape)
             summaries, step_reports = _build_levels(
                 c, wst, plan, records, Targets(), lock, regions=regions,
                 attributes=lambda: _region_attributes(c, wst, lock, plan, change, request,

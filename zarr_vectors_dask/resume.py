@@ -409,7 +409,10 @@ def _discard_rest(store: Store, build_record: dict | None, existing: list[int], 
 
 
 # ------------------------------------------------------------ rewrite in place
-REWRITE_LOG = nm.REWRITE_LOG
+#: Where a rewrite in place (a refresh) logs every key it writes or finds
+#: equal, and every key it changed (``Store.changes_only``); what it did
+#: not log is stale.
+REWRITE_LOG = ".zvdask/refresh"
 
 
 def step_trees(source_level: int, target_level: int) -> list[tuple[str, tuple[str, ...]]]:

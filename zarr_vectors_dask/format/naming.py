@@ -202,15 +202,6 @@ EXCHANGE_DIR = ".zvdask/exchange"
 MANIFEST_DIGESTS = ".zvdask/manifest-rows"
 
 
-#: Where a rewrite in place (a refresh) logs every key it writes or finds
-#: equal, and every key it changed (``Store.changes_only``); what it did
-#: not log is stale.
-REWRITE_LOG = ".zvdask/refresh"
-
-#: A refresh's regions, one document per step, saved before it writes.
-REGION_DIR = f"{REWRITE_LOG}/region"
-
-
 def exchange_key(scope, kind: str, receiver: int, sender) -> str:
     """``scope``: the target level of a step, or ``compose``."""
     return f"{EXCHANGE_DIR}/{scope}/{kind}/{int(receiver)}/{sender}"

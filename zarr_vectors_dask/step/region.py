@@ -252,7 +252,7 @@ class RegionPlans:
 
 def _region_from(doc: dict, rows: frozenset) -> ChunkRegion:
     """A step's region as saved (by an earlier attempt of this refresh)."""
-    return ChunkRegion(*(frozenset(map(tuple, doc.get(k, []))) for k in ("targets", "sources")),
+    return ChunkRegion(frozenset(map(tuple, doc["targets"])), frozenset(map(tuple, doc["sources"])),
                        frozenset(doc["rows"]) if "rows" in doc else rows,
                        frozenset(map(tuple, doc.get("gone", []))))
 
